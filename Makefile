@@ -1,0 +1,40 @@
+# mlake: set-up and the two entry points of the README.
+# `make demo` and `make test` each create .venv if it is missing and install the pinned,
+# CPU-appropriate versions first.  GPU users: see "Installing for a GPU" in the README.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+# Extra pip arguments for the torch install, e.g. a CUDA wheel index (see README).
+TORCH_PIP_ARGS ?=
+CONSTRAINTS := requirements/constraints-cpu.txt
+
+.PHONY: setup demo test lint typecheck unit clean-venv
+
+$(BIN)/.mlake-installed: pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC) $(TORCH_PIP_ARGS)
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.mlake-installed
+
+demo: setup
+	$(BIN)/mlake data stats
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest
+
+test: lint typecheck unit
+
+clean-venv:
+	rm -rf $(VENV)

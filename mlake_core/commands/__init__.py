@@ -1,0 +1,8 @@
+"""Sub-commands of the ``mlake`` console script.
+
+Each module here defines ``register(subparsers)``, which adds its sub-command(s) and sets
+``func`` on the parser; :mod:`mlake_core.cli` calls every module listed in
+:data:`COMMAND_MODULES`.  Adding a command means adding a module and one entry here.
+"""
+
+COMMAND_MODULES: tuple[str, ...] = ("mlake_core.commands.data",)
