@@ -1,0 +1,167 @@
+"""Where the MLaKE data lives, which releases exist, and how to fetch them.
+
+The data directory is resolved in this order:
+
+1. an explicit ``--data-dir`` (``data_dir`` argument);
+2. the ``MLAKE_DATA`` environment variable;
+3. ``../shared/mlake`` next to the repository root (the folder that holds ``pyproject.toml``),
+   then ``./mlake_data`` under the current directory (where ``mlake data fetch`` writes by
+   default).
+
+The data directory holds one sub-folder per release (``v2024-11``, ``v2024-04``), each with the
+upstream ``dataset/`` tree of the public repository Hi-archers/MLaKE at a fixed commit.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlake_core.errors import ConfigError, DataError
+
+ENV_VAR = "MLAKE_DATA"
+UPSTREAM_REPO = "Hi-archers/MLaKE"
+
+
+@dataclass(frozen=True)
+class Release:
+    """One published release of MLaKE and its file layout (relative to ``dataset/``)."""
+
+    name: str
+    commit: str
+    single_hop_qa: str  # with {lang}
+    single_hop_mcqa: str | None
+    multi_hop_qa: str  # with {kind} in {old,new} and {lang}
+    multi_hop_mcqa: str | None
+
+
+RELEASES: dict[str, Release] = {
+    "v2024-11": Release(
+        name="v2024-11",
+        commit="40b6a3c",
+        single_hop_qa="single_hop/{lang}_qa.json",
+        single_hop_mcqa=None,
+        multi_hop_qa="multi_hop/{kind}_{lang}_qa.json",
+        multi_hop_mcqa=None,
+    ),
+    "v2024-04": Release(
+        name="v2024-04",
+        commit="26c167d",
+        single_hop_qa="single_hop/qa/{lang}_qa.json",
+        single_hop_mcqa="single_hop/mcqa/{lang}_mcqa.json",
+        multi_hop_qa="multi_hop/qa/{kind}_{lang}_qa.json",
+        multi_hop_mcqa="multi_hop/mcqa/{kind}_{lang}_mcqa.json",
+    ),
+}
+DEFAULT_VERSION = "v2024-11"
+
+
+def repo_root() -> Path:
+    """The repository root (the folder holding ``pyproject.toml``) of this checkout."""
+    return Path(__file__).resolve().parents[2]
+
+
+def default_candidates() -> list[Path]:
+    """Default data folders, in the order they are tried."""
+    return [repo_root().parent / "shared" / "mlake", Path.cwd() / "mlake_data"]
+
+
+def get_release(version: str) -> Release:
+    """Look a release up by name, with an error listing the known ones."""
+    try:
+        return RELEASES[version]
+    except KeyError:
+        raise ConfigError(
+            f"unknown MLaKE version {version!r}; known versions: {', '.join(RELEASES)}"
+        ) from None
+
+
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Find the MLaKE data directory (see the module docstring for the order).
+
+    Raises:
+        DataError: when an explicitly given folder does not exist, or nothing is found.
+    """
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        if not path.is_dir():
+            raise DataError(f"--data-dir {path}: no such directory")
+        return path
+    env = os.environ.get(ENV_VAR)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise DataError(f"{ENV_VAR}={env}: no such directory")
+        return path
+    for cand in default_candidates():
+        if cand.is_dir():
+            return cand
+    tried = ", ".join(str(c) for c in default_candidates())
+    raise DataError(
+        f"MLaKE data not found (tried {tried}). Pass --data-dir, set {ENV_VAR}, "
+        "or download it with `mlake data fetch`."
+    )
+
+
+def release_dir(root: Path, version: str) -> Path:
+    """The ``dataset/`` folder of one release under the data directory."""
+    get_release(version)
+    path = root / version / "dataset"
+    if not path.is_dir():
+        raise DataError(
+            f"{path}: release {version} not found under data directory {root} "
+            f"(expected {root}/{version}/dataset/; `mlake data fetch --version {version}` "
+            "downloads it)"
+        )
+    return path
+
+
+def archive_url(release: Release) -> str:
+    """The public download address of a release's source archive."""
+    return f"https://codeload.github.com/{UPSTREAM_REPO}/tar.gz/{release.commit}"
+
+
+def fetch_release(version: str, dest: Path, timeout: float = 60.0, force: bool = False) -> Path:
+    """Download one release from the public repository into ``dest/<version>/dataset``.
+
+    The archive of the pinned commit is downloaded to memory, its ``dataset/`` tree is
+    extracted into a temporary folder and renamed into place, so an interrupted download
+    never leaves a half-written release behind.
+
+    Raises:
+        DataError: on network failure (with the address tried) or an unexpected archive.
+    """
+    release = get_release(version)
+    target = dest / version / "dataset"
+    if target.is_dir() and not force:
+        return target
+    url = archive_url(release)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            payload = resp.read()
+    except (urllib.error.URLError, TimeoutError, OSError) as err:
+        raise DataError(
+            f"could not download MLaKE {version} from {url}: {err}. Without internet, copy the "
+            f"release's dataset/ folder to {target} or point {ENV_VAR} at a folder that has it."
+        ) from None
+    (dest / version).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest / version) as tmp:
+        with tarfile.open(fileobj=io.BytesIO(payload), mode="r:gz") as tar:
+            members = [m for m in tar.getmembers() if "/dataset/" in f"{m.name}/"]
+            if not members:
+                raise DataError(f"{url}: archive has no dataset/ folder")
+            tar.extractall(tmp, members=members, filter="data")
+        roots = list(Path(tmp).glob("*/dataset"))
+        if len(roots) != 1:
+            raise DataError(f"{url}: unexpected archive layout")
+        if target.exists():
+            shutil.rmtree(target)
+        roots[0].rename(target)
+    return target

@@ -1,0 +1,641 @@
+"""The :class:`ModelAdapter` protocol and what every backend shares.
+
+An adapter wraps one Hugging Face causal LM behind one small interface, whatever library does
+the hooking underneath (TransformerLens' ``TransformerBridge`` in
+:mod:`~mlake_core.models.tlens_backend`, nnsight in :mod:`~mlake_core.models.nnsight_backend`).
+Analyses take a ``ModelAdapter`` and speak only in canonical site names
+(:mod:`~mlake_core.models.sites`), so the same analysis runs on either backend and on every
+supported architecture.
+
+Four operations, all on a padded :class:`TokenBatch`:
+
+* :meth:`ModelAdapter.forward` -- logits.
+* :meth:`ModelAdapter.run_with_cache` -- logits plus the activations at any sites.
+* :meth:`ModelAdapter.run_with_patches` -- logits after replacing a site's activation at given
+  (row, position) pairs by given values (activation patching, Vig et al. 2020; Meng et al.
+  2022 use it on embeddings with noise for causal tracing).  Every row has its own positions
+  and values (:class:`Patch`).
+* :meth:`ModelAdapter.gradients` -- the gradient of a scalar function of the logits with respect
+  to the activations at any sites (attribution patching, integrated gradients).
+
+Each backend implements one private primitive, ``_run``, that performs a forward pass reading
+and patching sites; the public operations are built on it here (the TransformerLens
+``patching.py`` pattern: one generic function, specialisations built from it).
+
+Padding: a batch may be padded on either side.  Attention never looks at padding, and models
+that take ``position_ids`` get ids counted from each row's first real token, so every real
+token's activations equal those of the same sequence run alone (ndif-team/nnsight#672).
+Activations at padding positions are meaningless; positions always index the padded tensor.
+
+BOS: the :class:`BosPolicy` is read from the tokenizer at load time (does it prepend a BOS
+itself, is there a BOS token at all) and recorded in :attr:`ModelAdapter.info`;
+:meth:`BaseAdapter.encode` follows it.  mlake prepends BOS exactly when the tokenizer would
+(Llama); it never adds one the tokenizer does not (BLOOM with a prepended BOS gives nonsense,
+TransformerLens#774; Qwen has no BOS at all).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mlake_core.models.sites import (
+    ArchitectureSpec,
+    Site,
+    all_sites,
+    execution_order,
+    parse_site,
+)
+
+PaddingSide = Literal["left", "right"]
+
+#: A scalar function of the logits ``[batch, pos, vocab]``, differentiated by
+#: :meth:`ModelAdapter.gradients`.
+Metric = Callable[[Float[Tensor, "batch pos vocab"]], Float[Tensor, ""]]
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """A padded batch of token id sequences.
+
+    Attributes:
+        input_ids: token ids; padding positions hold the pad id.
+        attention_mask: 1 for real tokens, 0 for padding.  Each row is one contiguous run of
+            real tokens, with padding only on :attr:`padding_side`.
+        padding_side: where the padding is.
+    """
+
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    padding_side: PaddingSide = "left"
+
+    def __post_init__(self) -> None:
+        if self.input_ids.ndim != 2 or self.input_ids.shape != self.attention_mask.shape:
+            raise ValueError(
+                "input_ids and attention_mask must both be [batch, pos]; got "
+                f"{tuple(self.input_ids.shape)} and {tuple(self.attention_mask.shape)}"
+            )
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', not {self.padding_side!r}")
+        mask = self.attention_mask
+        if bool((mask.sum(-1) == 0).any()):
+            raise ValueError("every row of a TokenBatch needs at least one real token")
+        # Contiguous: the mask changes value at most once, in the right direction.
+        steps = mask.diff(dim=-1)
+        wrong = steps < 0 if self.padding_side == "left" else steps > 0
+        if bool(wrong.any()):
+            raise ValueError(
+                f"attention_mask is not {self.padding_side}-padded (padding must be on one "
+                "side of each row only)"
+            )
+
+    @classmethod
+    def from_sequences(
+        cls,
+        sequences: Sequence[Sequence[int]],
+        pad_token_id: int,
+        padding_side: PaddingSide = "left",
+        device: str | torch.device | None = None,
+    ) -> TokenBatch:
+        """Pad token id sequences into a batch.
+
+        Args:
+            sequences: one list of token ids per row (each non-empty).
+            pad_token_id: id written at padding positions (they are masked, so any valid id).
+            padding_side: where to pad.
+            device: where to put the tensors.
+        """
+        if not sequences or any(len(s) == 0 for s in sequences):
+            raise ValueError("from_sequences needs at least one row and no empty rows")
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            start = width - len(seq) if padding_side == "left" else 0
+            ids[row, start : start + len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, start : start + len(seq)] = 1
+        return cls(ids.to(device), mask.to(device), padding_side)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(batch, pos)``."""
+        return (int(self.input_ids.shape[0]), int(self.input_ids.shape[1]))
+
+    @property
+    def lengths(self) -> Int[Tensor, " batch"]:
+        """Number of real tokens per row."""
+        return self.attention_mask.sum(-1)
+
+    @property
+    def position_ids(self) -> Int[Tensor, "batch pos"]:
+        """Position of each token counted from its row's first real token (0 on padding)."""
+        return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    @property
+    def first_index(self) -> Int[Tensor, " batch"]:
+        """Padded index of each row's first real token."""
+        return self.attention_mask.long().argmax(-1)
+
+    @property
+    def last_index(self) -> Int[Tensor, " batch"]:
+        """Padded index of each row's last real token (where next-token logits are read)."""
+        return self.first_index + self.lengths - 1
+
+    def padded_index(self, row: int, token: int) -> int:
+        """Padded position of the ``token``-th real token (0-based; negative from the end)."""
+        length = int(self.lengths[row])
+        if not -length <= token < length:
+            raise IndexError(f"row {row} has {length} tokens; no token {token}")
+        return int(self.first_index[row]) + (token % length)
+
+    def sequences(self) -> list[list[int]]:
+        """The real token ids of each row, padding removed."""
+        return [
+            self.input_ids[row][self.attention_mask[row].bool()].tolist()
+            for row in range(self.shape[0])
+        ]
+
+    def to(self, device: str | torch.device) -> TokenBatch:
+        """The same batch on ``device``."""
+        return TokenBatch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.padding_side
+        )
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Replace a site's activation at some (row, position) pairs by given values.
+
+    ``activation[rows[i], positions[i]] = values[i]`` for every ``i``: each batch row has its
+    own positions and values, and a row may have none.
+
+    Attributes:
+        site: canonical site name, e.g. ``"mlp_post.3"``.
+        rows: batch row of each replacement, ``[n]``.
+        positions: padded position of each replacement, ``[n]``.
+        values: the new activation vectors, ``[n, width]`` (width is ``d_model``, or ``d_mlp``
+            for ``mlp_post``).
+    """
+
+    site: str
+    rows: Int[Tensor, " n"]
+    positions: Int[Tensor, " n"]
+    values: Float[Tensor, "n width"]
+
+    def __post_init__(self) -> None:
+        n = self.rows.shape[0]
+        if (
+            self.rows.ndim != 1
+            or self.positions.shape != (n,)
+            or self.values.ndim != 2
+            or self.values.shape[0] != n
+        ):
+            raise ValueError(
+                f"patch of {self.site!r}: rows and positions must be [n] and values [n, width]; "
+                f"got {tuple(self.rows.shape)}, {tuple(self.positions.shape)}, "
+                f"{tuple(self.values.shape)}"
+            )
+
+    @classmethod
+    def per_row(
+        cls,
+        site: str,
+        positions: Sequence[Sequence[int]],
+        values: Sequence[Float[Tensor, "k width"]],
+    ) -> Patch:
+        """A patch given row by row.
+
+        Args:
+            site: canonical site name.
+            positions: for each batch row, the padded positions to replace (may be empty).
+            values: for each batch row, ``[len(positions[row]), width]`` new values.
+        """
+        if len(positions) != len(values):
+            raise ValueError("per_row: one entry of positions and of values per batch row")
+        rows = [r for r, pos in enumerate(positions) for _ in pos]
+        flat = [p for pos in positions for p in pos]
+        parts = [v for v, pos in zip(values, positions, strict=True) if len(pos)]
+        width = values[0].shape[-1] if len(values) else 0
+        stacked = torch.cat(parts) if parts else torch.zeros(0, width)
+        return cls(
+            site,
+            torch.as_tensor(rows, dtype=torch.long),
+            torch.as_tensor(flat, dtype=torch.long),
+            stacked,
+        )
+
+    @classmethod
+    def from_activation(
+        cls,
+        site: str,
+        source: Float[Tensor, "batch pos width"],
+        positions: Sequence[Sequence[int]],
+        source_rows: Sequence[int] | None = None,
+    ) -> Patch:
+        """Copy values from a cached activation (clean-to-corrupted patching).
+
+        Args:
+            site: canonical site name.
+            source: an activation of the same site, e.g. from a clean run.
+            positions: for each target row, the padded positions to replace; the value comes
+                from the same position of the source.
+            source_rows: for each target row, which source row to copy from (default: the
+                same row).  ``[0] * batch`` copies a single clean row into every corrupted
+                row, as in ROME's causal tracing.
+        """
+        src = list(range(len(positions))) if source_rows is None else list(source_rows)
+        if len(src) != len(positions):
+            raise ValueError("from_activation: one source row per target row")
+        values = [source[src[r], list(pos)] for r, pos in enumerate(positions)]
+        return cls.per_row(site, positions, values)
+
+
+def apply_patches(
+    activation: Float[Tensor, "batch pos width"], patches: Sequence[Patch]
+) -> Float[Tensor, "batch pos width"]:
+    """Return ``activation`` with the patches written in (out of place; autograd-safe).
+
+    Later patches win where two touch the same entry.
+    """
+    out = activation.clone()
+    for patch in patches:
+        if patch.values.shape[1] != out.shape[-1]:
+            raise ValueError(
+                f"patch of {patch.site!r} has width {patch.values.shape[1]}, "
+                f"the activation has width {out.shape[-1]}"
+            )
+        rows = patch.rows.to(out.device)
+        positions = patch.positions.to(out.device)
+        if rows.numel() and (
+            int(rows.max()) >= out.shape[0] or int(positions.max()) >= out.shape[1]
+        ):
+            raise IndexError(
+                f"patch of {patch.site!r} indexes outside the batch {tuple(out.shape[:2])}"
+            )
+        out[rows, positions] = patch.values.to(device=out.device, dtype=out.dtype)
+    return out
+
+
+@dataclass(frozen=True)
+class BosPolicy:
+    """How sequences start, as decided by the tokenizer.
+
+    Attributes:
+        bos_token: the tokenizer's BOS token, ``None`` when it has none (Qwen).
+        bos_token_id: its id.
+        bos_is_eos: whether BOS and EOS are the same token (GPT-2, GPT-NeoX).
+        tokenizer_adds_bos: whether encoding with special tokens prepends BOS (Llama).
+        prepend_bos: what mlake does: prepend BOS to every encoded text.  Equal to
+            ``tokenizer_adds_bos``: the model is run the way its tokenizer feeds it.
+    """
+
+    bos_token: str | None
+    bos_token_id: int | None
+    bos_is_eos: bool
+    tokenizer_adds_bos: bool
+    prepend_bos: bool
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> BosPolicy:
+        """Read the policy off a Hugging Face tokenizer (by encoding a probe string)."""
+        bos_id = tokenizer.bos_token_id
+        probe = "a"
+        with_special = tokenizer(probe, add_special_tokens=True)["input_ids"]
+        without = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        adds = bool(
+            bos_id is not None and len(with_special) > len(without) and with_special[0] == bos_id
+        )
+        return cls(
+            bos_token=tokenizer.bos_token,
+            bos_token_id=bos_id,
+            bos_is_eos=bos_id is not None and bos_id == tokenizer.eos_token_id,
+            tokenizer_adds_bos=adds,
+            prepend_bos=adds,
+        )
+
+    def describe(self) -> str:
+        """One line for humans."""
+        if self.bos_token is None:
+            return "no BOS token; sequences start with the text"
+        if self.prepend_bos:
+            return (
+                f"BOS {self.bos_token!r} (id {self.bos_token_id}) prepended, as the tokenizer does"
+            )
+        return (
+            f"BOS {self.bos_token!r} (id {self.bos_token_id}) exists but the tokenizer does not "
+            "add it; not prepended"
+        )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Provenance and shape of a loaded model, recorded with every result.
+
+    Attributes:
+        model_id: what the user passed (local folder or hub id).
+        revision: the requested hub revision (``None``: default branch, or a local folder).
+        commit_hash: the resolved hub commit when known (loaded from the HF cache).
+        architecture: ``config.model_type``.
+        backend: ``"tlens"`` or ``"nnsight"``.
+        dtype: e.g. ``"float32"``.
+        device: e.g. ``"cpu"``, ``"cuda:0"``.
+        n_layers: number of blocks.
+        d_model: residual stream width.
+        d_mlp: MLP hidden width (``mlp_post`` width).
+        d_vocab: logits width.
+        parallel_attn_mlp: whether attention and MLP read the same residual (GPT-NeoX).
+        positional: ``"learned"``, ``"rotary"`` or ``"alibi"``.
+        bos: the BOS policy.
+        trust_remote_code: whether custom modelling code was allowed.
+        versions: versions of torch, transformers and the backend library.
+    """
+
+    model_id: str
+    revision: str | None
+    commit_hash: str | None
+    architecture: str
+    backend: str
+    dtype: str
+    device: str
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    d_vocab: int
+    parallel_attn_mlp: bool
+    positional: str
+    bos: BosPolicy
+    trust_remote_code: bool = False
+    versions: Mapping[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (for ``meta.json``)."""
+        out = asdict(self)
+        out["versions"] = dict(self.versions)
+        return out
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    """Installed versions of the given distributions (missing ones are skipped)."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    """One causal LM behind a backend-independent interface (see the module docstring)."""
+
+    info: ModelInfo
+    spec: ArchitectureSpec
+    tokenizer: Any
+
+    @property
+    def n_layers(self) -> int: ...
+
+    @property
+    def d_model(self) -> int: ...
+
+    @property
+    def d_mlp(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def sites(self) -> tuple[str, ...]: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def batch(
+        self, sequences: Sequence[Sequence[int]], padding_side: PaddingSide = "left"
+    ) -> TokenBatch: ...
+
+    def tokenize(self, texts: Sequence[str], padding_side: PaddingSide = "left") -> TokenBatch: ...
+
+    def forward(self, batch: TokenBatch) -> Float[Tensor, "batch pos vocab"]: ...
+
+    def run_with_cache(
+        self, batch: TokenBatch, sites: Sequence[str], *, patches: Sequence[Patch] = ()
+    ) -> tuple[Float[Tensor, "batch pos vocab"], dict[str, Tensor]]: ...
+
+    def run_with_patches(
+        self, batch: TokenBatch, patches: Sequence[Patch]
+    ) -> Float[Tensor, "batch pos vocab"]: ...
+
+    def gradients(
+        self,
+        batch: TokenBatch,
+        sites: Sequence[str],
+        metric: Metric,
+        *,
+        patches: Sequence[Patch] = (),
+    ) -> tuple[Float[Tensor, ""], dict[str, Tensor]]: ...
+
+
+class BaseAdapter:
+    """Shared implementation of :class:`ModelAdapter`; backends implement :meth:`_run`.
+
+    Args:
+        tokenizer: the model's Hugging Face tokenizer (not modified).
+        spec: the architecture's site table.
+        info: provenance and shapes.
+    """
+
+    def __init__(self, tokenizer: Any, spec: ArchitectureSpec, info: ModelInfo) -> None:
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.info = info
+        self._device = torch.device(info.device)
+        self._dtype = getattr(torch, info.dtype)
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.eos_token_id
+        # Padding is masked everywhere, so any in-vocabulary id will do.
+        self.pad_token_id: int = int(pad) if pad is not None else 0
+
+    # -- shapes ----------------------------------------------------------------------------
+
+    @property
+    def n_layers(self) -> int:
+        """Number of transformer blocks."""
+        return self.info.n_layers
+
+    @property
+    def d_model(self) -> int:
+        """Residual stream width."""
+        return self.info.d_model
+
+    @property
+    def d_mlp(self) -> int:
+        """MLP hidden width (width of ``mlp_post``)."""
+        return self.info.d_mlp
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights live."""
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype."""
+        return self._dtype
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """Every site name of this model, in execution order."""
+        return all_sites(self.n_layers)
+
+    def site_width(self, site: str) -> int:
+        """Last-dimension width of a site's activation."""
+        return self.d_mlp if parse_site(site, self.n_layers).kind == "mlp_post" else self.d_model
+
+    def module_path(self, site: str) -> str:
+        """The Hugging Face module boundary carrying ``site``, e.g. ``"...down_proj (input)"``."""
+        parsed = parse_site(site, self.n_layers)
+        where = self.spec.sites[parsed.kind]
+        return f"{where.path(parsed.layer)} ({where.port})"
+
+    # -- tokenization ----------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, with BOS prepended iff :attr:`info.bos.prepend_bos`.
+
+        No other special tokens are added.  Join prompt and answer by concatenating the ids of
+        separately encoded pieces, not the strings.
+        """
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if self.info.bos.prepend_bos and self.info.bos.bos_token_id is not None:
+            ids = [self.info.bos.bos_token_id, *ids]
+        return ids
+
+    def batch(
+        self, sequences: Sequence[Sequence[int]], padding_side: PaddingSide = "left"
+    ) -> TokenBatch:
+        """Pad token id sequences into a :class:`TokenBatch` on this model's device."""
+        return TokenBatch.from_sequences(sequences, self.pad_token_id, padding_side, self.device)
+
+    def tokenize(self, texts: Sequence[str], padding_side: PaddingSide = "left") -> TokenBatch:
+        """Encode texts (:meth:`encode`) and pad them into a batch."""
+        return self.batch([self.encode(t) for t in texts], padding_side)
+
+    # -- operations ------------------------------------------------------------------------
+
+    def forward(self, batch: TokenBatch) -> Float[Tensor, "batch pos vocab"]:
+        """Logits of a batch."""
+        with torch.no_grad():
+            logits, _ = self._run(batch.to(self.device), [], {}, keep_graph=False)
+        return logits
+
+    def run_with_cache(
+        self, batch: TokenBatch, sites: Sequence[str], *, patches: Sequence[Patch] = ()
+    ) -> tuple[Float[Tensor, "batch pos vocab"], dict[str, Tensor]]:
+        """Logits and activations (``[batch, pos, width]``, detached) at ``sites``.
+
+        With ``patches``, activations are read after patching: a patched site returns its
+        patched value, later sites their values downstream of the patch.
+        """
+        order = execution_order(list(sites), self.n_layers)
+        with torch.no_grad():
+            logits, cache = self._run(
+                batch.to(self.device), order, self._group(patches), keep_graph=False
+            )
+        return logits, cache
+
+    def run_with_patches(
+        self, batch: TokenBatch, patches: Sequence[Patch]
+    ) -> Float[Tensor, "batch pos vocab"]:
+        """Logits after applying ``patches`` (see :class:`Patch`)."""
+        with torch.no_grad():
+            logits, _ = self._run(batch.to(self.device), [], self._group(patches), keep_graph=False)
+        return logits
+
+    def gradients(
+        self,
+        batch: TokenBatch,
+        sites: Sequence[str],
+        metric: Metric,
+        *,
+        patches: Sequence[Patch] = (),
+    ) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
+        """Gradient of ``metric(logits)`` with respect to the activations at ``sites``.
+
+        The model's parameters get no ``.grad``: only the activations are differentiated.
+
+        Args:
+            batch: the inputs.
+            sites: canonical site names.
+            metric: maps logits ``[batch, pos, vocab]`` to a scalar, e.g. the summed
+                log-probability of the answer tokens.
+            patches: applied before differentiating (gradients are at the patched point).
+
+        Returns:
+            The metric's value (detached) and, per site, ``d metric / d activation``
+            ``[batch, pos, width]``.
+        """
+        order = execution_order(list(sites), self.n_layers)
+        with torch.enable_grad():
+            logits, acts = self._run(
+                batch.to(self.device), order, self._group(patches), keep_graph=True
+            )
+            value = metric(logits)
+            if value.numel() != 1:
+                raise ValueError(f"metric must return a scalar, got shape {tuple(value.shape)}")
+            names = [s.name for s in order]
+            grads = torch.autograd.grad(
+                value.reshape(()), [acts[n] for n in names], allow_unused=True
+            )
+        out = {
+            name: (g if g is not None else torch.zeros_like(acts[name])).detach()
+            for name, g in zip(names, grads, strict=True)
+        }
+        return value.detach().reshape(()), out
+
+    # -- backend primitive -----------------------------------------------------------------
+
+    def _group(self, patches: Sequence[Patch]) -> dict[Site, list[Patch]]:
+        grouped: dict[Site, list[Patch]] = {}
+        for patch in patches:
+            grouped.setdefault(parse_site(patch.site, self.n_layers), []).append(patch)
+        return grouped
+
+    def _run(
+        self,
+        batch: TokenBatch,
+        read: list[Site],
+        patches: dict[Site, list[Patch]],
+        *,
+        keep_graph: bool,
+    ) -> tuple[Float[Tensor, "batch pos vocab"], dict[str, Tensor]]:
+        """One forward pass that patches and reads sites.
+
+        Args:
+            batch: inputs, already on the model's device.
+            read: sites to return, in execution order.
+            patches: patches to apply, by site.
+            keep_graph: return the live activations (part of the autograd graph) instead of
+                detached ones.
+
+        Returns:
+            Logits and the activations at ``read`` (after patching), by canonical name.
+        """
+        raise NotImplementedError
+
+    def _model_inputs(self, batch: TokenBatch) -> dict[str, Tensor]:
+        """Keyword arguments of the HF forward: ids, mask and (if taken) mask-derived positions."""
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if self.spec.uses_position_ids:
+            inputs["position_ids"] = batch.position_ids
+        return inputs

@@ -1,0 +1,270 @@
+"""Load a Hugging Face causal LM behind a :class:`~mlake_core.models.adapter.ModelAdapter`.
+
+:func:`load_adapter` takes a local folder or a hub id, checks that the architecture is one of
+:data:`~mlake_core.models.sites.ARCHITECTURES`, loads safetensors weights (never pickles) with
+eager attention (TransformerLens needs it for attention patterns; nnsight gets the same so both
+backends compute the same numbers), reads the BOS policy off the tokenizer and wraps the model
+in the requested backend.  Every expected failure -- a missing folder, a hub id that is not in
+the local cache while offline, an unsupported architecture, a bad option -- is a
+:class:`~mlake_core.errors.ConfigError` whose message names the option or file and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlake_core.errors import ConfigError
+from mlake_core.models.adapter import BaseAdapter, BosPolicy, ModelInfo, package_versions
+from mlake_core.models.sites import ArchitectureSpec, get_spec
+
+#: Backends accepted by ``load_adapter(backend=...)`` / ``--backend``.
+BACKENDS: tuple[str, ...] = ("tlens", "nnsight")
+
+#: Accepted ``dtype`` names (``--dtype``) and the torch dtype of each.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+_BACKEND_PACKAGES = {"tlens": "transformer-lens", "nnsight": "nnsight"}
+
+
+def resolve_device(device: str) -> str:
+    """Turn ``--device`` into a torch device string.
+
+    ``"auto"`` is ``"cuda"`` when CUDA is available, else ``"cpu"``.
+
+    Raises:
+        ConfigError: for an unparsable device, or CUDA asked for but not available.
+    """
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"--device {device!r} is not a torch device ({err})") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device!r}: CUDA is not available; use --device cpu or auto")
+    return str(parsed)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """Turn ``--dtype`` into a torch dtype.
+
+    Raises:
+        ConfigError: for a name not in :data:`DTYPES`.
+    """
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ConfigError(
+            f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}"
+        ) from None
+
+
+def _offline() -> bool:
+    value = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("TRANSFORMERS_OFFLINE", "")
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _how_to_provide(model: str) -> str:
+    return (
+        "Provide the weights in one of two ways: (1) pass --model /path/to/folder holding "
+        "config.json, *.safetensors and the tokenizer files (on a machine with network access: "
+        f"`huggingface-cli download {model} --local-dir FOLDER`); or (2) fill the Hugging Face "
+        f"cache (set HF_HOME to a folder whose hub/ holds models--{model.replace('/', '--')}; "
+        f"the cache in use is {_hf_cache_dir()}) and set HF_HUB_OFFLINE=1."
+    )
+
+
+def _resolve_source(model: str) -> tuple[str, bool]:
+    """``(what to pass to from_pretrained, is a local folder)``."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"--model folder {str(path)!r} has no config.json; it must hold a Hugging Face "
+                "checkpoint (config.json, *.safetensors, tokenizer files)"
+            )
+        return str(path), True
+    if path.exists():
+        raise ConfigError(f"--model {model!r} is a file; pass the folder that holds config.json")
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1 or not model.strip():
+        raise ConfigError(f"--model folder {model!r} does not exist")
+    return model, False
+
+
+def _load_config(
+    source: str,
+    model: str,
+    *,
+    is_local: bool,
+    revision: str | None,
+    local_files_only: bool,
+    trust_remote_code: bool,
+) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            source,
+            revision=revision,
+            local_files_only=local_files_only,
+            trust_remote_code=trust_remote_code,
+        )
+    except OSError as err:
+        if is_local:
+            raise ConfigError(f"cannot read config.json of --model {model!r}: {err}") from None
+        where = "offline (HF_HUB_OFFLINE=1) and " if local_files_only else ""
+        raise ConfigError(
+            f"--model {model!r} is not a local folder, and it is {where}not in the local Hugging "
+            f"Face cache or could not be downloaded. {_how_to_provide(model)}"
+        ) from None
+    except ValueError as err:
+        hint = (
+            " If the checkpoint ships its own modelling code and you trust it, pass "
+            "--trust-remote-code."
+            if "trust_remote_code" in str(err)
+            else ""
+        )
+        raise ConfigError(
+            f"cannot load the config of --model {model!r}: {err}.{hint} "
+            "Supported architectures: gpt2, llama, qwen2, bloom, gpt_neox"
+        ) from None
+
+
+def _check_config(spec: ArchitectureSpec, config: Any, model: str) -> None:
+    for attr, (bad_value, what) in spec.unsupported_config.items():
+        if getattr(config, attr, None) == bad_value:
+            raise ConfigError(
+                f"--model {model!r}: config.json sets {attr}={bad_value!r} ({what}), "
+                f"which mlake's {spec.model_type} site table does not support"
+            )
+    for attr, value in spec.config_overrides.items():
+        setattr(config, attr, value)
+
+
+def _d_mlp(hf_model: torch.nn.Module, spec: ArchitectureSpec) -> int:
+    down = hf_model.get_submodule(spec.sites["mlp_post"].path(0))
+    width = getattr(down, "in_features", None)
+    if width is None:  # transformers' Conv1D (GPT-2) stores its weight [in, out]
+        width = down.weight.shape[0]
+    return int(width)
+
+
+def load_adapter(
+    model: str,
+    backend: str = "tlens",
+    device: str = "auto",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    *,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+) -> BaseAdapter:
+    """Load a causal LM and wrap it in a backend.
+
+    Args:
+        model: a local folder (``config.json``, ``*.safetensors``, tokenizer files) or a
+            Hugging Face hub id.
+        backend: ``"tlens"`` (TransformerLens ``TransformerBridge``) or ``"nnsight"``.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        trust_remote_code: allow modelling code shipped with the checkpoint.
+        revision: hub branch, tag or commit (hub ids only).
+        local_files_only: never touch the network; default: the ``HF_HUB_OFFLINE`` environment
+            variable.
+
+    Returns:
+        The adapter; ``adapter.info`` records model id, revision and commit hash, architecture,
+        backend, dtype, device, shapes and BOS policy.
+
+    Raises:
+        ConfigError: for an unknown backend, dtype or device; a missing folder; a hub id that
+            cannot be found (the message says how to provide weights); an unsupported
+            architecture (the message lists the supported ones); checkpoints without
+            safetensors weights.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if backend not in BACKENDS:
+        raise ConfigError(
+            f"--backend {backend!r} is not known; choose one of {', '.join(BACKENDS)}"
+        )
+    torch_dtype = resolve_dtype(dtype)
+    device_name = resolve_device(device)
+    source, is_local = _resolve_source(model)
+    offline = _offline() if local_files_only is None else local_files_only
+    if is_local:
+        revision = None
+    config = _load_config(
+        source,
+        model,
+        is_local=is_local,
+        revision=revision,
+        local_files_only=offline,
+        trust_remote_code=trust_remote_code,
+    )
+    spec = get_spec(config.model_type, source=f"--model {model!r}")
+    _check_config(spec, config, model)
+    common: dict[str, Any] = {
+        "revision": revision,
+        "local_files_only": offline,
+        "trust_remote_code": trust_remote_code,
+    }
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load the tokenizer of --model {model!r}: {err}") from None
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            source,
+            config=config,
+            dtype=torch_dtype,
+            attn_implementation="eager",
+            use_safetensors=True,
+            **common,
+        )
+    except OSError as err:
+        raise ConfigError(
+            f"cannot load safetensors weights of --model {model!r} ({err}). mlake loads only "
+            "*.safetensors files; convert a pytorch_model.bin checkpoint with "
+            "`model.save_pretrained(folder, safe_serialization=True)`"
+        ) from None
+    hf_model = hf_model.to(device_name).eval()
+    info = ModelInfo(
+        model_id=model,
+        revision=revision,
+        commit_hash=getattr(config, "_commit_hash", None),
+        architecture=spec.model_type,
+        backend=backend,
+        dtype=dtype,
+        device=str(next(hf_model.parameters()).device),
+        n_layers=len(hf_model.get_submodule(spec.layers)),
+        d_model=int(config.hidden_size),
+        d_mlp=_d_mlp(hf_model, spec),
+        d_vocab=int(hf_model.get_output_embeddings().weight.shape[0]),
+        parallel_attn_mlp=spec.is_parallel(config),
+        positional=spec.positional,
+        bos=BosPolicy.from_tokenizer(tokenizer),
+        trust_remote_code=trust_remote_code,
+        versions=package_versions("torch", "transformers", _BACKEND_PACKAGES[backend]),
+    )
+    if backend == "tlens":
+        from mlake_core.models.tlens_backend import TLensAdapter
+
+        return TLensAdapter(hf_model, tokenizer, spec, info)
+    from mlake_core.models.nnsight_backend import NNsightAdapter
+
+    return NNsightAdapter(hf_model, tokenizer, spec, info)

@@ -1,0 +1,89 @@
+"""nnsight 0.8 backend: every nnsight idiom in mlake lives in this module.
+
+The loaded Hugging Face model is wrapped with ``nnsight.TransformersModel(model,
+tokenizer=...)`` (0.8's replacement for the deprecated ``LanguageModel``).  Each forward pass is
+one ``with model.trace(input_ids=..., attention_mask=..., position_ids=...)`` block in which
+sites are read and written through envoys:
+
+* a site at a module's ``"input"`` port is ``envoy.input`` (the first positional argument,
+  i.e. the hidden states), written back with ``envoy.input = value``;
+* a site at an ``"output"`` port is ``envoy.output``.  Under transformers 5 decoder layers
+  (GPT-2, Llama, Qwen2, GPT-NeoX) return a plain tensor but BLOOM's block still returns a tuple
+  ``(hidden, attention_weights)``, so the first element is taken when the output is a tuple and
+  the tuple is rebuilt when writing.
+
+nnsight serves values in execution order and refuses out-of-order reads, so sites are visited
+sorted by :func:`mlake_core.models.sites.execution_order`.  Values leave the trace through
+``nnsight.save``.  Position ids are always passed explicitly: nnsight derives them from the mask
+only for tokenizers that pad on the left (``nnsight/modeling/processing.py``,
+``supply_position_ids``), and mlake's batches may be padded on either side (nnsight#672).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mlake_core.models.adapter import BaseAdapter, ModelInfo, Patch, TokenBatch, apply_patches
+from mlake_core.models.sites import ArchitectureSpec, Site
+
+
+class NNsightAdapter(BaseAdapter):
+    """A :class:`~mlake_core.models.adapter.ModelAdapter` over an nnsight ``TransformersModel``.
+
+    Args:
+        hf_model: the loaded HF causal LM (eval mode, eager attention).
+        tokenizer: its tokenizer (nnsight's text pipeline gets a copy).
+        spec: the architecture's site table.
+        info: provenance and shapes.
+    """
+
+    def __init__(
+        self, hf_model: torch.nn.Module, tokenizer: Any, spec: ArchitectureSpec, info: ModelInfo
+    ) -> None:
+        super().__init__(tokenizer, spec, info)
+        from nnsight import TransformersModel
+
+        self.model = TransformersModel(
+            hf_model, task="text-generation", tokenizer=copy.deepcopy(tokenizer)
+        )
+
+    def _run(
+        self,
+        batch: TokenBatch,
+        read: list[Site],
+        patches: dict[Site, list[Patch]],
+        *,
+        keep_graph: bool,
+    ) -> tuple[Float[Tensor, "batch pos vocab"], dict[str, Tensor]]:
+        import nnsight
+
+        cache: dict[str, Tensor] = {}
+        wanted = set(read)
+        plan = []
+        for site in sorted(wanted | set(patches)):
+            where = self.spec.sites[site.kind]
+            plan.append((site, where.path(site.layer), where.port, patches.get(site, [])))
+        with self.model.trace(**self._model_inputs(batch)):
+            for site, path, port, site_patches in plan:
+                envoy = self.model.get(path)
+                if port == "input":
+                    value = envoy.input
+                    if site_patches:
+                        value = apply_patches(value, site_patches)
+                        envoy.input = value
+                else:
+                    output = envoy.output
+                    is_tuple = isinstance(output, tuple)
+                    value = output[0] if is_tuple else output
+                    if site_patches:
+                        value = apply_patches(value, site_patches)
+                        envoy.output = (value, *output[1:]) if is_tuple else value
+                if site in wanted:
+                    cache[site.name] = nnsight.save(value if keep_graph else value.detach())
+            logits = nnsight.save(self.model.output.logits)
+        return logits, cache

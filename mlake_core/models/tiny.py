@@ -1,0 +1,300 @@
+"""Tiny random-init models of every supported architecture, built offline.
+
+The integration and reference tests (and ``mlake models check`` on a laptop) need real Hugging
+Face checkpoints of each architecture, but no weights can be downloaded.  This module builds
+them from configs: a byte-level BPE tokenizer trained with the ``tokenizers`` library on a few
+lines of English, Chinese, Japanese, French and German (so CJK characters are split across byte
+tokens, as in real byte-level vocabularies), and a 2-layer model per architecture whose weights
+come from a fixed seed.  Both are saved with ``save_pretrained`` (safetensors weights, a
+``PreTrainedTokenizerFast``) to a local folder that :func:`mlake_core.models.load_adapter`
+loads like any downloaded checkpoint.
+
+Each tiny tokenizer follows the BOS convention of its architecture's real tokenizers, so the
+BOS policy code is exercised on every variant:
+
+==========  =================  =========================  ===================
+model_type  BOS token          tokenizer adds BOS itself  padding token
+==========  =================  =========================  ===================
+gpt2        ``<|endoftext|>``  no                         none (EOS is used)
+llama       ``<s>``            yes                        none (EOS is used)
+qwen2       none               no                         ``<|endoftext|>``
+bloom       ``<s>``            no                         ``<pad>``
+gpt_neox    ``<|endoftext|>``  no                         none (EOS is used)
+==========  =================  =========================  ===================
+
+After the architecture's own initialisation every parameter gets seeded Gaussian noise
+(layer-norm gains and biases included), so a backend that silently drops a bias or a norm
+gain produces visibly different numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: ``model_type`` values :func:`build_tiny_model` can build.
+TINY_ARCHITECTURES: tuple[str, ...] = ("gpt2", "llama", "qwen2", "bloom", "gpt_neox")
+
+#: Special tokens, at ids 0..3 of every tiny vocabulary.
+SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<s>", "</s>", "<pad>")
+
+#: Training text for the tiny tokenizer: MLaKE-like facts in the five MLaKE languages.
+TRAINING_TEXT: tuple[str, ...] = (
+    "The capital of France is Paris. The Eiffel Tower is in Paris.",
+    "Barack Obama was born in Hawaii. He was the president of the United States.",
+    "The mother tongue of Marie Curie is Polish. She worked in Paris.",
+    "法国的首都是巴黎。埃菲尔铁塔位于巴黎。",
+    "巴拉克·奥巴马出生于夏威夷。他曾是美国总统。",
+    "玛丽·居里的母语是波兰语。",
+    "フランスの首都はパリです。エッフェル塔はパリにあります。",
+    "バラク・オバマはハワイで生まれました。東京は日本の首都です。",
+    "La capitale de la France est Paris. La tour Eiffel est à Paris.",
+    "Barack Obama est né à Hawaï. Il était président des États-Unis.",
+    "Die Hauptstadt von Frankreich ist Paris. Der Eiffelturm steht in Paris.",
+    "Barack Obama wurde auf Hawaii geboren. Die Muttersprache von Marie Curie ist Polnisch.",
+)
+
+
+@dataclass(frozen=True)
+class TinySize:
+    """Dimensions shared by every tiny model.
+
+    Attributes:
+        n_layers: number of transformer blocks.
+        d_model: residual stream width.
+        n_heads: attention heads (``d_model / n_heads`` is the head width).
+        n_kv_heads: key/value heads for the grouped-query architectures (Llama, Qwen2).
+        d_mlp: MLP hidden width (gate/up width for gated MLPs).
+        n_ctx: maximum sequence length.
+        vocab_size: target vocabulary size of the trained BPE tokenizer.
+        init_std: standard deviation of the architecture's own weight initialisation.
+        noise_std: standard deviation of the noise added to every parameter afterwards.
+    """
+
+    n_layers: int = 2
+    d_model: int = 32
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    d_mlp: int = 64
+    n_ctx: int = 64
+    vocab_size: int = 512
+    init_std: float = 0.2
+    noise_std: float = 0.05
+
+
+def build_tiny_tokenizer(architecture: str, vocab_size: int = 512) -> Any:
+    """Train a byte-level BPE tokenizer offline and dress it in ``architecture``'s conventions.
+
+    Training is deterministic (same text, same vocabulary size: same merges).
+
+    Args:
+        architecture: a ``model_type`` from :data:`TINY_ARCHITECTURES`; decides the BOS, EOS
+            and padding tokens and whether BOS is added by the tokenizer (see the module table).
+        vocab_size: vocabulary size, special tokens and the 256 byte tokens included.
+
+    Returns:
+        A ``transformers.PreTrainedTokenizerFast``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    _check_architecture(architecture)
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(list(TRAINING_TEXT), trainer=trainer)
+    endoftext, bos, eos, pad = SPECIAL_TOKENS
+    if architecture == "llama":
+        # Llama tokenizers prepend <s> to every sequence by themselves.
+        core.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, core.token_to_id(bos))],
+        )
+    else:
+        core.post_processor = processors.ByteLevel(trim_offsets=False)
+    conventions: dict[str, dict[str, str | None]] = {
+        "gpt2": {"bos_token": endoftext, "eos_token": endoftext, "pad_token": None},
+        "llama": {"bos_token": bos, "eos_token": eos, "pad_token": None},
+        "qwen2": {"bos_token": None, "eos_token": endoftext, "pad_token": endoftext},
+        "bloom": {"bos_token": bos, "eos_token": eos, "pad_token": pad},
+        "gpt_neox": {"bos_token": endoftext, "eos_token": endoftext, "pad_token": None},
+    }
+    special = {k: v for k, v in conventions[architecture].items() if v is not None}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        model_max_length=TinySize().n_ctx,
+        clean_up_tokenization_spaces=False,
+        **special,
+    )
+
+
+def tiny_config(architecture: str, vocab_size: int, size: TinySize | None = None) -> Any:
+    """The Hugging Face config of a tiny ``architecture`` model.
+
+    Args:
+        architecture: a ``model_type`` from :data:`TINY_ARCHITECTURES`.
+        vocab_size: vocabulary size (the tokenizer's length).
+        size: dimensions; defaults to :class:`TinySize`.
+
+    Returns:
+        A ``transformers.PretrainedConfig`` subclass instance.
+    """
+    from transformers import (
+        BloomConfig,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        Qwen2Config,
+    )
+
+    _check_architecture(architecture)
+    s = size or TinySize()
+    ids = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": None}
+    if architecture == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=s.n_ctx,
+            n_embd=s.d_model,
+            n_layer=s.n_layers,
+            n_head=s.n_heads,
+            n_inner=s.d_mlp,
+            initializer_range=s.init_std,
+            **ids,
+        )
+    if architecture == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=s.d_model,
+            intermediate_size=s.d_mlp,
+            num_hidden_layers=s.n_layers,
+            num_attention_heads=s.n_heads,
+            num_key_value_heads=s.n_kv_heads,
+            max_position_embeddings=s.n_ctx,
+            initializer_range=s.init_std,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=None,
+        )
+    if architecture == "qwen2":
+        # Small Qwen2 checkpoints tie the unembedding to the embedding; keep that here so
+        # tied weights are exercised (EasyEdit#458).
+        return Qwen2Config(
+            vocab_size=vocab_size,
+            hidden_size=s.d_model,
+            intermediate_size=s.d_mlp,
+            num_hidden_layers=s.n_layers,
+            num_attention_heads=s.n_heads,
+            num_key_value_heads=s.n_kv_heads,
+            max_position_embeddings=s.n_ctx,
+            initializer_range=s.init_std,
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    if architecture == "bloom":
+        return BloomConfig(
+            vocab_size=vocab_size,
+            hidden_size=s.d_model,
+            n_layer=s.n_layers,
+            n_head=s.n_heads,
+            initializer_range=s.init_std,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+        )
+    return GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=s.d_model,
+        intermediate_size=s.d_mlp,
+        num_hidden_layers=s.n_layers,
+        num_attention_heads=s.n_heads,
+        max_position_embeddings=s.n_ctx,
+        rotary_pct=0.5,
+        use_parallel_residual=True,
+        initializer_range=s.init_std,
+        tie_word_embeddings=False,
+        **ids,
+    )
+
+
+def build_tiny_model(
+    architecture: str,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    size: TinySize | None = None,
+) -> Path:
+    """Build a tiny random-init ``architecture`` model and save it with its tokenizer.
+
+    Args:
+        architecture: a ``model_type`` from :data:`TINY_ARCHITECTURES`.
+        out_dir: folder to write (created if needed): ``config.json``,
+            ``model.safetensors``, ``generation_config.json`` and the tokenizer files.
+        seed: seed of the weight initialisation and noise (the same seed gives the same
+            weights).
+        size: dimensions; defaults to :class:`TinySize`.
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    s = size or TinySize()
+    tokenizer = build_tiny_tokenizer(architecture, vocab_size=s.vocab_size)
+    config = tiny_config(architecture, vocab_size=len(tokenizer), size=s)
+    generator = torch.Generator().manual_seed(seed)
+    # from_config draws from the global RNG; fork it so building a model leaves the caller's
+    # random state untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * s.noise_std)
+    model.eval()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_tiny_models(
+    root: str | Path,
+    architectures: tuple[str, ...] = TINY_ARCHITECTURES,
+    *,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Build one tiny model per architecture under ``root/<architecture>``.
+
+    Args:
+        root: parent folder.
+        architectures: which ``model_type`` values to build.
+        seed: seed for every model.
+
+    Returns:
+        Folder of each model, by architecture.
+    """
+    return {arch: build_tiny_model(arch, Path(root) / arch, seed=seed) for arch in architectures}
+
+
+def _check_architecture(architecture: str) -> None:
+    from mlake_core.errors import ConfigError
+
+    if architecture not in TINY_ARCHITECTURES:
+        raise ConfigError(
+            f"no tiny model for architecture {architecture!r}; "
+            f"choose one of {', '.join(TINY_ARCHITECTURES)}"
+        )

@@ -1,0 +1,137 @@
+"""TransformerLens 4.x backend: every TransformerLens idiom in mlake lives in this module.
+
+The model is wrapped with ``TransformerBridge.boot_transformers(..., hf_model=model)``, which
+keeps the raw Hugging Face weights (no layer-norm folding, no weight centring; those only
+happen in ``enable_compatibility_mode``, which mlake never calls), so activations equal the HF
+model's (TransformerLens#223).
+
+The bridge inserts a ``GeneralizedComponent`` around each HF module it knows and gives it two
+hook points, ``hook_in`` (the module's first input) and ``hook_out`` (its output, the first
+element of a tuple).  A canonical site is resolved through the shared site table
+(:mod:`mlake_core.models.sites`) to an HF module and a port, and from there -- by the identity
+of the wrapped module, never by its name -- to the bridge's ``<component>.hook_in`` or
+``hook_out``.  Both backends therefore hook exactly the same module boundary.  TransformerLens'
+own aliases are not used: on BLOOM, ``blocks.L.attn.hook_out`` includes the residual
+(TransformerLens#1639) while mlake's ``attn_out`` does not.
+
+Hooks are only ever added through ``bridge.hooks(...)``, a context manager that removes them on
+exit, even after an exception.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mlake_core.errors import ConfigError
+from mlake_core.models.adapter import BaseAdapter, ModelInfo, Patch, TokenBatch, apply_patches
+from mlake_core.models.sites import ArchitectureSpec, Site, all_sites, parse_site
+
+
+class TLensAdapter(BaseAdapter):
+    """A :class:`~mlake_core.models.adapter.ModelAdapter` over a TransformerLens bridge.
+
+    Args:
+        hf_model: the loaded HF causal LM (eval mode, eager attention).  The bridge wraps its
+            modules in place, so the model must not be shared with another adapter.
+        tokenizer: its tokenizer (a copy is handed to the bridge, which modifies tokenizers).
+        spec: the architecture's site table.
+        info: provenance and shapes.
+    """
+
+    def __init__(
+        self, hf_model: torch.nn.Module, tokenizer: Any, spec: ArchitectureSpec, info: ModelInfo
+    ) -> None:
+        super().__init__(tokenizer, spec, info)
+        from transformer_lens.model_bridge import TransformerBridge
+        from transformer_lens.model_bridge.generalized_components.base import (
+            GeneralizedComponent,
+        )
+
+        # Resolve every site's module before booting: the bridge re-parents HF modules under
+        # its components, so HF paths stop resolving afterwards, but module identity survives.
+        targets = {
+            name: (hf_model.get_submodule(self._where(name)[0]), self._where(name)[1])
+            for name in all_sites(info.n_layers)
+        }
+        self.bridge = TransformerBridge.boot_transformers(
+            info.model_id,
+            hf_model=hf_model,
+            # setup_tokenizer in TL mutates the tokenizer it is given (it invents a BOS for
+            # tokenizers without one), so it gets a copy.
+            tokenizer=copy.deepcopy(tokenizer),
+            device=info.device,
+            dtype=self.dtype,
+            trust_remote_code=info.trust_remote_code,
+        )
+        self.bridge.eval()
+        by_module: dict[int, Any] = {}
+        for component in self.bridge.modules():
+            if isinstance(component, GeneralizedComponent):
+                original = component.original_component
+                if original is not None:
+                    by_module.setdefault(id(original), component)
+        self._hook_names: dict[str, str] = {}
+        for name, (module, port) in targets.items():
+            component = by_module.get(id(module))
+            if component is None:
+                raise ConfigError(
+                    f"TransformerLens bridge of {info.model_id!r} ({info.architecture}) does not "
+                    f"wrap {self.module_path(name)}, needed for site {name!r}; "
+                    "use --backend nnsight for this model"
+                )
+            hook_point = component.hook_in if port == "input" else component.hook_out
+            self._hook_names[name] = hook_point.name
+
+    def hook_name(self, site: str) -> str:
+        """The TransformerLens hook point carrying ``site`` (e.g. ``blocks.3.mlp.out.hook_in``)."""
+        return self._hook_names[parse_site(site, self.n_layers).name]
+
+    def _where(self, name: str) -> tuple[str, str]:
+        parsed = parse_site(name, self.info.n_layers)
+        module_site = self.spec.sites[parsed.kind]
+        return module_site.path(parsed.layer), module_site.port
+
+    def _run(
+        self,
+        batch: TokenBatch,
+        read: list[Site],
+        patches: dict[Site, list[Patch]],
+        *,
+        keep_graph: bool,
+    ) -> tuple[Float[Tensor, "batch pos vocab"], dict[str, Tensor]]:
+        cache: dict[str, Tensor] = {}
+        wanted = set(read)
+
+        def make_hook(site: Site) -> Callable[..., Tensor]:
+            site_patches = patches.get(site, [])
+
+            def fn(activation: Tensor, hook: Any) -> Tensor:
+                if site_patches:
+                    activation = apply_patches(activation, site_patches)
+                if site in wanted:
+                    cache[site.name] = activation if keep_graph else activation.detach()
+                return activation
+
+            return fn
+
+        fwd_hooks = [
+            (self._hook_names[site.name], make_hook(site)) for site in sorted(wanted | set(patches))
+        ]
+        inputs = self._model_inputs(batch)
+        with self.bridge.hooks(fwd_hooks=fwd_hooks):
+            logits = self.bridge(
+                inputs.pop("input_ids"),
+                return_type="logits",
+                attention_mask=inputs.pop("attention_mask"),
+                **inputs,
+            )
+        missing = [site.name for site in read if site.name not in cache]
+        if missing:
+            raise RuntimeError(f"TransformerLens hooks did not fire for sites {missing}")
+        return logits, cache
