@@ -107,6 +107,7 @@ def link_multi_hop(
             path = base / release.multi_hop_qa.format(kind=kind, lang=lang)
             recs = read_multi_hop(path, kind)
             mcqa: list[McqaRecord] = []
+            mpath = path
             if release.multi_hop_mcqa:
                 mpath = base / release.multi_hop_mcqa.format(kind=kind, lang=lang)
                 mcqa = read_mcqa(mpath, single_hop=False, kind=kind)
@@ -126,8 +127,8 @@ def link_multi_hop(
                 m = mcqa[r.index] if mcqa else None
                 if m is not None and _key(m.question) != _key(r.question):
                     raise DataError(
-                        f"{base / release.multi_hop_mcqa.format(kind=kind, lang=lang)}: record "
-                        f"{r.index}: question differs from the free-form file's record"
+                        f"{mpath}: record {r.index}: question differs from record {r.index} "
+                        f"of {path}"
                     )
                 questions.append(
                     MultiHopQuestion(

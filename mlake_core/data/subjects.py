@@ -39,6 +39,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from mlake_core.data.cloze import FILLER, AnswerLocation
 from mlake_core.data.records import SingleHopRecord
@@ -139,16 +140,16 @@ def _has_content(norm: str) -> bool:
 
 def _bad_edges(first: Unit, last: Unit, lang: str) -> bool:
     if lang in CJK_EDGE_STOP:
-        stop = CJK_EDGE_STOP[lang]
-        return (first.norm in stop and len(first.norm) == 1) or (
-            last.norm in stop and len(last.norm) == 1
+        chars = CJK_EDGE_STOP[lang]
+        return (first.norm in chars and len(first.norm) == 1) or (
+            last.norm in chars and len(last.norm) == 1
         )
-    stop = EDGE_STOP.get(lang, frozenset())
-    return first.norm in stop or last.norm in stop
+    words = EDGE_STOP.get(lang, frozenset())
+    return first.norm in words or last.norm in words
 
 
 @lru_cache(maxsize=1)
-def _jieba():  # type: ignore[no-untyped-def]
+def _jieba() -> Any:
     import jieba
     import jieba.posseg
 
@@ -157,7 +158,7 @@ def _jieba():  # type: ignore[no-untyped-def]
 
 
 @lru_cache(maxsize=1)
-def _mecab():  # type: ignore[no-untyped-def]
+def _mecab() -> Any:
     import fugashi
 
     return fugashi.Tagger()

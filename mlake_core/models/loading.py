@@ -12,6 +12,8 @@ the local cache while offline, an unsupported architecture, a bad option -- is a
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,20 @@ def resolve_dtype(dtype: str) -> torch.dtype:
         raise ConfigError(
             f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}"
         ) from None
+
+
+@contextmanager
+def quiet_hf_progress() -> Iterator[None]:
+    """Silence transformers' progress bars ("Loading weights") for the duration of a block."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _offline() -> bool:
@@ -126,10 +142,15 @@ def _load_config(
     except OSError as err:
         if is_local:
             raise ConfigError(f"cannot read config.json of --model {model!r}: {err}") from None
-        where = "offline (HF_HUB_OFFLINE=1) and " if local_files_only else ""
+        why = (
+            "running offline (HF_HUB_OFFLINE=1), so nothing is downloaded"
+            if local_files_only
+            else "could not download it from the hub (no network, or no such repository or "
+            "revision)"
+        )
         raise ConfigError(
-            f"--model {model!r} is not a local folder, and it is {where}not in the local Hugging "
-            f"Face cache or could not be downloaded. {_how_to_provide(model)}"
+            f"--model {model!r} is not a local folder and not in the local Hugging Face cache; "
+            f"{why}. {_how_to_provide(model)}"
         ) from None
     except ValueError as err:
         hint = (
@@ -228,14 +249,15 @@ def load_adapter(
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load the tokenizer of --model {model!r}: {err}") from None
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            source,
-            config=config,
-            dtype=torch_dtype,
-            attn_implementation="eager",
-            use_safetensors=True,
-            **common,
-        )
+        with quiet_hf_progress():
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                source,
+                config=config,
+                dtype=torch_dtype,
+                attn_implementation="eager",
+                use_safetensors=True,
+                **common,
+            )
     except OSError as err:
         raise ConfigError(
             f"cannot load safetensors weights of --model {model!r} ({err}). mlake loads only "

@@ -235,6 +235,7 @@ def build_tiny_model(
     *,
     seed: int = 0,
     size: TinySize | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Build a tiny random-init ``architecture`` model and save it with its tokenizer.
 
@@ -245,15 +246,21 @@ def build_tiny_model(
         seed: seed of the weight initialisation and noise (the same seed gives the same
             weights).
         size: dimensions; defaults to :class:`TinySize`.
+        config_overrides: config attributes to set before building, e.g.
+            ``{"use_parallel_residual": False}`` for a sequential GPT-NeoX.
 
     Returns:
         ``out_dir`` as a :class:`~pathlib.Path`.
     """
     from transformers import AutoModelForCausalLM
 
+    from mlake_core.models.loading import quiet_hf_progress
+
     s = size or TinySize()
     tokenizer = build_tiny_tokenizer(architecture, vocab_size=s.vocab_size)
     config = tiny_config(architecture, vocab_size=len(tokenizer), size=s)
+    for key, value in (config_overrides or {}).items():
+        setattr(config, key, value)
     generator = torch.Generator().manual_seed(seed)
     # from_config draws from the global RNG; fork it so building a model leaves the caller's
     # random state untouched.
@@ -266,7 +273,8 @@ def build_tiny_model(
     model.eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    with quiet_hf_progress():
+        model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
 

@@ -1,0 +1,128 @@
+"""``mlake data``: fetch, stats and show for the MLaKE benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from mlake_core.data import DEFAULT_VERSION, RELEASES, load_mlake
+from mlake_core.data.dataset import FactView, PromptForm
+from mlake_core.data.paths import ENV_VAR, fetch_release
+from mlake_core.data.stats import dataset_stats, format_stats
+from mlake_core.languages import LANGUAGES
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"MLaKE data directory (default: ${ENV_VAR}, else ../shared/mlake beside the "
+        "repository, else ./mlake_data)",
+    )
+    p.add_argument(
+        "--version",
+        dest="data_version",
+        default=DEFAULT_VERSION,
+        choices=None,
+        help=f"release: {', '.join(RELEASES)} (default {DEFAULT_VERSION})",
+    )
+    p.add_argument(
+        "--langs", default=",".join(LANGUAGES), help="comma-separated languages (default all)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def register(sub: Any) -> None:
+    data = sub.add_parser("data", help="the MLaKE benchmark: fetch, stats, show")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    dsub.required = True
+
+    stats = dsub.add_parser(
+        "stats", help="per-language coverage: subjects, cloze prompts, multi-hop links"
+    )
+    _add_common(stats)
+    stats.set_defaults(func=_stats)
+
+    show = dsub.add_parser("show", help="one fact in every language, subject and target marked")
+    show.add_argument("fact_id", type=int, metavar="FACT_ID")
+    _add_common(show)
+    show.set_defaults(func=_show)
+
+    fetch = dsub.add_parser("fetch", help="download MLaKE from its public repository")
+    fetch.add_argument(
+        "--dest",
+        default="mlake_data",
+        help=f"folder to write (default ./mlake_data; point ${ENV_VAR} at it afterwards)",
+    )
+    fetch.add_argument(
+        "--version",
+        dest="data_version",
+        default="all",
+        help=f"release to fetch: {', '.join(RELEASES)} or all (default all)",
+    )
+    fetch.add_argument("--force", action="store_true", help="download again if present")
+    fetch.set_defaults(func=_fetch)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    ds = load_mlake(args.data_dir, args.data_version, args.langs)
+    stats = dataset_stats(ds)
+    if args.json:
+        print(json.dumps(stats, ensure_ascii=False, indent=1))
+    else:
+        print(format_stats(stats))
+    return 0
+
+
+def _mark(text: str | None, form: PromptForm, answer: str | None = None) -> str:
+    """The prompt with the subject in [brackets] and the target appended in <angles>."""
+    if text is None:
+        return "(none)"
+    if form.subject is not None:
+        s = form.subject
+        text = f"{text[: s.start]}[{text[s.start : s.end]}]{text[s.end :]}"
+    return f"{text} <{answer if answer is not None else form.target.text}>"
+
+
+def _show_view(v: FactView) -> str:
+    q, c = v.question, v.cloze
+    lines = [
+        f"[{v.lang}] subject: {v.subject.text!r}",
+        f"  question: {_mark(q.text, q)}",
+        f"    target: {q.target.text!r} aliases {list(q.target.aliases)}"
+        f" | edit: {q.edit_target.text!r} aliases {list(q.edit_target.aliases)}",
+        f"  cloze:    {_mark(c.text, c)}" + ("" if c.usable else f"   (not usable: {c.reason})"),
+        f"    answer in o_prompt: {v.answer.text if v.answer else None!r} ({v.answer_method}),"
+        f" at end: {v.answer_at_end}, prefix = question start: {v.prefix_is_question_start}",
+        f"  o_prompt: {v.record.o_prompt}",
+        f"  e_prompt: {v.record.e_prompt}",
+    ]
+    return "\n".join(lines)
+
+
+def _show(args: argparse.Namespace) -> int:
+    ds = load_mlake(args.data_dir, args.data_version, args.langs)
+    fact = ds.fact(args.fact_id)
+    if args.json:
+        print(json.dumps(fact.to_dict(), ensure_ascii=False, indent=1))
+        return 0
+    print(f"fact {fact.fact_id} (MLaKE {ds.version})")
+    for v in fact.views.values():
+        print(_show_view(v))
+    if fact.multi_hop:
+        print("multi-hop:")
+        for m in fact.multi_hop:
+            print(f"  [{m.lang} {m.kind} #{m.index} via {m.link}] {m.question} <{m.answer}>")
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    versions = list(RELEASES) if args.data_version == "all" else [args.data_version]
+    dest = Path(args.dest)
+    for version in versions:
+        path = fetch_release(version, dest, force=args.force)
+        print(f"MLaKE {version}: {path}")
+    print(f"set {ENV_VAR}={dest.resolve()} or pass --data-dir {dest}")
+    return 0
