@@ -55,6 +55,7 @@ class MultiHopQuestion:
     link: str
     options: tuple[str, ...] = ()
     answer_index: int | None = None
+    mcqa_problem: str | None = None
     triples: tuple[tuple[str, str, str], ...] = ()
 
     @property
@@ -75,6 +76,7 @@ class MultiHopQuestion:
             "link": self.link,
             "options": list(self.options),
             "answer_index": self.answer_index,
+            "mcqa_problem": self.mcqa_problem,
         }
 
 
@@ -143,6 +145,7 @@ def link_multi_hop(
                         link=link,
                         options=m.options if m else (),
                         answer_index=m.answer_index if m else None,
+                        mcqa_problem=m.problem if m else None,
                         triples=r.triples,
                     )
                 )

@@ -14,6 +14,7 @@ upstream ``dataset/`` tree of the public repository Hi-archers/MLaKE at a fixed 
 
 from __future__ import annotations
 
+import http.client
 import io
 import os
 import shutil
@@ -146,22 +147,31 @@ def fetch_release(version: str, dest: Path, timeout: float = 60.0, force: bool =
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             payload = resp.read()
-    except (urllib.error.URLError, TimeoutError, OSError) as err:
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as err:
         raise DataError(
             f"could not download MLaKE {version} from {url}: {err}. Without internet, copy the "
             f"release's dataset/ folder to {target} or point {ENV_VAR} at a folder that has it."
         ) from None
+    created = not (dest / version).exists()
     (dest / version).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest / version) as tmp:
-        with tarfile.open(fileobj=io.BytesIO(payload), mode="r:gz") as tar:
-            members = [m for m in tar.getmembers() if "/dataset/" in f"{m.name}/"]
-            if not members:
-                raise DataError(f"{url}: archive has no dataset/ folder")
-            tar.extractall(tmp, members=members, filter="data")
-        roots = list(Path(tmp).glob("*/dataset"))
-        if len(roots) != 1:
-            raise DataError(f"{url}: unexpected archive layout")
-        if target.exists():
-            shutil.rmtree(target)
-        roots[0].rename(target)
+    try:
+        with tempfile.TemporaryDirectory(dir=dest / version) as tmp:
+            try:
+                with tarfile.open(fileobj=io.BytesIO(payload), mode="r:gz") as tar:
+                    members = [m for m in tar.getmembers() if "/dataset/" in f"{m.name}/"]
+                    if not members:
+                        raise DataError(f"{url}: archive has no dataset/ folder")
+                    tar.extractall(tmp, members=members, filter="data")
+            except (tarfile.TarError, EOFError, OSError) as err:
+                raise DataError(f"{url}: not a valid release archive ({err})") from None
+            roots = list(Path(tmp).glob("*/dataset"))
+            if len(roots) != 1:
+                raise DataError(f"{url}: unexpected archive layout")
+            if target.exists():
+                shutil.rmtree(target)
+            roots[0].rename(target)
+    except DataError:
+        if created:  # leave no empty release folder behind
+            shutil.rmtree(dest / version, ignore_errors=True)
+        raise
     return target

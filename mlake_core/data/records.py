@@ -61,6 +61,11 @@ class McqaRecord:
     answer_index: int  # the correct option for the original fact (old) or the edit (new)
     edit_index: int | None  # single-hop only: the option stating the edit
     e_prompt: str | None = None
+    problem: str | None = None  # why the record cannot be scored (e.g. an empty option)
+
+    @property
+    def usable(self) -> bool:
+        return self.problem is None
 
 
 def read_json_list(path: Path) -> list[dict[str, Any]]:
@@ -78,6 +83,8 @@ def read_json_list(path: Path) -> list[dict[str, Any]]:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records, found {type(data).__name__}")
+    if not data:
+        raise DataError(f"{path}: the file holds no records")
     for i, rec in enumerate(data):
         if not isinstance(rec, dict):
             raise DataError(f"{path}: record {i}: expected an object, found {type(rec).__name__}")
@@ -185,8 +192,12 @@ def read_mcqa(path: Path, *, single_hop: bool, kind: str | None = None) -> list[
         options = rec.get("options")
         if not isinstance(options, list) or len(options) < 2:
             raise DataError(f"{path}: record {i}: field 'options' must be a list of >= 2 strings")
-        if not all(isinstance(o, str) and o.strip() for o in options):
-            raise DataError(f"{path}: record {i}: 'options' holds an empty or non-string option")
+        if not all(isinstance(o, str) for o in options):
+            raise DataError(f"{path}: record {i}: 'options' holds a non-string option")
+        # Seven published v2024-04 records (fr, de) have an empty option: keep the record,
+        # mark it unusable for multiple-choice scoring, and let the stats count it.
+        empty = [MCQA_LETTERS[k] for k, o in enumerate(options) if not o.strip()]
+        problem = f"empty option {', '.join(empty)}" if empty else None
         if single_hop:
             answer = _letter(path, i, rec, "o_answer", len(options))
             edit: int | None = _letter(path, i, rec, "e_answer", len(options))
@@ -200,6 +211,7 @@ def read_mcqa(path: Path, *, single_hop: bool, kind: str | None = None) -> list[
                 answer_index=answer,
                 edit_index=edit,
                 e_prompt=rec.get("e_prompt") if kind == "new" else None,
+                problem=problem,
             )
         )
     return out

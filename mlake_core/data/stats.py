@@ -63,6 +63,12 @@ def dataset_stats(ds: MlakeDataset) -> dict[str, Any]:
             entry["mcqa"] = {
                 "single_hop": sum(v.mcqa is not None for v in views),
                 "multi_hop": sum(bool(q.options) for q in mh),
+                "unusable": {
+                    "single_hop": [v.fact_id for v in views if v.mcqa and not v.mcqa.usable],
+                    "multi_hop": [
+                        f"{q.kind}#{q.index}: {q.mcqa_problem}" for q in mh if q.mcqa_problem
+                    ],
+                },
             }
         entry["multi_hop_with_triples"] = sum(bool(q.triples) for q in mh)
         langs[lang] = entry
@@ -72,6 +78,14 @@ def dataset_stats(ds: MlakeDataset) -> dict[str, Any]:
         "facts": len(ds.facts),
         "languages": langs,
     }
+
+
+def _mcqa_cell(s: dict[str, Any]) -> str:
+    if "mcqa" not in s:
+        return "-"
+    m = s["mcqa"]
+    bad = len(m["unusable"]["single_hop"]) + len(m["unusable"]["multi_hop"])
+    return f"{m['single_hop']}/{m['multi_hop']}" + (f" ({bad} unusable)" if bad else "")
 
 
 def format_stats(stats: dict[str, Any]) -> str:
@@ -99,12 +113,7 @@ def format_stats(stats: dict[str, Any]) -> str:
         )
     add("facts with linked multi-hop", lambda s: s["facts_with_multi_hop"])
     if any("mcqa" in stats["languages"][lang] for lang in langs):
-        add(
-            "mcqa single-hop / multi-hop",
-            lambda s: "{single_hop}/{multi_hop}".format(
-                **s.get("mcqa", {"single_hop": 0, "multi_hop": 0})
-            ),
-        )
+        add("mcqa single-hop / multi-hop", _mcqa_cell)
     reasons = sorted({r for lang in langs for r in stats["languages"][lang]["unusable"]["cloze"]})
     for r in reasons:
         add(

@@ -55,12 +55,21 @@ from mlake_core.models.sites import (
 
 PaddingSide = Literal["left", "right"]
 
+# Shape-annotated tensor types (jaxtyping), named once so signatures stay readable.
+TokenIds = Int[Tensor, "batch pos"]
+PerRow = Int[Tensor, " batch"]
+Logits = Float[Tensor, "batch pos vocab"]
+Activation = Float[Tensor, "batch pos width"]
+Indices = Int[Tensor, " n"]
+Vectors = Float[Tensor, "n width"]
+Scalar = Float[Tensor, ""]
+
 #: A scalar function of the logits ``[batch, pos, vocab]``, differentiated by
 #: :meth:`ModelAdapter.gradients`.
-Metric = Callable[[Float[Tensor, "batch pos vocab"]], Float[Tensor, ""]]
+Metric = Callable[[Logits], Scalar]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TokenBatch:
     """A padded batch of token id sequences.
 
@@ -71,8 +80,8 @@ class TokenBatch:
         padding_side: where the padding is.
     """
 
-    input_ids: Int[Tensor, "batch pos"]
-    attention_mask: Int[Tensor, "batch pos"]
+    input_ids: TokenIds
+    attention_mask: TokenIds
     padding_side: PaddingSide = "left"
 
     def __post_init__(self) -> None:
@@ -128,22 +137,22 @@ class TokenBatch:
         return (int(self.input_ids.shape[0]), int(self.input_ids.shape[1]))
 
     @property
-    def lengths(self) -> Int[Tensor, " batch"]:
+    def lengths(self) -> PerRow:
         """Number of real tokens per row."""
         return self.attention_mask.sum(-1)
 
     @property
-    def position_ids(self) -> Int[Tensor, "batch pos"]:
+    def position_ids(self) -> TokenIds:
         """Position of each token counted from its row's first real token (0 on padding)."""
         return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     @property
-    def first_index(self) -> Int[Tensor, " batch"]:
+    def first_index(self) -> PerRow:
         """Padded index of each row's first real token."""
         return self.attention_mask.long().argmax(-1)
 
     @property
-    def last_index(self) -> Int[Tensor, " batch"]:
+    def last_index(self) -> PerRow:
         """Padded index of each row's last real token (where next-token logits are read)."""
         return self.first_index + self.lengths - 1
 
@@ -168,7 +177,7 @@ class TokenBatch:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Patch:
     """Replace a site's activation at some (row, position) pairs by given values.
 
@@ -184,9 +193,9 @@ class Patch:
     """
 
     site: str
-    rows: Int[Tensor, " n"]
-    positions: Int[Tensor, " n"]
-    values: Float[Tensor, "n width"]
+    rows: Indices
+    positions: Indices
+    values: Vectors
 
     def __post_init__(self) -> None:
         n = self.rows.shape[0]
@@ -207,7 +216,7 @@ class Patch:
         cls,
         site: str,
         positions: Sequence[Sequence[int]],
-        values: Sequence[Float[Tensor, "k width"]],
+        values: Sequence[Vectors],
     ) -> Patch:
         """A patch given row by row.
 
@@ -234,7 +243,7 @@ class Patch:
     def from_activation(
         cls,
         site: str,
-        source: Float[Tensor, "batch pos width"],
+        source: Activation,
         positions: Sequence[Sequence[int]],
         source_rows: Sequence[int] | None = None,
     ) -> Patch:
@@ -256,9 +265,7 @@ class Patch:
         return cls.per_row(site, positions, values)
 
 
-def apply_patches(
-    activation: Float[Tensor, "batch pos width"], patches: Sequence[Patch]
-) -> Float[Tensor, "batch pos width"]:
+def apply_patches(activation: Activation, patches: Sequence[Patch]) -> Activation:
     """Return ``activation`` with the patches written in (out of place; autograd-safe).
 
     Later patches win where two touch the same entry.
@@ -393,47 +400,79 @@ def package_versions(*names: str) -> dict[str, str]:
 
 @runtime_checkable
 class ModelAdapter(Protocol):
-    """One causal LM behind a backend-independent interface (see the module docstring)."""
+    """One causal LM behind a backend-independent interface (see the module docstring).
+
+    Attributes:
+        info: provenance, shapes and BOS policy (recorded with every result).
+        spec: the architecture's site table.
+        tokenizer: the Hugging Face tokenizer.
+    """
 
     info: ModelInfo
     spec: ArchitectureSpec
     tokenizer: Any
 
     @property
-    def n_layers(self) -> int: ...
+    def n_layers(self) -> int:
+        """Number of transformer blocks."""
+        ...
 
     @property
-    def d_model(self) -> int: ...
+    def d_model(self) -> int:
+        """Residual stream width."""
+        ...
 
     @property
-    def d_mlp(self) -> int: ...
+    def d_mlp(self) -> int:
+        """MLP hidden width (width of ``mlp_post``)."""
+        ...
 
     @property
-    def device(self) -> torch.device: ...
+    def device(self) -> torch.device:
+        """Where the weights live; batches are moved there."""
+        ...
 
     @property
-    def dtype(self) -> torch.dtype: ...
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (activations come back in it)."""
+        ...
 
     @property
-    def sites(self) -> tuple[str, ...]: ...
+    def sites(self) -> tuple[str, ...]:
+        """Every canonical site name of this model, in execution order."""
+        ...
 
-    def encode(self, text: str) -> list[int]: ...
+    def site_width(self, site: str) -> int:
+        """Last-dimension width of a site's activation (``d_model`` or ``d_mlp``)."""
+        ...
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one text, following the BOS policy."""
+        ...
 
     def batch(
         self, sequences: Sequence[Sequence[int]], padding_side: PaddingSide = "left"
-    ) -> TokenBatch: ...
+    ) -> TokenBatch:
+        """Pad token id sequences into a batch on :attr:`device`."""
+        ...
 
-    def tokenize(self, texts: Sequence[str], padding_side: PaddingSide = "left") -> TokenBatch: ...
+    def tokenize(self, texts: Sequence[str], padding_side: PaddingSide = "left") -> TokenBatch:
+        """Encode and pad texts."""
+        ...
 
-    def forward(self, batch: TokenBatch) -> Float[Tensor, "batch pos vocab"]: ...
+    def forward(self, batch: TokenBatch) -> Logits:
+        """Logits ``[batch, pos, vocab]``."""
+        ...
 
     def run_with_cache(
         self, batch: TokenBatch, sites: Sequence[str], *, patches: Sequence[Patch] = ()
-    ) -> tuple[Float[Tensor, "batch pos vocab"], dict[str, Tensor]]: ...
+    ) -> tuple[Logits, dict[str, Tensor]]:
+        """Logits and detached activations ``[batch, pos, width]`` by canonical site name."""
+        ...
 
-    def run_with_patches(
-        self, batch: TokenBatch, patches: Sequence[Patch]
-    ) -> Float[Tensor, "batch pos vocab"]: ...
+    def run_with_patches(self, batch: TokenBatch, patches: Sequence[Patch]) -> Logits:
+        """Logits after applying the patches."""
+        ...
 
     def gradients(
         self,
@@ -442,7 +481,9 @@ class ModelAdapter(Protocol):
         metric: Metric,
         *,
         patches: Sequence[Patch] = (),
-    ) -> tuple[Float[Tensor, ""], dict[str, Tensor]]: ...
+    ) -> tuple[Scalar, dict[str, Tensor]]:
+        """``metric(logits)`` and its gradient with respect to each site's activation."""
+        ...
 
 
 class BaseAdapter:
@@ -533,7 +574,7 @@ class BaseAdapter:
 
     # -- operations ------------------------------------------------------------------------
 
-    def forward(self, batch: TokenBatch) -> Float[Tensor, "batch pos vocab"]:
+    def forward(self, batch: TokenBatch) -> Logits:
         """Logits of a batch."""
         with torch.no_grad():
             logits, _ = self._run(batch.to(self.device), [], {}, keep_graph=False)
@@ -541,11 +582,15 @@ class BaseAdapter:
 
     def run_with_cache(
         self, batch: TokenBatch, sites: Sequence[str], *, patches: Sequence[Patch] = ()
-    ) -> tuple[Float[Tensor, "batch pos vocab"], dict[str, Tensor]]:
+    ) -> tuple[Logits, dict[str, Tensor]]:
         """Logits and activations (``[batch, pos, width]``, detached) at ``sites``.
 
         With ``patches``, activations are read after patching: a patched site returns its
         patched value, later sites their values downstream of the patch.
+
+        Returns:
+            Logits ``[batch, pos, vocab]`` and the activations keyed by canonical site name
+            (``"resid_post.-1"`` comes back as ``"resid_post.{n_layers - 1}"``).
         """
         order = execution_order(list(sites), self.n_layers)
         with torch.no_grad():
@@ -554,9 +599,7 @@ class BaseAdapter:
             )
         return logits, cache
 
-    def run_with_patches(
-        self, batch: TokenBatch, patches: Sequence[Patch]
-    ) -> Float[Tensor, "batch pos vocab"]:
+    def run_with_patches(self, batch: TokenBatch, patches: Sequence[Patch]) -> Logits:
         """Logits after applying ``patches`` (see :class:`Patch`)."""
         with torch.no_grad():
             logits, _ = self._run(batch.to(self.device), [], self._group(patches), keep_graph=False)
@@ -569,7 +612,7 @@ class BaseAdapter:
         metric: Metric,
         *,
         patches: Sequence[Patch] = (),
-    ) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
+    ) -> tuple[Scalar, dict[str, Tensor]]:
         """Gradient of ``metric(logits)`` with respect to the activations at ``sites``.
 
         The model's parameters get no ``.grad``: only the activations are differentiated.
@@ -618,7 +661,7 @@ class BaseAdapter:
         patches: dict[Site, list[Patch]],
         *,
         keep_graph: bool,
-    ) -> tuple[Float[Tensor, "batch pos vocab"], dict[str, Tensor]]:
+    ) -> tuple[Logits, dict[str, Tensor]]:
         """One forward pass that patches and reads sites.
 
         Args:

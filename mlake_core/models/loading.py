@@ -21,7 +21,7 @@ import torch
 
 from mlake_core.errors import ConfigError
 from mlake_core.models.adapter import BaseAdapter, BosPolicy, ModelInfo, package_versions
-from mlake_core.models.sites import ArchitectureSpec, get_spec
+from mlake_core.models.sites import ARCHITECTURES, ArchitectureSpec, get_spec
 
 #: Backends accepted by ``load_adapter(backend=...)`` / ``--backend``.
 BACKENDS: tuple[str, ...] = ("tlens", "nnsight")
@@ -98,7 +98,7 @@ def _how_to_provide(model: str) -> str:
     return (
         "Provide the weights in one of two ways: (1) pass --model /path/to/folder holding "
         "config.json, *.safetensors and the tokenizer files (on a machine with network access: "
-        f"`huggingface-cli download {model} --local-dir FOLDER`); or (2) fill the Hugging Face "
+        f"`hf download {model} --local-dir FOLDER`); or (2) fill the Hugging Face "
         f"cache (set HF_HOME to a folder whose hub/ holds models--{model.replace('/', '--')}; "
         f"the cache in use is {_hf_cache_dir()}) and set HF_HUB_OFFLINE=1."
     )
@@ -161,8 +161,21 @@ def _load_config(
         )
         raise ConfigError(
             f"cannot load the config of --model {model!r}: {err}.{hint} "
-            "Supported architectures: gpt2, llama, qwen2, bloom, gpt_neox"
+            f"Supported architectures: {', '.join(ARCHITECTURES)}"
         ) from None
+
+
+def _cached_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit of the cached snapshot a hub id resolved to (``None`` if unknown)."""
+    import re
+
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if not isinstance(found, str):
+        return None
+    match = re.search(r"snapshots[/\\]([0-9a-f]{40})[/\\]", found)
+    return match.group(1) if match else None
 
 
 def _check_config(spec: ArchitectureSpec, config: Any, model: str) -> None:
@@ -177,7 +190,7 @@ def _check_config(spec: ArchitectureSpec, config: Any, model: str) -> None:
 
 
 def _d_mlp(hf_model: torch.nn.Module, spec: ArchitectureSpec) -> int:
-    down = hf_model.get_submodule(spec.sites["mlp_post"].path(0))
+    down: Any = hf_model.get_submodule(spec.sites["mlp_post"].path(0))
     width = getattr(down, "in_features", None)
     if width is None:  # transformers' Conv1D (GPT-2) stores its weight [in, out]
         width = down.weight.shape[0]
@@ -227,8 +240,10 @@ def load_adapter(
     device_name = resolve_device(device)
     source, is_local = _resolve_source(model)
     offline = _offline() if local_files_only is None else local_files_only
-    if is_local:
-        revision = None
+    if is_local and revision is not None:
+        raise ConfigError(
+            f"--revision {revision!r} applies to hub ids only, and --model {model!r} is a folder"
+        )
     config = _load_config(
         source,
         model,
@@ -248,6 +263,7 @@ def load_adapter(
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load the tokenizer of --model {model!r}: {err}") from None
+    hf_model: Any
     try:
         with quiet_hf_progress():
             hf_model = AutoModelForCausalLM.from_pretrained(
@@ -261,14 +277,15 @@ def load_adapter(
     except OSError as err:
         raise ConfigError(
             f"cannot load safetensors weights of --model {model!r} ({err}). mlake loads only "
-            "*.safetensors files; convert a pytorch_model.bin checkpoint with "
-            "`model.save_pretrained(folder, safe_serialization=True)`"
+            "*.safetensors files; convert a pytorch_model.bin checkpoint you trust by loading it "
+            "with transformers and calling `model.save_pretrained(folder)` (transformers 5 "
+            "writes safetensors)"
         ) from None
     hf_model = hf_model.to(device_name).eval()
     info = ModelInfo(
         model_id=model,
         revision=revision,
-        commit_hash=getattr(config, "_commit_hash", None),
+        commit_hash=None if is_local else _cached_commit(source, revision),
         architecture=spec.model_type,
         backend=backend,
         dtype=dtype,

@@ -25,10 +25,16 @@ import copy
 from typing import Any
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
-from mlake_core.models.adapter import BaseAdapter, ModelInfo, Patch, TokenBatch, apply_patches
+from mlake_core.models.adapter import (
+    BaseAdapter,
+    Logits,
+    ModelInfo,
+    Patch,
+    TokenBatch,
+    apply_patches,
+)
 from mlake_core.models.sites import ArchitectureSpec, Site
 
 
@@ -59,7 +65,7 @@ class NNsightAdapter(BaseAdapter):
         patches: dict[Site, list[Patch]],
         *,
         keep_graph: bool,
-    ) -> tuple[Float[Tensor, "batch pos vocab"], dict[str, Tensor]]:
+    ) -> tuple[Logits, dict[str, Tensor]]:
         import nnsight
 
         cache: dict[str, Tensor] = {}

@@ -159,7 +159,6 @@ def tiny_config(architecture: str, vocab_size: int, size: TinySize | None = None
 
     _check_architecture(architecture)
     s = size or TinySize()
-    ids = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": None}
     if architecture == "gpt2":
         return GPT2Config(
             vocab_size=vocab_size,
@@ -169,7 +168,9 @@ def tiny_config(architecture: str, vocab_size: int, size: TinySize | None = None
             n_head=s.n_heads,
             n_inner=s.d_mlp,
             initializer_range=s.init_std,
-            **ids,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=None,
         )
     if architecture == "llama":
         return LlamaConfig(
@@ -221,11 +222,18 @@ def tiny_config(architecture: str, vocab_size: int, size: TinySize | None = None
         num_hidden_layers=s.n_layers,
         num_attention_heads=s.n_heads,
         max_position_embeddings=s.n_ctx,
-        rotary_pct=0.5,
+        # Rotary on half of each head, as in Pythia (rotary_pct 0.25) but wider.
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+        },
         use_parallel_residual=True,
         initializer_range=s.init_std,
         tie_word_embeddings=False,
-        **ids,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=None,
     )
 
 
@@ -274,7 +282,7 @@ def build_tiny_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with quiet_hf_progress():
-        model.save_pretrained(out, safe_serialization=True)
+        model.save_pretrained(out)  # transformers 5 always writes safetensors
     tokenizer.save_pretrained(out)
     return out
 

@@ -25,11 +25,17 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from mlake_core.errors import ConfigError
-from mlake_core.models.adapter import BaseAdapter, ModelInfo, Patch, TokenBatch, apply_patches
+from mlake_core.models.adapter import (
+    BaseAdapter,
+    Logits,
+    ModelInfo,
+    Patch,
+    TokenBatch,
+    apply_patches,
+)
 from mlake_core.models.sites import ArchitectureSpec, Site, all_sites, parse_site
 
 
@@ -54,7 +60,9 @@ class TLensAdapter(BaseAdapter):
         )
 
         # Resolve every site's module before booting: the bridge re-parents HF modules under
-        # its components, so HF paths stop resolving afterwards, but module identity survives.
+        # its components, after which an HF path may name the wrapper or the wrapped module
+        # (transformer.h.0.mlp.c_proj -> LinearBridge, transformer.h.0.attn.c_proj -> Conv1D);
+        # module identity is the stable handle.
         targets = {
             name: (hf_model.get_submodule(self._where(name)[0]), self._where(name)[1])
             for name in all_sites(info.n_layers)
@@ -73,20 +81,20 @@ class TLensAdapter(BaseAdapter):
         by_module: dict[int, Any] = {}
         for component in self.bridge.modules():
             if isinstance(component, GeneralizedComponent):
-                original = component.original_component
+                original: Any = component.original_component
                 if original is not None:
                     by_module.setdefault(id(original), component)
         self._hook_names: dict[str, str] = {}
         for name, (module, port) in targets.items():
-            component = by_module.get(id(module))
-            if component is None:
+            wrapper = by_module.get(id(module))
+            if wrapper is None:
                 raise ConfigError(
                     f"TransformerLens bridge of {info.model_id!r} ({info.architecture}) does not "
                     f"wrap {self.module_path(name)}, needed for site {name!r}; "
                     "use --backend nnsight for this model"
                 )
-            hook_point = component.hook_in if port == "input" else component.hook_out
-            self._hook_names[name] = hook_point.name
+            hook_point: Any = wrapper.hook_in if port == "input" else wrapper.hook_out
+            self._hook_names[name] = str(hook_point.name)
 
     def hook_name(self, site: str) -> str:
         """The TransformerLens hook point carrying ``site`` (e.g. ``blocks.3.mlp.out.hook_in``)."""
@@ -104,7 +112,7 @@ class TLensAdapter(BaseAdapter):
         patches: dict[Site, list[Patch]],
         *,
         keep_graph: bool,
-    ) -> tuple[Float[Tensor, "batch pos vocab"], dict[str, Tensor]]:
+    ) -> tuple[Logits, dict[str, Tensor]]:
         cache: dict[str, Tensor] = {}
         wanted = set(read)
 
