@@ -18,12 +18,16 @@ translation).  A cloze prompt is therefore derived, honestly:
      ``e_answer`` (or an alias) and the differing part of ``o_prompt`` resembles the answer (a
      shared word stem), so that botched replacements (fr "est Canada américaine") are not
      taken for an answer;
-   - ``alias``: one of ``o_answer_aliases`` occurs (longest first).
+   - ``alias``: one of ``o_answer_aliases`` occurs (longest first); an alias that is itself
+     part of the question is skipped (MLaKE has junk aliases such as fr "nationalité" for
+     Royaume-Uni, or de "Johnson" for London).
 
    Matches never start or end inside an alphabetic word (the alias "fra" is not found in
    "française").
 
-   When two occurrences exist, the one inside the ``o_prompt``/``e_prompt`` difference wins.
+   When the answer occurs twice, the first occurrence wins, unless the answer's text also
+   occurs in the question (it is part of the subject's name): then the occurrence inside the
+   ``o_prompt``/``e_prompt`` difference wins.
 
 2. **Prefix**: the text before the answer, trailing whitespace removed.
 
@@ -174,6 +178,13 @@ def _mentions(text: str, target: str, aliases: tuple[str, ...]) -> bool:
     )
 
 
+def _plausible_aliases(rec: SingleHopRecord) -> tuple[str, ...]:
+    """Aliases that are not words of the question: MLaKE has junk aliases such as fr
+    "nationalité" for Royaume-Uni, or de "Teheran" for London."""
+    q = normalize(rec.question)
+    return tuple(a for a in rec.o_answer_aliases if normalize(a) not in q)
+
+
 def locate_answer(rec: SingleHopRecord) -> AnswerLocation | None:
     """Find the original answer in ``rec.o_prompt`` (see the module docstring)."""
     o, e = rec.o_prompt, rec.e_prompt
@@ -196,7 +207,10 @@ def locate_answer(rec: SingleHopRecord) -> AnswerLocation | None:
             hits = _find_inflected(o, needle)
         if not hits:
             return None
-        if aligned:  # prefer the occurrence that the o/e difference points at
+        # The first occurrence is the answer, unless the answer's text is also part of the
+        # subject's name (fr "L'Iliouchine Il-28 a été développé par Iliouchine"): then it
+        # also occurs in the question, and the occurrence the o/e difference points at wins.
+        if aligned and normalize(needle) in normalize(rec.question):
             inside = [h for h in hits if h[0] < do_e and h[1] > do_s]
             if inside:
                 return inside[0]
@@ -206,15 +220,23 @@ def locate_answer(rec: SingleHopRecord) -> AnswerLocation | None:
     if hit:
         method = "exact" if o[hit[0] : hit[1]] == rec.o_answer else "normalized"
         return AnswerLocation(hit[0], hit[1], method, edit_surface)
-    for alias_or_answer in (rec.o_answer, *rec.o_answer_aliases):
-        span = pick(alias_or_answer, inflected=True)
-        if span:
+    for form in (rec.o_answer, *_plausible_aliases(rec)):
+        span = pick(form, inflected=True)
+        if span and normalize(o[span[0] : span[1]]) not in normalize(rec.question):
             return AnswerLocation(span[0], span[1], "inflected", edit_surface)
     if aligned:
         s, t = strip_edges(o, do_s, do_e)
-        if s < t and _resembles(o[s:t], (rec.o_answer, *rec.o_answer_aliases)):
+        surface = o[s:t]
+        if s < t and (
+            _resembles(surface, (rec.o_answer,))
+            or (
+                _resembles(surface, _plausible_aliases(rec))
+                # not a replacement that hit the subject or the relation
+                and normalize(surface) not in normalize(rec.question)
+            )
+        ):
             return AnswerLocation(s, t, "o_e_diff", edit_surface)
-    for alias in sorted(rec.o_answer_aliases, key=len, reverse=True):
+    for alias in sorted(_plausible_aliases(rec), key=len, reverse=True):
         hit = pick(alias)
         if hit:
             return AnswerLocation(hit[0], hit[1], "alias", edit_surface)
