@@ -81,7 +81,7 @@ def test_bfloat16_loads_and_runs_close_to_float32(backend, tiny_models, get_adap
     assert cache["mlp_post.1"].dtype == torch.bfloat16
     reference = get_adapter("llama", backend).forward(batch)
     real = batch.attention_mask.bool()
-    torch.testing.assert_close(logits.float()[real], reference[real], atol=0.15, rtol=0.05)
+    torch.testing.assert_close(logits.float()[real], reference[real], atol=0.3, rtol=0.05)
 
 
 def test_unsupported_architecture_is_a_config_error(tmp_path) -> None:
