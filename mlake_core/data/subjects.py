@@ -43,7 +43,7 @@ from typing import Any
 
 from mlake_core.data.cloze import FILLER, AnswerLocation
 from mlake_core.data.records import SingleHopRecord
-from mlake_core.data.text import EDGE_PUNCT, Unit, find_normalized, is_cjk, normalize, units
+from mlake_core.data.text import Unit, find_normalized, is_cjk, normalize, units
 
 MAX_UNITS = 16
 RARE_DF = 3
@@ -425,12 +425,3 @@ def _place(sentence: str, subject: str, answer: tuple[int, int] | None) -> tuple
         if before:
             return before[0]
     return hits[0] if hits else None
-
-
-def strip_subject(text: str, start: int, end: int) -> tuple[int, int]:
-    """Trim punctuation from the edges of a subject span."""
-    while start < end and text[start] in EDGE_PUNCT and text[start] not in "·・":
-        start += 1
-    while end > start and text[end - 1] in EDGE_PUNCT:
-        end -= 1
-    return start, end

@@ -114,7 +114,6 @@ def units(text: str) -> list[Unit]:
     """
     result: list[Unit] = []
     for m in _WORD_RE.finditer(text):
-        seg_start = m.start()
         buf_start: int | None = None
         for i in range(m.start(), m.end()):
             ch = text[i]
@@ -127,7 +126,6 @@ def units(text: str) -> list[Unit]:
                 buf_start = i
         if buf_start is not None:
             result.append(_unit(text, buf_start, m.end()))
-        del seg_start
     return result
 
 
