@@ -1,0 +1,1 @@
+"""Figures: one function per figure, taking results and returning a matplotlib Figure."""

@@ -1,0 +1,1 @@
+"""Linear probes on model activations (scikit-learn), one module per probe."""
