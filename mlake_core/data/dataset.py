@@ -26,6 +26,7 @@ from mlake_core.data.cloze import AnswerLocation, assess_cloze, locate_answer
 from mlake_core.data.multihop import MultiHopQuestion, link_multi_hop, link_old_by_subject
 from mlake_core.data.paths import DEFAULT_VERSION, get_release, release_dir, resolve_data_dir
 from mlake_core.data.records import (
+    MCQA_LETTERS,
     McqaRecord,
     SingleHopRecord,
     read_mcqa,
@@ -156,8 +157,8 @@ class FactView:
             "mcqa": (
                 {
                     "options": list(self.mcqa.options),
-                    "answer": "ABCDEFGH"[self.mcqa.answer_index],
-                    "edit": "ABCDEFGH"[self.mcqa.edit_index]
+                    "answer": MCQA_LETTERS[self.mcqa.answer_index],
+                    "edit": MCQA_LETTERS[self.mcqa.edit_index]
                     if self.mcqa.edit_index is not None
                     else None,
                 }
@@ -305,13 +306,14 @@ def load_mlake(
                     f"{path}: {len(mcqa[lang])} records, but the single-hop files have {n_facts}"
                 )
     answers = {lang: [locate_answer(r) for r in records[lang]] for lang in LANGUAGES}
-    multi_hop = link_multi_hop(base, release, LANGUAGES, records["en"])
-    mh_text: dict[str, dict[int, list[str]]] = {lang: {} for lang in LANGUAGES}
+    # Multi-hop questions and n-gram statistics are evidence only for the languages asked for.
+    multi_hop = link_multi_hop(base, release, wanted, records["en"])
+    mh_text: dict[str, dict[int, list[str]]] = {lang: {} for lang in wanted}
     for lang, questions in multi_hop.items():
         for q in questions:
             for fid in q.fact_ids:
                 mh_text[lang].setdefault(fid, []).append(q.question)
-    df = DocumentFrequency({lang: [r.question for r in records[lang]] for lang in LANGUAGES})
+    df = DocumentFrequency({lang: [r.question for r in records[lang]] for lang in wanted})
 
     subjects: dict[str, list[SubjectLocation]] = {}
     for lang in wanted:

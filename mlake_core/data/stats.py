@@ -42,9 +42,7 @@ def dataset_stats(ds: MlakeDataset) -> dict[str, Any]:
             "multi_hop": {
                 kind: {
                     "records": sum(c.values()),
-                    "linked": sum(
-                        n for link, n in c.items() if link not in ("ambiguous", "unlinked")
-                    ),
+                    "linked": sum(q.linked for q in mh if q.kind == kind),
                     "ambiguous": c.get("ambiguous", 0),
                     "unlinked": c.get("unlinked", 0),
                     "by_link": dict(c),

@@ -85,3 +85,18 @@ def test_coverage_targets(mlake_v2411):
         assert found / len(views) >= 0.95, (lang, found)
         # ja answers are never at the end of o_prompt (a documented property of the data).
     assert sum(v.answer_at_end for v in mlake_v2411.views("ja")) == 0
+
+
+@pytest.mark.slow
+def test_subset_load_gives_the_same_views(mlake_v2411):
+    """Loading one language must not change its subjects or cloze judgements."""
+    from mlake_core.data import load_mlake
+
+    sub = load_mlake(mlake_v2411.root, "v2024-11", "ja")
+    assert sub.langs == ("ja",)
+    for full, part in zip(mlake_v2411.views("ja"), sub.views("ja"), strict=True):
+        assert part.question == full.question
+        assert part.cloze == full.cloze
+    assert [q.fact_ids for q in sub.multi_hop["ja"]] == [
+        q.fact_ids for q in mlake_v2411.multi_hop["ja"]
+    ]
