@@ -26,3 +26,28 @@ def mlake_v2411():
     if root is None:
         pytest.fail("MLaKE data not found: set MLAKE_DATA or put it at ../shared/mlake")
     return load_mlake(root, "v2024-11")
+
+
+#: A micro mlake-tiny: 6 facts in five languages, 2 layers of width 64; trains in seconds.
+MICRO_TINY = {
+    "facts": 6,
+    "vocab_size": 1024,
+    "d_model": 64,
+    "n_layers": 2,
+    "n_heads": 2,
+    "d_mlp": 128,
+    "batch_size": 16,
+    "lr": 5e-3,
+    "warmup_steps": 5,
+    "max_epochs": 40,
+    "eval_every": 2,
+}
+
+
+@pytest.fixture(scope="session")
+def micro_tiny(mlake_v2411, tmp_path_factory):
+    """Folder of a micro mlake-tiny trained on the real data (session-cached)."""
+    from mlake_core.models.mlake_tiny import TinyTrainConfig, train_tiny
+
+    out = tmp_path_factory.mktemp("micro_tiny") / "model"
+    return train_tiny(TinyTrainConfig(**MICRO_TINY), mlake_v2411, out, show_bar=False)

@@ -5,4 +5,8 @@ Each module here defines ``register(subparsers)``, which adds its sub-command(s)
 :data:`COMMAND_MODULES`.  Adding a command means adding a module and one entry here.
 """
 
-COMMAND_MODULES: tuple[str, ...] = ("mlake_core.commands.data", "mlake_core.commands.models")
+COMMAND_MODULES: tuple[str, ...] = (
+    "mlake_core.commands.data",
+    "mlake_core.commands.models",
+    "mlake_core.commands.eval",
+)

@@ -1,6 +1,6 @@
-"""``mlake models check``: load a model through an adapter and describe it.
+"""``mlake models check`` and ``mlake models train-tiny`` (``model`` is an alias of ``models``).
 
-Prints the architecture, number of layers and widths, the canonical sites with the Hugging Face
+``check`` loads a model through an adapter and describes it: it prints the architecture, number of layers and widths, the canonical sites with the Hugging Face
 module boundary carrying each, the BOS policy, device and dtype, then runs one forward pass on a
 short English and Chinese prompt to show the model works.  ``--json`` prints the same as JSON.
 """
@@ -17,10 +17,12 @@ _PROBE_TEXTS = ("The capital of France is", "法国的首都是")
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``models`` command and its ``check`` sub-command."""
-    from mlake_core.models.loading import BACKENDS, DTYPES
+    """Add the ``models`` command (alias ``model``) and its sub-commands."""
+    from mlake_core.commands.common import add_model_args
 
-    parser = subparsers.add_parser("models", help="inspect model adapters")
+    parser = subparsers.add_parser(
+        "models", aliases=["model"], help="inspect model adapters; train mlake-tiny"
+    )
     sub = parser.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
     sub.required = True
     check = sub.add_parser(
@@ -29,20 +31,87 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    check.add_argument(
-        "--model", required=True, help="local checkpoint folder or Hugging Face hub id"
-    )
-    check.add_argument("--backend", default="tlens", choices=BACKENDS, help="default: tlens")
-    check.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda:N")
-    check.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="default: float32")
-    check.add_argument("--revision", default=None, help="hub branch, tag or commit")
-    check.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow modelling code shipped with the checkpoint",
-    )
+    add_model_args(check, template=False)
+    check.add_argument("--data-dir", default=None, help="MLaKE data (to train mlake-tiny)")
     check.add_argument("--json", action="store_true", help="print JSON instead of text")
     check.set_defaults(func=run_check)
+    _register_train_tiny(sub)
+
+
+def _register_train_tiny(sub: Any) -> None:
+    from mlake_core.models.mlake_tiny import TinyTrainConfig
+    from mlake_core.models.mlake_tiny import __doc__ as tiny_doc
+
+    defaults = TinyTrainConfig()
+    train = sub.add_parser(
+        "train-tiny",
+        help="train mlake-tiny, the small model trained on MLaKE (cached; default model)",
+        description=tiny_doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument(
+        "--facts",
+        default=str(defaults.facts),
+        help=f"number of facts (a fixed subset) or 'all' (default: {defaults.facts})",
+    )
+    train.add_argument("--langs", default=",".join(defaults.langs), help="languages")
+    train.add_argument("--seed", type=int, default=defaults.seed, help="training seed")
+    train.add_argument(
+        "--bilingual-fraction",
+        type=float,
+        default=defaults.bilingual_fraction,
+        help="probability per fact, language and epoch of adding a bilingual document "
+        f"(default: {defaults.bilingual_fraction})",
+    )
+    train.add_argument("--max-epochs", type=int, default=defaults.max_epochs, help="epoch budget")
+    train.add_argument("--version", default=defaults.data_version, help="MLaKE release")
+    train.add_argument("--data-dir", default=None, help="MLaKE data directory")
+    train.add_argument(
+        "--retrain", action="store_true", help="train again even if this config is cached"
+    )
+    train.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    train.set_defaults(func=run_train_tiny)
+
+
+def run_train_tiny(args: argparse.Namespace) -> int:
+    """Entry point of ``mlake models train-tiny``."""
+    import sys
+
+    from mlake_core.commands.common import log
+    from mlake_core.models.mlake_tiny import TinyTrainConfig, ensure_tiny, read_metadata
+
+    config = TinyTrainConfig(
+        facts=args.facts,
+        langs=args.langs,
+        seed=args.seed,
+        bilingual_fraction=args.bilingual_fraction,
+        max_epochs=args.max_epochs,
+        data_version=args.version,
+    )
+    path = ensure_tiny(
+        config,
+        data_dir=args.data_dir,
+        progress=log,
+        show_bar=sys.stderr.isatty(),
+        retrain=args.retrain,
+    )
+    meta = read_metadata(path) or {}
+    if args.json:
+        print(json.dumps({"path": str(path), **meta}, ensure_ascii=False, indent=2))
+        return 0
+    acc = meta.get("train_accuracy_teacher_forced", {})
+    print(f"mlake-tiny   {path}")
+    print(f"facts        {len(meta.get('fact_ids', []))} x {len(config.langs)} languages")
+    print(
+        f"parameters   {meta.get('n_parameters', 0) / 1e6:.2f} M "
+        f"({meta.get('n_parameters_non_embedding', 0) / 1e6:.2f} M non-embedding)"
+    )
+    print(
+        f"training     {meta.get('epochs')} epochs, {meta.get('steps')} steps, "
+        f"{meta.get('train_seconds')} s, stopped by {meta.get('stopped')}"
+    )
+    print("answered     " + "  ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()))
+    return 0
 
 
 def describe(adapter: Any) -> dict[str, Any]:
@@ -84,16 +153,9 @@ def probe(adapter: Any) -> dict[str, Any]:
 
 def run_check(args: argparse.Namespace) -> int:
     """Entry point of ``mlake models check``."""
-    from mlake_core.models.loading import load_adapter
+    from mlake_core.commands.common import load_model
 
-    adapter = load_adapter(
-        args.model,
-        backend=args.backend,
-        device=args.device,
-        dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
-        revision=args.revision,
-    )
+    adapter = load_model(args).adapter
     report = describe(adapter)
     report["forward"] = probe(adapter)
     if args.json:

@@ -1,0 +1,120 @@
+"""Options shared by every command that needs a model, and how they become an adapter.
+
+``--model`` takes a local checkpoint folder, a Hugging Face hub id, or ``mlake-tiny`` (the
+default): the model mlake trains on MLaKE itself, trained first if it is not cached
+(:mod:`mlake_core.models.mlake_tiny`).  ``--template`` defaults to the template a model was
+trained with (mlake-tiny records it), else ``qa``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlake_core.errors import ConfigError
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, template: bool = True) -> None:
+    """Add ``--model``, ``--backend``, ``--device``, ``--dtype``, ``--revision``,
+    ``--trust-remote-code`` (and ``--template``) to ``parser``."""
+    from mlake_core.models.loading import BACKENDS, DTYPES
+    from mlake_core.models.mlake_tiny import TINY_NAME
+
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=None,
+        help=f"local checkpoint folder, Hugging Face hub id, or {TINY_NAME} (default: "
+        f"{TINY_NAME}, trained on MLaKE first if it is not cached)",
+    )
+    group.add_argument("--backend", default="tlens", choices=BACKENDS, help="default: tlens")
+    group.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda:N")
+    group.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="default: float32")
+    group.add_argument("--revision", default=None, help="hub branch, tag or commit")
+    group.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow modelling code shipped with the checkpoint",
+    )
+    if template:
+        from mlake_core.models.prompting import TEMPLATES
+
+        group.add_argument(
+            "--template",
+            default=None,
+            choices=tuple(TEMPLATES),
+            help="prompt template (default: the one the model was trained with, else qa)",
+        )
+
+
+def log(message: str) -> None:
+    """A progress line on stderr (stdout stays clean for tables and JSON)."""
+    print(f"mlake: {message}", file=sys.stderr, flush=True)
+
+
+def resolve_model_path(model: str | None, data_dir: str | None = None) -> str:
+    """What to load for ``--model``: ``mlake-tiny`` (or nothing) becomes the cached folder of
+    the default mlake-tiny, trained first when missing."""
+    from mlake_core.models.mlake_tiny import TINY_NAME, ensure_tiny
+
+    if model is None or model == TINY_NAME:
+        return str(ensure_tiny(data_dir=data_dir, progress=log, show_bar=sys.stderr.isatty()))
+    return model
+
+
+@dataclass
+class LoadedModel:
+    """An adapter with how it was asked for."""
+
+    adapter: Any
+    name: str  # what the user passed (or mlake-tiny)
+    path: str  # what was loaded
+    template: Any  # PromptTemplate
+    tiny_metadata: dict[str, Any] | None
+
+
+def load_model(args: argparse.Namespace) -> LoadedModel:
+    """Load the model named by the shared options (see :func:`add_model_args`)."""
+    from mlake_core.models.loading import load_adapter
+    from mlake_core.models.mlake_tiny import TINY_NAME, read_metadata, resolve_template
+    from mlake_core.models.prompting import DEFAULT_TEMPLATE, get_template
+
+    path = resolve_model_path(args.model, getattr(args, "data_dir", None))
+    adapter = load_adapter(
+        path,
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        revision=args.revision,
+    )
+    meta = read_metadata(path) if Path(path).is_dir() else None
+    chosen = getattr(args, "template", None)
+    if chosen is not None:
+        template = get_template(chosen)
+        trained = resolve_template(path)
+        if trained is not None and trained.name != template.name:
+            log(
+                f"warning: --template {chosen} differs from the template {trained.name!r} the "
+                "model was trained with"
+            )
+    else:
+        template = resolve_template(path) or get_template(DEFAULT_TEMPLATE)
+    name = args.model or TINY_NAME
+    return LoadedModel(adapter=adapter, name=name, path=path, template=template, tiny_metadata=meta)
+
+
+def parse_facts(value: str) -> int | str:
+    """``--facts``: a positive number, ``all``, or ``trained`` (mlake-tiny's training facts)."""
+    if value in ("all", "trained"):
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(f"--facts {value!r}: expected a number, 'all' or 'trained'") from None
+    if n < 1:
+        raise ConfigError(f"--facts {value}: must be at least 1")
+    return n

@@ -1,0 +1,502 @@
+"""What a model knows: every knowledge measure of mlake, computed the same way for every
+language, prompt form and backend.
+
+For one model and a list of fact views, :func:`measure_knowledge` measures, in the question
+form and (where it is well-posed) the cloze form:
+
+``target_logp`` / ``target_logp_mean`` / ``target_tokens``
+    Sequence log-probability (natural log) of the original answer after the prompt, summed
+    over its tokens and per token.  Prompt and answer are tokenized separately and joined by
+    token ids (:mod:`mlake_core.models.prompting`); first-token probabilities are not used
+    because a byte-level BPE can split a CJK answer's first character across tokens
+    (QwenLM/Qwen#284).
+``edit_logp`` / ``edit_logp_mean`` / ``edit_tokens``
+    The same for the edit target (the counterfactual answer an edit installs).
+``target_alias_logp`` / ``edit_alias_logp``
+    Alias-aware: log of the **sum** of the sequence probabilities of every form of the answer
+    (answer and aliases, duplicates by token ids removed).  An answer counts through any alias.
+``prefers_original``
+    ``target_alias_logp > edit_alias_logp``: the model prefers the original fact to the edit.
+``greedy_text`` / ``greedy_match``
+    Greedy generation after the prompt, cut at the template's stop strings and EOS, matched
+    against both answers' forms after NFKC normalization and case and width folding: the
+    generation must start with a form (at a word boundary in spaced languages).
+    ``greedy_match`` is ``original``, ``edit`` or ``none`` (the longest matching form wins).
+``mcqa_correct`` / ``mcqa_correct_norm``
+    Multiple choice (v2024-04 only, question form): every option is scored as a target after
+    the question prompt; the prediction is the option with the highest summed log-probability
+    (``mcqa_correct``) or per-token mean (``mcqa_correct_norm``, length-normalized).
+
+A fact is **known** in a language when its question form is answered correctly by greedy alias
+match (``greedy_match == "original"``); :meth:`KnowledgeResult.known` gives those facts.
+
+All scoring is batched: every (prompt, answer form) sequence of all views goes into one list,
+sorted by length and run in batches of ``batch_size`` with right padding (position ids come
+from the attention mask, so a padded row scores exactly as it would alone).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from mlake_core.configs import coerce_fields
+from mlake_core.data.dataset import FactView, PromptForm
+from mlake_core.data.text import is_cjk, normalize
+from mlake_core.errors import ConfigError
+from mlake_core.languages import LANGUAGES, UNSPACED
+from mlake_core.models.adapter import ModelAdapter
+from mlake_core.models.prompting import PromptTemplate
+
+#: Prompt forms measured, in order.
+FORMS: tuple[str, ...] = ("question", "cloze")
+
+#: Columns of the per-view table, in order (see the module docstring for their meaning).
+COLUMNS: tuple[str, ...] = (
+    "fact_id",
+    "lang",
+    "form",
+    "prompt",
+    "target",
+    "edit_target",
+    "prompt_tokens",
+    "target_tokens",
+    "target_logp",
+    "target_logp_mean",
+    "edit_tokens",
+    "edit_logp",
+    "edit_logp_mean",
+    "target_alias_logp",
+    "edit_alias_logp",
+    "n_target_forms",
+    "n_edit_forms",
+    "prefers_original",
+    "greedy_text",
+    "greedy_match",
+    "mcqa_correct",
+    "mcqa_correct_norm",
+)
+
+
+@dataclass(frozen=True)
+class KnowledgeConfig:
+    """Method settings of the knowledge measurement.
+
+    Attributes:
+        forms: which prompt forms to measure (the cloze form only where well-posed).
+        max_new_tokens: greedy generation length.  Generation stops early once every row has
+            produced EOS or a stop string.
+        mcqa: score multiple-choice options when the views have them (v2024-04).
+    """
+
+    forms: tuple[str, ...] = FORMS
+    max_new_tokens: int = 24
+    mcqa: bool = True
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        if isinstance(self.forms, str):
+            object.__setattr__(self, "forms", tuple(f.strip() for f in self.forms.split(",")))
+        object.__setattr__(self, "forms", tuple(self.forms))
+        bad = [f for f in self.forms if f not in FORMS]
+        if bad or not self.forms:
+            raise ConfigError(f"--forms {','.join(self.forms)}: choose from {', '.join(FORMS)}")
+        if int(self.max_new_tokens) < 1:
+            raise ConfigError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["forms"] = list(self.forms)
+        return out
+
+
+@dataclass(frozen=True)
+class SequenceScore:
+    """Log-probability of one target sequence after one prompt.
+
+    Attributes:
+        logp: summed natural-log probability of the target tokens.
+        n_tokens: number of target tokens.
+    """
+
+    logp: float
+    n_tokens: int
+
+    @property
+    def mean(self) -> float:
+        """Per-token log-probability."""
+        return self.logp / self.n_tokens if self.n_tokens else float("nan")
+
+
+def score_sequences(
+    adapter: ModelAdapter,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+) -> list[SequenceScore]:
+    """Sequence log-probabilities of targets after prompts, batched.
+
+    Args:
+        adapter: the model.
+        pairs: ``(prompt ids, target ids)``; prompt ids include BOS when the model uses one;
+            target ids are non-empty.
+        batch_size: sequences per forward pass.
+        progress: called with the number of sequences finished after each batch.
+
+    Returns:
+        One :class:`SequenceScore` per pair, in order.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    out: list[SequenceScore | None] = [None] * len(pairs)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        seqs = []
+        for i in chunk:
+            prompt, target = pairs[i]
+            if not prompt or not target:
+                raise ValueError(f"pair {i}: empty prompt or target")
+            seqs.append([*prompt, *target])
+        batch = adapter.batch(seqs, padding_side="right")
+        logits = adapter.forward(batch)
+        rows, cols, ids, owner = [], [], [], []
+        for row, i in enumerate(chunk):
+            prompt, target = pairs[i]
+            for k, token in enumerate(target):
+                rows.append(row)
+                cols.append(len(prompt) - 1 + k)  # position predicting target token k
+                ids.append(token)
+                owner.append(row)
+        picked = logits[torch.tensor(rows), torch.tensor(cols)].float().log_softmax(-1)
+        token_logp = picked[torch.arange(len(ids)), torch.tensor(ids, device=picked.device)]
+        sums = torch.zeros(len(chunk), dtype=torch.float64).index_add_(
+            0, torch.tensor(owner), token_logp.double().cpu()
+        )
+        for row, i in enumerate(chunk):
+            out[i] = SequenceScore(float(sums[row]), len(pairs[i][1]))
+        if progress:
+            progress(len(chunk))
+    return [s for s in out if s is not None]
+
+
+def greedy_generate(
+    adapter: ModelAdapter,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    stop: Sequence[str] = ("\n",),
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[int]]:
+    """Greedy continuation of each prompt, batched with left padding.
+
+    Each step runs the whole (padded) sequence through :meth:`ModelAdapter.forward`, so it
+    works on every backend and architecture without a key-value cache.  A row stops at EOS or
+    once its decoded text contains a stop string; the batch stops when every row has.
+
+    Returns:
+        The generated token ids of each prompt (EOS excluded).
+    """
+    eos = adapter.tokenizer.eos_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        seqs = [list(prompts[i]) for i in chunk]
+        active = list(range(len(chunk)))  # rows still generating; only they are run
+        for _ in range(max_new_tokens):
+            batch = adapter.batch([seqs[row] for row in active], padding_side="left")
+            nxt = adapter.forward(batch)[:, -1].argmax(-1).tolist()
+            still = []
+            for row, token in zip(active, nxt, strict=True):
+                if eos is not None and token == eos:
+                    continue
+                seqs[row].append(token)
+                out[chunk[row]].append(token)
+                text = adapter.tokenizer.decode(out[chunk[row]], skip_special_tokens=True)
+                if not any(s in text for s in stop):
+                    still.append(row)
+            active = still
+            if not active:
+                break
+        if progress:
+            progress(len(chunk))
+    return out
+
+
+def _boundary_ok(rest: str, lang: str, form: str) -> bool:
+    """Whether a match ending before ``rest`` ends at a word boundary."""
+    if not rest or lang in UNSPACED or is_cjk(form[-1:] or " "):
+        return True
+    return not rest[0].isalnum()
+
+
+def match_answer(
+    generated: str, target_forms: Sequence[str], edit_forms: Sequence[str], lang: str
+) -> str:
+    """Which answer a generated text gives: ``original``, ``edit`` or ``none``.
+
+    Both sides are normalized (NFKC, case and width folding, whitespace collapsed); the
+    generation, stripped of leading spaces and punctuation, must start with a form of the
+    answer, at a word boundary in spaced languages.  The longest matching form decides.
+    """
+    text = normalize(generated).lstrip(" \t\"'“”‘’「」『』(（:：-—")
+    best, best_len = "none", 0
+    for label, forms in (("original", target_forms), ("edit", edit_forms)):
+        for form in forms:
+            norm = normalize(form)
+            if norm and text.startswith(norm) and _boundary_ok(text[len(norm) :], lang, norm):
+                if len(norm) > best_len:
+                    best, best_len = label, len(norm)
+    return best
+
+
+@dataclass
+class _Row:
+    view: FactView
+    form: PromptForm
+    prompt_text: str
+    prompt_ids: list[int]
+    target_ids: list[list[int]]  # per distinct form of the original answer
+    edit_ids: list[list[int]]
+    option_ids: list[list[int]]  # MCQA options (question form only)
+
+
+def _target_ids(adapter: ModelAdapter, prefix: str, forms: Sequence[str]) -> list[list[int]]:
+    seen: dict[tuple[int, ...], None] = {}
+    for form in forms:
+        if not form.strip():
+            continue
+        ids = tuple(adapter.tokenizer(prefix + form.strip(), add_special_tokens=False)["input_ids"])
+        if ids:
+            seen.setdefault(ids, None)
+    return [list(ids) for ids in seen]
+
+
+def build_rows(
+    adapter: ModelAdapter,
+    views: Sequence[FactView],
+    template: PromptTemplate,
+    config: KnowledgeConfig,
+) -> tuple[list[_Row], dict[str, int]]:
+    """Tokenize every measured (view, form); count what is skipped and why."""
+    rows: list[_Row] = []
+    skipped: dict[str, int] = {}
+    for view in views:
+        for kind in config.forms:
+            form = view.form(kind)  # type: ignore[arg-type]
+            if not form.usable or form.text is None:
+                key = f"{kind}:{form.reason or 'unusable'}"
+                skipped[key] = skipped.get(key, 0) + 1
+                continue
+            prompt_text, prefix = template.prompt(kind, form.text, view.lang)
+            targets = _target_ids(adapter, prefix, form.target.forms)
+            edits = _target_ids(adapter, prefix, form.edit_target.forms)
+            if not targets:
+                skipped[f"{kind}:empty_target"] = skipped.get(f"{kind}:empty_target", 0) + 1
+                continue
+            options: list[list[int]] = []
+            if kind == "question" and config.mcqa and view.mcqa is not None and view.mcqa.usable:
+                options = [
+                    list(
+                        adapter.tokenizer(prefix + o.strip(), add_special_tokens=False)["input_ids"]
+                    )
+                    for o in view.mcqa.options
+                ]
+                if any(not o for o in options):
+                    options = []
+            rows.append(
+                _Row(view, form, prompt_text, adapter.encode(prompt_text), targets, edits, options)
+            )
+    return rows, skipped
+
+
+def _logsumexp(values: Sequence[float]) -> float:
+    if not values:
+        return float("nan")
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+@dataclass
+class KnowledgeResult:
+    """Per-view knowledge measurements of one model.
+
+    Attributes:
+        table: one row per measured (fact, language, form), columns :data:`COLUMNS`.
+        skipped: counts of views not measured, keyed ``form:reason``.
+        langs: languages measured.
+        fact_ids: facts measured.
+    """
+
+    table: Any  # pandas.DataFrame
+    skipped: dict[str, int]
+    langs: tuple[str, ...]
+    fact_ids: tuple[int, ...]
+
+    def known(self, lang: str) -> set[int]:
+        """Facts whose question form the model answers correctly (greedy alias match) in
+        ``lang``."""
+        t = self.table
+        sel = (t["lang"] == lang) & (t["form"] == "question") & (t["greedy_match"] == "original")
+        return set(int(x) for x in t.loc[sel, "fact_id"])
+
+    def summary(self) -> Any:
+        """Per-language accuracies (a pandas DataFrame, one row per language).
+
+        Columns: ``facts`` (facts measured in the question form), ``known`` (count),
+        ``greedy`` (known / facts), ``prefers_original`` (share with p(original) > p(edit),
+        alias-aware), ``target_logp`` and ``target_logp_mean`` (medians), ``cloze_facts``,
+        ``cloze_greedy``, ``cloze_prefers_original``, ``mcqa_facts``, ``mcqa``,
+        ``mcqa_norm``.
+        """
+        import pandas as pd
+
+        records = []
+        t = self.table
+        for lang in self.langs:
+            q = t[(t["lang"] == lang) & (t["form"] == "question")]
+            c = t[(t["lang"] == lang) & (t["form"] == "cloze")]
+            m = q[q["mcqa_correct"].notna()]
+            records.append(
+                {
+                    "lang": lang,
+                    "facts": len(q),
+                    "known": int((q["greedy_match"] == "original").sum()),
+                    "greedy": _mean(q["greedy_match"] == "original"),
+                    "prefers_original": _mean(q["prefers_original"]),
+                    "target_logp": float(q["target_logp"].median()) if len(q) else math.nan,
+                    "target_logp_mean": float(q["target_logp_mean"].median())
+                    if len(q)
+                    else math.nan,
+                    "cloze_facts": len(c),
+                    "cloze_greedy": _mean(c["greedy_match"] == "original"),
+                    "cloze_prefers_original": _mean(c["prefers_original"]),
+                    "mcqa_facts": len(m),
+                    "mcqa": _mean(m["mcqa_correct"].astype(bool)),
+                    "mcqa_norm": _mean(m["mcqa_correct_norm"].astype(bool)),
+                }
+            )
+        return pd.DataFrame.from_records(records).set_index("lang")
+
+
+def _mean(series: Any) -> float:
+    return float(series.mean()) if len(series) else math.nan
+
+
+def measure_knowledge(
+    adapter: ModelAdapter,
+    views: Sequence[FactView],
+    template: PromptTemplate,
+    config: KnowledgeConfig | None = None,
+    *,
+    batch_size: int = 32,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> KnowledgeResult:
+    """Measure what ``adapter`` knows about ``views`` (see the module docstring).
+
+    Args:
+        adapter: the model.
+        views: fact views, any languages.
+        template: the model's prompt template.
+        config: method settings.
+        batch_size: sequences per forward pass (a run setting: results do not depend on it
+            beyond float noise).
+        progress: called with (stage, done, total) as work finishes.
+
+    Returns:
+        A :class:`KnowledgeResult`.
+    """
+    import pandas as pd
+
+    config = config or KnowledgeConfig()
+    rows, skipped = build_rows(adapter, views, template, config)
+
+    # One flat list of every sequence to score, remembered by (row, kind, index).
+    pairs: list[tuple[list[int], list[int]]] = []
+    where: list[tuple[int, str, int]] = []
+    for r, row in enumerate(rows):
+        for kind, seqs in (("t", row.target_ids), ("e", row.edit_ids), ("o", row.option_ids)):
+            for k, seq in enumerate(seqs):
+                pairs.append((row.prompt_ids, seq))
+                where.append((r, kind, k))
+    done = 0
+
+    def tick(stage: str, total: int) -> Callable[[int], None]:
+        def inner(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(stage, done, total)
+
+        return inner
+
+    scores = score_sequences(
+        adapter, pairs, batch_size=batch_size, progress=tick("score", len(pairs))
+    )
+    by_row: dict[tuple[int, str], list[SequenceScore]] = {}
+    for (r, kind, _), score in zip(where, scores, strict=True):
+        by_row.setdefault((r, kind), []).append(score)
+    done = 0
+    generated = greedy_generate(
+        adapter,
+        [row.prompt_ids for row in rows],
+        max_new_tokens=config.max_new_tokens,
+        stop=template.stop,
+        batch_size=batch_size,
+        progress=tick("generate", len(rows)),
+    )
+
+    records = []
+    for r, row in enumerate(rows):
+        t_scores = by_row.get((r, "t"), [])
+        e_scores = by_row.get((r, "e"), [])
+        o_scores = by_row.get((r, "o"), [])
+        main, edit = t_scores[0], (e_scores[0] if e_scores else None)
+        t_alias = _logsumexp([s.logp for s in t_scores])
+        e_alias = _logsumexp([s.logp for s in e_scores])
+        text = template.cut(adapter.tokenizer.decode(generated[r], skip_special_tokens=True))
+        mcqa_correct: bool | None = None
+        mcqa_norm: bool | None = None
+        if o_scores and row.view.mcqa is not None:
+            answer = row.view.mcqa.answer_index
+            mcqa_correct = max(range(len(o_scores)), key=lambda k: o_scores[k].logp) == answer
+            mcqa_norm = max(range(len(o_scores)), key=lambda k: o_scores[k].mean) == answer
+        records.append(
+            {
+                "fact_id": row.view.fact_id,
+                "lang": row.view.lang,
+                "form": row.form.kind,
+                "prompt": row.prompt_text,
+                "target": row.form.target.text,
+                "edit_target": row.form.edit_target.text,
+                "prompt_tokens": len(row.prompt_ids),
+                "target_tokens": main.n_tokens,
+                "target_logp": main.logp,
+                "target_logp_mean": main.mean,
+                "edit_tokens": edit.n_tokens if edit else 0,
+                "edit_logp": edit.logp if edit else math.nan,
+                "edit_logp_mean": edit.mean if edit else math.nan,
+                "target_alias_logp": t_alias,
+                "edit_alias_logp": e_alias,
+                "n_target_forms": len(t_scores),
+                "n_edit_forms": len(e_scores),
+                "prefers_original": bool(not e_scores or t_alias > e_alias),
+                "greedy_text": text,
+                "greedy_match": match_answer(
+                    text, row.form.target.forms, row.form.edit_target.forms, row.view.lang
+                ),
+                "mcqa_correct": mcqa_correct,
+                "mcqa_correct_norm": mcqa_norm,
+            }
+        )
+    table = pd.DataFrame.from_records(records, columns=list(COLUMNS))
+    langs = tuple(lang for lang in LANGUAGES if lang in {v.lang for v in views})
+    fact_ids = tuple(sorted({v.fact_id for v in views}))
+    return KnowledgeResult(table=table, skipped=skipped, langs=langs, fact_ids=fact_ids)

@@ -1,0 +1,763 @@
+"""``mlake-tiny``: the small model mlake trains on MLaKE itself, for offline work.
+
+When no pretrained multilingual model can be downloaded, every analysis still needs a model
+that *knows* MLaKE facts in all five languages.  mlake-tiny is that model: a Llama-style
+Hugging Face causal LM and a byte-level BPE tokenizer, both trained from scratch here on the
+single-hop facts, saved like any checkpoint and loaded by both backends.
+
+Training data, for each selected fact and language (the *unit* of training):
+
+* a question-answer pair in the model's prompt template (``Q: {question}\\nA: {answer}</s>``),
+  with the loss on the answer tokens and the end-of-sequence token only: the model must map
+  questions to answers, not learn to write questions;
+* the cloze statement (``o_prompt``, the fact as a sentence), with the loss on every token;
+* optionally, with probability :attr:`TinyTrainConfig.bilingual_fraction` per unit, a
+  *bilingual document*: the question-answer pair followed by the same fact's pair in another
+  language (chosen at random) in one context.  This is the knob for studying how
+  cross-lingual sharing arises; the fraction is recorded in the metadata.
+
+Memorisation, not language modelling, is the goal, and plain next-token training learns
+Chinese and Japanese facts far more slowly than the others (longer byte-level answers).
+So training is designed for it:
+
+* answer-only loss on the question-answer pairs (above);
+* every epoch trains on every unit whose question is not yet answered exactly (teacher-forced
+  argmax of every answer token and EOS equals the target, which is what greedy decoding
+  produces), plus a random :attr:`~TinyTrainConfig.replay` fraction of the learned units so
+  they are not forgotten; the status of every unit is re-measured on all units every
+  :attr:`~TinyTrainConfig.eval_every` epochs;
+* training stops once every language reaches :attr:`~TinyTrainConfig.stop_accuracy` on that
+  full measurement, or after :attr:`~TinyTrainConfig.max_epochs`.
+
+The default facts are a fixed, documented subset: :attr:`TinyTrainConfig.facts` (300) facts
+drawn with a fixed selection seed (0) from those whose question form has a located subject in
+all five languages, sorted by id.  ``facts="all"`` trains on all 1072.
+
+Everything is deterministic for a seed on a given machine (initialisation, batch order, replay
+sampling, bilingual pairing).  The folder holds ``config.json``, ``model.safetensors``,
+``generation_config.json``, the tokenizer files and ``mlake_tiny.json`` (the training config,
+data version, seed, fact ids, prompt template, per-language training accuracy, training
+time, parameter count, package versions and git commit).  It lives in the cache folder
+(:func:`cache_dir`) under a name derived from a hash of the training config, so different
+configs never collide; a training run checkpoints every epoch and resumes after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlake_core.configs import coerce_fields
+from mlake_core.data.dataset import MlakeDataset
+from mlake_core.errors import ConfigError
+from mlake_core.languages import LANGUAGES
+from mlake_core.models.prompting import PromptTemplate, get_template
+from mlake_core.provenance import git_commit, package_versions, stable_hash
+
+#: The name users pass as ``--model`` (and the default model of every command).
+TINY_NAME = "mlake-tiny"
+
+#: Environment variable naming the cache folder.
+CACHE_ENV = "MLAKE_CACHE"
+
+#: Bumped whenever a change to this module changes what a given config trains.
+TRAINER_VERSION = 1
+
+#: Name of the metadata file written next to the weights.
+METADATA_FILE = "mlake_tiny.json"
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+
+
+@dataclass(frozen=True)
+class TinyTrainConfig:
+    """Everything that determines a trained mlake-tiny.
+
+    Attributes:
+        facts: number of facts to train on (a fixed subset, see the module docstring), or
+            ``"all"``.
+        langs: languages to train on.
+        data_version: MLaKE release.
+        seed: seed of initialisation, batch order, replay and bilingual sampling.
+        selection_seed: seed of the fact subset (kept apart from ``seed`` so that different
+            training seeds see the same facts).
+        template: prompt template name (see :mod:`mlake_core.models.prompting`).
+        bilingual_fraction: probability per unit and epoch of adding a bilingual document.
+        vocab_size: BPE vocabulary size.
+        d_model: residual width.
+        n_layers: transformer blocks.
+        n_heads: attention heads.
+        d_mlp: MLP hidden width (gate/up).
+        max_len: longest training sequence in tokens (longer ones are truncated from the left
+            of the question; none are at the defaults).
+        batch_size: sequences per optimizer step.
+        lr: peak learning rate (AdamW).
+        warmup_steps: linear warm-up steps.
+        lr_min_ratio: the learning rate decays (cosine over ``max_epochs``) to this fraction
+            of ``lr``.
+        weight_decay: AdamW weight decay.
+        max_epochs: hard limit on epochs.
+        replay: fraction of learned units trained again in each epoch.
+        eval_every: epochs between full measurements of which units are learned.
+        stop_accuracy: stop when every language answers at least this fraction of its
+            questions exactly (teacher-forced, which equals greedy decoding).
+        statement_weight: weight of the cloze-statement loss relative to the answer loss.
+    """
+
+    facts: int | str = 300
+    langs: tuple[str, ...] = LANGUAGES
+    data_version: str = "v2024-11"
+    seed: int = 0
+    selection_seed: int = 0
+    template: str = "qa"
+    bilingual_fraction: float = 0.0
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    d_mlp: int = 768
+    max_len: int = 128
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    lr_min_ratio: float = 0.05
+    weight_decay: float = 0.01
+    max_epochs: int = 60
+    replay: float = 0.5
+    eval_every: int = 2
+    stop_accuracy: float = 0.99
+    statement_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        # Coerce values that arrive as strings (CLI, YAML) to the field types.
+        coerce_fields(self, skip=("facts",))
+        if isinstance(self.facts, str) and self.facts != "all":
+            try:
+                object.__setattr__(self, "facts", int(self.facts))
+            except ValueError:
+                raise ConfigError(
+                    f"--facts {self.facts!r}: expected a number of facts or 'all'"
+                ) from None
+        if isinstance(self.facts, int) and self.facts < 1:
+            raise ConfigError(f"--facts {self.facts}: must be at least 1")
+        if isinstance(self.langs, str):
+            from mlake_core.languages import parse_langs
+
+            object.__setattr__(self, "langs", parse_langs(self.langs))
+        object.__setattr__(self, "langs", tuple(self.langs))
+        bad = [lang for lang in self.langs if lang not in LANGUAGES]
+        if bad or not self.langs:
+            raise ConfigError(f"--langs {','.join(self.langs)}: choose from {', '.join(LANGUAGES)}")
+        for name in ("bilingual_fraction", "replay", "stop_accuracy"):
+            value = float(getattr(self, name))
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')} {value}: must be in [0, 1]")
+        if self.bilingual_fraction > 0 and len(self.langs) < 2:
+            raise ConfigError("--bilingual-fraction needs at least two languages")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        for name in ("vocab_size", "d_model", "n_layers", "d_mlp", "batch_size", "max_epochs"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be positive")
+        get_template(self.template)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        out = asdict(self)
+        out["langs"] = list(self.langs)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TinyTrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown mlake-tiny training option(s): {', '.join(unknown)}")
+        values = dict(data)
+        if "langs" in values:
+            values["langs"] = tuple(values["langs"])
+        return cls(**values)
+
+    def key(self) -> str:
+        """Hash naming the cache folder of this config."""
+        return stable_hash({"config": self.to_dict(), "trainer": TRAINER_VERSION})
+
+
+# -- cache ------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """mlake's cache folder: ``$MLAKE_CACHE``, else ``$XDG_CACHE_HOME/mlake``, else
+    ``~/.cache/mlake``."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "mlake"
+
+
+def model_dir(config: TinyTrainConfig, root: Path | None = None) -> Path:
+    """Folder of the mlake-tiny trained with ``config``."""
+    return (root or cache_dir()) / "models" / f"{TINY_NAME}-{config.key()}"
+
+
+def is_trained(path: Path) -> bool:
+    """Whether ``path`` holds a complete mlake-tiny (weights, tokenizer and metadata)."""
+    return all(
+        (path / name).is_file()
+        for name in ("config.json", "model.safetensors", "tokenizer.json", METADATA_FILE)
+    )
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``mlake_tiny.json`` of a model folder, or ``None`` for other models."""
+    meta = Path(path) / METADATA_FILE
+    if not meta.is_file():
+        return None
+    with meta.open(encoding="utf-8") as fh:
+        data: dict[str, Any] = json.load(fh)
+    return data
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def select_facts(dataset: MlakeDataset, config: TinyTrainConfig) -> list[int]:
+    """The fact ids mlake-tiny trains on (see the module docstring).
+
+    Raises:
+        ConfigError: when more facts are asked for than are eligible.
+    """
+    eligible = [
+        fact.fact_id
+        for fact in dataset.facts
+        if all(fact.views[lang].question.usable for lang in config.langs)
+    ]
+    if config.facts == "all":
+        return [fact.fact_id for fact in dataset.facts]
+    n = int(config.facts)
+    if n > len(eligible):
+        raise ConfigError(
+            f"--facts {n}: only {len(eligible)} facts have a located subject in "
+            f"{','.join(config.langs)}; use --facts all for every fact"
+        )
+    return sorted(random.Random(config.selection_seed).sample(eligible, n))
+
+
+def tokenizer_corpus(dataset: MlakeDataset) -> list[str]:
+    """All MLaKE text of the loaded languages: questions, statements, answers and aliases
+    (original and edited), multi-hop questions and answers."""
+    texts: list[str] = []
+    for fact in dataset.facts:
+        for view in fact.views.values():
+            rec = view.record
+            texts += [rec.question, rec.o_prompt, rec.e_prompt, rec.o_answer, rec.e_answer]
+            texts += list(rec.o_answer_aliases) + list(rec.e_answer_aliases)
+    for questions in dataset.multi_hop.values():
+        for mh in questions:
+            texts += [mh.question, mh.answer]
+    return texts
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Any:
+    """Train a byte-level BPE tokenizer (deterministic) and wrap it for transformers.
+
+    Llama conventions: ``<s>`` is prepended by the tokenizer itself, ``</s>`` ends answers,
+    ``<pad>`` pads.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(list(texts), trainer=trainer)
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A",
+        pair=f"{BOS} $A {BOS} $B",
+        special_tokens=[(BOS, core.token_to_id(BOS))],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+@dataclass
+class Example:
+    """One training sequence: token ids and per-position loss weights.
+
+    ``weights[i]`` weighs the loss of predicting ``ids[i]`` from ``ids[:i]`` (0: no loss).
+    """
+
+    ids: list[int]
+    weights: list[float]
+    unit: int  # index of the (fact, language) unit
+    kind: str  # "qa", "statement" or "bilingual"
+
+
+@dataclass
+class Corpus:
+    """The training units and their sequences."""
+
+    units: list[tuple[int, str]]  # (fact_id, lang)
+    qa: list[Example]  # one per unit, same order
+    statements: list[Example]  # one per unit, same order
+    pieces: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (prompt, answer)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_corpus(
+    dataset: MlakeDataset, fact_ids: Sequence[int], tokenizer: Any, config: TinyTrainConfig
+) -> Corpus:
+    """Tokenize the question-answer pairs and statements of every (fact, language) unit.
+
+    Prompt and answer are tokenized separately and joined by ids (see
+    :mod:`mlake_core.models.prompting`), exactly as the knowledge measurement does.
+    """
+    template = get_template(config.template)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    corpus = Corpus(units=[], qa=[], statements=[])
+    for fact_id in fact_ids:
+        fact = dataset.fact(fact_id)
+        for lang in config.langs:
+            view = fact.views[lang]
+            unit = len(corpus.units)
+            corpus.units.append((fact_id, lang))
+            prompt_text, prefix = template.question_prompt(view.record.question)
+            prompt = [bos, *_encode(tokenizer, prompt_text)]
+            answer = [*_encode(tokenizer, prefix + view.record.o_answer), eos]
+            corpus.pieces.append((prompt, answer))
+            ids = (prompt + answer)[-config.max_len :]
+            n_answer = len(answer)
+            weights = [0.0] * (len(ids) - n_answer) + [1.0] * n_answer
+            corpus.qa.append(Example(ids, weights, unit, "qa"))
+            statement = [bos, *_encode(tokenizer, view.record.o_prompt), eos][: config.max_len]
+            sw = config.statement_weight
+            corpus.statements.append(
+                Example(statement, [0.0] + [sw] * (len(statement) - 1), unit, "statement")
+            )
+    return corpus
+
+
+def _bilingual(corpus: Corpus, unit: int, other: int, tokenizer: Any, max_len: int) -> Example:
+    """The question-answer pair of ``unit`` followed by that of ``other`` in one context."""
+    newline = _encode(tokenizer, "\n")
+    p1, a1 = corpus.pieces[unit]
+    p2, a2 = corpus.pieces[other]
+    second = p2[1:]  # no second BOS
+    ids = p1 + a1[:-1] + newline + second + a2
+    weights = ([0.0] * len(p1) + [1.0] * (len(a1) - 1) + [0.0] * (len(newline) + len(second))) + [
+        1.0
+    ] * len(a2)
+    return Example(ids[-max_len:], weights[-max_len:], unit, "bilingual")
+
+
+# -- model ------------------------------------------------------------------------------------
+
+
+def model_config(config: TinyTrainConfig, tokenizer: Any) -> Any:
+    """The ``LlamaConfig`` of mlake-tiny (untied embeddings: tied ones break MEMIT on small
+    Llamas, EasyEdit#458)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.d_model,
+        intermediate_size=config.d_mlp,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_heads,
+        max_position_embeddings=2 * config.max_len,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _pad(batch: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-pad a batch: ids, attention mask, targets and weights for next-token loss."""
+    width = max(len(ex.ids) for ex in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    weights = torch.zeros((len(batch), width), dtype=torch.float32)
+    for row, ex in enumerate(batch):
+        ids[row, : len(ex.ids)] = torch.as_tensor(ex.ids)
+        mask[row, : len(ex.ids)] = 1
+        weights[row, : len(ex.ids)] = torch.as_tensor(ex.weights)
+    return ids, mask, weights
+
+
+def _batch_loss(
+    model: Any, batch: Sequence[Example], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted next-token loss of a batch, and per row whether every weighted token is the
+    argmax (exact teacher-forced answer).
+
+    The unembedding runs only at positions that carry loss, which is most of the saving of
+    answer-only training.
+    """
+    ids, mask, weights = _pad(batch, pad_id)
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    # Position i predicts token i + 1.
+    w = weights[:, 1:]
+    rows, cols = torch.nonzero(w > 0, as_tuple=True)
+    logits = model.lm_head(hidden[rows, cols])
+    targets = ids[rows, cols + 1]
+    losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    loss = (losses * w[rows, cols]).sum() / w.sum().clamp(min=1.0)
+    correct = (logits.argmax(-1) == targets).float()
+    wrong_per_row = torch.zeros(len(batch)).index_add_(0, rows, 1.0 - correct)
+    return loss, wrong_per_row == 0
+
+
+def _batches(
+    examples: list[Example], batch_size: int, generator: random.Random
+) -> list[list[Example]]:
+    """Shuffle, then group similar lengths together within windows of 16 batches (less
+    padding, still random)."""
+    order = examples[:]
+    generator.shuffle(order)
+    window = batch_size * 16
+    batches: list[list[Example]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda ex: len(ex.ids))
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    generator.shuffle(batches)
+    return batches
+
+
+@torch.no_grad()
+def measure_learned(model: Any, corpus: Corpus, pad_id: int, batch_size: int = 128) -> list[bool]:
+    """For every unit, whether its question is answered exactly (teacher-forced argmax of
+    every answer token and EOS), which is what greedy decoding produces."""
+    model.eval()
+    status = [False] * len(corpus.units)
+    ordered = sorted(corpus.qa, key=lambda ex: len(ex.ids))
+    for start in range(0, len(ordered), batch_size):
+        chunk = ordered[start : start + batch_size]
+        _, exact = _batch_loss(model, chunk, pad_id)
+        for ex, ok in zip(chunk, exact.tolist(), strict=True):
+            status[ex.unit] = bool(ok)
+    model.train()
+    return status
+
+
+def per_language(corpus: Corpus, status: Sequence[bool]) -> dict[str, float]:
+    """Fraction of learned units per language."""
+    totals: dict[str, list[int]] = {}
+    for (_, lang), ok in zip(corpus.units, status, strict=True):
+        totals.setdefault(lang, []).append(int(ok))
+    return {lang: sum(v) / len(v) for lang, v in totals.items()}
+
+
+#: Called after every optimizer step with (epoch, step, loss, per-language accuracy).
+Progress = Callable[[int, int, float, dict[str, float]], None]
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the weights."""
+
+    epoch: int = 0
+    step: int = 0
+    status: list[bool] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train_tiny(
+    config: TinyTrainConfig,
+    dataset: MlakeDataset,
+    out_dir: Path,
+    *,
+    progress: Callable[[str], None] | None = None,
+    show_bar: bool = True,
+) -> Path:
+    """Train mlake-tiny with ``config`` and save it to ``out_dir``.
+
+    Writes into ``out_dir`` + ``.partial`` and renames at the end, so ``out_dir`` is either
+    complete or absent.  The partial folder holds a checkpoint after every epoch; calling
+    again with the same config resumes from it.
+
+    Args:
+        config: the training config.
+        dataset: MLaKE loaded with (at least) ``config.langs`` and ``config.data_version``.
+        out_dir: final folder.
+        progress: receives one line per epoch (for logs).
+        show_bar: show a tqdm progress bar with the loss and per-language accuracy.
+
+    Returns:
+        ``out_dir``.
+    """
+    from tqdm.auto import tqdm
+    from transformers import LlamaForCausalLM
+
+    from mlake_core.models.loading import quiet_hf_progress
+
+    if dataset.version != config.data_version:
+        raise ConfigError(
+            f"mlake-tiny config wants MLaKE {config.data_version}, the dataset is {dataset.version}"
+        )
+    missing = [lang for lang in config.langs if lang not in dataset.langs]
+    if missing:
+        raise ConfigError(f"the dataset was loaded without {', '.join(missing)}")
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    fact_ids = select_facts(dataset, config)
+    tokenizer_path = partial / "tokenizer.json"
+    if tokenizer_path.is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(partial)
+    else:
+        tokenizer = train_tokenizer(tokenizer_corpus(dataset), config.vocab_size)
+        tokenizer.save_pretrained(partial)
+    corpus = build_corpus(dataset, fact_ids, tokenizer, config)
+    pad_id = int(tokenizer.pad_token_id)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = LlamaForCausalLM(model_config(config, tokenizer))
+    model.config._attn_implementation = "sdpa"
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay
+    )
+    state = TrainState(status=[False] * len(corpus.units))
+    checkpoint = partial / "checkpoint.pt"
+    if checkpoint.is_file():
+        saved = torch.load(checkpoint, weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = TrainState(**json.loads(saved["state"]))
+        if progress:
+            progress(f"resuming from epoch {state.epoch} ({checkpoint})")
+
+    def lr_at(step: int, epoch: int) -> float:
+        # Linear warm-up, then cosine decay over the epoch budget: late, small steps stop
+        # the forgetting that a constant rate causes on the units not trained this epoch.
+        warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
+        cosine = 0.5 * (1.0 + math.cos(math.pi * epoch / config.max_epochs))
+        return config.lr * warm * (config.lr_min_ratio + (1.0 - config.lr_min_ratio) * cosine)
+
+    model.train()
+    accuracy = per_language(corpus, state.status)
+    bar = tqdm(
+        total=config.max_epochs,
+        initial=state.epoch,
+        desc="mlake-tiny",
+        unit="epoch",
+        disable=not show_bar,
+        dynamic_ncols=True,
+    )
+    started = time.perf_counter() - state.seconds
+    while state.epoch < config.max_epochs and not _done(accuracy, config):
+        epoch = state.epoch
+        # Every random choice of this epoch comes from (seed, epoch): resuming replays it.
+        rng = random.Random(config.seed * 1_000_003 + epoch)
+        chosen = [
+            u
+            for u in range(len(corpus.units))
+            if not state.status[u] or rng.random() < config.replay
+        ]
+        examples: list[Example] = []
+        for u in chosen:
+            examples += [corpus.qa[u], corpus.statements[u]]
+            if config.bilingual_fraction and rng.random() < config.bilingual_fraction:
+                _, lang = corpus.units[u]
+                first = u - config.langs.index(lang)
+                others = [first + i for i, other in enumerate(config.langs) if other != lang]
+                examples.append(
+                    _bilingual(corpus, u, rng.choice(others), tokenizer, config.max_len)
+                )
+        losses = []
+        for batch in _batches(examples, config.batch_size, rng):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state.step, epoch)
+            loss, exact = _batch_loss(model, batch, pad_id)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            state.step += 1
+            losses.append(float(loss.detach()))
+            for ex, ok in zip(batch, exact.tolist(), strict=True):
+                if ex.kind == "qa":
+                    state.status[ex.unit] = bool(ok)
+            bar.set_postfix_str(f"loss {losses[-1]:.3f}", refresh=False)
+        state.epoch += 1
+        if state.epoch % config.eval_every == 0 or state.epoch == config.max_epochs:
+            state.status = measure_learned(model, corpus, pad_id)
+        accuracy = per_language(corpus, state.status)
+        state.seconds = time.perf_counter() - started
+        mean_loss = sum(losses) / max(1, len(losses))
+        state.history.append(
+            {
+                "epoch": state.epoch,
+                "units": len(chosen),
+                "loss": round(mean_loss, 5),
+                "accuracy": {k: round(v, 4) for k, v in accuracy.items()},
+                "seconds": round(state.seconds, 1),
+            }
+        )
+        acc_text = " ".join(f"{k} {v:.0%}" for k, v in accuracy.items())
+        bar.set_postfix_str(f"loss {mean_loss:.3f} | {acc_text}", refresh=False)
+        bar.update(1)
+        _save_checkpoint(checkpoint, model, optimizer, state)
+        if progress:
+            progress(
+                f"epoch {state.epoch}: {len(chosen)} units, loss {mean_loss:.4f}, {acc_text}, "
+                f"{state.seconds:.0f} s"
+            )
+    bar.close()
+
+    # Final, authoritative measurement on every unit.
+    state.status = measure_learned(model, corpus, pad_id)
+    accuracy = per_language(corpus, state.status)
+    model.eval()
+    with quiet_hf_progress():
+        model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    n_params = sum(p.numel() for p in model.parameters())
+    metadata = {
+        "name": TINY_NAME,
+        "trainer_version": TRAINER_VERSION,
+        "config": config.to_dict(),
+        "key": config.key(),
+        "data_version": config.data_version,
+        "seed": config.seed,
+        "template": get_template(config.template).to_dict(),
+        "fact_ids": fact_ids,
+        "n_units": len(corpus.units),
+        "n_parameters": n_params,
+        "n_parameters_non_embedding": n_params
+        - model.model.embed_tokens.weight.numel()
+        - model.lm_head.weight.numel(),
+        "epochs": state.epoch,
+        "steps": state.step,
+        "train_seconds": round(state.seconds, 1),
+        "train_accuracy_teacher_forced": {k: round(v, 4) for k, v in accuracy.items()},
+        "stopped": "accuracy" if _done(accuracy, config) else "max_epochs",
+        "history": state.history,
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    (partial / METADATA_FILE).write_text(
+        json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8"
+    )
+    checkpoint.unlink(missing_ok=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
+    return out_dir
+
+
+def _done(accuracy: dict[str, float], config: TinyTrainConfig) -> bool:
+    return bool(accuracy) and all(
+        accuracy.get(lang, 0.0) >= config.stop_accuracy for lang in config.langs
+    )
+
+
+def _save_checkpoint(path: Path, model: Any, optimizer: Any, state: TrainState) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "state": json.dumps(asdict(state)),
+        },
+        tmp,
+    )
+    tmp.replace(path)
+
+
+def ensure_tiny(
+    config: TinyTrainConfig | None = None,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    root: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    show_bar: bool = True,
+    retrain: bool = False,
+) -> Path:
+    """The folder of mlake-tiny for ``config`` (default config when ``None``), training it
+    first when it is not in the cache.
+
+    Args:
+        config: training config.
+        data_dir: MLaKE data directory (see :func:`mlake_core.data.paths.resolve_data_dir`).
+        root: cache folder (default :func:`cache_dir`).
+        progress: receives log lines.
+        show_bar: show the training progress bar.
+        retrain: train again even if cached.
+    """
+    from mlake_core.data.dataset import load_mlake
+
+    config = config or TinyTrainConfig()
+    path = model_dir(config, root)
+    if is_trained(path) and not retrain:
+        return path
+    if retrain and path.exists():
+        shutil.rmtree(path)
+    if progress:
+        progress(f"training {TINY_NAME} ({describe_config(config)}) into {path}")
+    dataset = load_mlake(data_dir, version=config.data_version, langs=config.langs)
+    return train_tiny(config, dataset, path, progress=progress, show_bar=show_bar)
+
+
+def describe_config(config: TinyTrainConfig) -> str:
+    """One line for humans."""
+    return (
+        f"{config.facts} facts x {len(config.langs)} languages, {config.n_layers} layers, "
+        f"d_model {config.d_model}, seed {config.seed}, "
+        f"bilingual fraction {config.bilingual_fraction}"
+    )
+
+
+def resolve_template(model: str | os.PathLike[str]) -> PromptTemplate | None:
+    """The prompt template a model was trained with (mlake-tiny folders), else ``None``."""
+    meta = read_metadata(model) if Path(model).is_dir() else None
+    if not meta:
+        return None
+    return get_template(str(meta["config"]["template"]))
+
+
+__all__ = [
+    "CACHE_ENV",
+    "TINY_NAME",
+    "TinyTrainConfig",
+    "cache_dir",
+    "ensure_tiny",
+    "is_trained",
+    "model_dir",
+    "read_metadata",
+    "resolve_template",
+    "select_facts",
+    "train_tiny",
+]

@@ -1,0 +1,239 @@
+"""The results store: one folder per run, tables as parquet, arrays as npz, a ``meta.json``.
+
+A *run* is identified by its kind (``knowledge``, ``tracing``, ...) and a hash of everything
+that determines its result (model identity, data version, facts, method config); computing
+the same thing twice finds the same folder.  Inside it, a run saves named pieces (a table per
+language, an array per fact, ...) as they finish, so an interrupted run resumes where it
+stopped and a new figure never means recomputing what is on disk (:meth:`Run.load_or_compute`).
+Every write is atomic (temporary file in the same folder, then rename).
+
+Layout::
+
+    <results root>/<kind>/<key>/
+        key.json        what the key hashes (checked on reopen: a hash collision is an error)
+        meta.json       provenance (package versions, git commit, model info, configs) and
+                        status ("running" / "complete")
+        tables/*.parquet
+        arrays/*.npz
+        *.json          small named JSON documents (summaries, counts)
+
+The results root is ``--results-dir``, else ``$MLAKE_RESULTS``, else ``./runs``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mlake_core.errors import ConfigError, DataError
+from mlake_core.provenance import provenance, stable_hash
+
+#: Environment variable naming the results root.
+RESULTS_ENV = "MLAKE_RESULTS"
+
+T = TypeVar("T")
+
+
+def results_root(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """``explicit``, else ``$MLAKE_RESULTS``, else ``./runs``."""
+    if explicit is not None:
+        return Path(explicit).expanduser()
+    env = os.environ.get(RESULTS_ENV)
+    return Path(env).expanduser() if env else Path("runs")
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise ValueError(f"bad result name {name!r}: use a plain file name without folders")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run folder (see the module docstring)."""
+
+    path: Path
+    kind: str
+    key: str
+
+    # -- meta ----------------------------------------------------------------------------
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The contents of ``meta.json`` (empty before :meth:`write_meta`)."""
+        return self.load_json("meta") if self.has_json("meta") else {}
+
+    def write_meta(self, **fields: Any) -> None:
+        """Merge ``fields`` into ``meta.json`` (provenance is added on first write)."""
+        meta = self.meta or {"kind": self.kind, "key": self.key, **provenance()}
+        meta.update(fields)
+        self.save_json("meta", meta)
+
+    @property
+    def complete(self) -> bool:
+        """Whether the run was marked complete."""
+        return self.meta.get("status") == "complete"
+
+    # -- tables --------------------------------------------------------------------------
+
+    def table_path(self, name: str) -> Path:
+        _check_name(name)
+        return self.path / "tables" / f"{name}.parquet"
+
+    def has_table(self, name: str) -> bool:
+        return self.table_path(name).is_file()
+
+    def save_table(self, name: str, table: Any) -> Path:
+        """Save a pandas DataFrame as ``tables/<name>.parquet`` (atomically)."""
+        path = self.table_path(name)
+        _atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
+        return path
+
+    def load_table(self, name: str) -> Any:
+        """Load ``tables/<name>.parquet`` as a pandas DataFrame."""
+        import pandas as pd
+
+        path = self.table_path(name)
+        if not path.is_file():
+            raise DataError(f"{path}: no such result table")
+        try:
+            return pd.read_parquet(path)
+        except (OSError, ValueError) as err:
+            raise DataError(
+                f"{path}: unreadable result table ({err}); delete it to recompute"
+            ) from None
+
+    # -- arrays --------------------------------------------------------------------------
+
+    def arrays_path(self, name: str) -> Path:
+        _check_name(name)
+        return self.path / "arrays" / f"{name}.npz"
+
+    def has_arrays(self, name: str) -> bool:
+        return self.arrays_path(name).is_file()
+
+    def save_arrays(self, name: str, arrays: Mapping[str, Any]) -> Path:
+        """Save numpy arrays (or tensors) as ``arrays/<name>.npz`` (atomically)."""
+        import numpy as np
+
+        plain = {
+            k: np.asarray(v.detach().cpu() if hasattr(v, "detach") else v)
+            for k, v in arrays.items()
+        }
+        path = self.arrays_path(name)
+
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as fh:
+                np.savez_compressed(fh, allow_pickle=False, **plain)
+
+        _atomic_write(path, write)
+        return path
+
+    def load_arrays(self, name: str) -> dict[str, Any]:
+        """Load ``arrays/<name>.npz`` as a dict of numpy arrays."""
+        import numpy as np
+
+        path = self.arrays_path(name)
+        if not path.is_file():
+            raise DataError(f"{path}: no such result arrays")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            raise DataError(
+                f"{path}: unreadable result arrays ({err}); delete it to recompute"
+            ) from None
+
+    # -- json ----------------------------------------------------------------------------
+
+    def json_path(self, name: str) -> Path:
+        _check_name(name)
+        return self.path / f"{name}.json"
+
+    def has_json(self, name: str) -> bool:
+        return self.json_path(name).is_file()
+
+    def save_json(self, name: str, obj: Any) -> Path:
+        """Save a JSON document as ``<name>.json`` (atomically)."""
+        path = self.json_path(name)
+        text = json.dumps(obj, indent=2, ensure_ascii=False, default=str)
+
+        def write(tmp: Path) -> None:
+            tmp.write_text(text + "\n", encoding="utf-8")
+
+        _atomic_write(path, write)
+        return path
+
+    def load_json(self, name: str) -> Any:
+        path = self.json_path(name)
+        try:
+            with path.open(encoding="utf-8") as fh:
+                return json.load(fh)
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such result file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: malformed JSON ({err}); delete it to recompute") from None
+
+    # -- resumable pieces ----------------------------------------------------------------
+
+    def load_or_compute_table(self, name: str, compute: Callable[[], Any]) -> tuple[Any, bool]:
+        """The table ``name``: loaded if saved, else computed and saved.
+
+        Returns:
+            ``(table, computed)`` where ``computed`` says whether ``compute`` ran.
+        """
+        if self.has_table(name):
+            return self.load_table(name), False
+        table = compute()
+        self.save_table(name, table)
+        return table, True
+
+
+def open_run(
+    kind: str, key_parts: Mapping[str, Any], root: str | os.PathLike[str] | None = None
+) -> Run:
+    """Open (creating if needed) the run of ``kind`` determined by ``key_parts``.
+
+    Args:
+        kind: what the run computes, e.g. ``"knowledge"``; a folder name.
+        key_parts: everything that determines the result (JSON-serialisable); hashed into the
+            folder name and saved as ``key.json``.
+        root: results root (see :func:`results_root`).
+
+    Raises:
+        ConfigError: if the folder exists with a different ``key.json`` (hash collision or a
+            hand-edited folder).
+    """
+    _check_name(kind)
+    key = stable_hash(dict(key_parts), length=16)
+    path = results_root(root) / kind / key
+    run = Run(path=path, kind=kind, key=key)
+    parts = json.loads(json.dumps(dict(key_parts), default=str))
+    if run.has_json("key"):
+        existing = run.load_json("key")
+        if existing != parts:
+            raise ConfigError(
+                f"{run.json_path('key')}: this run folder holds a different computation; "
+                "move it away or pass another --results-dir"
+            )
+    else:
+        run.save_json("key", parts)
+    return run

@@ -1,0 +1,258 @@
+"""mlake-tiny's training config: validation, coercion, keys and the cache folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from mlake_core.errors import ConfigError
+from mlake_core.languages import LANGUAGES
+from mlake_core.models.mlake_tiny import (
+    CACHE_ENV,
+    METADATA_FILE,
+    TINY_NAME,
+    TinyTrainConfig,
+    cache_dir,
+    is_trained,
+    model_dir,
+)
+
+# -- coercion and validation -----------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    config = TinyTrainConfig()
+    assert config.facts == 300
+    assert config.langs == LANGUAGES
+    assert config.bilingual_fraction == 0.0
+    assert config.template == "qa"
+
+
+def test_string_facts_are_coerced() -> None:
+    config = TinyTrainConfig(facts="300")
+    assert config.facts == 300
+    assert isinstance(config.facts, int)
+    assert config == TinyTrainConfig(facts=300)
+    assert TinyTrainConfig(facts="1").facts == 1
+    assert TinyTrainConfig(facts="all").facts == "all"
+
+
+@pytest.mark.parametrize("facts", ["x", "", "3.5", "ALL", 0, -5, "0"])
+def test_bad_facts_raise(facts: int | str) -> None:
+    with pytest.raises(ConfigError, match="--facts"):
+        TinyTrainConfig(facts=facts)
+
+
+def test_langs_string_becomes_tuple() -> None:
+    config = TinyTrainConfig(langs="en,zh")
+    assert config.langs == ("en", "zh")
+    assert TinyTrainConfig(langs=" ja , de ").langs == ("ja", "de")
+    assert TinyTrainConfig(langs=["fr", "en"]).langs == ("fr", "en")
+    assert TinyTrainConfig(langs="all").langs == LANGUAGES
+    assert TinyTrainConfig(langs="en,zh") == TinyTrainConfig(langs=("en", "zh"))
+
+
+@pytest.mark.parametrize("langs", ["en,xx", ("en", "xx"), ["es"], (), ""])
+def test_unknown_or_empty_langs_raise(langs: str | tuple[str, ...] | list[str]) -> None:
+    with pytest.raises(ConfigError):
+        TinyTrainConfig(langs=langs)
+
+
+def test_unknown_lang_message_names_the_code() -> None:
+    with pytest.raises(ConfigError, match="--langs en,xx"):
+        TinyTrainConfig(langs=("en", "xx"))
+    with pytest.raises(ConfigError, match="'xx'"):
+        TinyTrainConfig(langs="en,xx")
+
+
+@pytest.mark.parametrize("name", ["bilingual_fraction", "replay", "stop_accuracy"])
+@pytest.mark.parametrize("value", [-0.01, 1.01, 2.0])
+def test_fractions_outside_unit_interval_raise(name: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=f"--{name.replace('_', '-')}"):
+        TinyTrainConfig(**{name: value})
+
+
+@pytest.mark.parametrize("name", ["bilingual_fraction", "replay", "stop_accuracy"])
+@pytest.mark.parametrize("value", [0.0, 1.0])
+def test_fraction_bounds_are_allowed(name: str, value: float) -> None:
+    assert getattr(TinyTrainConfig(**{name: value}), name) == value
+
+
+def test_bilingual_fraction_needs_two_languages() -> None:
+    with pytest.raises(ConfigError, match="two languages"):
+        TinyTrainConfig(langs="en", bilingual_fraction=0.5)
+    assert TinyTrainConfig(langs="en", bilingual_fraction=0.0).langs == ("en",)
+    assert TinyTrainConfig(langs="en,zh", bilingual_fraction=0.5).bilingual_fraction == 0.5
+
+
+def test_other_invalid_values_raise() -> None:
+    with pytest.raises(ConfigError, match="divisible"):
+        TinyTrainConfig(d_model=30, n_heads=4)
+    with pytest.raises(ConfigError, match="n_layers"):
+        TinyTrainConfig(n_layers=0)
+    with pytest.raises(ConfigError, match="--template"):
+        TinyTrainConfig(template="nope")
+
+
+# -- keys and serialisation ------------------------------------------------------------------
+
+
+def test_key_is_stable_for_equal_configs() -> None:
+    a = TinyTrainConfig(facts="50", langs="en,zh", seed=3)
+    b = TinyTrainConfig(facts=50, langs=("en", "zh"), seed=3)
+    assert a.key() == b.key()
+    assert a.key() == a.key()
+    assert TinyTrainConfig().key() == TinyTrainConfig().key()
+    assert len(a.key()) == 12
+    assert all(c in "0123456789abcdef" for c in a.key())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"seed": 1},
+        {"bilingual_fraction": 0.25},
+        {"facts": 301},
+        {"facts": "all"},
+        {"langs": ("zh", "en", "ja", "fr", "de")},  # the order of languages matters
+        {"selection_seed": 1},
+        {"data_version": "v2024-04"},
+        {"template": "bare"},
+        {"lr": 1e-3},
+        {"max_epochs": 61},
+        {"statement_weight": 0.25},
+    ],
+)
+def test_key_changes_when_a_field_changes(change: dict) -> None:
+    base = TinyTrainConfig()
+    changed = TinyTrainConfig(**change)
+    assert changed != base
+    assert changed.key() != base.key()
+
+
+def test_every_field_enters_the_key() -> None:
+    base = TinyTrainConfig(langs="en,zh")
+    keys = {base.key()}
+    for f in dataclasses.fields(TinyTrainConfig):
+        value = getattr(base, f.name)
+        if f.name == "langs":
+            new = ("zh", "en")
+        elif f.name == "template":
+            new = "bare"
+        elif f.name == "data_version":
+            new = "v2024-04"
+        elif f.name in ("bilingual_fraction", "replay", "stop_accuracy", "lr_min_ratio"):
+            new = value / 2 if value else 0.5
+        elif f.name == "n_heads":
+            new = 8
+        elif f.name == "d_model":
+            new = 512
+        else:
+            new = value + 1
+        keys.add(dataclasses.replace(base, **{f.name: new}).key())
+    assert len(keys) == len(dataclasses.fields(TinyTrainConfig)) + 1
+
+
+def test_to_dict_from_dict_round_trip() -> None:
+    config = TinyTrainConfig(facts="all", langs="en,ja,de", seed=7, bilingual_fraction=0.3)
+    data = config.to_dict()
+    assert data["langs"] == ["en", "ja", "de"]
+    assert data["facts"] == "all"
+    assert data["seed"] == 7
+    assert set(data) == {f.name for f in dataclasses.fields(TinyTrainConfig)}
+    # JSON-ready, and the JSON form comes back as the same config.
+    restored = TinyTrainConfig.from_dict(json.loads(json.dumps(data)))
+    assert restored == config
+    assert restored.langs == ("en", "ja", "de")
+    assert restored.key() == config.key()
+    assert TinyTrainConfig.from_dict(TinyTrainConfig().to_dict()) == TinyTrainConfig()
+
+
+def test_from_dict_accepts_partial_dicts() -> None:
+    assert TinyTrainConfig.from_dict({"seed": 5}) == TinyTrainConfig(seed=5)
+    assert TinyTrainConfig.from_dict({}) == TinyTrainConfig()
+
+
+def test_from_dict_rejects_unknown_keys() -> None:
+    with pytest.raises(ConfigError, match="bogus, epochs"):
+        TinyTrainConfig.from_dict({"seed": 1, "epochs": 3, "bogus": True})
+
+
+def test_from_dict_validates_values() -> None:
+    with pytest.raises(ConfigError, match="--facts"):
+        TinyTrainConfig.from_dict({"facts": "many"})
+
+
+# -- cache folder ----------------------------------------------------------------------------
+
+
+def test_cache_dir_prefers_mlake_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "mine"
+
+
+def test_cache_dir_expands_user_in_mlake_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(CACHE_ENV, "~/somewhere")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / "somewhere"
+
+
+def test_cache_dir_then_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "xdg" / "mlake"
+    monkeypatch.setenv(CACHE_ENV, "")  # empty counts as unset
+    assert cache_dir() == tmp_path / "xdg" / "mlake"
+
+
+def test_cache_dir_then_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "mlake"
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert cache_dir() == tmp_path / "home" / ".cache" / "mlake"
+
+
+def test_model_dir_contains_the_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = TinyTrainConfig(seed=2)
+    assert model_dir(config, tmp_path) == tmp_path / "models" / f"{TINY_NAME}-{config.key()}"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    assert model_dir(config) == tmp_path / "cache" / "models" / f"mlake-tiny-{config.key()}"
+    assert model_dir(TinyTrainConfig(seed=3), tmp_path) != model_dir(config, tmp_path)
+
+
+def test_is_trained_needs_all_four_files(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    assert not is_trained(folder)  # missing folder
+    folder.mkdir()
+    assert not is_trained(folder)  # empty folder
+    names = ["config.json", "model.safetensors", "tokenizer.json", METADATA_FILE]
+    assert METADATA_FILE == "mlake_tiny.json"
+    for i, name in enumerate(names):
+        assert not is_trained(folder), f"complete before {name}"
+        (folder / name).touch()
+        if i < len(names) - 1:
+            assert not is_trained(folder)
+    assert is_trained(folder)
+    # Each file is required: removing any one makes the folder incomplete again.
+    for name in names:
+        (folder / name).unlink()
+        assert not is_trained(folder), f"complete without {name}"
+        (folder / name).touch()
+    assert is_trained(folder)
+
+
+def test_is_trained_wants_files_not_folders(tmp_path: Path) -> None:
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / name).touch()
+    (tmp_path / METADATA_FILE).mkdir()
+    assert not is_trained(tmp_path)
