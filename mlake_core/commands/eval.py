@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from mlake_core.commands.common import add_model_args, load_model, log, parse_facts
+from mlake_core.errors import ConfigError
 
 
 def register(subparsers: Any) -> None:
@@ -43,7 +44,6 @@ def register(subparsers: Any) -> None:
     data.add_argument(
         "--facts",
         default=None,
-        type=parse_facts,
         help="N (the first N), all, or trained (default: mlake-tiny's training facts for "
         "mlake-tiny models, all facts otherwise)",
     )
@@ -69,6 +69,9 @@ def run_knowledge(args: argparse.Namespace) -> int:
     from mlake_core.metrics.knowledge import KnowledgeConfig
 
     langs = parse_langs(args.langs)
+    facts_option = parse_facts(args.facts) if args.facts else None
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
     config = KnowledgeConfig(
         forms=tuple(f.strip() for f in args.forms.split(",") if f.strip()),
         max_new_tokens=args.max_new_tokens,
@@ -76,7 +79,7 @@ def run_knowledge(args: argparse.Namespace) -> int:
     loaded = load_model(args)
     dataset = load_mlake(args.data_dir, version=args.version, langs=langs)
     trained = loaded.tiny_metadata["fact_ids"] if loaded.tiny_metadata else None
-    facts = args.facts or ("trained" if trained is not None else "all")
+    facts = facts_option or ("trained" if trained is not None else "all")
     fact_ids = select_fact_ids(dataset, facts, trained)
     started = time.perf_counter()
     result, run = knowledge_stage(
