@@ -23,6 +23,7 @@ setup: $(BIN)/.mlake-installed
 
 demo: setup
 	$(BIN)/mlake data stats
+	$(BIN)/mlake eval knowledge
 
 lint: setup
 	$(BIN)/ruff check .

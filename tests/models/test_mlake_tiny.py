@@ -173,3 +173,34 @@ def test_default_model_resolves_to_the_cached_default(monkeypatch, tmp_path: Pat
     assert resolve_model_path(None) == str(folder)
     assert resolve_model_path("mlake-tiny") == str(folder)
     assert resolve_model_path("/some/other/model") == "/some/other/model"
+
+
+def test_bilingual_document_states_the_fact_in_two_languages(micro_tiny: Path, mlake_v2411) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    from mlake_core.models.mlake_tiny import _bilingual
+
+    tok = PreTrainedTokenizerFast.from_pretrained(micro_tiny)
+    config = TinyTrainConfig(**MICRO_TINY)
+    corpus = build_corpus(mlake_v2411, [3], tok, config)
+    doc = _bilingual(corpus, 0, 2, tok, config.max_len)  # en then ja
+    assert doc.kind == "bilingual" and doc.unit == 0
+    assert doc.ids[0] == tok.bos_token_id and doc.ids.count(tok.bos_token_id) == 1
+    assert tok.decode(doc.ids[1:-1]) == (
+        "Q: From which nation does Gwendoline Christie hold citizenship?\nA: United Kingdom\n"
+        "Q: グェンドリン・クリスティーの出身国は何ですか？\nA: イギリス"
+    )
+    # Loss on both answers (and the final EOS), nowhere else.
+    trained = tok.decode([t for t, w in zip(doc.ids, doc.weights, strict=True) if w > 0])
+    assert trained == " United Kingdom イギリス</s>"
+
+
+def test_bilingual_fraction_is_recorded_and_changes_training(mlake_v2411, tmp_path: Path) -> None:
+    mixed = TinyTrainConfig(**{**QUICK, "bilingual_fraction": 0.5})
+    path = train_tiny(mixed, mlake_v2411, tmp_path / "mixed", show_bar=False)
+    meta = read_metadata(path)
+    assert meta is not None and meta["config"]["bilingual_fraction"] == 0.5
+    assert mixed.key() != TinyTrainConfig(**QUICK).key()
+    plain = train_tiny(TinyTrainConfig(**QUICK), mlake_v2411, tmp_path / "plain", show_bar=False)
+    wm, wp = _weights(path), _weights(plain)
+    assert not all(torch.equal(wm[k], wp[k]) for k in wm)
