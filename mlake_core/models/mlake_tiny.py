@@ -611,9 +611,15 @@ def train_tiny(
                     state.status[ex.unit] = bool(ok)
             bar.set_postfix_str(f"loss {losses[-1]:.3f}", refresh=False)
         state.epoch += 1
-        if state.epoch % config.eval_every == 0 or state.epoch == config.max_epochs:
+        full = state.epoch % config.eval_every == 0 or state.epoch == config.max_epochs
+        if full:
             state.status = measure_learned(model, corpus, pad_id)
         accuracy = per_language(corpus, state.status)
+        if not full and _done(accuracy, config):
+            # The statuses seen during the epoch say done: confirm on every unit before
+            # stopping, since weights moved after some of them were seen.
+            state.status = measure_learned(model, corpus, pad_id)
+            accuracy = per_language(corpus, state.status)
         state.seconds = time.perf_counter() - started
         mean_loss = sum(losses) / max(1, len(losses))
         state.history.append(
