@@ -149,7 +149,7 @@ def format_summary(report: dict[str, Any]) -> str:
         "the original above the edit; logp = median summed log-prob of the answer (per token)",
         "",
         f"{'lang':<5}{'facts':>6}{'known':>7}{'greedy%':>9}{'p(o)>p(e)%':>12}"
-        f"{'logp':>8}{'/tok':>7}  |{'cloze':>6}{'greedy%':>9}{'p(o)>p(e)%':>12}  |"
+        f"{'logp':>9}{'/tok':>8}  |{'cloze':>6}{'greedy%':>9}{'p(o)>p(e)%':>12}  |"
         f"{'mcqa':>5}{'acc%':>7}{'norm%':>7}",
     ]
     for lang, row in report["languages"].items():
@@ -158,8 +158,8 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(
             f"{lang:<5}{row['facts']:>6}{row['known']:>7}{_pct(row['greedy']):>9}"
             f"{_pct(row['prefers_original']):>12}"
-            f"{('-' if logp is None else f'{logp:.2f}'):>8}"
-            f"{('-' if mean is None else f'{mean:.2f}'):>7}  |"
+            f"{('-' if logp is None else f'{logp:.3f}'):>9}"
+            f"{('-' if mean is None else f'{mean:.3f}'):>8}  |"
             f"{row['cloze_facts']:>6}{_pct(row['cloze_greedy']):>9}"
             f"{_pct(row['cloze_prefers_original']):>12}  |"
             f"{row['mcqa_facts']:>5}{_pct(row['mcqa']):>7}{_pct(row['mcqa_norm']):>7}"
