@@ -150,3 +150,159 @@ def knowledge_stage(
     run.save_table("summary", summary.reset_index())
     run.write_meta(status="complete", skipped=skipped)
     return result, run
+
+
+def transfer_stage(
+    adapter: ModelAdapter,
+    model_path: str | os.PathLike[str],
+    dataset: MlakeDataset,
+    fact_ids: Sequence[int],
+    langs: Sequence[str],
+    template: PromptTemplate,
+    method: str,
+    method_config: Any,
+    config: Any,
+    *,
+    knowledge: KnowledgeResult,
+    locality_pool: Sequence[int],
+    corpus: Sequence[str],
+    seed: int = 0,
+    batch_size: int = 32,
+    results_dir: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] | None = None,
+    on_edit: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[Any, Run]:
+    """Edit every fact in every language with ``method`` and evaluate each edit in every
+    language (:func:`mlake_core.editing.evaluate.evaluate_edit`).
+
+    One table per edit language is saved as it finishes (resumable).  Pre-edit values come from
+    ``knowledge`` (the knowledge stage's result, itself cached).
+
+    Returns:
+        The per-fact, per-pair rows (a pandas DataFrame) and the run folder.
+    """
+    import pandas as pd
+    import torch
+
+    from mlake_core.editing.base import EditContext, get_method, make_request
+    from mlake_core.editing.covariance import cached_second_moment
+    from mlake_core.editing.evaluate import evaluate_edit, locality_facts
+    from mlake_core.errors import MlakeError
+
+    entry = get_method(method)
+    ident = model_identity(adapter, model_path)
+    key = {
+        "model": ident,
+        "data_version": dataset.version,
+        "facts": stable_hash(list(fact_ids)),
+        "n_facts": len(fact_ids),
+        "langs": list(langs),
+        "template": template.to_dict(),
+        "method": method,
+        "method_config": {k: str(v) for k, v in vars(method_config).items()},
+        "config": config.to_dict(),
+        "corpus": stable_hash(list(corpus)),
+        "seed": seed,
+    }
+    run = open_run("transfer", key, results_dir)
+    run.write_meta(
+        status="running",
+        model=adapter.info.to_dict(),
+        method=method,
+        fact_ids=list(fact_ids),
+        langs=list(langs),
+    )
+    loc_ids = locality_facts(dataset, fact_ids, config, locality_pool)
+    kt = knowledge.table
+    q = kt[kt["form"] == "question"]
+    known_before = {
+        (int(f), str(lang)): m == "original"
+        for f, lang, m in zip(q["fact_id"], q["lang"], q["greedy_match"], strict=True)
+    }
+    moments: dict[int, Any] = {}
+
+    def second_moment(layer: int) -> Any:
+        if layer not in moments:
+            moments[layer] = cached_second_moment(
+                adapter, ident, layer, corpus, results_dir=results_dir
+            )
+        return moments[layer]
+
+    demos = {
+        lang: [
+            (
+                f.views[lang].record.e_prompt,
+                f.views[lang].record.question,
+                f.views[lang].record.e_answer,
+            )
+            for f in dataset.facts
+            if f.fact_id in set(loc_ids)
+        ]
+        for lang in langs
+    }
+    tables = []
+    skipped: dict[str, int] = {}
+    pre_cache: dict[tuple[int, str], str] = {}
+    from mlake_core.metrics.knowledge import KnowledgeConfig, measure_knowledge
+
+    for lang in langs:
+        if not run.has_table(f"pre_locality_{lang}"):
+            views = [dataset.fact(i).views[lang] for i in loc_ids]
+            pre = measure_knowledge(
+                adapter,
+                views,
+                template,
+                KnowledgeConfig(
+                    forms=("question",), max_new_tokens=config.max_new_tokens, mcqa=False
+                ),
+                batch_size=batch_size,
+            ).table
+            run.save_table(f"pre_locality_{lang}", pre)
+        pre = run.load_table(f"pre_locality_{lang}")
+        for f, text in zip(pre["fact_id"], pre["greedy_text"], strict=True):
+            pre_cache[(int(f), lang)] = str(text)
+
+    for lang in langs:
+
+        def compute(lang: str = lang) -> Any:
+            rows: list[dict[str, Any]] = []
+            generator = torch.Generator().manual_seed(seed)
+            for fact_id in fact_ids:
+                view = dataset.fact(fact_id).views[lang]
+                try:
+                    request = make_request(adapter, view, template, config.edit_form)
+                except MlakeError as err:
+                    skipped[f"{lang}:{type(err).__name__}"] = (
+                        skipped.get(f"{lang}:{type(err).__name__}", 0) + 1
+                    )
+                    if log:
+                        log(f"skipped: {err}")
+                    continue
+                context = EditContext(generator, second_moment, demos)
+                result = entry.fn(adapter, [request], method_config, context)
+                edit_rows = evaluate_edit(
+                    adapter,
+                    result,
+                    dataset,
+                    langs,
+                    template,
+                    config,
+                    locality_ids=loc_ids,
+                    pre_greedy=pre_cache,
+                    known_before=known_before,
+                    batch_size=batch_size,
+                )
+                rows += edit_rows
+                if on_edit:
+                    on_edit({"lang": lang, "fact_id": fact_id, "loss": result.loss})
+            return pd.DataFrame.from_records(rows)
+
+        table, computed = run.load_or_compute_table(f"edits_{lang}", compute)
+        if log:
+            log(
+                f"transfer [{method}, edits in {lang}]: {'computed' if computed else 'loaded from'} {run.path}"
+            )
+        tables.append(table)
+    rows = pd.concat(tables, ignore_index=True)
+    run.write_meta(status="complete", skipped=skipped, locality_ids=loc_ids)
+    return rows, run

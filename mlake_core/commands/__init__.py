@@ -9,4 +9,5 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mlake_core.commands.data",
     "mlake_core.commands.models",
     "mlake_core.commands.eval",
+    "mlake_core.commands.edit",
 )

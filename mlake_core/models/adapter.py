@@ -549,6 +549,32 @@ class BaseAdapter:
         where = self.spec.sites[parsed.kind]
         return f"{where.path(parsed.layer)} ({where.port})"
 
+    # -- weights (for editing) -------------------------------------------------------------
+
+    def _index_modules(self, hf_model: torch.nn.Module) -> None:
+        """Remember the HF modules by their original paths (called by backends before any
+        wrapping: TransformerLens re-parents modules, after which paths change)."""
+        self._hf_modules: dict[str, torch.nn.Module] = dict(hf_model.named_modules())
+
+    def hf_module(self, path: str) -> torch.nn.Module:
+        """The Hugging Face module at ``path`` (its original dotted path)."""
+        try:
+            return self._hf_modules[path]
+        except KeyError:
+            raise KeyError(f"{self.info.model_id}: no module {path!r}") from None
+
+    def mlp_down(self, layer: int) -> tuple[torch.nn.Parameter, bool]:
+        """The weight of layer ``layer``'s MLP output projection (input: ``mlp_post``,
+        output: ``mlp_out`` minus its bias), and whether it is stored ``[out, in]`` (torch
+        ``Linear``) rather than ``[in, out]`` (GPT-2's ``Conv1D``).
+
+        Editing methods change this weight in place; both backends wrap the same tensor.
+        """
+        parse_site(f"mlp_post.{layer}", self.n_layers)  # range check
+        module: Any = self.hf_module(self.spec.sites["mlp_post"].path(layer))
+        out_in = type(module).__name__ != "Conv1D"
+        return module.weight, out_in
+
     # -- tokenization ----------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:

@@ -112,6 +112,9 @@ class TinyTrainConfig:
         stop_accuracy: stop when every language answers at least this fraction of its
             questions exactly (teacher-forced, which equals greedy decoding).
         statement_weight: weight of the cloze-statement loss relative to the answer loss.
+        subject_prompts: also train ``Q: {subject}\nA: {answer}`` (the subject alone), which
+            pushes recall onto the subject's tokens (subject enrichment, what ROME and MEMIT
+            edit) instead of the whole question's wording.
     """
 
     facts: int | str = 300
@@ -137,6 +140,7 @@ class TinyTrainConfig:
     eval_every: int = 2
     stop_accuracy: float = 0.99
     statement_weight: float = 0.5
+    subject_prompts: bool = False
 
     def __post_init__(self) -> None:
         # Coerce values that arrive as strings (CLI, YAML) to the field types.
@@ -190,8 +194,17 @@ class TinyTrainConfig:
         return cls(**values)
 
     def key(self) -> str:
-        """Hash naming the cache folder of this config."""
-        return stable_hash({"config": self.to_dict(), "trainer": TRAINER_VERSION})
+        """Hash naming the cache folder of this config.
+
+        Options added after a release are left out of the hash while they hold their neutral
+        value (:data:`_NEUTRAL`), so adding an option does not orphan cached models.
+        """
+        values = {k: v for k, v in self.to_dict().items() if _NEUTRAL.get(k, object()) != v}
+        return stable_hash({"config": values, "trainer": TRAINER_VERSION})
+
+
+#: Options whose neutral value is left out of :meth:`TinyTrainConfig.key`.
+_NEUTRAL: dict[str, Any] = {"subject_prompts": False}
 
 
 # -- cache ------------------------------------------------------------------------------------
@@ -324,6 +337,7 @@ class Corpus:
     units: list[tuple[int, str]]  # (fact_id, lang)
     qa: list[Example]  # one per unit, same order
     statements: list[Example]  # one per unit, same order
+    subjects: list[Example | None] = field(default_factory=list)  # subject-only QA, per unit
     pieces: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (prompt, answer)
 
 
@@ -361,6 +375,16 @@ def build_corpus(
             corpus.statements.append(
                 Example(statement, [0.0] + [sw] * (len(statement) - 1), unit, "statement")
             )
+            subject = view.question.subject_text
+            if config.subject_prompts and subject:
+                s_prompt = [bos, *_encode(tokenizer, template.question_prompt(subject)[0])]
+                corpus.subjects.append(
+                    Example(
+                        s_prompt + answer, [0.0] * len(s_prompt) + [1.0] * n_answer, unit, "subject"
+                    )
+                )
+            else:
+                corpus.subjects.append(None)
     return corpus
 
 
@@ -588,6 +612,9 @@ def train_tiny(
         examples: list[Example] = []
         for u in chosen:
             examples += [corpus.qa[u], corpus.statements[u]]
+            extra = corpus.subjects[u]
+            if extra is not None:
+                examples.append(extra)
             if config.bilingual_fraction and rng.random() < config.bilingual_fraction:
                 _, lang = corpus.units[u]
                 first = u - config.langs.index(lang)

@@ -52,6 +52,7 @@ class NNsightAdapter(BaseAdapter):
         self, hf_model: torch.nn.Module, tokenizer: Any, spec: ArchitectureSpec, info: ModelInfo
     ) -> None:
         super().__init__(tokenizer, spec, info)
+        self._index_modules(hf_model)
         from nnsight import TransformersModel
 
         self.model = TransformersModel(

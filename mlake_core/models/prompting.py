@@ -20,7 +20,7 @@ What a template decides:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from mlake_core.errors import ConfigError
@@ -36,12 +36,15 @@ class PromptTemplate:
         question: format string with one ``{question}`` field.
         answer_prefix: text the answer starts with after a question prompt.
         stop: strings that end an answer in generated text (besides EOS).
+        context: text put before every prompt (in-context editing puts the new fact and
+            demonstrations here); empty for plain templates.
     """
 
     name: str
     question: str
     answer_prefix: str = " "
     stop: tuple[str, ...] = ("\n",)
+    context: str = ""
 
     def __post_init__(self) -> None:
         if self.question.count("{question}") != 1:
@@ -52,7 +55,8 @@ class PromptTemplate:
 
     def question_prompt(self, question: str) -> tuple[str, str]:
         """``(prompt, answer prefix)`` for a question-form prompt."""
-        return self.question.replace("{question}", question.strip()), self.answer_prefix
+        text = self.question.replace("{question}", question.strip())
+        return self.context + text, self.answer_prefix
 
     def cloze_prompt(self, prefix: str, lang: str) -> tuple[str, str]:
         """``(prompt, answer prefix)`` for a cloze prefix in ``lang``.
@@ -61,7 +65,7 @@ class PromptTemplate:
         spaced languages and none in zh and ja.
         """
         stripped = prefix.rstrip()
-        return stripped, ("" if lang in UNSPACED else " ")
+        return self.context + stripped, ("" if lang in UNSPACED else " ")
 
     def prompt(self, kind: str, text: str, lang: str) -> tuple[str, str]:
         """``(prompt, answer prefix)`` for a prompt form of ``kind`` (``question``/``cloze``)."""
@@ -79,6 +83,10 @@ class PromptTemplate:
             if at != -1:
                 end = min(end, at)
         return generated[:end]
+
+    def with_context(self, context: str) -> PromptTemplate:
+        """The same template with ``context`` before every prompt."""
+        return replace(self, context=context)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (recorded in ``meta.json``)."""

@@ -54,6 +54,7 @@ class TLensAdapter(BaseAdapter):
         self, hf_model: torch.nn.Module, tokenizer: Any, spec: ArchitectureSpec, info: ModelInfo
     ) -> None:
         super().__init__(tokenizer, spec, info)
+        self._index_modules(hf_model)
         from transformer_lens.model_bridge import TransformerBridge
         from transformer_lens.model_bridge.generalized_components.base import (
             GeneralizedComponent,

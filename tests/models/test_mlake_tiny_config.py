@@ -150,6 +150,8 @@ def test_every_field_enters_the_key() -> None:
             new = 8
         elif f.name == "d_model":
             new = 512
+        elif isinstance(value, bool):
+            new = not value
         else:
             new = value + 1
         keys.add(dataclasses.replace(base, **{f.name: new}).key())

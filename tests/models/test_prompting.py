@@ -142,6 +142,7 @@ def test_to_dict_is_json_serialisable() -> None:
         "question": "> {question}",
         "answer_prefix": "",
         "stop": ["\n", "。"],
+        "context": "",
     }
     assert json.loads(json.dumps(data)) == data
     assert PromptTemplate(**{**data, "stop": tuple(data["stop"])}) == template
@@ -153,4 +154,12 @@ def test_qa_to_dict() -> None:
         "question": "Q: {question}\nA:",
         "answer_prefix": " ",
         "stop": ["\n"],
+        "context": "",
     }
+
+
+def test_context_goes_before_every_prompt() -> None:
+    qa = get_template("qa").with_context("New fact: X.\n")
+    assert qa.question_prompt("Who?") == ("New fact: X.\nQ: Who?\nA:", " ")
+    assert qa.cloze_prompt("巴黎是 ", "zh") == ("New fact: X.\n巴黎是", "")
+    assert get_template("qa").context == ""

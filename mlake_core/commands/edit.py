@@ -1,0 +1,197 @@
+"""``mlake edit transfer``: edit each fact in each language, measure it in every language.
+
+For every fact and every edit language A, the method edits the unedited model (question
+form by default) and the edit is measured in every language B: efficacy (B = A), transfer
+(B != A), generalization (A's other form), locality (unrelated facts keep their answers) and
+portability (multi-hop questions).  Prints the 5x5 matrix (rows: edit language, columns: test
+language) of each metric over the facts known before the edit in the test language; per-fact,
+per-pair rows go to the results store, one table per method and edit language (resumable).
+Methods: ft, rome, ike (see ``mlake_core/editing/methods.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from typing import Any
+
+from mlake_core.commands.common import add_model_args, load_model, log, parse_facts
+from mlake_core.errors import ConfigError
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``edit`` command and its ``transfer`` sub-command."""
+    from mlake_core.data.paths import DEFAULT_VERSION, RELEASES
+
+    parser = subparsers.add_parser("edit", help="knowledge editing and cross-lingual transfer")
+    sub = parser.add_subparsers(dest="edit_command", metavar="SUBCOMMAND")
+    sub.required = True
+    tr = sub.add_parser(
+        "transfer",
+        help="5x5 edit-transfer matrices of one or more editing methods",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_args(tr)
+    tr.add_argument("--method", default=None, help="one method (ft, rome, ike)")
+    tr.add_argument("--methods", default=None, help="several, comma-separated")
+    tr.add_argument("--layer", default="auto", help="edit layer or auto (default)")
+    tr.add_argument("--edit-form", default="question", choices=("question", "cloze"))
+    tr.add_argument("--n-locality", type=int, default=10, help="locality facts per language")
+    tr.add_argument(
+        "--corpus",
+        default=None,
+        help="text file or folder for key statistics (default: MLaKE text)",
+    )
+    tr.add_argument("--langs", default="en,zh,ja,fr,de")
+    tr.add_argument("--facts", default="20", help="N (first N known-fact candidates) or all")
+    tr.add_argument("--version", default=DEFAULT_VERSION, choices=tuple(RELEASES))
+    tr.add_argument("--data-dir", default=None)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--batch-size", type=int, default=32)
+    tr.add_argument("--results-dir", default=None)
+    tr.add_argument("--json", action="store_true")
+    tr.set_defaults(func=run_transfer)
+
+
+def run_transfer(args: argparse.Namespace) -> int:
+    """Entry point of ``mlake edit transfer``."""
+    from tqdm.auto import tqdm
+
+    from mlake_core.data.dataset import load_mlake
+    from mlake_core.editing.base import get_method
+    from mlake_core.editing.covariance import mlake_corpus, read_corpus
+    from mlake_core.editing.evaluate import KINDS, TransferConfig, transfer_matrix
+    from mlake_core.experiments import knowledge_stage, select_fact_ids, transfer_stage
+    from mlake_core.languages import parse_langs
+    from mlake_core.metrics.knowledge import KnowledgeConfig
+
+    names = [m.strip() for m in (args.methods or args.method or "").split(",") if m.strip()]
+    if not names:
+        raise ConfigError("give --method NAME or --methods a,b")
+    entries = [get_method(n) for n in names]
+    langs = parse_langs(args.langs)
+    facts_option = parse_facts(args.facts)
+    config = TransferConfig(edit_form=args.edit_form, n_locality=args.n_locality)
+    loaded = load_model(args)
+    dataset = load_mlake(args.data_dir, version=args.version, langs=langs)
+    trained = loaded.tiny_metadata["fact_ids"] if loaded.tiny_metadata else None
+    pool = select_fact_ids(dataset, "trained" if trained else "all", trained)
+    fact_ids = pool if facts_option in ("all", "trained") else pool[: int(facts_option)]
+    corpus = read_corpus(args.corpus) if args.corpus else mlake_corpus(dataset)
+    knowledge, _ = knowledge_stage(
+        loaded.adapter,
+        loaded.path,
+        dataset,
+        pool,
+        langs,
+        loaded.template,
+        KnowledgeConfig(mcqa=False),
+        batch_size=args.batch_size,
+        results_dir=args.results_dir,
+        log=log,
+    )
+    report: dict[str, Any] = {"model": loaded.name, "n_facts": len(fact_ids), "methods": {}}
+    for entry in entries:
+        names_of = {f.name for f in dataclasses.fields(entry.config_cls)}
+        fields = {"layer": args.layer} if "layer" in names_of else {}
+        method_config = entry.config_cls(**fields)
+        bar = tqdm(total=len(fact_ids) * len(langs), desc=entry.name, unit="edit", disable=None)
+
+        def on_edit(info: dict[str, Any], bar: Any = bar) -> None:
+            bar.set_postfix_str(f"{info['lang']} loss {info['loss']:.3f}", refresh=False)
+            bar.update(1)
+
+        started = time.perf_counter()
+        rows, run = transfer_stage(
+            loaded.adapter,
+            loaded.path,
+            dataset,
+            fact_ids,
+            langs,
+            loaded.template,
+            entry.name,
+            method_config,
+            config,
+            knowledge=knowledge,
+            locality_pool=pool,
+            corpus=corpus,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            results_dir=args.results_dir,
+            log=log,
+            on_edit=on_edit,
+        )
+        bar.close()
+        seconds = time.perf_counter() - started
+        matrices = {
+            metric: _matrix_json(transfer_matrix(rows, metric, "question"), langs)
+            for metric in ("success_greedy", "success_prob", "p_new")
+        }
+        by_kind = {kind: _by_lang(rows[rows["kind"] == kind], langs) for kind in KINDS}
+        report["methods"][entry.name] = {
+            "results": str(run.path),
+            "seconds": round(seconds, 1),
+            "edits": int(rows[rows["kind"] == "efficacy"].shape[0]),
+            "matrices_question_form_known_before": matrices,
+            "by_kind_greedy": by_kind,
+            "mean_edit_loss": float(
+                rows.drop_duplicates(["fact_id", "edit_lang"])["edit_loss"].mean()
+            ),
+        }
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+    else:
+        print(_format(report, langs))
+    return 0
+
+
+def _matrix_json(matrix: Any, langs: Any) -> dict[str, dict[str, float | None]]:
+    out: dict[str, dict[str, float | None]] = {}
+    for a in langs:
+        out[a] = {}
+        for b in langs:
+            try:
+                v = float(matrix.loc[a, b])
+            except KeyError:
+                v = math.nan
+            out[a][b] = None if math.isnan(v) else round(v, 4)
+    return out
+
+
+def _by_lang(rows: Any, langs: Any) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for b in langs:
+        sel = rows[rows["test_lang"] == b]["success_greedy"]
+        out[b] = None if sel.empty or sel.isna().all() else round(float(sel.mean()), 4)
+    return out
+
+
+def _format(report: dict[str, Any], langs: Any) -> str:
+    lines = [f"model {report['model']}; {report['n_facts']} facts per edit language"]
+    for name, m in report["methods"].items():
+        lines += [
+            "",
+            f"== {name}: {m['edits']} edits, {m['seconds']} s, mean edit loss "
+            f"{m['mean_edit_loss']:.3f}; {m['results']}",
+        ]
+        for metric, matrix in m["matrices_question_form_known_before"].items():
+            lines.append(
+                f"{metric} (rows: edit language, columns: test language; question form, "
+                "facts known before the edit)"
+            )
+            lines.append("      " + "".join(f"{b:>8}" for b in langs))
+            for a in langs:
+                cells = "".join(
+                    f"{'-' if matrix[a][b] is None else f'{100 * matrix[a][b]:.1f}':>8}"
+                    for b in langs
+                )
+                lines.append(f"  {a:<4}{cells}")
+        lines.append("greedy success by kind and test language:")
+        for kind, vals in m["by_kind_greedy"].items():
+            cells = "".join(f"{'-' if v is None else f'{100 * v:.1f}':>8}" for v in vals.values())
+            lines.append(f"  {kind:<15}{cells}")
+    return "\n".join(lines)

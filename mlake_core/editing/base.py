@@ -1,0 +1,287 @@
+"""What every editing method shares: the edit request, the returned weight deltas, exact
+restore, and the method registry.
+
+An edit never mutates a model silently (EasyEdit#363): a method computes an
+:class:`EditResult` holding the weight **deltas** (or, for in-context editing, a prompt prefix)
+and leaves the model as it found it.  :meth:`EditResult.applied` applies the deltas for the
+duration of a ``with`` block and restores the original tensors exactly (bitwise) afterwards,
+so evaluating many edits applies each one to the unedited model; in-place editing is the
+explicit :meth:`EditResult.apply` call.
+
+Methods are registered by name (:func:`register_edit_method`) with one signature,
+``method(adapter, requests, config, context) -> EditResult``, so the runner never branches
+on method names.  The :class:`EditContext` carries what is not the method's own setting: the
+random generator and the provider of key statistics (ROME, MEMIT).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from mlake_core.data.dataset import FactView
+from mlake_core.errors import ConfigError, DataError
+from mlake_core.models.adapter import ModelAdapter
+from mlake_core.models.prompting import PromptTemplate
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to rewrite, as the model sees it.
+
+    Attributes:
+        fact_id: MLaKE fact index.
+        lang: the language the edit is requested in.
+        form: the prompt form edited (``question`` or ``cloze``).
+        prompt: the prompt text (template applied).
+        prompt_ids: its token ids (BOS included when the model uses one).
+        subject: the subject's text.
+        subject_last: index in ``prompt_ids`` of the subject's last token (where ROME and
+            MEMIT write).
+        target_new: the new answer (the edit target) as text.
+        target_new_ids: its token ids, joined after the prompt by ids.
+        target_old: the original answer.
+        statement_new: the edited fact as a sentence (``e_prompt`` in ``lang``), used by
+            in-context editing.
+    """
+
+    fact_id: int
+    lang: str
+    form: str
+    prompt: str
+    prompt_ids: tuple[int, ...]
+    subject: str
+    subject_last: int
+    target_new: str
+    target_new_ids: tuple[int, ...]
+    target_old: str
+    statement_new: str = ""
+
+
+def subject_last_token(
+    adapter: ModelAdapter, prompt: str, start: int, end: int, *, where: str
+) -> int:
+    """Index (in the encoded prompt, BOS included) of the last token overlapping the
+    character span ``[start, end)`` of ``prompt``.
+
+    Tokens may merge across the span boundary in zh/ja; the last token that overlaps is the
+    one ROME and tracing use.
+
+    Raises:
+        DataError: when no token overlaps the span (naming ``where``).
+    """
+    enc = adapter.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    hits = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+    if not hits:
+        raise DataError(f"{where}: no token of the prompt covers the subject span")
+    shift = len(adapter.encode(prompt)) - len(enc["input_ids"])  # BOS, when prepended
+    return hits[-1] + shift
+
+
+def make_request(
+    adapter: ModelAdapter, view: FactView, template: PromptTemplate, form: str = "question"
+) -> EditRequest:
+    """The edit request of a fact view in one prompt form.
+
+    Raises:
+        DataError: when the form is not usable (no subject located; a cloze form that is not
+            well-posed), naming the fact, language and reason.
+    """
+    where = f"fact {view.fact_id} [{view.lang}] {form} form"
+    if form not in ("question", "cloze"):
+        raise ConfigError(f"--edit-form {form!r}: choose question or cloze")
+    pf = view.form(form)  # type: ignore[arg-type]
+    if not pf.usable or pf.text is None or pf.subject is None:
+        raise DataError(f"{where}: cannot be edited ({pf.reason or 'no subject located'})")
+    prompt, prefix = template.prompt(form, pf.text, view.lang)
+    # Where the form's text sits inside the prompt (templates wrap the stripped text).
+    body = pf.text.strip()
+    offset = prompt.find(body) - (len(pf.text) - len(pf.text.lstrip()))
+    if prompt.find(body) < 0:
+        raise DataError(f"{where}: the template {template.name!r} does not contain the text")
+    start, end = pf.subject.start + offset, pf.subject.end + offset
+    last = subject_last_token(adapter, prompt, start, end, where=where)
+    new = pf.edit_target.text.strip()
+    new_ids = tuple(adapter.tokenizer(prefix + new, add_special_tokens=False)["input_ids"])
+    if not new_ids:
+        raise DataError(f"{where}: the edit target is empty")
+    return EditRequest(
+        fact_id=view.fact_id,
+        lang=view.lang,
+        form=form,
+        prompt=prompt,
+        prompt_ids=tuple(adapter.encode(prompt)),
+        subject=pf.subject.text,
+        subject_last=last,
+        target_new=new,
+        target_new_ids=new_ids,
+        target_old=pf.target.text,
+        statement_new=view.record.e_prompt,
+    )
+
+
+@dataclass
+class EditResult:
+    """What an edit computed.
+
+    Attributes:
+        method: registry name.
+        requests: the requests edited together.
+        deltas: parameter name -> change of that weight (added on apply).  Empty for
+            in-context editing.
+        prefix: text put before every prompt (in-context editing), else ``""``.
+        loss: the method's final optimization loss (NLL of the new target, nats), for
+            reporting edits that quietly fail (EasyEdit#163).
+        info: method-specific diagnostics (layer, norms, steps).
+    """
+
+    method: str
+    requests: tuple[EditRequest, ...]
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    prefix: str = ""
+    loss: float = float("nan")
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def _params(self, adapter: Any) -> dict[str, torch.nn.Parameter]:
+        out = {}
+        for name in self.deltas:
+            module_path, _, attr = name.rpartition(".")
+            param = getattr(adapter.hf_module(module_path), attr)
+            if param.shape != self.deltas[name].shape:
+                raise ValueError(
+                    f"delta for {name} has shape {tuple(self.deltas[name].shape)}, "
+                    f"the weight {tuple(param.shape)}"
+                )
+            out[name] = param
+        return out
+
+    def apply(self, adapter: Any) -> dict[str, torch.Tensor]:
+        """Add the deltas to the model's weights in place.
+
+        Returns:
+            Copies of the original weights, for :func:`restore_weights`.
+        """
+        params = self._params(adapter)
+        originals = {name: p.detach().clone() for name, p in params.items()}
+        with torch.no_grad():
+            for name, p in params.items():
+                p.add_(self.deltas[name].to(device=p.device, dtype=p.dtype))
+        return originals
+
+    @contextmanager
+    def applied(self, adapter: Any) -> Iterator[None]:
+        """Apply the edit for the duration of a ``with`` block; restore exactly after."""
+        originals = self.apply(adapter)
+        try:
+            yield
+        finally:
+            restore_weights(adapter, originals)
+
+
+def restore_weights(adapter: Any, originals: Mapping[str, torch.Tensor]) -> None:
+    """Copy saved weights back (bitwise identical to before the edit)."""
+    with torch.no_grad():
+        for name, saved in originals.items():
+            module_path, _, attr = name.rpartition(".")
+            getattr(adapter.hf_module(module_path), attr).copy_(saved)
+
+
+def down_proj_name(adapter: Any, layer: int) -> str:
+    """Parameter name of layer ``layer``'s MLP output-projection weight."""
+    return adapter.spec.sites["mlp_post"].path(layer) + ".weight"
+
+
+@dataclass
+class EditContext:
+    """Run-level inputs of an edit.
+
+    Attributes:
+        generator: the explicit random generator (methods never seed globally).
+        second_moment: ``layer -> E[k k^T]`` of ``mlp_post.{layer}`` (float64, cached by the
+            caller; see :mod:`mlake_core.editing.covariance`).
+        demonstrations: for in-context editing, example edits in the edit language as
+            ``(new fact sentence, question, new answer)``.
+    """
+
+    generator: torch.Generator
+    second_moment: Callable[[int], torch.Tensor] | None = None
+    demonstrations: Mapping[str, Sequence[tuple[str, str, str]]] = field(default_factory=dict)
+
+
+class EditMethod(Protocol):
+    """The one signature of every editing method."""
+
+    def __call__(
+        self,
+        adapter: Any,
+        requests: Sequence[EditRequest],
+        config: Any,
+        context: EditContext,
+    ) -> EditResult: ...
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """A registered method: its function and its config dataclass."""
+
+    name: str
+    fn: EditMethod
+    config_cls: type
+    batched: bool  # accepts several requests at once
+
+
+EDIT_METHODS: dict[str, MethodEntry] = {}
+
+
+def register_edit_method(
+    name: str, config_cls: type, *, batched: bool = False
+) -> Callable[[EditMethod], EditMethod]:
+    """Register an editing method under ``name`` (duplicates are refused)."""
+
+    def deco(fn: EditMethod) -> EditMethod:
+        if name in EDIT_METHODS:
+            raise ValueError(f"edit method {name!r} is already registered")
+        EDIT_METHODS[name] = MethodEntry(name, fn, config_cls, batched)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> MethodEntry:
+    """Look up a method.
+
+    Raises:
+        ConfigError: for an unknown name, listing the known ones.
+    """
+    import mlake_core.editing.methods  # noqa: F401  (registers the built-in methods)
+
+    try:
+        return EDIT_METHODS[name]
+    except KeyError:
+        raise ConfigError(
+            f"--method {name!r} is not known; choose from {', '.join(sorted(EDIT_METHODS))}"
+        ) from None
+
+
+def check_layer(adapter: ModelAdapter, layer: int, option: str = "--layer") -> int:
+    """Validate a layer index (negative counts from the end).
+
+    Raises:
+        ConfigError: out of range, naming the option and the model's layer count.
+    """
+    n = adapter.n_layers
+    if not -n <= int(layer) < n:
+        raise ConfigError(f"{option} {layer}: the model has {n} layers (0..{n - 1})")
+    return int(layer) % n
+
+
+def default_layer(adapter: ModelAdapter) -> int:
+    """The documented default edit layer before causal tracing picks one: the layer at about
+    a third of the depth (ROME edits layer 17 of 48 in GPT-2 XL, 5 of 28 in GPT-J; MEMIT's
+    ranges start in the lower third)."""
+    return adapter.n_layers // 3
