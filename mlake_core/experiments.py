@@ -235,33 +235,12 @@ def transfer_stage(
                 f.views[lang].record.question,
                 f.views[lang].record.e_answer,
             )
-            for f in dataset.facts
-            if f.fact_id in set(loc_ids)
+            for f in (dataset.fact(i) for i in loc_ids)
         ]
         for lang in langs
     }
     tables = []
     skipped: dict[str, int] = {}
-    pre_cache: dict[tuple[int, str], str] = {}
-    from mlake_core.metrics.knowledge import KnowledgeConfig, measure_knowledge
-
-    for lang in langs:
-        if not run.has_table(f"pre_locality_{lang}"):
-            views = [dataset.fact(i).views[lang] for i in loc_ids]
-            pre = measure_knowledge(
-                adapter,
-                views,
-                template,
-                KnowledgeConfig(
-                    forms=("question",), max_new_tokens=config.max_new_tokens, mcqa=False
-                ),
-                batch_size=batch_size,
-            ).table
-            run.save_table(f"pre_locality_{lang}", pre)
-        pre = run.load_table(f"pre_locality_{lang}")
-        for f, text in zip(pre["fact_id"], pre["greedy_text"], strict=True):
-            pre_cache[(int(f), lang)] = str(text)
-
     for lang in langs:
 
         def compute(lang: str = lang) -> Any:
@@ -288,7 +267,6 @@ def transfer_stage(
                     template,
                     config,
                     locality_ids=loc_ids,
-                    pre_greedy=pre_cache,
                     known_before=known_before,
                     batch_size=batch_size,
                 )

@@ -50,6 +50,33 @@ def add_model_args(parser: argparse.ArgumentParser, *, template: bool = True) ->
         )
 
 
+def add_data_args(
+    parser: argparse.ArgumentParser, *, facts_default: str | None, facts_help: str
+) -> None:
+    """Add ``--langs``, ``--facts``, ``--version`` and ``--data-dir``."""
+    from mlake_core.data.paths import DEFAULT_VERSION, RELEASES
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--langs", default="en,zh,ja,fr,de", help="comma-separated languages")
+    data.add_argument("--facts", default=facts_default, help=facts_help)
+    data.add_argument("--version", default=DEFAULT_VERSION, choices=tuple(RELEASES))
+    data.add_argument("--data-dir", default=None, help="MLaKE data directory")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--batch-size``, ``--results-dir`` and ``--json``."""
+    run = parser.add_argument_group("run")
+    run.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
+    run.add_argument("--results-dir", default=None, help="results root (default: ./runs)")
+    run.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def check_run_args(args: argparse.Namespace) -> None:
+    """Validate the options of :func:`add_run_args` (before any model is loaded)."""
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
+
+
 def log(message: str) -> None:
     """A progress line on stderr (stdout stays clean for tables and JSON)."""
     print(f"mlake: {message}", file=sys.stderr, flush=True)
@@ -79,7 +106,7 @@ class LoadedModel:
 def load_model(args: argparse.Namespace) -> LoadedModel:
     """Load the model named by the shared options (see :func:`add_model_args`)."""
     from mlake_core.models.loading import load_adapter
-    from mlake_core.models.mlake_tiny import TINY_NAME, read_metadata, resolve_template
+    from mlake_core.models.mlake_tiny import TINY_NAME, read_metadata
     from mlake_core.models.prompting import DEFAULT_TEMPLATE, get_template
 
     path = resolve_model_path(args.model, getattr(args, "data_dir", None))
@@ -92,17 +119,17 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
         revision=args.revision,
     )
     meta = read_metadata(path) if Path(path).is_dir() else None
+    trained = get_template(str(meta["config"]["template"])) if meta else None
     chosen = getattr(args, "template", None)
     if chosen is not None:
         template = get_template(chosen)
-        trained = resolve_template(path)
         if trained is not None and trained.name != template.name:
             log(
                 f"warning: --template {chosen} differs from the template {trained.name!r} the "
                 "model was trained with"
             )
     else:
-        template = resolve_template(path) or get_template(DEFAULT_TEMPLATE)
+        template = trained or get_template(DEFAULT_TEMPLATE)
     name = args.model or TINY_NAME
     return LoadedModel(adapter=adapter, name=name, path=path, template=template, tiny_metadata=meta)
 

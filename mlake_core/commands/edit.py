@@ -18,14 +18,20 @@ import math
 import time
 from typing import Any
 
-from mlake_core.commands.common import add_model_args, load_model, log, parse_facts
+from mlake_core.commands.common import (
+    add_data_args,
+    add_model_args,
+    add_run_args,
+    check_run_args,
+    load_model,
+    log,
+    parse_facts,
+)
 from mlake_core.errors import ConfigError
 
 
 def register(subparsers: Any) -> None:
     """Add the ``edit`` command and its ``transfer`` sub-command."""
-    from mlake_core.data.paths import DEFAULT_VERSION, RELEASES
-
     parser = subparsers.add_parser("edit", help="knowledge editing and cross-lingual transfer")
     sub = parser.add_subparsers(dest="edit_command", metavar="SUBCOMMAND")
     sub.required = True
@@ -46,14 +52,9 @@ def register(subparsers: Any) -> None:
         default=None,
         help="text file or folder for key statistics (default: MLaKE text)",
     )
-    tr.add_argument("--langs", default="en,zh,ja,fr,de")
-    tr.add_argument("--facts", default="20", help="N (first N known-fact candidates) or all")
-    tr.add_argument("--version", default=DEFAULT_VERSION, choices=tuple(RELEASES))
-    tr.add_argument("--data-dir", default=None)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--batch-size", type=int, default=32)
-    tr.add_argument("--results-dir", default=None)
-    tr.add_argument("--json", action="store_true")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the edit methods")
+    add_data_args(tr, facts_default="20", facts_help="N (the first N) or all (default: 20)")
+    add_run_args(tr)
     tr.set_defaults(func=run_transfer)
 
 
@@ -75,6 +76,7 @@ def run_transfer(args: argparse.Namespace) -> int:
     entries = [get_method(n) for n in names]
     langs = parse_langs(args.langs)
     facts_option = parse_facts(args.facts)
+    check_run_args(args)
     config = TransferConfig(edit_form=args.edit_form, n_locality=args.n_locality)
     loaded = load_model(args)
     dataset = load_mlake(args.data_dir, version=args.version, langs=langs)
@@ -89,7 +91,7 @@ def run_transfer(args: argparse.Namespace) -> int:
         pool,
         langs,
         loaded.template,
-        KnowledgeConfig(mcqa=False),
+        KnowledgeConfig(mcqa=False, max_new_tokens=config.max_new_tokens),
         batch_size=args.batch_size,
         results_dir=args.results_dir,
         log=log,

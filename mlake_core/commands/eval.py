@@ -16,17 +16,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from typing import Any
 
-from mlake_core.commands.common import add_model_args, load_model, log, parse_facts
-from mlake_core.errors import ConfigError
+from mlake_core.commands.common import (
+    add_data_args,
+    add_model_args,
+    add_run_args,
+    check_run_args,
+    load_model,
+    log,
+    parse_facts,
+)
 
 
 def register(subparsers: Any) -> None:
     """Add the ``eval`` command and its ``knowledge`` sub-command."""
-    from mlake_core.data.paths import DEFAULT_VERSION, RELEASES
     from mlake_core.metrics.knowledge import FORMS
 
     parser = subparsers.add_parser("eval", help="measure models on MLaKE")
@@ -39,25 +44,18 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_args(know)
-    data = know.add_argument_group("data")
-    data.add_argument("--langs", default="en,zh,ja,fr,de", help="comma-separated languages")
-    data.add_argument(
-        "--facts",
-        default=None,
-        help="N (the first N), all, or trained (default: mlake-tiny's training facts for "
-        "mlake-tiny models, all facts otherwise)",
+    add_data_args(
+        know,
+        facts_default=None,
+        facts_help="N (the first N), all, or trained (default: mlake-tiny's training facts "
+        "for mlake-tiny models, all facts otherwise)",
     )
-    data.add_argument("--version", default=DEFAULT_VERSION, choices=tuple(RELEASES))
-    data.add_argument("--data-dir", default=None, help="MLaKE data directory")
     method = know.add_argument_group("measurement")
     method.add_argument(
         "--forms", default=",".join(FORMS), help="prompt forms to measure (default: both)"
     )
     method.add_argument("--max-new-tokens", type=int, default=24, help="greedy length")
-    run = know.add_argument_group("run")
-    run.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
-    run.add_argument("--results-dir", default=None, help="results root (default: ./runs)")
-    run.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_run_args(know)
     know.set_defaults(func=run_knowledge)
 
 
@@ -70,8 +68,7 @@ def run_knowledge(args: argparse.Namespace) -> int:
 
     langs = parse_langs(args.langs)
     facts_option = parse_facts(args.facts) if args.facts else None
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
+    check_run_args(args)
     config = KnowledgeConfig(
         forms=tuple(f.strip() for f in args.forms.split(",") if f.strip()),
         max_new_tokens=args.max_new_tokens,
@@ -169,7 +166,3 @@ def format_summary(report: dict[str, Any]) -> str:
         lines += ["", f"not measured (language:form:reason count): {counts}"]
     lines += ["", f"per-fact results: {report['results']} ({report['seconds']} s)"]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(0)

@@ -10,8 +10,9 @@ applied to the unedited model (:meth:`~mlake_core.editing.base.EditResult.applie
 ``transfer``
     B != A, both prompt forms of ``f`` in B (the cloze form where well-posed).
 ``locality``
-    a fixed sample of other facts in B (question form): the fraction whose greedy answer is
-    unchanged by the edit.
+    a fixed sample of other facts in B (question form): of those the unedited model answered
+    correctly, the fraction still answered correctly after the edit (the pre-edit answers come
+    from the knowledge stage, measured once).
 ``portability``
     the multi-hop "new" questions linked to ``f`` in B: greedy alias match of their answer.
 
@@ -30,7 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mlake_core.configs import coerce_fields
-from mlake_core.data.dataset import FactView, MlakeDataset
+from mlake_core.data.dataset import MlakeDataset
 from mlake_core.editing.base import EditResult
 from mlake_core.errors import ConfigError
 from mlake_core.metrics.knowledge import (
@@ -53,13 +54,15 @@ class TransferConfig:
         edit_form: the prompt form the edit is requested in (``question`` or ``cloze``).
         n_locality: unrelated facts per test language for locality (a fixed sample).
         locality_seed: seed of that sample.
-        max_new_tokens: greedy generation length.
+        max_new_tokens: greedy generation length; the pre-edit knowledge measurement must use
+            the same (a long answer cut short is not matched), which ``mlake edit transfer``
+            ensures.
     """
 
     edit_form: str = "question"
     n_locality: int = 10
     locality_seed: int = 0
-    max_new_tokens: int = 16
+    max_new_tokens: int = KnowledgeConfig().max_new_tokens
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -94,13 +97,12 @@ def evaluate_edit(
     config: TransferConfig,
     *,
     locality_ids: Sequence[int],
-    pre_greedy: Mapping[tuple[int, str], str],
     known_before: Mapping[tuple[int, str], bool],
     batch_size: int = 32,
 ) -> list[dict[str, Any]]:
     """Rows (one per fact, test language, form and kind) for one edit (see the module
-    docstring).  ``pre_greedy`` holds the unedited model's greedy answers of the locality
-    facts' question forms; ``known_before`` whether each (fact, language) was known."""
+    docstring).  ``known_before`` says whether the unedited model answered each
+    (fact, language) correctly in the question form (greedy alias match)."""
     (request,) = result.requests[:1]
     fact = dataset.fact(request.fact_id)
     tpl = template.with_context(result.prefix) if result.prefix else template
@@ -149,8 +151,9 @@ def evaluate_edit(
     for b in langs:
         sub = loc[loc["lang"] == b]
         kept = [
-            float(t == pre_greedy[(int(f), b)])
-            for f, t in zip(sub["fact_id"], sub["greedy_text"], strict=True)
+            float(m == "original")
+            for f, m in zip(sub["fact_id"], sub["greedy_match"], strict=True)
+            if known_before.get((int(f), b), False)
         ]
         rows.append(
             {
@@ -228,8 +231,3 @@ def transfer_matrix(
     if known_only:
         sel = sel[sel["known_before"]]
     return sel.pivot_table(index="edit_lang", columns="test_lang", values=metric, aggfunc="mean")
-
-
-def views_of(dataset: MlakeDataset, fact_ids: Sequence[int], lang: str) -> list[FactView]:
-    """The views of ``fact_ids`` in ``lang``."""
-    return [dataset.fact(i).views[lang] for i in fact_ids]

@@ -36,7 +36,6 @@ TransformerLens#774; Qwen has no BOS at all).
 
 from __future__ import annotations
 
-import importlib.metadata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -385,17 +384,6 @@ class ModelInfo:
         out = asdict(self)
         out["versions"] = dict(self.versions)
         return out
-
-
-def package_versions(*names: str) -> dict[str, str]:
-    """Installed versions of the given distributions (missing ones are skipped)."""
-    out = {}
-    for name in names:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
 
 
 @runtime_checkable

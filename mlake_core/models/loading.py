@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from mlake_core.errors import ConfigError
-from mlake_core.models.adapter import BaseAdapter, BosPolicy, ModelInfo, package_versions
+from mlake_core.models.adapter import BaseAdapter, BosPolicy, ModelInfo
 from mlake_core.models.sites import ARCHITECTURES, ArchitectureSpec, get_spec
+from mlake_core.provenance import package_versions
 
 #: Backends accepted by ``load_adapter(backend=...)`` / ``--backend``.
 BACKENDS: tuple[str, ...] = ("tlens", "nnsight")
@@ -298,7 +299,7 @@ def load_adapter(
         positional=spec.positional,
         bos=BosPolicy.from_tokenizer(tokenizer),
         trust_remote_code=trust_remote_code,
-        versions=package_versions("torch", "transformers", _BACKEND_PACKAGES[backend]),
+        versions=package_versions(("torch", "transformers", _BACKEND_PACKAGES[backend])),
     )
     if backend == "tlens":
         from mlake_core.models.tlens_backend import TLensAdapter

@@ -30,15 +30,13 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from mlake_core.errors import ConfigError, DataError
 from mlake_core.provenance import provenance, stable_hash
 
 #: Environment variable naming the results root.
 RESULTS_ENV = "MLAKE_RESULTS"
-
-T = TypeVar("T")
 
 
 def results_root(explicit: str | os.PathLike[str] | None = None) -> Path:

@@ -85,3 +85,41 @@ def test_bad_inputs(adapter, view, mlake_v2411) -> None:
         make_request(adapter, no_subject, QA)
     with pytest.raises(ConfigError, match="one fact at a time"):
         entry.fn(adapter, [req, req], entry.config_cls(), _context(adapter, mlake_v2411))
+
+
+def test_evaluation_of_a_null_edit(adapter, micro_tiny: Path, mlake_v2411) -> None:
+    """An edit that changes nothing: no efficacy, no transfer, full locality among the
+    locality facts known before, and known_before taken from the pre-edit measurement."""
+    from mlake_core.editing import EditResult
+    from mlake_core.editing.evaluate import TransferConfig, evaluate_edit
+    from mlake_core.metrics.knowledge import measure_knowledge
+
+    meta = read_metadata(micro_tiny)
+    assert meta is not None
+    ids, langs = meta["fact_ids"], ("en", "zh")
+    pre = measure_knowledge(adapter, [mlake_v2411.fact(i).views[b] for i in ids for b in langs], QA)
+    q = pre.table[pre.table["form"] == "question"]
+    known = {
+        (int(f), b): m == "original"
+        for f, b, m in zip(q["fact_id"], q["lang"], q["greedy_match"], strict=True)
+    }
+    req = make_request(adapter, mlake_v2411.fact(ids[0]).views["en"], QA)
+    rows = evaluate_edit(
+        adapter,
+        EditResult("none", (req,)),
+        mlake_v2411,
+        langs,
+        QA,
+        TransferConfig(),
+        locality_ids=ids[1:],
+        known_before=known,
+    )
+    by = {(r["kind"], r["test_lang"], r["form"]): r for r in rows}
+    eff = by[("efficacy", "en", "question")]
+    assert eff["success_greedy"] == 0.0 and eff["success_prob"] == 0.0
+    assert eff["known_before"] == known[(ids[0], "en")]
+    assert by[("transfer", "zh", "question")]["success_greedy"] == 0.0
+    for b in langs:
+        loc = by[("locality", b, "question")]
+        assert loc["success_greedy"] == 1.0
+        assert loc["n"] == sum(known[(i, b)] for i in ids[1:])
