@@ -6,7 +6,7 @@ form by default) and the edit is measured in every language B: efficacy (B = A),
 portability (multi-hop questions).  Prints the 5x5 matrix (rows: edit language, columns: test
 language) of each metric over the facts known before the edit in the test language; per-fact,
 per-pair rows go to the results store, one table per method and edit language (resumable).
-Methods: ft, rome, ike (see ``mlake_core/editing/methods.py``).
+Methods: ft, rome, memit, ike (see ``mlake_core/editing/methods.py`` and ``memit.py``).
 """
 
 from __future__ import annotations
@@ -42,9 +42,14 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_args(tr)
-    tr.add_argument("--method", default=None, help="one method (ft, rome, ike)")
+    tr.add_argument("--method", default=None, help="one method (ft, rome, memit, ike)")
     tr.add_argument("--methods", default=None, help="several, comma-separated")
-    tr.add_argument("--layer", default="auto", help="edit layer or auto (default)")
+    tr.add_argument(
+        "--layer",
+        default="auto",
+        help="edit layer (ft, rome), layers for memit (a range such as 0-1 or a list "
+        "such as 0,1), or auto (default: the documented default per model size)",
+    )
     tr.add_argument("--edit-form", default="question", choices=("question", "cloze"))
     tr.add_argument("--n-locality", type=int, default=10, help="locality facts per language")
     tr.add_argument(
@@ -99,7 +104,7 @@ def run_transfer(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"model": loaded.name, "n_facts": len(fact_ids), "methods": {}}
     for entry in entries:
         names_of = {f.name for f in dataclasses.fields(entry.config_cls)}
-        fields = {"layer": args.layer} if "layer" in names_of else {}
+        fields = {name: args.layer for name in ("layer", "layers") if name in names_of}
         method_config = entry.config_cls(**fields)
         bar = tqdm(total=len(fact_ids) * len(langs), desc=entry.name, unit="edit", disable=None)
 

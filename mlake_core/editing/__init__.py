@@ -2,7 +2,7 @@
 
 * :mod:`~mlake_core.editing.base` -- :class:`EditRequest`, :class:`EditResult` (weight deltas,
   exact restore), :class:`EditContext`, the method registry.
-* :mod:`~mlake_core.editing.methods` -- FT, ROME, IKE.
+* :mod:`~mlake_core.editing.methods` -- FT, ROME, IKE; :mod:`~mlake_core.editing.memit` -- MEMIT.
 * :mod:`~mlake_core.editing.covariance` -- ``E[k k^T]`` of MLP keys for ROME and MEMIT.
 """
 

@@ -258,7 +258,8 @@ def get_method(name: str) -> MethodEntry:
     Raises:
         ConfigError: for an unknown name, listing the known ones.
     """
-    import mlake_core.editing.methods  # noqa: F401  (registers the built-in methods)
+    import mlake_core.editing.memit
+    import mlake_core.editing.methods  # noqa: F401  (register the built-in methods)
 
     try:
         return EDIT_METHODS[name]
@@ -280,8 +281,24 @@ def check_layer(adapter: ModelAdapter, layer: int, option: str = "--layer") -> i
     return int(layer) % n
 
 
+def check_not_last(adapter: ModelAdapter, layer: int, method: str) -> int:
+    """Methods that write at the subject token (ROME, MEMIT) cannot use the last layer: its
+    output at a token before the last is read by no later layer, so it cannot change the
+    answer.
+
+    Raises:
+        ConfigError: for the last layer, naming the method and the usable range.
+    """
+    if layer == adapter.n_layers - 1:
+        raise ConfigError(
+            f"--layer {layer}: {method} writes at the subject token, and the last layer's output "
+            f"there is read by no later layer; choose a layer in 0..{adapter.n_layers - 2}"
+        )
+    return layer
+
+
 def default_layer(adapter: ModelAdapter) -> int:
     """The documented default edit layer before causal tracing picks one: the layer at about
     a third of the depth (ROME edits layer 17 of 48 in GPT-2 XL, 5 of 28 in GPT-J; MEMIT's
     ranges start in the lower third)."""
-    return adapter.n_layers // 3
+    return min(adapter.n_layers // 3, max(0, adapter.n_layers - 2))

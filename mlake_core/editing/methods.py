@@ -36,6 +36,7 @@ from mlake_core.editing.base import (
     EditRequest,
     EditResult,
     check_layer,
+    check_not_last,
     default_layer,
     down_proj_name,
     register_edit_method,
@@ -251,7 +252,7 @@ def edit_rome(
     if context.second_moment is None:
         raise ConfigError("rome needs key statistics (EditContext.second_moment)")
     (request,) = requests
-    layer = resolve_layer(adapter, config.layer)
+    layer = check_not_last(adapter, resolve_layer(adapter, config.layer), "rome")
     weight, out_in = adapter.mlp_down(layer)
     batch, _ = teacher_forced(adapter, requests)
     _, cache = adapter.run_with_cache(batch, [f"mlp_post.{layer}"])

@@ -60,7 +60,7 @@ import torch
 from mlake_core.configs import coerce_fields
 from mlake_core.data.dataset import MlakeDataset
 from mlake_core.errors import ConfigError
-from mlake_core.languages import LANGUAGES
+from mlake_core.languages import LANGUAGES, UNSPACED
 from mlake_core.models.prompting import PromptTemplate, get_template
 from mlake_core.provenance import git_commit, package_versions, stable_hash
 
@@ -115,6 +115,10 @@ class TinyTrainConfig:
         subject_prompts: also train ``Q: {subject}\nA: {answer}`` (the subject alone), which
             pushes recall onto the subject's tokens (subject enrichment, what ROME and MEMIT
             edit) instead of the whole question's wording.
+        context_dropout: in each epoch, each question token outside the subject is replaced
+            by a random token with this probability, so the answer cannot be recalled from
+            the question's wording alone and must come through the subject (learning is
+            still measured on the clean questions).
     """
 
     facts: int | str = 300
@@ -141,6 +145,7 @@ class TinyTrainConfig:
     stop_accuracy: float = 0.99
     statement_weight: float = 0.5
     subject_prompts: bool = False
+    context_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         # Coerce values that arrive as strings (CLI, YAML) to the field types.
@@ -162,7 +167,7 @@ class TinyTrainConfig:
         bad = [lang for lang in self.langs if lang not in LANGUAGES]
         if bad or not self.langs:
             raise ConfigError(f"--langs {','.join(self.langs)}: choose from {', '.join(LANGUAGES)}")
-        for name in ("bilingual_fraction", "replay", "stop_accuracy"):
+        for name in ("bilingual_fraction", "replay", "stop_accuracy", "context_dropout"):
             value = float(getattr(self, name))
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} {value}: must be in [0, 1]")
@@ -204,7 +209,7 @@ class TinyTrainConfig:
 
 
 #: Options whose neutral value is left out of :meth:`TinyTrainConfig.key`.
-_NEUTRAL: dict[str, Any] = {"subject_prompts": False}
+_NEUTRAL: dict[str, Any] = {"subject_prompts": False, "context_dropout": 0.0}
 
 
 # -- cache ------------------------------------------------------------------------------------
@@ -328,6 +333,7 @@ class Example:
     weights: list[float]
     unit: int  # index of the (fact, language) unit
     kind: str  # "qa", "statement" or "bilingual"
+    droppable: tuple[int, ...] = ()  # question tokens outside the subject (context dropout)
 
 
 @dataclass
@@ -369,7 +375,11 @@ def build_corpus(
             ids = (prompt + answer)[-config.max_len :]
             n_answer = len(answer)
             weights = [0.0] * (len(ids) - n_answer) + [1.0] * n_answer
-            corpus.qa.append(Example(ids, weights, unit, "qa"))
+            cut = len(prompt) + len(answer) - len(ids)
+            droppable = tuple(
+                i - cut for i in _context_tokens(tokenizer, prompt_text, view) if i - cut > 0
+            )
+            corpus.qa.append(Example(ids, weights, unit, "qa", droppable))
             statement = [bos, *_encode(tokenizer, view.record.o_prompt), eos][: config.max_len]
             sw = config.statement_weight
             corpus.statements.append(
@@ -377,15 +387,49 @@ def build_corpus(
             )
             subject = view.question.subject_text
             if config.subject_prompts and subject:
-                s_prompt = [bos, *_encode(tokenizer, template.question_prompt(subject)[0])]
+                # The answer right after the subject: the first answer token is predicted
+                # at the subject's last token, so the lookup happens there.
+                s_prompt = [bos, *_encode(tokenizer, subject.strip())]
+                sep = "" if lang in UNSPACED else " "
+                s_answer = [*_encode(tokenizer, sep + view.record.o_answer), eos]
                 corpus.subjects.append(
                     Example(
-                        s_prompt + answer, [0.0] * len(s_prompt) + [1.0] * n_answer, unit, "subject"
+                        (s_prompt + s_answer)[: config.max_len],
+                        ([0.0] * len(s_prompt) + [1.0] * len(s_answer))[: config.max_len],
+                        unit,
+                        "subject",
                     )
                 )
             else:
                 corpus.subjects.append(None)
     return corpus
+
+
+def _context_tokens(tokenizer: Any, prompt_text: str, view: Any) -> list[int]:
+    """Positions (BOS counted) of the prompt's question tokens that do not overlap the
+    subject: what context dropout may replace.  Empty when the subject is not located."""
+    span = view.question.subject
+    question = view.record.question.strip()
+    start = prompt_text.find(question)
+    if span is None or start < 0 or view.question.text != view.record.question:
+        return []
+    s0, s1 = start + span.start, start + span.end
+    enc = tokenizer(prompt_text, add_special_tokens=False, return_offsets_mapping=True)
+    return [
+        i + 1
+        for i, (a, b) in enumerate(enc["offset_mapping"])
+        if a >= start and b <= start + len(question) and b > a and (b <= s0 or a >= s1)
+    ]
+
+
+def _dropped(example: Example, rate: float, low: int, high: int, rng: random.Random) -> Example:
+    """``example`` with each droppable token replaced by a random ordinary token with
+    probability ``rate``."""
+    ids = list(example.ids)
+    for i in example.droppable:
+        if rng.random() < rate:
+            ids[i] = rng.randrange(low, high)
+    return Example(ids, example.weights, example.unit, example.kind, example.droppable)
 
 
 def _bilingual(corpus: Corpus, unit: int, other: int, tokenizer: Any, max_len: int) -> Example:
@@ -564,6 +608,7 @@ def train_tiny(
         tokenizer.save_pretrained(partial)
     corpus = build_corpus(dataset, fact_ids, tokenizer, config)
     pad_id = int(tokenizer.pad_token_id)
+    n_special = max(tokenizer.all_special_ids) + 1
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -611,7 +656,10 @@ def train_tiny(
         ]
         examples: list[Example] = []
         for u in chosen:
-            examples += [corpus.qa[u], corpus.statements[u]]
+            qa = corpus.qa[u]
+            if config.context_dropout and qa.droppable:
+                qa = _dropped(qa, config.context_dropout, n_special, len(tokenizer), rng)
+            examples += [qa, corpus.statements[u]]
             extra = corpus.subjects[u]
             if extra is not None:
                 examples.append(extra)
