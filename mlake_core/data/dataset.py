@@ -33,6 +33,7 @@ from mlake_core.data.records import (
     read_single_hop,
 )
 from mlake_core.data.subjects import DocumentFrequency, SubjectLocation, locate_subject
+from mlake_core.data.text import normalize
 from mlake_core.errors import DataError
 from mlake_core.languages import LANGUAGES, parse_langs
 
@@ -135,6 +136,15 @@ class FactView:
     prefix_is_question_start: bool
     subject: SubjectLocation
     mcqa: McqaRecord | None = None
+
+    @property
+    def edit_is_noop(self) -> bool:
+        """Whether the edit's new answer is one of the original answer's forms (NFKC,
+        case-folded): a published quirk (2 French facts and 1 Japanese one), where an "edit"
+        changes nothing and transfer cannot be measured."""
+        old = {normalize(self.record.o_answer), *map(normalize, self.record.o_answer_aliases)}
+        new = {normalize(self.record.e_answer), *map(normalize, self.record.e_answer_aliases)}
+        return bool(old & new)
 
     def form(self, kind: FormKind) -> PromptForm:
         """The prompt form of the given kind."""

@@ -95,6 +95,8 @@ def make_request(
     where = f"fact {view.fact_id} [{view.lang}] {form} form"
     if form not in ("question", "cloze"):
         raise ConfigError(f"--edit-form {form!r}: choose question or cloze")
+    if view.edit_is_noop:
+        raise DataError(f"{where}: the new answer is a form of the original answer (no edit)")
     pf = view.form(form)  # type: ignore[arg-type]
     if not pf.usable or pf.text is None or pf.subject is None:
         raise DataError(f"{where}: cannot be edited ({pf.reason or 'no subject located'})")

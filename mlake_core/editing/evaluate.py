@@ -134,16 +134,19 @@ def evaluate_edit(
             kind = "efficacy" if form == request.form else "generalization"
         else:
             kind = "transfer"
+        noop = fact.views[b].edit_is_noop  # new answer == old one there: nothing to measure
         rows.append(
             {
                 **base,
                 "test_lang": b,
                 "form": form,
                 "kind": kind,
-                "n": 1,
-                "success_prob": float(rec["edit_alias_logp"] > rec["target_alias_logp"]),
-                "p_new": math.exp(rec["edit_alias_logp"]),
-                "success_greedy": float(rec["greedy_match"] == "edit"),
+                "n": 0 if noop else 1,
+                "success_prob": math.nan
+                if noop
+                else float(rec["edit_alias_logp"] > rec["target_alias_logp"]),
+                "p_new": math.nan if noop else math.exp(rec["edit_alias_logp"]),
+                "success_greedy": math.nan if noop else float(rec["greedy_match"] == "edit"),
                 "known_before": bool(known_before.get((request.fact_id, b), False)),
                 "greedy_text": rec["greedy_text"],
             }

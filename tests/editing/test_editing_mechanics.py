@@ -85,6 +85,13 @@ def test_bad_inputs(adapter, view, mlake_v2411) -> None:
         make_request(adapter, no_subject, QA)
     with pytest.raises(ConfigError, match="one fact at a time"):
         entry.fn(adapter, [req, req], entry.config_cls(), _context(adapter, mlake_v2411))
+    # A published quirk: the French new answer of fact 4 is its original answer.
+    noops = [
+        (f.fact_id, v.lang) for f in mlake_v2411.facts for v in f.views.values() if v.edit_is_noop
+    ]
+    assert (4, "fr") in noops and len(noops) == 3
+    with pytest.raises(DataError, match=r"fact 4 \[fr\] question form: the new answer is a form"):
+        make_request(adapter, mlake_v2411.fact(4).views["fr"], QA)
 
 
 def test_evaluation_of_a_null_edit(adapter, micro_tiny: Path, mlake_v2411) -> None:
