@@ -162,3 +162,25 @@ def test_layer_specs(adapter, requests_, context) -> None:
         get_method("memit").fn(
             adapter, requests_[:1], MemitConfig(), EditContext(torch.Generator(), None, {})
         )
+
+
+@pytest.mark.parametrize("method", ["rome", "memit"])
+def test_locality_on_untouched_facts(
+    adapter, requests_, context, micro_tiny, mlake_v2411, method
+) -> None:
+    """Facts the edit does not touch keep their answers (greedy, question form)."""
+    from mlake_core.metrics.knowledge import KnowledgeConfig, measure_knowledge
+
+    meta = read_metadata(micro_tiny)
+    assert meta is not None
+    others = [
+        mlake_v2411.fact(i).views[lang] for i in meta["fact_ids"][1:] for lang in ("en", "zh")
+    ]
+    cfg = KnowledgeConfig(forms=("question",), mcqa=False)
+    before = measure_knowledge(adapter, others, QA, cfg).table["greedy_text"].tolist()
+    entry = get_method(method)
+    result = entry.fn(adapter, requests_[:1], entry.config_cls(), context)
+    with result.applied(adapter):
+        after = measure_knowledge(adapter, others, QA, cfg).table["greedy_text"].tolist()
+    kept = sum(a == b for a, b in zip(before, after, strict=True)) / len(before)
+    assert kept >= 0.9
