@@ -112,9 +112,10 @@ class TinyTrainConfig:
         stop_accuracy: stop when every language answers at least this fraction of its
             questions exactly (teacher-forced, which equals greedy decoding).
         statement_weight: weight of the cloze-statement loss relative to the answer loss.
-        subject_prompts: also train ``Q: {subject}\nA: {answer}`` (the subject alone), which
-            pushes recall onto the subject's tokens (subject enrichment, what ROME and MEMIT
-            edit) instead of the whole question's wording.
+        subject_prompts: also train ``{subject}{answer}`` (the answer right after the
+            subject, a space between them in en/fr/de), so the answer's first token is
+            predicted at the subject's last token (subject enrichment, what ROME and MEMIT
+            edit).  Off: on its own it did not make mlake-tiny editable (issue-4 notes).
         context_dropout: in each epoch, each question token outside the subject is replaced
             by a random token with this probability, so the answer cannot be recalled from
             the question's wording alone and must come through the subject (learning is

@@ -124,6 +124,8 @@ def test_key_is_stable_for_equal_configs() -> None:
         {"lr": 1e-3},
         {"max_epochs": 61},
         {"statement_weight": 0.25},
+        {"context_dropout": 0.3},
+        {"subject_prompts": True},
     ],
 )
 def test_key_changes_when_a_field_changes(change: dict) -> None:
@@ -258,3 +260,29 @@ def test_is_trained_wants_files_not_folders(tmp_path: Path) -> None:
         (tmp_path / name).touch()
     (tmp_path / METADATA_FILE).mkdir()
     assert not is_trained(tmp_path)
+
+
+def test_context_dropout_touches_only_question_words_outside_the_subject(mlake_v2411) -> None:
+    import random
+
+    from transformers import PreTrainedTokenizerFast
+
+    from mlake_core.models.mlake_tiny import Example, _context_tokens, _dropped, train_tokenizer
+    from mlake_core.models.prompting import get_template
+
+    tok = train_tokenizer(
+        [f.views[lang].record.question for f in mlake_v2411.facts[:200] for lang in LANGUAGES], 600
+    )
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    view = mlake_v2411.fact(2).views["en"]  # "Where did Philip Pullman have ... career?"
+    prompt, _ = get_template("qa").question_prompt(view.record.question)
+    ids = [tok.bos_token_id, *tok(prompt, add_special_tokens=False)["input_ids"]]
+    droppable = _context_tokens(tok, prompt, view)
+    words = "".join(tok.decode([ids[i]]) for i in droppable)
+    assert "Pullman" not in words and "Philip" not in words and "Q:" not in words
+    assert "career" in words and "Where" in words
+    ex = Example(ids, [0.0] * len(ids), 0, "qa", tuple(droppable))
+    out = _dropped(ex, 1.0, 10, 600, random.Random(0))
+    changed = {i for i, (a, b) in enumerate(zip(ids, out.ids, strict=True)) if a != b}
+    assert changed and changed <= set(droppable)
+    assert _dropped(ex, 0.0, 10, 600, random.Random(0)).ids == ids
