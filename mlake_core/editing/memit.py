@@ -145,8 +145,7 @@ def edit_memit(
     rows = torch.arange(len(requests))
     positions = torch.tensor([r.subject_last for r in requests])
     resid = f"resid_post.{last}"
-    _, cache = adapter.run_with_cache(batch, [resid])
-    target = cache[resid][rows, positions].double().cpu() + delta.double().cpu()
+    target = torch.empty(0)  # set from the first layer's pass (no update applied yet)
 
     deltas: dict[str, torch.Tensor] = {}
     originals: dict[str, torch.Tensor] = {}
@@ -157,6 +156,8 @@ def edit_memit(
             _, cache = adapter.run_with_cache(batch, [key_site, resid])
             keys = cache[key_site][rows, positions].double().cpu()  # [n, d_mlp]
             current = cache[resid][rows, positions].double().cpu()  # [n, d_model]
+            if i == 0:
+                target = current + delta.double().cpu()
             missing = (target - current) / (len(layers) - i)
             residual_norms.append(float((target - current).norm(dim=-1).mean()))
             moment = context.second_moment(layer).double()
