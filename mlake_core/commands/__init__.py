@@ -10,4 +10,5 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mlake_core.commands.models",
     "mlake_core.commands.eval",
     "mlake_core.commands.edit",
+    "mlake_core.commands.trace",
 )

@@ -62,14 +62,13 @@ class EditRequest:
     statement_new: str = ""
 
 
-def subject_last_token(
+def subject_tokens(
     adapter: ModelAdapter, prompt: str, start: int, end: int, *, where: str
-) -> int:
-    """Index (in the encoded prompt, BOS included) of the last token overlapping the
-    character span ``[start, end)`` of ``prompt``.
+) -> tuple[int, ...]:
+    """Indices (in the encoded prompt, BOS included) of every token overlapping the character
+    span ``[start, end)`` of ``prompt``, in order.
 
-    Tokens may merge across the span boundary in zh/ja; the last token that overlaps is the
-    one ROME and tracing use.
+    Tokens may merge across the span boundary in zh/ja; a token that overlaps counts.
 
     Raises:
         DataError: when no token overlaps the span (naming ``where``).
@@ -80,7 +79,71 @@ def subject_last_token(
     if not hits:
         raise DataError(f"{where}: no token of the prompt covers the subject span")
     shift = len(adapter.encode(prompt)) - len(enc["input_ids"])  # BOS, when prepended
-    return hits[-1] + shift
+    return tuple(i + shift for i in hits)
+
+
+def subject_last_token(
+    adapter: ModelAdapter, prompt: str, start: int, end: int, *, where: str
+) -> int:
+    """Index of the last token overlapping the subject span (:func:`subject_tokens`): where
+    ROME and MEMIT write."""
+    return subject_tokens(adapter, prompt, start, end, where=where)[-1]
+
+
+@dataclass(frozen=True)
+class LocatedPrompt:
+    """A fact view's prompt in one form, tokenized, with its subject's tokens located.
+
+    Attributes:
+        where: ``"fact F [lang] form form"``, for error messages.
+        prompt: the prompt text (template applied).
+        answer_prefix: what goes before an answer (joined by ids).
+        prompt_ids: the encoded prompt (BOS included when the model uses one).
+        subject: the subject's text.
+        subject_positions: indices in ``prompt_ids`` of the subject's tokens.
+    """
+
+    where: str
+    prompt: str
+    answer_prefix: str
+    prompt_ids: tuple[int, ...]
+    subject: str
+    subject_positions: tuple[int, ...]
+
+
+def locate_prompt(
+    adapter: ModelAdapter, view: FactView, template: PromptTemplate, form: str = "question"
+) -> LocatedPrompt:
+    """The prompt of ``view`` in ``form`` and the tokens of its subject (shared by editing
+    and causal tracing).
+
+    Raises:
+        ConfigError: an unknown form.
+        DataError: when the form is not usable (no subject located; a cloze form that is not
+            well-posed), naming the fact, language and reason.
+    """
+    where = f"fact {view.fact_id} [{view.lang}] {form} form"
+    if form not in ("question", "cloze"):
+        raise ConfigError(f"form {form!r}: choose question or cloze")
+    pf = view.form(form)  # type: ignore[arg-type]
+    if not pf.usable or pf.text is None or pf.subject is None:
+        raise DataError(f"{where}: not usable ({pf.reason or 'no subject located'})")
+    prompt, prefix = template.prompt(form, pf.text, view.lang)
+    # Where the form's text sits inside the prompt (templates wrap the stripped text).
+    body = pf.text.strip()
+    if prompt.find(body) < 0:
+        raise DataError(f"{where}: the template {template.name!r} does not contain the text")
+    offset = prompt.find(body) - (len(pf.text) - len(pf.text.lstrip()))
+    start, end = pf.subject.start + offset, pf.subject.end + offset
+    positions = subject_tokens(adapter, prompt, start, end, where=where)
+    return LocatedPrompt(
+        where=where,
+        prompt=prompt,
+        answer_prefix=prefix,
+        prompt_ids=tuple(adapter.encode(prompt)),
+        subject=pf.subject.text,
+        subject_positions=positions,
+    )
 
 
 def make_request(
@@ -100,26 +163,21 @@ def make_request(
     pf = view.form(form)  # type: ignore[arg-type]
     if not pf.usable or pf.text is None or pf.subject is None:
         raise DataError(f"{where}: cannot be edited ({pf.reason or 'no subject located'})")
-    prompt, prefix = template.prompt(form, pf.text, view.lang)
-    # Where the form's text sits inside the prompt (templates wrap the stripped text).
-    body = pf.text.strip()
-    offset = prompt.find(body) - (len(pf.text) - len(pf.text.lstrip()))
-    if prompt.find(body) < 0:
-        raise DataError(f"{where}: the template {template.name!r} does not contain the text")
-    start, end = pf.subject.start + offset, pf.subject.end + offset
-    last = subject_last_token(adapter, prompt, start, end, where=where)
+    located = locate_prompt(adapter, view, template, form)
     new = pf.edit_target.text.strip()
-    new_ids = tuple(adapter.tokenizer(prefix + new, add_special_tokens=False)["input_ids"])
+    new_ids = tuple(
+        adapter.tokenizer(located.answer_prefix + new, add_special_tokens=False)["input_ids"]
+    )
     if not new_ids:
         raise DataError(f"{where}: the edit target is empty")
     return EditRequest(
         fact_id=view.fact_id,
         lang=view.lang,
         form=form,
-        prompt=prompt,
-        prompt_ids=tuple(adapter.encode(prompt)),
-        subject=pf.subject.text,
-        subject_last=last,
+        prompt=located.prompt,
+        prompt_ids=located.prompt_ids,
+        subject=located.subject,
+        subject_last=located.subject_positions[-1],
         target_new=new,
         target_new_ids=new_ids,
         target_old=pf.target.text,

@@ -543,6 +543,10 @@ class BaseAdapter:
         """Remember the HF modules by their original paths (called by backends before any
         wrapping: TransformerLens re-parents modules, after which paths change)."""
         self._hf_modules: dict[str, torch.nn.Module] = dict(hf_model.named_modules())
+        import inspect
+
+        # Whether the HF forward can compute the logits of the last position only.
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
 
     def hf_module(self, path: str) -> torch.nn.Module:
         """The Hugging Face module at ``path`` (its original dotted path)."""
@@ -613,11 +617,31 @@ class BaseAdapter:
             )
         return logits, cache
 
-    def run_with_patches(self, batch: TokenBatch, patches: Sequence[Patch]) -> Logits:
-        """Logits after applying ``patches`` (see :class:`Patch`)."""
+    def run_with_patches(
+        self, batch: TokenBatch, patches: Sequence[Patch], *, last_only: bool = False
+    ) -> Logits:
+        """Logits after applying ``patches`` (see :class:`Patch`).
+
+        With ``last_only``, only the last position's logits are computed and returned
+        (``[batch, 1, vocab]``), which saves the unembedding of every other position (most of
+        the cost of a small model with a large vocabulary).  Every row's last real token must
+        then be at the last index: left padding, or rows of equal length.
+        """
+        if (
+            last_only
+            and batch.padding_side == "right"
+            and bool((batch.lengths != batch.shape[1]).any())
+        ):
+            raise ValueError("last_only needs left padding or rows of equal length")
         with torch.no_grad():
-            logits, _ = self._run(batch.to(self.device), [], self._group(patches), keep_graph=False)
-        return logits
+            logits, _ = self._run(
+                batch.to(self.device),
+                [],
+                self._group(patches),
+                keep_graph=False,
+                last_only=last_only,
+            )
+        return logits[:, -1:] if last_only else logits
 
     def gradients(
         self,
@@ -675,6 +699,7 @@ class BaseAdapter:
         patches: dict[Site, list[Patch]],
         *,
         keep_graph: bool,
+        last_only: bool = False,
     ) -> tuple[Logits, dict[str, Tensor]]:
         """One forward pass that patches and reads sites.
 
@@ -684,15 +709,23 @@ class BaseAdapter:
             patches: patches to apply, by site.
             keep_graph: return the live activations (part of the autograd graph) instead of
                 detached ones.
+            last_only: the logits of the last position are enough (the HF forward is asked
+                for them alone when it supports ``logits_to_keep``; callers slice).
 
         Returns:
             Logits and the activations at ``read`` (after patching), by canonical name.
         """
         raise NotImplementedError
 
-    def _model_inputs(self, batch: TokenBatch) -> dict[str, Tensor]:
-        """Keyword arguments of the HF forward: ids, mask and (if taken) mask-derived positions."""
-        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    def _model_inputs(self, batch: TokenBatch, last_only: bool = False) -> dict[str, Any]:
+        """Keyword arguments of the HF forward: ids, mask, (if taken) mask-derived positions,
+        and ``logits_to_keep=1`` when only the last position's logits are wanted."""
+        inputs: dict[str, Any] = {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+        }
         if self.spec.uses_position_ids:
             inputs["position_ids"] = batch.position_ids
+        if last_only and getattr(self, "_logits_to_keep", False):
+            inputs["logits_to_keep"] = 1
         return inputs

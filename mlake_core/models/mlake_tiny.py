@@ -120,6 +120,14 @@ class TinyTrainConfig:
             by a random token with this probability, so the answer cannot be recalled from
             the question's wording alone and must come through the subject (learning is
             still measured on the clean questions).
+        answer_continuations: in each epoch, for each trained unit, also train one *name
+            continuation*: a question of the same language followed by an answer string
+            drawn at random from every original and new answer (``o_answer``,
+            ``e_answer``) of the trained facts in that language, with no loss on the
+            answer's first token.  The model learns to finish a name it has started, as a
+            pretrained model knows the names of entities: without it, mlake-tiny cannot
+            produce a new answer's later tokens after any edit (issue-4 notes).  The first
+            token carries no loss, so no question is associated with another answer.
     """
 
     facts: int | str = 300
@@ -147,6 +155,7 @@ class TinyTrainConfig:
     statement_weight: float = 0.5
     subject_prompts: bool = False
     context_dropout: float = 0.0
+    answer_continuations: bool = False
 
     def __post_init__(self) -> None:
         # Coerce values that arrive as strings (CLI, YAML) to the field types.
@@ -210,7 +219,11 @@ class TinyTrainConfig:
 
 
 #: Options whose neutral value is left out of :meth:`TinyTrainConfig.key`.
-_NEUTRAL: dict[str, Any] = {"subject_prompts": False, "context_dropout": 0.0}
+_NEUTRAL: dict[str, Any] = {
+    "subject_prompts": False,
+    "context_dropout": 0.0,
+    "answer_continuations": False,
+}
 
 
 # -- cache ------------------------------------------------------------------------------------
@@ -346,6 +359,11 @@ class Corpus:
     statements: list[Example]  # one per unit, same order
     subjects: list[Example | None] = field(default_factory=list)  # subject-only QA, per unit
     pieces: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (prompt, answer)
+    # Per language, every original and new answer of the trained facts (tokenized with the
+    # template's answer prefix and EOS): the names of name-continuation examples.
+    names: dict[str, list[list[int]]] = field(default_factory=dict)
+    name_owners: dict[str, dict[tuple[int, ...], set[int]]] = field(default_factory=dict)
+    by_lang: dict[str, list[int]] = field(default_factory=dict)  # units per language
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -403,7 +421,32 @@ def build_corpus(
                 )
             else:
                 corpus.subjects.append(None)
+            if config.answer_continuations:
+                owners = corpus.name_owners.setdefault(lang, {})
+                corpus.by_lang.setdefault(lang, []).append(unit)
+                for answer_text in (view.record.o_answer, view.record.e_answer):
+                    if answer_text and answer_text.strip():
+                        name = (*_encode(tokenizer, prefix + answer_text), eos)
+                        owners.setdefault(name, set()).add(fact_id)
+    for lang, owners in corpus.name_owners.items():
+        # Sorted: deterministic, one entry per distinct name.
+        corpus.names[lang] = [list(n) for n in sorted(owners)]
     return corpus
+
+
+def _continuation(corpus: Corpus, unit: int, rng: random.Random, max_len: int) -> Example:
+    """A name continuation for ``unit``: the question of another fact in the same language,
+    then a random answer of that language, with the loss on every answer token but the first
+    (see :attr:`TinyTrainConfig.answer_continuations`).  The question never belongs to the
+    fact whose answer follows, so no fact's own question is trained with its new answer."""
+    _, lang = corpus.units[unit]
+    name = rng.choice(corpus.names[lang])
+    owners = corpus.name_owners[lang][tuple(name)]
+    others = [u for u in corpus.by_lang[lang] if corpus.units[u][0] not in owners]
+    prompt, _ = corpus.pieces[rng.choice(others) if others else unit]
+    ids = (prompt + name)[-max_len:]
+    weights = ([0.0] * (len(prompt) + 1) + [1.0] * (len(name) - 1))[-max_len:]
+    return Example(ids, weights, unit, "continuation")
 
 
 def _context_tokens(tokenizer: Any, prompt_text: str, view: Any) -> list[int]:
@@ -664,6 +707,8 @@ def train_tiny(
             extra = corpus.subjects[u]
             if extra is not None:
                 examples.append(extra)
+            if config.answer_continuations:
+                examples.append(_continuation(corpus, u, rng, config.max_len))
             if config.bilingual_fraction and rng.random() < config.bilingual_fraction:
                 _, lang = corpus.units[u]
                 first = u - config.langs.index(lang)

@@ -66,6 +66,7 @@ class NNsightAdapter(BaseAdapter):
         patches: dict[Site, list[Patch]],
         *,
         keep_graph: bool,
+        last_only: bool = False,
     ) -> tuple[Logits, dict[str, Tensor]]:
         import nnsight
 
@@ -75,7 +76,7 @@ class NNsightAdapter(BaseAdapter):
         for site in sorted(wanted | set(patches)):
             where = self.spec.sites[site.kind]
             plan.append((site, where.path(site.layer), where.port, patches.get(site, [])))
-        with self.model.trace(**self._model_inputs(batch)):
+        with self.model.trace(**self._model_inputs(batch, last_only)):
             for site, path, port, site_patches in plan:
                 envoy = self.model.get(path)
                 if port == "input":

@@ -113,6 +113,7 @@ class TLensAdapter(BaseAdapter):
         patches: dict[Site, list[Patch]],
         *,
         keep_graph: bool,
+        last_only: bool = False,
     ) -> tuple[Logits, dict[str, Tensor]]:
         cache: dict[str, Tensor] = {}
         wanted = set(read)
@@ -132,7 +133,7 @@ class TLensAdapter(BaseAdapter):
         fwd_hooks = [
             (self._hook_names[site.name], make_hook(site)) for site in sorted(wanted | set(patches))
         ]
-        inputs = self._model_inputs(batch)
+        inputs = self._model_inputs(batch, last_only)
         with self.bridge.hooks(fwd_hooks=fwd_hooks):
             logits = self.bridge(
                 inputs.pop("input_ids"),

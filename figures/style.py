@@ -1,0 +1,88 @@
+"""One figure style for every mlake figure, with a real CJK font.
+
+Figure labels hold Chinese and Japanese tokens, which matplotlib's default font (DejaVu Sans)
+draws as empty boxes.  :func:`use_style` registers Noto Sans CJK SC (shipped as a file by the
+``mplfonts`` dependency; it covers simplified Chinese, kana and the kanji in MLaKE) and puts it
+after DejaVu Sans in the fallback list, so Latin text keeps its usual look and CJK characters
+are drawn by a font that has them.  :func:`missing_glyphs` checks a label against the fonts
+actually in use (the figure tests call it).
+
+Sizes are for a two-column paper: a single column is 3.3 in wide, the full width 6.9 in.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from mlake_core.errors import ConfigError
+
+COLUMN_WIDTH = 3.3
+PAGE_WIDTH = 6.9
+CJK_FONT_FILE = "NotoSansCJKsc-Regular.otf"
+CJK_FAMILY = "Noto Sans CJK SC"
+
+
+@lru_cache(maxsize=1)
+def cjk_font_path() -> Path:
+    """The CJK font file (from the ``mplfonts`` package).
+
+    Raises:
+        ConfigError: when the package or the file is missing (set-up installs it).
+    """
+    try:
+        import mplfonts
+    except ImportError:
+        raise ConfigError(
+            "figures need the mplfonts package for CJK labels: pip install mplfonts"
+        ) from None
+    path = Path(mplfonts.__file__).parent / "fonts" / CJK_FONT_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: CJK font missing from the mplfonts package; reinstall it")
+    return path
+
+
+def use_style() -> None:
+    """Apply the mlake style (idempotent): the CJK font as fallback, paper-sized text."""
+    import matplotlib as mpl
+    from matplotlib import font_manager
+
+    path = cjk_font_path()
+    if CJK_FAMILY not in {f.name for f in font_manager.fontManager.ttflist}:
+        font_manager.fontManager.addfont(str(path))
+    mpl.rcParams.update(
+        {
+            # A list of families: matplotlib falls back glyph by glyph along it (a generic
+            # "sans-serif" would resolve to DejaVu Sans alone).
+            "font.family": ["DejaVu Sans", CJK_FAMILY],
+            "font.size": 8,
+            "axes.titlesize": 8,
+            "axes.labelsize": 8,
+            "xtick.labelsize": 7,
+            "ytick.labelsize": 7,
+            "legend.fontsize": 7,
+            "figure.dpi": 150,
+            "savefig.dpi": 300,
+            "savefig.bbox": "tight",
+            "pdf.fonttype": 42,
+            "axes.unicode_minus": False,
+        }
+    )
+
+
+def missing_glyphs(text: str) -> set[str]:
+    """Characters of ``text`` that no font in the style's fallback list can draw."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    use_style()
+    fonts = [
+        FT2Font(font_manager.findfont(font_manager.FontProperties(family=name)))
+        for name in ("DejaVu Sans", CJK_FAMILY)
+    ]
+    charmaps = [set(f.get_charmap()) for f in fonts]
+    return {
+        ch
+        for ch in text
+        if not ch.isspace() and ch.isprintable() and not any(ord(ch) in m for m in charmaps)
+    }

@@ -1,0 +1,163 @@
+"""Causal-tracing figures: the ROME-style heatmap of one fact in one language, and the average
+effect by position class and layer, the five languages side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from figures.style import COLUMN_WIDTH, PAGE_WIDTH, use_style
+
+#: Sequential single-hue colour maps per kind (ROME's convention; colour-blind safe).
+CMAPS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
+TITLES = {"resid": "residual stream", "mlp": "MLP output", "attn": "attention output"}
+CLASS_LABELS = {
+    "before_subject": "before subject",
+    "first_subject": "first subject token",
+    "middle_subject": "middle subject tokens",
+    "last_subject": "last subject token",
+    "first_after": "first token after",
+    "later": "later tokens",
+    "last": "last token",
+}
+
+
+def display_token(text: str) -> str:
+    """A token as a tick label: newlines shown as ``\\n``, bytes of a character split over
+    several tokens (byte-level BPE) as ``…``."""
+    return text.replace("\n", "\\n").replace("\ufffd", "…") or "∅"
+
+
+def trace_heatmap(
+    trace: Any,
+    kinds: Sequence[str] | None = None,
+    *,
+    title: str | None = None,
+) -> Any:
+    """ROME-style heatmaps of one fact trace
+    (:class:`~mlake_core.tracing.causal.FactTrace`): tokens (real labels, subject tokens
+    starred) by layer, coloured by the answer's probability with that state restored; the
+    colour scale starts at the corrupted probability.  One panel per kind.
+
+    Returns:
+        A matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    use_style()
+    kinds = list(kinds or trace.scores)
+    n_tokens, n_layers = next(iter(trace.scores.values())).shape
+    labels = [
+        display_token(t) + (" *" if i in set(trace.subject_positions) else "")
+        for i, t in enumerate(trace.tokens)
+    ]
+    height = max(2.0, 0.16 * n_tokens + 0.9)
+    fig, axes = plt.subplots(
+        1, len(kinds), figsize=(min(PAGE_WIDTH, 2.3 * len(kinds)), height), squeeze=False
+    )
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        scores = trace.scores[kind]
+        # At least 5 points of range: a model the corruption barely moves shows a flat map,
+        # not its numerical noise blown up.
+        vmin = min(trace.p_corrupt, float(scores.min()))
+        image = ax.imshow(
+            scores,
+            cmap=CMAPS.get(kind, "Greys"),
+            vmin=vmin,
+            vmax=max(trace.p_clean, float(scores.max()), vmin + 0.05),
+            aspect="auto",
+            interpolation="nearest",
+        )
+        ax.set_yticks(range(n_tokens), labels if ax is axes[0][0] else [""] * n_tokens)
+        ax.set_xticks(range(n_layers))
+        ax.set_xlabel("layer" if kind == "resid" else f"centre of {trace.window}-layer window")
+        ax.set_title(f"restoring {TITLES.get(kind, kind)}")
+        bar = fig.colorbar(image, ax=ax, fraction=0.08, pad=0.03)
+        bar.ax.tick_params(labelsize=6)
+        bar.formatter.set_useOffset(False)
+        bar.update_ticks()
+    probs = f"p(answer): clean {trace.p_clean:.2f}, corrupted {trace.p_corrupt:.2f}"
+    fig.suptitle(f"{title}; {probs}" if title else probs)
+    fig.tight_layout()
+    return fig
+
+
+def average_effects(result: Any, kind: str = "mlp", *, langs: Sequence[str] | None = None) -> Any:
+    """The average indirect effect of ``kind`` by position class and layer, one panel per
+    language on one colour scale (``result``: a
+    :class:`~mlake_core.tracing.summary.TracingResult`).
+
+    Returns:
+        A matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    from mlake_core.tracing.causal import POSITION_CLASSES
+
+    use_style()
+    summaries = [s for s in result.summaries if langs is None or s.lang in langs]
+    maps = [s.maps[kind] for s in summaries if s.n_facts]
+    finite = np.concatenate([m[np.isfinite(m)] for m in maps]) if maps else np.zeros(1)
+    vmax = max(1e-6, float(finite.max())) if finite.size else 1.0
+    vmin = min(0.0, float(finite.min())) if finite.size else 0.0
+    fig, axes = plt.subplots(
+        1,
+        len(summaries),
+        figsize=(PAGE_WIDTH, 0.22 * len(POSITION_CLASSES) + 0.9),
+        squeeze=False,
+        sharey=True,
+    )
+    image = None
+    for ax, s in zip(axes[0], summaries, strict=True):
+        data = (
+            s.maps[kind] if s.n_facts else np.full((len(POSITION_CLASSES), result.n_layers), np.nan)
+        )
+        image = ax.imshow(
+            np.ma.masked_invalid(data),
+            cmap=CMAPS.get(kind, "Greys"),
+            vmin=vmin,
+            vmax=vmax,
+            aspect="auto",
+            interpolation="nearest",
+        )
+        ax.set_title(f"{s.lang} (n={s.n_facts})")
+        ax.set_xticks(range(result.n_layers))
+        ax.set_xlabel("layer")
+        ax.set_yticks(range(len(POSITION_CLASSES)), [CLASS_LABELS[c] for c in POSITION_CLASSES])
+    if image is not None:
+        bar = fig.colorbar(image, ax=list(axes[0]), fraction=0.02, pad=0.01)
+        bar.set_label("indirect effect", fontsize=7)
+    fig.suptitle(f"average indirect effect of restoring the {TITLES.get(kind, kind)}", y=1.02)
+    return fig
+
+
+def similarity_heatmap(result: Any, kind: str = "all") -> Any:
+    """The 5x5 profile similarity between languages, annotated (``kind``: a traced kind or
+    ``all``)."""
+    import matplotlib.pyplot as plt
+
+    use_style()
+    matrix = np.array(result.similarity[kind], dtype=float)
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, COLUMN_WIDTH * 0.85))
+    image = ax.imshow(matrix, cmap="viridis", vmin=-1, vmax=1)
+    langs = list(result.langs)
+    ax.set_xticks(range(len(langs)), langs)
+    ax.set_yticks(range(len(langs)), langs)
+    for i in range(len(langs)):
+        for j in range(len(langs)):
+            v = matrix[i, j]
+            ax.text(
+                j,
+                i,
+                "-" if np.isnan(v) else f"{v:.2f}",
+                ha="center",
+                va="center",
+                color="white" if not np.isnan(v) and v < 0.3 else "black",
+                fontsize=7,
+            )
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="Pearson r")
+    ax.set_title(f"tracing profile similarity ({kind})")
+    fig.tight_layout()
+    return fig

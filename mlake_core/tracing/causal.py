@@ -1,0 +1,418 @@
+"""Causal tracing (Meng et al. 2022), batched, for one fact view at a time.
+
+The subject's token embeddings are corrupted (Gaussian noise of ``noise_scale`` times the
+standard deviation of subject-token embeddings, several seeded samples; or the embeddings of
+other subjects), then clean states are restored one *cell* at a time and the probability of
+the correct answer's first token is read at the last prompt position:
+
+    indirect effect(cell) = p(corrupted, cell restored) - p(corrupted)
+
+Three kinds of cell, each at every (token, layer):
+
+* ``resid``: the residual stream leaving block ``L`` (``resid_post.L``) at one token;
+* ``mlp``: the MLP outputs (``mlp_out``) of a window of layers around ``L`` at one token;
+* ``attn``: the attention outputs (``attn_out``) of the same window.
+
+The window is ``[L - w // 2, L + w - w // 2)`` clipped to the model (ROME's convention).
+
+Speed: the clean run and the corrupted runs are computed once; every restoration of every
+noise sample is one row of a batch, and as many rows go into one forward pass as the memory
+budget allows (:func:`rows_per_pass`; halved and retried on a CUDA out-of-memory error).  Each
+row carries two patches through the adapter's generic patching (:class:`Patch`): the
+corrupted embeddings, and the clean values at the restored sites.  Only the last position's
+logits are kept.  ``benchmarks/tracing_speed.py`` compares this with a plain loop of one
+forward pass per cell and checks the numbers are identical.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlake_core.errors import ConfigError
+from mlake_core.models.adapter import ModelAdapter, Patch
+
+#: Kinds of restoration, and the site restored for each.
+KINDS: tuple[str, ...] = ("resid", "mlp", "attn")
+SITE_OF_KIND: dict[str, str] = {"resid": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
+
+#: Token-position classes (ROME's six, plus the tokens before the subject).
+POSITION_CLASSES: tuple[str, ...] = (
+    "before_subject",
+    "first_subject",
+    "middle_subject",
+    "last_subject",
+    "first_after",
+    "later",
+    "last",
+)
+
+CORRUPTIONS: tuple[str, ...] = ("noise", "subject")
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """Settings of causal tracing.
+
+    Attributes:
+        kinds: which restorations to trace (``resid``, ``mlp``, ``attn``).
+        window: layers restored together for ``mlp`` and ``attn``; ``None`` means 10 (ROME's
+            value) for models of 40 layers or more and ``max(1, n_layers // 4)`` below, so a
+            window never covers most of a small model (it would flatten every profile).
+        noise_scale: noise standard deviation as a multiple of the standard deviation of
+            subject-token embeddings (measured per model, :func:`embedding_noise_std`).
+        n_samples: corrupted runs per fact (noise samples, or other subjects).
+        seed: seed of the noise (each fact and language draws from its own stream).
+        form: prompt form traced: ``question`` (states the relation in every language) or
+            ``cloze`` (where well-posed).
+        corruption: ``noise`` (Gaussian) or ``subject`` (the subject's embeddings replaced by
+            those of other facts' subjects in the same language, cycled to the same length).
+        max_rows: rows per forward pass; ``None`` adapts to the device's free memory.
+    """
+
+    kinds: tuple[str, ...] = KINDS
+    window: int | None = None
+    noise_scale: float = 3.0
+    n_samples: int = 10
+    seed: int = 0
+    form: str = "question"
+    corruption: str = "noise"
+    max_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.kinds, str):
+            object.__setattr__(
+                self, "kinds", tuple(k.strip() for k in self.kinds.split(",") if k.strip())
+            )
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            raise ConfigError(f"--kinds {','.join(self.kinds)}: choose from {', '.join(KINDS)}")
+        if self.window is not None and int(self.window) < 1:
+            raise ConfigError(f"--window {self.window}: must be at least 1")
+        if not self.noise_scale > 0:
+            raise ConfigError(f"--noise-scale {self.noise_scale}: must be positive")
+        if int(self.n_samples) < 1:
+            raise ConfigError(f"--samples {self.n_samples}: must be at least 1")
+        if self.form not in ("question", "cloze"):
+            raise ConfigError(f"--form {self.form!r}: choose question or cloze")
+        if self.corruption not in CORRUPTIONS:
+            raise ConfigError(f"--corruption {self.corruption!r}: choose noise or subject")
+        if self.max_rows is not None and int(self.max_rows) < 1:
+            raise ConfigError(f"max_rows {self.max_rows}: must be at least 1")
+
+    def resolved_window(self, n_layers: int) -> int:
+        """The window used on a model of ``n_layers`` layers."""
+        if self.window is not None:
+            return int(self.window)
+        return 10 if n_layers >= 40 else max(1, n_layers // 4)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["kinds"] = list(self.kinds)
+        return out
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> list[int]:
+    """Layers restored together for a window centred on ``layer`` (clipped at the ends)."""
+    lo = max(0, layer - window // 2)
+    hi = min(n_layers, layer + window - window // 2)
+    return list(range(lo, hi))
+
+
+def position_classes(n_tokens: int, subject: Sequence[int]) -> list[str]:
+    """The class of each prompt position (see :data:`POSITION_CLASSES`).
+
+    Precedence where classes meet: ``last`` (the final prompt token), then the subject's
+    last, first and middle tokens, then the first token after the subject.
+    """
+    first, last_s = min(subject), max(subject)
+    out = []
+    for t in range(n_tokens):
+        if t == n_tokens - 1:
+            out.append("last")
+        elif t == last_s:
+            out.append("last_subject")
+        elif t == first:
+            out.append("first_subject")
+        elif first < t < last_s:
+            out.append("middle_subject")
+        elif t < first:
+            out.append("before_subject")
+        elif t == last_s + 1:
+            out.append("first_after")
+        else:
+            out.append("later")
+    return out
+
+
+@dataclass
+class FactTrace:
+    """Causal tracing of one prompt.
+
+    Attributes:
+        prompt_ids: the prompt's token ids.
+        tokens: each token as text (for figure labels).
+        subject_positions: the corrupted positions.
+        answer_id: the token whose probability is measured (the answer's first token).
+        p_clean: its probability in the clean run.
+        p_corrupt: its mean probability over the corrupted runs.
+        scores: per kind, ``[n_tokens, n_layers]`` mean probability with the cell restored.
+        window: the window used for ``mlp`` and ``attn``.
+        forward_passes: forward passes spent (the clean run included; the corrupted runs
+            share the first restoration pass).
+        rows: batch rows run in total (the clean run included).
+    """
+
+    prompt_ids: list[int]
+    tokens: list[str]
+    subject_positions: list[int]
+    answer_id: int
+    p_clean: float
+    p_corrupt: float
+    scores: dict[str, np.ndarray]
+    window: int
+    forward_passes: int = 0
+    rows: int = 0
+    classes: list[str] = field(default_factory=list)
+
+    def effects(self, kind: str) -> np.ndarray:
+        """Indirect effects ``[n_tokens, n_layers]`` of ``kind``."""
+        return self.scores[kind] - self.p_corrupt
+
+
+def embedding_noise_std(
+    adapter: ModelAdapter, prompts: Sequence[tuple[Sequence[int], Sequence[int]]]
+) -> float:
+    """Standard deviation of the token embeddings (``embed`` site) over the subject tokens of
+    ``prompts`` (``(prompt_ids, subject_positions)`` pairs), pooled over tokens and dimensions
+    (ROME measures it over the subjects of its dataset)."""
+    values = []
+    for ids, positions in prompts:
+        batch = adapter.batch([list(ids)])
+        _, cache = adapter.run_with_cache(batch, ["embed"])
+        start = int(batch.first_index[0])
+        values.append(cache["embed"][0, [start + p for p in positions]].double().cpu())
+    if not values:
+        raise ConfigError("no subject tokens to measure the embedding noise level on")
+    return float(torch.cat(values).std())
+
+
+def rows_per_pass(adapter: ModelAdapter, n_tokens: int, fraction: float = 0.25) -> int:
+    """How many rows of ``n_tokens`` tokens fit in one patched forward pass.
+
+    The estimate counts the logits (float32, the last position only), the activations the hooks and
+    the model keep (about 16 ``d_model`` vectors and 3 ``d_mlp`` vectors per layer and token),
+    and uses ``fraction`` of the free memory: CUDA's free memory, or on CPU the available
+    memory capped at 4 GiB (CPU throughput stops improving long before that).
+    """
+    bytes_per = max(1, torch.finfo(adapter.dtype).bits // 8)
+    vocab = adapter.info.d_vocab
+    per_token = 4 * vocab / max(1, n_tokens) + bytes_per * adapter.n_layers * (
+        16 * adapter.d_model + 3 * adapter.d_mlp
+    )
+    per_row = max(1, n_tokens) * per_token
+    if adapter.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(adapter.device)
+        budget = fraction * free
+    else:
+        try:
+            import psutil
+
+            available = psutil.virtual_memory().available
+        except ImportError:  # pragma: no cover - psutil comes with the dependencies
+            available = 8 << 30
+        budget = min(fraction * available, 4 << 30)
+    return max(1, int(budget // per_row))
+
+
+def trace_prompt(
+    adapter: ModelAdapter,
+    prompt_ids: Sequence[int],
+    subject_positions: Sequence[int],
+    answer_id: int,
+    config: TraceConfig,
+    generator: torch.Generator,
+    *,
+    noise_std: float,
+    swap_embeddings: Sequence[torch.Tensor] = (),
+) -> FactTrace:
+    """Trace one prompt (see the module docstring).
+
+    Args:
+        adapter: the model.
+        prompt_ids: the prompt's token ids (BOS included when the model uses one).
+        subject_positions: indices in ``prompt_ids`` of the tokens to corrupt.
+        answer_id: the token whose probability is measured at the last position.
+        config: tracing settings.
+        generator: source of the noise (CPU generator; draws are identical on every device).
+        noise_std: standard deviation of subject-token embeddings
+            (:func:`embedding_noise_std`); the noise is ``config.noise_scale`` times it.
+        swap_embeddings: for ``corruption="subject"``, one ``[k, d_model]`` tensor of another
+            subject's token embeddings per sample.
+
+    Returns:
+        The restored probabilities of every cell of every kind.
+    """
+    n_layers, n_tokens = adapter.n_layers, len(prompt_ids)
+    subject = sorted(int(p) for p in subject_positions)
+    if not subject or subject[0] < 0 or subject[-1] >= n_tokens:
+        raise ConfigError(f"subject positions {subject} outside a prompt of {n_tokens} tokens")
+    window = config.resolved_window(n_layers)
+    n_samples = config.n_samples
+    # Sites whose clean values are restored, in execution order.
+    sites = ["embed"] + [
+        f"{SITE_OF_KIND[k]}.{layer}" for k in config.kinds for layer in range(n_layers)
+    ]
+    clean_batch = adapter.batch([list(prompt_ids)])
+    logits, clean = adapter.run_with_cache(clean_batch, sites)
+    p_clean = float(logits[0, -1].float().softmax(-1)[answer_id])
+    # Clean embedding at the subject, and the corrupted values per sample.
+    base = clean["embed"][0, subject].float().cpu()
+    if config.corruption == "noise":
+        noise = torch.randn(n_samples, len(subject), base.shape[-1], generator=generator)
+        corrupted = base[None] + config.noise_scale * noise_std * noise
+    else:
+        if len(swap_embeddings) < n_samples:
+            raise ConfigError(
+                f"subject corruption needs {n_samples} other subjects, got {len(swap_embeddings)}"
+            )
+        corrupted = torch.stack(
+            [
+                e.float().cpu()[torch.arange(len(subject)) % e.shape[0]]
+                for e in swap_embeddings[:n_samples]
+            ]
+        )
+    corrupted = corrupted.to(adapter.dtype)
+    width = {s: adapter.site_width(s) for s in sites}
+
+    # Cells: (kind, token, layer) -> the sites restored.  The first "cell" is no restoration
+    # (the corrupted run itself).  Two kinds of cell are not run because their effect is
+    # exactly zero (their score is the corrupted probability): tokens before the subject
+    # (causal attention: their states are the same in the clean and corrupted runs), and
+    # restorations confined to the last block at a token other than the last (no later
+    # layer reads them, and only the last position's logits are measured).
+    cells: list[tuple[str, int, int, list[str]]] = [("none", -1, -1, [])]
+    skipped: list[tuple[str, int, int]] = []
+    for kind in config.kinds:
+        site = SITE_OF_KIND[kind]
+        for t in range(n_tokens):
+            for layer in range(n_layers):
+                if kind == "resid":
+                    layers = [layer]
+                else:
+                    layers = window_layers(layer, window, n_layers)
+                if t < subject[0] or (t < n_tokens - 1 and min(layers) == n_layers - 1):
+                    skipped.append((kind, t, layer))
+                    continue
+                cells.append((kind, t, layer, [f"{site}.{lo}" for lo in layers]))
+
+    probs = torch.empty(len(cells), n_samples)
+    chunk_cells = max(1, (config.max_rows or rows_per_pass(adapter, n_tokens)) // n_samples)
+    passes, rows, start = 1, 0, 0
+    while start < len(cells):
+        chunk = cells[start : start + chunk_cells]
+        try:
+            p = _run_cells(adapter, prompt_ids, subject, answer_id, chunk, corrupted, clean, width)
+        except torch.cuda.OutOfMemoryError:
+            if chunk_cells == 1:
+                raise
+            chunk_cells = max(1, chunk_cells // 2)
+            torch.cuda.empty_cache()
+            continue
+        probs[start : start + len(chunk)] = p
+        passes += 1
+        rows += len(chunk) * n_samples
+        start += len(chunk)
+    mean = probs.mean(-1).double().numpy()
+    scores: dict[str, np.ndarray] = {}
+    for kind in config.kinds:
+        scores[kind] = np.zeros((n_tokens, n_layers))
+    for (kind, t, layer, _), value in zip(cells[1:], mean[1:], strict=True):
+        scores[kind][t, layer] = value
+    for kind, t, layer in skipped:
+        scores[kind][t, layer] = mean[0]
+    tok = adapter.tokenizer
+    return FactTrace(
+        prompt_ids=list(prompt_ids),
+        tokens=[tok.decode([i]) for i in prompt_ids],
+        subject_positions=subject,
+        answer_id=int(answer_id),
+        p_clean=p_clean,
+        p_corrupt=float(mean[0]),
+        scores=scores,
+        window=window,
+        forward_passes=passes,
+        rows=rows + 1,
+        classes=position_classes(n_tokens, subject),
+    )
+
+
+def _run_cells(
+    adapter: ModelAdapter,
+    prompt_ids: Sequence[int],
+    subject: list[int],
+    answer_id: int,
+    cells: Sequence[tuple[str, int, int, list[str]]],
+    corrupted: torch.Tensor,
+    clean: dict[str, torch.Tensor],
+    width: dict[str, int],
+) -> torch.Tensor:
+    """Probabilities ``[len(cells), n_samples]`` of the answer with each cell restored in
+    each corrupted run: one forward pass, one row per (cell, sample)."""
+    n_samples, k, d = corrupted.shape
+    n_rows = len(cells) * n_samples
+    batch = adapter.batch([list(prompt_ids)] * n_rows)
+    shift = int(batch.first_index[0])  # 0: every row has the same length
+    rows = torch.arange(n_rows)
+    embed = Patch(
+        "embed",
+        rows.repeat_interleave(k),
+        torch.tensor([shift + p for p in subject]).repeat(n_rows),
+        corrupted.repeat(len(cells), 1, 1).reshape(n_rows * k, d),
+    )
+    by_site: dict[str, tuple[list[int], list[int]]] = {}
+    for c, (_, t, _, restored) in enumerate(cells):
+        for site in restored:
+            r, ts = by_site.setdefault(site, ([], []))
+            r.extend(range(c * n_samples, (c + 1) * n_samples))
+            ts.extend([t] * n_samples)
+    patches = [embed]
+    for site, (r, ts) in by_site.items():
+        values = clean[site][0, torch.tensor(ts) + shift]
+        patches.append(
+            Patch(site, torch.tensor(r), torch.tensor(ts) + shift, values.reshape(-1, width[site]))
+        )
+    logits = adapter.run_with_patches(batch, patches, last_only=True)
+    last = logits[:, -1].float().softmax(-1)[:, answer_id].cpu()
+    return last.reshape(len(cells), n_samples)
+
+
+# -- aggregation --------------------------------------------------------------------------------
+
+
+def class_profile(trace: FactTrace, kind: str) -> np.ndarray:
+    """Mean indirect effect ``[len(POSITION_CLASSES), n_layers]`` per position class (NaN for
+    classes the prompt does not have), so languages with different token counts compare."""
+    effects = trace.effects(kind)
+    out = np.full((len(POSITION_CLASSES), effects.shape[1]), np.nan)
+    classes = np.array(trace.classes)
+    for i, name in enumerate(POSITION_CLASSES):
+        sel = classes == name
+        if sel.any():
+            out[i] = effects[sel].mean(0)
+    return out
+
+
+def profile_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two profiles over the entries both define (NaN if fewer than
+    three or either is constant)."""
+    x, y = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
+    ok = ~(np.isnan(x) | np.isnan(y))
+    if ok.sum() < 3 or np.std(x[ok]) == 0 or np.std(y[ok]) == 0:
+        return math.nan
+    return float(np.corrcoef(x[ok], y[ok])[0, 1])
