@@ -48,7 +48,9 @@ def register(subparsers: Any) -> None:
         "--layer",
         default="auto",
         help="edit layer (ft, rome), layers for memit (a range such as 0-1 or a list "
-        "such as 0,1), or auto (default: the documented default per model size)",
+        "such as 0,1), or auto (default): the layer causal tracing recommends for this model "
+        "when `mlake trace` has been run on it (memit: a run of layers ending there), else "
+        "the documented default per model size",
     )
     tr.add_argument("--edit-form", default="question", choices=("question", "cloze"))
     tr.add_argument("--n-locality", type=int, default=10, help="locality facts per language")
@@ -71,7 +73,13 @@ def run_transfer(args: argparse.Namespace) -> int:
     from mlake_core.editing.base import get_method
     from mlake_core.editing.covariance import mlake_corpus, read_corpus
     from mlake_core.editing.evaluate import KINDS, TransferConfig, transfer_matrix
-    from mlake_core.experiments import knowledge_stage, select_fact_ids, transfer_stage
+    from mlake_core.editing.memit import default_layers
+    from mlake_core.experiments import (
+        knowledge_stage,
+        lookup_recommended_layer,
+        select_fact_ids,
+        transfer_stage,
+    )
     from mlake_core.languages import parse_langs
     from mlake_core.metrics.knowledge import KnowledgeConfig
 
@@ -102,9 +110,26 @@ def run_transfer(args: argparse.Namespace) -> int:
         log=log,
     )
     report: dict[str, Any] = {"model": loaded.name, "n_facts": len(fact_ids), "methods": {}}
+    layer_for = {"layer": args.layer, "layers": args.layer}
+    if args.layer == "auto":
+        traced = lookup_recommended_layer(loaded.adapter, loaded.path, args.results_dir)
+        if traced is not None and traced.get("layer") is not None:
+            layer = int(traced["layer"])
+            memit_layers = default_layers(loaded.adapter, end=layer)
+            layer_for = {
+                "layer": str(layer),
+                "layers": ",".join(str(x) for x in memit_layers),
+            }
+            log(
+                f"--layer auto: layer {layer} (MEMIT: {layer_for['layers']}) recommended by "
+                f"causal tracing, {traced.get('run')}"
+            )
+        else:
+            log("--layer auto: this model was not traced (mlake trace); documented defaults")
+        report["layer_source"] = "tracing" if traced else "default"
     for entry in entries:
         names_of = {f.name for f in dataclasses.fields(entry.config_cls)}
-        fields = {name: args.layer for name in ("layer", "layers") if name in names_of}
+        fields = {name: layer_for[name] for name in ("layer", "layers") if name in names_of}
         method_config = entry.config_cls(**fields)
         bar = tqdm(total=len(fact_ids) * len(langs), desc=entry.name, unit="edit", disable=None)
 

@@ -49,11 +49,12 @@ from mlake_core.editing.methods import optimise_output_delta, teacher_forced
 from mlake_core.errors import ConfigError
 
 
-def default_layers(adapter: Any) -> tuple[int, ...]:
-    """The documented default MEMIT layers before causal tracing picks them: a run of
-    ``max(2, round(5 * n_layers / 28))`` layers ending at :func:`default_layer` (MEMIT edits 5
-    of GPT-J's 28 layers, 3-8; of a 4-layer model, layers 0-1; of a 2-layer one, layer 0)."""
-    end = default_layer(adapter)
+def default_layers(adapter: Any, end: int | None = None) -> tuple[int, ...]:
+    """The documented default MEMIT layers: a run of ``max(2, round(5 * n_layers / 28))``
+    layers ending at ``end`` (the layer causal tracing recommends, see ``mlake trace``), by
+    default :func:`default_layer` (MEMIT edits 5 of GPT-J's 28 layers, 3-8; of a 4-layer
+    model, layers 0-1; of a 2-layer one, layer 0)."""
+    end = default_layer(adapter) if end is None else int(end)
     width = max(2, round(5 * adapter.n_layers / 28))
     return tuple(range(max(0, end - width + 1), end + 1))
 
