@@ -62,11 +62,15 @@ def trace_heatmap(
         # At least 5 points of range: a model the corruption barely moves shows a flat map,
         # not its numerical noise blown up.
         vmin = min(trace.p_corrupt, float(scores.min()))
+        vmax = max(trace.p_clean, float(scores.max()))
+        if vmax - vmin < 0.05:  # probabilities: keep the scale inside [0, 1]
+            vmax = min(1.0, vmin + 0.05)
+            vmin = vmax - 0.05
         image = ax.imshow(
             scores,
             cmap=CMAPS.get(kind, "Greys"),
             vmin=vmin,
-            vmax=max(trace.p_clean, float(scores.max()), vmin + 0.05),
+            vmax=vmax,
             aspect="auto",
             interpolation="nearest",
         )

@@ -162,12 +162,13 @@ def format_report(result: Any, model: str, n_facts: int) -> str:
         f"model {model}; {n_facts} facts; kinds {','.join(result.kinds)}; window "
         f"{result.window}; noise std {result.noise_std:.4g}; {result.run_path}",
         "",
-        "lang  traced  p_clean  p_corrupt  peak MLP layer (last subject token)",
+        "lang  traced  p_clean  p_corrupt  peak MLP layer (last subject token), its effect",
     ]
     for s in result.summaries:
         lines.append(
             f"  {s.lang:<4}{s.n_facts:>6}  {_cell(s.p_clean):>7}  {_cell(s.p_corrupt):>9}  "
             f"{'-' if s.peak_mlp_layer is None else s.peak_mlp_layer:>5}"
+            f"  {_cell(s.peak_mlp_effect, True):>6}"
         )
     layers = "".join(f"{layer:>7}" for layer in range(result.n_layers))
     for kind, cls, label in (

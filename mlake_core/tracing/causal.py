@@ -208,7 +208,8 @@ def rows_per_pass(adapter: ModelAdapter, n_tokens: int, fraction: float = 0.25) 
     The estimate counts the logits (float32, the last position only), the activations the hooks and
     the model keep (about 16 ``d_model`` vectors and 3 ``d_mlp`` vectors per layer and token),
     and uses ``fraction`` of the free memory: CUDA's free memory, or on CPU the available
-    memory capped at 4 GiB (CPU throughput stops improving long before that).
+    memory capped at 512 MiB (on CPU, larger passes are slower per row: measured on
+    mlake-tiny, 256-row passes beat 1,400-row ones by 25%).
     """
     bytes_per = max(1, torch.finfo(adapter.dtype).bits // 8)
     vocab = adapter.info.d_vocab
@@ -226,7 +227,7 @@ def rows_per_pass(adapter: ModelAdapter, n_tokens: int, fraction: float = 0.25) 
             available = psutil.virtual_memory().available
         except ImportError:  # pragma: no cover - psutil comes with the dependencies
             available = 8 << 30
-        budget = min(fraction * available, 4 << 30)
+        budget = min(fraction * available, 512 << 20)
     return max(1, int(budget // per_row))
 
 

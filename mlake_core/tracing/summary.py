@@ -42,6 +42,7 @@ class LanguageSummary:
         maps: per kind, the average map ``[class, layer]`` (NaN where no fact has the class).
         peak_mlp_layer: layer of the largest average MLP effect at the last subject token
             (``None`` without MLP tracing).
+        peak_mlp_effect: that effect (read the layer with it: a peak of 0.001 is noise).
     """
 
     lang: str
@@ -50,6 +51,7 @@ class LanguageSummary:
     p_corrupt: float
     maps: dict[str, np.ndarray]
     peak_mlp_layer: int | None
+    peak_mlp_effect: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +60,7 @@ class LanguageSummary:
             "p_clean": _round(self.p_clean),
             "p_corrupt": _round(self.p_corrupt),
             "peak_mlp_layer": self.peak_mlp_layer,
+            "peak_mlp_effect": _round(self.peak_mlp_effect),
             "maps": {
                 kind: [[_round(v) for v in row] for row in m] for kind, m in self.maps.items()
             },
@@ -89,9 +92,10 @@ def summarize_language(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", category=RuntimeWarning)
                 maps[kind] = np.nanmean(stack, axis=0) if len(arrays) else stack.mean(0)
-    peak = None
+    peak, peak_effect = None, math.nan
     if "mlp" in maps and maps["mlp"].size and not np.isnan(maps["mlp"][LAST_SUBJECT]).all():
         peak = int(np.nanargmax(maps["mlp"][LAST_SUBJECT]))
+        peak_effect = float(maps["mlp"][LAST_SUBJECT][peak])
     return LanguageSummary(
         lang=lang,
         n_facts=len(p_clean),
@@ -99,6 +103,7 @@ def summarize_language(
         p_corrupt=float(np.mean(p_corrupt)) if len(p_corrupt) else math.nan,
         maps=maps,
         peak_mlp_layer=peak,
+        peak_mlp_effect=peak_effect,
     )
 
 

@@ -286,3 +286,45 @@ def test_context_dropout_touches_only_question_words_outside_the_subject(mlake_v
     changed = {i for i, (a, b) in enumerate(zip(ids, out.ids, strict=True)) if a != b}
     assert changed and changed <= set(droppable)
     assert _dropped(ex, 0.0, 10, 600, random.Random(0)).ids == ids
+
+
+def test_answer_continuations_never_pair_a_question_with_its_own_new_answer(mlake_v2411) -> None:
+    import random
+
+    from mlake_core.models.mlake_tiny import _continuation, build_corpus, train_tokenizer
+
+    config = TinyTrainConfig(facts=8, langs=("en", "zh"), answer_continuations=True)
+    assert config.key() != TinyTrainConfig(facts=8, langs=("en", "zh")).key()
+    assert TinyTrainConfig(answer_continuations=False).key() == TinyTrainConfig().key()
+    fact_ids = [f.fact_id for f in mlake_v2411.facts[:8]]
+    texts = [
+        t
+        for f in mlake_v2411.facts[:50]
+        for lang in ("en", "zh")
+        for t in (
+            f.views[lang].record.question,
+            f.views[lang].record.o_answer,
+            f.views[lang].record.e_answer,
+            f.views[lang].record.o_prompt,
+        )
+    ]
+    tok = train_tokenizer(texts, 800)
+    corpus = build_corpus(mlake_v2411, fact_ids, tok, config)
+    # Every original and new answer of the trained facts is a name of its language.
+    assert 8 < len(corpus.names["en"]) <= 16
+    rng = random.Random(0)
+    prompts = {tuple(p): corpus.units[u] for u, (p, _) in enumerate(corpus.pieces)}
+    for unit in range(len(corpus.units)):
+        for _ in range(5):
+            ex = _continuation(corpus, unit, rng, config.max_len)
+            assert ex.kind == "continuation"
+            first = ex.weights.index(1.0)
+            prompt = tuple(ex.ids[: first - 1])
+            fact_id, lang = prompts[prompt]
+            assert lang == corpus.units[unit][1]
+            name = tuple(ex.ids[first - 1 :])
+            assert name in corpus.name_owners[lang]
+            assert fact_id not in corpus.name_owners[lang][name]  # never its own answer
+            # No loss on the name's first token; loss on the rest and on EOS.
+            assert ex.weights[first - 1] == 0.0 and all(w == 1.0 for w in ex.weights[first:])
+            assert ex.ids[-1] == tok.eos_token_id
