@@ -458,8 +458,10 @@ class ModelAdapter(Protocol):
         """Logits and detached activations ``[batch, pos, width]`` by canonical site name."""
         ...
 
-    def run_with_patches(self, batch: TokenBatch, patches: Sequence[Patch]) -> Logits:
-        """Logits after applying the patches."""
+    def run_with_patches(
+        self, batch: TokenBatch, patches: Sequence[Patch], *, last_only: bool = False
+    ) -> Logits:
+        """Logits after applying the patches (``[batch, 1, vocab]`` with ``last_only``)."""
         ...
 
     def gradients(
