@@ -82,6 +82,43 @@ def select_fact_ids(
     return base[: int(facts)]
 
 
+def _open_stage_run(
+    kind: str,
+    adapter: ModelAdapter,
+    model_path: str | os.PathLike[str],
+    dataset: MlakeDataset,
+    fact_ids: Sequence[int],
+    langs: Sequence[str],
+    template: PromptTemplate,
+    config: Any,
+    results_dir: str | os.PathLike[str] | None,
+    **extra_key: Any,
+) -> Run:
+    """Open the run of a stage keyed by the model, data, facts, languages, template and config
+    (plus ``extra_key``), and mark it running with the same provenance."""
+    key = {
+        "model": model_identity(adapter, model_path),
+        "data_version": dataset.version,
+        "facts": stable_hash(list(fact_ids)),
+        "n_facts": len(fact_ids),
+        "langs": list(langs),
+        "template": template.to_dict(),
+        "config": config.to_dict(),
+        **extra_key,
+    }
+    run = open_run(kind, key, results_dir)
+    run.write_meta(
+        status="running",
+        model=adapter.info.to_dict(),
+        template=template.to_dict(),
+        config=config.to_dict(),
+        data_version=dataset.version,
+        fact_ids=list(fact_ids),
+        langs=list(langs),
+    )
+    return run
+
+
 def knowledge_stage(
     adapter: ModelAdapter,
     model_path: str | os.PathLike[str],
@@ -104,24 +141,8 @@ def knowledge_stage(
     """
     import pandas as pd
 
-    key = {
-        "model": model_identity(adapter, model_path),
-        "data_version": dataset.version,
-        "facts": stable_hash(list(fact_ids)),
-        "n_facts": len(fact_ids),
-        "langs": list(langs),
-        "template": template.to_dict(),
-        "config": config.to_dict(),
-    }
-    run = open_run("knowledge", key, results_dir)
-    run.write_meta(
-        status="running",
-        model=adapter.info.to_dict(),
-        template=template.to_dict(),
-        config=config.to_dict(),
-        data_version=dataset.version,
-        fact_ids=list(fact_ids),
-        langs=list(langs),
+    run = _open_stage_run(
+        "knowledge", adapter, model_path, dataset, fact_ids, langs, template, config, results_dir
     )
     wanted = set(fact_ids)
     tables, skipped = [], {}
@@ -323,35 +344,32 @@ def tracing_stage(
 
     from mlake_core.editing.base import locate_prompt
     from mlake_core.errors import MlakeError
-    from mlake_core.tracing.causal import KINDS, class_profile, embedding_noise_std, trace_prompt
+    from mlake_core.tracing.causal import (
+        KINDS,
+        FactTrace,
+        class_profile,
+        embedding_noise_std,
+        trace_prompt,
+    )
     from mlake_core.tracing.summary import (
         TracingResult,
-        per_language_recommended,
         recommended_layer,
         similarity_matrix,
         summarize_language,
     )
 
     ident = model_identity(adapter, model_path)
-    key = {
-        "model": ident,
-        "data_version": dataset.version,
-        "facts": stable_hash(list(fact_ids)),
-        "n_facts": len(fact_ids),
-        "langs": list(langs),
-        "template": template.to_dict(),
-        "config": config.to_dict(),
-        "known_from": "knowledge stage, question form, greedy alias match",
-    }
-    run = open_run("tracing", key, results_dir)
-    run.write_meta(
-        status="running",
-        model=adapter.info.to_dict(),
-        template=template.to_dict(),
-        config=config.to_dict(),
-        data_version=dataset.version,
-        fact_ids=list(fact_ids),
-        langs=list(langs),
+    run = _open_stage_run(
+        "tracing",
+        adapter,
+        model_path,
+        dataset,
+        fact_ids,
+        langs,
+        template,
+        config,
+        results_dir,
+        known_from="knowledge stage, question form, greedy alias match",
     )
     facts = {f.fact_id: f for f in dataset.facts}
 
@@ -431,21 +449,9 @@ def tracing_stage(
                     noise_std=noise_std,
                     swap_embeddings=swaps,
                 )
-                arrays = {
-                    "prompt_ids": np.asarray(trace.prompt_ids),
-                    "tokens": np.asarray(trace.tokens, dtype=str),
-                    "classes": np.asarray(trace.classes, dtype=str),
-                    "subject_positions": np.asarray(trace.subject_positions),
-                    "answer_id": np.asarray(trace.answer_id),
-                    "p_clean": np.asarray(trace.p_clean),
-                    "p_corrupt": np.asarray(trace.p_corrupt),
-                    "window": np.asarray(trace.window),
-                    "forward_passes": np.asarray(trace.forward_passes),
-                    "rows": np.asarray(trace.rows),
-                    **{f"scores_{k}": v for k, v in trace.scores.items()},
-                }
+                arrays = trace.to_arrays()
                 run.save_arrays(name, arrays)
-            trace = _trace_from_arrays(arrays)
+            trace = FactTrace.from_arrays(arrays)
             for kind in config.kinds:
                 profiles[kind].append(class_profile(trace, kind))
             p_clean.append(trace.p_clean)
@@ -454,7 +460,7 @@ def tracing_stage(
             rows.append(trace.rows)
             if on_fact:
                 on_fact({"lang": lang, "fact_id": fact_id, "p_clean": trace.p_clean})
-        summaries.append(summarize_language(lang, profiles, p_clean, p_corrupt))
+        summaries.append(summarize_language(lang, profiles, p_clean, p_corrupt, adapter.n_layers))
         counts[lang] = {
             "traced": len(p_clean),
             "forward_passes_per_fact": float(np.mean(passes)) if passes else None,
@@ -473,9 +479,7 @@ def tracing_stage(
         summaries=summaries,
         similarity=similarity,
         recommended_layer=recommended_layer(summaries, adapter.n_layers),
-        recommended_by_lang={
-            s.lang: per_language_recommended(s, adapter.n_layers) for s in summaries
-        },
+        recommended_by_lang={s.lang: recommended_layer([s], adapter.n_layers) for s in summaries},
         counts=counts,
         skipped=skipped,
         run_path=str(run.path),
@@ -487,27 +491,11 @@ def tracing_stage(
     return result, run
 
 
-def _trace_from_arrays(arrays: dict[str, Any]) -> Any:
-    from mlake_core.tracing.causal import FactTrace
-
-    return FactTrace(
-        prompt_ids=[int(x) for x in arrays["prompt_ids"]],
-        tokens=[str(x) for x in arrays["tokens"]],
-        subject_positions=[int(x) for x in arrays["subject_positions"]],
-        answer_id=int(arrays["answer_id"]),
-        p_clean=float(arrays["p_clean"]),
-        p_corrupt=float(arrays["p_corrupt"]),
-        scores={k[len("scores_") :]: v for k, v in arrays.items() if k.startswith("scores_")},
-        window=int(arrays["window"]),
-        forward_passes=int(arrays["forward_passes"]),
-        rows=int(arrays["rows"]),
-        classes=[str(x) for x in arrays["classes"]],
-    )
-
-
 def load_trace(run: Run, lang: str, fact_id: int) -> Any:
     """One saved fact trace (:class:`~mlake_core.tracing.causal.FactTrace`) of a tracing run."""
-    return _trace_from_arrays(run.load_arrays(f"trace_{lang}_{fact_id}"))
+    from mlake_core.tracing.causal import FactTrace
+
+    return FactTrace.from_arrays(run.load_arrays(f"trace_{lang}_{fact_id}"))
 
 
 def _other_subjects(
@@ -524,24 +512,23 @@ def _other_subjects(
     import torch
 
     from mlake_core.errors import MlakeError
+    from mlake_core.tracing.causal import subject_embeddings
 
     others = [f for f in fact_ids if f != fact_id]
-    order = torch.randperm(len(others), generator=generator).tolist()
-    out = []
-    for i in order:
+    prompts = []
+    for i in torch.randperm(len(others), generator=generator).tolist():
         try:
             loc = located(others[i], lang)
         except MlakeError:
             continue
-        _, cache = adapter.run_with_cache(adapter.batch([list(loc.prompt_ids)]), ["embed"])
-        out.append(cache["embed"][0, list(loc.subject_positions)])
-        if len(out) == config.n_samples:
+        prompts.append((loc.prompt_ids, loc.subject_positions))
+        if len(prompts) == config.n_samples:
             break
-    if len(out) < config.n_samples:
+    if len(prompts) < config.n_samples:
         raise ConfigError(
             f"--corruption subject: fewer than {config.n_samples} other subjects in {lang}"
         )
-    return out
+    return subject_embeddings(adapter, prompts)
 
 
 #: File under the results root that maps a model to its tracing-recommended edit layer.

@@ -111,7 +111,9 @@ def run_transfer(args: argparse.Namespace) -> int:
     )
     report: dict[str, Any] = {"model": loaded.name, "n_facts": len(fact_ids), "methods": {}}
     layer_for = {"layer": args.layer, "layers": args.layer}
+    layer_source = "explicit"
     if args.layer == "auto":
+        layer_source = "default"
         traced = lookup_recommended_layer(loaded.adapter, loaded.path, args.results_dir)
         if traced is not None and traced.get("layer") is not None:
             layer = int(traced["layer"])
@@ -120,13 +122,14 @@ def run_transfer(args: argparse.Namespace) -> int:
                 "layer": str(layer),
                 "layers": ",".join(str(x) for x in memit_layers),
             }
+            layer_source = "tracing"
             log(
                 f"--layer auto: layer {layer} (MEMIT: {layer_for['layers']}) recommended by "
                 f"causal tracing, {traced.get('run')}"
             )
         else:
             log("--layer auto: this model was not traced (mlake trace); documented defaults")
-        report["layer_source"] = "tracing" if traced else "default"
+    report["layer_source"] = layer_source
     for entry in entries:
         names_of = {f.name for f in dataclasses.fields(entry.config_cls)}
         fields = {name: layer_for[name] for name in ("layer", "layers") if name in names_of}

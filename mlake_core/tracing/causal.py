@@ -184,6 +184,57 @@ class FactTrace:
         """Indirect effects ``[n_tokens, n_layers]`` of ``kind``."""
         return self.scores[kind] - self.p_corrupt
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Numpy arrays for the results store (:meth:`from_arrays` inverts it)."""
+        return {
+            "prompt_ids": np.asarray(self.prompt_ids),
+            "tokens": np.asarray(self.tokens, dtype=str),
+            "classes": np.asarray(self.classes, dtype=str),
+            "subject_positions": np.asarray(self.subject_positions),
+            "answer_id": np.asarray(self.answer_id),
+            "p_clean": np.asarray(self.p_clean),
+            "p_corrupt": np.asarray(self.p_corrupt),
+            "window": np.asarray(self.window),
+            "forward_passes": np.asarray(self.forward_passes),
+            "rows": np.asarray(self.rows),
+            **{f"scores_{k}": v for k, v in self.scores.items()},
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, Any]) -> FactTrace:
+        """A trace saved with :meth:`to_arrays`."""
+        return cls(
+            prompt_ids=[int(x) for x in arrays["prompt_ids"]],
+            tokens=[str(x) for x in arrays["tokens"]],
+            subject_positions=[int(x) for x in arrays["subject_positions"]],
+            answer_id=int(arrays["answer_id"]),
+            p_clean=float(arrays["p_clean"]),
+            p_corrupt=float(arrays["p_corrupt"]),
+            scores={k[len("scores_") :]: v for k, v in arrays.items() if k.startswith("scores_")},
+            window=int(arrays["window"]),
+            forward_passes=int(arrays["forward_passes"]),
+            rows=int(arrays["rows"]),
+            classes=[str(x) for x in arrays["classes"]],
+        )
+
+
+def subject_embeddings(
+    adapter: ModelAdapter,
+    prompts: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 64,
+) -> list[torch.Tensor]:
+    """The token embeddings (``embed`` site) at the subject positions of each prompt
+    (``(prompt_ids, subject_positions)`` pairs), ``[k, d_model]`` each, read in batches."""
+    out: list[torch.Tensor] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        batch = adapter.batch([list(ids) for ids, _ in chunk])
+        _, cache = adapter.run_with_cache(batch, ["embed"])
+        for row, (_, positions) in enumerate(chunk):
+            first = int(batch.first_index[row])
+            out.append(cache["embed"][row, [first + p for p in positions]].cpu())
+    return out
+
 
 def embedding_noise_std(
     adapter: ModelAdapter, prompts: Sequence[tuple[Sequence[int], Sequence[int]]]
@@ -191,15 +242,10 @@ def embedding_noise_std(
     """Standard deviation of the token embeddings (``embed`` site) over the subject tokens of
     ``prompts`` (``(prompt_ids, subject_positions)`` pairs), pooled over tokens and dimensions
     (ROME measures it over the subjects of its dataset)."""
-    values = []
-    for ids, positions in prompts:
-        batch = adapter.batch([list(ids)])
-        _, cache = adapter.run_with_cache(batch, ["embed"])
-        start = int(batch.first_index[0])
-        values.append(cache["embed"][0, [start + p for p in positions]].double().cpu())
+    values = subject_embeddings(adapter, prompts)
     if not values:
         raise ConfigError("no subject tokens to measure the embedding noise level on")
-    return float(torch.cat(values).std())
+    return float(torch.cat(values).double().std())
 
 
 def rows_per_pass(adapter: ModelAdapter, n_tokens: int, fraction: float = 0.25) -> int:

@@ -18,6 +18,7 @@ Definitions (also printed by ``mlake trace`` and used by the figures):
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -76,24 +77,20 @@ def summarize_language(
     profiles: Mapping[str, Sequence[np.ndarray]],
     p_clean: Sequence[float],
     p_corrupt: Sequence[float],
+    n_layers: int,
 ) -> LanguageSummary:
     """Average the per-fact class profiles of one language (``profiles[kind]`` is a list of
-    ``[class, layer]`` arrays)."""
+    ``[class, layer]`` arrays; a language with none gets NaN maps)."""
     maps: dict[str, np.ndarray] = {}
     for kind, arrays in profiles.items():
-        stack = (
-            np.stack(list(arrays))
-            if len(arrays)
-            else np.full((0, len(POSITION_CLASSES), 0), np.nan)
-        )
-        with np.errstate(all="ignore"):
-            import warnings
-
+        if len(arrays):
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", category=RuntimeWarning)
-                maps[kind] = np.nanmean(stack, axis=0) if len(arrays) else stack.mean(0)
+                warnings.simplefilter("ignore", category=RuntimeWarning)  # all-NaN classes
+                maps[kind] = np.nanmean(np.stack(list(arrays)), axis=0)
+        else:
+            maps[kind] = np.full((len(POSITION_CLASSES), n_layers), np.nan)
     peak, peak_effect = None, math.nan
-    if "mlp" in maps and maps["mlp"].size and not np.isnan(maps["mlp"][LAST_SUBJECT]).all():
+    if "mlp" in maps and not np.isnan(maps["mlp"][LAST_SUBJECT]).all():
         peak = int(np.nanargmax(maps["mlp"][LAST_SUBJECT]))
         peak_effect = float(maps["mlp"][LAST_SUBJECT][peak])
     return LanguageSummary(
@@ -126,7 +123,8 @@ def similarity_matrix(
 
 
 def recommended_layer(summaries: Sequence[LanguageSummary], n_layers: int) -> int | None:
-    """The recommended edit layer (see the module docstring); ``None`` without MLP tracing."""
+    """The recommended edit layer (see the module docstring) from ``summaries`` (one of them
+    for a language's own); ``None`` without MLP tracing or facts."""
     rows = [
         s.maps["mlp"][LAST_SUBJECT]
         for s in summaries
@@ -134,17 +132,10 @@ def recommended_layer(summaries: Sequence[LanguageSummary], n_layers: int) -> in
     ]
     if not rows or n_layers < 2:
         return None
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=RuntimeWarning)
         mean = np.nanmean(np.stack(rows), axis=0)[: n_layers - 1]
     return int(np.nanargmax(mean))
-
-
-def per_language_recommended(summary: LanguageSummary, n_layers: int) -> int | None:
-    """The recommended edit layer of one language (its own peak, never the last layer)."""
-    return recommended_layer([summary], n_layers)
 
 
 @dataclass

@@ -273,3 +273,24 @@ def test_class_profile_and_subject_corruption(adapters, prompt):
         trace_prompt(
             adapter, ids, [len(ids) + 3], answer, TraceConfig(), torch.Generator(), noise_std=1.0
         )
+
+
+@pytest.mark.slow
+def test_batched_subject_embeddings_match_single_prompts(adapters, micro_tiny, mlake_v2411):
+    from mlake_core.tracing.causal import subject_embeddings
+
+    adapter = adapters["tlens"]
+    meta = read_metadata(micro_tiny)
+    assert meta is not None
+    prompts = []
+    for fact_id in meta["fact_ids"][:3]:
+        for lang in ("en", "zh"):
+            loc = locate_prompt(adapter, mlake_v2411.fact(fact_id).views[lang], QA)
+            prompts.append((list(loc.prompt_ids), list(loc.subject_positions)))
+    assert len({len(ids) for ids, _ in prompts}) > 1  # padding is exercised
+    batched = subject_embeddings(adapter, prompts, batch_size=4)
+    for (ids, positions), got in zip(prompts, batched, strict=True):
+        _, cache = adapter.run_with_cache(adapter.batch([ids]), ["embed"])
+        assert torch.equal(got, cache["embed"][0, positions].cpu())
+    values = torch.cat([e.double() for e in batched])
+    assert embedding_noise_std(adapter, prompts) == pytest.approx(float(values.std()))
