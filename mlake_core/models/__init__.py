@@ -17,6 +17,7 @@ from mlake_core.models.adapter import (
     ModelInfo,
     Patch,
     TokenBatch,
+    UnitPatch,
     apply_patches,
 )
 from mlake_core.models.loading import BACKENDS, DTYPES, load_adapter
@@ -49,6 +50,7 @@ __all__ = [
     "Patch",
     "Site",
     "TokenBatch",
+    "UnitPatch",
     "all_sites",
     "apply_patches",
     "execution_order",

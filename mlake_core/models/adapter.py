@@ -18,6 +18,9 @@ Four operations, all on a padded :class:`TokenBatch`:
 * :meth:`ModelAdapter.gradients` -- the gradient of a scalar function of the logits with respect
   to the activations at any sites (attribution patching, integrated gradients).
 
+Ablations (:class:`UnitPatch`: fixed values for some neurons or heads at every position) can
+also stand for a whole block of work, generation included: ``with adapter.intervening([...])``.
+
 Each backend implements one private primitive, ``_run``, that performs a forward pass reading
 and patching sites; the public operations are built on it here (the TransformerLens
 ``patching.py`` pattern: one generic function, specialisations built from it).
@@ -36,7 +39,8 @@ TransformerLens#774; Qwen has no BOS at all).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -264,13 +268,55 @@ class Patch:
         return cls.per_row(site, positions, values)
 
 
-def apply_patches(activation: Activation, patches: Sequence[Patch]) -> Activation:
+@dataclass(frozen=True, eq=False)
+class UnitPatch:
+    """Set some units (columns) of a site to fixed values at every row and position.
+
+    ``activation[..., units[i]] = values[i]``: the ablation of neurons (``mlp_post``) or of
+    heads (the head's ``d_head`` columns of ``attn_z``), zero or mean.  It does not depend on
+    the batch's shape, so it can stand for a whole block of work
+    (:meth:`BaseAdapter.intervening`), generation included.
+
+    Attributes:
+        site: canonical site name.
+        units: column indices, ``[k]``.
+        values: the value of each column, ``[k]``.
+    """
+
+    site: str
+    units: Indices
+    values: Float[Tensor, " k"]
+
+    def __post_init__(self) -> None:
+        if self.units.ndim != 1 or self.values.shape != self.units.shape:
+            raise ValueError(
+                f"unit patch of {self.site!r}: units and values must both be [k]; got "
+                f"{tuple(self.units.shape)} and {tuple(self.values.shape)}"
+            )
+
+    @classmethod
+    def zero(cls, site: str, units: Sequence[int] | Indices) -> UnitPatch:
+        """Zero-ablation of ``units``."""
+        idx = torch.as_tensor(units, dtype=torch.long).reshape(-1)
+        return cls(site, idx, torch.zeros(idx.shape[0]))
+
+
+def apply_patches(activation: Activation, patches: Sequence[Patch | UnitPatch]) -> Activation:
     """Return ``activation`` with the patches written in (out of place; autograd-safe).
 
     Later patches win where two touch the same entry.
     """
     out = activation.clone()
     for patch in patches:
+        if isinstance(patch, UnitPatch):
+            units = patch.units.to(out.device)
+            if units.numel() and int(units.max()) >= out.shape[-1]:
+                raise IndexError(
+                    f"unit patch of {patch.site!r} indexes column {int(units.max())}; the "
+                    f"activation has width {out.shape[-1]}"
+                )
+            out[..., units] = patch.values.to(device=out.device, dtype=out.dtype)
+            continue
         if patch.values.shape[1] != out.shape[-1]:
             raise ValueError(
                 f"patch of {patch.site!r} has width {patch.values.shape[1]}, "
@@ -360,6 +406,9 @@ class ModelInfo:
         bos: the BOS policy.
         trust_remote_code: whether custom modelling code was allowed.
         versions: versions of torch, transformers and the backend library.
+        n_heads: attention heads per block.
+        d_head: width of one head's output in ``attn_z`` (``attn_z`` is
+            ``n_heads * d_head`` wide).
     """
 
     model_id: str
@@ -378,6 +427,8 @@ class ModelInfo:
     bos: BosPolicy
     trust_remote_code: bool = False
     versions: Mapping[str, str] = field(default_factory=dict)
+    n_heads: int = 0
+    d_head: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (for ``meta.json``)."""
@@ -431,7 +482,8 @@ class ModelAdapter(Protocol):
         ...
 
     def site_width(self, site: str) -> int:
-        """Last-dimension width of a site's activation (``d_model`` or ``d_mlp``)."""
+        """Last-dimension width of a site's activation (``d_model``, ``d_mlp``, or
+        ``n_heads * d_head`` for ``attn_z``)."""
         ...
 
     def encode(self, text: str) -> list[int]:
@@ -475,6 +527,10 @@ class ModelAdapter(Protocol):
         """``metric(logits)`` and its gradient with respect to each site's activation."""
         ...
 
+    def intervening(self, patches: Sequence[UnitPatch]) -> AbstractContextManager[None]:
+        """A block in which every forward pass applies ``patches`` (ablations)."""
+        ...
+
 
 class BaseAdapter:
     """Shared implementation of :class:`ModelAdapter`; backends implement :meth:`_run`.
@@ -496,6 +552,8 @@ class BaseAdapter:
             pad = tokenizer.eos_token_id
         # Padding is masked everywhere, so any in-vocabulary id will do.
         self.pad_token_id: int = int(pad) if pad is not None else 0
+        # Unit patches applied to every pass (see :meth:`intervening`).
+        self._standing: tuple[UnitPatch, ...] = ()
 
     # -- shapes ----------------------------------------------------------------------------
 
@@ -531,7 +589,12 @@ class BaseAdapter:
 
     def site_width(self, site: str) -> int:
         """Last-dimension width of a site's activation."""
-        return self.d_mlp if parse_site(site, self.n_layers).kind == "mlp_post" else self.d_model
+        kind = parse_site(site, self.n_layers).kind
+        if kind == "mlp_post":
+            return self.d_mlp
+        if kind == "attn_z":
+            return self.info.n_heads * self.info.d_head
+        return self.d_model
 
     def module_path(self, site: str) -> str:
         """The Hugging Face module boundary carrying ``site``, e.g. ``"...down_proj (input)"``."""
@@ -597,7 +660,7 @@ class BaseAdapter:
     def forward(self, batch: TokenBatch) -> Logits:
         """Logits of a batch."""
         with torch.no_grad():
-            logits, _ = self._run(batch.to(self.device), [], {}, keep_graph=False)
+            logits, _ = self._run(batch.to(self.device), [], self._group(()), keep_graph=False)
         return logits
 
     def run_with_cache(
@@ -688,9 +751,30 @@ class BaseAdapter:
 
     # -- backend primitive -----------------------------------------------------------------
 
-    def _group(self, patches: Sequence[Patch]) -> dict[Site, list[Patch]]:
-        grouped: dict[Site, list[Patch]] = {}
+    @contextmanager
+    def intervening(self, patches: Sequence[UnitPatch]) -> Iterator[None]:
+        """Apply unit patches (ablations) to every forward pass inside the block: logits,
+        caches, gradients and generation alike (other patches of a call come after them).
+
+        Nested blocks add to the outer ones; leaving a block removes exactly its patches, even
+        after an exception.
+        """
+        bad = [p for p in patches if not isinstance(p, UnitPatch)]
+        if bad:
+            raise TypeError("intervening takes UnitPatch objects (they fit any batch shape)")
         for patch in patches:
+            parse_site(patch.site, self.n_layers)
+        previous = self._standing
+        self._standing = (*previous, *patches)
+        try:
+            yield
+        finally:
+            self._standing = previous
+
+    def _group(self, patches: Sequence[Patch]) -> dict[Site, list[Patch | UnitPatch]]:
+        grouped: dict[Site, list[Patch | UnitPatch]] = {}
+        every: list[Patch | UnitPatch] = [*self._standing, *patches]
+        for patch in every:
             grouped.setdefault(parse_site(patch.site, self.n_layers), []).append(patch)
         return grouped
 
@@ -698,7 +782,7 @@ class BaseAdapter:
         self,
         batch: TokenBatch,
         read: list[Site],
-        patches: dict[Site, list[Patch]],
+        patches: dict[Site, list[Patch | UnitPatch]],
         *,
         keep_graph: bool,
         last_only: bool = False,

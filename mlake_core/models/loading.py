@@ -190,8 +190,10 @@ def _check_config(spec: ArchitectureSpec, config: Any, model: str) -> None:
         setattr(config, attr, value)
 
 
-def _d_mlp(hf_model: torch.nn.Module, spec: ArchitectureSpec) -> int:
-    down: Any = hf_model.get_submodule(spec.sites["mlp_post"].path(0))
+def _d_mlp(hf_model: torch.nn.Module, spec: ArchitectureSpec, kind: str = "mlp_post") -> int:
+    """Input width of the projection whose input is site ``kind`` (``mlp_post``: the MLP
+    down projection; ``attn_z``: the attention output projection)."""
+    down: Any = hf_model.get_submodule(spec.sites[kind].path(0))
     width = getattr(down, "in_features", None)
     if width is None:  # transformers' Conv1D (GPT-2) stores its weight [in, out]
         width = down.weight.shape[0]
@@ -300,6 +302,8 @@ def load_adapter(
         bos=BosPolicy.from_tokenizer(tokenizer),
         trust_remote_code=trust_remote_code,
         versions=package_versions(("torch", "transformers", _BACKEND_PACKAGES[backend])),
+        n_heads=int(config.num_attention_heads),
+        d_head=_d_mlp(hf_model, spec, "attn_z") // int(config.num_attention_heads),
     )
     if backend == "tlens":
         from mlake_core.models.tlens_backend import TLensAdapter

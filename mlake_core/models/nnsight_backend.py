@@ -33,6 +33,7 @@ from mlake_core.models.adapter import (
     ModelInfo,
     Patch,
     TokenBatch,
+    UnitPatch,
     apply_patches,
 )
 from mlake_core.models.sites import ArchitectureSpec, Site
@@ -63,7 +64,7 @@ class NNsightAdapter(BaseAdapter):
         self,
         batch: TokenBatch,
         read: list[Site],
-        patches: dict[Site, list[Patch]],
+        patches: dict[Site, list[Patch | UnitPatch]],
         *,
         keep_graph: bool,
         last_only: bool = False,

@@ -27,6 +27,11 @@ site               width      value
                               inside the block.
 ``resid_post.{L}`` d_model    Residual stream leaving block ``L``.  For the last block it is
                               *before* the final norm; ``resid_post.{L} == resid_pre.{L+1}``.
+``attn_z.{L}``     n_heads    The attention heads' outputs before they are mixed: the input
+                   x d_head   of the attention output projection, head ``h`` in columns
+                              ``[h * d_head, (h + 1) * d_head)`` (concatenated, the layout
+                              every supported architecture uses).  Per-head attribution
+                              (attribution patching over heads) reads and differentiates it.
 ``attn_out.{L}``   d_model    The attention block's own contribution to the residual stream:
                               the output of its output projection (bias included), *without*
                               the residual.  BLOOM's attention module adds the residual
@@ -47,7 +52,7 @@ Identities the tests check on every architecture (``tests/models/test_site_seman
   parallel block is the MLP's input: it reads ``ln2(resid_pre.{L})``, not
   ``ln2(resid_pre.{L} + attn_out.{L})``, so patching ``attn_out.{L}`` leaves ``mlp_post.{L}``
   unchanged there.  Parallel blocks have no "resid_mid".
-* ``down_proj(mlp_post.{L}) == mlp_out.{L}``.
+* ``down_proj(mlp_post.{L}) == mlp_out.{L}`` and ``o_proj(attn_z.{L}) == attn_out.{L}``.
 
 Dropout is identity because models are always run in eval mode.
 """
@@ -66,6 +71,7 @@ from mlake_core.errors import ConfigError
 SITE_KINDS: tuple[str, ...] = (
     "embed",
     "resid_pre",
+    "attn_z",
     "attn_out",
     "mlp_post",
     "mlp_out",
@@ -80,6 +86,7 @@ SITE_DESCRIPTIONS: Mapping[str, str] = MappingProxyType(
     {
         "embed": "token embeddings W_E[token], before positional embeddings or embedding norm",
         "resid_pre": "residual stream entering block L (pre-norm)",
+        "attn_z": "attention heads' outputs, concatenated: input of the output projection",
         "attn_out": "attention output projection (bias included), residual excluded",
         "mlp_post": "MLP neurons: input of the MLP down projection (act(gate)*up if gated)",
         "mlp_out": "MLP down projection output (bias included), residual excluded",
@@ -163,6 +170,7 @@ def _sites(
         {
             "embed": ModuleSite(embed, "output"),
             "resid_pre": ModuleSite(block, "input"),
+            "attn_z": ModuleSite(f"{block}.{attn_proj}", "input"),
             "attn_out": ModuleSite(f"{block}.{attn_proj}", "output"),
             "mlp_post": ModuleSite(f"{block}.{mlp_down}", "input"),
             "mlp_out": ModuleSite(f"{block}.{mlp_down}", "output"),
@@ -339,7 +347,7 @@ def parse_site(name: str, n_layers: int) -> Site:
 def execution_order(names: list[str] | tuple[str, ...], n_layers: int) -> list[Site]:
     """Parse site names and sort them in the order the forward pass produces them.
 
-    Within a block: ``resid_pre``, ``attn_out``, ``mlp_post``, ``mlp_out``, ``resid_post``
+    Within a block: ``resid_pre``, ``attn_z``, ``attn_out``, ``mlp_post``, ``mlp_out``, ``resid_post``
     (true for parallel GPT-NeoX blocks too, whose code runs attention first).  Duplicates are
     dropped.
     """

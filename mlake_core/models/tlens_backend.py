@@ -34,6 +34,7 @@ from mlake_core.models.adapter import (
     ModelInfo,
     Patch,
     TokenBatch,
+    UnitPatch,
     apply_patches,
 )
 from mlake_core.models.sites import ArchitectureSpec, Site, all_sites, parse_site
@@ -110,7 +111,7 @@ class TLensAdapter(BaseAdapter):
         self,
         batch: TokenBatch,
         read: list[Site],
-        patches: dict[Site, list[Patch]],
+        patches: dict[Site, list[Patch | UnitPatch]],
         *,
         keep_graph: bool,
         last_only: bool = False,
@@ -122,11 +123,17 @@ class TLensAdapter(BaseAdapter):
             site_patches = patches.get(site, [])
 
             def fn(activation: Tensor, hook: Any) -> Tensor:
+                shape = activation.shape
+                # Some bridges hand the attention output projection its input split by head,
+                # [batch, pos, n_heads, d_head]; attn_z is the concatenation.  The flat view
+                # is what is patched, cached and returned, so gradients reach the cached one.
+                if activation.ndim == 4:
+                    activation = activation.flatten(-2)
                 if site_patches:
                     activation = apply_patches(activation, site_patches)
                 if site in wanted:
                     cache[site.name] = activation if keep_graph else activation.detach()
-                return activation
+                return activation.view(shape)
 
             return fn
 

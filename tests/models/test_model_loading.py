@@ -48,7 +48,7 @@ def test_info_records_provenance_shapes_and_bos_policy(
     assert info["bos"]["prepend_bos"] == (arch == "llama")
     assert ("transformer-lens" if backend == "tlens" else "nnsight") in info["versions"]
     assert adapter.dtype == torch.float32 and adapter.device == torch.device("cpu")
-    assert len(adapter.sites) == 1 + 5 * 2
+    assert len(adapter.sites) == 1 + 6 * 2
 
 
 @pytest.mark.parametrize("arch", ARCHS)

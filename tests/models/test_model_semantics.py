@@ -104,6 +104,29 @@ def test_mlp_post_is_the_down_projection_input(arch, backend, get_adapter, get_h
         torch.testing.assert_close(projected, cache[f"mlp_out.{layer}"], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attn_z_is_the_attention_output_projection_input(
+    arch, backend, get_adapter, get_hf, texts
+) -> None:
+    """o_proj(attn_z) == attn_out, and attn_z is n_heads * d_head wide (the heads' outputs)."""
+    adapter = get_adapter(arch, backend)
+    batch = adapter.tokenize(list(texts))
+    sites = [f"{k}.{layer}" for layer in range(adapter.n_layers) for k in ("attn_z", "attn_out")]
+    _, cache = adapter.run_with_cache(batch, sites)
+    hf = get_hf(arch)
+    assert adapter.info.n_heads == hf.config.num_attention_heads
+    assert adapter.info.n_heads * adapter.info.d_head == adapter.site_width("attn_z.0")
+    for layer in range(adapter.n_layers):
+        proj = hf.get_submodule(adapter.spec.sites["attn_out"].path(layer))
+        z = cache[f"attn_z.{layer}"]
+        assert z.shape[-1] == adapter.site_width(f"attn_z.{layer}")
+        assert z.abs().max() > 1e-3
+        with torch.no_grad():
+            projected = proj(z)
+        torch.testing.assert_close(projected, cache[f"attn_out.{layer}"], atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_gated_mlp_post_is_act_gate_times_up(arch, get_adapter, get_hf, texts) -> None:
     adapter = get_adapter(arch, "tlens")

@@ -44,7 +44,7 @@ def test_execution_order_sorts_by_layer_then_kind_and_drops_duplicates() -> None
 def test_all_sites_lists_every_kind_per_layer() -> None:
     sites = all_sites(2)
     assert len(sites) == 1 + 2 * (len(SITE_KINDS) - 1)
-    assert sites[:3] == ("embed", "resid_pre.0", "attn_out.0")
+    assert sites[:4] == ("embed", "resid_pre.0", "attn_z.0", "attn_out.0")
     assert sites[-1] == "resid_post.1"
 
 
