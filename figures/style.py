@@ -19,6 +19,18 @@ from mlake_core.errors import ConfigError
 
 COLUMN_WIDTH = 3.3
 PAGE_WIDTH = 6.9
+
+#: One colour per language, the same in every mlake figure: the Okabe-Ito palette (safe for
+#: the common colour-vision deficiencies; its yellow, weak on white, is left out).
+LANG_COLORS: dict[str, str] = {
+    "en": "#0072B2",  # blue
+    "zh": "#D55E00",  # vermillion
+    "ja": "#CC79A7",  # reddish purple
+    "fr": "#009E73",  # bluish green
+    "de": "#E69F00",  # orange
+}
+#: Units or results that belong to several languages at once (Okabe-Ito's black, softened).
+SHARED_COLOR = "#4D4D4D"
 CJK_FONT_FILE = "NotoSansCJKsc-Regular.otf"
 CJK_FAMILY = "Noto Sans CJK SC"
 
