@@ -11,4 +11,5 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mlake_core.commands.eval",
     "mlake_core.commands.edit",
     "mlake_core.commands.trace",
+    "mlake_core.commands.neurons",
 )
