@@ -237,7 +237,11 @@ def unit_counts(result: Any, method: str, unit: str = "neuron") -> Any:
         fontsize=6,
         color="#444444",
     )
+    # Legend top to bottom as the stack: shared first.
+    handles, labels = ax.get_legend_handles_labels()
     ax.legend(
+        handles[::-1],
+        labels[::-1],
         loc="upper left",
         bbox_to_anchor=(1.0, 1.0),
         frameon=False,

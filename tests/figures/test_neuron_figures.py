@@ -186,7 +186,8 @@ def test_unit_counts(result, method, unit) -> None:
     # One stack of bars per language and one for shared units; "neither" is not drawn.
     containers = ax.containers
     assert [c.get_label() for c in containers] == [*LANGUAGES, "shared"]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == [*LANGUAGES, "shared"]
+    # The legend reads top to bottom as the stack.
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["shared", *LANGUAGES[::-1]]
     for container, key in zip(containers, [*LANGUAGES, "shared"], strict=True):
         colour = SHARED_COLOR if key == "shared" else LANG_COLORS[key]
         assert len(container.patches) == N_LAYERS
