@@ -165,7 +165,8 @@ def ablation_matrix(
     """
     from mlake_core.metrics.knowledge import KnowledgeConfig, measure_knowledge
 
-    config = KnowledgeConfig(forms=("question",), mcqa=False)
+    # Greedy answers are short; 16 new tokens cover MLaKE's answers with their stop string.
+    config = KnowledgeConfig(forms=("question",), mcqa=False, max_new_tokens=16)
     all_views = [v for lang in views for v in views[lang]]
     n_units = adapter.d_mlp if unit == "neuron" else adapter.info.n_heads
 
