@@ -91,6 +91,8 @@ def _heatmap(
                 ax.text(j, i, NAN_TEXT, ha="center", va="center", color="#555555", fontsize=6)
                 continue
             label = fmt.format(v)
+            if label.lstrip("+-").strip("0.") == "":  # +0.0 and -0.0: no sign
+                label = label.lstrip("+-")
             note = "" if notes is None else str(notes[i, j])
             color = _text_color(image, v)
             if note:
@@ -193,6 +195,7 @@ def unit_counts(result: Any, method: str, unit: str = "neuron") -> Any:
         KeyError: no result for ``method`` and ``unit``.
     """
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     summary = result.get(method, unit)
     use_style()
@@ -219,6 +222,7 @@ def unit_counts(result: Any, method: str, unit: str = "neuron") -> Any:
     neither = sum(int(row.get("neither", 0) or 0) for row in counts)
     total = neither + int(bottom.sum())
     ax.set_xticks(layers)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel(f"{UNIT_LABELS.get(unit, unit)}")
     # Headroom for the note on the units used by no language.

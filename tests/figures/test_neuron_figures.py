@@ -207,6 +207,7 @@ def test_unit_counts(result, method, unit) -> None:
     (note,) = [t for t in _texts(ax) if "no language" in t]
     assert f"{neither:,} of {N_LAYERS * n_units:,}" in note
     assert [t.get_text() for t in ax.get_xticklabels()] == [str(x) for x in range(N_LAYERS)]
+    assert all(float(t).is_integer() for t in ax.get_yticks())  # whole units
     assert not missing_glyphs(_all_text(fig))
 
 
@@ -242,6 +243,11 @@ def test_ablation_matrix(result) -> None:
     assert f"{100 * v:+.1f}" in specific
     assert specific.count(NAN_TEXT) == 1 and random.count(NAN_TEXT) == 0
     assert f"{100 * summary.ablation_random[2][3]:+.1f}" in random
+    summary.ablation_random[0][0] = 0.0
+    summary.ablation_random[0][1] = -1e-4
+    fig = ablation_matrix(result, "atp")
+    zeros = _texts(_heatmap_axes(fig)[1])[:2]
+    assert zeros == ["0.0", "0.0"]  # no sign on a zero
     for ax in panels:
         assert [t.get_text() for t in ax.get_xticklabels()] == list(LANGUAGES)
         assert [t.get_text() for t in ax.get_yticklabels()] == list(LANGUAGES)
