@@ -626,6 +626,16 @@ def _attribution_prompts(
     return prompts, skipped
 
 
+class _Settings:
+    """A config given as a plain dict (for run keys)."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self._values = values
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
 def neurons_stage(
     adapter: ModelAdapter,
     model_path: str | os.PathLike[str],
@@ -695,6 +705,8 @@ def neurons_stage(
     if text_folder is not None:
         texts = folder_texts(text_folder, langs)
         text_key = stable_hash({k: v for k, v in texts.items()})
+    # The run is keyed by everything but the list of methods: each method's results are
+    # separate files, so a later run with more methods reuses what an earlier one computed.
     run = _open_stage_run(
         "neurons",
         adapter,
@@ -703,7 +715,7 @@ def neurons_stage(
         fact_ids,
         langs,
         template,
-        config,
+        _Settings({k: v for k, v in config.to_dict().items() if k != "methods"}),
         results_dir,
         text=text_key or "mlake",
         known_from="knowledge stage, question form, greedy alias match",
@@ -774,17 +786,19 @@ def neurons_stage(
                     skipped[key] = skipped.get(key, 0) + 1
                     continue
                 name = f"{method}_{lang}_{fact_id}"
+                # Located on every run (tokenization only), so a resumed run reports the same
+                # skipped forms as the first.
+                view = facts[fact_id].views[lang]
+                prompts, why = _attribution_prompts(adapter, view, template, attr_cfg.forms)
+                for reason, n in why.items():
+                    skipped[f"{method}:{lang}:{reason}"] = (
+                        skipped.get(f"{method}:{lang}:{reason}", 0) + n
+                    )
+                if not prompts:
+                    continue
                 if run.has_arrays(name):
                     arrays = run.load_arrays(name)
                 else:
-                    view = facts[fact_id].views[lang]
-                    prompts, why = _attribution_prompts(adapter, view, template, attr_cfg.forms)
-                    for reason, n in why.items():
-                        skipped[f"{method}:{lang}:{reason}"] = (
-                            skipped.get(f"{method}:{lang}:{reason}", 0) + n
-                        )
-                    if not prompts:
-                        continue
                     seed = int(
                         stable_hash(
                             {"seed": attr_cfg.seed, "fact": fact_id, "lang": lang}, length=12

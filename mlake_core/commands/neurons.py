@@ -133,6 +133,10 @@ def run_neurons(args: argparse.Namespace) -> int:
     facts_option = parse_facts(args.facts)
     check_run_args(args)
     config = config_from_args(args)
+    if args.text is not None:
+        from mlake_core.neurons.activation import folder_texts
+
+        folder_texts(args.text, langs)  # fail before loading the model
     loaded = load_model(args)
     config.attribution.check_layers(loaded.adapter.n_layers)
     dataset = load_mlake(args.data_dir, version=args.version, langs=langs)

@@ -256,11 +256,6 @@ def test_resume_recomputes_nothing(first, monkeypatch):
     assert text.split("\nskipped: ")[0] == first.text.split("\nskipped: ")[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="neurons_stage counts the forms it skips only when it attributes a fact, so a "
-    "resumed run reports no skipped forms (mlake_core/experiments.py)",
-)
 def test_resume_reports_the_same_skipped_counts(first, monkeypatch):
     _no_recomputation(monkeypatch)
     code, text, err = _call(*first.args)
@@ -310,7 +305,6 @@ def test_a_lost_attribution_is_recomputed_alone(first, fact_ids, monkeypatch):
     summary = copy.deepcopy(first.summary)
     for m, m0 in zip(report["methods"], summary["methods"], strict=True):
         m.pop("seconds_per_fact"), m0.pop("seconds_per_fact")
-    report.pop("skipped"), summary.pop("skipped")  # see the xfail above
     assert report == summary
 
 
