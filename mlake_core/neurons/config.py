@@ -161,6 +161,33 @@ class NeuronResult:
     run_path: str
     lape: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NeuronResult:
+        """Rebuild a result from :meth:`to_dict` (a run's ``summary.json``); ``None`` in the
+        matrices and sizes becomes NaN."""
+
+        def nan(value: Any) -> Any:
+            if isinstance(value, list):
+                return [nan(v) for v in value]
+            if isinstance(value, dict):
+                return {k: nan(v) for k, v in value.items()}
+            return math.nan if value is None else value
+
+        methods = []
+        for m in data["methods"]:
+            fields = dict(m)
+            for key in ("jaccard", "overlap", "ablation", "ablation_random", "set_size", "check"):
+                fields[key] = nan(fields[key])
+            methods.append(MethodSummary(**fields))
+        return cls(
+            langs=tuple(data["langs"]),
+            n_layers=int(data["n_layers"]),
+            methods=methods,
+            skipped=dict(data.get("skipped", {})),
+            run_path=str(data.get("run_path", "")),
+            lape=dict(data.get("lape", {})),
+        )
+
     def get(self, method: str, unit: str = "neuron") -> MethodSummary:
         for m in self.methods:
             if m.method == method and m.unit == unit:
