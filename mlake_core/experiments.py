@@ -765,7 +765,28 @@ def neurons_stage(
             for lang in langs
         }
 
-    def summarize_matrix(rows: Any) -> tuple[list[list[float]], list[list[float]]]:
+    def neuron_ablation(
+        name: str, specific: dict[str, Any]
+    ) -> tuple[list[list[float]], list[list[float]]]:
+        """The ablation matrix of a language -> specific-neurons map (saved as ``name``): the
+        accuracy drops with the specific and with random neurons, ``[ablated, measured]``."""
+
+        def compute() -> Any:
+            return pd.DataFrame.from_records(
+                ablation_matrix(
+                    adapter,
+                    matrix_views(),
+                    template,
+                    specific,
+                    "neuron",
+                    generator=np.random.default_rng(rng_seed),
+                    mode=config.ablation,
+                    mean=mean,
+                    batch_size=batch_size,
+                )
+            )
+
+        rows, _ = run.load_or_compute_table(name, compute)
         drop = np.full((len(langs), len(langs)), np.nan)
         drop_random = np.full((len(langs), len(langs)), np.nan)
         index = {lang: i for i, lang in enumerate(langs)}
@@ -876,24 +897,7 @@ def neurons_stage(
                 [[math.nan] * len(langs)] * len(langs),
             )
             if unit == "neuron" and config.ablation_facts > 0:
-
-                def compute_matrix(specific: dict[str, Any] = specific) -> Any:
-                    return pd.DataFrame.from_records(
-                        ablation_matrix(
-                            adapter,
-                            matrix_views(),
-                            template,
-                            specific,
-                            "neuron",
-                            generator=np.random.default_rng(rng_seed),
-                            mode=config.ablation,
-                            mean=mean,
-                            batch_size=batch_size,
-                        )
-                    )
-
-                matrix, _ = run.load_or_compute_table(f"ablation_{method}_{unit}", compute_matrix)
-                drop, drop_random = summarize_matrix(matrix)
+                drop, drop_random = neuron_ablation(f"ablation_{method}_{unit}", specific)
             check_rows = [c for c in checks[unit] if not math.isnan(c["p_random"])]
             summaries.append(
                 MethodSummary(
@@ -948,24 +952,7 @@ def neurons_stage(
             [[math.nan] * len(langs)] * len(langs),
         )
         if config.ablation_facts > 0:
-
-            def compute_lape_matrix() -> Any:
-                return pd.DataFrame.from_records(
-                    ablation_matrix(
-                        adapter,
-                        matrix_views(),
-                        template,
-                        specific,
-                        "neuron",
-                        generator=np.random.default_rng(rng_seed),
-                        mode=config.ablation,
-                        mean=mean,
-                        batch_size=batch_size,
-                    )
-                )
-
-            matrix, _ = run.load_or_compute_table("ablation_lape_neuron", compute_lape_matrix)
-            drop, drop_random = summarize_matrix(matrix)
+            drop, drop_random = neuron_ablation("ablation_lape_neuron", specific)
         nan = [[math.nan] * len(langs) for _ in langs]
         summaries.append(
             MethodSummary(
