@@ -2,7 +2,7 @@
 
 * :mod:`~mlake_core.models.sites` -- canonical site names and one table per architecture.
 * :mod:`~mlake_core.models.adapter` -- the :class:`ModelAdapter` protocol, :class:`TokenBatch`,
-  :class:`Patch`, :class:`BosPolicy`, :class:`ModelInfo`.
+  :class:`Patch`, :class:`PastKeyValues`, :class:`BosPolicy`, :class:`ModelInfo`.
 * :mod:`~mlake_core.models.loading` -- :func:`load_adapter`.
 * :mod:`~mlake_core.models.tlens_backend` / :mod:`~mlake_core.models.nnsight_backend` -- the
   only modules that import TransformerLens / nnsight (imported lazily by :func:`load_adapter`).
@@ -15,6 +15,7 @@ from mlake_core.models.adapter import (
     Metric,
     ModelAdapter,
     ModelInfo,
+    PastKeyValues,
     Patch,
     TokenBatch,
     UnitPatch,
@@ -47,6 +48,7 @@ __all__ = [
     "ModelAdapter",
     "ModelInfo",
     "ModuleSite",
+    "PastKeyValues",
     "Patch",
     "Site",
     "TokenBatch",

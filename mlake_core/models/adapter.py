@@ -18,6 +18,11 @@ Four operations, all on a padded :class:`TokenBatch`:
 * :meth:`ModelAdapter.gradients` -- the gradient of a scalar function of the logits with respect
   to the activations at any sites (attribution patching, integrated gradients).
 
+A run can also be continued without recomputing its tokens: :meth:`ModelAdapter.run_with_past`
+returns the attention keys and values of every position (:class:`PastKeyValues`, cropped and
+row-indexed at will), and ``run_with_patches(..., past=...)`` runs only new tokens after them
+(causal tracing runs each restoration from the restored token on).
+
 Ablations (:class:`UnitPatch`: fixed values for some neurons or heads at every position) can
 also stand for a whole block of work, generation included: ``with adapter.intervening([...])``.
 
@@ -437,6 +442,100 @@ class ModelInfo:
         return out
 
 
+@dataclass(frozen=True, eq=False)
+class PastKeyValues:
+    """The attention keys and values of a run's positions, to continue it without recomputing
+    them (:meth:`ModelAdapter.run_with_past`, ``run_with_patches(..., past=...)``).
+
+    Causal attention makes the activations of a position depend only on positions up to it, so
+    continuing from the keys and values of a prefix gives exactly the activations of a run of
+    the whole sequence (with the same patches on the prefix).
+
+    Attributes:
+        keys: per block, ``[batch, kv_heads, pos, head_dim]``.
+        values: per block, the same shape.
+        attention_mask: ``[batch, pos]``, the mask of the run that produced them (1 for real
+            tokens); new tokens see exactly the real ones.
+    """
+
+    keys: tuple[Tensor, ...]
+    values: tuple[Tensor, ...]
+    attention_mask: TokenIds
+
+    def __post_init__(self) -> None:
+        if not self.keys or len(self.keys) != len(self.values):
+            raise ValueError("PastKeyValues needs one key and one value tensor per block")
+        n, pos = self.attention_mask.shape
+        for k, v in zip(self.keys, self.values, strict=True):
+            if k.ndim != 4 or k.shape != v.shape or k.shape[0] != n or k.shape[2] != pos:
+                raise ValueError(
+                    f"keys and values must be [batch, heads, pos, head_dim] matching the mask "
+                    f"[{n}, {pos}]; got {tuple(k.shape)} and {tuple(v.shape)}"
+                )
+
+    @property
+    def length(self) -> int:
+        """Number of (padded) positions."""
+        return int(self.attention_mask.shape[1])
+
+    @property
+    def n_rows(self) -> int:
+        """Number of batch rows."""
+        return int(self.attention_mask.shape[0])
+
+    def crop(self, length: int) -> PastKeyValues:
+        """The first ``length`` positions (``1 <= length <= self.length``)."""
+        if not 1 <= length <= self.length:
+            raise ValueError(f"crop to {length} positions: keep 1 to {self.length}")
+        return PastKeyValues(
+            tuple(k[:, :, :length] for k in self.keys),
+            tuple(v[:, :, :length] for v in self.values),
+            self.attention_mask[:, :length],
+        )
+
+    def select(self, rows: Indices) -> PastKeyValues:
+        """The given rows, in order (a row may be taken several times)."""
+        rows = rows.to(self.attention_mask.device)
+        return PastKeyValues(
+            tuple(k.index_select(0, rows.to(k.device)) for k in self.keys),
+            tuple(v.index_select(0, rows.to(v.device)) for v in self.values),
+            self.attention_mask.index_select(0, rows),
+        )
+
+    @classmethod
+    def from_hf(cls, cache: Any, attention_mask: TokenIds) -> PastKeyValues:
+        """Read a Hugging Face ``DynamicCache`` (transformers 5: ``cache.layers[i].keys``).
+
+        Raises:
+            NotImplementedError: for other caches (sliding-window or recurrent layers, legacy
+                tuples), which cannot be cropped to any prefix.
+        """
+        layers: list[Any] = list(getattr(cache, "layers", None) or [])
+        ok = all(
+            isinstance(getattr(layer, "keys", None), Tensor)
+            and isinstance(getattr(layer, "values", None), Tensor)
+            and not getattr(layer, "is_sliding", False)
+            for layer in layers
+        )
+        if not layers or not ok:
+            raise NotImplementedError(
+                f"cannot continue a run from a {type(cache).__name__} (only full-attention "
+                "DynamicCache layers can be cropped to any prefix)"
+            )
+        return cls(
+            tuple(layer.keys for layer in layers),
+            tuple(layer.values for layer in layers),
+            attention_mask,
+        )
+
+    def to_hf(self) -> Any:
+        """A fresh Hugging Face ``DynamicCache`` holding copies of these keys and values (the
+        forward pass extends it; this object is left unchanged)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(list(zip(self.keys, self.values, strict=True)))
+
+
 @runtime_checkable
 class ModelAdapter(Protocol):
     """One causal LM behind a backend-independent interface (see the module docstring).
@@ -505,15 +604,32 @@ class ModelAdapter(Protocol):
         ...
 
     def run_with_cache(
-        self, batch: TokenBatch, sites: Sequence[str], *, patches: Sequence[Patch] = ()
+        self,
+        batch: TokenBatch,
+        sites: Sequence[str],
+        *,
+        patches: Sequence[Patch] = (),
+        last_only: bool = False,
     ) -> tuple[Logits, dict[str, Tensor]]:
         """Logits and detached activations ``[batch, pos, width]`` by canonical site name."""
         ...
 
     def run_with_patches(
-        self, batch: TokenBatch, patches: Sequence[Patch], *, last_only: bool = False
+        self,
+        batch: TokenBatch,
+        patches: Sequence[Patch],
+        *,
+        last_only: bool = False,
+        past: PastKeyValues | None = None,
     ) -> Logits:
-        """Logits after applying the patches (``[batch, 1, vocab]`` with ``last_only``)."""
+        """Logits after applying the patches (``[batch, 1, vocab]`` with ``last_only``); with
+        ``past``, the batch's tokens continue the past's rows."""
+        ...
+
+    def run_with_past(
+        self, batch: TokenBatch, patches: Sequence[Patch] = (), *, last_only: bool = False
+    ) -> tuple[Logits, PastKeyValues]:
+        """Logits after applying the patches, and the keys and values of every position."""
         ...
 
     def gradients(
@@ -523,8 +639,12 @@ class ModelAdapter(Protocol):
         metric: Metric,
         *,
         patches: Sequence[Patch] = (),
+        activations: dict[str, Tensor] | None = None,
+        keep_last: int = 0,
+        past: PastKeyValues | None = None,
     ) -> tuple[Scalar, dict[str, Tensor]]:
-        """``metric(logits)`` and its gradient with respect to each site's activation."""
+        """``metric(logits)`` and its gradient with respect to each site's activation
+        (``activations``, when given, receives the activations themselves)."""
         ...
 
     def intervening(self, patches: Sequence[UnitPatch]) -> AbstractContextManager[None]:
@@ -664,26 +784,49 @@ class BaseAdapter:
         return logits
 
     def run_with_cache(
-        self, batch: TokenBatch, sites: Sequence[str], *, patches: Sequence[Patch] = ()
+        self,
+        batch: TokenBatch,
+        sites: Sequence[str],
+        *,
+        patches: Sequence[Patch] = (),
+        last_only: bool = False,
     ) -> tuple[Logits, dict[str, Tensor]]:
         """Logits and activations (``[batch, pos, width]``, detached) at ``sites``.
 
         With ``patches``, activations are read after patching: a patched site returns its
-        patched value, later sites their values downstream of the patch.
+        patched value, later sites their values downstream of the patch.  With ``last_only``,
+        only the last position's logits are computed (``[batch, 1, vocab]``; as in
+        :meth:`run_with_patches`, rows must end at the last index), for callers that want
+        the activations: the unembedding of every position can cost more than the blocks.
 
         Returns:
             Logits ``[batch, pos, vocab]`` and the activations keyed by canonical site name
             (``"resid_post.-1"`` comes back as ``"resid_post.{n_layers - 1}"``).
         """
+        if (
+            last_only
+            and batch.padding_side == "right"
+            and bool((batch.lengths != batch.shape[1]).any())
+        ):
+            raise ValueError("last_only needs left padding or rows of equal length")
         order = execution_order(list(sites), self.n_layers)
         with torch.no_grad():
             logits, cache = self._run(
-                batch.to(self.device), order, self._group(patches), keep_graph=False
+                batch.to(self.device),
+                order,
+                self._group(patches),
+                keep_graph=False,
+                last_only=last_only,
             )
-        return logits, cache
+        return (logits[:, -1:] if last_only else logits), cache
 
     def run_with_patches(
-        self, batch: TokenBatch, patches: Sequence[Patch], *, last_only: bool = False
+        self,
+        batch: TokenBatch,
+        patches: Sequence[Patch],
+        *,
+        last_only: bool = False,
+        past: PastKeyValues | None = None,
     ) -> Logits:
         """Logits after applying ``patches`` (see :class:`Patch`).
 
@@ -691,6 +834,12 @@ class BaseAdapter:
         (``[batch, 1, vocab]``), which saves the unembedding of every other position (most of
         the cost of a small model with a large vocabulary).  Every row's last real token must
         then be at the last index: left padding, or rows of equal length.
+
+        With ``past`` (from :meth:`run_with_past`, cropped or row-selected as needed), row
+        ``i`` of ``batch`` holds the tokens that follow row ``i`` of the past: they attend to
+        the past's real tokens and their positions count on from them, so their activations
+        and logits equal those of the whole sequence run at once.  Only the new tokens are
+        computed, and patch positions index the new tokens (``batch``), not the past.
         """
         if (
             last_only
@@ -705,8 +854,52 @@ class BaseAdapter:
                 self._group(patches),
                 keep_graph=False,
                 last_only=last_only,
+                past=self._check_past(batch, past),
             )
         return logits[:, -1:] if last_only else logits
+
+    def run_with_past(
+        self, batch: TokenBatch, patches: Sequence[Patch] = (), *, last_only: bool = False
+    ) -> tuple[Logits, PastKeyValues]:
+        """Logits after applying ``patches`` (as :meth:`run_with_patches`), and the attention
+        keys and values of every position, to continue the run with
+        ``run_with_patches(..., past=...)``.
+
+        Raises:
+            NotImplementedError: when the model's cache cannot be continued from an arbitrary
+                prefix (see :meth:`PastKeyValues.from_hf`); callers fall back to full runs.
+        """
+        if (
+            last_only
+            and batch.padding_side == "right"
+            and bool((batch.lengths != batch.shape[1]).any())
+        ):
+            raise ValueError("last_only needs left padding or rows of equal length")
+        batch = batch.to(self.device)
+        out: list[Any] = []
+        with torch.no_grad():
+            logits, _ = self._run(
+                batch,
+                [],
+                self._group(patches),
+                keep_graph=False,
+                last_only=last_only,
+                past_out=out,
+            )
+        if not out:
+            raise NotImplementedError(f"{self.info.model_id}: the forward returned no cache")
+        past = PastKeyValues.from_hf(out[0], batch.attention_mask)
+        return (logits[:, -1:] if last_only else logits), past
+
+    def _check_past(self, batch: TokenBatch, past: PastKeyValues | None) -> PastKeyValues | None:
+        if past is not None and past.n_rows != batch.shape[0]:
+            raise ValueError(
+                f"past has {past.n_rows} rows and the batch {batch.shape[0]}: one past row per "
+                "batch row (PastKeyValues.select repeats rows)"
+            )
+        if past is not None and len(past.keys) != self.n_layers:
+            raise ValueError(f"past has {len(past.keys)} blocks, the model {self.n_layers}")
+        return past
 
     def gradients(
         self,
@@ -715,6 +908,9 @@ class BaseAdapter:
         metric: Metric,
         *,
         patches: Sequence[Patch] = (),
+        activations: dict[str, Tensor] | None = None,
+        keep_last: int = 0,
+        past: PastKeyValues | None = None,
     ) -> tuple[Scalar, dict[str, Tensor]]:
         """Gradient of ``metric(logits)`` with respect to the activations at ``sites``.
 
@@ -726,6 +922,15 @@ class BaseAdapter:
             metric: maps logits ``[batch, pos, vocab]`` to a scalar, e.g. the summed
                 log-probability of the answer tokens.
             patches: applied before differentiating (gradients are at the patched point).
+            activations: when given, filled with the (detached) activations at ``sites``, so
+                attribution patching gets values and gradients from one pass.
+            keep_last: when positive, only the logits of the last ``keep_last`` positions are
+                computed and given to ``metric`` (rows must end at the last index: left padding
+                or equal lengths); the unembedding of the other positions is saved.
+            past: keys and values of a prefix to continue from (as in
+                :meth:`run_with_patches`): ``batch`` holds only the following tokens, whose
+                activations (and gradients) are those of the whole sequence.  The prefix itself
+                is constant: nothing flows back into it.
 
         Returns:
             The metric's value (detached) and, per site, ``d metric / d activation``
@@ -734,8 +939,15 @@ class BaseAdapter:
         order = execution_order(list(sites), self.n_layers)
         with torch.enable_grad():
             logits, acts = self._run(
-                batch.to(self.device), order, self._group(patches), keep_graph=True
+                batch.to(self.device),
+                order,
+                self._group(patches),
+                keep_graph=True,
+                last_only=keep_last,
+                past=self._check_past(batch, past),
             )
+            if keep_last:
+                logits = logits[:, -keep_last:]
             value = metric(logits)
             if value.numel() != 1:
                 raise ValueError(f"metric must return a scalar, got shape {tuple(value.shape)}")
@@ -747,6 +959,8 @@ class BaseAdapter:
             name: (g if g is not None else torch.zeros_like(acts[name])).detach()
             for name, g in zip(names, grads, strict=True)
         }
+        if activations is not None:
+            activations.update({name: acts[name].detach() for name in names})
         return value.detach().reshape(()), out
 
     # -- backend primitive -----------------------------------------------------------------
@@ -785,7 +999,9 @@ class BaseAdapter:
         patches: dict[Site, list[Patch | UnitPatch]],
         *,
         keep_graph: bool,
-        last_only: bool = False,
+        last_only: bool | int = False,
+        past: PastKeyValues | None = None,
+        past_out: list[Any] | None = None,
     ) -> tuple[Logits, dict[str, Tensor]]:
         """One forward pass that patches and reads sites.
 
@@ -797,21 +1013,40 @@ class BaseAdapter:
                 detached ones.
             last_only: the logits of the last position are enough (the HF forward is asked
                 for them alone when it supports ``logits_to_keep``; callers slice).
+            past: keys and values the batch continues (:meth:`_model_inputs` passes them).
+            past_out: when a list, the HF forward is asked for its cache and the cache object
+                (past included) is appended to it.
 
         Returns:
             Logits and the activations at ``read`` (after patching), by canonical name.
         """
         raise NotImplementedError
 
-    def _model_inputs(self, batch: TokenBatch, last_only: bool = False) -> dict[str, Any]:
+    def _model_inputs(
+        self,
+        batch: TokenBatch,
+        last_only: bool | int = False,
+        past: PastKeyValues | None = None,
+        keep_past: bool = False,
+    ) -> dict[str, Any]:
         """Keyword arguments of the HF forward: ids, mask, (if taken) mask-derived positions,
-        and ``logits_to_keep=1`` when only the last position's logits are wanted."""
-        inputs: dict[str, Any] = {
-            "input_ids": batch.input_ids,
-            "attention_mask": batch.attention_mask,
-        }
+        ``logits_to_keep=1`` when only the last position's logits are wanted, and
+        ``use_cache`` only when a cache is continued (``past``: a fresh ``DynamicCache`` of
+        it, the mask prefixed with the past's, positions counted on from its real tokens) or
+        kept (``keep_past``); plain passes build no cache."""
+        mask = batch.attention_mask
+        positions = batch.position_ids
+        inputs: dict[str, Any] = {"input_ids": batch.input_ids}
+        if past is not None:
+            past_mask = past.attention_mask.to(mask.device)
+            positions = positions + past_mask.sum(-1, keepdim=True)
+            mask = torch.cat([past_mask, mask], dim=-1)
+            inputs["past_key_values"] = past.to_hf()
+        inputs["attention_mask"] = mask
         if self.spec.uses_position_ids:
-            inputs["position_ids"] = batch.position_ids
+            inputs["position_ids"] = positions
+        inputs["use_cache"] = past is not None or keep_past
         if last_only and getattr(self, "_logits_to_keep", False):
-            inputs["logits_to_keep"] = 1
+            # ``last_only`` may be a count: the logits of the last that many positions.
+            inputs["logits_to_keep"] = int(last_only)
         return inputs

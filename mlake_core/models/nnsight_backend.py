@@ -31,6 +31,7 @@ from mlake_core.models.adapter import (
     BaseAdapter,
     Logits,
     ModelInfo,
+    PastKeyValues,
     Patch,
     TokenBatch,
     UnitPatch,
@@ -67,7 +68,9 @@ class NNsightAdapter(BaseAdapter):
         patches: dict[Site, list[Patch | UnitPatch]],
         *,
         keep_graph: bool,
-        last_only: bool = False,
+        last_only: bool | int = False,
+        past: PastKeyValues | None = None,
+        past_out: list[Any] | None = None,
     ) -> tuple[Logits, dict[str, Tensor]]:
         import nnsight
 
@@ -77,7 +80,8 @@ class NNsightAdapter(BaseAdapter):
         for site in sorted(wanted | set(patches)):
             where = self.spec.sites[site.kind]
             plan.append((site, where.path(site.layer), where.port, patches.get(site, [])))
-        with self.model.trace(**self._model_inputs(batch, last_only)):
+        inputs = self._model_inputs(batch, last_only, past, keep_past=past_out is not None)
+        with self.model.trace(**inputs):
             for site, path, port, site_patches in plan:
                 envoy = self.model.get(path)
                 if port == "input":
@@ -95,4 +99,8 @@ class NNsightAdapter(BaseAdapter):
                 if site in wanted:
                     cache[site.name] = nnsight.save(value if keep_graph else value.detach())
             logits = nnsight.save(self.model.output.logits)
+            if past_out is not None:
+                hf_cache = nnsight.save(self.model.output.past_key_values)
+        if past_out is not None:
+            past_out.append(hf_cache)
         return logits, cache

@@ -32,6 +32,7 @@ from mlake_core.models.adapter import (
     BaseAdapter,
     Logits,
     ModelInfo,
+    PastKeyValues,
     Patch,
     TokenBatch,
     UnitPatch,
@@ -114,7 +115,9 @@ class TLensAdapter(BaseAdapter):
         patches: dict[Site, list[Patch | UnitPatch]],
         *,
         keep_graph: bool,
-        last_only: bool = False,
+        last_only: bool | int = False,
+        past: PastKeyValues | None = None,
+        past_out: list[Any] | None = None,
     ) -> tuple[Logits, dict[str, Tensor]]:
         cache: dict[str, Tensor] = {}
         wanted = set(read)
@@ -140,14 +143,20 @@ class TLensAdapter(BaseAdapter):
         fwd_hooks = [
             (self._hook_names[site.name], make_hook(site)) for site in sorted(wanted | set(patches))
         ]
-        inputs = self._model_inputs(batch, last_only)
+        inputs = self._model_inputs(batch, last_only, past, keep_past=past_out is not None)
         with self.bridge.hooks(fwd_hooks=fwd_hooks):
-            logits = self.bridge(
+            # "logits_and_cache" returns (logits, the HF cache after this pass).
+            out = self.bridge(
                 inputs.pop("input_ids"),
-                return_type="logits",
+                return_type="logits" if past_out is None else "logits_and_cache",
                 attention_mask=inputs.pop("attention_mask"),
                 **inputs,
             )
+        if past_out is not None:
+            logits, hf_cache = out
+            past_out.append(hf_cache)
+        else:
+            logits = out
         missing = [site.name for site in read if site.name not in cache]
         if missing:
             raise RuntimeError(f"TransformerLens hooks did not fire for sites {missing}")

@@ -374,11 +374,24 @@ def integrated_gradients(
     alphas = [k / config.steps for k in range(1, config.steps + 1)]
     work = [(layer, alpha) for layer in layers for alpha in alphas]
     grad_sum = {layer: torch.zeros_like(v) for layer, v in value.items()}
-    chunk = config.max_rows or grad_rows_per_pass(adapter, len(seq))
+    # Scaling neurons at positions >= p changes nothing before p (causal attention): the rows
+    # continue from the clean run's keys and values of the tokens before the first attributed
+    # position and run only the rest, when the model's cache allows it.
+    first = positions[0]
+    rows_seq, past, shift = seq, None, 0
+    if first > 0:
+        try:
+            _, prefix_past = adapter.run_with_past(adapter.batch([seq[:first]]), last_only=True)
+            rows_seq, past, shift = seq[first:], prefix_past, first
+            passes += 1
+        except NotImplementedError:
+            pass
+    local = [p - shift for p in positions]
+    chunk = config.max_rows or grad_rows_per_pass(adapter, len(rows_seq))
     start = 0
     while start < len(work):
         part = work[start : start + chunk]
-        batch = adapter.batch([seq] * len(part))
+        batch = adapter.batch([rows_seq] * len(part))
         by_layer: dict[int, list[tuple[int, float]]] = {}
         for row, (layer, alpha) in enumerate(part):
             by_layer.setdefault(layer, []).append((row, alpha))
@@ -390,11 +403,14 @@ def integrated_gradients(
             patches.append(
                 Patch(
                     f"mlp_post.{layer}",
-                    r.repeat_interleave(len(positions)),
-                    torch.tensor(positions).repeat(len(rows)),
+                    r.repeat_interleave(len(local)),
+                    torch.tensor(local).repeat(len(rows)),
                     scaled.reshape(-1, scaled.shape[-1]).to(adapter.dtype),
                 )
             )
+        rows_past = None
+        if past is not None:
+            rows_past = past.select(torch.zeros(len(part), dtype=torch.long))
         try:
             _, grads = adapter.gradients(
                 batch,
@@ -402,6 +418,7 @@ def integrated_gradients(
                 lambda lg: answer_probability(lg, prompt).sum(),
                 patches=patches,
                 keep_last=len(prompt.answer_ids),
+                past=rows_past,
             )
         except torch.cuda.OutOfMemoryError:
             if chunk == 1:
@@ -411,7 +428,7 @@ def integrated_gradients(
             continue
         passes += 2
         for layer, rows in by_layer.items():
-            g = grads[f"mlp_post.{layer}"][[row for row, _ in rows]][:, positions].float()
+            g = grads[f"mlp_post.{layer}"][[row for row, _ in rows]][:, local].float()
             grad_sum[layer] += g.sum(0)
         start += len(part)
     scores = np.zeros((adapter.n_layers, adapter.d_mlp))

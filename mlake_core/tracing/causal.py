@@ -20,8 +20,24 @@ noise sample is one row of a batch, and as many rows go into one forward pass as
 budget allows (:func:`rows_per_pass`; halved and retried on a CUDA out-of-memory error).  Each
 row carries two patches through the adapter's generic patching (:class:`Patch`): the
 corrupted embeddings, and the clean values at the restored sites.  Only the last position's
-logits are kept.  ``benchmarks/tracing_speed.py`` compares this with a plain loop of one
-forward pass per cell and checks the numbers are identical.
+logits are kept.
+
+Prefix cache: restoring a cell at token ``t`` changes nothing at the positions before ``t``
+(causal attention), so there every restored run equals its corrupted run.  The corrupted runs
+therefore keep their attention keys and values (:meth:`ModelAdapter.run_with_past`), and the
+rows restoring token ``t`` hold only the tokens from ``t`` on, continuing the keys and values
+of their noise sample's first ``t`` tokens (``run_with_patches(..., past=...)``; positions and
+the attention mask count on from the prefix, and the patch positions are shifted by ``-t``:
+the noise covers the subject tokens at or after ``t``, the restoration is at the first row
+position).  Rows are grouped by restored token, one prefix length per pass (several passes
+when a token's rows exceed the budget); on average a row is about half the prompt.  This works
+on every supported architecture and both backends (Hugging Face ``DynamicCache``); a model
+whose cache cannot be cropped to a prefix (sliding-window or recurrent layers:
+``NotImplementedError`` from ``run_with_past``), or ``prefix_cache=False``, runs the whole
+prompt in every row instead, with the same numbers.
+
+``benchmarks/tracing_speed.py`` compares this with a plain loop of one forward pass per cell
+and checks the numbers are identical.
 """
 
 from __future__ import annotations
@@ -35,7 +51,7 @@ import numpy as np
 import torch
 
 from mlake_core.errors import ConfigError
-from mlake_core.models.adapter import ModelAdapter, Patch
+from mlake_core.models.adapter import ModelAdapter, PastKeyValues, Patch
 
 #: Kinds of restoration, and the site restored for each.
 KINDS: tuple[str, ...] = ("resid", "mlp", "attn")
@@ -163,9 +179,11 @@ class FactTrace:
         p_corrupt: its mean probability over the corrupted runs.
         scores: per kind, ``[n_tokens, n_layers]`` mean probability with the cell restored.
         window: the window used for ``mlp`` and ``attn``.
-        forward_passes: forward passes spent (the clean run included; the corrupted runs
-            share the first restoration pass).
-        rows: batch rows run in total (the clean run included).
+        forward_passes: forward passes spent (the clean run included; with the prefix cache
+            the corrupted runs are a pass of their own, without it they share the first
+            restoration pass).
+        rows: batch rows run in total (the clean run and the corrupted runs included; with
+            the prefix cache most rows are shorter than the prompt).
     """
 
     prompt_ids: list[int]
@@ -248,32 +266,41 @@ def embedding_noise_std(
     return float(torch.cat(values).double().std())
 
 
-def rows_per_pass(adapter: ModelAdapter, n_tokens: int, fraction: float = 0.25) -> int:
+def rows_per_pass(
+    adapter: ModelAdapter, n_tokens: int, fraction: float = 0.25, *, past_tokens: int = 0
+) -> int:
     """How many rows of ``n_tokens`` tokens fit in one patched forward pass.
 
     The passes run without gradients, so activations live one layer at a time: the estimate
     counts about 8 ``d_model`` and 3 ``d_mlp`` vectors per token (residual, attention and MLP
-    intermediates), the attention scores, and the last position's float32 logits.  It uses
-    ``fraction`` of CUDA's free memory, or on CPU of the available memory capped at 96 MiB:
-    on CPU, throughput per row falls when passes outgrow the caches (measured on mlake-tiny,
-    256-row passes beat 1,400-row ones by 25%).
+    intermediates), the attention scores, and the last position's float32 logits.  Rows that
+    continue ``past_tokens`` cached positions attend over those too, and hold the keys and
+    values of every block for the whole pass (the cached ones, copied into the pass, and the
+    extended ones).  It uses ``fraction`` of CUDA's free memory.  On CPU it uses ``fraction``
+    of the available memory, and caps the activations (not the keys and values, which each
+    layer reads once) at 96 MiB: throughput per row falls when passes outgrow the caches
+    (measured on mlake-tiny, 256-row passes beat 1,400-row ones by 25%).
     """
     bytes_per = max(1, torch.finfo(adapter.dtype).bits // 8)
     n_heads = max(1, adapter.d_model // 64)
-    per_token = bytes_per * (8 * adapter.d_model + 3 * adapter.d_mlp + 2 * n_heads * n_tokens)
-    per_row = max(1, n_tokens) * per_token + 4 * adapter.info.d_vocab
+    n_tokens = max(1, n_tokens)
+    total = n_tokens + max(0, past_tokens)
+    per_token = bytes_per * (8 * adapter.d_model + 3 * adapter.d_mlp + 2 * n_heads * total)
+    per_row = n_tokens * per_token + 4 * adapter.info.d_vocab
+    kv_row = 0
+    if past_tokens > 0:
+        kv_row = bytes_per * 2 * adapter.n_layers * adapter.d_model * (past_tokens + total)
     if adapter.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(adapter.device)
-        budget = fraction * free
-    else:
-        try:
-            import psutil
+        return max(1, int(fraction * free // (per_row + kv_row)))
+    try:
+        import psutil
 
-            available = psutil.virtual_memory().available
-        except ImportError:  # pragma: no cover - psutil comes with the dependencies
-            available = 8 << 30
-        budget = min(fraction * available, 96 << 20)
-    return max(1, int(budget // per_row))
+        available = psutil.virtual_memory().available
+    except ImportError:  # pragma: no cover - psutil comes with the dependencies
+        available = 8 << 30
+    rows = min((96 << 20) // per_row, fraction * available // (per_row + kv_row))
+    return max(1, int(rows))
 
 
 def trace_prompt(
@@ -286,6 +313,7 @@ def trace_prompt(
     *,
     noise_std: float,
     swap_embeddings: Sequence[torch.Tensor] = (),
+    prefix_cache: bool = True,
 ) -> FactTrace:
     """Trace one prompt (see the module docstring).
 
@@ -300,6 +328,10 @@ def trace_prompt(
             (:func:`embedding_noise_std`); the noise is ``config.noise_scale`` times it.
         swap_embeddings: for ``corruption="subject"``, one ``[k, d_model]`` tensor of another
             subject's token embeddings per sample.
+        prefix_cache: run each restoration from the restored token on, after the corrupted
+            run's keys and values of the tokens before it (same numbers, fewer tokens; see the
+            module docstring).  ``False``, or a model whose cache cannot be continued from a
+            prefix, runs the whole prompt in every row.
 
     Returns:
         The restored probabilities of every cell of every kind.
@@ -358,22 +390,59 @@ def trace_prompt(
                 cells.append((kind, t, layer, [f"{site}.{lo}" for lo in layers]))
 
     probs = torch.empty(len(cells), n_samples)
-    chunk_cells = max(1, (config.max_rows or rows_per_pass(adapter, n_tokens)) // n_samples)
-    passes, rows, start = 1, 0, 0
-    while start < len(cells):
-        chunk = cells[start : start + chunk_cells]
+    passes, rows = 1, 1
+    # With a prefix cache, the corrupted runs are one pass of their own that keeps its keys
+    # and values; each restored token t then runs from t on.  Without, every cell (the
+    # corrupted run, cell 0, included) runs the whole prompt.
+    past = None
+    if prefix_cache:
         try:
-            p = _run_cells(adapter, prompt_ids, subject, answer_id, chunk, corrupted, clean, width)
-        except torch.cuda.OutOfMemoryError:
-            if chunk_cells == 1:
-                raise
-            chunk_cells = max(1, chunk_cells // 2)
-            torch.cuda.empty_cache()
-            continue
-        probs[start : start + len(chunk)] = p
-        passes += 1
-        rows += len(chunk) * n_samples
-        start += len(chunk)
+            probs[0], past = _corrupted_run(adapter, prompt_ids, subject, answer_id, corrupted)
+        except NotImplementedError:
+            past = None
+    groups: list[tuple[int, list[int]]]
+    if past is not None:
+        passes, rows = passes + 1, rows + n_samples
+        by_token: dict[int, list[int]] = {}
+        for index, (_, t, _, _) in enumerate(cells[1:], start=1):
+            by_token.setdefault(t, []).append(index)
+        groups = sorted(by_token.items())
+    else:
+        groups = [(0, list(range(len(cells))))]
+    halvings = 0  # CUDA out-of-memory errors so far: each halves the rows per pass
+    for start, members in groups:
+        # Rows hold the prompt from token `start` on (0 without the prefix cache, or when the
+        # subject starts the prompt: nothing to continue).
+        prefix = past.crop(start) if past is not None and start > 0 else None
+        budget = config.max_rows or rows_per_pass(adapter, n_tokens - start, past_tokens=start)
+        chunk_cells = max(1, (budget // n_samples) >> halvings)
+        done = 0
+        while done < len(members):
+            chunk = members[done : done + chunk_cells]
+            try:
+                p = _run_cells(
+                    adapter,
+                    prompt_ids,
+                    subject,
+                    answer_id,
+                    [cells[i] for i in chunk],
+                    corrupted,
+                    clean,
+                    width,
+                    start=start,
+                    past=prefix,
+                )
+            except torch.cuda.OutOfMemoryError:
+                if chunk_cells == 1:
+                    raise
+                chunk_cells = max(1, chunk_cells // 2)
+                halvings += 1
+                torch.cuda.empty_cache()
+                continue
+            probs[chunk] = p
+            passes += 1
+            rows += len(chunk) * n_samples
+            done += len(chunk)
     mean = probs.mean(-1).double().numpy()
     scores: dict[str, np.ndarray] = {}
     for kind in config.kinds:
@@ -393,9 +462,47 @@ def trace_prompt(
         scores=scores,
         window=window,
         forward_passes=passes,
-        rows=rows + 1,
+        rows=rows,
         classes=position_classes(n_tokens, subject),
     )
+
+
+def _noise_patch(
+    subject: list[int], corrupted: torch.Tensor, n_cells: int, start: int = 0
+) -> list[Patch]:
+    """The corrupted subject embeddings of rows ``(cell, sample)`` (``n_cells`` x samples,
+    sample fastest), for rows holding the prompt from token ``start`` on: only the subject
+    tokens at or after ``start`` are in them, at positions shifted by ``-start``.  No patch
+    when none is."""
+    n_samples, _, d = corrupted.shape
+    keep = [i for i, p in enumerate(subject) if p >= start]
+    if not keep:
+        return []
+    n_rows = n_cells * n_samples
+    return [
+        Patch(
+            "embed",
+            torch.arange(n_rows).repeat_interleave(len(keep)),
+            torch.tensor([subject[i] - start for i in keep]).repeat(n_rows),
+            corrupted[:, keep].repeat(n_cells, 1, 1).reshape(n_rows * len(keep), d),
+        )
+    ]
+
+
+def _corrupted_run(
+    adapter: ModelAdapter,
+    prompt_ids: Sequence[int],
+    subject: list[int],
+    answer_id: int,
+    corrupted: torch.Tensor,
+) -> tuple[torch.Tensor, PastKeyValues]:
+    """The corrupted runs (one row per sample): the answer's probability ``[n_samples]`` and
+    the keys and values of every position (raises ``NotImplementedError`` when the model's
+    cache cannot be continued from a prefix)."""
+    n_samples = corrupted.shape[0]
+    batch = adapter.batch([list(prompt_ids)] * n_samples)
+    logits, past = adapter.run_with_past(batch, _noise_patch(subject, corrupted, 1), last_only=True)
+    return logits[:, -1].float().softmax(-1)[:, answer_id].cpu(), past
 
 
 def _run_cells(
@@ -407,33 +514,38 @@ def _run_cells(
     corrupted: torch.Tensor,
     clean: dict[str, torch.Tensor],
     width: dict[str, int],
+    *,
+    start: int = 0,
+    past: PastKeyValues | None = None,
 ) -> torch.Tensor:
     """Probabilities ``[len(cells), n_samples]`` of the answer with each cell restored in
-    each corrupted run: one forward pass, one row per (cell, sample)."""
-    n_samples, k, d = corrupted.shape
+    each corrupted run: one forward pass, one row per (cell, sample).
+
+    With ``past`` (the corrupted runs' keys and values of the first ``start`` tokens, one row
+    per sample), the rows hold only the tokens from ``start`` on and continue the past row of
+    their sample; every cell must then restore tokens at or after ``start``.
+    """
+    n_samples = corrupted.shape[0]
     n_rows = len(cells) * n_samples
-    batch = adapter.batch([list(prompt_ids)] * n_rows)
-    shift = int(batch.first_index[0])  # 0: every row has the same length
-    rows = torch.arange(n_rows)
-    embed = Patch(
-        "embed",
-        rows.repeat_interleave(k),
-        torch.tensor([shift + p for p in subject]).repeat(n_rows),
-        corrupted.repeat(len(cells), 1, 1).reshape(n_rows * k, d),
-    )
+    batch = adapter.batch([list(prompt_ids[start:])] * n_rows)
     by_site: dict[str, tuple[list[int], list[int]]] = {}
     for c, (_, t, _, restored) in enumerate(cells):
+        if restored and t < start:
+            raise ValueError(f"cell at token {t} in rows that start at token {start}")
         for site in restored:
             r, ts = by_site.setdefault(site, ([], []))
             r.extend(range(c * n_samples, (c + 1) * n_samples))
             ts.extend([t] * n_samples)
-    patches = [embed]
+    patches = _noise_patch(subject, corrupted, len(cells), start)
     for site, (r, ts) in by_site.items():
-        values = clean[site][0, torch.tensor(ts) + shift]
+        values = clean[site][0, torch.tensor(ts)]
         patches.append(
-            Patch(site, torch.tensor(r), torch.tensor(ts) + shift, values.reshape(-1, width[site]))
+            Patch(site, torch.tensor(r), torch.tensor(ts) - start, values.reshape(-1, width[site]))
         )
-    logits = adapter.run_with_patches(batch, patches, last_only=True)
+    rows_past = None
+    if past is not None:
+        rows_past = past.select(torch.arange(n_rows) % n_samples)
+    logits = adapter.run_with_patches(batch, patches, last_only=True, past=rows_past)
     last = logits[:, -1].float().softmax(-1)[:, answer_id].cpu()
     return last.reshape(len(cells), n_samples)
 

@@ -18,10 +18,12 @@ from mlake_core.models.prompting import get_template
 from mlake_core.tracing.causal import (
     POSITION_CLASSES,
     TraceConfig,
+    _noise_patch,
     class_profile,
     embedding_noise_std,
     position_classes,
     profile_similarity,
+    rows_per_pass,
     trace_prompt,
     window_layers,
 )
@@ -67,6 +69,43 @@ def test_position_classes():
     # a one-token subject is its last token; a subject ending just before the last token
     assert position_classes(4, [1]) == ["before_subject", "last_subject", "first_after", "last"]
     assert position_classes(3, [1]) == ["before_subject", "last_subject", "last"]
+
+
+def test_noise_patch_keeps_the_subject_tokens_from_the_rows_start_on():
+    # 2 samples, a 3-token subject at prompt positions 3..5, d_model 4
+    corrupted = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    subject = [3, 4, 5]
+    (whole,) = _noise_patch(subject, corrupted, n_cells=1)
+    assert whole.rows.tolist() == [0, 0, 0, 1, 1, 1]
+    assert whole.positions.tolist() == [3, 4, 5, 3, 4, 5]
+    assert torch.equal(whole.values, corrupted.reshape(6, 4))
+    # Rows (cell, sample) holding the prompt from token 4 on: subject tokens 4 and 5 at
+    # positions 0 and 1, each row with its sample's noise.
+    (suffix,) = _noise_patch(subject, corrupted, n_cells=2, start=4)
+    assert suffix.rows.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert suffix.positions.tolist() == [0, 1] * 4
+    sample = [0, 0, 1, 1, 0, 0, 1, 1]
+    token = [1, 2] * 4
+    for i in range(8):
+        assert torch.equal(suffix.values[i], corrupted[sample[i], token[i]])
+    assert _noise_patch(subject, corrupted, n_cells=2, start=6) == []
+
+
+def test_rows_per_pass_counts_the_cached_prefix():
+    from types import SimpleNamespace
+
+    adapter = SimpleNamespace(
+        dtype=torch.float32,
+        d_model=256,
+        d_mlp=1024,
+        n_layers=4,
+        device=torch.device("cpu"),
+        info=SimpleNamespace(d_vocab=8000),
+    )
+    plain = rows_per_pass(adapter, 10)
+    assert plain >= rows_per_pass(adapter, 10, past_tokens=10) >= 1
+    assert rows_per_pass(adapter, 10, past_tokens=10) >= rows_per_pass(adapter, 10, past_tokens=500)
+    assert rows_per_pass(adapter, 5) > rows_per_pass(adapter, 20)
 
 
 def test_profile_similarity():
@@ -209,9 +248,11 @@ def test_chunking_and_backends_give_the_same_numbers(adapters, prompt):
     ids, subject, answer = prompt
     std = embedding_noise_std(adapters["tlens"], [(ids, subject)])
     results = {}
-    for backend, max_rows in (("tlens", None), ("tlens", 7), ("nnsight", None)):
+    runs = (("tlens", None, True), ("tlens", 7, True), ("nnsight", None, True))
+    runs += (("tlens", None, False), ("tlens", 7, False), ("nnsight", None, False))
+    for backend, max_rows, prefix_cache in runs:
         config = TraceConfig(n_samples=4, max_rows=max_rows)
-        results[(backend, max_rows)] = trace_prompt(
+        results[(backend, max_rows, prefix_cache)] = trace_prompt(
             adapters[backend],
             ids,
             subject,
@@ -219,9 +260,13 @@ def test_chunking_and_backends_give_the_same_numbers(adapters, prompt):
             config,
             torch.Generator().manual_seed(3),
             noise_std=std,
+            prefix_cache=prefix_cache,
         )
-    ref = results[("tlens", None)]
-    assert results[("tlens", 7)].forward_passes > ref.forward_passes
+    ref = results[("tlens", None, True)]
+    assert results[("tlens", 7, True)].forward_passes > ref.forward_passes
+    # With the prefix cache: the clean run, the corrupted runs, then one pass per token from
+    # the subject's first on (all of a token's rows fit in one pass).
+    assert ref.forward_passes == 2 + len(ids) - subject[0]
     for other in results.values():
         assert other.p_corrupt == pytest.approx(ref.p_corrupt, abs=1e-6)
         for kind in ref.scores:
