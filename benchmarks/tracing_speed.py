@@ -3,22 +3,26 @@
 The plain loop is how ROME's reference code traces: for every (kind, token, layer) cell, one
 forward pass whose rows are the corrupted samples, with that cell restored, computing the
 logits of every position.  The batched tracer (:func:`mlake_core.tracing.causal.trace_prompt`)
-puts many cells' rows in one pass, skips the cells whose effect is zero by construction, and
-computes the last position's logits only.  Both use the same noise (same generator seed), and
-the benchmark checks they give the same numbers.
+puts many cells' rows in one pass, skips the cells whose effect is zero by construction,
+computes the last position's logits only, and runs each restoration from the restored token on
+after the corrupted run's cached keys and values (the prefix cache).  Both use the same noise
+(same generator seed), and the benchmark checks they give the same numbers.  With
+``--full-prompt`` the batched tracer is also timed without the prefix cache (every row the
+whole prompt), to show what each part gains.
 
 Measured on ``mlake-tiny`` (trained first if needed) and on a GPT-2-small-sized random GPT-2
 (12 layers, d_model 768, 12 heads, d_mlp 3072, vocabulary 50,257), in the same process:
 forward passes per fact, facts per minute, the speed-up, and the largest difference between
 the two tracers' restored probabilities.
 
-    python benchmarks/tracing_speed.py [--facts 4] [--gpt2-facts 2] [--samples 10]
+    python benchmarks/tracing_speed.py [--facts 4] [--gpt2-facts 2] [--samples 10] [--full-prompt]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -94,9 +98,10 @@ def loop_trace(adapter, prompt_ids, subject, answer_id, config, generator, noise
     return p_corrupt, scores, passes
 
 
-def bench(name, adapter, items, config, noise_std):
-    batched_s = loop_s = 0.0
+def bench(name, adapter, items, config, noise_std, full_prompt=False):
+    batched_s = loop_s = full_s = 0.0
     diffs, passes_b, passes_l, rows_b = [], [], [], []
+    full_diffs, passes_f, rows_f = [], [], []
     for fact_id, lang, ids, subject, answer in items:
         seed = fact_id * 10 + len(lang)
         t = time.perf_counter()
@@ -110,6 +115,24 @@ def bench(name, adapter, items, config, noise_std):
             noise_std=noise_std,
         )
         batched_s += time.perf_counter() - t
+        if full_prompt:
+            t = time.perf_counter()
+            full = trace_prompt(
+                adapter,
+                ids,
+                subject,
+                answer,
+                config,
+                torch.Generator().manual_seed(seed),
+                noise_std=noise_std,
+                prefix_cache=False,
+            )
+            full_s += time.perf_counter() - t
+            full_diffs.append(abs(full.p_corrupt - tr.p_corrupt))
+            for kind in config.kinds:
+                full_diffs.append(float(np.abs(full.scores[kind] - tr.scores[kind]).max()))
+            passes_f.append(full.forward_passes)
+            rows_f.append(full.rows)
         t = time.perf_counter()
         p_corrupt, scores, passes = loop_trace(
             adapter, ids, subject, answer, config, torch.Generator().manual_seed(seed), noise_std
@@ -122,6 +145,16 @@ def bench(name, adapter, items, config, noise_std):
         rows_b.append(tr.rows)
         passes_l.append(passes)
     n = len(items)
+    extra = {}
+    if full_prompt:
+        extra["batched_full_prompt"] = {
+            "seconds": round(full_s, 2),
+            "facts_per_minute": round(60 * n / full_s, 2),
+            "forward_passes_per_fact": float(np.mean(passes_f)),
+            "rows_per_fact": float(np.mean(rows_f)),
+            "prefix_cache_speedup": round(full_s / batched_s, 2),
+            "max_abs_difference_to_batched": float(max(full_diffs)),
+        }
     return {
         "model": name,
         "facts": n,
@@ -139,8 +172,11 @@ def bench(name, adapter, items, config, noise_std):
             "facts_per_minute": round(60 * n / loop_s, 2),
             "forward_passes_per_fact": float(np.mean(passes_l)),
         },
+        **extra,
         "speedup": round(loop_s / batched_s, 2),
         "max_abs_difference": float(max(diffs)),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -173,6 +209,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--full-prompt",
+        action="store_true",
+        help="also time the batched tracer without the prefix cache",
+    )
     args = parser.parse_args()
     config = TraceConfig(n_samples=args.samples)
     dataset = load_mlake()
@@ -184,7 +225,7 @@ def main() -> None:
     ids = read_metadata(tiny)["fact_ids"]
     items = prompts(adapter, dataset, ids, template, ("en", "zh", "ja", "fr", "de"), args.facts)
     std = embedding_noise_std(adapter, [(i[2], i[3]) for i in items])
-    results.append(bench("mlake-tiny", adapter, items, config, std))
+    results.append(bench("mlake-tiny", adapter, items, config, std, args.full_prompt))
     print(json.dumps(results[-1], indent=2), flush=True)
 
     from mlake_core.models.tiny import TinySize, build_tiny_model
@@ -207,7 +248,9 @@ def main() -> None:
         adapter = load_adapter(str(path), "tlens", device=args.device)
         items = prompts(adapter, dataset, ids, get_template("qa"), ("en", "zh"), args.gpt2_facts)
         std = embedding_noise_std(adapter, [(i[2], i[3]) for i in items])
-        results.append(bench("gpt2-small-sized random", adapter, items, config, std))
+        results.append(
+            bench("gpt2-small-sized random", adapter, items, config, std, args.full_prompt)
+        )
         print(json.dumps(results[-1], indent=2), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

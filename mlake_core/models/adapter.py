@@ -1030,7 +1030,8 @@ class BaseAdapter:
         keep_past: bool = False,
     ) -> dict[str, Any]:
         """Keyword arguments of the HF forward: ids, mask, (if taken) mask-derived positions,
-        ``logits_to_keep=1`` when only the last position's logits are wanted, and
+        ``logits_to_keep`` when only the last position's (or last ``last_only``) logits are
+        wanted, and
         ``use_cache`` only when a cache is continued (``past``: a fresh ``DynamicCache`` of
         it, the mask prefixed with the past's, positions counted on from its real tokens) or
         kept (``keep_past``); plain passes build no cache."""
