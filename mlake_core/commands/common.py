@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,3 +146,53 @@ def parse_facts(value: str) -> int | str:
     if n < 1:
         raise ConfigError(f"--facts {value}: must be at least 1")
     return n
+
+
+@dataclass
+class FactsAndKnowledge:
+    """The data a per-fact command works on.
+
+    Attributes:
+        dataset: MLaKE in the asked languages.
+        pool: the default fact selection (mlake-tiny's training facts, else all facts).
+        fact_ids: the ``--facts`` asked for (the first N of ``pool``).
+        knowledge: what the model knows about ``pool`` (knowledge stage, cached).
+    """
+
+    dataset: Any
+    pool: list[int]
+    fact_ids: list[int]
+    knowledge: Any
+
+
+def facts_and_knowledge(
+    args: argparse.Namespace,
+    loaded: LoadedModel,
+    langs: Sequence[str],
+    facts_option: int | str,
+    knowledge_config: Any = None,
+) -> FactsAndKnowledge:
+    """Load MLaKE, select the facts, and measure (or load) what the model knows about the
+    whole pool, as editing, tracing and neuron attribution need (facts unknown before are
+    reported separately or skipped)."""
+    from mlake_core.data.dataset import load_mlake
+    from mlake_core.experiments import knowledge_stage, select_fact_ids
+    from mlake_core.metrics.knowledge import KnowledgeConfig
+
+    dataset = load_mlake(args.data_dir, version=args.version, langs=langs)
+    trained = loaded.tiny_metadata["fact_ids"] if loaded.tiny_metadata else None
+    pool = select_fact_ids(dataset, "trained" if trained else "all", trained)
+    fact_ids = pool if facts_option in ("all", "trained") else pool[: int(facts_option)]
+    knowledge, _ = knowledge_stage(
+        loaded.adapter,
+        loaded.path,
+        dataset,
+        pool,
+        langs,
+        loaded.template,
+        knowledge_config or KnowledgeConfig(mcqa=False),
+        batch_size=args.batch_size,
+        results_dir=args.results_dir,
+        log=log,
+    )
+    return FactsAndKnowledge(dataset, pool, fact_ids, knowledge)

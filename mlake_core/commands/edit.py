@@ -23,6 +23,7 @@ from mlake_core.commands.common import (
     add_model_args,
     add_run_args,
     check_run_args,
+    facts_and_knowledge,
     load_model,
     log,
     parse_facts,
@@ -69,15 +70,12 @@ def run_transfer(args: argparse.Namespace) -> int:
     """Entry point of ``mlake edit transfer``."""
     from tqdm.auto import tqdm
 
-    from mlake_core.data.dataset import load_mlake
     from mlake_core.editing.base import get_method
     from mlake_core.editing.covariance import mlake_corpus, read_corpus
     from mlake_core.editing.evaluate import KINDS, TransferConfig, transfer_matrix
     from mlake_core.editing.memit import default_layers
     from mlake_core.experiments import (
-        knowledge_stage,
         lookup_recommended_layer,
-        select_fact_ids,
         transfer_stage,
     )
     from mlake_core.languages import parse_langs
@@ -92,23 +90,15 @@ def run_transfer(args: argparse.Namespace) -> int:
     check_run_args(args)
     config = TransferConfig(edit_form=args.edit_form, n_locality=args.n_locality)
     loaded = load_model(args)
-    dataset = load_mlake(args.data_dir, version=args.version, langs=langs)
-    trained = loaded.tiny_metadata["fact_ids"] if loaded.tiny_metadata else None
-    pool = select_fact_ids(dataset, "trained" if trained else "all", trained)
-    fact_ids = pool if facts_option in ("all", "trained") else pool[: int(facts_option)]
-    corpus = read_corpus(args.corpus) if args.corpus else mlake_corpus(dataset)
-    knowledge, _ = knowledge_stage(
-        loaded.adapter,
-        loaded.path,
-        dataset,
-        pool,
+    data = facts_and_knowledge(
+        args,
+        loaded,
         langs,
-        loaded.template,
+        facts_option,
         KnowledgeConfig(mcqa=False, max_new_tokens=config.max_new_tokens),
-        batch_size=args.batch_size,
-        results_dir=args.results_dir,
-        log=log,
     )
+    dataset, pool, fact_ids, knowledge = data.dataset, data.pool, data.fact_ids, data.knowledge
+    corpus = read_corpus(args.corpus) if args.corpus else mlake_corpus(dataset)
     report: dict[str, Any] = {"model": loaded.name, "n_facts": len(fact_ids), "methods": {}}
     layer_for = {"layer": args.layer, "layers": args.layer}
     layer_source = "explicit"

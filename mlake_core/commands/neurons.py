@@ -36,6 +36,7 @@ from mlake_core.commands.common import (
     add_model_args,
     add_run_args,
     check_run_args,
+    facts_and_knowledge,
     load_model,
     log,
     parse_facts,
@@ -124,10 +125,8 @@ def run_neurons(args: argparse.Namespace) -> int:
     """Entry point of ``mlake neurons``."""
     from tqdm.auto import tqdm
 
-    from mlake_core.data.dataset import load_mlake
-    from mlake_core.experiments import knowledge_stage, neurons_stage, select_fact_ids
+    from mlake_core.experiments import neurons_stage
     from mlake_core.languages import parse_langs
-    from mlake_core.metrics.knowledge import KnowledgeConfig
 
     langs = parse_langs(args.langs)
     facts_option = parse_facts(args.facts)
@@ -139,22 +138,8 @@ def run_neurons(args: argparse.Namespace) -> int:
         folder_texts(args.text, langs)  # fail before loading the model
     loaded = load_model(args)
     config.attribution.check_layers(loaded.adapter.n_layers)
-    dataset = load_mlake(args.data_dir, version=args.version, langs=langs)
-    trained = loaded.tiny_metadata["fact_ids"] if loaded.tiny_metadata else None
-    pool = select_fact_ids(dataset, "trained" if trained else "all", trained)
-    fact_ids = pool if facts_option in ("all", "trained") else pool[: int(facts_option)]
-    knowledge, _ = knowledge_stage(
-        loaded.adapter,
-        loaded.path,
-        dataset,
-        pool,
-        langs,
-        loaded.template,
-        KnowledgeConfig(mcqa=False),
-        batch_size=args.batch_size,
-        results_dir=args.results_dir,
-        log=log,
-    )
+    data = facts_and_knowledge(args, loaded, langs, facts_option)
+    dataset, fact_ids, knowledge = data.dataset, data.fact_ids, data.knowledge
     wanted = set(fact_ids)
     per_method = sum(len(knowledge.known(lang) & wanted) for lang in langs)
     bar = tqdm(

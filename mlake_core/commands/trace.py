@@ -31,6 +31,7 @@ from mlake_core.commands.common import (
     add_model_args,
     add_run_args,
     check_run_args,
+    facts_and_knowledge,
     load_model,
     log,
     parse_facts,
@@ -80,10 +81,8 @@ def run_trace(args: argparse.Namespace) -> int:
     """Entry point of ``mlake trace``."""
     from tqdm.auto import tqdm
 
-    from mlake_core.data.dataset import load_mlake
-    from mlake_core.experiments import knowledge_stage, select_fact_ids, tracing_stage
+    from mlake_core.experiments import tracing_stage
     from mlake_core.languages import parse_langs
-    from mlake_core.metrics.knowledge import KnowledgeConfig
     from mlake_core.tracing.causal import TraceConfig
 
     langs = parse_langs(args.langs)
@@ -100,22 +99,8 @@ def run_trace(args: argparse.Namespace) -> int:
         max_rows=args.max_rows,
     )
     loaded = load_model(args)
-    dataset = load_mlake(args.data_dir, version=args.version, langs=langs)
-    trained = loaded.tiny_metadata["fact_ids"] if loaded.tiny_metadata else None
-    pool = select_fact_ids(dataset, "trained" if trained else "all", trained)
-    fact_ids = pool if facts_option in ("all", "trained") else pool[: int(facts_option)]
-    knowledge, _ = knowledge_stage(
-        loaded.adapter,
-        loaded.path,
-        dataset,
-        pool,
-        langs,
-        loaded.template,
-        KnowledgeConfig(mcqa=False),
-        batch_size=args.batch_size,
-        results_dir=args.results_dir,
-        log=log,
-    )
+    data = facts_and_knowledge(args, loaded, langs, facts_option)
+    dataset, fact_ids, knowledge = data.dataset, data.fact_ids, data.knowledge
     wanted = set(fact_ids)
     total = sum(len(knowledge.known(lang) & wanted) for lang in langs)
     bar = tqdm(total=total, desc="trace", unit="fact", disable=None)
