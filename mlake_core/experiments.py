@@ -400,10 +400,7 @@ def tracing_stage(
                     reason = str(err).split(": ", 1)[-1]
                     lang_skipped[reason] = lang_skipped.get(reason, 0) + 1
                     continue
-                answer = adapter.tokenizer(
-                    loc.answer_prefix + view.form(config.form).target.text.strip(),
-                    add_special_tokens=False,
-                )["input_ids"]
+                answer = loc.answer_ids(adapter, view.form(config.form).target.text)
                 if not answer:
                     lang_skipped["empty answer"] = lang_skipped.get("empty answer", 0) + 1
                     continue
@@ -611,9 +608,7 @@ def _attribution_prompts(
             reason = f"{form} form: " + str(err).split(": ", 1)[-1]
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
-        answer = adapter.tokenizer(
-            loc.answer_prefix + view.form(form).target.text.strip(), add_special_tokens=False
-        )["input_ids"]
+        answer = loc.answer_ids(adapter, view.form(form).target.text)
         if not answer:
             skipped[f"{form} form: empty answer"] = skipped.get(f"{form} form: empty answer", 0) + 1
             continue

@@ -110,6 +110,15 @@ class LocatedPrompt:
     subject: str
     subject_positions: tuple[int, ...]
 
+    def answer_ids(self, adapter: ModelAdapter, answer: str) -> tuple[int, ...]:
+        """Token ids of ``answer`` as it follows this prompt: the answer prefix and the
+        stripped answer, encoded on their own (joined to the prompt by ids, never by text)."""
+        return tuple(
+            adapter.tokenizer(self.answer_prefix + answer.strip(), add_special_tokens=False)[
+                "input_ids"
+            ]
+        )
+
 
 def locate_prompt(
     adapter: ModelAdapter, view: FactView, template: PromptTemplate, form: str = "question"
@@ -165,9 +174,7 @@ def make_request(
         raise DataError(f"{where}: cannot be edited ({pf.reason or 'no subject located'})")
     located = locate_prompt(adapter, view, template, form)
     new = pf.edit_target.text.strip()
-    new_ids = tuple(
-        adapter.tokenizer(located.answer_prefix + new, add_special_tokens=False)["input_ids"]
-    )
+    new_ids = located.answer_ids(adapter, new)
     if not new_ids:
         raise DataError(f"{where}: the edit target is empty")
     return EditRequest(
