@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -193,12 +193,19 @@ def transfer_stage(
     results_dir: str | os.PathLike[str] | None = None,
     log: Callable[[str], None] | None = None,
     on_edit: Callable[[dict[str, Any]], None] | None = None,
+    unit_sets: Mapping[str, Sequence[int]] | None = None,
+    unit_source: str | None = None,
+    knowledge_run: str | os.PathLike[str] | None = None,
 ) -> tuple[Any, Run]:
     """Edit every fact in every language with ``method`` and evaluate each edit in every
     language (:func:`mlake_core.editing.evaluate.evaluate_edit`).
 
     One table per edit language is saved as it finishes (resumable).  Pre-edit values come from
-    ``knowledge`` (the knowledge stage's result, itself cached).
+    ``knowledge`` (the knowledge stage's result, itself cached).  ``unit_sets`` (with
+    ``unit_source``, the neuron run they come from) are the neuron sets of restricted editing
+    (:attr:`~mlake_core.editing.base.EditContext.unit_sets`); they enter the run key.
+    ``knowledge_run`` (the folder ``knowledge`` was loaded from) is recorded in the run's meta
+    for the analyses that join pre-edit values (``mlake relate``).
 
     Returns:
         The per-fact, per-pair rows (a pandas DataFrame) and the run folder.
@@ -221,11 +228,16 @@ def transfer_stage(
         "langs": list(langs),
         "template": template.to_dict(),
         "method": method,
-        "method_config": {k: str(v) for k, v in vars(method_config).items()},
+        # Fields added later are left out while at their default, so earlier runs stay valid.
+        "method_config": {
+            k: str(v) for k, v in vars(method_config).items() if not (k == "units" and v == "all")
+        },
         "config": config.to_dict(),
         "corpus": stable_hash(list(corpus)),
         "seed": seed,
     }
+    if unit_sets:
+        key["unit_sets"] = stable_hash({k: sorted(int(u) for u in v) for k, v in unit_sets.items()})
     run = open_run("transfer", key, results_dir)
     run.write_meta(
         status="running",
@@ -233,6 +245,10 @@ def transfer_stage(
         method=method,
         fact_ids=list(fact_ids),
         langs=list(langs),
+        method_config={k: str(v) for k, v in vars(method_config).items()},
+        unit_source=unit_source,
+        unit_set_sizes={k: len(v) for k, v in (unit_sets or {}).items()},
+        knowledge_run=str(knowledge_run) if knowledge_run else None,
     )
     loc_ids = locality_facts(dataset, fact_ids, config, locality_pool)
     kt = knowledge.table
@@ -279,7 +295,7 @@ def transfer_stage(
                     if log:
                         log(f"skipped: {err}")
                     continue
-                context = EditContext(generator, second_moment, demos)
+                context = EditContext(generator, second_moment, demos, dict(unit_sets or {}))
                 result = entry.fn(adapter, [request], method_config, context)
                 edit_rows = evaluate_edit(
                     adapter,

@@ -12,4 +12,5 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mlake_core.commands.edit",
     "mlake_core.commands.trace",
     "mlake_core.commands.neurons",
+    "mlake_core.commands.relate",
 )

@@ -157,12 +157,14 @@ class FactsAndKnowledge:
         pool: the default fact selection (mlake-tiny's training facts, else all facts).
         fact_ids: the ``--facts`` asked for (the first N of ``pool``).
         knowledge: what the model knows about ``pool`` (knowledge stage, cached).
+        knowledge_run: the knowledge stage's run folder.
     """
 
     dataset: Any
     pool: list[int]
     fact_ids: list[int]
     knowledge: Any
+    knowledge_run: str | None = None
 
 
 def facts_and_knowledge(
@@ -183,7 +185,7 @@ def facts_and_knowledge(
     trained = loaded.tiny_metadata["fact_ids"] if loaded.tiny_metadata else None
     pool = select_fact_ids(dataset, "trained" if trained else "all", trained)
     fact_ids = pool if facts_option in ("all", "trained") else pool[: int(facts_option)]
-    knowledge, _ = knowledge_stage(
+    knowledge, run = knowledge_stage(
         loaded.adapter,
         loaded.path,
         dataset,
@@ -195,4 +197,4 @@ def facts_and_knowledge(
         results_dir=args.results_dir,
         log=log,
     )
-    return FactsAndKnowledge(dataset, pool, fact_ids, knowledge)
+    return FactsAndKnowledge(dataset, pool, fact_ids, knowledge, str(run.path))

@@ -61,9 +61,111 @@ def register(subparsers: Any) -> None:
         help="text file or folder for key statistics (default: MLaKE text)",
     )
     tr.add_argument("--seed", type=int, default=0, help="seed of the edit methods")
+    tr.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="METHOD.FIELD=VALUE",
+        help="a field of a method's config, e.g. ft.lr=0.01 or rome.clamp_norm_factor=4 "
+        "(repeatable; the fields are the config dataclasses' in mlake_core/editing)",
+    )
+    tr.add_argument(
+        "--units-from",
+        default=None,
+        metavar="RUN_DIR",
+        help="a neuron-attribution run (mlake neurons) whose shared and language-specific MLP "
+        "neurons restricted editing uses (--set ft.units=shared|specific|random)",
+    )
+    tr.add_argument(
+        "--units-method",
+        default="ig",
+        help="which attribution method's classes to take from --units-from (default: ig)",
+    )
     add_data_args(tr, facts_default="20", facts_help="N (the first N) or all (default: 20)")
     add_run_args(tr)
     tr.set_defaults(func=run_transfer)
+
+
+def parse_overrides(items: list[str], entries: list[Any]) -> dict[str, dict[str, str]]:
+    """``--set METHOD.FIELD=VALUE`` options as ``{method: {field: value}}``; values stay
+    strings (the config dataclasses coerce them).
+
+    Raises:
+        ConfigError: a malformed item, a method not asked for, or a field the method's
+            config does not have (naming the fields it has).
+    """
+    by_name = {e.name: e for e in entries}
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, field = key.strip().partition(".")
+        if not sep or not dot or not method or not field:
+            raise ConfigError(f"--set {item!r}: expected METHOD.FIELD=VALUE, e.g. ft.lr=0.01")
+        if method not in by_name:
+            raise ConfigError(
+                f"--set {item!r}: method {method!r} is not among --methods ({', '.join(by_name)})"
+            )
+        names = [f.name for f in dataclasses.fields(by_name[method].config_cls)]
+        if field not in names:
+            raise ConfigError(
+                f"--set {item!r}: {method} has no field {field!r} (fields: {', '.join(names)})"
+            )
+        out.setdefault(method, {})[field] = value.strip()
+    return out
+
+
+def read_unit_sets(run_dir: str, method: str, *, seed: int = 0) -> dict[str, list[int]]:
+    """The neuron classes of a neuron-attribution run (``specific_<method>_neuron.json``:
+    one set per language and ``shared``) plus ``random``: as many neurons per layer as the
+    shared set has, drawn (seeded) from the neurons in no class, the control of restricted
+    editing.
+
+    Raises:
+        DataError: the folder is not a neuron run, or lacks ``method``'s classes.
+    """
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from mlake_core.errors import DataError
+
+    folder = Path(run_dir)
+    path = folder / f"specific_{method}_neuron.json"
+    summary = folder / "summary.json"
+    if not path.is_file() or not summary.is_file():
+        raise DataError(
+            f"--units-from {run_dir}: no {path.name} and summary.json there; give a run folder "
+            "of `mlake neurons` (it prints it)"
+        )
+    sets = {k: [int(u) for u in v] for k, v in json.loads(path.read_text()).items()}
+    meta = json.loads(summary.read_text())
+    n_layers = int(meta["n_layers"])
+    width = int(meta.get("d_mlp") or 0) or _width_from(folder)
+    taken = {u for v in sets.values() for u in v}
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for layer in range(n_layers):
+        need = sum(1 for u in sets.get("shared", []) if u // width == layer)
+        pool = [layer * width + i for i in range(width) if layer * width + i not in taken]
+        chosen += [int(u) for u in rng.choice(pool, size=min(need, len(pool)), replace=False)]
+    sets["random"] = sorted(chosen)
+    return sets
+
+
+def _width_from(folder: Any) -> int:
+    """MLP width of the model a neuron run was made on (from its meta)."""
+    import json
+
+    from mlake_core.errors import DataError
+
+    meta = json.loads((folder / "meta.json").read_text())
+    model = meta.get("model") or {}
+    width = model.get("d_mlp")
+    if not width:
+        raise DataError(f"{folder}: the run's meta does not give the model's d_mlp")
+    return int(width)
 
 
 def run_transfer(args: argparse.Namespace) -> int:
@@ -85,10 +187,17 @@ def run_transfer(args: argparse.Namespace) -> int:
     if not names:
         raise ConfigError("give --method NAME or --methods a,b")
     entries = [get_method(n) for n in names]
+    overrides = parse_overrides(args.overrides, entries)
     langs = parse_langs(args.langs)
     facts_option = parse_facts(args.facts)
     check_run_args(args)
     config = TransferConfig(edit_form=args.edit_form, n_locality=args.n_locality)
+    unit_sets, unit_source = None, None
+    if args.units_from:
+        unit_sets = read_unit_sets(args.units_from, args.units_method, seed=args.seed)
+        unit_source = f"{args.units_from} ({args.units_method})"
+    elif any(v != "all" for o in overrides.values() for k, v in o.items() if k == "units"):
+        raise ConfigError("restricted editing (--set ft.units=...) needs --units-from RUN_DIR")
     loaded = load_model(args)
     data = facts_and_knowledge(
         args,
@@ -123,6 +232,7 @@ def run_transfer(args: argparse.Namespace) -> int:
     for entry in entries:
         names_of = {f.name for f in dataclasses.fields(entry.config_cls)}
         fields = {name: layer_for[name] for name in ("layer", "layers") if name in names_of}
+        fields.update(overrides.get(entry.name, {}))
         method_config = entry.config_cls(**fields)
         bar = tqdm(total=len(fact_ids) * len(langs), desc=entry.name, unit="edit", disable=None)
 
@@ -149,6 +259,9 @@ def run_transfer(args: argparse.Namespace) -> int:
             results_dir=args.results_dir,
             log=log,
             on_edit=on_edit,
+            unit_sets=unit_sets,
+            unit_source=unit_source,
+            knowledge_run=data.knowledge_run,
         )
         bar.close()
         seconds = time.perf_counter() - started
@@ -159,6 +272,7 @@ def run_transfer(args: argparse.Namespace) -> int:
         by_kind = {kind: _by_lang(rows[rows["kind"] == kind], langs) for kind in KINDS}
         report["methods"][entry.name] = {
             "results": str(run.path),
+            "config": {k: str(v) for k, v in dataclasses.asdict(method_config).items()},
             "seconds": round(seconds, 1),
             "edits": int(rows[rows["kind"] == "efficacy"].shape[0]),
             "matrices_question_form_known_before": matrices,

@@ -273,11 +273,14 @@ class EditContext:
             caller; see :mod:`mlake_core.editing.covariance`).
         demonstrations: for in-context editing, example edits in the edit language as
             ``(new fact sentence, question, new answer)``.
+        unit_sets: for restricted editing, named neuron sets (``shared``, ``random``, and one
+            per language: its specific neurons), as flat indices ``layer * d_mlp + neuron``.
     """
 
     generator: torch.Generator
     second_moment: Callable[[int], torch.Tensor] | None = None
     demonstrations: Mapping[str, Sequence[tuple[str, str, str]]] = field(default_factory=dict)
+    unit_sets: Mapping[str, Sequence[int]] = field(default_factory=dict)
 
 
 class EditMethod(Protocol):

@@ -98,6 +98,12 @@ class FtConfig:
         lr: Adam learning rate.
         max_rel_norm: bound on ``||ΔW||_F / ||W||_F``.
         stop_loss: stop once the new answer's NLL (nats, per request) is below this.
+        units: which MLP neurons' output weights may change (restricted editing, issue 7):
+            ``all``; ``shared`` (the neurons a neuron-attribution run classed as shared by
+            every language); ``specific`` (those specific to the edit language); ``random``
+            (a random set with the shared set's per-layer sizes, the control).  The sets come
+            from :attr:`~mlake_core.editing.base.EditContext.unit_sets`; an empty set in the
+            edited layer gives an edit that changes nothing (reported, not an error).
     """
 
     layer: int | str = "auto"
@@ -105,11 +111,50 @@ class FtConfig:
     lr: float = 1e-3
     max_rel_norm: float = 0.05
     stop_loss: float = 0.05
+    units: str = "all"
 
     def __post_init__(self) -> None:
         coerce_fields(self, skip=("layer",))
         if self.steps < 1 or self.lr <= 0 or self.max_rel_norm <= 0:
             raise ConfigError("ft: steps, lr and max_rel_norm must be positive")
+        if self.units not in UNIT_CHOICES:
+            raise ConfigError(f"ft units {self.units!r}: choose {', '.join(UNIT_CHOICES)}")
+
+
+#: Values of :attr:`FtConfig.units`.
+UNIT_CHOICES: tuple[str, ...] = ("all", "shared", "specific", "random")
+
+
+def unit_mask(
+    requests: Sequence[EditRequest], units: str, context: EditContext, layer: int, width: int
+) -> torch.Tensor | None:
+    """The ``[width]`` 0/1 mask of the neurons of ``layer`` an FT edit may change (None: all).
+
+    Sets in ``context.unit_sets`` hold flat indices ``layer * width + neuron``, as neuron
+    attribution writes them.
+
+    Raises:
+        ConfigError: restricted editing without unit sets, or ``specific`` for a batch that
+            mixes edit languages.
+    """
+    if units == "all":
+        return None
+    name = units
+    if units == "specific":
+        langs = {r.lang for r in requests}
+        if len(langs) != 1:
+            raise ConfigError("ft units=specific: a batch must have one edit language")
+        (name,) = langs
+    if name not in context.unit_sets:
+        raise ConfigError(
+            f"ft units={units}: no {name!r} unit set; give a neuron-attribution run "
+            "(mlake edit transfer --units-from RUN_DIR)"
+        )
+    mask = torch.zeros(width)
+    for flat in context.unit_sets[name]:
+        if int(flat) // width == layer:
+            mask[int(flat) % width] = 1.0
+    return mask
 
 
 @register_edit_method("ft", FtConfig, batched=True)
@@ -124,6 +169,9 @@ def edit_ft(
     batch, targets = teacher_forced(adapter, requests)
     _, cache = adapter.run_with_cache(batch, [f"mlp_post.{layer}"])
     keys = cache[f"mlp_post.{layer}"].float()  # unaffected by this layer's projection
+    mask = unit_mask(requests, config.units, context, layer, keys.shape[-1])
+    if mask is not None:
+        keys = keys * mask.to(keys.device)  # no gradient reaches the other neurons' weights
     delta = torch.zeros_like(original, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=config.lr)
     loss = math.nan
@@ -160,6 +208,7 @@ def edit_ft(
             "layer": layer,
             "steps": steps,
             "rel_norm": float(delta.detach().norm()) / float(original.norm()),
+            "units": int(mask.sum()) if mask is not None else int(keys.shape[-1]),
             "config": _config_dict(config),
         },
     )
