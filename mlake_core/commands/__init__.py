@@ -13,4 +13,5 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mlake_core.commands.trace",
     "mlake_core.commands.neurons",
     "mlake_core.commands.relate",
+    "mlake_core.commands.sweep",
 )
