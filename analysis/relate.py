@@ -311,7 +311,8 @@ def fact_table(
         controls: :func:`string_controls`.
         config: which outcome, form and overlap measure.
     """
-    need = {"kind", "form", "fact_id", "edit_lang", "test_lang", "n", config.outcome, "p_new"}
+    need = {"kind", "form", "fact_id", "edit_lang", "test_lang", "n", "p_new", "known_before"}
+    need.add(config.outcome)
     missing = need - set(transfer.columns)
     if missing:
         raise DataError(f"transfer rows lack columns {sorted(missing)}")
@@ -382,7 +383,7 @@ def design(rows: pd.DataFrame, *, with_overlap: bool = True, pairs: Sequence[str
     cols: list[np.ndarray] = []
     for name in (("overlap",) if with_overlap else ()) + CONTROLS:
         v = rows[name].to_numpy(dtype=float)
-        if np.isnan(v).all() or np.nanstd(v) == 0:
+        if np.isnan(v).all() or np.nanmax(v) == np.nanmin(v):  # std of a constant is ~1e-17
             continue
         cols.append(np.nan_to_num(v, nan=float(np.nanmean(v))))
         names.append(name)
@@ -461,13 +462,15 @@ class ModelFit:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelFit:
         values = dict(data)
-        values["terms"] = pd.DataFrame.from_records(values.get("terms", []))
+        values["terms"] = pd.DataFrame.from_records(
+            values.get("terms", []), columns=["term", "estimate", "ci_low", "ci_high", "p"]
+        )
         values["auc_gain_ci"] = tuple(values.get("auc_gain_ci", (math.nan, math.nan)))
         return cls(**values)
 
     def term(self, name: str) -> dict[str, Any]:
         """The coefficient row of ``name``."""
-        hit = self.terms[self.terms["term"] == name]
+        hit = self.terms[self.terms["term"] == name] if "term" in self.terms else self.terms
         if hit.empty:
             raise KeyError(name)
         return hit.iloc[0].to_dict()
@@ -548,7 +551,9 @@ def fact_level(rows: pd.DataFrame, config: RelateConfig) -> dict[str, ModelFit]:
             note = f"only {len(rows)} rows"
         elif kind == "logistic" and (events < 5 or len(rows) - events < 5):
             note = f"{events} successes of {len(rows)} rows: too few events to estimate"
-        elif np.nanstd(rows["overlap"].to_numpy(dtype=float)) == 0:
+        elif np.nanmax(rows["overlap"].to_numpy(dtype=float)) == np.nanmin(
+            rows["overlap"].to_numpy(dtype=float)
+        ):
             note = "the overlap does not vary"
         if note:
             out[kind] = ModelFit(kind, empty.copy(), len(rows), n_facts, events, note=note)

@@ -192,6 +192,9 @@ def run_transfer(args: argparse.Namespace) -> int:
     facts_option = parse_facts(args.facts)
     check_run_args(args)
     config = TransferConfig(edit_form=args.edit_form, n_locality=args.n_locality)
+    for entry in entries:  # bad --set values fail before the model loads
+        fields = {k: v for k, v in overrides.get(entry.name, {}).items()}
+        entry.config_cls(**fields)
     unit_sets, unit_source = None, None
     if args.units_from:
         unit_sets = read_unit_sets(args.units_from, args.units_method, seed=args.seed)

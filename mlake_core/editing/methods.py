@@ -99,8 +99,8 @@ class FtConfig:
         max_rel_norm: bound on ``||ΔW||_F / ||W||_F``.
         stop_loss: stop once the new answer's NLL (nats, per request) is below this.
         units: which MLP neurons' output weights may change (restricted editing, issue 7):
-            ``all``; ``shared`` (the neurons a neuron-attribution run classed as shared by
-            every language); ``specific`` (those specific to the edit language); ``random``
+            ``all``; ``shared`` (the neurons a neuron-attribution run classed as shared: used
+            by at least two languages); ``specific`` (those specific to the edit language); ``random``
             (a random set with the shared set's per-layer sizes, the control).  The sets come
             from :attr:`~mlake_core.editing.base.EditContext.unit_sets`; an empty set in the
             edited layer gives an edit that changes nothing (reported, not an error).
