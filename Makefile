@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 CONSTRAINTS := requirements/constraints-cpu.txt
 
-.PHONY: setup demo test lint typecheck unit clean-venv
+.PHONY: setup demo notebooks test lint typecheck unit clean-venv
 
 $(BIN)/.mlake-installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,9 +21,15 @@ $(BIN)/.mlake-installed: pyproject.toml $(CONSTRAINTS)
 
 setup: $(BIN)/.mlake-installed
 
+# The main job: the whole pipeline on mlake-tiny (trained first if not cached) into
+# runs/pipeline/mlake-tiny-40facts (report.md, figures/).  One thread: see the README.
 demo: setup
-	$(BIN)/mlake data stats
-	$(BIN)/mlake eval knowledge
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/mlake pipeline
+
+# Execute every notebook on mlake-tiny with a small subset (outputs are not saved).
+notebooks: setup
+	MLAKE_NB_FACTS=$${MLAKE_NB_FACTS:-5} OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MPLBACKEND=Agg \
+		$(BIN)/jupyter execute notebooks/*.ipynb
 
 lint: setup
 	$(BIN)/ruff check .

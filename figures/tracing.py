@@ -165,3 +165,63 @@ def similarity_heatmap(result: Any, kind: str = "all") -> Any:
     ax.set_title(f"tracing profile similarity ({kind})")
     fig.tight_layout()
     return fig
+
+
+#: Profiles drawn by :func:`profiles`: (kind, position class, what it shows).
+PROFILES = (
+    ("mlp", "last_subject", "MLP at the last subject token"),
+    ("attn", "last", "attention at the last token"),
+    ("resid", "last_subject", "residual at the last subject token"),
+)
+
+
+def profiles(result: Any) -> Any:
+    """Tracing profiles: the average indirect effect by layer, one line per language
+    (:data:`figures.style.LANG_COLORS`), for the MLP at the last subject token, attention at
+    the last token and the residual stream at the last subject token (ROME's three readings),
+    one panel each (kinds not traced are left out).
+
+    Returns:
+        A matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    from figures.style import LANG_COLORS
+    from mlake_core.tracing.causal import POSITION_CLASSES
+
+    use_style()
+    panels = [p for p in PROFILES if p[0] in result.kinds]
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(PAGE_WIDTH, 1.9),
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+    )
+    layers = np.arange(result.n_layers)
+    for ax, (kind, cls, title) in zip(axes[0], panels, strict=True):
+        row = POSITION_CLASSES.index(cls)
+        for s in result.summaries:
+            if not s.n_facts:
+                continue
+            ax.plot(
+                layers,
+                100 * np.asarray(s.maps[kind][row], dtype=float),
+                marker="o",
+                ms=2.5,
+                lw=1,
+                color=LANG_COLORS.get(s.lang, "#999999"),
+                label=f"{s.lang} (n={s.n_facts})",
+            )
+        ax.axhline(0, color="#999999", lw=0.5)
+        ax.set_xticks(layers)
+        ax.set_xlabel("layer" if kind == "resid" else f"centre of {result.window}-layer window")
+        ax.set_title(title)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    axes[0][0].set_ylabel("indirect effect (pp)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right center", frameon=False)
+    return fig

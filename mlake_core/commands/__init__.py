@@ -14,4 +14,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mlake_core.commands.neurons",
     "mlake_core.commands.relate",
     "mlake_core.commands.sweep",
+    "mlake_core.commands.pipeline",
+    "mlake_core.commands.figures",
 )

@@ -176,6 +176,47 @@ class TracingResult:
                 return s
         raise KeyError(lang)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TracingResult:
+        """A result from its :meth:`to_dict` (a tracing run's ``summary.json``)."""
+
+        def array(rows: Any) -> np.ndarray:
+            return np.array(
+                [[np.nan if v is None else v for v in row] for row in rows], dtype=float
+            )
+
+        summaries = [
+            LanguageSummary(
+                lang=s["lang"],
+                n_facts=int(s["n_facts"]),
+                p_clean=math.nan if s["p_clean"] is None else float(s["p_clean"]),
+                p_corrupt=math.nan if s["p_corrupt"] is None else float(s["p_corrupt"]),
+                maps={k: array(m) for k, m in s["maps"].items()},
+                peak_mlp_layer=s.get("peak_mlp_layer"),
+                peak_mlp_effect=math.nan
+                if s.get("peak_mlp_effect") is None
+                else float(s["peak_mlp_effect"]),
+            )
+            for s in data["summaries"]
+        ]
+        return cls(
+            langs=tuple(data["langs"]),
+            kinds=tuple(data["kinds"]),
+            n_layers=int(data["n_layers"]),
+            window=int(data["window"]),
+            noise_std=float(data["noise_std"]),
+            summaries=summaries,
+            similarity={
+                k: [[math.nan if v is None else v for v in row] for row in m]
+                for k, m in data["similarity"].items()
+            },
+            recommended_layer=data.get("recommended_layer"),
+            recommended_by_lang=dict(data.get("recommended_by_lang") or {}),
+            counts=dict(data.get("counts") or {}),
+            skipped=dict(data.get("skipped") or {}),
+            run_path=str(data.get("run", "")),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "langs": list(self.langs),

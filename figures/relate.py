@@ -1,0 +1,213 @@
+"""Figures of the relation between parameter sharing and edit transfer (``result``: an
+:class:`analysis.stage.RelateResult`):
+
+* :func:`sharing_vs_transfer`: per ordered language pair (edit language A -> test language
+  B), the mean same-fact overlap of A's and B's important units against the transfer rate
+  and against the mean log-probability gain of the new answer in B, with the least-squares
+  line over the pairs and the pair-level Spearman rho and exact Mantel p;
+* :func:`restricted_editing`: restricted editing (FT limited to shared / random / specific
+  neurons) against unrestricted editing: the paired differences with bootstrap intervals;
+* :func:`sweep_dose_response`: a sweep of how much is shared (a training or restriction
+  fraction) against the measured overlap and transfer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from figures.style import LANG_COLORS, PAGE_WIDTH, SHARED_COLOR, use_style
+
+OUTCOME_LABELS = {
+    "transfer": "transfer rate (%)",
+    "gain": "log-prob. gain of new answer (nats)",
+}
+METRIC_LABELS = {
+    "efficacy": "efficacy",
+    "transfer": "transfer",
+    "transfer_prob": "transfer (prob.)",
+    "gain": "gain (nats)",
+    "locality": "locality",
+}
+#: Okabe-Ito colours for the compared conditions (in order).
+CONDITION_COLORS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9")
+
+
+def _pair_stat(result: Any, outcome: str) -> str:
+    """``rho = .., p = ..`` of the pair-level test of the neuron overlap used at fact level."""
+    table = result.pair_level
+    if table is None or len(table) == 0:
+        return ""
+    wanted = f"neuron_jaccard_{result.unit}"
+    sel = table[(table["predictor"] == wanted) & (table["outcome"] == outcome)]
+    if sel.empty:
+        return ""
+    rec = sel.iloc[0]
+    rho, p = rec.get("rho"), rec.get("p")
+    if rho is None or (isinstance(rho, float) and np.isnan(rho)):
+        return ""
+    return f"Spearman ρ = {rho:.2f}, Mantel p = {p:.3f} ({int(rec.get('n_cells', 0))} pairs)"
+
+
+def sharing_vs_transfer(result: Any) -> Any:
+    """Two panels (transfer rate, gain) against the mean overlap per ordered pair.
+
+    Each point is one pair A -> B: its fill is A's colour and its edge B's
+    (:data:`figures.style.LANG_COLORS`), labelled ``A→B``.  Pairs without an overlap or an
+    outcome are left out.
+
+    Returns:
+        A matplotlib Figure.
+
+    Raises:
+        ValueError: the result has no pair rows.
+    """
+    import matplotlib.pyplot as plt
+
+    pairs = result.by_pair
+    if pairs is None or len(pairs) == 0:
+        raise ValueError("the relation result has no language pairs")
+    use_style()
+    fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH * 0.75, 2.4), layout="constrained")
+    for ax, outcome in zip(axes, ("transfer", "gain"), strict=True):
+        x = pairs["overlap"].to_numpy(dtype=float)
+        y = pairs[outcome].to_numpy(dtype=float) * (100 if outcome == "transfer" else 1)
+        ok = np.isfinite(x) & np.isfinite(y)
+        for rec, xi, yi, good in zip(pairs.to_dict(orient="records"), x, y, ok, strict=True):
+            if not good:
+                continue
+            a, b = str(rec["edit_lang"]), str(rec["test_lang"])
+            ax.scatter(
+                xi,
+                yi,
+                s=22,
+                color=LANG_COLORS.get(a, SHARED_COLOR),
+                edgecolors=LANG_COLORS.get(b, SHARED_COLOR),
+                linewidths=1.2,
+                zorder=3,
+            )
+            ax.annotate(f"{a}→{b}", (xi, yi), xytext=(2, 2), textcoords="offset points", fontsize=5)
+        if ok.sum() >= 2 and np.ptp(x[ok]) > 0:
+            slope, intercept = np.polyfit(x[ok], y[ok], 1)
+            grid = np.linspace(x[ok].min(), x[ok].max(), 20)
+            ax.plot(grid, intercept + slope * grid, color=SHARED_COLOR, lw=0.8, ls="--", zorder=2)
+        ax.set_xlabel(f"mean same-fact overlap ({result.unit}, {result.config.get('overlap')})")
+        ax.set_ylabel(OUTCOME_LABELS[outcome])
+        stat = _pair_stat(result, outcome)
+        ax.set_title(stat or OUTCOME_LABELS[outcome], fontsize=7)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    fig.suptitle(f"{result.method} edits: sharing against transfer, per language pair", fontsize=8)
+    return fig
+
+
+def restricted_editing(
+    result: Any, metrics: Sequence[str] = ("efficacy", "transfer", "gain", "locality")
+) -> Any:
+    """Restricted minus unrestricted editing, per metric: one bar per restricted condition,
+    with its paired bootstrap interval over facts; the unrestricted value is written under
+    each metric.
+
+    Returns:
+        A matplotlib Figure.
+
+    Raises:
+        ValueError: the result has no interventions.
+    """
+    import matplotlib.pyplot as plt
+
+    items = list(result.interventions or [])
+    if not items:
+        raise ValueError("the relation result has no restricted-editing comparison")
+    use_style()
+    metrics = [m for m in metrics if all(m in it["differences"] for it in items)]
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(PAGE_WIDTH * 0.8, 2.1), squeeze=False, layout="constrained"
+    )
+    width = 0.8 / len(items)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for k, item in enumerate(items):
+            d = item["differences"][metric]
+            diff = _num(d.get("diff"))
+            low, high = _num(d.get("ci_low")), _num(d.get("ci_high"))
+            scale = 1.0 if metric == "gain" else 100.0
+            xpos = k * width - 0.4 + width / 2
+            err = None
+            if np.isfinite(low) and np.isfinite(high) and np.isfinite(diff):
+                err = [[scale * max(0.0, diff - low)], [scale * max(0.0, high - diff)]]
+            ax.bar(
+                xpos,
+                scale * diff if np.isfinite(diff) else 0.0,
+                width=width * 0.9,
+                color=CONDITION_COLORS[k % len(CONDITION_COLORS)],
+                yerr=err,
+                capsize=2,
+                error_kw={"lw": 0.7},
+                label=item["label"],
+            )
+        base = _num(items[0]["differences"][metric].get("a"))
+        unit = "" if metric == "gain" else " (pp)"
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_xticks([])
+        shown = f"{base:.2f}" if metric == "gain" else f"{100 * base:.0f}%"
+        ax.set_xlabel(f"unrestricted: {shown}" if np.isfinite(base) else "")
+        ax.set_title(f"Δ {METRIC_LABELS.get(metric, metric)}{unit}")
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", frameon=False)
+    fig.suptitle(
+        f"restricted editing against {items[0].get('against', 'unrestricted')} "
+        "(paired bootstrap intervals over facts)",
+        fontsize=8,
+    )
+    return fig
+
+
+def _num(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def sweep_dose_response(points: Sequence[Mapping[str, Any]], *, label: str = "fraction") -> Any:
+    """A sweep's dose-response: the measured overlap and transfer against the swept fraction.
+
+    Args:
+        points: one mapping per sweep point: ``fraction`` (the dose, e.g. the fraction of
+            bilingual training documents or of shared neurons edited), ``overlap`` and
+            ``transfer`` (means), and ``overlap_ci`` / ``transfer_ci`` (``[low, high]`` or
+            ``None``).  Transfer in [0, 1].
+        label: the x-axis label (what ``fraction`` is a fraction of).
+
+    Returns:
+        A matplotlib Figure.
+
+    Raises:
+        ValueError: no points.
+    """
+    import matplotlib.pyplot as plt
+
+    if not points:
+        raise ValueError("no sweep points")
+    use_style()
+    ordered = sorted(points, key=lambda p: float(p["fraction"]))
+    x = np.array([float(p["fraction"]) for p in ordered])
+    fig, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH * 0.7, 2.1), layout="constrained")
+    for ax, key, scale, ylabel, color in (
+        (axes[0], "overlap", 1.0, "mean same-fact overlap", LANG_COLORS["en"]),
+        (axes[1], "transfer", 100.0, "transfer rate (%)", LANG_COLORS["zh"]),
+    ):
+        y = np.array([_num(p.get(key)) for p in ordered]) * scale
+        cis = [p.get(f"{key}_ci") for p in ordered]
+        low = np.array([_num(c[0]) if c else np.nan for c in cis]) * scale
+        high = np.array([_num(c[1]) if c else np.nan for c in cis]) * scale
+        if np.isfinite(low).any():
+            ax.fill_between(x, low, high, color=color, alpha=0.2, lw=0)
+        ax.plot(x, y, marker="o", ms=3, color=color, lw=1)
+        ax.set_xlabel(label)
+        ax.set_ylabel(ylabel)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    fig.suptitle("sweep: dose-response (bands: 95% intervals)", fontsize=8)
+    return fig
