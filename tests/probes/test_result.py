@@ -1,0 +1,148 @@
+"""ProbeResult and pair_matrices on a result built from planted activations (the signal is
+at layer 1, so that is the layer chosen): matrices, attributes, JSON round trip, loading a
+run folder, and the errors for what a result does not hold."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mlake_core.errors import ConfigError, DataError
+from probes.config import ProbeConfig, ProbeResult, load_probe_result, pair_matrices
+from probes.crosslingual import transfer_table
+from probes.language_id import language_id_table
+from probes.similarity import similarity_table
+from tests.probes.helpers import FAST, LANGS, planted
+
+ONE_C = dataclasses.replace(FAST, cs=(0.1,))
+
+
+@pytest.fixture(scope="module")
+def result() -> ProbeResult:
+    acts, classes = planted(per_class=12)
+    return ProbeResult(
+        langs=LANGS,
+        sites=acts.sites,
+        positions=acts.positions,
+        language_id=language_id_table(acts, ONE_C),
+        transfer=transfer_table(acts, classes, ONE_C),
+        similarity=similarity_table(acts),
+        counts={lang: {"facts": 48, "usable": 48, "probed": 48} for lang in LANGS},
+        skipped={"ja:not usable (planted)": 0},
+        classes={"class0": 12, "class1": 12, "class2": 12, "class3": 12},
+        answer_lang="en",
+        config=ONE_C.to_dict(),
+        run_path="runs/planted",
+    )
+
+
+def test_pair_matrices_at_the_best_layer(result):
+    assert result.best_layer("answer", "subject") == 1
+    assert result.best_layer("fact", "last") == 1
+    matrices = pair_matrices(result)
+    assert set(matrices) == {
+        "probe_transfer",
+        "probe_transfer_selectivity",
+        "fact_retrieval",
+        "rep_similarity_cka",
+        "rep_similarity_cosine",
+    }
+    for name, m in matrices.items():
+        assert list(m.index) == list(LANGS) and list(m.columns) == list(LANGS), name
+        assert m.attrs["layer"] == 1 and m.attrs["site"] == "resid_post.0"
+        assert m.attrs["position"] == "subject"
+        assert m.attrs["measure"]
+    t = result.transfer
+    cell = t[
+        (t["task"] == "answer")
+        & (t["position"] == "subject")
+        & (t["layer"] == 1)
+        & (t["train_lang"] == "zh")
+        & (t["test_lang"] == "fr")
+    ]["accuracy"]
+    assert matrices["probe_transfer"].loc["zh", "fr"] == pytest.approx(float(cell.iloc[0]))
+    assert np.allclose(np.diag(matrices["rep_similarity_cka"]), 1.0)
+    assert np.allclose(matrices["rep_similarity_cka"], matrices["rep_similarity_cka"].T)
+    assert (matrices["probe_transfer"].to_numpy() > 0.8).all()
+    # An explicit layer: the noise layer, where the probe is near chance.
+    noise = pair_matrices(result, "last", layer=0)
+    assert noise["probe_transfer"].attrs["layer"] == 0
+    assert abs(float(noise["probe_transfer"].to_numpy().mean()) - 0.25) < 0.1
+
+
+def test_round_trip_and_load(result, tmp_path):
+    data = json.loads(json.dumps(result.to_dict()))
+    back = ProbeResult.from_dict(data)
+    assert back.langs == result.langs and back.sites == result.sites
+    assert back.classes == result.classes and back.counts == result.counts
+    for name in ("language_id", "transfer", "similarity"):
+        a, b = getattr(result, name), getattr(back, name)
+        assert list(a.columns) == list(b.columns)
+        for col in a.columns:
+            if a[col].dtype.kind == "f":
+                assert np.allclose(a[col], b[col], equal_nan=True), (name, col)
+            else:
+                assert list(a[col]) == list(b[col]), (name, col)
+    (tmp_path / "summary.json").write_text(json.dumps(data), encoding="utf-8")
+    loaded = load_probe_result(tmp_path)
+    assert loaded.run_path == str(tmp_path)
+    pm, pm2 = pair_matrices(result), pair_matrices(loaded)
+    for name in pm:
+        assert np.allclose(pm[name].to_numpy(), pm2[name].to_numpy(), equal_nan=True)
+    with pytest.raises(DataError, match="no probe summary"):
+        load_probe_result(tmp_path / "missing")
+
+
+def test_nan_survives_json(result):
+    """Similarity of a pair with too few facts is NaN; JSON writes null, reading gives NaN."""
+    sim = result.similarity.copy()
+    sim.loc[0, "cka"] = math.nan
+    data = dataclasses.replace(result, similarity=sim).to_dict()
+    assert data["similarity"][0]["cka"] is None
+    back = ProbeResult.from_dict(json.loads(json.dumps(data)))
+    assert math.isnan(back.similarity.loc[0, "cka"])
+
+
+def test_errors(result):
+    with pytest.raises(KeyError, match="position 'middle'"):
+        pair_matrices(result, "middle")
+    with pytest.raises(KeyError, match="layer 9"):
+        pair_matrices(result, layer=9)
+    with pytest.raises(KeyError, match="measure 'nope'"):
+        result.similarity_matrix("last", 0, "nope")
+    no_answer = dataclasses.replace(
+        result, transfer=result.transfer[result.transfer["task"] == "fact"]
+    )
+    assert no_answer.tasks() == ["fact"]
+    with pytest.raises(KeyError, match="task 'answer'"):
+        no_answer.best_layer("answer")
+    assert "probe_transfer" not in pair_matrices(no_answer)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("folds", 1, "--folds 1: must be at least 2"),
+        ("inner_folds", 1, "--inner-folds 1"),
+        ("cs", "0.1,x", "--cs '0.1,x': expected comma-separated numbers"),
+        ("cs", "0,1", "positive"),
+        ("alphas", "", "--alphas"),
+        ("min_class_facts", 1, "--min-class-facts 1: must be at least 2"),
+        ("max_iter", "ten", "--max-iter 'ten': expected a int"),
+        ("known_only", "maybe", "--known-only"),
+    ],
+)
+def test_config_errors(field, value, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ProbeConfig(**{field: value})
+
+
+def test_config_coerces_strings():
+    config = ProbeConfig(folds="3", cs="10,0.1", alphas=[5, "50"], known_only="yes")
+    assert config.folds == 3 and config.known_only is True
+    assert config.cs == (0.1, 10.0) and config.alphas == (5.0, 50.0)
+    assert config.to_dict()["cs"] == [0.1, 10.0]
