@@ -12,6 +12,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mlake_core.commands.edit",
     "mlake_core.commands.trace",
     "mlake_core.commands.neurons",
+    "mlake_core.commands.probe",
     "mlake_core.commands.relate",
     "mlake_core.commands.sweep",
     "mlake_core.commands.pipeline",
