@@ -187,8 +187,15 @@ class ProbeResult:
         matrix = sel.pivot(index="train_lang", columns="test_lang", values=value)
         return matrix.reindex(index=list(self.langs), columns=list(self.langs)).astype(float)
 
-    def best_layer(self, task: str = "answer", position: str = DEFAULT_POSITION) -> int:
+    def best_layer(
+        self, task: str = "answer", position: str = DEFAULT_POSITION, *, embeddings: bool = False
+    ) -> int:
         """The layer with the highest mean off-diagonal (cross-lingual) accuracy of ``task``.
+
+        The embeddings (layer 0) are left out unless ``embeddings``: there a position's vector
+        is its token's alone, so a subject written the same way in two languages (most names
+        in English, French and German) looks perfectly shared.  Layer 0 is the lexical
+        baseline the model's own layers are read against, not a candidate.
 
         The choice is made on the same held-out accuracies it reports (one of a few layers),
         so the best layer's accuracy is slightly optimistic; its control and selectivity are
@@ -197,7 +204,10 @@ class ProbeResult:
         self._check(task, position)
         t = self.transfer
         sel = t[
-            (t["task"] == task) & (t["position"] == position) & (t["train_lang"] != t["test_lang"])
+            (t["task"] == task)
+            & (t["position"] == position)
+            & (t["train_lang"] != t["test_lang"])
+            & ((t["layer"] > 0) | embeddings)
         ]
         means = sel.groupby("layer")["accuracy"].mean()
         if means.dropna().empty:
@@ -283,9 +293,12 @@ def pair_matrices(
     """The languages x languages matrices that relate probing to edit transfer.
 
     All matrices are taken at one position and one layer: by default the subject's last token
-    (:data:`DEFAULT_POSITION`) and the layer where the cross-lingual answer probe transfers
-    best (highest mean off-diagonal accuracy, :meth:`ProbeResult.best_layer`; the retrieval
-    task's best layer when the answer task did not run).  Each DataFrame's ``attrs`` say which
+    (:data:`DEFAULT_POSITION`) and the layer after the embeddings where the cross-lingual
+    answer probe transfers best (highest mean off-diagonal accuracy,
+    :meth:`ProbeResult.best_layer`; the retrieval task's best layer when the answer task did
+    not run).  The embeddings are not a candidate: they measure the token's identity (lexical
+    overlap), which relate should see as a control, not as shared representation; ask for
+    ``layer=0`` to get them.  Each DataFrame's ``attrs`` say which
     (``position``, ``layer``, ``site``, ``measure``).
 
     Returns:

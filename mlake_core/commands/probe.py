@@ -18,7 +18,9 @@ control task (labels permuted per fact, Hewitt & Liang 2019) and reports selecti
 accuracy - control accuracy; accuracies are balanced (chance = 1 / classes, printed).
 
 Prints per layer the language-ID accuracy and selectivity and the mean cross-lingual
-accuracies; then, at the layer where the answer probe transfers best, the 5x5 transfer,
+accuracies (layer emb, the token embeddings, is the lexical baseline: a subject written the
+same way in two languages has the same vector there); then, at the layer after the
+embeddings where the answer probe transfers best, the 5x5 transfer,
 selectivity and retrieval matrices and the 5x5 similarity matrices.  --json prints everything
 (every layer's matrices).  Activations and results go to the results store; reruns load them.
 """
@@ -271,7 +273,7 @@ def format_report(result: Any, model: str, n_facts: int) -> str:
         lines += [
             "",
             f"== {p} position, layer {layer_name(layer)} ({site}): where the "
-            f"{labels[tasks[0]]} transfers best",
+            f"{labels[tasks[0]]} transfers best (after the embeddings)",
         ]
         if "probe_transfer" in matrices:
             t = result.transfer

@@ -74,6 +74,18 @@ def test_pair_matrices_at_the_best_layer(result):
     assert abs(float(noise["probe_transfer"].to_numpy().mean()) - 0.25) < 0.1
 
 
+def test_embeddings_are_never_the_best_layer(result):
+    """Layer 0 is the lexical baseline: even when it transfers best it is not chosen, unless
+    asked for."""
+    t = result.transfer.copy()
+    t.loc[t["layer"] == 0, "accuracy"] = 1.0
+    lexical = dataclasses.replace(result, transfer=t)
+    assert lexical.best_layer("answer") == 1
+    assert lexical.best_layer("answer", embeddings=True) == 0
+    assert pair_matrices(lexical)["probe_transfer"].attrs["layer"] == 1
+    assert (pair_matrices(lexical, layer=0)["probe_transfer"].to_numpy() == 1.0).all()
+
+
 def test_round_trip_and_load(result, tmp_path):
     data = json.loads(json.dumps(result.to_dict()))
     back = ProbeResult.from_dict(data)

@@ -76,9 +76,7 @@ def test_tables_equal_the_functions_on_saved_activations(first, mlake_v2411):
     assert saved.sites == ("resid_pre.0", "resid_post.0", "resid_post.1")
     classes = {
         f: c
-        for f, c in (
-            (f, mlake_v2411.fact(f).views["en"].record.o_answer.casefold()) for f in FACTS
-        )
+        for f, c in ((f, mlake_v2411.fact(f).views["en"].record.o_answer.casefold()) for f in FACTS)
         if c in first.result.classes
     }
     pd.testing.assert_frame_equal(first.result.language_id, language_id_table(saved, CONFIG))
