@@ -172,7 +172,9 @@ def _rows(matrix: Any) -> list[list[float | None]]:
 def _fmt(v: Any, digits: int = 2) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
-    return f"{v:.{digits}f}"
+    text = f"{v:.{digits}f}"
+    # A value that rounds to zero prints unsigned (-0.00 reads as a real negative).
+    return text.lstrip("-") if text.lstrip("-").strip("0.") == "" else text
 
 
 def _matrix(matrix: Any, indent: str = "  ") -> list[str]:
