@@ -16,7 +16,8 @@ file (``figures/<name>``)       from
 ``ablation_<method>``          neurons: the ablation matrix (specific vs random units)
 ``sharing_vs_transfer_<m>``    relate: overlap against transfer per language pair
 ``restricted_editing``         relate: restricted minus unrestricted FT, with intervals
-``probe_accuracy``             probes: accuracy by layer
+``probe_accuracy``             probes: accuracy by layer (language identity, cross-lingual)
+``probe_transfer_by_layer``    probes: per training language, a line per test language
 ``sweep_dose_response``        a sharing sweep's points (``--sweep``), when given
 =============================  ===========================================================
 
@@ -139,6 +140,13 @@ def figure_makers(
 
             pres = load_probe_result(probe_dir)
             makers.append(("probe_accuracy", partial(probe_figures.accuracy_by_layer, pres)))
+            if hasattr(probe_figures, "probe_accuracy_by_layer") and pres.tasks():
+                makers.append(
+                    (
+                        "probe_transfer_by_layer",
+                        partial(probe_figures.probe_accuracy_by_layer, pres),
+                    )
+                )
         except ImportError as err:
             makers.append(("probe_accuracy", f"the probes package cannot be imported ({err})"))
     else:

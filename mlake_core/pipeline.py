@@ -126,7 +126,7 @@ class DataSettings:
     """
 
     langs: tuple[str, ...] = ("en", "zh", "ja", "fr", "de")
-    facts: int | str = 40
+    facts: int | str = 16
     version: str = "v2024-11"
     data_dir: str | None = None
 
@@ -208,7 +208,7 @@ class TransferSettings:
 
     methods: tuple[str, ...] = ("ft", "ike")
     edit_form: str = "question"
-    n_locality: int = 10
+    n_locality: int = 3
     locality_seed: int = 0
     corpus: str | None = None
     method_configs: Mapping[str, Any] = field(default_factory=_default_method_configs)
@@ -671,18 +671,53 @@ class PipelineResult:
         return "\n".join(lines)
 
 
-class _Bars:
-    """Progress bars per stage (tqdm on stderr; off when stderr is not a terminal unless
-    forced), with counts and rates."""
+class _LogBar:
+    """A progress bar as log lines (stderr not a terminal, or bars turned off): the count,
+    the total and the rate, every 10% and at the end."""
 
-    def __init__(self, enabled: bool | None) -> None:
-        self.enabled = enabled
+    def __init__(self, desc: str, total: int | None, unit: str, log: Callable[[str], None]):
+        self.desc, self.total, self.unit, self.log = desc, total, unit, log
+        self.n = 0
+        self.started = time.perf_counter()
+        self._next = 0.1
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        if self.total and self.n / self.total >= self._next:
+            self._next = math.floor(10 * self.n / self.total) / 10 + 0.1
+            self._say()
+
+    def reset(self, total: int | None = None) -> None:
+        self.total, self.n, self._next = total, 0, 0.1
+
+    def set_postfix_str(self, text: str, refresh: bool = False) -> None:
+        del text, refresh
+
+    def _say(self) -> None:
+        seconds = time.perf_counter() - self.started
+        rate = self.n / seconds if seconds > 0 else 0.0
+        of = f"/{self.total}" if self.total else ""
+        self.log(f"{self.desc}: {self.n}{of} {self.unit}s, {rate:.2f} {self.unit}/s")
+
+    def close(self) -> None:
+        if self.n and (not self.total or self.n < self.total):
+            self._say()
+
+
+class _Bars:
+    """Progress bars per stage with counts and rates: tqdm on stderr when it is a terminal
+    (or ``enabled``), else log lines every 10% (:class:`_LogBar`)."""
+
+    def __init__(self, enabled: bool | None, log: Callable[[str], None]) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.log = log
 
     def __call__(self, desc: str, total: int | None, unit: str) -> Any:
+        if not self.enabled:
+            return _LogBar(desc, total, unit, self.log)
         from tqdm.auto import tqdm
 
-        disable = None if self.enabled is None else not self.enabled
-        return tqdm(total=total, desc=f"{desc:<10}", unit=unit, disable=disable, dynamic_ncols=True)
+        return tqdm(total=total, desc=f"{desc:<10}", unit=unit, dynamic_ncols=True)
 
 
 def run_pipeline(
@@ -701,7 +736,8 @@ def run_pipeline(
         config: the pipeline config.
         out: the run folder.
         log: receives progress lines (default: none).
-        bars: progress bars on stderr (``None``: when stderr is a terminal).
+        bars: progress bars on stderr (``None``: when stderr is a terminal; otherwise
+            progress goes to ``log`` every 10%).
         on_item: called with ``(stage, info)`` after every fact or edit a stage finishes (for
             tests that stop a run mid-stage, and for callers' own progress).
         argv: the command line, recorded in ``provenance.json``.
@@ -735,7 +771,7 @@ def run_pipeline(
     manifest_path = out / "manifest.json"
     previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     records: dict[str, StageRecord] = {}
-    bar = _Bars(bars)
+    bar = _Bars(bars, say)
     state = _State(config=config, out=out, store=store, log=say, bar=bar, on_item=on_item)
     started = time.perf_counter()
 

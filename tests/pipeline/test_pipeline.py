@@ -200,8 +200,18 @@ class Stop(Exception):
     """Raised by the test's hook to stop a run mid-stage."""
 
 
-#: The stages an interrupted run is checked on (figures and probes add nothing to resume).
-RESUMED = ("data", "model", "knowledge", "tracing", "transfer", "neurons", "restricted", "relate")
+#: The stages an interrupted run is checked on (the figures and the report add nothing).
+RESUMED = (
+    "data",
+    "model",
+    "knowledge",
+    "tracing",
+    "transfer",
+    "neurons",
+    "restricted",
+    "probes",
+    "relate",
+)
 
 
 @pytest.mark.parametrize(("stage", "after"), [("tracing", 3), ("neurons", 4), ("transfer", 5)])
