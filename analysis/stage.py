@@ -109,12 +109,13 @@ def load_transfer(folder: str | os.PathLike[str]) -> TransferRun:
 def find_run(
     root: Path, kind: str, model: Mapping[str, Any], *, covers: Sequence[int] = ()
 ) -> Path | None:
-    """The newest complete run of ``kind`` under ``root`` made on the same model (same
-    weights hash and backend) whose facts include ``covers``; None if there is none."""
+    """The complete run of ``kind`` under ``root`` made on the same model (same weights hash
+    and backend) whose facts include ``covers``: the one with the most facts, then the newest;
+    None if there is none."""
     folder = root / kind
     if not folder.is_dir():
         return None
-    best: tuple[float, Path] | None = None
+    best: tuple[int, float, Path] | None = None
     for cand in folder.iterdir():
         if not cand.is_dir():
             continue
@@ -131,10 +132,10 @@ def find_run(
         facts = set(meta.get("fact_ids") or [])
         if covers and facts and not set(covers) <= facts:
             continue
-        stamp = (cand / "meta.json").stat().st_mtime
-        if best is None or stamp > best[0]:
-            best = (stamp, cand)
-    return best[1] if best else None
+        rank = (len(facts), (cand / "meta.json").stat().st_mtime, cand)
+        if best is None or rank[:2] > best[:2]:
+            best = rank
+    return best[2] if best else None
 
 
 def load_knowledge_table(folder: Path) -> pd.DataFrame:
@@ -176,7 +177,9 @@ def probe_matrices(folder: Path) -> dict[str, pd.DataFrame]:
     try:
         from probes import stage as probe_stage
     except ImportError as err:  # pragma: no cover - the probes package ships with mlake
-        raise DataError(f"--probes {folder}: the probes package cannot be imported ({err})") from err
+        raise DataError(
+            f"--probes {folder}: the probes package cannot be imported ({err})"
+        ) from err
     result = probe_stage.load_probe_result(folder)
     return dict(probe_stage.pair_matrices(result))
 

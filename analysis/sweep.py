@@ -43,6 +43,10 @@ from mlake_core.languages import FAMILY
 TINY_FT: dict[str, str] = {"layer": "0", "lr": "0.01", "steps": "100", "max_rel_norm": "0.3"}
 
 
+#: Facts beyond the edited ones whose knowledge is measured (the locality pool).
+POOL_EXTRA = 40
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     """Settings of the sharing sweep.
@@ -202,7 +206,9 @@ def run_sweep(
             dataset = load_mlake(data_dir, version=tiny.data_version, langs=list(langs))
         adapter = load_adapter(str(path), backend=backend, device=device)
         template = get_template(str(meta["config"]["template"]))
-        pool = [int(f) for f in meta["fact_ids"]]
+        # Knowledge is measured on the edited facts plus the next POOL_EXTRA ones (the
+        # locality sample is drawn from those): the whole 300-fact pool would cost 3x more.
+        pool = [int(f) for f in meta["fact_ids"]][: config.facts + POOL_EXTRA]
         fact_ids = pool[: config.facts]
         if log:
             log(f"sweep: fraction {fraction}: {path}")
