@@ -1,0 +1,164 @@
+"""Write the notebooks (thin: import the library, call it, show the result), without outputs.
+
+Run ``python notebooks/make_notebooks.py`` after changing a notebook's cells here; the
+``.ipynb`` files are generated, so their diffs stay readable in this file.  Every notebook
+reads ``MLAKE_NB_FACTS`` (facts, default 10), ``MLAKE_NB_MODEL`` (default mlake-tiny) and
+``MLAKE_NB_OUT`` (the shared run folder, default ``runs/notebooks``) through
+:func:`mlake_core.pipeline.notebook_run`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+
+HERE = Path(__file__).parent
+
+SETUP = """\
+import os
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+from mlake_core.commands.common import log
+from mlake_core.pipeline import notebook_run"""
+
+NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
+    "01_data_tour": [
+        (
+            "md",
+            "# A tour of MLaKE\n\nOne fact in five languages, how subjects and cloze prompts are located, and the benchmark's coverage.",
+        ),
+        (
+            "code",
+            "import json\nfrom mlake_core.data import load_mlake\nfrom mlake_core.data.stats import dataset_stats, format_stats\n\nds = load_mlake()\nprint(len(ds.facts), 'facts in', ', '.join(ds.langs))",
+        ),
+        (
+            "md",
+            "Coverage per language: subjects located, well-posed cloze prompts, multi-hop links.",
+        ),
+        ("code", "print(format_stats(dataset_stats(ds)))"),
+        ("md", "One fact: its question, subject, original and edit answers in every language."),
+        (
+            "code",
+            'fact = ds.facts[0]\nfor lang, view in fact.views.items():\n    q = view.question\n    print(f"{lang}: {q.text!r}\\n    subject {q.subject.text if q.subject else None!r}; "\n          f"answer {q.target.forms[0]!r} -> edit {q.edit_target.forms[0]!r}; cloze usable {view.cloze.usable} ({view.cloze.reason})")',
+        ),
+    ],
+    "02_edit_transfer": [
+        (
+            "md",
+            "# Edit transfer\n\nEdit each fact in one language (FT and IKE) and measure it in every language: the 5x5 matrices.",
+        ),
+        ("code", SETUP),
+        ("code", 'run = notebook_run(["transfer"], log=log)\nprint(run.summary())'),
+        (
+            "code",
+            'from analysis.stage import load_transfer\nfrom figures.editing import transfer_counts, transfer_matrices\nfrom mlake_core.editing.evaluate import transfer_matrix\n\nruns = {k: load_transfer(v) for k, v in run.stages["transfer"].runs.items()}\nlangs = next(iter(runs.values())).meta["langs"]\nfor label, r in runs.items():\n    print(label)\n    print((100 * transfer_matrix(r.rows)).round(1))',
+        ),
+        (
+            "code",
+            "transfer_matrices({k: transfer_matrix(r.rows) for k, r in runs.items()}, langs,\n                  counts={k: transfer_counts(r.rows) for k, r in runs.items()})",
+        ),
+    ],
+    "03_causal_tracing": [
+        (
+            "md",
+            "# Causal tracing\n\nWhere each language's answer is recovered when clean states are restored into a subject-corrupted run.",
+        ),
+        ("code", SETUP),
+        ("code", 'run = notebook_run(["tracing"], log=log)\nprint(run.summary())'),
+        (
+            "code",
+            'import json\nfrom pathlib import Path\nfrom mlake_core.tracing.summary import TracingResult\n\nfolder = Path(run.stages["tracing"].runs["tracing"])\nresult = TracingResult.from_dict(json.loads((folder / "summary.json").read_text()))\nprint("recommended edit layer:", result.recommended_layer, result.recommended_by_lang)',
+        ),
+        (
+            "code",
+            'from figures.tracing import average_effects, profiles, similarity_heatmap\naverage_effects(result, "mlp")',
+        ),
+        ("code", "profiles(result)"),
+        ("code", "similarity_heatmap(result)"),
+        ("md", "One fact, with its real tokens (CJK drawn with Noto Sans CJK)."),
+        (
+            "code",
+            'from figures.tracing import trace_heatmap\nfrom mlake_core.tracing.causal import FactTrace\nimport numpy as np\n\nname = sorted((folder / "arrays").glob("trace_zh_*.npz"))[0]\nwith np.load(name) as arrays:\n    trace = FactTrace.from_arrays({k: arrays[k] for k in arrays.files})\ntrace_heatmap(trace, title=name.stem)',
+        ),
+    ],
+    "04_neurons": [
+        (
+            "md",
+            "# Neurons and overlap\n\nWhich MLP neurons carry a fact in each language (integrated gradients, attribution patching, LAPE), how much the languages' sets overlap, and what ablating one language's specific neurons does.",
+        ),
+        ("code", SETUP),
+        ("code", 'run = notebook_run(["neurons"], log=log)\nprint(run.summary())'),
+        (
+            "code",
+            'import json\nfrom pathlib import Path\nfrom mlake_core.neurons.config import NeuronResult\n\nfolder = Path(run.stages["neurons"].runs["neurons"])\nresult = NeuronResult.from_dict(json.loads((folder / "summary.json").read_text()))\n[(m.method, m.unit, m.check) for m in result.methods]',
+        ),
+        (
+            "code",
+            'from figures.neurons import ablation_matrix, overlap_matrices, unit_counts\noverlap_matrices(result, "neuron")',
+        ),
+        ("code", 'unit_counts(result, "ig")'),
+        ("code", 'ablation_matrix(result, "ig")'),
+    ],
+    "05_sharing_vs_transfer": [
+        (
+            "md",
+            "# Sharing against transfer\n\nDoes the overlap of two languages' important neurons for a fact predict whether an edit made in one reaches the other?  Pair level (Mantel), fact level (logistic with controls), and restricted editing.",
+        ),
+        ("code", SETUP),
+        (
+            "code",
+            'run = notebook_run(["tracing", "transfer", "neurons", "restricted", "relate"], log=log)\nprint(run.summary())',
+        ),
+        (
+            "code",
+            'from analysis.stage import load_relate_result\n\nresult = load_relate_result(run.stages["relate"].runs["ft"])\nresult.pair_level',
+        ),
+        ("code", 'result.fits["logistic"].terms'),
+        (
+            "code",
+            "from figures.relate import restricted_editing, sharing_vs_transfer\nsharing_vs_transfer(result)",
+        ),
+        (
+            "code",
+            "restricted_editing(result) if result.interventions else 'no restricted editing in this run'",
+        ),
+    ],
+    "06_probes": [
+        (
+            "md",
+            "# Probes\n\nLanguage identity and cross-lingual probes on the residual stream, layer by layer.",
+        ),
+        ("code", SETUP),
+        ("code", 'run = notebook_run(["probes"], log=log)\nprint(run.summary())'),
+        (
+            "code",
+            'rec = run.stages["probes"]\nif rec.status != "complete":\n    print("probes not run:", rec.note)\nelse:\n    from probes.config import load_probe_result\n    from figures.probes import accuracy_by_layer\n    result = load_probe_result(rec.runs["probes"])\n    display(accuracy_by_layer(result))',
+        ),
+    ],
+}
+
+
+def build(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nb.metadata["language_info"] = {"name": "python"}
+    for kind, text in cells:
+        cell = (
+            nbformat.v4.new_markdown_cell(text) if kind == "md" else nbformat.v4.new_code_cell(text)
+        )
+        cell.id = f"{name[:2]}-{len(nb.cells)}"
+        nb.cells.append(cell)
+    return nb
+
+
+def main() -> None:
+    for name, cells in NOTEBOOKS.items():
+        nbformat.write(build(name, cells), HERE / f"{name}.ipynb")
+
+
+if __name__ == "__main__":
+    main()
