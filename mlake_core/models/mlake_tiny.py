@@ -128,6 +128,29 @@ class TinyTrainConfig:
             pretrained model knows the names of entities: without it, mlake-tiny cannot
             produce a new answer's later tokens after any edit (issue-4 notes).  The first
             token carries no loss, so no question is associated with another answer.
+        entity_text: in each epoch, for each trained unit, also train one *entity document*
+            (knowledge augmentation, Allen-Zhu & Li, "Physics of Language Models 3.1"): the
+            subject on its own line, then the unit's sentences about it in a fresh random
+            order, each naming the subject: the cloze statement, the question followed by
+            its answer, ``{subject}: {answer}``, and a synthetic attribute (a year, the same
+            in every language, see :func:`entity_sentences`); LM loss on everything after
+            the first line.  The subject comes first and its attributes follow in varying
+            contexts, the setting in which a model stores attributes at the entity's name.
+        enrichment_layer: when at least 0, an auxiliary *subject logit-lens* loss: at the
+            subject's last token of every question, statement, subject prompt and entity
+            document, the residual stream after block ``enrichment_layer``, through the
+            final norm and the unembedding, must predict the answer's first token (as it
+            follows the question).  This writes the attribute into the subject's last-token
+            residual by a middle layer, where later positions can read it: the subject
+            enrichment that causal tracing finds in pretrained models (Geva et al. 2023)
+            and that ROME and MEMIT edit.  -1: off.
+        enrichment_weight: weight of that loss relative to the answer loss.
+        qa_warmup_epochs: a curriculum: the first this many epochs train everything but the
+            question-answer pairs (statements, entity documents, subject prompts, name
+            continuations), so that facts are stored at the subject before any question is
+            asked; the questions then learn to read them (as fine-tuning on questions after
+            pretraining on biographies does, Allen-Zhu & Li 3.1).  Learning is measured on
+            the questions throughout, so training never stops during the warm-up.
     """
 
     facts: int | str = 300
@@ -156,6 +179,10 @@ class TinyTrainConfig:
     subject_prompts: bool = False
     context_dropout: float = 0.0
     answer_continuations: bool = False
+    entity_text: bool = False
+    enrichment_layer: int = -1
+    enrichment_weight: float = 1.0
+    qa_warmup_epochs: int = 0
 
     def __post_init__(self) -> None:
         # Coerce values that arrive as strings (CLI, YAML) to the field types.
@@ -188,6 +215,17 @@ class TinyTrainConfig:
         for name in ("vocab_size", "d_model", "n_layers", "d_mlp", "batch_size", "max_epochs"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be positive")
+        if not -1 <= self.enrichment_layer < self.n_layers - 1:
+            raise ConfigError(
+                f"--enrichment-layer {self.enrichment_layer}: -1 (off) or a block before the "
+                f"last (0-{self.n_layers - 2})"
+            )
+        if not 0 <= self.qa_warmup_epochs < self.max_epochs:
+            raise ConfigError(
+                f"--qa-warmup-epochs {self.qa_warmup_epochs}: must be in [0, max_epochs)"
+            )
+        if self.enrichment_weight < 0:
+            raise ConfigError("--enrichment-weight must be at least 0")
         get_template(self.template)
 
     def to_dict(self) -> dict[str, Any]:
@@ -223,6 +261,10 @@ _NEUTRAL: dict[str, Any] = {
     "subject_prompts": False,
     "context_dropout": 0.0,
     "answer_continuations": False,
+    "entity_text": False,
+    "enrichment_layer": -1,
+    "enrichment_weight": 1.0,
+    "qa_warmup_epochs": 0,
 }
 
 
@@ -348,6 +390,10 @@ class Example:
     unit: int  # index of the (fact, language) unit
     kind: str  # "qa", "statement" or "bilingual"
     droppable: tuple[int, ...] = ()  # question tokens outside the subject (context dropout)
+    # (position, token): the residual after block ``enrichment_layer`` at ``position`` (the
+    # subject's last token) must predict ``token`` (the answer's first token) through the
+    # logit lens (TinyTrainConfig.enrichment_layer).
+    lens: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -364,10 +410,78 @@ class Corpus:
     names: dict[str, list[list[int]]] = field(default_factory=dict)
     name_owners: dict[str, dict[tuple[int, ...], set[int]]] = field(default_factory=dict)
     by_lang: dict[str, list[int]] = field(default_factory=dict)  # units per language
+    # Per unit, (subject, sentences) of its entity document (TinyTrainConfig.entity_text).
+    entities: list[tuple[str, list[str]] | None] = field(default_factory=list)
+    # Per unit, the logit-lens target of the subject's last token at the end of the entity
+    # document's first line, ((position, token),).
+    subject_lens: list[tuple[tuple[int, int], ...]] = field(default_factory=list)
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _last_token(tokenizer: Any, text: str, start: int, end: int) -> int | None:
+    """Position (BOS counted) of the last token of ``text`` overlapping ``[start, end)``, as
+    editing locates the subject (:func:`mlake_core.editing.base.subject_tokens`)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    hits = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
+    return hits[-1] + 1 if hits else None
+
+
+#: Synthetic attribute of entity documents, per language: ``{s}`` the subject, ``{y}`` a year
+#: drawn per fact (the same in every language).
+YEAR_SENTENCES: dict[str, str] = {
+    "en": "{s} was first recorded in {y}.",
+    "zh": "{s}最早的记载见于{y}年。",
+    "ja": "{s}は{y}年に初めて記録された。",
+    "fr": "{s} est mentionné pour la première fois en {y}.",
+    "de": "{s} wurde {y} zum ersten Mal erwähnt.",
+}
+
+
+def entity_sentences(view: Any) -> tuple[str, list[str]] | None:
+    """The subject of a fact view's question and the sentences of its entity document (see
+    :attr:`TinyTrainConfig.entity_text`), in a fixed order; ``None`` without a located
+    subject.
+
+    The sentences: the cloze statement (``o_prompt``); the question followed by the original
+    answer; ``{subject}: {answer}``; and a synthetic year attribute (:data:`YEAR_SENTENCES`),
+    drawn from 1500-2019 with the fact id as seed.
+    """
+    subject = view.question.subject_text
+    if not subject or not subject.strip():
+        return None
+    subject = subject.strip()
+    rec = view.record
+    sep = "" if view.lang in UNSPACED else " "
+    year = random.Random(view.fact_id).randrange(1500, 2020)
+    sentences = [
+        rec.o_prompt.strip(),
+        f"{rec.question.strip()}{sep}{rec.o_answer}",
+        f"{subject}: {rec.o_answer}",
+        YEAR_SENTENCES[view.lang].format(s=subject, y=year),
+    ]
+    return subject, sentences
+
+
+def entity_document(
+    corpus: Corpus, unit: int, tokenizer: Any, rng: random.Random, max_len: int
+) -> Example:
+    """The entity document of ``unit`` for one epoch: ``<s>{subject}\n`` then its sentences
+    in a random order (joined by a space in spaced languages), ``</s>``; LM loss on every
+    token after the subject; the logit-lens target at the subject's last token."""
+    entry = corpus.entities[unit]
+    assert entry is not None
+    subject, sentences = entry
+    _, lang = corpus.units[unit]
+    order = sentences[:]
+    rng.shuffle(order)
+    head = [tokenizer.bos_token_id, *_encode(tokenizer, subject)]
+    body = _encode(tokenizer, "\n" + ("" if lang in UNSPACED else " ").join(order))
+    ids = (head + body + [tokenizer.eos_token_id])[:max_len]
+    weights = ([0.0] * len(head) + [1.0] * (len(ids) - len(head)))[:max_len]
+    return Example(ids, weights, unit, "entity", lens=corpus.subject_lens[unit])
 
 
 def build_corpus(
@@ -398,11 +512,34 @@ def build_corpus(
             droppable = tuple(
                 i - cut for i in _context_tokens(tokenizer, prompt_text, view) if i - cut > 0
             )
-            corpus.qa.append(Example(ids, weights, unit, "qa", droppable))
+            # The first answer token that is not blank (in zh/ja the answer prefix's space is a
+            # token of its own, shared by every answer).
+            answer_first = next((t for t in answer if tokenizer.decode([t]).strip()), answer[0])
+            lens: tuple[tuple[int, int], ...] = ()
+            span = view.question.subject
+            q_start = prompt_text.find(view.record.question.strip())
+            if span is not None and q_start >= 0 and view.question.text == view.record.question:
+                last = _last_token(tokenizer, prompt_text, q_start + span.start, q_start + span.end)
+                if last is not None and last - cut > 0:
+                    lens = ((last - cut, answer_first),)
+            corpus.qa.append(Example(ids, weights, unit, "qa", droppable, lens))
             statement = [bos, *_encode(tokenizer, view.record.o_prompt), eos][: config.max_len]
             sw = config.statement_weight
+            s_lens: tuple[tuple[int, int], ...] = ()
+            c_span, c_text = view.cloze.subject, view.cloze.text
+            if c_span is not None and c_text and view.record.o_prompt.startswith(c_text):
+                last = _last_token(tokenizer, view.record.o_prompt, c_span.start, c_span.end)
+                if last is not None and last < len(statement) - 1:
+                    s_lens = ((last, answer_first),)
             corpus.statements.append(
-                Example(statement, [0.0] + [sw] * (len(statement) - 1), unit, "statement")
+                Example(
+                    statement, [0.0] + [sw] * (len(statement) - 1), unit, "statement", lens=s_lens
+                )
+            )
+            corpus.entities.append(entity_sentences(view) if config.entity_text else None)
+            entity = corpus.entities[-1]
+            corpus.subject_lens.append(
+                ((len(_encode(tokenizer, entity[0])), answer_first),) if entity else ()
             )
             subject = view.question.subject_text
             if config.subject_prompts and subject:
@@ -417,6 +554,7 @@ def build_corpus(
                         ([0.0] * len(s_prompt) + [1.0] * len(s_answer))[: config.max_len],
                         unit,
                         "subject",
+                        lens=((len(s_prompt) - 1, answer_first),),
                     )
                 )
             else:
@@ -473,7 +611,9 @@ def _dropped(example: Example, rate: float, low: int, high: int, rng: random.Ran
     for i in example.droppable:
         if rng.random() < rate:
             ids[i] = rng.randrange(low, high)
-    return Example(ids, example.weights, example.unit, example.kind, example.droppable)
+    return Example(
+        ids, example.weights, example.unit, example.kind, example.droppable, example.lens
+    )
 
 
 def _bilingual(corpus: Corpus, unit: int, other: int, tokenizer: Any, max_len: int) -> Example:
@@ -526,16 +666,26 @@ def _pad(batch: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, ...]:
 
 
 def _batch_loss(
-    model: Any, batch: Sequence[Example], pad_id: int
+    model: Any,
+    batch: Sequence[Example],
+    pad_id: int,
+    *,
+    lens_layer: int = -1,
+    lens_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted next-token loss of a batch, and per row whether every weighted token is the
     argmax (exact teacher-forced answer).
 
     The unembedding runs only at positions that carry loss, which is most of the saving of
-    answer-only training.
+    answer-only training.  With ``lens_layer >= 0`` and a positive ``lens_weight``, the
+    examples' logit-lens targets (:attr:`Example.lens`) add ``lens_weight`` times their mean
+    cross-entropy, read after block ``lens_layer`` through the final norm and unembedding.
     """
     ids, mask, weights = _pad(batch, pad_id)
-    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    lens = [(row, pos, tok) for row, ex in enumerate(batch) for pos, tok in ex.lens]
+    use_lens = lens_layer >= 0 and lens_weight > 0 and bool(lens)
+    out = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=use_lens)
+    hidden = out.last_hidden_state
     # Position i predicts token i + 1.
     w = weights[:, 1:]
     rows, cols = torch.nonzero(w > 0, as_tuple=True)
@@ -543,6 +693,12 @@ def _batch_loss(
     targets = ids[rows, cols + 1]
     losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
     loss = (losses * w[rows, cols]).sum() / w.sum().clamp(min=1.0)
+    if use_lens:
+        # hidden_states[0] is the embedding output, [L + 1] the residual after block L.
+        mid = out.hidden_states[lens_layer + 1]
+        l_rows, l_pos, l_tok = (torch.tensor(v) for v in zip(*lens, strict=True))
+        l_logits = model.lm_head(model.model.norm(mid[l_rows, l_pos]))
+        loss = loss + lens_weight * torch.nn.functional.cross_entropy(l_logits.float(), l_tok)
     correct = (logits.argmax(-1) == targets).float()
     wrong_per_row = torch.zeros(len(batch)).index_add_(0, rows, 1.0 - correct)
     return loss, wrong_per_row == 0
@@ -703,13 +859,21 @@ def train_tiny(
             qa = corpus.qa[u]
             if config.context_dropout and qa.droppable:
                 qa = _dropped(qa, config.context_dropout, n_special, len(tokenizer), rng)
-            examples += [qa, corpus.statements[u]]
+            if epoch >= config.qa_warmup_epochs:
+                examples.append(qa)
+            examples.append(corpus.statements[u])
             extra = corpus.subjects[u]
             if extra is not None:
                 examples.append(extra)
             if config.answer_continuations:
                 examples.append(_continuation(corpus, u, rng, config.max_len))
-            if config.bilingual_fraction and rng.random() < config.bilingual_fraction:
+            if config.entity_text and corpus.entities[u] is not None:
+                examples.append(entity_document(corpus, u, tokenizer, rng, config.max_len))
+            if (
+                config.bilingual_fraction
+                and rng.random() < config.bilingual_fraction
+                and epoch >= config.qa_warmup_epochs
+            ):
                 _, lang = corpus.units[u]
                 first = u - config.langs.index(lang)
                 others = [first + i for i, other in enumerate(config.langs) if other != lang]
@@ -720,7 +884,13 @@ def train_tiny(
         for batch in _batches(examples, config.batch_size, rng):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(state.step, epoch)
-            loss, exact = _batch_loss(model, batch, pad_id)
+            loss, exact = _batch_loss(
+                model,
+                batch,
+                pad_id,
+                lens_layer=config.enrichment_layer,
+                lens_weight=config.enrichment_weight,
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -328,3 +328,116 @@ def test_answer_continuations_never_pair_a_question_with_its_own_new_answer(mlak
             # No loss on the name's first token; loss on the rest and on EOS.
             assert ex.weights[first - 1] == 0.0 and all(w == 1.0 for w in ex.weights[first:])
             assert ex.ids[-1] == tok.eos_token_id
+
+
+def test_entity_sentences_name_the_subject_first_with_its_attributes(mlake_v2411) -> None:
+    from mlake_core.models.mlake_tiny import entity_sentences
+
+    en = entity_sentences(mlake_v2411.fact(2).views["en"])
+    assert en is not None
+    subject, sentences = en
+    assert subject == "Philip Pullman"
+    year = sentences[3].split()[-1].rstrip(".")
+    assert sentences == [
+        "Philip Pullman was affiliated with the University of Oxford.",
+        "Where did Philip Pullman have a professional affiliation during his career? "
+        "University of Oxford",
+        "Philip Pullman: University of Oxford",
+        f"Philip Pullman was first recorded in {year}.",
+    ]
+    assert 1500 <= int(year) < 2020
+    zh = entity_sentences(mlake_v2411.fact(2).views["zh"])
+    assert zh is not None
+    # No space before the answer in zh; the same synthetic year in every language.
+    assert zh[1][1] == "菲利普·普尔曼是哪个知名学府的雇员？牛津大学"
+    assert zh[1][3] == f"菲利普·普尔曼最早的记载见于{year}年。"
+
+
+def test_entity_documents_and_enrichment_targets(mlake_v2411) -> None:
+    import random
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from mlake_core.models.mlake_tiny import (
+        _batch_loss,
+        build_corpus,
+        entity_document,
+        model_config,
+        train_tokenizer,
+    )
+
+    config = TinyTrainConfig(
+        facts=4, langs=("en", "zh"), entity_text=True, enrichment_layer=1, subject_prompts=True
+    )
+    assert config.key() != TinyTrainConfig(facts=4, langs=("en", "zh")).key()
+    neutral = TinyTrainConfig(
+        entity_text=False, enrichment_layer=-1, enrichment_weight=1.0, qa_warmup_epochs=0
+    )
+    assert neutral.key() == TinyTrainConfig().key()
+    assert TinyTrainConfig(qa_warmup_epochs=5).key() != TinyTrainConfig().key()
+    with pytest.raises(ConfigError, match="enrichment-layer"):
+        TinyTrainConfig(enrichment_layer=3)  # the last of 4 blocks: nothing reads it later
+    with pytest.raises(ConfigError, match="qa-warmup-epochs"):
+        TinyTrainConfig(qa_warmup_epochs=60)  # no epoch left for the questions
+    records = [f.views[lang].record for f in mlake_v2411.facts[:50] for lang in ("en", "zh")]
+    texts = [t for r in records for t in (r.question, r.o_prompt, r.o_answer, r.e_answer)]
+    tok = train_tokenizer(texts, 800)
+    corpus = build_corpus(mlake_v2411, [2, 28], tok, config)
+    decode = tok.decode
+    for unit, (fact_id, lang) in enumerate(corpus.units):
+        view = mlake_v2411.fact(fact_id).views[lang]
+        subject = view.question.subject_text
+        assert subject is not None and view.cloze.subject_text is not None
+        answer = view.record.o_answer
+        for ex, named in (
+            (corpus.qa[unit], subject),
+            (corpus.statements[unit], view.cloze.subject_text),
+            (corpus.subjects[unit], subject),
+        ):
+            assert ex is not None
+            ((pos, token),) = ex.lens
+            # The lens sits on the token that completes the subject and targets the answer's
+            # first non-blank token.
+            assert named in decode(ex.ids[1 : pos + 1])
+            assert named not in decode(ex.ids[1:pos])
+            answer_ids = corpus.pieces[unit][1]
+            k = answer_ids.index(token)
+            assert decode(answer_ids[:k]).strip() == "" and decode([token]).strip() != ""
+            assert decode(answer_ids[:-1]).strip() == answer
+        docs = {
+            tuple(entity_document(corpus, unit, tok, random.Random(s), 128).ids) for s in range(8)
+        }
+        assert len(docs) > 1  # a fresh sentence order per draw
+        doc = entity_document(corpus, unit, tok, random.Random(0), 128)
+        assert doc.kind == "entity" and doc.ids[0] == tok.bos_token_id
+        assert doc.ids[-1] == tok.eos_token_id
+        text = decode(doc.ids[1:-1])
+        assert text.startswith(subject + "\n")
+        for sentence in corpus.entities[unit][1]:  # type: ignore[index]
+            assert sentence in text
+        ((pos, token),) = doc.lens
+        assert decode(doc.ids[1 : pos + 1]) == subject
+        assert doc.weights[: pos + 1] == [0.0] * (pos + 1)
+        assert all(w == 1.0 for w in doc.weights[pos + 1 :])
+        assert token == corpus.qa[unit].lens[0][1]
+
+    # The lens loss is the cross-entropy of the unembedded, normed residual after block 1.
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(model_config(dataclasses.replace(config, n_layers=3), tok)).eval()
+    batch = [corpus.qa[0], corpus.statements[1]]
+    with torch.no_grad():
+        plain, _ = _batch_loss(model, batch, tok.pad_token_id)
+        with_lens, _ = _batch_loss(model, batch, tok.pad_token_id, lens_layer=1, lens_weight=0.5)
+    hidden = model.model(
+        input_ids=torch.tensor([batch[0].ids]), output_hidden_states=True
+    ).hidden_states[2]
+    ((pos0, tok0),) = batch[0].lens
+    h1 = model.model(
+        input_ids=torch.tensor([batch[1].ids]), output_hidden_states=True
+    ).hidden_states[2]
+    ((pos1, tok1),) = batch[1].lens
+    with torch.no_grad():
+        logits = model.lm_head(model.model.norm(torch.stack([hidden[0, pos0], h1[0, pos1]])))
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([tok0, tok1]))
+    assert float(with_lens - plain) == pytest.approx(0.5 * float(expected), rel=1e-4)
