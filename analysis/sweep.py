@@ -52,7 +52,9 @@ class SweepConfig:
     """Settings of the sharing sweep.
 
     Attributes:
-        fractions: bilingual fractions, one mlake-tiny each (0 is the default model).
+        fractions: bilingual fractions, one mlake-tiny each.
+        train_facts: facts each mlake-tiny is trained on (300, the default model's, makes
+            fraction 0 the default model; fewer trains faster).
         facts: facts edited and attributed per point (the first of mlake-tiny's training
             facts, the same at every point).
         method: editing method.
@@ -65,6 +67,7 @@ class SweepConfig:
     """
 
     fractions: tuple[float, ...] = (0.0, 0.25, 0.5)
+    train_facts: int = 300
     facts: int = 60
     method: str = "ft"
     method_config: Mapping[str, str] = field(default_factory=lambda: dict(TINY_FT))
@@ -86,6 +89,8 @@ class SweepConfig:
         object.__setattr__(self, "fractions", tuple(sorted(fractions)))
         if self.facts < 5:
             raise ConfigError(f"--facts {self.facts}: at least 5")
+        if self.train_facts < self.facts:
+            raise ConfigError(f"--train-facts {self.train_facts}: fewer than --facts {self.facts}")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -193,7 +198,7 @@ def run_sweep(
     kconfig = KnowledgeConfig(mcqa=False, max_new_tokens=tconfig.max_new_tokens)
     nconfig = NeuronConfig(methods=("ig",), ablation_facts=config.ablation_facts)
     rconfig = RelateConfig(n_boot=config.n_boot, n_perm=0, seed=config.seed)
-    base = TinyTrainConfig(langs=tuple(langs))
+    base = TinyTrainConfig(langs=tuple(langs), facts=config.train_facts)
     sweep = open_run("sweep", {"config": config.to_dict(), "langs": list(langs)}, results_dir)
     sweep.write_meta(status="running", config=config.to_dict())
     points: list[dict[str, Any]] = []

@@ -31,6 +31,12 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--fractions", default="0,0.25,0.5", help="default: 0,0.25,0.5")
     parser.add_argument("--facts", type=int, default=60, help="facts per point (default: 60)")
+    parser.add_argument(
+        "--train-facts",
+        type=int,
+        default=300,
+        help="facts each mlake-tiny is trained on (default: 300, the default model's)",
+    )
     parser.add_argument("--method", default="ft", help="editing method (default: ft)")
     parser.add_argument(
         "--set",
@@ -76,6 +82,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     config = SweepConfig(
         fractions=fractions,
         facts=args.facts,
+        train_facts=args.train_facts,
         method=entry.name,
         method_config=fields,
         n_locality=args.n_locality,
