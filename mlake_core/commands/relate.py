@@ -113,10 +113,23 @@ def run_relate(args: argparse.Namespace) -> int:
         log=log,
     )
     if args.json:
-        print(json.dumps({**result.to_dict(), "run": str(run.path)}, ensure_ascii=False, indent=2))
+        report = _json_safe({**result.to_dict(), "run": str(run.path)})
+        print(json.dumps(report, ensure_ascii=False, indent=2, allow_nan=False))
     else:
         print(format_result(result, str(run.path)))
     return 0
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as None: standard JSON has no NaN (the saved
+    summary may hold NaN, which Python reads back, but jq and JSON.parse do not)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _f(value: Any, digits: int = 3) -> str:
