@@ -407,6 +407,9 @@ def relate_stage(
         return found
 
     recorded = main.meta.get("knowledge_run")
+    if recorded and not (Path(recorded) / "meta.json").is_file():
+        notes.append(f"the recorded knowledge run {recorded} is gone: searched instead")
+        recorded = None
     knowledge = pick(knowledge_dir or recorded, "knowledge", "--knowledge", True)
     neurons = pick(neurons_dir, "neurons", "--neurons", True)
     tracing = pick(tracing_dir, "tracing", "--tracing", False)
