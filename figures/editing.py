@@ -67,7 +67,7 @@ def transfer_matrices(
     langs = list(langs)
     n = len(matrices)
     panel = 2.05
-    columns = min(n, 3)
+    columns = n if n <= 3 else (2 if n == 4 else 3)
     rows_n = -(-n // columns)
     fig, axes = plt.subplots(
         rows_n,
@@ -90,8 +90,11 @@ def transfer_matrices(
             ax, matrix, langs, cmap="viridis", vmin=0.0, vmax=100.0, fmt="{:.0f}", notes=notes
         )
         ax.set_title(label)
-        ax.set_xlabel("test language")
-        ax.set_ylabel("edit language")
+        k = flat.index(ax)
+        if k + columns >= n:  # bottom panel of its column
+            ax.set_xlabel("test language")
+        if k % columns == 0:
+            ax.set_ylabel("edit language")
     for ax in flat[n:]:
         ax.set_visible(False)
     if image is not None:

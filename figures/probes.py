@@ -58,7 +58,7 @@ def accuracy_by_layer(result: Any) -> Any:
             ax.axhline(100 * float(rows["chance"].iloc[0]), color="#999999", lw=0.5, ls=":")
     ax.set_title("language identity (dashed: control task)")
     ax.set_ylabel("balanced accuracy (%)")
-    ax.legend(frameon=False, loc="lower right")
+    ax.legend(frameon=False, loc="lower left", fontsize=6)
     ax = axes[1]
     t = result.transfer
     if len(t):
@@ -80,13 +80,15 @@ def accuracy_by_layer(result: Any) -> Any:
                     label=f"{task}, {POSITION_LABELS.get(position, position)}",
                 )
                 ax.plot(means.index, 100 * means["control"], color=color, lw=0.8, ls="--")
-        ax.legend(frameon=False, fontsize=6)
+        ax.legend(frameon=False, loc="lower left", fontsize=6)
     else:
         ax.text(
             0.5, 0.5, "no cross-lingual probe", ha="center", va="center", transform=ax.transAxes
         )
     ax.set_title("cross-lingual probes (mean over language pairs)")
+    ax.set_ylabel("accuracy (%; fact: top-1 retrieval)")
     for ax in axes:
+        ax.set_ylim(0, 100)  # one scale for both panels
         ax.set_xlabel("layer (0: embeddings)")
         ax.set_xticks(np.arange(len(result.sites)))
         for side in ("top", "right"):

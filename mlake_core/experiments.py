@@ -200,7 +200,9 @@ def transfer_stage(
     """Edit every fact in every language with ``method`` and evaluate each edit in every
     language (:func:`mlake_core.editing.evaluate.evaluate_edit`).
 
-    One table per edit language is saved as it finishes (resumable).  Pre-edit values come from
+    One table per edit language is saved as it finishes; inside a language, each edit's rows
+    and the random generator's state after it are saved as they finish (and removed once the
+    language's table is saved), so an interrupted run resumes at the next edit.  Pre-edit values come from
     ``knowledge`` (the knowledge stage's result, itself cached).  ``unit_sets`` (with
     ``unit_source``, the neuron run they come from) are the neuron sets of restricted editing
     (:attr:`~mlake_core.editing.base.EditContext.unit_sets`); they enter the run key.
@@ -285,6 +287,17 @@ def transfer_stage(
             rows: list[dict[str, Any]] = []
             generator = torch.Generator().manual_seed(seed)
             for fact_id in fact_ids:
+                # Each edit is saved as it finishes, with the generator's state after it, so a
+                # run stopped inside a language resumes at the next fact with the same draws.
+                piece = f"edit_{lang}_{fact_id}"
+                if run.has_table(piece) and run.has_arrays(piece):
+                    done = run.load_table(piece)
+                    rows += done.to_dict(orient="records")
+                    generator.set_state(torch.from_numpy(run.load_arrays(piece)["generator"]))
+                    if on_edit and len(done):
+                        loss = float(done["edit_loss"].iloc[0])
+                        on_edit({"lang": lang, "fact_id": fact_id, "loss": loss, "loaded": True})
+                    continue
                 view = dataset.fact(fact_id).views[lang]
                 try:
                     request = make_request(adapter, view, template, config.edit_form)
@@ -309,11 +322,16 @@ def transfer_stage(
                     batch_size=batch_size,
                 )
                 rows += edit_rows
+                run.save_table(piece, pd.DataFrame.from_records(edit_rows))
+                run.save_arrays(piece, {"generator": generator.get_state().numpy()})
                 if on_edit:
                     on_edit({"lang": lang, "fact_id": fact_id, "loss": result.loss})
             return pd.DataFrame.from_records(rows)
 
         table, computed = run.load_or_compute_table(f"edits_{lang}", compute)
+        for fact_id in fact_ids:  # the language's table holds them now
+            run.table_path(f"edit_{lang}_{fact_id}").unlink(missing_ok=True)
+            run.arrays_path(f"edit_{lang}_{fact_id}").unlink(missing_ok=True)
         if log:
             log(
                 f"transfer [{method}, edits in {lang}]: {'computed' if computed else 'loaded from'} {run.path}"

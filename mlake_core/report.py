@@ -112,6 +112,38 @@ def build_report(out: str | os.PathLike[str]) -> str:
     rows.append(["**total**", "", _f(manifest.get("seconds", total), 1), _f(cpu, 1), ""])
     lines += _table(["stage", "status", "seconds", "CPU seconds", "results"], rows)
 
+    # Data checks.
+    stats_path = out / "data_stats.json"
+    if stats_path.is_file():
+        stats = _read(stats_path)
+        lines += ["", "## Data", "", f"MLaKE {stats['version']}: {stats['facts']} facts."]
+        rows = []
+        for lang, e in stats["languages"].items():
+            linked = sum(int(m.get("linked", 0)) for m in (e.get("multi_hop") or {}).values())
+            records = sum(int(m.get("records", 0)) for m in (e.get("multi_hop") or {}).values())
+            rows.append(
+                [
+                    lang,
+                    e["records"],
+                    e["subject_found"]["question"],
+                    e["cloze_well_posed"],
+                    f"{linked}/{records}",
+                ]
+            )
+        lines += [
+            "",
+            *_table(
+                [
+                    "lang",
+                    "records",
+                    "subject located (question)",
+                    "cloze well-posed",
+                    "multi-hop linked",
+                ],
+                rows,
+            ),
+        ]
+
     # Knowledge.
     k_dir = _stage_runs(manifest, "knowledge").get("knowledge")
     if k_dir and (Path(k_dir) / "tables" / "summary.parquet").is_file():
