@@ -22,7 +22,7 @@ $(BIN)/.mlake-installed: pyproject.toml $(CONSTRAINTS)
 setup: $(BIN)/.mlake-installed
 
 # The main job: the whole pipeline on mlake-tiny (trained first if not cached) into
-# runs/pipeline/mlake-tiny-16facts (report.md, figures/).  One thread: see the README.
+# runs/pipeline/mlake-tiny-12facts (report.md, figures/).  One thread: see the README.
 demo: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/mlake pipeline
 

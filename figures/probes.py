@@ -102,7 +102,7 @@ TASK_LABELS = {
     "fact": "fact retrieval (top-1)",
 }
 #: Line style of each position in the language-identity panel.
-POSITION_STYLES = {"subject": "-", "last": "--"}
+POSITION_STYLES: dict[str, Any] = {"subject": "-", "last": "--"}
 CONTROL_COLOR = "#9A9A9A"
 
 

@@ -80,7 +80,7 @@ def trace_heatmap(
         ax.set_title(f"restoring {TITLES.get(kind, kind)}")
         bar = fig.colorbar(image, ax=ax, fraction=0.08, pad=0.03)
         bar.ax.tick_params(labelsize=6)
-        bar.formatter.set_useOffset(False)
+        bar.formatter.set_useOffset(False)  # type: ignore[attr-defined]  # a ScalarFormatter
         bar.update_ticks()
     probs = f"p(answer): clean {trace.p_clean:.2f}, corrupted {trace.p_corrupt:.2f}"
     fig.suptitle(f"{title}; {probs}" if title else probs)

@@ -50,6 +50,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from mlake_core.errors import ConfigError, MlakeError
@@ -126,7 +127,7 @@ class DataSettings:
     """
 
     langs: tuple[str, ...] = ("en", "zh", "ja", "fr", "de")
-    facts: int | str = 16
+    facts: int | str = 12
     version: str = "v2024-11"
     data_dir: str | None = None
 
@@ -182,7 +183,11 @@ def _default_method_configs() -> dict[str, Any]:
     changes nothing on it; these settings reach about 90% efficacy at layer 0."""
     from mlake_core.editing.base import get_method
 
-    return {"ft": get_method("ft").config_cls(layer=0, lr=0.01, steps=100, max_rel_norm=0.3)}
+    return {
+        "ft": get_method("ft").config_cls(layer=0, lr=0.01, steps=100, max_rel_norm=0.3),
+        # IKE's demonstrations are the locality facts: no more than n_locality.
+        "ike": get_method("ike").config_cls(n_demonstrations=3),
+    }
 
 
 @dataclass(frozen=True)
@@ -232,6 +237,13 @@ class TransferSettings:
                 "restricted editing restricts FT: add ft to methods or set restricted: []"
             )
         self.transfer_config(24)  # validates edit_form and n_locality
+        if "ike" in self.methods:
+            wanted = self.method_config("ike").n_demonstrations
+            if wanted > self.n_locality:
+                raise ConfigError(
+                    f"ike.n_demonstrations {wanted}: IKE's demonstrations are the locality facts, "
+                    f"so at most n_locality ({self.n_locality})"
+                )
 
     def method_config(self, name: str) -> Any:
         """The config of method ``name`` (its section, else its dataclass's defaults)."""
@@ -527,7 +539,14 @@ def config_from_dict(data: Any, source: str | None = None) -> PipelineConfig:
         plain,
         path="transfer",
         source=source,
-        base=dataclasses.replace(defaults.transfer, method_configs=method_configs),
+        # Not a TransferSettings yet: validated once, with the file's own values.
+        base=SimpleNamespace(
+            **{
+                f.name: getattr(defaults.transfer, f.name)
+                for f in dataclasses.fields(defaults.transfer)
+            }
+            | {"method_configs": method_configs}
+        ),
     )
     kwargs["transfer"] = transfer
     # relate: unit beside the RelateConfig fields.

@@ -3,7 +3,7 @@
 Data checks, knowledge, causal tracing, edit transfer (FT and IKE by default), neuron
 attribution, restricted editing, probes and the relation between sharing and transfer; then
 every figure and ``report.md``.  The defaults (``mlake pipeline --print-config`` prints them as
-YAML, with the documented copy in ``mlake_core/pipeline_default.yaml``) run mlake-tiny on 16
+YAML, with the documented copy in ``mlake_core/pipeline_default.yaml``) run mlake-tiny on 12
 facts in five languages, within 15 minutes on two CPU cores.  ``--config FILE`` reads a YAML
 file of the same shape (any subset of the keys; unknown keys are errors).
 
