@@ -10,6 +10,7 @@ file (``figures/<name>``)       from
 ``tracing_map_<kind>``         tracing: average indirect effect by position and layer, per
                                language (one file per traced kind)
 ``tracing_profiles``           tracing: effect by layer per language
+``tracing_fact_<lang>``        tracing: one fact's heatmaps with its real tokens, per language
 ``tracing_similarity``         tracing: 5x5 profile similarity
 ``neuron_overlap_<unit>``      neurons: same-fact overlap matrices per attribution method
 ``unit_counts_<method>``       neurons: language-specific and shared units per layer
@@ -61,6 +62,19 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _fact_trace_figure(path: Path, kinds: Any) -> Any:
+    """The ROME-style heatmaps of one saved fact trace (``trace_<lang>_<fact>.npz``)."""
+    import numpy as np
+
+    from figures.tracing import trace_heatmap
+    from mlake_core.tracing.causal import FactTrace
+
+    with np.load(path, allow_pickle=False) as data:
+        trace = FactTrace.from_arrays({k: data[k] for k in data.files})
+    _, lang, fact = path.stem.split("_")
+    return trace_heatmap(trace, list(kinds), title=f"fact {fact} ({lang})")
+
+
 def figure_makers(
     manifest: dict[str, Any], sweep: str | os.PathLike[str] | None = None
 ) -> list[tuple[str, Callable[[], Any] | str]]:
@@ -96,6 +110,16 @@ def figure_makers(
         for kind in result.kinds:
             makers.append((f"tracing_map_{kind}", partial(tracing.average_effects, result, kind)))
         makers.append(("tracing_profiles", partial(tracing.profiles, result)))
+        # One traced fact per language with its real tokens (CJK drawn with Noto Sans CJK).
+        for lang in result.langs:
+            first = sorted(
+                (Path(trace_dir) / "arrays").glob(f"trace_{lang}_*.npz"),
+                key=lambda p: int(p.stem.rsplit("_", 1)[1]),
+            )[:1]
+            for trace_file in first:
+                makers.append(
+                    (f"tracing_fact_{lang}", partial(_fact_trace_figure, trace_file, result.kinds))
+                )
         makers.append(("tracing_similarity", partial(tracing.similarity_heatmap, result)))
     else:
         makers.append(("tracing_map_mlp", "no tracing stage in the run"))

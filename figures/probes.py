@@ -58,7 +58,7 @@ def accuracy_by_layer(result: Any) -> Any:
             ax.axhline(100 * float(rows["chance"].iloc[0]), color="#999999", lw=0.5, ls=":")
     ax.set_title("language identity (dashed: control task)")
     ax.set_ylabel("balanced accuracy (%)")
-    ax.legend(frameon=False, loc="lower left", fontsize=6)
+    ax.legend(frameon=False, loc="center right", fontsize=6)
     ax = axes[1]
     t = result.transfer
     if len(t):
@@ -80,7 +80,7 @@ def accuracy_by_layer(result: Any) -> Any:
                     label=f"{task}, {POSITION_LABELS.get(position, position)}",
                 )
                 ax.plot(means.index, 100 * means["control"], color=color, lw=0.8, ls="--")
-        ax.legend(frameon=False, loc="lower left", fontsize=6)
+        ax.legend(frameon=False, loc="upper right", fontsize=6)
     else:
         ax.text(
             0.5, 0.5, "no cross-lingual probe", ha="center", va="center", transform=ax.transAxes

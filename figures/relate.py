@@ -75,7 +75,8 @@ def sharing_vs_transfer(result: Any) -> Any:
         x = pairs["overlap"].to_numpy(dtype=float)
         y = pairs[outcome].to_numpy(dtype=float) * (100 if outcome == "transfer" else 1)
         ok = np.isfinite(x) & np.isfinite(y)
-        for rec, xi, yi, good in zip(pairs.to_dict(orient="records"), x, y, ok, strict=True):
+        records = pairs.to_dict(orient="records")
+        for rec, xi, yi, good in zip(records, x, y, ok, strict=True):
             if not good:
                 continue
             a, b = str(rec["edit_lang"]), str(rec["test_lang"])
@@ -88,7 +89,8 @@ def sharing_vs_transfer(result: Any) -> Any:
                 linewidths=1.2,
                 zorder=3,
             )
-            ax.annotate(f"{a}→{b}", (xi, yi), xytext=(2, 2), textcoords="offset points", fontsize=5)
+        for (xi, yi), label in _point_labels(records, x, y, ok).items():
+            ax.annotate(label, (xi, yi), xytext=(3, 3), textcoords="offset points", fontsize=5)
         if ok.sum() >= 2 and np.ptp(x[ok]) > 0:
             slope, intercept = np.polyfit(x[ok], y[ok], 1)
             grid = np.linspace(x[ok].min(), x[ok].max(), 20)
@@ -99,8 +101,41 @@ def sharing_vs_transfer(result: Any) -> Any:
         ax.set_title(stat or OUTCOME_LABELS[outcome], fontsize=7)
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
-    fig.suptitle(f"{result.method} edits: sharing against transfer, per language pair", fontsize=8)
+    fig.suptitle(
+        f"{result.method} edits: sharing against transfer per language pair "
+        "(fill: edit language, ring: test language)",
+        fontsize=8,
+    )
     return fig
+
+
+def _point_labels(
+    records: Sequence[Mapping[str, Any]], x: np.ndarray, y: np.ndarray, ok: np.ndarray
+) -> dict[tuple[float, float], str]:
+    """Labels that do not collide: points that coincide share one label (``a↔b`` for the two
+    directions of a pair, else the first and ``+k``); a label is left out when it would sit
+    within ~12% of the x range and ~6% of the y range of one already placed (from the top)."""
+    if not ok.any():
+        return {}
+    xr = float(np.ptp(x[ok])) or 1.0
+    yr = float(np.ptp(y[ok])) or 1.0
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in np.flatnonzero(ok):
+        groups.setdefault((round(200 * x[i] / xr), round(200 * y[i] / yr)), []).append(int(i))
+    placed: dict[tuple[float, float], str] = {}
+    for members in sorted(groups.values(), key=lambda m: (-y[m[0]], x[m[0]])):
+        names = [(str(records[i]["edit_lang"]), str(records[i]["test_lang"])) for i in members]
+        if len(names) == 2 and names[0] == names[1][::-1]:
+            label = f"{names[0][0]}↔{names[0][1]}"
+        else:
+            label = f"{names[0][0]}→{names[0][1]}" + (
+                f" +{len(names) - 1}" if len(names) > 1 else ""
+            )
+        px, py = float(x[members[0]]), float(y[members[0]])
+        if any(abs(px - qx) < 0.12 * xr and abs(py - qy) < 0.06 * yr for qx, qy in placed):
+            continue
+        placed[(px, py)] = label
+    return placed
 
 
 def restricted_editing(

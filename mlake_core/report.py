@@ -28,7 +28,8 @@ def _f(value: Any, digits: int = 2, pct: bool = False) -> str:
         return str(value)
     if math.isnan(v):
         return "–"
-    return f"{100 * v:.1f}" if pct else f"{v:.{digits}f}"
+    text = f"{100 * v:.1f}" if pct else f"{v:.{digits}f}"
+    return text.lstrip("-") if text.lstrip("-").strip("0.") == "" else text  # no "-0.0"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -148,7 +149,13 @@ def build_report(out: str | os.PathLike[str]) -> str:
     k_dir = _stage_runs(manifest, "knowledge").get("knowledge")
     if k_dir and (Path(k_dir) / "tables" / "summary.parquet").is_file():
         summary = pd.read_parquet(Path(k_dir) / "tables" / "summary.parquet")
-        lines += ["", "## What the model knows", "", "Question form, greedy alias match."]
+        lines += [
+            "",
+            "## What the model knows",
+            "",
+            "Question form, greedy alias match; the selected facts and the transfer stage's "
+            "locality sample.",
+        ]
         lines += [
             "",
             *_table(

@@ -80,7 +80,10 @@ def test_partial_file_keeps_other_defaults(tmp_path):
         ("transfer:\n  methods: [ft, sgd]\n", "transfer:"),
         ("transfer:\n  restricted: [everything]\n", "transfer: restricted everything"),
         ("relate:\n  n_boot: 3\n", "relate: --n-boot must be >= 10"),
-        ("transfer:\n  ike:\n    n_demonstrations: 5\n", "at most n_locality (3)"),
+        (
+            "transfer:\n  methods: [ft, ike]\n  ike:\n    n_demonstrations: 5\n",
+            "at most n_locality (3)",
+        ),
         ("model:\n  backend: jax\n", "model: backend 'jax'"),
         ("tracing: 3\n", "tracing: expected a mapping"),
         ("- a\n- b\n", "expected a mapping of sections"),
@@ -98,7 +101,10 @@ def test_errors_name_the_file_and_key(tmp_path, text, expected):
 def test_values_validated_together(tmp_path):
     """IKE's demonstrations and the locality sample are checked with the file's values."""
     config = load_config(
-        _write(tmp_path, "transfer:\n  n_locality: 6\n  ike:\n    n_demonstrations: 6\n")
+        _write(
+            tmp_path,
+            "transfer:\n  methods: [ike]\n  restricted: []\n  n_locality: 6\n  ike:\n    n_demonstrations: 6\n",
+        )
     )
     assert config.transfer.method_config("ike").n_demonstrations == 6
 

@@ -24,7 +24,12 @@ SMALL = {
     "model": {"device": "cpu"},
     "data": {"langs": ["en", "zh", "ja"], "facts": 4},
     "tracing": {"n_samples": 2, "kinds": ["mlp", "attn"]},
-    "transfer": {"n_locality": 2, "ft": {"steps": 5}, "ike": {"n_demonstrations": 1}},
+    "transfer": {
+        "methods": ["ft", "ike"],
+        "n_locality": 2,
+        "ft": {"steps": 5},
+        "ike": {"n_demonstrations": 1},
+    },
     "neurons": {
         "attribution": {"steps": 3, "samples": 2},
         "text_tokens": 300,
@@ -41,6 +46,9 @@ EXPECTED_FIGURES = {
     "tracing_map_mlp",
     "tracing_map_attn",
     "tracing_profiles",
+    "tracing_fact_en",
+    "tracing_fact_zh",
+    "tracing_fact_ja",
     "tracing_similarity",
     "neuron_overlap_neuron",
     "neuron_overlap_head",
@@ -168,6 +176,25 @@ def test_figures_and_report(complete):
         assert heading in report, heading
     for name in written:
         assert f"(figures/{name}.png)" in report
+
+
+def test_cjk_token_labels_have_glyphs(complete):
+    """The per-language fact traces label their real tokens; every CJK character in them is
+    drawn by a font of the style (no empty boxes)."""
+    import matplotlib.pyplot as plt
+
+    from figures.paper import figure_makers
+    from figures.style import missing_glyphs
+
+    out, _ = complete
+    makers = dict(figure_makers(read_manifest(out)))
+    for lang in ("zh", "ja"):
+        fig = makers[f"tracing_fact_{lang}"]()
+        labels = [t.get_text() for ax in fig.axes for t in ax.get_yticklabels()]
+        text = "".join(labels)
+        assert any("\u3040" <= ch <= "\u9fff" for ch in text), labels  # kana or CJK
+        assert missing_glyphs(text) == set()
+        plt.close(fig)
 
 
 def test_figures_command_rewrites_every_file(complete, tmp_path):
