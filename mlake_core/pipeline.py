@@ -1245,8 +1245,9 @@ def notebook_run(
     """The pipeline's ``stages`` (after ``data``, ``model`` and ``knowledge``) on a small
     subset, for the notebooks: ``facts`` (default ``$MLAKE_NB_FACTS``, else 10) of ``model``
     (default ``$MLAKE_NB_MODEL``, else mlake-tiny) into ``out`` (default ``$MLAKE_NB_OUT``,
-    else ``runs/notebooks``), with :data:`NOTEBOOK_SETTINGS`.  The notebooks share one run
-    folder and store, so each reuses what the others computed.
+    else ``runs/notebooks`` of the project the working directory is in), with
+    :data:`NOTEBOOK_SETTINGS`.  The notebooks share one run folder and store, so each reuses
+    what the others computed.
     """
     data = json.loads(json.dumps(NOTEBOOK_SETTINGS))
     n = facts or int(os.environ.get("MLAKE_NB_FACTS", "10"))
@@ -1255,8 +1256,18 @@ def notebook_run(
     wanted = ["data", "model", "knowledge", *stages]
     data["run"] = {"stages": [s for s in STAGES if s in wanted]}
     config = config_from_dict(data, source="notebook settings")
-    folder = out or os.environ.get("MLAKE_NB_OUT", "runs/notebooks")
+    folder = out or os.environ.get("MLAKE_NB_OUT") or _project_root() / "runs" / "notebooks"
     return run_pipeline(config, folder, log=log, bars=False)
+
+
+def _project_root() -> Path:
+    """The nearest folder at or above the working directory with a ``pyproject.toml`` (a
+    notebook's kernel starts in ``notebooks/``), else the working directory."""
+    here = Path.cwd()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file():
+            return folder
+    return here
 
 
 __all__ = [
