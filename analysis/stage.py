@@ -388,7 +388,9 @@ def relate_stage(
     root = main.path.parent.parent
     model = main.key.get("model") or {}
     fact_ids = [int(f) for f in main.meta.get("fact_ids") or sorted(main.rows["fact_id"].unique())]
-    langs = list(main.meta.get("langs") or main.key.get("langs"))
+    langs = list(main.meta.get("langs") or main.key.get("langs") or [])
+    if not langs:
+        raise DataError(f"{main.path}: the run records no languages")
     notes: list[str] = []
 
     def pick(given: Any, kind: str, option: str, required: bool) -> Path | None:

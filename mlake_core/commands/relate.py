@@ -86,6 +86,7 @@ def run_relate(args: argparse.Namespace) -> int:
     from analysis.relate import RelateConfig
     from analysis.stage import load_transfer, relate_stage
     from mlake_core.data.dataset import load_mlake
+    from mlake_core.data.paths import DEFAULT_VERSION
 
     config = RelateConfig(
         outcome=args.outcome,
@@ -97,7 +98,7 @@ def run_relate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     main = load_transfer(args.run_dir)  # checks the folder before MLaKE loads
-    version = main.key.get("data_version")
+    version = str(main.key.get("data_version") or DEFAULT_VERSION)
     dataset = load_mlake(args.data_dir, version=version, langs=main.meta.get("langs"))
     result, run = relate_stage(
         args.run_dir,
