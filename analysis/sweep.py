@@ -152,15 +152,22 @@ def point_summary(
 
 def dose_response(points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Rank correlations across the sweep's points: fraction with overlap, fraction with
-    transfer, overlap with transfer (Spearman; with few points, descriptive only)."""
+    transfer, overlap with transfer.  Spearman rho with an exact permutation p-value
+    (two-sided, every ordering of the points enumerated): with three points the smallest
+    possible p is 1/3, so a sweep of three fractions is descriptive only."""
+    import itertools
+
     from scipy.stats import spearmanr
 
     frame = pd.DataFrame.from_records(points)
     out: dict[str, Any] = {"n_points": len(frame)}
     for a, b in (("fraction", "overlap"), ("fraction", "transfer"), ("overlap", "transfer")):
         if len(frame) >= 3 and frame[a].nunique() > 1 and frame[b].nunique() > 1:
-            rho, p = spearmanr(frame[a], frame[b])
-            out[f"{a}_vs_{b}"] = {"rho": float(rho), "p": float(p)}
+            x, y = frame[a].to_numpy(), frame[b].to_numpy()
+            rho = float(spearmanr(x, y)[0])
+            perms = list(itertools.permutations(range(len(y))))
+            hits = sum(abs(float(spearmanr(x, y[list(p)])[0])) >= abs(rho) - 1e-12 for p in perms)
+            out[f"{a}_vs_{b}"] = {"rho": rho, "p": hits / len(perms)}
         else:
             out[f"{a}_vs_{b}"] = {"rho": math.nan, "p": math.nan}
     return out
