@@ -118,6 +118,8 @@ def test_dose_response_monotone_and_flat() -> None:
     assert dr["n_points"] == 3
     assert dr["fraction_vs_overlap"]["rho"] == pytest.approx(1.0)
     assert dr["overlap_vs_transfer"]["rho"] == pytest.approx(1.0)
+    # exact: of the 3! orderings only the identity and the reversal reach |rho| = 1
+    assert dr["overlap_vs_transfer"]["p"] == pytest.approx(1 / 3)
     flat = [dict(p, transfer=0.05) for p in points]
     assert math.isnan(dose_response(flat)["fraction_vs_transfer"]["rho"])
     assert math.isnan(dose_response(points[:2])["fraction_vs_overlap"]["rho"])
