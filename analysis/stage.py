@@ -338,12 +338,16 @@ def per_edit(rows: pd.DataFrame, before: pd.DataFrame, form: str = "question") -
 def compare_edits(
     base: pd.DataFrame, other: pd.DataFrame, *, n_boot: int, level: float, seed: int
 ) -> dict[str, Difference]:
-    """Paired differences (other - base) of :func:`per_edit`'s metrics, averaged per fact
-    over edit languages first, so the bootstrap resamples facts."""
+    """Paired differences (other - base) of :func:`per_edit`'s metrics on the edits both
+    have (same fact and edit language, value defined in both), averaged per fact over edit
+    languages first, so the bootstrap resamples facts."""
     out = {}
     for metric in ("efficacy", "transfer", "transfer_prob", "gain", "locality"):
-        a = base[metric].groupby(level="fact_id").mean()
-        b = other[metric].groupby(level="fact_id").mean()
+        both = pd.concat(
+            [base[metric].rename("a"), other[metric].rename("b")], axis=1, join="inner"
+        ).dropna()
+        a = both["a"].groupby(level="fact_id").mean()
+        b = both["b"].groupby(level="fact_id").mean()
         out[metric] = paired_difference(a, b, n_boot=n_boot, level=level, seed=seed)
     return out
 

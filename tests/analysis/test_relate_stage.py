@@ -981,3 +981,21 @@ def test_cli_missing_run_folder_exits_2(tmp_path, capsys) -> None:
     out, err = capsys.readouterr()
     assert out == ""
     assert err.startswith("mlake: error: ") and str(missing) in err
+
+
+def test_compare_edits_pairs_the_same_edits_only() -> None:
+    """A restricted run that has edited only some languages is compared on those edits: the
+    base's other edit languages must not enter its per-fact means."""
+    from analysis.stage import compare_edits
+
+    idx = pd.MultiIndex.from_tuples(
+        [(0, "en"), (0, "de"), (1, "en"), (1, "de")], names=["fact_id", "edit_lang"]
+    )
+    cols = ["efficacy", "transfer", "transfer_prob", "gain", "locality"]
+    base = pd.DataFrame({c: [1.0, 0.0, 1.0, 0.0] for c in cols}, index=idx)
+    other = base.loc[[(0, "en"), (1, "en")]] * 0.5  # only en edited, half as good
+    diffs = compare_edits(base, other, n_boot=50, level=0.95, seed=0)
+    assert diffs["efficacy"].a == pytest.approx(1.0)  # base's en edits only, not (1 + 0) / 2
+    assert diffs["efficacy"].b == pytest.approx(0.5)
+    assert diffs["efficacy"].diff == pytest.approx(-0.5)
+    assert diffs["efficacy"].n_facts == 2
