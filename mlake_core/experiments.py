@@ -83,7 +83,7 @@ def select_fact_ids(
     return base[: int(facts)]
 
 
-def _open_stage_run(
+def open_stage_run(
     kind: str,
     adapter: ModelAdapter,
     model_path: str | os.PathLike[str],
@@ -96,7 +96,8 @@ def _open_stage_run(
     **extra_key: Any,
 ) -> Run:
     """Open the run of a stage keyed by the model, data, facts, languages, template and config
-    (plus ``extra_key``), and mark it running with the same provenance."""
+    (``None``: a stage without one; left out of the key) plus ``extra_key``, and mark it
+    running with the same provenance (stages add their own meta fields after)."""
     key = {
         "model": model_identity(adapter, model_path),
         "data_version": dataset.version,
@@ -104,7 +105,7 @@ def _open_stage_run(
         "n_facts": len(fact_ids),
         "langs": list(langs),
         "template": template.to_dict(),
-        "config": config.to_dict(),
+        **({"config": config.to_dict()} if config is not None else {}),
         **extra_key,
     }
     run = open_run(kind, key, results_dir)
@@ -112,7 +113,7 @@ def _open_stage_run(
         status="running",
         model=adapter.info.to_dict(),
         template=template.to_dict(),
-        config=config.to_dict(),
+        config=config.to_dict() if config is not None else None,
         data_version=dataset.version,
         fact_ids=list(fact_ids),
         langs=list(langs),
@@ -142,7 +143,7 @@ def knowledge_stage(
     """
     import pandas as pd
 
-    run = _open_stage_run(
+    run = open_stage_run(
         "knowledge", adapter, model_path, dataset, fact_ids, langs, template, config, results_dir
     )
     wanted = set(fact_ids)
@@ -222,31 +223,33 @@ def transfer_stage(
 
     entry = get_method(method)
     ident = model_identity(adapter, model_path)
-    key = {
-        "model": ident,
-        "data_version": dataset.version,
-        "facts": stable_hash(list(fact_ids)),
-        "n_facts": len(fact_ids),
-        "langs": list(langs),
-        "template": template.to_dict(),
+    extra: dict[str, Any] = {
         "method": method,
         # Fields added later are left out while at their default, so earlier runs stay valid.
         "method_config": {
             k: str(v) for k, v in vars(method_config).items() if not (k == "units" and v == "all")
         },
-        "config": config.to_dict(),
         "corpus": stable_hash(list(corpus)),
         "seed": seed,
     }
     if unit_sets:
-        key["unit_sets"] = stable_hash({k: sorted(int(u) for u in v) for k, v in unit_sets.items()})
-    run = open_run("transfer", key, results_dir)
+        extra["unit_sets"] = stable_hash(
+            {k: sorted(int(u) for u in v) for k, v in unit_sets.items()}
+        )
+    run = open_stage_run(
+        "transfer",
+        adapter,
+        model_path,
+        dataset,
+        fact_ids,
+        langs,
+        template,
+        config,
+        results_dir,
+        **extra,
+    )
     run.write_meta(
-        status="running",
-        model=adapter.info.to_dict(),
         method=method,
-        fact_ids=list(fact_ids),
-        langs=list(langs),
         method_config={k: str(v) for k, v in vars(method_config).items()},
         unit_source=unit_source,
         unit_set_sizes={k: len(v) for k, v in (unit_sets or {}).items()},
@@ -388,7 +391,7 @@ def tracing_stage(
     )
 
     ident = model_identity(adapter, model_path)
-    run = _open_stage_run(
+    run = open_stage_run(
         "tracing",
         adapter,
         model_path,
@@ -736,7 +739,7 @@ def neurons_stage(
         text_key = stable_hash({k: v for k, v in texts.items()})
     # The run is keyed by everything but the list of methods: each method's results are
     # separate files, so a later run with more methods reuses what an earlier one computed.
-    run = _open_stage_run(
+    run = open_stage_run(
         "neurons",
         adapter,
         model_path,

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from mlake_core.errors import ConfigError
-from mlake_core.provenance import stable_hash
-from mlake_core.results.store import Run, open_run
+from mlake_core.experiments import open_stage_run
+from mlake_core.results.store import Run
 from probes.activations import (
     POSITIONS,
     Activations,
@@ -44,26 +44,6 @@ __all__ = [
 
 #: Bump when what the activation run stores changes (new keys, new folders).
 ACTIVATIONS_VERSION = 1
-
-
-def _data_key(
-    adapter: Any,
-    model_path: str | os.PathLike[str],
-    dataset: Any,
-    fact_ids: Sequence[int],
-    langs: Sequence[str],
-    template: Any,
-) -> dict[str, Any]:
-    from mlake_core.experiments import model_identity
-
-    return {
-        "model": model_identity(adapter, model_path),
-        "data_version": dataset.version,
-        "facts": stable_hash(list(fact_ids)),
-        "n_facts": len(fact_ids),
-        "langs": list(langs),
-        "template": template.to_dict(),
-    }
 
 
 def activations_stage(
@@ -86,17 +66,21 @@ def activations_stage(
         language, the views left out (``"lang:reason"`` -> count) and the run folder.
     """
     sites = probe_sites(adapter.n_layers)
-    key = _data_key(adapter, model_path, dataset, fact_ids, langs, template)
-    key.update(sites=list(sites), positions=list(POSITIONS), version=ACTIVATIONS_VERSION)
-    run = open_run("probe_activations", key, results_dir)
-    run.write_meta(
-        status="running",
-        model=adapter.info.to_dict(),
-        template=template.to_dict(),
-        fact_ids=list(fact_ids),
-        langs=list(langs),
+    run = open_stage_run(
+        "probe_activations",
+        adapter,
+        model_path,
+        dataset,
+        fact_ids,
+        langs,
+        template,
+        None,
+        results_dir,
         sites=list(sites),
+        positions=list(POSITIONS),
+        version=ACTIVATIONS_VERSION,
     )
+    run.write_meta(sites=list(sites))
     parts, usable, skipped = [], {}, {}
     for lang in langs:
         views = [dataset.fact(f).views[lang] for f in fact_ids]
@@ -208,26 +192,20 @@ def probe_stage(
             len(classes)
         )
 
-    run = open_run(
+    run = open_stage_run(
         "probes",
-        {
-            **_data_key(adapter, model_path, dataset, fact_ids, langs, template),
-            "config": config.to_dict(),
-            "activations_version": ACTIVATIONS_VERSION,
-            "known_from": "knowledge stage, question form, greedy alias match"
-            if config.known_only
-            else None,
-        },
+        adapter,
+        model_path,
+        dataset,
+        fact_ids,
+        langs,
+        template,
+        config,
         results_dir,
-    )
-    run.write_meta(
-        status="running",
-        model=adapter.info.to_dict(),
-        template=template.to_dict(),
-        config=config.to_dict(),
-        data_version=dataset.version,
-        fact_ids=list(fact_ids),
-        langs=list(langs),
+        activations_version=ACTIVATIONS_VERSION,
+        known_from="knowledge stage, question form, greedy alias match"
+        if config.known_only
+        else None,
     )
     pieces = {
         "language_id": lambda: language_id_table(acts, config),
