@@ -51,7 +51,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,19 @@ class TinyTrainConfig:
             asked; the questions then learn to read them (as fine-tuning on questions after
             pretraining on biographies does, Allen-Zhu & Li 3.1).  Learning is measured on
             the questions throughout, so training never stops during the warm-up.
+        route_masking: probability, per example and epoch, of training a question, statement,
+            subject prompt or name continuation with *subject-route masking*: the positions
+            after the subject cannot attend to the subject's tokens in blocks before
+            ``route_layer``, and from ``route_layer`` on only to its last token.  In those
+            examples the only way the subject reaches the answer is the residual stream at
+            the subject's last token after block ``route_layer - 1``, which is where ROME and
+            MEMIT write (a pretrained model's attribute-extraction route, Geva et al. 2023):
+            the model cannot route around the subject's last token by reading the subject's
+            other tokens, or its raw embeddings, from the final position.  The subject's
+            tokens still attend to each other.  Inference and every measurement use ordinary
+            causal attention.  0: off.
+        route_layer: the first block whose attention may read the subject (its last token)
+            from later positions under route masking.
     """
 
     facts: int | str = 300
@@ -183,6 +196,8 @@ class TinyTrainConfig:
     enrichment_layer: int = -1
     enrichment_weight: float = 1.0
     qa_warmup_epochs: int = 0
+    route_masking: float = 0.0
+    route_layer: int = 2
 
     def __post_init__(self) -> None:
         # Coerce values that arrive as strings (CLI, YAML) to the field types.
@@ -204,7 +219,13 @@ class TinyTrainConfig:
         bad = [lang for lang in self.langs if lang not in LANGUAGES]
         if bad or not self.langs:
             raise ConfigError(f"--langs {','.join(self.langs)}: choose from {', '.join(LANGUAGES)}")
-        for name in ("bilingual_fraction", "replay", "stop_accuracy", "context_dropout"):
+        for name in (
+            "bilingual_fraction",
+            "replay",
+            "stop_accuracy",
+            "context_dropout",
+            "route_masking",
+        ):
             value = float(getattr(self, name))
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} {value}: must be in [0, 1]")
@@ -223,6 +244,11 @@ class TinyTrainConfig:
         if not 0 <= self.qa_warmup_epochs < self.max_epochs:
             raise ConfigError(
                 f"--qa-warmup-epochs {self.qa_warmup_epochs}: must be in [0, max_epochs)"
+            )
+        if not 1 <= self.route_layer < self.n_layers:
+            raise ConfigError(
+                f"--route-layer {self.route_layer}: must be a block after the first "
+                f"(1-{self.n_layers - 1})"
             )
         if self.enrichment_weight < 0:
             raise ConfigError("--enrichment-weight must be at least 0")
@@ -265,6 +291,8 @@ _NEUTRAL: dict[str, Any] = {
     "enrichment_layer": -1,
     "enrichment_weight": 1.0,
     "qa_warmup_epochs": 0,
+    "route_masking": 0.0,
+    "route_layer": 2,
 }
 
 
@@ -394,6 +422,10 @@ class Example:
     # subject's last token) must predict ``token`` (the answer's first token) through the
     # logit lens (TinyTrainConfig.enrichment_layer).
     lens: tuple[tuple[int, int], ...] = ()
+    # (first, last): positions of the subject's first and last token, when located; the
+    # route masking of TinyTrainConfig.route_masking applies to this example when ``masked``.
+    route: tuple[int, int] | None = None
+    masked: bool = False
 
 
 @dataclass
@@ -415,6 +447,8 @@ class Corpus:
     # Per unit, the logit-lens target of the subject's last token at the end of the entity
     # document's first line, ((position, token),).
     subject_lens: list[tuple[tuple[int, int], ...]] = field(default_factory=list)
+    # Per unit, (first, last) subject token positions in the question prompt of ``pieces``.
+    routes: list[tuple[int, int] | None] = field(default_factory=list)
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -424,9 +458,16 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 def _last_token(tokenizer: Any, text: str, start: int, end: int) -> int | None:
     """Position (BOS counted) of the last token of ``text`` overlapping ``[start, end)``, as
     editing locates the subject (:func:`mlake_core.editing.base.subject_tokens`)."""
+    span = _span_tokens(tokenizer, text, start, end)
+    return span[1] if span else None
+
+
+def _span_tokens(tokenizer: Any, text: str, start: int, end: int) -> tuple[int, int] | None:
+    """Positions (BOS counted) of the first and last token of ``text`` overlapping
+    ``[start, end)``; ``None`` when no token does."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     hits = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
-    return hits[-1] + 1 if hits else None
+    return (hits[0] + 1, hits[-1] + 1) if hits else None
 
 
 #: Synthetic attribute of entity documents, per language: ``{s}`` the subject, ``{y}`` a year
@@ -516,24 +557,38 @@ def build_corpus(
             # token of its own, shared by every answer).
             answer_first = next((t for t in answer if tokenizer.decode([t]).strip()), answer[0])
             lens: tuple[tuple[int, int], ...] = ()
+            route: tuple[int, int] | None = None
             span = view.question.subject
             q_start = prompt_text.find(view.record.question.strip())
             if span is not None and q_start >= 0 and view.question.text == view.record.question:
-                last = _last_token(tokenizer, prompt_text, q_start + span.start, q_start + span.end)
-                if last is not None and last - cut > 0:
-                    lens = ((last - cut, answer_first),)
-            corpus.qa.append(Example(ids, weights, unit, "qa", droppable, lens))
+                found = _span_tokens(
+                    tokenizer, prompt_text, q_start + span.start, q_start + span.end
+                )
+                if found is not None:
+                    route = found
+                    if found[1] - cut > 0:
+                        lens = ((found[1] - cut, answer_first),)
+            corpus.routes.append(route)
+            qa_route = _shifted(route, cut)
+            corpus.qa.append(Example(ids, weights, unit, "qa", droppable, lens, qa_route))
             statement = [bos, *_encode(tokenizer, view.record.o_prompt), eos][: config.max_len]
             sw = config.statement_weight
             s_lens: tuple[tuple[int, int], ...] = ()
+            s_route: tuple[int, int] | None = None
             c_span, c_text = view.cloze.subject, view.cloze.text
             if c_span is not None and c_text and view.record.o_prompt.startswith(c_text):
-                last = _last_token(tokenizer, view.record.o_prompt, c_span.start, c_span.end)
-                if last is not None and last < len(statement) - 1:
-                    s_lens = ((last, answer_first),)
+                found = _span_tokens(tokenizer, view.record.o_prompt, c_span.start, c_span.end)
+                if found is not None and found[1] < len(statement) - 1:
+                    s_lens = ((found[1], answer_first),)
+                    s_route = found
             corpus.statements.append(
                 Example(
-                    statement, [0.0] + [sw] * (len(statement) - 1), unit, "statement", lens=s_lens
+                    statement,
+                    [0.0] + [sw] * (len(statement) - 1),
+                    unit,
+                    "statement",
+                    lens=s_lens,
+                    route=s_route,
                 )
             )
             corpus.entities.append(entity_sentences(view) if config.entity_text else None)
@@ -555,6 +610,7 @@ def build_corpus(
                         unit,
                         "subject",
                         lens=((len(s_prompt) - 1, answer_first),),
+                        route=(1, len(s_prompt) - 1),
                     )
                 )
             else:
@@ -581,10 +637,26 @@ def _continuation(corpus: Corpus, unit: int, rng: random.Random, max_len: int) -
     name = rng.choice(corpus.names[lang])
     owners = corpus.name_owners[lang][tuple(name)]
     others = [u for u in corpus.by_lang[lang] if corpus.units[u][0] not in owners]
-    prompt, _ = corpus.pieces[rng.choice(others) if others else unit]
+    source = rng.choice(others) if others else unit
+    prompt, _ = corpus.pieces[source]
     ids = (prompt + name)[-max_len:]
     weights = ([0.0] * (len(prompt) + 1) + [1.0] * (len(name) - 1))[-max_len:]
-    return Example(ids, weights, unit, "continuation")
+    route = corpus.routes[source] if corpus.routes else None
+    return Example(
+        ids,
+        weights,
+        unit,
+        "continuation",
+        route=_shifted(route, len(prompt) + len(name) - len(ids)),
+    )
+
+
+def _shifted(route: tuple[int, int] | None, cut: int) -> tuple[int, int] | None:
+    """``route`` after ``cut`` tokens were dropped from the left; ``None`` when the subject's
+    first token (or BOS before it) is gone."""
+    if route is None or route[0] - cut < 1:
+        return None
+    return (route[0] - cut, route[1] - cut)
 
 
 def _context_tokens(tokenizer: Any, prompt_text: str, view: Any) -> list[int]:
@@ -611,9 +683,7 @@ def _dropped(example: Example, rate: float, low: int, high: int, rng: random.Ran
     for i in example.droppable:
         if rng.random() < rate:
             ids[i] = rng.randrange(low, high)
-    return Example(
-        ids, example.weights, example.unit, example.kind, example.droppable, example.lens
-    )
+    return replace(example, ids=ids)
 
 
 def _bilingual(corpus: Corpus, unit: int, other: int, tokenizer: Any, max_len: int) -> Example:
@@ -672,6 +742,7 @@ def _batch_loss(
     *,
     lens_layer: int = -1,
     lens_weight: float = 0.0,
+    route_layer: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted next-token loss of a batch, and per row whether every weighted token is the
     argmax (exact teacher-forced answer).
@@ -680,11 +751,15 @@ def _batch_loss(
     answer-only training.  With ``lens_layer >= 0`` and a positive ``lens_weight``, the
     examples' logit-lens targets (:attr:`Example.lens`) add ``lens_weight`` times their mean
     cross-entropy, read after block ``lens_layer`` through the final norm and unembedding.
+    Examples marked :attr:`Example.masked` get subject-route masking with ``route_layer``
+    (:attr:`TinyTrainConfig.route_masking`).
     """
     ids, mask, weights = _pad(batch, pad_id)
     lens = [(row, pos, tok) for row, ex in enumerate(batch) for pos, tok in ex.lens]
     use_lens = lens_layer >= 0 and lens_weight > 0 and bool(lens)
-    out = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=use_lens)
+    routes = [(row, ex.route) for row, ex in enumerate(batch) if ex.masked and ex.route]
+    with _route_masks(model, mask, routes, route_layer):
+        out = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=use_lens)
     hidden = out.last_hidden_state
     # Position i predicts token i + 1.
     w = weights[:, 1:]
@@ -702,6 +777,56 @@ def _batch_loss(
     correct = (logits.argmax(-1) == targets).float()
     wrong_per_row = torch.zeros(len(batch)).index_add_(0, rows, 1.0 - correct)
     return loss, wrong_per_row == 0
+
+
+def route_masks(
+    mask: torch.Tensor, routes: Sequence[tuple[int, tuple[int, int]]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two boolean attention masks ``[batch, 1, query, key]`` (True: may attend) of
+    subject-route masking, early blocks first: causal attention over the non-padding tokens,
+    minus, for each ``(row, (first, last))``, attention from the positions after ``last`` to
+    the subject's tokens ``first..last`` (early blocks) or ``first..last - 1`` (later blocks).
+    """
+    width = mask.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    base = causal[None, None] & mask.bool()[:, None, None, :]
+    early, late = base.clone(), base.clone()
+    for row, (first, last) in routes:
+        early[row, 0, last + 1 :, first : last + 1] = False
+        late[row, 0, last + 1 :, first:last] = False
+    return early, late
+
+
+class _route_masks:
+    """Context in which the attention of ``model``'s blocks uses the subject-route masks
+    (:func:`route_masks`); does nothing without routes."""
+
+    def __init__(
+        self,
+        model: Any,
+        mask: torch.Tensor,
+        routes: Sequence[tuple[int, tuple[int, int]]],
+        route_layer: int,
+    ) -> None:
+        self.handles: list[Any] = []
+        if not routes:
+            return
+        early, late = route_masks(mask, routes)
+        for index, block in enumerate(model.model.layers):
+            chosen = early if index < route_layer else late
+
+            def hook(module: Any, args: Any, kwargs: dict[str, Any], chosen: Any = chosen) -> Any:
+                kwargs["attention_mask"] = chosen
+                return args, kwargs
+
+            self.handles.append(block.self_attn.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def _batches(
@@ -855,18 +980,25 @@ def train_tiny(
             if not state.status[u] or rng.random() < config.replay
         ]
         examples: list[Example] = []
+
+        def routed(example: Example, rng: random.Random = rng) -> Example:
+            # Subject-route masking, drawn per example (no draw when off: same batches).
+            if config.route_masking and example.route and rng.random() < config.route_masking:
+                return replace(example, masked=True)
+            return example
+
         for u in chosen:
             qa = corpus.qa[u]
             if config.context_dropout and qa.droppable:
                 qa = _dropped(qa, config.context_dropout, n_special, len(tokenizer), rng)
             if epoch >= config.qa_warmup_epochs:
-                examples.append(qa)
-            examples.append(corpus.statements[u])
+                examples.append(routed(qa))
+            examples.append(routed(corpus.statements[u]))
             extra = corpus.subjects[u]
             if extra is not None:
-                examples.append(extra)
+                examples.append(routed(extra))
             if config.answer_continuations:
-                examples.append(_continuation(corpus, u, rng, config.max_len))
+                examples.append(routed(_continuation(corpus, u, rng, config.max_len)))
             if config.entity_text and corpus.entities[u] is not None:
                 examples.append(entity_document(corpus, u, tokenizer, rng, config.max_len))
             if (
@@ -890,6 +1022,7 @@ def train_tiny(
                 pad_id,
                 lens_layer=config.enrichment_layer,
                 lens_weight=config.enrichment_weight,
+                route_layer=config.route_layer,
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

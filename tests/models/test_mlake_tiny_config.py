@@ -441,3 +441,115 @@ def test_entity_documents_and_enrichment_targets(mlake_v2411) -> None:
         logits = model.lm_head(model.model.norm(torch.stack([hidden[0, pos0], h1[0, pos1]])))
     expected = torch.nn.functional.cross_entropy(logits, torch.tensor([tok0, tok1]))
     assert float(with_lens - plain) == pytest.approx(0.5 * float(expected), rel=1e-4)
+
+
+def test_route_masking_config_and_subject_positions(mlake_v2411) -> None:
+    from mlake_core.models.mlake_tiny import _continuation, build_corpus, train_tokenizer
+
+    assert TinyTrainConfig(route_masking=0.0, route_layer=2).key() == TinyTrainConfig().key()
+    assert TinyTrainConfig(route_masking=0.5).key() != TinyTrainConfig().key()
+    with pytest.raises(ConfigError, match="route-layer"):
+        TinyTrainConfig(route_layer=0)  # block 0 would read raw subject embeddings
+    with pytest.raises(ConfigError, match="route-layer"):
+        TinyTrainConfig(route_layer=4)  # no such block
+    with pytest.raises(ConfigError, match="route-masking"):
+        TinyTrainConfig(route_masking=1.5)
+    config = TinyTrainConfig(
+        facts=4, langs=("en", "zh"), route_masking=1.0, answer_continuations=True
+    )
+    records = [f.views[lang].record for f in mlake_v2411.facts[:50] for lang in ("en", "zh")]
+    texts = [t for r in records for t in (r.question, r.o_prompt, r.o_answer, r.e_answer)]
+    tok = train_tokenizer(texts, 800)
+    corpus = build_corpus(mlake_v2411, [2, 28], tok, config)
+    import random
+
+    for unit, (fact_id, lang) in enumerate(corpus.units):
+        view = mlake_v2411.fact(fact_id).views[lang]
+        subject = view.question.subject_text
+        assert subject is not None
+        for ex, named in (
+            (corpus.qa[unit], subject),
+            (corpus.statements[unit], view.cloze.subject_text),
+        ):
+            assert ex.route is not None and not ex.masked
+            first, last = ex.route
+            # The route spans exactly the subject's tokens: all of them, and no more.
+            assert named.strip() in tok.decode(ex.ids[first : last + 1])
+            assert named.strip() not in tok.decode(ex.ids[first + 1 : last + 1])
+            assert named.strip() not in tok.decode(ex.ids[first:last])
+        cont = _continuation(corpus, unit, random.Random(unit), 128)
+        assert cont.route is not None
+        first, last = cont.route
+        source = [
+            u
+            for u in range(len(corpus.units))
+            if corpus.pieces[u][0] == cont.ids[: len(corpus.pieces[u][0])]
+        ]
+        assert source and corpus.routes[source[0]] == cont.route
+
+
+def test_route_masks_leave_only_the_subjects_last_token_as_the_route(mlake_v2411) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from mlake_core.models.mlake_tiny import (
+        _route_masks,
+        model_config,
+        route_masks,
+        train_tokenizer,
+    )
+
+    # The masks by hand: 6 tokens, the subject at 2..3, one padded row.
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+    early, late = route_masks(mask, [(0, (2, 3))])
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    assert torch.equal(early[1, 0], causal & mask[1].bool()[None, :])  # row 1 untouched
+    expected_early = causal.clone()
+    expected_early[4:, 2:4] = False
+    expected_late = causal.clone()
+    expected_late[4:, 2] = False
+    assert torch.equal(early[0, 0], expected_early)
+    assert torch.equal(late[0, 0], expected_late)
+
+    # On a model: with the route opening at the last block, what the positions after the
+    # subject compute depends on the subject only through the residual at its last token
+    # after the block before; without the masks it does not.
+    records = [f.views["en"].record for f in mlake_v2411.facts[:30]]
+    tok = train_tokenizer([t for r in records for t in (r.question, r.o_answer)], 500)
+    config = TinyTrainConfig(n_layers=3, d_model=64, n_heads=2, d_mlp=128, route_layer=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(model_config(config, tok)).eval()
+    a = torch.tensor([[0, 11, 12, 13, 14, 15, 16, 17]])
+    b = a.clone()
+    b[0, 2:5] = torch.tensor([40, 41, 42])  # other subject tokens at 2..4
+    ones = torch.ones_like(a)
+    first, last = 2, 4
+    stored: dict[str, torch.Tensor] = {}
+
+    def keep(module, args, out):
+        stored["h"] = (out[0] if isinstance(out, tuple) else out)[0, last].clone()
+
+    def put(module, args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        h[0, last] = stored["h"]
+        return out
+
+    block = model.model.layers[config.route_layer - 1]
+    with torch.no_grad():
+        for masked in (True, False):
+            routes = [(0, (first, last))] if masked else []
+            with _route_masks(model, ones, routes, config.route_layer):
+                handle = block.register_forward_hook(keep)
+                want = model(a, attention_mask=ones).logits[0, last + 1 :]
+                handle.remove()
+                handle = block.register_forward_hook(put)
+                got = model(b, attention_mask=ones).logits[0, last + 1 :]
+                handle.remove()
+            if masked:
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+            else:
+                assert float((got - want).abs().max()) > 1e-3
+        # No routes: the context changes nothing (the masks are off).
+        with _route_masks(model, ones, [], config.route_layer):
+            plain = model(a, attention_mask=ones).logits
+        torch.testing.assert_close(plain, model(a).logits)
