@@ -29,7 +29,8 @@ def add_model_args(parser: argparse.ArgumentParser, *, template: bool = True) ->
         "--model",
         default=None,
         help=f"local checkpoint folder, Hugging Face hub id, or {TINY_NAME} (default: "
-        f"{TINY_NAME}, trained on MLaKE first if it is not cached)",
+        f"{TINY_NAME}, trained on MLaKE first if it is not cached), or the variant "
+        "mlake-tiny-editable (trained for weight edits at the subject)",
     )
     group.add_argument("--backend", default="tlens", choices=BACKENDS, help="default: tlens")
     group.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda:N")
@@ -85,11 +86,16 @@ def log(message: str) -> None:
 
 def resolve_model_path(model: str | None, data_dir: str | None = None) -> str:
     """What to load for ``--model``: ``mlake-tiny`` (or nothing) becomes the cached folder of
-    the default mlake-tiny, trained first when missing."""
-    from mlake_core.models.mlake_tiny import TINY_NAME, ensure_tiny
+    the default mlake-tiny, and another variant's name (``mlake-tiny-editable``, see
+    :data:`~mlake_core.models.mlake_tiny.VARIANTS`) that variant's, trained first when
+    missing."""
+    from mlake_core.models.mlake_tiny import TINY_NAME, VARIANTS, ensure_tiny, variant_config
 
-    if model is None or model == TINY_NAME:
-        return str(ensure_tiny(data_dir=data_dir, progress=log, show_bar=sys.stderr.isatty()))
+    if model is None or model in VARIANTS:
+        config = variant_config(model or TINY_NAME)
+        return str(
+            ensure_tiny(config, data_dir=data_dir, progress=log, show_bar=sys.stderr.isatty())
+        )
     return model
 
 

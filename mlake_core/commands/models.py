@@ -39,7 +39,7 @@ def register(subparsers: Any) -> None:
 
 
 def _register_train_tiny(sub: Any) -> None:
-    from mlake_core.models.mlake_tiny import TinyTrainConfig
+    from mlake_core.models.mlake_tiny import TINY_NAME, VARIANTS, TinyTrainConfig
     from mlake_core.models.mlake_tiny import __doc__ as tiny_doc
 
     defaults = TinyTrainConfig()
@@ -64,6 +64,22 @@ def _register_train_tiny(sub: Any) -> None:
         f"(default: {defaults.bilingual_fraction})",
     )
     train.add_argument("--max-epochs", type=int, default=defaults.max_epochs, help="epoch budget")
+    train.add_argument(
+        "--variant",
+        default=TINY_NAME,
+        choices=tuple(VARIANTS),
+        help=f"named variant whose options to start from (default: {TINY_NAME}; "
+        "mlake-tiny-editable: trained so that ROME and MEMIT can edit it)",
+    )
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other training option of TinyTrainConfig (repeatable), e.g. "
+        "--set route_masking=0.5; an unknown field is an error",
+    )
     train.add_argument("--version", default=defaults.data_version, help="MLaKE release")
     train.add_argument("--data-dir", default=None, help="MLaKE data directory")
     train.add_argument(
@@ -78,15 +94,23 @@ def run_train_tiny(args: argparse.Namespace) -> int:
     import sys
 
     from mlake_core.commands.common import log
-    from mlake_core.models.mlake_tiny import TinyTrainConfig, ensure_tiny, read_metadata
+    from mlake_core.models.mlake_tiny import ensure_tiny, read_metadata, variant_config
 
-    config = TinyTrainConfig(
+    overrides: dict[str, str] = {}
+    for item in args.overrides:
+        field, sep, value = item.partition("=")
+        if not sep or not field.strip():
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE")
+        overrides[field.strip()] = value.strip()
+    config = variant_config(
+        args.variant,
         facts=args.facts,
         langs=args.langs,
         seed=args.seed,
         bilingual_fraction=args.bilingual_fraction,
         max_epochs=args.max_epochs,
         data_version=args.version,
+        **overrides,
     )
     path = ensure_tiny(
         config,

@@ -163,7 +163,18 @@ class TinyTrainConfig:
             tokens still attend to each other.  Inference and every measurement use ordinary
             causal attention.  0: off.
         route_layer: the first block whose attention may read the subject (its last token)
-            from later positions under route masking.
+            from later positions under route masking; the residual stream after block
+            ``route_layer - 1`` is also where interchange training swaps.
+        interchange: probability per unit and epoch of adding an *interchange example*
+            (interchange-intervention training, Geiger et al. 2022): the unit's question,
+            run with the residual stream after block ``route_layer - 1`` at its subject's
+            last token replaced by that of another fact's question (same language, a fresh
+            fact per draw, gradients through both runs), must give the other fact's answer.
+            It trains the causal property ROME and MEMIT rely on: the answer is read from
+            the subject's last token, not recalled from the question's other words (MLaKE
+            questions are worded uniquely per fact, so a model can identify the fact without
+            its subject; subjects are unique per fact, so the subject determines the
+            answer).  0: off.
     """
 
     facts: int | str = 300
@@ -198,6 +209,7 @@ class TinyTrainConfig:
     qa_warmup_epochs: int = 0
     route_masking: float = 0.0
     route_layer: int = 2
+    interchange: float = 0.0
 
     def __post_init__(self) -> None:
         # Coerce values that arrive as strings (CLI, YAML) to the field types.
@@ -225,6 +237,7 @@ class TinyTrainConfig:
             "stop_accuracy",
             "context_dropout",
             "route_masking",
+            "interchange",
         ):
             value = float(getattr(self, name))
             if not 0.0 <= value <= 1.0:
@@ -268,7 +281,7 @@ class TinyTrainConfig:
         if unknown:
             raise ConfigError(f"unknown mlake-tiny training option(s): {', '.join(unknown)}")
         values = dict(data)
-        if "langs" in values:
+        if isinstance(values.get("langs"), list):
             values["langs"] = tuple(values["langs"])
         return cls(**values)
 
@@ -293,7 +306,32 @@ _NEUTRAL: dict[str, Any] = {
     "qa_warmup_epochs": 0,
     "route_masking": 0.0,
     "route_layer": 2,
+    "interchange": 0.0,
 }
+
+
+#: Named mlake-tiny variants (``--model NAME``): the training options each sets on top of the
+#: defaults.  ``mlake-tiny-editable`` is trained so that weight edits at the subject work
+#: (issue-4 notes, README "Editing"): its facts are read from the residual stream at the
+#: subject's last token after block 1, as ROME and MEMIT assume.
+VARIANTS: dict[str, dict[str, Any]] = {
+    TINY_NAME: {},
+    "mlake-tiny-editable": {
+        "answer_continuations": True,
+        "enrichment_layer": 1,
+        "route_layer": 2,
+        "interchange": 1.0,
+    },
+}
+
+
+def variant_config(name: str, **overrides: Any) -> TinyTrainConfig:
+    """The training config of the named variant (:data:`VARIANTS`), with ``overrides``
+    (field name to value, strings coerced); an unknown name or field is a
+    :class:`~mlake_core.errors.ConfigError` naming the known ones."""
+    if name not in VARIANTS:
+        raise ConfigError(f"unknown mlake-tiny variant {name!r}: choose from {', '.join(VARIANTS)}")
+    return TinyTrainConfig.from_dict({**VARIANTS[name], **overrides})
 
 
 # -- cache ------------------------------------------------------------------------------------
@@ -426,6 +464,10 @@ class Example:
     # route masking of TinyTrainConfig.route_masking applies to this example when ``masked``.
     route: tuple[int, int] | None = None
     masked: bool = False
+    # Interchange training (TinyTrainConfig.interchange): (position here, source unit,
+    # position in the source's question prompt): the residual after block route_layer - 1 at
+    # the first position is replaced by the source prompt's at the second.
+    swap: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -651,6 +693,42 @@ def _continuation(corpus: Corpus, unit: int, rng: random.Random, max_len: int) -
     )
 
 
+def _interchange(corpus: Corpus, unit: int, rng: random.Random, max_len: int) -> Example | None:
+    """An interchange example for ``unit`` (see :attr:`TinyTrainConfig.interchange`): its
+    question prompt followed by the answer of another fact's question in the same language,
+    the loss on that answer; ``None`` when the unit's subject is not located or no other
+    fact has one."""
+    route = corpus.routes[unit]
+    if route is None:
+        return None
+    fact_id, lang = corpus.units[unit]
+    others = [
+        u
+        for u, (f, other_lang) in enumerate(corpus.units)
+        if other_lang == lang and f != fact_id and corpus.routes[u] is not None
+    ]
+    if not others:
+        return None
+    source = rng.choice(others)
+    prompt, _ = corpus.pieces[unit]
+    source_route = corpus.routes[source]
+    assert source_route is not None
+    answer = corpus.pieces[source][1]
+    ids = (prompt + answer)[-max_len:]
+    weights = ([0.0] * len(prompt) + [1.0] * len(answer))[-max_len:]
+    shifted = _shifted(route, len(prompt) + len(answer) - len(ids))
+    if shifted is None:
+        return None
+    return Example(
+        ids,
+        weights,
+        unit,
+        "interchange",
+        route=shifted,
+        swap=(shifted[1], source, source_route[1]),
+    )
+
+
 def _shifted(route: tuple[int, int] | None, cut: int) -> tuple[int, int] | None:
     """``route`` after ``cut`` tokens were dropped from the left; ``None`` when the subject's
     first token (or BOS before it) is gone."""
@@ -743,6 +821,7 @@ def _batch_loss(
     lens_layer: int = -1,
     lens_weight: float = 0.0,
     route_layer: int = 0,
+    corpus: Corpus | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted next-token loss of a batch, and per row whether every weighted token is the
     argmax (exact teacher-forced answer).
@@ -752,13 +831,17 @@ def _batch_loss(
     examples' logit-lens targets (:attr:`Example.lens`) add ``lens_weight`` times their mean
     cross-entropy, read after block ``lens_layer`` through the final norm and unembedding.
     Examples marked :attr:`Example.masked` get subject-route masking with ``route_layer``
-    (:attr:`TinyTrainConfig.route_masking`).
+    (:attr:`TinyTrainConfig.route_masking`); interchange examples (:attr:`Example.swap`) get
+    their source's residual after block ``route_layer - 1``, computed from ``corpus``.
     """
     ids, mask, weights = _pad(batch, pad_id)
     lens = [(row, pos, tok) for row, ex in enumerate(batch) for pos, tok in ex.lens]
     use_lens = lens_layer >= 0 and lens_weight > 0 and bool(lens)
     routes = [(row, ex.route) for row, ex in enumerate(batch) if ex.masked and ex.route]
-    with _route_masks(model, mask, routes, route_layer):
+    swaps = [(row, ex.swap) for row, ex in enumerate(batch) if ex.swap]
+    # The sources run first, with plain attention, before the masks are installed.
+    swapped = _swapped(model, swaps, corpus, pad_id, route_layer - 1)
+    with swapped, _route_masks(model, mask, routes, route_layer):
         out = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=use_lens)
     hidden = out.last_hidden_state
     # Position i predicts token i + 1.
@@ -795,6 +878,64 @@ def route_masks(
         early[row, 0, last + 1 :, first : last + 1] = False
         late[row, 0, last + 1 :, first:last] = False
     return early, late
+
+
+class _swapped:
+    """Context in which block ``layer``'s output at each swap's position is replaced by the
+    same block's output at the source prompt's position (interchange training); the source
+    prompts run here, in one batch, with gradients.  Does nothing without swaps."""
+
+    def __init__(
+        self,
+        model: Any,
+        swaps: Sequence[tuple[int, tuple[int, int, int]]],
+        corpus: Corpus | None,
+        pad_id: int,
+        layer: int,
+    ) -> None:
+        self.handle: Any = None
+        if not swaps:
+            return
+        if corpus is None:
+            raise ValueError("interchange examples need the corpus of their sources")
+        block = model.model.layers[layer]
+        sources = [corpus.pieces[source][0] for _, (_, source, _) in swaps]
+        width = max(len(p) for p in sources)
+        src_ids = torch.full((len(sources), width), pad_id, dtype=torch.long)
+        src_mask = torch.zeros((len(sources), width), dtype=torch.long)
+        for i, prompt in enumerate(sources):
+            src_ids[i, : len(prompt)] = torch.as_tensor(prompt)
+            src_mask[i, : len(prompt)] = 1
+        captured: list[torch.Tensor] = []
+
+        def capture(module: Any, args: Any, out: Any) -> None:
+            captured.append(out[0] if isinstance(out, tuple) else out)
+
+        handle = block.register_forward_hook(capture)
+        try:
+            # Only the blocks up to ``layer`` matter; the rest of the pass is wasted but
+            # cheap at this size.
+            model.model(input_ids=src_ids, attention_mask=src_mask)
+        finally:
+            handle.remove()
+        src_pos = torch.tensor([pos for _, (_, _, pos) in swaps])
+        values = captured[0][torch.arange(len(swaps)), src_pos]
+        rows = torch.tensor([row for row, _ in swaps])
+        cols = torch.tensor([pos for _, (pos, _, _) in swaps])
+
+        def replace_out(module: Any, args: Any, out: Any) -> Any:
+            hidden = out[0] if isinstance(out, tuple) else out
+            hidden = hidden.index_put((rows, cols), values.to(hidden.dtype))
+            return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+        self.handle = block.register_forward_hook(replace_out)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.handle is not None:
+            self.handle.remove()
 
 
 class _route_masks:
@@ -999,6 +1140,10 @@ def train_tiny(
                 examples.append(routed(extra))
             if config.answer_continuations:
                 examples.append(routed(_continuation(corpus, u, rng, config.max_len)))
+            if config.interchange and rng.random() < config.interchange:
+                swap = _interchange(corpus, u, rng, config.max_len)
+                if swap is not None:
+                    examples.append(routed(swap))
             if config.entity_text and corpus.entities[u] is not None:
                 examples.append(entity_document(corpus, u, tokenizer, rng, config.max_len))
             if (
@@ -1023,6 +1168,7 @@ def train_tiny(
                 lens_layer=config.enrichment_layer,
                 lens_weight=config.enrichment_weight,
                 route_layer=config.route_layer,
+                corpus=corpus,
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -553,3 +553,82 @@ def test_route_masks_leave_only_the_subjects_last_token_as_the_route(mlake_v2411
         with _route_masks(model, ones, [], config.route_layer):
             plain = model(a, attention_mask=ones).logits
         torch.testing.assert_close(plain, model(a).logits)
+
+
+def test_interchange_examples_read_the_answer_through_the_swapped_subject(mlake_v2411) -> None:
+    import random
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from mlake_core.models.mlake_tiny import (
+        _batch_loss,
+        _interchange,
+        build_corpus,
+        model_config,
+        train_tokenizer,
+    )
+
+    config = TinyTrainConfig(facts=4, langs=("en", "zh"), interchange=1.0, route_layer=1)
+    assert config.key() != TinyTrainConfig(facts=4, langs=("en", "zh")).key()
+    with pytest.raises(ConfigError, match="interchange"):
+        TinyTrainConfig(interchange=-0.1)
+    records = [f.views[lang].record for f in mlake_v2411.facts[:50] for lang in ("en", "zh")]
+    texts = [t for r in records for t in (r.question, r.o_prompt, r.o_answer, r.e_answer)]
+    tok = train_tokenizer(texts, 800)
+    corpus = build_corpus(mlake_v2411, [2, 28, 33], tok, config)
+    for unit, (fact_id, lang) in enumerate(corpus.units):
+        for seed in range(4):
+            ex = _interchange(corpus, unit, random.Random(seed), 128)
+            assert ex is not None and ex.swap is not None and ex.route is not None
+            pos, source, source_pos = ex.swap
+            # Another fact of the same language; its subject's last token is swapped into
+            # this prompt's subject's last token, and the loss is on its answer.
+            assert corpus.units[source][1] == lang and corpus.units[source][0] != fact_id
+            assert pos == ex.route[1] and source_pos == corpus.routes[source][1]  # type: ignore[index]
+            prompt, answer = corpus.pieces[unit][0], corpus.pieces[source][1]
+            assert ex.ids == prompt + answer
+            assert ex.weights == [0.0] * len(prompt) + [1.0] * len(answer)
+
+    # The loss equals a forward pass of the prompt whose residual after block 0 at the
+    # subject's last token is the source prompt's, scored on the source's answer.
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(model_config(dataclasses.replace(config, n_layers=2), tok)).eval()
+    ex = _interchange(corpus, 0, random.Random(0), 128)
+    assert ex is not None and ex.swap is not None
+    pos, source, source_pos = ex.swap
+    with torch.no_grad():
+        loss, _ = _batch_loss(model, [ex], tok.pad_token_id, route_layer=1, corpus=corpus)
+        plain, _ = _batch_loss(model, [dataclasses.replace(ex, swap=None)], tok.pad_token_id)
+        src = model.model(
+            input_ids=torch.tensor([corpus.pieces[source][0]]), output_hidden_states=True
+        ).hidden_states[1][0, source_pos]
+
+        def put(module, args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            h[0, pos] = src
+            return out
+
+        handle = model.model.layers[0].register_forward_hook(put)
+        logits = model(torch.tensor([ex.ids])).logits[0]
+        handle.remove()
+    n_prompt = len(corpus.pieces[0][0])
+    targets = torch.tensor(ex.ids[n_prompt:])
+    expected = torch.nn.functional.cross_entropy(logits[n_prompt - 1 : -1], targets)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss) != pytest.approx(float(plain), rel=1e-3)
+
+
+def test_variants_and_overrides() -> None:
+    from mlake_core.models.mlake_tiny import VARIANTS, variant_config
+
+    assert variant_config(TINY_NAME) == TinyTrainConfig()
+    editable = variant_config("mlake-tiny-editable")
+    assert editable.interchange > 0 and editable.answer_continuations
+    assert editable.key() != TinyTrainConfig().key()
+    assert set(VARIANTS) >= {TINY_NAME, "mlake-tiny-editable"}
+    assert variant_config(TINY_NAME, langs="en,zh", route_masking="0.5").langs == ("en", "zh")
+    with pytest.raises(ConfigError, match="mlake-tiny-editable"):
+        variant_config("mlake-tiny-big")
+    with pytest.raises(ConfigError, match="unknown mlake-tiny training option"):
+        variant_config(TINY_NAME, routing=1)
