@@ -175,6 +175,16 @@ class TinyTrainConfig:
             questions are worded uniquely per fact, so a model can identify the fact without
             its subject; subjects are unique per fact, so the subject determines the
             answer).  0: off.
+        name_entities: give every new answer (``e_answer``) of the trained facts that is not
+            also an original answer in that language a *synthetic entity*: a made-up name
+            (:func:`synthetic_name`) trained with that answer as its attribute
+            (``{name} {answer}``, the answer's first token also as the logit-lens target at
+            the name's last token), and, with ``interchange``, used as the source of half of
+            the interchange examples.  A pretrained model knows the entities an edit's new
+            answer names; mlake-tiny otherwise has never produced some of them, so no weight
+            change at the subject could make it say them (issue-4 notes).  The synthetic
+            names never appear with an MLaKE subject or question: no fact is trained with its
+            new answer.  Off by default.
     """
 
     facts: int | str = 300
@@ -210,6 +220,7 @@ class TinyTrainConfig:
     route_masking: float = 0.0
     route_layer: int = 2
     interchange: float = 0.0
+    name_entities: bool = False
 
     def __post_init__(self) -> None:
         # Coerce values that arrive as strings (CLI, YAML) to the field types.
@@ -307,6 +318,7 @@ _NEUTRAL: dict[str, Any] = {
     "route_masking": 0.0,
     "route_layer": 2,
     "interchange": 0.0,
+    "name_entities": False,
 }
 
 
@@ -489,8 +501,13 @@ class Corpus:
     # Per unit, the logit-lens target of the subject's last token at the end of the entity
     # document's first line, ((position, token),).
     subject_lens: list[tuple[tuple[int, int], ...]] = field(default_factory=list)
-    # Per unit, (first, last) subject token positions in the question prompt of ``pieces``.
+    # Per unit, (first, last) subject token positions in the question prompt of ``pieces``;
+    # then the same for each synthetic entity (TinyTrainConfig.name_entities), whose prompt
+    # and answer follow the units' in ``pieces``.
     routes: list[tuple[int, int] | None] = field(default_factory=list)
+    # Per language, the indices in ``pieces`` of its synthetic entities, and their examples.
+    synthetic: dict[str, list[int]] = field(default_factory=dict)
+    synthetic_examples: list[Example] = field(default_factory=list)
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -667,7 +684,69 @@ def build_corpus(
     for lang, owners in corpus.name_owners.items():
         # Sorted: deterministic, one entry per distinct name.
         corpus.names[lang] = [list(n) for n in sorted(owners)]
+    if config.name_entities:
+        _add_name_entities(dataset, fact_ids, tokenizer, config, corpus)
     return corpus
+
+
+#: Syllables of synthetic entity names, per language (see :func:`synthetic_name`).
+_SYLLABLES: dict[str, tuple[str, ...]] = {
+    "en": ("ka", "lor", "ven", "mi", "dra", "sel", "tor", "bra", "nim", "quel", "ash", "rin"),
+    "fr": ("ma", "lou", "vien", "dre", "sol", "ter", "bel", "nau", "cour", "mon", "gil", "ran"),
+    "de": ("ka", "lor", "wen", "berg", "dra", "sel", "tor", "bra", "nim", "hau", "sten", "rin"),
+    "zh": tuple("安宝辰丹芳高海华佳建凯兰丽明宁平琪荣山涛文祥欣雅耀"),
+    "ja": tuple("アイカキクサシタチナニハヒマミヤラリルレロ"),
+}
+
+
+def synthetic_name(lang: str, seed: str) -> str:
+    """A made-up entity name in the script of ``lang``, fixed by ``seed``: two words of two
+    or three syllables (en, fr, de), or three to four characters (zh, ja)."""
+    rng = random.Random(f"{lang}|{seed}")
+    pool = _SYLLABLES[lang]
+    if lang in UNSPACED:
+        return "".join(rng.choice(pool) for _ in range(rng.randint(3, 4)))
+    words = ["".join(rng.choice(pool) for _ in range(rng.randint(2, 3))) for _ in range(2)]
+    return " ".join(w.capitalize() for w in words)
+
+
+def _add_name_entities(
+    dataset: MlakeDataset,
+    fact_ids: Sequence[int],
+    tokenizer: Any,
+    config: TinyTrainConfig,
+    corpus: Corpus,
+) -> None:
+    """The synthetic entities of :attr:`TinyTrainConfig.name_entities`, appended to
+    ``corpus.pieces`` and ``corpus.routes``, with one example each."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    for lang in config.langs:
+        views = [dataset.fact(f).views[lang] for f in fact_ids]
+        originals = {v.record.o_answer.strip() for v in views}
+        news = sorted(
+            {v.record.e_answer.strip() for v in views if v.record.e_answer} - originals - {""}
+        )
+        sep = "" if lang in UNSPACED else " "
+        for answer_text in news:
+            name = synthetic_name(lang, answer_text)
+            prompt = [bos, *_encode(tokenizer, name)]
+            answer = [*_encode(tokenizer, sep + answer_text), eos]
+            first = next((t for t in answer if tokenizer.decode([t]).strip()), answer[0])
+            index = len(corpus.pieces)
+            corpus.pieces.append((prompt, answer))
+            corpus.routes.append((1, len(prompt) - 1))
+            corpus.synthetic.setdefault(lang, []).append(index)
+            ids = (prompt + answer)[: config.max_len]
+            corpus.synthetic_examples.append(
+                Example(
+                    ids,
+                    ([0.0] * len(prompt) + [1.0] * len(answer))[: config.max_len],
+                    -1,
+                    "name_entity",
+                    lens=((len(prompt) - 1, first),),
+                    route=(1, len(prompt) - 1),
+                )
+            )
 
 
 def _continuation(corpus: Corpus, unit: int, rng: random.Random, max_len: int) -> Example:
@@ -695,9 +774,10 @@ def _continuation(corpus: Corpus, unit: int, rng: random.Random, max_len: int) -
 
 def _interchange(corpus: Corpus, unit: int, rng: random.Random, max_len: int) -> Example | None:
     """An interchange example for ``unit`` (see :attr:`TinyTrainConfig.interchange`): its
-    question prompt followed by the answer of another fact's question in the same language,
-    the loss on that answer; ``None`` when the unit's subject is not located or no other
-    fact has one."""
+    question prompt followed by the answer of another fact's question in the same language
+    (or, half of the time when there are any, of a synthetic entity of that language,
+    :attr:`TinyTrainConfig.name_entities`), the loss on that answer; ``None`` when the unit's
+    subject is not located or there is no source."""
     route = corpus.routes[unit]
     if route is None:
         return None
@@ -707,6 +787,9 @@ def _interchange(corpus: Corpus, unit: int, rng: random.Random, max_len: int) ->
         for u, (f, other_lang) in enumerate(corpus.units)
         if other_lang == lang and f != fact_id and corpus.routes[u] is not None
     ]
+    synthetic = corpus.synthetic.get(lang, [])
+    if synthetic and (not others or rng.random() < 0.5):
+        others = synthetic
     if not others:
         return None
     source = rng.choice(others)
@@ -1157,6 +1240,7 @@ def train_tiny(
                 examples.append(
                     _bilingual(corpus, u, rng.choice(others), tokenizer, config.max_len)
                 )
+        examples += [routed(ex) for ex in corpus.synthetic_examples]
         losses = []
         for batch in _batches(examples, config.batch_size, rng):
             for group in optimizer.param_groups:
