@@ -67,7 +67,7 @@ def register(subparsers: Any) -> None:
         action="append",
         default=[],
         metavar="METHOD.FIELD=VALUE",
-        help="a field of a method's config, e.g. ft.lr=0.01 or rome.clamp_norm_factor=4 "
+        help="a field of a method's config, e.g. ft.lr=0.01 or rome.clamp_norm=4 "
         "(repeatable; the fields are the config dataclasses' in mlake_core/editing)",
     )
     tr.add_argument(

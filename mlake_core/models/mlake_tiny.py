@@ -185,6 +185,11 @@ class TinyTrainConfig:
             change at the subject could make it say them (issue-4 notes).  The synthetic
             names never appear with an MLaKE subject or question: no fact is trained with its
             new answer.  Off by default.
+        interchange_site: what interchange training swaps at the subject's last token in
+            block ``route_layer - 1``: ``resid``, the residual stream after the block, or
+            ``mlp``, the block's MLP output only (the rest of the residual stream stays the
+            prompt's own), so that the fact is written by that MLP, the assumption of ROME
+            and MEMIT, whose update to that MLP's output is bounded relative to its norm.
     """
 
     facts: int | str = 300
@@ -221,6 +226,7 @@ class TinyTrainConfig:
     route_layer: int = 2
     interchange: float = 0.0
     name_entities: bool = False
+    interchange_site: str = "resid"
 
     def __post_init__(self) -> None:
         # Coerce values that arrive as strings (CLI, YAML) to the field types.
@@ -269,11 +275,14 @@ class TinyTrainConfig:
             raise ConfigError(
                 f"--qa-warmup-epochs {self.qa_warmup_epochs}: must be in [0, max_epochs)"
             )
-        if not 1 <= self.route_layer < self.n_layers:
+        uses_route = self.route_masking > 0 or self.interchange > 0
+        if uses_route and not 1 <= self.route_layer < self.n_layers:
             raise ConfigError(
                 f"--route-layer {self.route_layer}: must be a block after the first "
                 f"(1-{self.n_layers - 1})"
             )
+        if self.interchange_site not in ("resid", "mlp"):
+            raise ConfigError(f"--interchange-site {self.interchange_site!r}: choose resid or mlp")
         if self.enrichment_weight < 0:
             raise ConfigError("--enrichment-weight must be at least 0")
         get_template(self.template)
@@ -319,6 +328,7 @@ _NEUTRAL: dict[str, Any] = {
     "route_layer": 2,
     "interchange": 0.0,
     "name_entities": False,
+    "interchange_site": "resid",
 }
 
 
@@ -905,6 +915,7 @@ def _batch_loss(
     lens_weight: float = 0.0,
     route_layer: int = 0,
     corpus: Corpus | None = None,
+    interchange_site: str = "resid",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted next-token loss of a batch, and per row whether every weighted token is the
     argmax (exact teacher-forced answer).
@@ -923,7 +934,7 @@ def _batch_loss(
     routes = [(row, ex.route) for row, ex in enumerate(batch) if ex.masked and ex.route]
     swaps = [(row, ex.swap) for row, ex in enumerate(batch) if ex.swap]
     # The sources run first, with plain attention, before the masks are installed.
-    swapped = _swapped(model, swaps, corpus, pad_id, route_layer - 1)
+    swapped = _swapped(model, swaps, corpus, pad_id, route_layer - 1, interchange_site)
     with swapped, _route_masks(model, mask, routes, route_layer):
         out = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=use_lens)
     hidden = out.last_hidden_state
@@ -975,6 +986,7 @@ class _swapped:
         corpus: Corpus | None,
         pad_id: int,
         layer: int,
+        site: str = "resid",
     ) -> None:
         self.handle: Any = None
         if not swaps:
@@ -982,6 +994,8 @@ class _swapped:
         if corpus is None:
             raise ValueError("interchange examples need the corpus of their sources")
         block = model.model.layers[layer]
+        if site == "mlp":
+            block = block.mlp
         sources = [corpus.pieces[source][0] for _, (_, source, _) in swaps]
         width = max(len(p) for p in sources)
         src_ids = torch.full((len(sources), width), pad_id, dtype=torch.long)
@@ -1253,6 +1267,7 @@ def train_tiny(
                 lens_weight=config.enrichment_weight,
                 route_layer=config.route_layer,
                 corpus=corpus,
+                interchange_site=config.interchange_site,
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

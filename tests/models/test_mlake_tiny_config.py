@@ -146,6 +146,8 @@ def test_every_field_enters_the_key() -> None:
             new = "bare"
         elif f.name == "data_version":
             new = "v2024-04"
+        elif f.name == "interchange_site":
+            new = "mlp"
         elif f.name in ("bilingual_fraction", "replay", "stop_accuracy", "lr_min_ratio"):
             new = value / 2 if value else 0.5
         elif f.name == "n_heads":
@@ -449,9 +451,10 @@ def test_route_masking_config_and_subject_positions(mlake_v2411) -> None:
     assert TinyTrainConfig(route_masking=0.0, route_layer=2).key() == TinyTrainConfig().key()
     assert TinyTrainConfig(route_masking=0.5).key() != TinyTrainConfig().key()
     with pytest.raises(ConfigError, match="route-layer"):
-        TinyTrainConfig(route_layer=0)  # block 0 would read raw subject embeddings
+        TinyTrainConfig(route_layer=0, route_masking=0.5)  # block 0: raw subject embeddings
     with pytest.raises(ConfigError, match="route-layer"):
-        TinyTrainConfig(route_layer=4)  # no such block
+        TinyTrainConfig(route_layer=4, interchange=1.0)  # no such block
+    TinyTrainConfig(n_layers=2)  # unused: not checked
     with pytest.raises(ConfigError, match="route-masking"):
         TinyTrainConfig(route_masking=1.5)
     config = TinyTrainConfig(
@@ -632,3 +635,82 @@ def test_variants_and_overrides() -> None:
         variant_config("mlake-tiny-big")
     with pytest.raises(ConfigError, match="unknown mlake-tiny training option"):
         variant_config(TINY_NAME, routing=1)
+
+
+def test_name_entities_and_mlp_interchange(mlake_v2411) -> None:
+    import random
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from mlake_core.models.mlake_tiny import (
+        _batch_loss,
+        _interchange,
+        build_corpus,
+        model_config,
+        synthetic_name,
+        train_tokenizer,
+    )
+
+    with pytest.raises(ConfigError, match="interchange-site"):
+        TinyTrainConfig(interchange_site="attn")
+    assert synthetic_name("en", "BBC") == synthetic_name("en", "BBC")
+    assert synthetic_name("en", "BBC") != synthetic_name("en", "Canada")
+    assert all(not c.isascii() for c in synthetic_name("zh", "BBC"))
+    config = TinyTrainConfig(
+        facts=4, langs=("en", "zh"), interchange=1.0, name_entities=True, route_layer=1
+    )
+    records = [f.views[lang].record for f in mlake_v2411.facts[:50] for lang in ("en", "zh")]
+    texts = [t for r in records for t in (r.question, r.o_prompt, r.o_answer, r.e_answer)]
+    tok = train_tokenizer(texts, 800)
+    facts = [2, 28, 33]
+    corpus = build_corpus(mlake_v2411, facts, tok, config)
+    for lang in ("en", "zh"):
+        views = [mlake_v2411.fact(f).views[lang] for f in facts]
+        originals = {v.record.o_answer.strip() for v in views}
+        expected = {v.record.e_answer.strip() for v in views} - originals
+        indices = corpus.synthetic[lang]
+        answers = {tok.decode(corpus.pieces[i][1][:-1]).strip() for i in indices}
+        assert answers == expected  # every new answer that is not an original one, once
+        for i in indices:
+            prompt, _ = corpus.pieces[i]
+            name = tok.decode(prompt[1:])
+            assert name not in {v.question.subject_text for v in views}
+            assert corpus.routes[i] == (1, len(prompt) - 1)
+    assert len(corpus.synthetic_examples) == sum(len(v) for v in corpus.synthetic.values())
+    # Interchange sources include the synthetic entities.
+    sources = {_interchange(corpus, 0, random.Random(s), 128).swap[1] for s in range(40)}  # type: ignore[union-attr]
+    assert sources & set(corpus.synthetic["en"]) and sources - set(corpus.synthetic["en"])
+
+    # The mlp site swaps the block's MLP output only.
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(model_config(dataclasses.replace(config, n_layers=2), tok)).eval()
+    ex = _interchange(corpus, 0, random.Random(1), 128)
+    assert ex is not None and ex.swap is not None
+    pos, source, source_pos = ex.swap
+    stored: dict[str, torch.Tensor] = {}
+
+    def keep(module, args, out):
+        stored["v"] = out[0, source_pos].clone()
+
+    def put(module, args, out):
+        out = out.clone()
+        out[0, pos] = stored["v"]
+        return out
+
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad():
+        loss, _ = _batch_loss(
+            model, [ex], tok.pad_token_id, route_layer=1, corpus=corpus, interchange_site="mlp"
+        )
+        handle = mlp.register_forward_hook(keep)
+        model(torch.tensor([corpus.pieces[source][0]]))
+        handle.remove()
+        handle = mlp.register_forward_hook(put)
+        logits = model(torch.tensor([ex.ids])).logits[0]
+        handle.remove()
+    n_prompt = len(corpus.pieces[0][0])
+    expected_loss = torch.nn.functional.cross_entropy(
+        logits[n_prompt - 1 : -1], torch.tensor(ex.ids[n_prompt:])
+    )
+    assert float(loss) == pytest.approx(float(expected_loss), rel=1e-5)
