@@ -126,6 +126,7 @@ def evaluate_edit(
             tpl,
             KnowledgeConfig(forms=("question",), max_new_tokens=config.max_new_tokens, mcqa=False),
             batch_size=batch_size,
+            scored=False,  # locality reads only the greedy answer
         ).table
         port = _portability(adapter, fact.multi_hop, langs, tpl, config, batch_size)
     for rec in measured.to_dict(orient="records"):

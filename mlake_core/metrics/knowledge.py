@@ -398,6 +398,7 @@ def measure_knowledge(
     *,
     batch_size: int = 32,
     progress: Callable[[str, int, int], None] | None = None,
+    scored: bool = True,
 ) -> KnowledgeResult:
     """Measure what ``adapter`` knows about ``views`` (see the module docstring).
 
@@ -409,6 +410,9 @@ def measure_knowledge(
         batch_size: sequences per forward pass (a run setting: results do not depend on it
             beyond float noise).
         progress: called with (stage, done, total) as work finishes.
+        scored: score the answers' probabilities; without, only greedy generation runs and
+            every probability column is NaN (``prefers_original`` is then meaningless):
+            what edit evaluation's locality check needs, at about half the cost.
 
     Returns:
         A :class:`KnowledgeResult`.
@@ -421,7 +425,7 @@ def measure_knowledge(
     # One flat list of every sequence to score, remembered by (row, kind, index).
     pairs: list[tuple[list[int], list[int]]] = []
     where: list[tuple[int, str, int]] = []
-    for r, row in enumerate(rows):
+    for r, row in enumerate(rows if scored else ()):
         for kind, seqs in (("t", row.target_ids), ("e", row.edit_ids), ("o", row.option_ids)):
             for k, seq in enumerate(seqs):
                 pairs.append((row.prompt_ids, seq))
@@ -458,7 +462,8 @@ def measure_knowledge(
         t_scores = by_row.get((r, "t"), [])
         e_scores = by_row.get((r, "e"), [])
         o_scores = by_row.get((r, "o"), [])
-        main, edit = t_scores[0], (e_scores[0] if e_scores else None)
+        unscored = SequenceScore(logp=math.nan, n_tokens=len(row.target_ids[0]))
+        main, edit = (t_scores[0] if t_scores else unscored), (e_scores[0] if e_scores else None)
         t_alias = _logsumexp([s.logp for s in t_scores])
         e_alias = _logsumexp([s.logp for s in e_scores])
         text = template.cut(adapter.tokenizer.decode(generated[r], skip_special_tokens=True))

@@ -117,6 +117,15 @@ def test_known_facts_are_those_training_answered_exactly(
     known = q[q["greedy_match"] == "original"]
     assert (known["greedy_text"].str.strip() == known["target"]).all()
     assert known["prefers_original"].mean() > 0.9
+    # Without scoring (edit evaluation's locality check): the same greedy answers, no
+    # probabilities.
+    greedy_only = measure_knowledge(
+        adapters["tlens"], trained_views, QA, KnowledgeConfig(), scored=False
+    ).table
+    assert greedy_only["greedy_text"].tolist() == result.table["greedy_text"].tolist()
+    assert greedy_only["greedy_match"].tolist() == result.table["greedy_match"].tolist()
+    assert greedy_only["target_logp"].isna().all()
+    assert greedy_only["edit_alias_logp"].isna().all()
 
 
 def test_alias_probability_is_the_sum_over_aliases(adapters, hf, trained_views) -> None:
