@@ -343,6 +343,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "enrichment_layer": 1,
         "route_layer": 2,
         "interchange": 1.0,
+        "name_entities": True,
     },
 }
 
