@@ -783,10 +783,12 @@ def _continuation(corpus: Corpus, unit: int, rng: random.Random, max_len: int) -
     )
 
 
-def _interchange(corpus: Corpus, unit: int, rng: random.Random, max_len: int) -> Example | None:
+def _interchange(
+    corpus: Corpus, unit: int, rng: random.Random, max_len: int, synthetic: bool = False
+) -> Example | None:
     """An interchange example for ``unit`` (see :attr:`TinyTrainConfig.interchange`): its
     question prompt followed by the answer of another fact's question in the same language
-    (or, half of the time when there are any, of a synthetic entity of that language,
+    (with ``synthetic``, of a synthetic entity of that language,
     :attr:`TinyTrainConfig.name_entities`), the loss on that answer; ``None`` when the unit's
     subject is not located or there is no source."""
     route = corpus.routes[unit]
@@ -798,9 +800,8 @@ def _interchange(corpus: Corpus, unit: int, rng: random.Random, max_len: int) ->
         for u, (f, other_lang) in enumerate(corpus.units)
         if other_lang == lang and f != fact_id and corpus.routes[u] is not None
     ]
-    synthetic = corpus.synthetic.get(lang, [])
-    if synthetic and (not others or rng.random() < 0.5):
-        others = synthetic
+    if synthetic:
+        others = corpus.synthetic.get(lang, [])
     if not others:
         return None
     source = rng.choice(others)
@@ -1239,9 +1240,10 @@ def train_tiny(
             if config.answer_continuations:
                 examples.append(routed(_continuation(corpus, u, rng, config.max_len)))
             if config.interchange and rng.random() < config.interchange:
-                swap = _interchange(corpus, u, rng, config.max_len)
-                if swap is not None:
-                    examples.append(routed(swap))
+                for synthetic in (False, True) if corpus.synthetic else (False,):
+                    swap = _interchange(corpus, u, rng, config.max_len, synthetic)
+                    if swap is not None:
+                        examples.append(routed(swap))
             if config.entity_text and corpus.entities[u] is not None:
                 examples.append(entity_document(corpus, u, tokenizer, rng, config.max_len))
             if (

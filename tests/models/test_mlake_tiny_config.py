@@ -679,8 +679,12 @@ def test_name_entities_and_mlp_interchange(mlake_v2411) -> None:
             assert corpus.routes[i] == (1, len(prompt) - 1)
     assert len(corpus.synthetic_examples) == sum(len(v) for v in corpus.synthetic.values())
     # Interchange sources include the synthetic entities.
-    sources = {_interchange(corpus, 0, random.Random(s), 128).swap[1] for s in range(40)}  # type: ignore[union-attr]
-    assert sources & set(corpus.synthetic["en"]) and sources - set(corpus.synthetic["en"])
+    for synthetic in (False, True):
+        drawn = [_interchange(corpus, 0, random.Random(s), 128, synthetic) for s in range(20)]
+        sources = {ex.swap[1] for ex in drawn if ex and ex.swap}
+        assert len(sources) > 1
+        assert (sources <= set(corpus.synthetic["en"])) == synthetic
+        assert bool(sources & set(corpus.synthetic["en"])) == synthetic
 
     # The mlp site swaps the block's MLP output only.
     torch.manual_seed(0)
