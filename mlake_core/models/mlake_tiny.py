@@ -179,8 +179,8 @@ class TinyTrainConfig:
             also an original answer in that language a *synthetic entity*: a made-up name
             (:func:`synthetic_name`) trained with that answer as its attribute
             (``{name} {answer}``, the answer's first token also as the logit-lens target at
-            the name's last token), and, with ``interchange``, used as the source of half of
-            the interchange examples.  A pretrained model knows the entities an edit's new
+            the name's last token), and, with ``interchange``, the source of a second
+            interchange example per drawn unit.  A pretrained model knows the entities an edit's new
             answer names; mlake-tiny otherwise has never produced some of them, so no weight
             change at the subject could make it say them (issue-4 notes).  The synthetic
             names never appear with an MLaKE subject or question: no fact is trained with its
@@ -190,6 +190,8 @@ class TinyTrainConfig:
             ``mlp``, the block's MLP output only (the rest of the residual stream stays the
             prompt's own), so that the fact is written by that MLP, the assumption of ROME
             and MEMIT, whose update to that MLP's output is bounded relative to its norm.
+            Measured on 100 facts, ``mlp`` did not work: ROME reached 0-10% efficacy
+            against 50-100% with ``resid`` (issue-4 notes).
     """
 
     facts: int | str = 300
