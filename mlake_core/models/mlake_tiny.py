@@ -1412,11 +1412,14 @@ def ensure_tiny(
 
 
 def describe_config(config: TinyTrainConfig) -> str:
-    """One line for humans."""
+    """One line for humans (the opt-in training options that are on, at the end)."""
+    extra = [
+        f"{k} {v}" for k, v in config.to_dict().items() if k in _NEUTRAL and _NEUTRAL[k] != v
+    ]
     return (
         f"{config.facts} facts x {len(config.langs)} languages, {config.n_layers} layers, "
         f"d_model {config.d_model}, seed {config.seed}, "
-        f"bilingual fraction {config.bilingual_fraction}"
+        f"bilingual fraction {config.bilingual_fraction}" + "".join(f", {e}" for e in extra)
     )
 
 
