@@ -1413,9 +1413,7 @@ def ensure_tiny(
 
 def describe_config(config: TinyTrainConfig) -> str:
     """One line for humans (the opt-in training options that are on, at the end)."""
-    extra = [
-        f"{k} {v}" for k, v in config.to_dict().items() if k in _NEUTRAL and _NEUTRAL[k] != v
-    ]
+    extra = [f"{k} {v}" for k, v in config.to_dict().items() if k in _NEUTRAL and _NEUTRAL[k] != v]
     return (
         f"{config.facts} facts x {len(config.langs)} languages, {config.n_layers} layers, "
         f"d_model {config.d_model}, seed {config.seed}, "

@@ -132,3 +132,16 @@ def test_train_tiny_trains_once_then_reuses_the_cache(monkeypatch, tmp_path: Pat
     # Another seed is another model.
     code, out, _ = _run(capsys, *args, "--seed", "3", "--json")
     assert json.loads(out)["path"] != str(path)
+    # A variant, with a field set on top of it, is another model that records both.
+    code, out, err = _run(
+        capsys, *args, "--variant", "mlake-tiny-editable", "--set", "route_masking=0.5", "--json"
+    )
+    assert code == 0, err
+    config = json.loads(out)["config"]
+    assert config["interchange"] == 1.0 and config["name_entities"] is True
+    assert config["route_masking"] == 0.5 and config["langs"] == ["en", "ja"]
+    assert "interchange 1.0" in err  # the training line names the options that are on
+    code, _, err = _run(capsys, *args, "--set", "routing=1")
+    assert code != 0 and "routing" in err
+    code, _, err = _run(capsys, *args, "--set", "route_masking")
+    assert code != 0 and "FIELD=VALUE" in err

@@ -173,6 +173,15 @@ def test_default_model_resolves_to_the_cached_default(monkeypatch, tmp_path: Pat
     assert resolve_model_path(None) == str(folder)
     assert resolve_model_path("mlake-tiny") == str(folder)
     assert resolve_model_path("/some/other/model") == "/some/other/model"
+    # A named variant resolves to its own cached folder.
+    from mlake_core.models.mlake_tiny import variant_config
+
+    editable = model_dir(variant_config("mlake-tiny-editable"))
+    assert editable != folder
+    editable.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", METADATA_FILE):
+        (editable / name).write_text("{}")
+    assert resolve_model_path("mlake-tiny-editable") == str(editable)
 
 
 def test_bilingual_document_states_the_fact_in_two_languages(micro_tiny: Path, mlake_v2411) -> None:
