@@ -33,6 +33,11 @@ The default facts are a fixed, documented subset: :attr:`TinyTrainConfig.facts` 
 drawn with a fixed selection seed (0) from those whose question form has a located subject in
 all five languages, sorted by id.  ``facts="all"`` trains on all 1072.
 
+Named variants (:data:`VARIANTS`) start from other options: ``mlake-tiny-editable`` adds
+interchange training at the subject's last token and synthetic name entities for every new
+answer, so that ROME and MEMIT can edit it (``--variant``; ``--set FIELD=VALUE`` sets any
+option of :class:`TinyTrainConfig`).
+
 Everything is deterministic for a seed on a given machine (initialisation, batch order, replay
 sampling, bilingual pairing).  The folder holds ``config.json``, ``model.safetensors``,
 ``generation_config.json``, the tokenizer files and ``mlake_tiny.json`` (the training config,
