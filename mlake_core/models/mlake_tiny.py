@@ -745,13 +745,17 @@ def _add_name_entities(
             {v.record.e_answer.strip() for v in views if v.record.e_answer} - originals - {""}
         )
         sep = "" if lang in UNSPACED else " "
+        prefix = get_template(config.template).answer_prefix
         for answer_text in news:
             name = synthetic_name(lang, answer_text)
             prompt = [bos, *_encode(tokenizer, name)]
             answer = [*_encode(tokenizer, sep + answer_text), eos]
             first = next((t for t in answer if tokenizer.decode([t]).strip()), answer[0])
             index = len(corpus.pieces)
-            corpus.pieces.append((prompt, answer))
+            # ``pieces`` holds the answer as it follows a question (the template's answer
+            # prefix, a token of its own in zh and ja): interchange examples put it after a
+            # question.  The entity's own example keeps ``{name}{sep}{answer}``.
+            corpus.pieces.append((prompt, [*_encode(tokenizer, prefix + answer_text), eos]))
             corpus.routes.append((1, len(prompt) - 1))
             corpus.synthetic.setdefault(lang, []).append(index)
             ids = (prompt + answer)[: config.max_len]

@@ -673,7 +673,16 @@ def test_name_entities_and_mlp_interchange(mlake_v2411) -> None:
         answers = {tok.decode(corpus.pieces[i][1][:-1]).strip() for i in indices}
         assert answers == expected  # every new answer that is not an original one, once
         for i in indices:
-            prompt, _ = corpus.pieces[i]
+            prompt, answer = corpus.pieces[i]
+            # The answer as it follows a question, exactly as the unit's own question answer
+            # is tokenized (the answer prefix is a token of its own in zh).
+            text = tok.decode(answer[:-1]).strip()
+            assert answer == [
+                *tok(" " + text, add_special_tokens=False)["input_ids"],
+                tok.eos_token_id,
+            ]
+            if lang == "zh":
+                assert tok.decode(answer[:1]) == " "
             name = tok.decode(prompt[1:])
             assert name not in {v.question.subject_text for v in views}
             assert corpus.routes[i] == (1, len(prompt) - 1)
