@@ -806,13 +806,14 @@ def _interchange(
     if route is None:
         return None
     fact_id, lang = corpus.units[unit]
-    others = [
-        u
-        for u, (f, other_lang) in enumerate(corpus.units)
-        if other_lang == lang and f != fact_id and corpus.routes[u] is not None
-    ]
     if synthetic:
         others = corpus.synthetic.get(lang, [])
+    else:
+        others = [
+            u
+            for u, (f, other_lang) in enumerate(corpus.units)
+            if other_lang == lang and f != fact_id and corpus.routes[u] is not None
+        ]
     if not others:
         return None
     source = rng.choice(others)
@@ -987,6 +988,10 @@ def route_masks(
     return early, late
 
 
+class _Captured(Exception):
+    """Ends a source pass of interchange training once the swapped site is computed."""
+
+
 class _swapped:
     """Context in which block ``layer``'s output at each swap's position is replaced by the
     same block's output at the source prompt's position (interchange training); the source
@@ -1020,12 +1025,13 @@ class _swapped:
 
         def capture(module: Any, args: Any, out: Any) -> None:
             captured.append(out[0] if isinstance(out, tuple) else out)
+            raise _Captured  # the blocks after ``layer`` are not needed
 
         handle = block.register_forward_hook(capture)
         try:
-            # Only the blocks up to ``layer`` matter; the rest of the pass is wasted but
-            # cheap at this size.
             model.model(input_ids=src_ids, attention_mask=src_mask)
+        except _Captured:
+            pass
         finally:
             handle.remove()
         src_pos = torch.tensor([pos for _, (_, _, pos) in swaps])

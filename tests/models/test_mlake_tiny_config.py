@@ -620,6 +620,15 @@ def test_interchange_examples_read_the_answer_through_the_swapped_subject(mlake_
     expected = torch.nn.functional.cross_entropy(logits[n_prompt - 1 : -1], targets)
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     assert float(loss) != pytest.approx(float(plain), rel=1e-3)
+    # Gradients flow through the source run: the embeddings of tokens only the source prompt
+    # has get a gradient.
+    only_source = sorted(set(corpus.pieces[source][0]) - set(ex.ids))
+    assert only_source
+    model.zero_grad()
+    loss, _ = _batch_loss(model, [ex], tok.pad_token_id, route_layer=1, corpus=corpus)
+    loss.backward()
+    grad = model.model.embed_tokens.weight.grad
+    assert grad is not None and float(grad[only_source].abs().sum()) > 0
 
 
 def test_variants_and_overrides() -> None:
