@@ -227,7 +227,9 @@ def transfer_stage(
         "method": method,
         # Fields added later are left out while at their default, so earlier runs stay valid.
         "method_config": {
-            k: str(v) for k, v in vars(method_config).items() if not (k == "units" and v == "all")
+            k: str(v)
+            for k, v in vars(method_config).items()
+            if (k, v) not in (("units", "all"), ("init", "zero"), ("restarts", 0))
         },
         "corpus": stable_hash(list(corpus)),
         "seed": seed,
@@ -271,6 +273,15 @@ def transfer_stage(
             )
         return moments[layer]
 
+    means: dict[tuple[int, str], Any] = {}
+
+    def subject_mean(layer: int, lang: str) -> Any:
+        if (layer, lang) not in means:
+            means[layer, lang] = _subject_mean(
+                run, adapter, dataset, fact_ids, lang, template, config.edit_form, layer, batch_size
+            )
+        return means[layer, lang]
+
     demos = {
         lang: [
             (
@@ -311,7 +322,9 @@ def transfer_stage(
                     if log:
                         log(f"skipped: {err}")
                     continue
-                context = EditContext(generator, second_moment, demos, dict(unit_sets or {}))
+                context = EditContext(
+                    generator, second_moment, demos, dict(unit_sets or {}), subject_mean
+                )
                 result = entry.fn(adapter, [request], method_config, context)
                 edit_rows = evaluate_edit(
                     adapter,
@@ -343,6 +356,56 @@ def transfer_stage(
     rows = pd.concat(tables, ignore_index=True)
     run.write_meta(status="complete", skipped=skipped, locality_ids=loc_ids)
     return rows, run
+
+
+def _subject_mean(
+    run: Run,
+    adapter: ModelAdapter,
+    dataset: MlakeDataset,
+    fact_ids: Sequence[int],
+    lang: str,
+    template: PromptTemplate,
+    form: str,
+    layer: int,
+    batch_size: int,
+) -> Any:
+    """The mean of ``resid_post.{layer}`` at the subject's last token over (at most 1000 of)
+    the run's edit prompts in ``lang`` (ROME's and MEMIT's ``init: subject-mean``), measured
+    once per run and saved (``subject_mean_{lang}_{layer}``).
+
+    Raises:
+        DataError: when no fact has a usable prompt in ``lang``.
+    """
+    import torch
+
+    from mlake_core.editing.base import make_request
+    from mlake_core.errors import DataError, MlakeError
+
+    name = f"subject_mean_{lang}_{layer}"
+    if run.has_arrays(name):
+        return torch.from_numpy(run.load_arrays(name)["mean"])
+    requests = []
+    for fact_id in fact_ids[:1000]:
+        try:
+            requests.append(
+                make_request(adapter, dataset.fact(fact_id).views[lang], template, form)
+            )
+        except MlakeError:
+            continue  # counted where the edit itself is skipped
+    if not requests:
+        raise DataError(f"subject mean [{lang}]: no fact has a usable {form} prompt")
+    site, total = f"resid_post.{layer}", None
+    for i in range(0, len(requests), batch_size):
+        chunk = requests[i : i + batch_size]
+        batch = adapter.batch([r.prompt_ids for r in chunk], padding_side="right")
+        _, cache = adapter.run_with_cache(batch, [site])
+        rows = torch.arange(len(chunk))
+        picked = cache[site][rows, torch.tensor([r.subject_last for r in chunk])].double().sum(0)
+        total = picked if total is None else total + picked
+    assert total is not None
+    mean = (total / len(requests)).float().cpu()
+    run.save_arrays(name, {"mean": mean.numpy()})
+    return mean
 
 
 def _trace_seed(seed: int, fact_id: int, lang: str) -> int:

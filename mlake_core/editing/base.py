@@ -275,12 +275,17 @@ class EditContext:
             ``(new fact sentence, question, new answer)``.
         unit_sets: for restricted editing, named neuron sets (``shared``, ``random``, and one
             per language: its specific neurons), as flat indices ``layer * d_mlp + neuron``.
+        subject_mean: ``(layer, lang) -> `` the mean of ``resid_post.{layer}`` at the
+            subject's last token over the run's edit prompts in ``lang`` (``[d_model]``,
+            float32; cached by the caller), where ROME and MEMIT start ``δ`` with
+            ``init: subject-mean``.
     """
 
     generator: torch.Generator
     second_moment: Callable[[int], torch.Tensor] | None = None
     demonstrations: Mapping[str, Sequence[tuple[str, str, str]]] = field(default_factory=dict)
     unit_sets: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    subject_mean: Callable[[int, str], torch.Tensor] | None = None
 
 
 class EditMethod(Protocol):

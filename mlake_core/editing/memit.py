@@ -45,7 +45,12 @@ from mlake_core.editing.base import (
     register_edit_method,
     restore_weights,
 )
-from mlake_core.editing.methods import optimise_output_delta, teacher_forced
+from mlake_core.editing.methods import (
+    check_init,
+    optimise_output_delta,
+    subject_means,
+    teacher_forced,
+)
 from mlake_core.errors import ConfigError
 
 
@@ -103,6 +108,10 @@ class MemitConfig:
         weight_decay: L2 penalty on ``δ`` relative to that norm.
         mom2_weight: ``λ / d_mlp``, the weight of the key statistics against the edits.
         stop_loss: stop once the mean new-answer NLL (nats) is below this.
+        init: where ``δ`` starts, as for ROME
+            (:func:`~mlake_core.editing.methods.subject_means`): ``zero`` or
+            ``subject-mean``.
+        restarts: further attempts from random starts, as for ROME.
     """
 
     layers: str = "auto"
@@ -112,6 +121,8 @@ class MemitConfig:
     weight_decay: float = 1e-3
     mom2_weight: float = 1.0
     stop_loss: float = 0.05
+    init: str = "zero"
+    restarts: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, str):
@@ -119,6 +130,9 @@ class MemitConfig:
         coerce_fields(self, skip=("layers",))
         if self.steps < 1 or self.lr <= 0 or self.clamp_norm <= 0 or self.mom2_weight <= 0:
             raise ConfigError("memit: steps, lr, clamp_norm and mom2_weight must be positive")
+        check_init(self.init, "memit")
+        if self.restarts < 0:
+            raise ConfigError(f"memit.restarts {self.restarts}: must be >= 0")
 
 
 @register_edit_method("memit", MemitConfig, batched=True)
@@ -141,6 +155,9 @@ def edit_memit(
         clamp_norm=config.clamp_norm,
         weight_decay=config.weight_decay,
         stop_loss=config.stop_loss,
+        start_from=subject_means(requests, last, config.init, context, "memit"),
+        restarts=config.restarts,
+        generator=context.generator,
     )
     batch, _ = teacher_forced(adapter, requests)
     rows = torch.arange(len(requests))

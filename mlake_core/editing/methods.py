@@ -16,7 +16,12 @@ and every supported architecture; weights are reached through
   vector ``δ`` to ``mlp_out`` at that position so the model gives the new answer (norm-clamped
   relative to the original output); the update ``ΔW = δ u^T / (u^T k*)`` with
   ``u = (C + λI)^{-1} k*`` maps ``k*`` to ``v*`` exactly while disturbing keys that are
-  frequent in text (``C = E[k k^T]``) least.
+  frequent in text (``C = E[k k^T]``) least.  ``δ`` starts at zero (``init: zero``, as in
+  ROME) or where the residual stream at the subject's last token becomes the mean over the
+  run's subjects (``init: subject-mean``, :func:`subject_means`), and an attempt that fails
+  may be retried from random starts (``restarts``): in a model that reads the subject's last
+  token through attention that opens only for subject-like states, the gradient at ``δ = 0``
+  can vanish (a plateau; mlake-tiny-editable is such a model).
 * **IKE** (Zheng et al. 2023): no weight change; the new fact and demonstrations of other
   edits are put before every prompt.  The ceiling weight edits are compared with.
 """
@@ -230,6 +235,9 @@ class RomeConfig:
         weight_decay: L2 penalty on ``δ`` relative to that norm.
         ridge: relative ridge of the ``C`` solve.
         stop_loss: stop once the new answer's NLL (nats) is below this.
+        init: where ``δ`` starts (:data:`DELTA_INITS`): ``zero`` or ``subject-mean``.
+        restarts: further attempts from random starts when one ends with the new answer's
+            NLL above :data:`RESTART_NLL` (:func:`optimise_output_delta`).
     """
 
     layer: int | str = "auto"
@@ -239,11 +247,55 @@ class RomeConfig:
     weight_decay: float = 1e-3
     ridge: float = 0.01
     stop_loss: float = 0.05
+    init: str = "zero"
+    restarts: int = 0
 
     def __post_init__(self) -> None:
         coerce_fields(self, skip=("layer",))
         if self.steps < 1 or self.lr <= 0 or self.clamp_norm <= 0 or self.ridge < 0:
             raise ConfigError("rome: steps, lr, clamp_norm must be positive and ridge >= 0")
+        if self.restarts < 0:
+            raise ConfigError(f"rome.restarts {self.restarts}: must be >= 0")
+        check_init(self.init, "rome")
+
+
+DELTA_INITS = ("zero", "subject-mean")
+
+RESTART_NLL = 1.0
+"""An attempt of the ``δ`` optimisation that ends with the new answer's NLL above this (nats;
+probability below ``1/e``) is retried from another start when ``restarts`` allows."""
+
+
+def check_init(init: str, method: str) -> None:
+    """Raise :class:`ConfigError` naming ``{method}.init`` unless ``init`` is known."""
+    if init not in DELTA_INITS:
+        raise ConfigError(f"{method}.init {init!r}: choose one of {', '.join(DELTA_INITS)}")
+
+
+def subject_means(
+    requests: Sequence[EditRequest],
+    layer: int,
+    init: str,
+    context: EditContext,
+    method: str,
+) -> torch.Tensor | None:
+    """The residual each request's ``δ`` optimisation starts from: ``None`` for ``init:
+    zero``; for ``subject-mean``, the mean of ``resid_post.{layer}`` at the subject's last
+    token over the run's subjects in the request's language (:attr:`EditContext.subject_mean`,
+    ``[n, d_model]``).
+
+    Raises:
+        ConfigError: an unknown ``init``; ``subject-mean`` without ``context.subject_mean``.
+    """
+    check_init(init, method)
+    if init == "zero":
+        return None
+    if context.subject_mean is None:
+        raise ConfigError(
+            f"{method}.init subject-mean needs the run's subject statistics "
+            "(EditContext.subject_mean; mlake edit transfer provides them)"
+        )
+    return torch.stack([context.subject_mean(layer, r.lang).float() for r in requests])
 
 
 def optimise_output_delta(
@@ -256,39 +308,73 @@ def optimise_output_delta(
     clamp_norm: float,
     weight_decay: float,
     stop_loss: float,
+    start_from: torch.Tensor | None = None,
+    restarts: int = 0,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-    """Find per-request vectors ``δ_i`` that, added to ``site`` at each request's subject
-    last token, make the model give the new answers (shared by ROME and MEMIT).
+    """Find per-request vectors ``δ_i`` that, added to ``site`` (``mlp_out.{layer}``) at each
+    request's subject last token, make the model give the new answers (shared by ROME and
+    MEMIT).
+
+    ``δ`` starts at zero, or, with ``start_from`` (``[n, d_model]``, see
+    :func:`subject_means`), where the residual stream after the block becomes ``start_from``
+    (``δ_0 = start_from - h``), clamped like every step.  When an attempt ends with the mean
+    NLL above :data:`RESTART_NLL` and ``restarts`` remain, the next attempt starts from the
+    first start plus random vectors as long as the residual stream ``h`` (drawn from
+    ``generator``); the attempt with the lowest NLL is returned.
 
     Returns:
-        ``(δ [n, width], original activation there [n, width], final NLL, steps)``.
+        ``(δ [n, width], original activation there [n, width], its NLL, steps over all
+        attempts)``.
     """
     batch, targets = teacher_forced(adapter, requests)
-    positions = [r.subject_last for r in requests]
-    rows = torch.arange(len(requests))
-    _, cache = adapter.run_with_cache(batch, [site])
-    base = cache[site][rows, torch.tensor(positions)].float()
+    rows, positions = torch.arange(len(requests)), torch.tensor([r.subject_last for r in requests])
+    resid = "resid_post." + site.rsplit(".", 1)[1]
+    _, cache = adapter.run_with_cache(batch, [site, resid])
+    base = cache[site][rows, positions].float()
+    here = cache[resid][rows, positions].float()
     limit = clamp_norm * base.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-    delta = torch.zeros_like(base, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=lr)
-    loss, done = math.nan, 0
-    for step in range(1, steps + 1):
-        done = step
-        patch = Patch(site, rows, torch.tensor(positions), (base + delta.detach()))
+
+    def clamped(d: torch.Tensor) -> torch.Tensor:
+        norms = d.norm(dim=-1, keepdim=True)
+        return d * torch.where(norms > limit, limit / norms, torch.ones_like(norms))
+
+    def loss_and_grad(d: torch.Tensor) -> tuple[float, torch.Tensor]:
+        patch = Patch(site, rows, positions, base + d)
         value, grads = adapter.gradients(
             batch, [site], lambda logits: nll(logits, targets) * len(targets), patches=[patch]
         )
-        loss = float(value) / len(targets)
-        if loss < stop_loss:
+        return float(value) / len(targets), grads[site][rows, positions].float()
+
+    first = torch.zeros_like(base)
+    if start_from is not None:
+        first = clamped(start_from.detach().to(base).reshape(base.shape) - here)
+    best: tuple[float, torch.Tensor] = (math.inf, first)
+    done = 0
+    for attempt in range(restarts + 1):
+        start = first
+        if attempt:
+            noise = torch.randn(base.shape, generator=generator).to(base)
+            start = clamped(
+                first + noise / noise.norm(dim=-1, keepdim=True) * here.norm(dim=-1, keepdim=True)
+            )
+        delta = start.clone().requires_grad_(True)
+        opt = torch.optim.Adam([delta], lr=lr)
+        for step in range(steps + 1):  # the last pass only measures the final δ
+            loss, g = loss_and_grad(delta.detach())
+            if loss < best[0]:
+                best = (loss, delta.detach().clone())
+            if loss < stop_loss or step == steps:
+                break
+            done += 1
+            delta.grad = g + weight_decay * delta.detach() / limit
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                delta.copy_(clamped(delta))
+        if best[0] <= RESTART_NLL:
             break
-        g = grads[site][rows, torch.tensor(positions)].float()
-        delta.grad = g + weight_decay * delta.detach() / limit
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            norms = delta.norm(dim=-1, keepdim=True)
-            delta.mul_(torch.where(norms > limit, limit / norms, torch.ones_like(norms)))
-    return delta.detach(), base, loss, done
+    return best[1], base, best[0], done
 
 
 @register_edit_method("rome", RomeConfig)
@@ -315,6 +401,9 @@ def edit_rome(
         clamp_norm=config.clamp_norm,
         weight_decay=config.weight_decay,
         stop_loss=config.stop_loss,
+        start_from=subject_means(requests, layer, config.init, context, "rome"),
+        restarts=config.restarts,
+        generator=context.generator,
     )
     u = ridge_inverse_apply(context.second_moment(layer), k_star, config.ridge)
     update = torch.outer(delta[0].double().cpu(), u) / float(u @ k_star)  # [out, in]
