@@ -7,6 +7,12 @@ portability (multi-hop questions).  Prints the 5x5 matrix (rows: edit language, 
 language) of each metric over the facts known before the edit in the test language; per-fact,
 per-pair rows go to the results store, one table per method and edit language (resumable).
 Methods: ft, rome, memit, ike (see ``mlake_core/editing/methods.py`` and ``memit.py``).
+
+A model trained for weight edits (``--model mlake-tiny-editable``) brings the settings it was
+trained for (edit layer, and ROME's and MEMIT's ``δ`` optimisation: ``clamp_norm`` 100,
+``steps`` 200, ``lr`` 2, ``init`` subject-mean, ``restarts`` 3; see
+``recommended_edit_settings`` in ``mlake_core/models/mlake_tiny.py``); they are logged, an
+explicit ``--layer`` replaces the layer and ``--set`` any field.
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ def register(subparsers: Any) -> None:
         help="edit layer (ft, rome), layers for memit (a range such as 0-1 or a list "
         "such as 0,1), or auto (default): the layer causal tracing recommends for this model "
         "when `mlake trace` has been run on it (memit: a run of layers ending there), else "
-        "the documented default per model size",
+        "the documented default per model size; a model trained for edits "
+        "(mlake-tiny-editable) brings its own",
     )
     tr.add_argument("--edit-form", default="question", choices=("question", "cloze"))
     tr.add_argument("--n-locality", type=int, default=10, help="locality facts per language")
@@ -168,6 +175,37 @@ def _width_from(folder: Any) -> int:
     return int(width)
 
 
+def method_config_for(
+    entry: Any,
+    layer_for: dict[str, str],
+    recommended: dict[str, dict[str, str]],
+    overrides: dict[str, dict[str, str]],
+    *,
+    explicit_layer: bool,
+) -> Any:
+    """A method's config from, in rising precedence: its defaults, ``layer_for`` (the
+    ``--layer`` value, or tracing's recommendation), the settings the model was trained for
+    (``recommended``, :func:`~mlake_core.models.mlake_tiny.recommended_edit_settings`; their
+    layer only when ``--layer`` was not given), and ``--set`` (``overrides``).  The model's
+    settings are logged."""
+    names_of = {f.name for f in dataclasses.fields(entry.config_cls)}
+    fields: dict[str, str] = {
+        name: layer_for[name] for name in ("layer", "layers") if name in names_of
+    }
+    model_fields = dict(recommended.get(entry.name, {}))
+    if explicit_layer:
+        model_fields = {k: v for k, v in model_fields.items() if k not in ("layer", "layers")}
+    if model_fields:
+        log(
+            f"{entry.name}: settings this model was trained for: "
+            + ", ".join(f"{k}={v}" for k, v in model_fields.items())
+            + " (--set overrides)"
+        )
+    fields.update(model_fields)
+    fields.update(overrides.get(entry.name, {}))
+    return entry.config_cls(**fields)
+
+
 def run_transfer(args: argparse.Namespace) -> int:
     """Entry point of ``mlake edit transfer``."""
     from tqdm.auto import tqdm
@@ -182,6 +220,7 @@ def run_transfer(args: argparse.Namespace) -> int:
     )
     from mlake_core.languages import parse_langs
     from mlake_core.metrics.knowledge import KnowledgeConfig
+    from mlake_core.models.mlake_tiny import recommended_edit_settings
 
     names = [m.strip() for m in (args.methods or args.method or "").split(",") if m.strip()]
     if not names:
@@ -232,11 +271,12 @@ def run_transfer(args: argparse.Namespace) -> int:
         else:
             log("--layer auto: this model was not traced (mlake trace); documented defaults")
     report["layer_source"] = layer_source
+    recommended = recommended_edit_settings(loaded.path)
+    report["model_settings"] = recommended
     for entry in entries:
-        names_of = {f.name for f in dataclasses.fields(entry.config_cls)}
-        fields = {name: layer_for[name] for name in ("layer", "layers") if name in names_of}
-        fields.update(overrides.get(entry.name, {}))
-        method_config = entry.config_cls(**fields)
+        method_config = method_config_for(
+            entry, layer_for, recommended, overrides, explicit_layer=args.layer != "auto"
+        )
         bar = tqdm(total=len(fact_ids) * len(langs), desc=entry.name, unit="edit", disable=None)
 
         def on_edit(info: dict[str, Any], bar: Any = bar) -> None:

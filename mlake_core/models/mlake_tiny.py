@@ -401,6 +401,37 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     return data
 
 
+def recommended_edit_settings(path: str | os.PathLike[str]) -> dict[str, dict[str, str]]:
+    """The edit-method settings a mlake-tiny model was trained for, as ``{method: {field:
+    value}}`` (``mlake edit transfer`` applies them under ``--layer`` and ``--set``); ``{}``
+    for other models and for mlake-tiny models trained without ``interchange``.
+
+    A model trained with interchange at block ``route_layer - 1`` (mlake-tiny-editable)
+    reads its subject from the residual stream there, so ROME and FT edit that layer and
+    MEMIT the layers up to it.  The ``δ`` there must move that residual (about ten times the
+    MLP output's norm) towards another subject's state, through attention that opens only for
+    subject-like states: ``clamp_norm`` 100, 200 steps at ``lr`` 2, ``init: subject-mean`` and
+    3 ``restarts`` (issue 4's notes: with ROME's defaults, 0-10% efficacy), and MEMIT's
+    statistics weigh less (``mom2_weight`` 0.01) because the model has seen little text.
+    """
+    meta = read_metadata(path)
+    if meta is None or float(meta.get("config", {}).get("interchange", 0.0)) <= 0:
+        return {}
+    site = int(meta["config"].get("route_layer", 2)) - 1
+    delta = {
+        "clamp_norm": "100",
+        "steps": "200",
+        "lr": "2",
+        "init": "subject-mean",
+        "restarts": "3",
+    }
+    return {
+        "rome": {"layer": str(site), **delta},
+        "memit": {"layers": f"0-{site}" if site else "0", **delta, "mom2_weight": "0.01"},
+        "ft": {"layer": str(site)},
+    }
+
+
 # -- data -------------------------------------------------------------------------------------
 
 
