@@ -412,7 +412,9 @@ def recommended_edit_settings(path: str | os.PathLike[str]) -> dict[str, dict[st
     MLP output's norm) towards another subject's state, through attention that opens only for
     subject-like states: ``clamp_norm`` 100, 200 steps at ``lr`` 2, ``init: subject-mean`` and
     3 ``restarts`` (issue 4's notes: with ROME's defaults, 0-10% efficacy), and MEMIT's
-    statistics weigh less (``mom2_weight`` 0.01) because the model has seen little text.
+    statistics weigh less (``mom2_weight`` 0.01) because the model has seen little text.  FT
+    takes the settings that move mlake-tiny at all (``lr`` 0.01, 100 steps, ``max_rel_norm``
+    0.3, as the pipeline's defaults).
     """
     meta = read_metadata(path)
     if meta is None or float(meta.get("config", {}).get("interchange", 0.0)) <= 0:
@@ -428,7 +430,7 @@ def recommended_edit_settings(path: str | os.PathLike[str]) -> dict[str, dict[st
     return {
         "rome": {"layer": str(site), **delta},
         "memit": {"layers": f"0-{site}" if site else "0", **delta, "mom2_weight": "0.01"},
-        "ft": {"layer": str(site)},
+        "ft": {"layer": str(site), "lr": "0.01", "steps": "100", "max_rel_norm": "0.3"},
     }
 
 
