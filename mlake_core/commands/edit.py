@@ -251,6 +251,7 @@ def run_transfer(args: argparse.Namespace) -> int:
     dataset, pool, fact_ids, knowledge = data.dataset, data.pool, data.fact_ids, data.knowledge
     corpus = read_corpus(args.corpus) if args.corpus else mlake_corpus(dataset)
     report: dict[str, Any] = {"model": loaded.name, "n_facts": len(fact_ids), "methods": {}}
+    recommended = recommended_edit_settings(loaded.path)
     layer_for = {"layer": args.layer, "layers": args.layer}
     layer_source = "explicit"
     if args.layer == "auto":
@@ -269,9 +270,11 @@ def run_transfer(args: argparse.Namespace) -> int:
                 f"causal tracing, {traced.get('run')}"
             )
         else:
-            log("--layer auto: this model was not traced (mlake trace); documented defaults")
+            log(
+                "--layer auto: this model was not traced (mlake trace); "
+                + ("the layers it was trained for" if recommended else "documented defaults")
+            )
     report["layer_source"] = layer_source
-    recommended = recommended_edit_settings(loaded.path)
     report["model_settings"] = recommended
     for entry in entries:
         method_config = method_config_for(
