@@ -1,9 +1,17 @@
-"""Knowledge-measurement throughput: batched versus one by one, on the same model and facts.
+"""Knowledge-measurement throughput: batched versus one by one, and continued keys and values
+(``kv_cache``) versus full runs, on the same model and facts.
 
 Measures ``measure_knowledge`` (sequence scoring of every answer form, greedy generation, both
-prompt forms) on mlake-tiny's training facts (or ``--model``), with ``--batch-size`` and with
-batch size 1, in the same process, and reports facts per second and the ratio.  It also checks
-that the two runs give the same answers (greedy text) and the same log-probabilities.
+prompt forms) on mlake-tiny's training facts (or ``--model``) in one process:
+
+* ``--batch-size`` with the KV cache (as shipped), batch size 1 with it, and ``--batch-size``
+  with ``kv_cache=False`` (every sequence and every decoding step run whole);
+* the same two batched runs with an in-context edit's prefix before every prompt (IKE's four
+  demonstrations and the new fact, built from other facts as ``mlake edit transfer`` does),
+  where the prefix is most of every sequence.
+
+Reports seconds, facts per second and the ratios, and checks that the runs give the same
+answers (greedy text) and the same log-probabilities.
 
     .venv/bin/python benchmarks/knowledge_throughput.py [--model PATH] [--facts 100]
 """
@@ -40,18 +48,44 @@ def main() -> int:
     template = resolve_template(path) or get_template("qa")
     ds = load_mlake()
     meta = read_metadata(path)
-    ids = (meta["fact_ids"] if meta else [f.fact_id for f in ds.facts])[: args.facts]
+    every = meta["fact_ids"] if meta else [f.fact_id for f in ds.facts]
+    ids = every[: args.facts]
     views = [ds.fact(i).views[lang] for i in ids for lang in ds.langs]
+    # An IKE prefix: four demonstrations of other facts' edits (first language's), then a
+    # new fact, as edit_ike builds it.
+    lang = views[0].lang
+    demos = [ds.fact(i).views[lang].question for i in every[-5:]]
+    context = (
+        "".join(
+            f"New fact: {d.text} {d.edit_target.text}\nQ: {d.text}\nA: {d.edit_target.text}\n\n"
+            for d in demos[:4]
+        )
+        + f"New fact: {demos[4].text} {demos[4].edit_target.text}\n"
+    )
+    runs = {
+        "batched": (template, args.batch_size, True),
+        "batch_1": (template, 1, True),
+        "batched_no_cache": (template, args.batch_size, False),
+        "ike_batched": (template.with_context(context), args.batch_size, True),
+        "ike_batched_no_cache": (template.with_context(context), args.batch_size, False),
+    }
     results = {}
-    for bs in (args.batch_size, 1):
-        log(f"measuring {len(views)} views with batch size {bs}")
+    for name, (tpl, bs, kv_cache) in runs.items():
+        log(f"{name}: {len(views)} views, batch size {bs}, kv_cache {kv_cache}")
         start = time.perf_counter()
-        result = measure_knowledge(adapter, views, template, batch_size=bs)
+        result = measure_knowledge(adapter, views, tpl, batch_size=bs, kv_cache=kv_cache)
         seconds = time.perf_counter() - start
-        results[bs] = (result, seconds)
-    (big, t_big), (one, t_one) = results[args.batch_size], results[1]
-    same_text = bool((big.table["greedy_text"] == one.table["greedy_text"]).all())
-    max_diff = float(np.nanmax(np.abs(big.table["target_logp"] - one.table["target_logp"])))
+        results[name] = (result.table, seconds)
+
+    def agreement(a: str, b: str) -> dict[str, float | bool]:
+        ta, tb = results[a][0], results[b][0]
+        diff = np.nanmax(np.abs(ta["target_logp"] - tb["target_logp"]))
+        return {
+            "same_greedy_text": bool((ta["greedy_text"] == tb["greedy_text"]).all()),
+            "max_abs_logp_difference": float(diff),
+        }
+
+    t = {name: seconds for name, (_, seconds) in results.items()}
     report = {
         "model": args.model or "mlake-tiny",
         "backend": args.backend,
@@ -59,16 +93,16 @@ def main() -> int:
         "dtype": args.dtype,
         "facts": len(ids),
         "views": len(views),
-        "rows": len(big.table),
-        f"seconds_batch_{args.batch_size}": round(t_big, 2),
-        "seconds_batch_1": round(t_one, 2),
-        f"facts_per_second_batch_{args.batch_size}": round(len(ids) / t_big, 2),
-        "facts_per_second_batch_1": round(len(ids) / t_one, 2),
-        "views_per_second_batched": round(len(views) / t_big, 2),
-        "views_per_second_one_by_one": round(len(views) / t_one, 2),
-        "speedup": round(t_one / t_big, 2),
-        "same_greedy_text": same_text,
-        "max_abs_logp_difference": max_diff,
+        "rows": len(results["batched"][0]),
+        "ike_prefix_tokens": len(adapter.encode(context)),
+        "seconds": {name: round(seconds, 2) for name, seconds in t.items()},
+        "facts_per_second": {name: round(len(ids) / seconds, 2) for name, seconds in t.items()},
+        "speedup_batched_vs_batch_1": round(t["batch_1"] / t["batched"], 2),
+        "speedup_kv_cache": round(t["batched_no_cache"] / t["batched"], 2),
+        "speedup_kv_cache_ike": round(t["ike_batched_no_cache"] / t["ike_batched"], 2),
+        "batched_vs_batch_1": agreement("batched", "batch_1"),
+        "kv_cache_vs_full": agreement("batched", "batched_no_cache"),
+        "kv_cache_vs_full_ike": agreement("ike_batched", "ike_batched_no_cache"),
     }
     print(json.dumps(report, indent=2))
     return 0

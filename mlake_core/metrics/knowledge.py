@@ -31,8 +31,15 @@ A fact is **known** in a language when its question form is answered correctly b
 match (``greedy_match == "original"``); :meth:`KnowledgeResult.known` gives those facts.
 
 All scoring is batched: every (prompt, answer form) sequence of all views goes into one list,
-sorted by length and run in batches of ``batch_size`` with right padding (position ids come
-from the attention mask, so a padded row scores exactly as it would alone).
+sorted by length and run in batches of ``batch_size`` (position ids come from the attention
+mask, so a padded row scores exactly as it would alone).  Where the model's attention cache
+can be continued (:meth:`~mlake_core.models.adapter.ModelAdapter.run_with_past`; every
+full-attention model), each distinct prompt runs once and its answers continue its keys and
+values, a token prefix shared by a whole batch (an in-context edit's demonstrations) runs once
+for the batch, greedy generation decodes one token per pass, and logits are computed only
+where they are read.  The results are those of full runs (up to float rounding); models whose
+cache cannot be cropped (sliding-window or recurrent layers) and ``kv_cache=False`` run every
+sequence whole.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from mlake_core.data.dataset import FactView, PromptForm
 from mlake_core.data.text import is_cjk, normalize
 from mlake_core.errors import ConfigError
 from mlake_core.languages import LANGUAGES, UNSPACED
-from mlake_core.models.adapter import ModelAdapter
+from mlake_core.models.adapter import ModelAdapter, PastKeyValues
 from mlake_core.models.prompting import PromptTemplate
 
 #: Prompt forms measured, in order.
@@ -132,14 +139,59 @@ class SequenceScore:
         return self.logp / self.n_tokens if self.n_tokens else float("nan")
 
 
+#: The shortest token prefix shared by every prompt of a batch that is run once for the batch
+#: (and its keys and values copied to every row); shorter ones are run in every row.
+MIN_SHARED_PREFIX = 8
+
+
+def _common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Number of leading tokens every sequence shares."""
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for k in range(n):
+        if any(s[k] != first[k] for s in seqs[1:]):
+            return k
+    return n
+
+
+def _prompt_pass(adapter: ModelAdapter, prompts: Sequence[Sequence[int]]) -> tuple[Any, Any]:
+    """Run prompts once, left-padded: the logits of each prompt's last token ``[n, vocab]``
+    and the keys and values of every prompt position (:class:`PastKeyValues`).
+
+    A token prefix shared by every prompt (at least :data:`MIN_SHARED_PREFIX` tokens, and at
+    least one token short of the shortest prompt) runs once and its keys and values are copied
+    to every row.
+
+    Raises:
+        NotImplementedError: the model's cache cannot be continued (callers run full passes).
+    """
+    shared = min(_common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
+    past: PastKeyValues | None = None
+    if len(prompts) > 1 and shared >= MIN_SHARED_PREFIX:
+        _, one = adapter.run_with_past(adapter.batch([prompts[0][:shared]]), last_only=True)
+        past = one.select(torch.zeros(len(prompts), dtype=torch.long))
+        prompts = [p[shared:] for p in prompts]
+    logits, past = adapter.run_with_past(
+        adapter.batch(prompts, padding_side="left"), last_only=True, past=past
+    )
+    return logits[:, -1], past
+
+
 def score_sequences(
     adapter: ModelAdapter,
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
     *,
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
+    kv_cache: bool = True,
 ) -> list[SequenceScore]:
     """Sequence log-probabilities of targets after prompts, batched.
+
+    With ``kv_cache`` (and a model whose cache can be continued), each distinct prompt runs
+    once, ``batch_size`` prompts per pass (a prefix shared by all of them once), and its
+    targets continue its keys and values, ``batch_size`` targets per pass; only the logits
+    that score a target token are computed.  Otherwise every (prompt + target) sequence runs
+    whole, ``batch_size`` per pass, right-padded.  Both give the same scores up to float
+    rounding.
 
     Args:
         adapter: the model.
@@ -147,12 +199,76 @@ def score_sequences(
             target ids are non-empty.
         batch_size: sequences per forward pass.
         progress: called with the number of sequences finished after each batch.
+        kv_cache: continue prompts' keys and values (see above).
 
     Returns:
         One :class:`SequenceScore` per pair, in order.
     """
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
+    for i, (prompt, target) in enumerate(pairs):
+        if not prompt or not target:
+            raise ValueError(f"pair {i}: empty prompt or target")
+    if kv_cache and pairs:
+        try:
+            return _score_cached(adapter, pairs, batch_size, progress)
+        except NotImplementedError:
+            pass  # a cache that cannot be continued: full runs
+    return _score_full(adapter, pairs, batch_size, progress)
+
+
+def _score_cached(
+    adapter: ModelAdapter,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int,
+    progress: Callable[[int], None] | None,
+) -> list[SequenceScore]:
+    """:func:`score_sequences` by prompt: one prompt pass, then the targets continue it."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, (prompt, _) in enumerate(pairs):
+        by_prompt.setdefault(tuple(prompt), []).append(i)
+    prompts = sorted(by_prompt, key=len)
+    sums = torch.zeros(len(pairs), dtype=torch.float64)
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        last, past = _prompt_pass(adapter, chunk)
+        first_logp = last.float().log_softmax(-1)
+        rest: list[tuple[int, int]] = []  # (pair, prompt row) of targets longer than a token
+        for row, prompt in enumerate(chunk):
+            for i in by_prompt[prompt]:
+                target = pairs[i][1]
+                sums[i] = float(first_logp[row, target[0]])
+                if len(target) > 1:
+                    rest.append((i, row))
+        rest.sort(key=lambda item: len(pairs[item[0]][1]))
+        for sub in range(0, len(rest), batch_size):
+            members = rest[sub : sub + batch_size]
+            rows_past = past.select(torch.tensor([row for _, row in members]))
+            # Target tokens but the last, right-padded: position k predicts token k + 1.
+            batch = adapter.batch([pairs[i][1][:-1] for i, _ in members], padding_side="right")
+            logits = adapter.run_with_patches(batch, [], past=rows_past)
+            rows, cols, ids, owner = [], [], [], []
+            for r, (i, _) in enumerate(members):
+                for k, token in enumerate(pairs[i][1][1:]):
+                    rows.append(r)
+                    cols.append(k)
+                    ids.append(token)
+                    owner.append(i)
+            picked = logits[torch.tensor(rows), torch.tensor(cols)].float().log_softmax(-1)
+            token_logp = picked[torch.arange(len(ids)), torch.tensor(ids, device=picked.device)]
+            sums.index_add_(0, torch.tensor(owner), token_logp.double().cpu())
+        if progress:
+            progress(sum(len(by_prompt[p]) for p in chunk))
+    return [SequenceScore(float(sums[i]), len(target)) for i, (_, target) in enumerate(pairs)]
+
+
+def _score_full(
+    adapter: ModelAdapter,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int,
+    progress: Callable[[int], None] | None,
+) -> list[SequenceScore]:
+    """:func:`score_sequences` with every sequence run whole (right padding)."""
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     out: list[SequenceScore | None] = [None] * len(pairs)
     for start in range(0, len(order), batch_size):
@@ -160,8 +276,6 @@ def score_sequences(
         seqs = []
         for i in chunk:
             prompt, target = pairs[i]
-            if not prompt or not target:
-                raise ValueError(f"pair {i}: empty prompt or target")
             seqs.append([*prompt, *target])
         batch = adapter.batch(seqs, padding_side="right")
         logits = adapter.forward(batch)
@@ -193,12 +307,16 @@ def greedy_generate(
     stop: Sequence[str] = ("\n",),
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
+    kv_cache: bool = True,
 ) -> list[list[int]]:
     """Greedy continuation of each prompt, batched with left padding.
 
-    Each step runs the whole (padded) sequence through :meth:`ModelAdapter.forward`, so it
-    works on every backend and architecture without a key-value cache.  A row stops at EOS or
-    once its decoded text contains a stop string; the batch stops when every row has.
+    With ``kv_cache`` (and a model whose cache can be continued), the prompts run once (a
+    prefix shared by the whole batch once) and each step runs only the new token of every row
+    still generating, continuing the keys and values.  Otherwise each step runs the whole
+    (padded) sequence through :meth:`ModelAdapter.forward`, which works on every backend and
+    architecture.  A row stops at EOS or once its decoded text contains a stop string; the
+    batch stops when every row has.
 
     Returns:
         The generated token ids of each prompt (EOS excluded).
@@ -206,8 +324,40 @@ def greedy_generate(
     eos = adapter.tokenizer.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
+
+    def finished(row_out: list[int], token: int) -> bool:
+        """Append ``token`` unless it is EOS; whether the row is done."""
+        if eos is not None and token == eos:
+            return True
+        row_out.append(token)
+        text = adapter.tokenizer.decode(row_out, skip_special_tokens=True)
+        return any(s in text for s in stop)
+
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
+        if kv_cache and max_new_tokens > 0:
+            try:
+                last, past = _prompt_pass(adapter, [prompts[i] for i in chunk])
+            except NotImplementedError:
+                kv_cache = False  # a cache that cannot be continued: full runs from here on
+            else:
+                active = list(range(len(chunk)))
+                for step in range(max_new_tokens):
+                    nxt = last.argmax(-1).tolist()
+                    keep = [
+                        k for k, row in enumerate(active) if not finished(out[chunk[row]], nxt[k])
+                    ]
+                    if not keep or step == max_new_tokens - 1:
+                        break
+                    if len(keep) < len(active):
+                        past = past.select(torch.tensor(keep))
+                        active = [active[k] for k in keep]
+                    batch = adapter.batch([out[chunk[row]][-1:] for row in active])
+                    logits, past = adapter.run_with_past(batch, last_only=True, past=past)
+                    last = logits[:, -1]
+                if progress:
+                    progress(len(chunk))
+                continue
         seqs = [list(prompts[i]) for i in chunk]
         active = list(range(len(chunk)))  # rows still generating; only they are run
         for _ in range(max_new_tokens):
@@ -215,12 +365,8 @@ def greedy_generate(
             nxt = adapter.forward(batch)[:, -1].argmax(-1).tolist()
             still = []
             for row, token in zip(active, nxt, strict=True):
-                if eos is not None and token == eos:
-                    continue
-                seqs[row].append(token)
-                out[chunk[row]].append(token)
-                text = adapter.tokenizer.decode(out[chunk[row]], skip_special_tokens=True)
-                if not any(s in text for s in stop):
+                if not finished(out[chunk[row]], token):
+                    seqs[row].append(token)
                     still.append(row)
             active = still
             if not active:
@@ -399,6 +545,7 @@ def measure_knowledge(
     batch_size: int = 32,
     progress: Callable[[str, int, int], None] | None = None,
     scored: bool = True,
+    kv_cache: bool = True,
 ) -> KnowledgeResult:
     """Measure what ``adapter`` knows about ``views`` (see the module docstring).
 
@@ -413,6 +560,9 @@ def measure_knowledge(
         scored: score the answers' probabilities; without, only greedy generation runs and
             every probability column is NaN (``prefers_original`` is then meaningless):
             what edit evaluation's locality check needs, at about half the cost.
+        kv_cache: continue prompts' keys and values instead of rerunning them (see
+            :func:`score_sequences` and :func:`greedy_generate`; same results up to float
+            rounding).
 
     Returns:
         A :class:`KnowledgeResult`.
@@ -442,7 +592,11 @@ def measure_knowledge(
         return inner
 
     scores = score_sequences(
-        adapter, pairs, batch_size=batch_size, progress=tick("score", len(pairs))
+        adapter,
+        pairs,
+        batch_size=batch_size,
+        progress=tick("score", len(pairs)),
+        kv_cache=kv_cache,
     )
     by_row: dict[tuple[int, str], list[SequenceScore]] = {}
     for (r, kind, _), score in zip(where, scores, strict=True):
@@ -455,6 +609,7 @@ def measure_knowledge(
         stop=template.stop,
         batch_size=batch_size,
         progress=tick("generate", len(rows)),
+        kv_cache=kv_cache,
     )
 
     records = []

@@ -627,9 +627,15 @@ class ModelAdapter(Protocol):
         ...
 
     def run_with_past(
-        self, batch: TokenBatch, patches: Sequence[Patch] = (), *, last_only: bool = False
+        self,
+        batch: TokenBatch,
+        patches: Sequence[Patch] = (),
+        *,
+        last_only: bool | int = False,
+        past: PastKeyValues | None = None,
     ) -> tuple[Logits, PastKeyValues]:
-        """Logits after applying the patches, and the keys and values of every position."""
+        """Logits after applying the patches, and the keys and values of every position
+        (the past's included when the batch continues one)."""
         ...
 
     def gradients(
@@ -859,11 +865,27 @@ class BaseAdapter:
         return logits[:, -1:] if last_only else logits
 
     def run_with_past(
-        self, batch: TokenBatch, patches: Sequence[Patch] = (), *, last_only: bool = False
+        self,
+        batch: TokenBatch,
+        patches: Sequence[Patch] = (),
+        *,
+        last_only: bool | int = False,
+        past: PastKeyValues | None = None,
     ) -> tuple[Logits, PastKeyValues]:
         """Logits after applying ``patches`` (as :meth:`run_with_patches`), and the attention
         keys and values of every position, to continue the run with
-        ``run_with_patches(..., past=...)``.
+        ``run_with_patches(..., past=...)`` or another ``run_with_past(..., past=...)``
+        (incremental decoding).
+
+        Args:
+            batch: the tokens to run; with ``past``, row ``i`` continues the past's row ``i``.
+            patches: as in :meth:`run_with_patches` (positions index ``batch``).
+            last_only: ``True``: the logits of the last position only (``[batch, 1, vocab]``);
+                an int ``k``: those of the last ``k`` positions (``[batch, k, vocab]``).  Every
+                row's last real token must be at the last index (left padding, or rows of equal
+                length).
+            past: keys and values this batch continues (the returned past holds them too, its
+                mask the past's followed by the batch's).
 
         Raises:
             NotImplementedError: when the model's cache cannot be continued from an arbitrary
@@ -884,12 +906,17 @@ class BaseAdapter:
                 self._group(patches),
                 keep_graph=False,
                 last_only=last_only,
+                past=self._check_past(batch, past),
                 past_out=out,
             )
         if not out:
             raise NotImplementedError(f"{self.info.model_id}: the forward returned no cache")
-        past = PastKeyValues.from_hf(out[0], batch.attention_mask)
-        return (logits[:, -1:] if last_only else logits), past
+        mask = batch.attention_mask
+        if past is not None:
+            mask = torch.cat([past.attention_mask.to(mask.device), mask], dim=-1)
+        new_past = PastKeyValues.from_hf(out[0], mask)
+        keep = int(last_only)
+        return (logits[:, -keep:] if keep else logits), new_past
 
     def _check_past(self, batch: TokenBatch, past: PastKeyValues | None) -> PastKeyValues | None:
         if past is not None and past.n_rows != batch.shape[0]:

@@ -192,3 +192,29 @@ def test_mcqa_prediction_is_the_best_scored_option(adapters, hf, trained_views) 
     # Without options the columns stay empty.
     plain = measure_knowledge(adapter, [view], QA, KnowledgeConfig(forms=("question",))).table
     assert plain.iloc[0]["mcqa_correct"] is None
+
+
+def test_cached_measurement_equals_full_runs_with_an_in_context_prefix(
+    adapters, trained_views
+) -> None:
+    # An IKE-style context shared by every prompt: scored and generated with the prompts' keys
+    # and values continued (the shared prefix once per batch) and without, on both backends.
+    views = trained_views[:12]
+    demo = views[-1].question
+    context = f"New fact: {demo.text} {demo.edit_target.text}\nQ: {demo.text}\nA: {demo.edit_target.text}\n\n"
+    for backend, adapter in adapters.items():
+        for template in (QA, QA.with_context(context)):
+            full = measure_knowledge(adapter, views, template, batch_size=5, kv_cache=False)
+            cached = measure_knowledge(adapter, views, template, batch_size=5).table
+            full = full.table
+            assert list(cached["greedy_text"]) == list(full["greedy_text"]), backend
+            for col in ("target_logp", "edit_logp", "target_alias_logp", "edit_alias_logp"):
+                torch.testing.assert_close(
+                    torch.tensor(cached[col].to_numpy()),
+                    torch.tensor(full[col].to_numpy()),
+                    rtol=0,
+                    atol=1e-4,
+                )
+        # The context changes what the model says: the comparison above is not vacuous.
+        plain = measure_knowledge(adapter, views, QA, batch_size=5).table
+        assert not plain["target_logp"].equals(cached["target_logp"])

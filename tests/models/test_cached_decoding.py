@@ -1,0 +1,172 @@
+"""Scoring and greedy decoding that continue keys and values (``kv_cache``) give the results
+of full runs, on every tiny architecture and backend.
+
+``run_with_past(..., past=)`` continues a past and returns the whole past; ``last_only=k``
+keeps the last ``k`` positions' logits.  :func:`score_sequences` runs each distinct prompt once
+and a prefix shared by a batch once; :func:`greedy_generate` decodes a token per pass.  Models
+whose cache cannot be continued fall back to full runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlake_core.metrics import knowledge
+from mlake_core.metrics.knowledge import greedy_generate, score_sequences
+from mlake_core.models import BACKENDS, TokenBatch
+from mlake_core.models.tiny import TINY_ARCHITECTURES as ARCHS
+
+pytestmark = pytest.mark.slow
+
+ATOL = 1e-4  # summed float32 log-probabilities of a few tokens; observed ~1e-6
+
+#: An in-context edit's prefix (IKE): shared by many prompts, longer than MIN_SHARED_PREFIX.
+SHARED = "New fact: The capital of France is Rome.\nQ: What is the capital of France?\nA: Rome\n\n"
+
+
+def _prompts(adapter, texts) -> list[list[int]]:
+    return [adapter.encode(SHARED + t) for t in texts] + [adapter.encode(t) for t in texts]
+
+
+def _pairs(adapter, texts) -> list[tuple[list[int], list[int]]]:
+    tok = adapter.tokenizer
+    targets = [
+        tok(" Paris", add_special_tokens=False)["input_ids"][:1],  # one token
+        tok(" 巴黎 and Rome", add_special_tokens=False)["input_ids"],
+        tok(" ローマ", add_special_tokens=False)["input_ids"],
+    ]
+    prompts = _prompts(adapter, texts)
+    # Every prompt with every target: prompts repeat, targets of one and several tokens.
+    return [(p, t) for p in prompts for t in targets]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_run_with_past_continues_a_past(arch, backend, get_adapter, texts) -> None:
+    adapter = get_adapter(arch, backend)
+    # Left padding: the first columns hold padding.
+    batch = adapter.tokenize([SHARED[:20] + t for t in texts])
+    whole, whole_past = adapter.run_with_past(batch)
+    n_pos = batch.shape[1]
+    first = int(batch.first_index.max()) + 1  # every row has a real token before the split
+    assert first < n_pos - 1
+    for split in (first, (first + n_pos) // 2, n_pos - 1):
+        head = TokenBatch(batch.input_ids[:, :split], batch.attention_mask[:, :split])
+        tail = TokenBatch(batch.input_ids[:, split:], batch.attention_mask[:, split:])
+        _, past = adapter.run_with_past(head)
+        logits, past = adapter.run_with_past(tail, last_only=2, past=past)
+        keep = min(2, n_pos - split)
+        assert logits.shape[1] == keep
+        torch.testing.assert_close(logits, whole[:, -keep:], atol=1e-5, rtol=0)
+        assert past.length == n_pos
+        assert torch.equal(past.attention_mask.cpu(), batch.attention_mask.cpu())
+        real = batch.attention_mask.bool()
+        for got, expected in zip(past.keys, whole_past.keys, strict=True):
+            torch.testing.assert_close(
+                got.transpose(1, 2)[real], expected.transpose(1, 2)[real], atol=1e-5, rtol=0
+            )
+    with pytest.raises(ValueError, match="one past row per batch row"):
+        adapter.run_with_past(batch, past=whole_past.select(torch.tensor([0])))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_scores_equal_full_runs(arch, backend, get_adapter, texts) -> None:
+    adapter = get_adapter(arch, backend)
+    pairs = _pairs(adapter, texts)
+    full = score_sequences(adapter, pairs, batch_size=7, kv_cache=False)
+    for batch_size in (1, 4, 64):
+        cached = score_sequences(adapter, pairs, batch_size=batch_size, kv_cache=True)
+        for i, (a, b) in enumerate(zip(cached, full, strict=True)):
+            assert a.n_tokens == b.n_tokens == len(pairs[i][1])
+            assert a.logp == pytest.approx(b.logp, abs=ATOL), f"pair {i}, batch {batch_size}"
+    assert len({round(s.logp, 3) for s in full}) > len(pairs) // 2  # scores differ
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_generation_equals_full_runs(arch, backend, get_adapter, texts) -> None:
+    adapter = get_adapter(arch, backend)
+    prompts = _prompts(adapter, texts)
+    # A stop string that some rows hit early (random-init models emit bytes freely).
+    stops = [(), (adapter.tokenizer.decode(prompts[0][-1:]),)]
+    for stop in stops:
+        for max_new in (1, 7):
+            full = greedy_generate(
+                adapter, prompts, max_new_tokens=max_new, stop=stop, batch_size=5, kv_cache=False
+            )
+            for batch_size in (1, 3, 64):
+                cached = greedy_generate(
+                    adapter, prompts, max_new_tokens=max_new, stop=stop, batch_size=batch_size
+                )
+                assert cached == full, (stop, max_new, batch_size)
+            assert all(len(g) <= max_new for g in full)
+    assert any(len(g) == 7 for g in full)
+
+
+def _recording(adapter, monkeypatch) -> list[tuple[int, int, bool]]:
+    """Record (rows, width, continues a past) of every ``run_with_past`` call."""
+    calls: list[tuple[int, int, bool]] = []
+    original = adapter.run_with_past
+
+    def wrapper(batch, *args, **kwargs):
+        calls.append((batch.shape[0], batch.shape[1], kwargs.get("past") is not None))
+        return original(batch, *args, **kwargs)
+
+    monkeypatch.setattr(adapter, "run_with_past", wrapper)
+    return calls
+
+
+def test_a_prefix_shared_by_the_batch_runs_once(get_adapter, texts, monkeypatch) -> None:
+    adapter = get_adapter("llama", "tlens")
+    prompts = [adapter.encode(SHARED + t) for t in texts]
+    shared = knowledge._common_prefix_length(prompts)
+    assert shared >= knowledge.MIN_SHARED_PREFIX
+    pairs = [
+        (p, adapter.tokenizer(" Rome", add_special_tokens=False)["input_ids"]) for p in prompts
+    ]
+    full = score_sequences(adapter, pairs, kv_cache=False)
+    calls = _recording(adapter, monkeypatch)
+    cached = score_sequences(adapter, pairs)
+    # The shared prefix alone (one row), then every prompt's rest continuing it.
+    assert calls[0] == (1, shared, False)
+    assert calls[1][0] == len(prompts) and calls[1][2]
+    assert calls[1][1] == max(len(p) for p in prompts) - shared
+    for a, b in zip(cached, full, strict=True):
+        assert a.logp == pytest.approx(b.logp, abs=ATOL)
+
+    # Prompts sharing less than MIN_SHARED_PREFIX tokens run whole, each prompt once.
+    calls.clear()
+    plain = [(adapter.encode(t), target) for t in texts for _, target in pairs[:2]]
+    score_sequences(adapter, plain)
+    assert calls == [(len(texts), max(len(adapter.encode(t)) for t in texts), False)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_models_whose_cache_cannot_be_continued_fall_back(
+    arch, get_adapter, texts, monkeypatch
+) -> None:
+    adapter = get_adapter(arch, "tlens")
+    pairs = _pairs(adapter, texts)
+    prompts = _prompts(adapter, texts)
+    expected_scores = score_sequences(adapter, pairs)
+    expected_text = greedy_generate(adapter, prompts, max_new_tokens=5, stop=())
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("a sliding-window cache")
+
+    forwards: list[int] = []
+    original = adapter.forward
+
+    def counting(batch):
+        forwards.append(batch.shape[0])
+        return original(batch)
+
+    monkeypatch.setattr(adapter, "run_with_past", refuse)
+    monkeypatch.setattr(adapter, "forward", counting)
+    scores = score_sequences(adapter, pairs, batch_size=8)
+    assert len(forwards) == -(-len(pairs) // 8)  # full runs, 8 sequences each
+    for a, b in zip(scores, expected_scores, strict=True):
+        assert a.logp == pytest.approx(b.logp, abs=ATOL)
+    assert greedy_generate(adapter, prompts, max_new_tokens=5, stop=()) == expected_text
