@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,10 @@ def transfer_stage(
     ``unit_source``, the neuron run they come from) are the neuron sets of restricted editing
     (:attr:`~mlake_core.editing.base.EditContext.unit_sets`); they enter the run key.
     ``knowledge_run`` (the folder ``knowledge`` was loaded from) is recorded in the run's meta
-    for the analyses that join pre-edit values (``mlake relate``).
+    for the analyses that join pre-edit values (``mlake relate``).  Every row also carries its
+    edit's ``edit_seconds`` (the method's own work) and ``eval_seconds`` (the evaluation in
+    every language), timed when the edit was computed (rows saved before mlake timed edits
+    have none: NaN once concatenated with newer rows).
 
     Returns:
         The per-fact, per-pair rows (a pandas DataFrame) and the run folder.
@@ -325,7 +329,9 @@ def transfer_stage(
                 context = EditContext(
                     generator, second_moment, demos, dict(unit_sets or {}), subject_mean
                 )
+                started = time.perf_counter()
                 result = entry.fn(adapter, [request], method_config, context)
+                edited = time.perf_counter()
                 edit_rows = evaluate_edit(
                     adapter,
                     result,
@@ -337,6 +343,11 @@ def transfer_stage(
                     known_before=known_before,
                     batch_size=batch_size,
                 )
+                timing = {
+                    "edit_seconds": edited - started,
+                    "eval_seconds": time.perf_counter() - edited,
+                }
+                edit_rows = [{**row, **timing} for row in edit_rows]
                 rows += edit_rows
                 run.save_table(piece, pd.DataFrame.from_records(edit_rows))
                 run.save_arrays(piece, {"generator": generator.get_state().numpy()})
@@ -764,7 +775,6 @@ def neurons_stage(
     Returns:
         A :class:`~mlake_core.neurons.config.NeuronResult` and the run folder.
     """
-    import time
 
     import numpy as np
     import pandas as pd

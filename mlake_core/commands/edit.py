@@ -321,6 +321,7 @@ def run_transfer(args: argparse.Namespace) -> int:
             "config": {k: str(v) for k, v in dataclasses.asdict(method_config).items()},
             "seconds": round(seconds, 1),
             "edits": int(rows[rows["kind"] == "efficacy"].shape[0]),
+            **_timing(rows),
             "matrices_question_form_known_before": matrices,
             "by_kind_greedy": by_kind,
             "mean_edit_loss": float(
@@ -332,6 +333,22 @@ def run_transfer(args: argparse.Namespace) -> int:
     else:
         print(_format(report, langs))
     return 0
+
+
+def _timing(rows: Any) -> dict[str, Any]:
+    """Mean seconds per edit of the edits timed in this run (rows saved by an older mlake have
+    no timing): the method's own work and the evaluation in every language."""
+    per_edit = rows.drop_duplicates(["fact_id", "edit_lang"])
+    if "edit_seconds" not in per_edit:
+        return {"timed_edits": 0, "edit_seconds_mean": None, "eval_seconds_mean": None}
+    timed = per_edit.dropna(subset=["edit_seconds"])
+    if timed.empty:
+        return {"timed_edits": 0, "edit_seconds_mean": None, "eval_seconds_mean": None}
+    return {
+        "timed_edits": len(timed),
+        "edit_seconds_mean": round(float(timed["edit_seconds"].mean()), 3),
+        "eval_seconds_mean": round(float(timed["eval_seconds"].mean()), 3),
+    }
 
 
 def _matrix_json(matrix: Any, langs: Any) -> dict[str, dict[str, float | None]]:
@@ -363,6 +380,12 @@ def _format(report: dict[str, Any], langs: Any) -> str:
             f"== {name}: {m['edits']} edits, {m['seconds']} s, mean edit loss "
             f"{m['mean_edit_loss']:.3f}; {m['results']}",
         ]
+        if m["timed_edits"]:
+            lines.append(
+                f"per edit: {m['edit_seconds_mean']:.2f} s editing + "
+                f"{m['eval_seconds_mean']:.2f} s evaluating in {len(langs)} languages "
+                f"(mean of {m['timed_edits']} edits, timed as they were computed)"
+            )
         for metric, matrix in m["matrices_question_form_known_before"].items():
             lines.append(
                 f"{metric} (rows: edit language, columns: test language; question form, "

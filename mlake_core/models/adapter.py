@@ -44,6 +44,7 @@ TransformerLens#774; Qwen has no BOS at all).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -53,6 +54,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mlake_core.errors import ConfigError
 from mlake_core.models.sites import (
     ArchitectureSpec,
     Site,
@@ -414,6 +416,12 @@ class ModelInfo:
         n_heads: attention heads per block.
         d_head: width of one head's output in ``attn_z`` (``attn_z`` is
             ``n_heads * d_head`` wide).
+        max_positions: the longest sequence the model is made for (``None``: no limit
+            known): a mlake-tiny model's longest training sequence, else the config's
+            ``max_position_embeddings`` / ``n_positions``.  Longer sequences are an error with
+            learned positions (no embedding exists for them) and a
+            :class:`LongSequenceWarning` otherwise (rotary and ALiBi models run them, out of
+            the range they were trained on).
     """
 
     model_id: str
@@ -434,12 +442,18 @@ class ModelInfo:
     versions: Mapping[str, str] = field(default_factory=dict)
     n_heads: int = 0
     d_head: int = 0
+    max_positions: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (for ``meta.json``)."""
         out = asdict(self)
         out["versions"] = dict(self.versions)
         return out
+
+
+class LongSequenceWarning(UserWarning):
+    """A sequence longer than the model's :attr:`ModelInfo.max_positions` was run (rotary or
+    ALiBi positions: it runs, outside the lengths the model was trained on)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -1049,6 +1063,36 @@ class BaseAdapter:
         """
         raise NotImplementedError
 
+    def _check_length(self, batch: TokenBatch, past: PastKeyValues | None) -> None:
+        """Compare the longest row (past and batch real tokens) with ``max_positions``."""
+        limit = self.info.max_positions
+        if limit is None:
+            return
+        lengths = batch.attention_mask.sum(-1)
+        if past is not None:
+            lengths = lengths + past.attention_mask.to(lengths.device).sum(-1)
+        longest = int(lengths.max())
+        if longest <= limit:
+            return
+        what = (
+            f"{self.info.model_id}: a sequence of {longest} tokens is longer than the "
+            f"{limit} positions the model is made for"
+        )
+        if self.info.positional == "learned":
+            raise ConfigError(
+                f"{what} (learned position embeddings: there is none past {limit}); shorten "
+                "the prompts (e.g. fewer in-context demonstrations, --set "
+                "ike.n_demonstrations=N) or the generation"
+            )
+        if not getattr(self, "_warned_length", False):
+            self._warned_length = True
+            warnings.warn(
+                f"{what}; {self.info.positional} positions run it, outside the lengths it was "
+                "trained on (warned once per model)",
+                LongSequenceWarning,
+                stacklevel=2,
+            )
+
     def _model_inputs(
         self,
         batch: TokenBatch,
@@ -1065,6 +1109,7 @@ class BaseAdapter:
         mask = batch.attention_mask
         positions = batch.position_ids
         inputs: dict[str, Any] = {"input_ids": batch.input_ids}
+        self._check_length(batch, past)
         if past is not None:
             past_mask = past.attention_mask.to(mask.device)
             positions = positions + past_mask.sum(-1, keepdim=True)

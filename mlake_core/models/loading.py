@@ -190,6 +190,23 @@ def _check_config(spec: ArchitectureSpec, config: Any, model: str) -> None:
         setattr(config, attr, value)
 
 
+def _max_positions(config: Any, folder: str | None) -> int | None:
+    """The longest sequence the model is made for (:attr:`ModelInfo.max_positions`): a
+    mlake-tiny model's longest training sequence, else the config's position table size."""
+    if folder is not None:
+        from mlake_core.models.mlake_tiny import read_metadata
+
+        meta = read_metadata(folder)
+        trained = (meta or {}).get("config", {}).get("max_len")
+        if isinstance(trained, int) and trained > 0:
+            return trained
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _d_mlp(hf_model: torch.nn.Module, spec: ArchitectureSpec, kind: str = "mlp_post") -> int:
     """Input width of the projection whose input is site ``kind`` (``mlp_post``: the MLP
     down projection; ``attn_z``: the attention output projection)."""
@@ -304,6 +321,7 @@ def load_adapter(
         versions=package_versions(("torch", "transformers", _BACKEND_PACKAGES[backend])),
         n_heads=int(config.num_attention_heads),
         d_head=_d_mlp(hf_model, spec, "attn_z") // int(config.num_attention_heads),
+        max_positions=_max_positions(config, source if is_local else None),
     )
     if backend == "tlens":
         from mlake_core.models.tlens_backend import TLensAdapter

@@ -575,6 +575,11 @@ def test_transfer_stage_gives_edits_the_run_subject_means(
             results_dir=tmp_path,
         )
         assert len(rows) and rows["edit_loss"].notna().all()
+        # Every row carries its edit's timing: one value per edit, the method's and the
+        # evaluation's seconds.
+        per_edit = rows.groupby(["fact_id", "edit_lang"])[["edit_seconds", "eval_seconds"]]
+        assert (per_edit.nunique() == 1).all().all()
+        assert (rows["edit_seconds"] > 0).all() and (rows["eval_seconds"] > 0).all()
         runs[init] = (rows, run)
     zero_run, mean_run = runs["zero"][1], runs["subject-mean"][1]
     assert zero_run.path != mean_run.path

@@ -184,3 +184,27 @@ def test_bad_values_fail_naming_the_field() -> None:
         )
     with pytest.raises(ConfigError, match="has no field 'inits'"):
         parse_overrides(["rome.inits=zero"], [rome])
+
+
+def test_timing_summary_counts_only_timed_edits() -> None:
+    import pandas as pd
+
+    from mlake_core.commands.edit import _timing
+
+    def rows(edits: list[tuple[int, str, float, float]]) -> pd.DataFrame:
+        # Three rows per edit (test languages), the edit's timing repeated on each.
+        return pd.DataFrame(
+            [
+                {"fact_id": f, "edit_lang": a, "edit_seconds": e, "eval_seconds": v}
+                for f, a, e, v in edits
+                for _ in range(3)
+            ]
+        )
+
+    timed = rows([(1, "en", 1.0, 0.5), (2, "en", 3.0, 1.5), (1, "zh", 2.0, 1.0)])
+    assert _timing(timed) == {"timed_edits": 3, "edit_seconds_mean": 2.0, "eval_seconds_mean": 1.0}
+    # Edits saved before timing existed (NaN after a resumed run's concatenation) are left out.
+    mixed = rows([(1, "en", 1.0, 0.5), (2, "en", float("nan"), float("nan"))])
+    assert _timing(mixed) == {"timed_edits": 1, "edit_seconds_mean": 1.0, "eval_seconds_mean": 0.5}
+    old = timed.drop(columns=["edit_seconds", "eval_seconds"])
+    assert _timing(old) == {"timed_edits": 0, "edit_seconds_mean": None, "eval_seconds_mean": None}

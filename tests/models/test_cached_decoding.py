@@ -170,3 +170,58 @@ def test_models_whose_cache_cannot_be_continued_fall_back(
     for a, b in zip(scores, expected_scores, strict=True):
         assert a.logp == pytest.approx(b.logp, abs=ATOL)
     assert greedy_generate(adapter, prompts, max_new_tokens=5, stop=()) == expected_text
+
+
+# -- sequences longer than the model is made for ------------------------------------------------
+
+
+def test_max_positions_come_from_the_config_or_the_training(
+    get_adapter, tiny_models, micro_tiny
+) -> None:
+    from transformers import AutoConfig
+
+    from mlake_core.models import load_adapter
+    from mlake_core.models.mlake_tiny import read_metadata
+
+    for arch in ("gpt2", "llama"):
+        config = AutoConfig.from_pretrained(tiny_models[arch])
+        table = getattr(config, "n_positions", None) or config.max_position_embeddings
+        assert get_adapter(arch, "tlens").info.max_positions == table
+    tiny = load_adapter(str(micro_tiny), "tlens", device="cpu")
+    meta = read_metadata(micro_tiny)
+    assert meta is not None
+    assert tiny.info.max_positions == meta["config"]["max_len"]
+
+
+def test_too_long_sequences_fail_with_learned_positions_and_warn_otherwise(
+    get_adapter, texts, monkeypatch
+) -> None:
+    import dataclasses
+
+    from mlake_core.errors import ConfigError
+    from mlake_core.models.adapter import LongSequenceWarning
+
+    prompts = {arch: _prompts(get_adapter(arch, "tlens"), texts) for arch in ("gpt2", "llama")}
+    longest = {arch: max(len(p) for p in ps) for arch, ps in prompts.items()}
+
+    gpt2 = get_adapter("gpt2", "tlens")
+    assert gpt2.info.positional == "learned"
+    monkeypatch.setattr(gpt2, "info", dataclasses.replace(gpt2.info, max_positions=longest["gpt2"]))
+    greedy_generate(gpt2, prompts["gpt2"], max_new_tokens=1, stop=())  # fits exactly
+    with pytest.raises(ConfigError, match=f"longer than the {longest['gpt2']} positions"):
+        greedy_generate(gpt2, prompts["gpt2"], max_new_tokens=3, stop=())  # continues past it
+    with pytest.raises(ConfigError, match=r"ike\.n_demonstrations"):
+        score_sequences(gpt2, [(max(prompts["gpt2"], key=len), [5, 6])])
+
+    llama = get_adapter("llama", "tlens")
+    assert llama.info.positional == "rotary"
+    monkeypatch.setattr(
+        llama, "info", dataclasses.replace(llama.info, max_positions=longest["llama"] - 1)
+    )
+    monkeypatch.setattr(llama, "_warned_length", False, raising=False)
+    with pytest.warns(LongSequenceWarning, match="rotary positions run it") as caught:
+        full = greedy_generate(llama, prompts["llama"], max_new_tokens=3, stop=())
+        greedy_generate(llama, prompts["llama"], max_new_tokens=3, stop=())
+    assert len([w for w in caught if w.category is LongSequenceWarning]) == 1  # once per model
+    monkeypatch.setattr(llama, "info", dataclasses.replace(llama.info, max_positions=None))
+    assert greedy_generate(llama, prompts["llama"], max_new_tokens=3, stop=()) == full
