@@ -88,7 +88,15 @@ def _config(model: Path, **extra):
 
 
 #: Fields that record where or how fast, not what was computed.
-VOLATILE = {"seconds_per_fact", "seconds", "edit_seconds", "eval_seconds", "run_path", "run", "inputs"}
+VOLATILE = {
+    "seconds_per_fact",
+    "seconds",
+    "edit_seconds",
+    "eval_seconds",
+    "run_path",
+    "run",
+    "inputs",
+}
 
 
 def _clean(value):
