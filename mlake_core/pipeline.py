@@ -209,6 +209,11 @@ class TransferSettings:
         restricted: FT restricted to these neuron classes of the neuron stage (``shared``,
             ``random``, ``specific``), each compared with unrestricted FT by ``relate``.
         units_method: which attribution method's classes restricted editing takes.
+        model_settings: apply the edit settings a model was trained for
+            (:func:`~mlake_core.models.mlake_tiny.recommended_edit_settings`, as ``mlake edit
+            transfer`` does) to the method fields this config leaves at their defaults (the
+            pipeline's defaults, else the dataclass's); a field set to another value keeps
+            it.  What was applied is logged and recorded in the transfer run's meta.
     """
 
     # IKE is left out by default: on mlake-tiny it reaches 0% efficacy (the model does not
@@ -222,6 +227,7 @@ class TransferSettings:
     method_configs: Mapping[str, Any] = field(default_factory=_default_method_configs)
     restricted: tuple[str, ...] = ("shared", "random")
     units_method: str = "ig"
+    model_settings: bool = True
 
     def __post_init__(self) -> None:
         from mlake_core.editing.base import get_method
@@ -989,12 +995,35 @@ def _stage_tracing(s: _State) -> dict[str, str]:
 
 
 def _resolved_method_config(s: _State, name: str) -> Any:
-    """The method's config with ``layer(s): auto`` resolved as ``mlake edit transfer`` does
-    (tracing's recommendation for this model, else the method's documented default)."""
+    """The method's config as ``mlake edit transfer`` resolves it: the settings the model was
+    trained for (``transfer.model_settings``) on the fields the config leaves at their
+    defaults, then ``layer(s): auto`` from tracing's recommendation for this model, else the
+    method's documented default."""
+    from mlake_core.editing.base import get_method
     from mlake_core.editing.memit import default_layers
     from mlake_core.experiments import lookup_recommended_layer
+    from mlake_core.models.mlake_tiny import recommended_edit_settings
 
     cfg = s.config.transfer.method_config(name)
+    if s.config.transfer.model_settings:
+        model = recommended_edit_settings(s.loaded.path).get(name, {})
+        baseline = _default_method_configs().get(name) or get_method(name).config_cls()
+        applied = {
+            k: v for k, v in model.items() if str(getattr(cfg, k)) == str(getattr(baseline, k))
+        }
+        kept = {k: str(getattr(cfg, k)) for k in model if k not in applied}
+        if applied:
+            s.log(
+                f"transfer [{name}]: settings this model was trained for: "
+                + ", ".join(f"{k}={v}" for k, v in applied.items())
+                + (
+                    "; the config's own " + ", ".join(f"{k}={v}" for k, v in kept.items())
+                    if kept
+                    else ""
+                )
+                + " (transfer.model_settings: false turns them off)"
+            )
+            cfg = dataclasses.replace(cfg, **applied)
     names = {f.name for f in dataclasses.fields(cfg)}
     wants = [n for n in ("layer", "layers") if n in names and str(getattr(cfg, n)) == "auto"]
     if not wants:

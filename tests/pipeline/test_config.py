@@ -127,3 +127,44 @@ def test_overrides_and_seeds():
     assert set(PipelineConfig().run.stages) == set(STAGES)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.model.name = "x"  # type: ignore[misc]
+
+
+def _resolve(config, name, settings, monkeypatch):
+    """``_resolved_method_config`` for a model that brings ``settings``, with logs."""
+    from types import SimpleNamespace
+
+    from mlake_core import pipeline
+    from mlake_core.models import mlake_tiny
+
+    monkeypatch.setattr(mlake_tiny, "recommended_edit_settings", lambda path: settings)
+    logs: list[str] = []
+    state = SimpleNamespace(
+        config=config, loaded=SimpleNamespace(path="model"), log=logs.append, store=None
+    )
+    return pipeline._resolved_method_config(state, name), logs
+
+
+def test_model_settings_fill_the_fields_the_config_leaves_at_defaults(tmp_path, monkeypatch):
+    settings = {
+        "ft": {"layer": "1", "lr": "0.01", "steps": "100", "max_rel_norm": "0.3"},
+        "rome": {"layer": "1", "clamp_norm": "100", "steps": "200", "restarts": "3"},
+    }
+    # Defaults everywhere: every model setting applies (the pipeline's FT layer 0 included).
+    rome, logs = _resolve(PipelineConfig(), "rome", settings, monkeypatch)
+    assert (str(rome.layer), rome.clamp_norm, rome.steps, rome.restarts) == ("1", 100.0, 200, 3)
+    assert "settings this model was trained for: layer=1, clamp_norm=100" in logs[0]
+    ft, _ = _resolve(PipelineConfig(), "ft", settings, monkeypatch)
+    assert (str(ft.layer), ft.lr, ft.steps) == ("1", 0.01, 100)
+    # A field the file sets to another value keeps it, and the log says so.
+    config = load_config(_write(tmp_path, "transfer:\n  rome:\n    layer: 2\n    steps: 50\n"))
+    rome, logs = _resolve(config, "rome", settings, monkeypatch)
+    assert (str(rome.layer), rome.steps, rome.clamp_norm, rome.restarts) == ("2", 50, 100.0, 3)
+    assert "the config's own layer=2, steps=50" in logs[0]
+    # Turned off: the config alone (layer auto is resolved by tracing, not asked for here).
+    config = load_config(
+        _write(tmp_path, "transfer:\n  model_settings: false\n  rome:\n    layer: 2\n")
+    )
+    rome, logs = _resolve(config, "rome", settings, monkeypatch)
+    assert (str(rome.layer), rome.clamp_norm, rome.restarts) == ("2", 4.0, 0) and not logs
+    # A model without settings (every model but mlake-tiny-editable): nothing changes.
+    assert _resolve(config, "ft", {}, monkeypatch)[0] == config.transfer.method_config("ft")
