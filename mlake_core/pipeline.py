@@ -217,8 +217,8 @@ class TransferSettings:
     """
 
     # IKE is left out by default: on mlake-tiny it reaches 0% efficacy (the model does not
-    # learn in context) and costs ~7 s per edit (demonstrations lengthen every evaluated
-    # prompt), half the default run; add it with methods: [ft, ike].
+    # learn in context), so it would only add about a second per edit; add it with
+    # methods: [ft, ike].
     methods: tuple[str, ...] = ("ft",)
     edit_form: str = "question"
     n_locality: int = 3
