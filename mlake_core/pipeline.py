@@ -213,7 +213,9 @@ class TransferSettings:
             (:func:`~mlake_core.models.mlake_tiny.recommended_edit_settings`, as ``mlake edit
             transfer`` does) to the method fields this config leaves at their defaults (the
             pipeline's defaults, else the dataclass's); a field set to another value keeps
-            it.  What was applied is logged and recorded in the transfer run's meta.
+            it, one set to the default value itself counts as left at it (the config as
+            dumped and reloaded resolves the same way).  What was applied is logged and
+            recorded in the transfer run's meta.
     """
 
     # IKE is left out by default: on mlake-tiny it reaches 0% efficacy (the model does not

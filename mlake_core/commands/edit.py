@@ -252,6 +252,7 @@ def run_transfer(args: argparse.Namespace) -> int:
     corpus = read_corpus(args.corpus) if args.corpus else mlake_corpus(dataset)
     report: dict[str, Any] = {"model": loaded.name, "n_facts": len(fact_ids), "methods": {}}
     recommended = recommended_edit_settings(loaded.path)
+    model_layers = any(k in ("layer", "layers") for v in recommended.values() for k in v)
     layer_for = {"layer": args.layer, "layers": args.layer}
     layer_source = "explicit"
     if args.layer == "auto":
@@ -268,12 +269,19 @@ def run_transfer(args: argparse.Namespace) -> int:
             log(
                 f"--layer auto: layer {layer} (MEMIT: {layer_for['layers']}) recommended by "
                 f"causal tracing, {traced.get('run')}"
+                + (
+                    "; the layers this model was trained for take precedence"
+                    if model_layers
+                    else ""
+                )
             )
         else:
             log(
                 "--layer auto: this model was not traced (mlake trace); "
                 + ("the layers it was trained for" if recommended else "documented defaults")
             )
+    if model_layers and args.layer == "auto":
+        layer_source = "model"
     report["layer_source"] = layer_source
     report["model_settings"] = recommended
     for entry in entries:
@@ -336,8 +344,9 @@ def run_transfer(args: argparse.Namespace) -> int:
 
 
 def _timing(rows: Any) -> dict[str, Any]:
-    """Mean seconds per edit of the edits timed in this run (rows saved by an older mlake have
-    no timing): the method's own work and the evaluation in every language."""
+    """Mean seconds per edit of the edits timed when computed (rows saved by an older mlake
+    have no timing): the method's own work and the evaluation in every language (the run's
+    shared statistics, ``setup_seconds``, are in neither)."""
     per_edit = rows.drop_duplicates(["fact_id", "edit_lang"])
     if "edit_seconds" not in per_edit:
         return {"timed_edits": 0, "edit_seconds_mean": None, "eval_seconds_mean": None}

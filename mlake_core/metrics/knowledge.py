@@ -36,10 +36,12 @@ mask, so a padded row scores exactly as it would alone).  Where the model's atte
 can be continued (:meth:`~mlake_core.models.adapter.ModelAdapter.run_with_past`; every
 full-attention model), each distinct prompt runs once and its answers continue its keys and
 values, a token prefix shared by a whole batch (an in-context edit's demonstrations) runs once
-for the batch, greedy generation decodes one token per pass, and logits are computed only
-where they are read.  The results are those of full runs (up to float rounding); models whose
-cache cannot be cropped (sliding-window or recurrent layers) and ``kv_cache=False`` run every
-sequence whole.
+for the batch, greedy generation decodes one token per pass, and no logits are computed for
+prompt positions but the last.  The results are those of full runs up to float rounding (in
+float32 the same greedy answers, log-probabilities within about 1e-5; in bfloat16 or float16
+rounding can flip a near-tied greedy choice, and ``kv_cache`` is not part of any result key).
+Models whose cache cannot be cropped (sliding-window or recurrent layers; found on the first
+pass and remembered for the adapter) and ``kv_cache=False`` run every sequence whole.
 """
 
 from __future__ import annotations
@@ -188,8 +190,8 @@ def score_sequences(
 
     With ``kv_cache`` (and a model whose cache can be continued), each distinct prompt runs
     once, ``batch_size`` prompts per pass (a prefix shared by all of them once), and its
-    targets continue its keys and values, ``batch_size`` targets per pass; only the logits
-    that score a target token are computed.  Otherwise every (prompt + target) sequence runs
+    targets continue its keys and values, ``batch_size`` targets per pass; no logits are
+    computed for prompt positions but the last.  Otherwise every (prompt + target) sequence runs
     whole, ``batch_size`` per pass, right-padded.  Both give the same scores up to float
     rounding.
 
@@ -209,12 +211,26 @@ def score_sequences(
     for i, (prompt, target) in enumerate(pairs):
         if not prompt or not target:
             raise ValueError(f"pair {i}: empty prompt or target")
-    if kv_cache and pairs:
+    if kv_cache and pairs and _cache_continues(adapter):
         try:
             return _score_cached(adapter, pairs, batch_size, progress)
         except NotImplementedError:
-            pass  # a cache that cannot be continued: full runs
+            _no_cache(adapter)  # fails on the first pass: nothing was reported yet
     return _score_full(adapter, pairs, batch_size, progress)
+
+
+def _cache_continues(adapter: ModelAdapter) -> bool:
+    """Whether the model's cache can be continued, as far as known (not yet tried: yes)."""
+    return not getattr(adapter, "_no_kv_cache", False)
+
+
+def _no_cache(adapter: ModelAdapter) -> None:
+    """Remember that the model's cache cannot be continued (``PastKeyValues.from_hf`` fails
+    on the first pass): later calls go straight to full runs."""
+    try:
+        adapter._no_kv_cache = True  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
 
 
 def _score_cached(
@@ -335,11 +351,12 @@ def greedy_generate(
 
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        if kv_cache and max_new_tokens > 0:
+        if kv_cache and max_new_tokens > 0 and _cache_continues(adapter):
             try:
                 last, past = _prompt_pass(adapter, [prompts[i] for i in chunk])
             except NotImplementedError:
-                kv_cache = False  # a cache that cannot be continued: full runs from here on
+                _no_cache(adapter)  # a cache that cannot be continued: full runs from here on
+                kv_cache = False
             else:
                 active = list(range(len(chunk)))
                 for step in range(max_new_tokens):

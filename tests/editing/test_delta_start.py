@@ -577,9 +577,15 @@ def test_transfer_stage_gives_edits_the_run_subject_means(
         assert len(rows) and rows["edit_loss"].notna().all()
         # Every row carries its edit's timing: one value per edit, the method's and the
         # evaluation's seconds.
-        per_edit = rows.groupby(["fact_id", "edit_lang"])[["edit_seconds", "eval_seconds"]]
+        timing = ["edit_seconds", "eval_seconds", "setup_seconds"]
+        per_edit = rows.groupby(["fact_id", "edit_lang"])[timing]
         assert (per_edit.nunique() == 1).all().all()
         assert (rows["edit_seconds"] > 0).all() and (rows["eval_seconds"] > 0).all()
+        # The shared statistics (second moment; subject means per language) are paid by the
+        # first edit that needs them, outside its edit_seconds.
+        setup = per_edit.first()["setup_seconds"]
+        assert (setup >= 0).all() and setup.sum() > 0
+        assert (setup > 0).sum() <= (1 + len(langs) if init == "subject-mean" else 1)
         runs[init] = (rows, run)
     zero_run, mean_run = runs["zero"][1], runs["subject-mean"][1]
     assert zero_run.path != mean_run.path

@@ -84,13 +84,27 @@ def test_cached_scores_equal_full_runs(arch, backend, get_adapter, texts) -> Non
     assert len({round(s.logp, 3) for s in full}) > len(pairs) // 2  # scores differ
 
 
+class _WithEos:
+    """A tokenizer whose EOS id is ``eos``; everything else is the wrapped tokenizer's."""
+
+    def __init__(self, tokenizer, eos: int) -> None:
+        self._tokenizer, self.eos_token_id = tokenizer, eos
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cached_generation_equals_full_runs(arch, backend, get_adapter, texts) -> None:
+def test_cached_generation_equals_full_runs(arch, backend, get_adapter, texts, monkeypatch) -> None:
     adapter = get_adapter(arch, backend)
     prompts = _prompts(adapter, texts)
-    # A stop string that some rows hit early (random-init models emit bytes freely).
-    stops = [(), (adapter.tokenizer.decode(prompts[0][-1:]),)]
+    free = greedy_generate(adapter, prompts, max_new_tokens=7, stop=(), kv_cache=False)
+    assert all(len(g) == 7 for g in free)  # random weights: no EOS by chance
+    decode = adapter.tokenizer.decode
+    # Stop strings taken from the rows' own output, so rows stop at different steps (row 0 at
+    # its 2nd token, row 1 at its 4th, unless the text shows up earlier elsewhere) ...
+    stops = [(), (decode(free[0][1:2]), decode(free[1][3:4]))]
     for stop in stops:
         for max_new in (1, 7):
             full = greedy_generate(
@@ -102,7 +116,13 @@ def test_cached_generation_equals_full_runs(arch, backend, get_adapter, texts) -
                 )
                 assert cached == full, (stop, max_new, batch_size)
             assert all(len(g) <= max_new for g in full)
-    assert any(len(g) == 7 for g in full)
+    assert len({len(g) for g in full}) > 1 and len(full[0]) <= 2  # rows stopped apart
+    # ... and EOS: make the EOS id the token row 2 generates third.
+    eos = free[2][2]
+    monkeypatch.setattr(adapter, "tokenizer", _WithEos(adapter.tokenizer, eos))
+    full = greedy_generate(adapter, prompts, max_new_tokens=7, stop=(), kv_cache=False)
+    assert len(full[2]) <= 2 and eos not in full[2]
+    assert greedy_generate(adapter, prompts, max_new_tokens=7, stop=(), batch_size=3) == full
 
 
 def _recording(adapter, monkeypatch) -> list[tuple[int, int, bool]]:
@@ -153,9 +173,6 @@ def test_models_whose_cache_cannot_be_continued_fall_back(
     expected_scores = score_sequences(adapter, pairs)
     expected_text = greedy_generate(adapter, prompts, max_new_tokens=5, stop=())
 
-    def refuse(*args, **kwargs):
-        raise NotImplementedError("a sliding-window cache")
-
     forwards: list[int] = []
     original = adapter.forward
 
@@ -163,13 +180,23 @@ def test_models_whose_cache_cannot_be_continued_fall_back(
         forwards.append(batch.shape[0])
         return original(batch)
 
+    tried: list[int] = []
+
+    def refuse(*args, **kwargs):
+        tried.append(1)
+        raise NotImplementedError("a sliding-window cache")
+
+    monkeypatch.setattr(adapter, "_no_kv_cache", False, raising=False)  # restored afterwards
     monkeypatch.setattr(adapter, "run_with_past", refuse)
     monkeypatch.setattr(adapter, "forward", counting)
-    scores = score_sequences(adapter, pairs, batch_size=8)
+    done: list[int] = []
+    scores = score_sequences(adapter, pairs, batch_size=8, progress=done.append)
     assert len(forwards) == -(-len(pairs) // 8)  # full runs, 8 sequences each
+    assert sum(done) == len(pairs)  # progress counted once
     for a, b in zip(scores, expected_scores, strict=True):
         assert a.logp == pytest.approx(b.logp, abs=ATOL)
     assert greedy_generate(adapter, prompts, max_new_tokens=5, stop=()) == expected_text
+    assert len(tried) == 1  # found once, remembered for the adapter
 
 
 # -- sequences longer than the model is made for ------------------------------------------------

@@ -93,6 +93,7 @@ VOLATILE = {
     "seconds",
     "edit_seconds",
     "eval_seconds",
+    "setup_seconds",
     "run_path",
     "run",
     "inputs",

@@ -178,3 +178,28 @@ def test_figures(traced, capsys) -> None:
     fig = average_effects(result, "mlp")
     assert [ax.get_title().split()[0] for ax in fig.axes[:2]] == ["en", "zh"]
     assert isinstance(similarity_heatmap(result), Figure)
+
+
+def test_the_layers_a_model_was_trained_for_take_precedence_over_tracing(
+    traced, micro_tiny: Path, capsys, monkeypatch
+) -> None:
+    from mlake_core.models import mlake_tiny
+
+    root, _ = traced
+    settings = {"ft": {"layer": "1", "lr": "0.01"}}
+    monkeypatch.setattr(mlake_tiny, "recommended_edit_settings", lambda path: settings)
+    base = ("edit", "transfer", "--model", str(micro_tiny), "--method", "ft", "--langs", "en")
+    base += ("--facts", "1", "--n-locality", "2", "--device", "cpu", "--json")
+    code, out, err = _run(capsys, *base, "--results-dir", str(root))
+    assert code == 0, err
+    assert "the layers this model was trained for take precedence" in err
+    report = json.loads(out)
+    assert report["layer_source"] == "model"
+    assert report["methods"]["ft"]["config"]["layer"] == "1"
+    assert report["methods"]["ft"]["timed_edits"] == 1
+    # An explicit --layer wins over both.
+    code, out, err = _run(capsys, *base, "--layer", "0", "--results-dir", str(root))
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["layer_source"] == "explicit"
+    assert report["methods"]["ft"]["config"]["layer"] == "0"
