@@ -250,12 +250,19 @@ def _score_cached(
         last, past = _prompt_pass(adapter, chunk)
         first_logp = last.float().log_softmax(-1)
         rest: list[tuple[int, int]] = []  # (pair, prompt row) of targets longer than a token
+        members_first: list[tuple[int, int, int]] = []  # (pair, prompt row, first token)
         for row, prompt in enumerate(chunk):
             for i in by_prompt[prompt]:
                 target = pairs[i][1]
-                sums[i] = float(first_logp[row, target[0]])
+                members_first.append((i, row, target[0]))
                 if len(target) > 1:
                     rest.append((i, row))
+        # One gather (one device transfer) for every pair's first token.
+        picked_first = first_logp[
+            torch.tensor([row for _, row, _ in members_first], device=first_logp.device),
+            torch.tensor([tok for _, _, tok in members_first], device=first_logp.device),
+        ]
+        sums[torch.tensor([i for i, _, _ in members_first])] = picked_first.double().cpu()
         rest.sort(key=lambda item: len(pairs[item[0]][1]))
         for sub in range(0, len(rest), batch_size):
             members = rest[sub : sub + batch_size]
