@@ -57,6 +57,7 @@ from mlake_core.errors import ConfigError, MlakeError
 from mlake_core.metrics.knowledge import KnowledgeConfig
 from mlake_core.neurons.attribution import AttributionConfig
 from mlake_core.neurons.config import NeuronConfig
+from mlake_core.progress import Bars, LogBar
 from mlake_core.tracing.causal import TraceConfig
 
 #: Stages in the order they run.
@@ -701,55 +702,6 @@ class PipelineResult:
         return "\n".join(lines)
 
 
-class _LogBar:
-    """A progress bar as log lines (stderr not a terminal, or bars turned off): the count,
-    the total and the rate, every 10% and at the end."""
-
-    def __init__(self, desc: str, total: int | None, unit: str, log: Callable[[str], None]):
-        self.desc, self.total, self.unit, self.log = desc, total, unit, log
-        self.n = 0
-        self.started = time.perf_counter()
-        self._next = 0.1
-
-    def update(self, k: int = 1) -> None:
-        self.n += k
-        if self.total and self.n / self.total >= self._next:
-            self._next = math.floor(10 * self.n / self.total) / 10 + 0.1
-            self._say()
-
-    def reset(self, total: int | None = None) -> None:
-        self.total, self.n, self._next = total, 0, 0.1
-
-    def set_postfix_str(self, text: str, refresh: bool = False) -> None:
-        del text, refresh
-
-    def _say(self) -> None:
-        seconds = time.perf_counter() - self.started
-        rate = self.n / seconds if seconds > 0 else 0.0
-        of = f"/{self.total}" if self.total else ""
-        self.log(f"{self.desc}: {self.n}{of} {self.unit}s, {rate:.2f} {self.unit}/s")
-
-    def close(self) -> None:
-        if self.n and (not self.total or self.n < self.total):
-            self._say()
-
-
-class _Bars:
-    """Progress bars per stage with counts and rates: tqdm on stderr when it is a terminal
-    (or ``enabled``), else log lines every 10% (:class:`_LogBar`)."""
-
-    def __init__(self, enabled: bool | None, log: Callable[[str], None]) -> None:
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.log = log
-
-    def __call__(self, desc: str, total: int | None, unit: str) -> Any:
-        if not self.enabled:
-            return _LogBar(desc, total, unit, self.log)
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=f"{desc:<10}", unit=unit, dynamic_ncols=True)
-
-
 def run_pipeline(
     config: PipelineConfig,
     out: str | os.PathLike[str],
@@ -801,7 +753,7 @@ def run_pipeline(
     manifest_path = out / "manifest.json"
     previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     records: dict[str, StageRecord] = {}
-    bar = _Bars(bars, say)
+    bar = Bars(bars, say)
     state = _State(config=config, out=out, store=store, log=say, bar=bar, on_item=on_item)
     started = time.perf_counter()
 
@@ -852,7 +804,7 @@ class _State:
     out: Path
     store: Path
     log: Callable[[str], None]
-    bar: _Bars
+    bar: Bars
     on_item: Callable[[str, dict[str, Any]], None] | None
     dataset: Any = None
     pool: list[int] = field(default_factory=list)
@@ -952,7 +904,7 @@ def _stage_knowledge(s: _State) -> dict[str, str]:
             results_dir=s.store,
             log=s.log,
             # As log lines, the stage's own line per language is enough.
-            progress=None if isinstance(bar, _LogBar) else progress,
+            progress=None if isinstance(bar, LogBar) else progress,
         )
     finally:
         bar.close()

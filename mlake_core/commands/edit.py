@@ -208,8 +208,6 @@ def method_config_for(
 
 def run_transfer(args: argparse.Namespace) -> int:
     """Entry point of ``mlake edit transfer``."""
-    from tqdm.auto import tqdm
-
     from mlake_core.editing.base import get_method
     from mlake_core.editing.covariance import mlake_corpus, read_corpus
     from mlake_core.editing.evaluate import KINDS, TransferConfig, transfer_matrix
@@ -221,6 +219,7 @@ def run_transfer(args: argparse.Namespace) -> int:
     from mlake_core.languages import parse_langs
     from mlake_core.metrics.knowledge import KnowledgeConfig
     from mlake_core.models.mlake_tiny import recommended_edit_settings
+    from mlake_core.progress import progress_bar
 
     names = [m.strip() for m in (args.methods or args.method or "").split(",") if m.strip()]
     if not names:
@@ -288,7 +287,7 @@ def run_transfer(args: argparse.Namespace) -> int:
         method_config = method_config_for(
             entry, layer_for, recommended, overrides, explicit_layer=args.layer != "auto"
         )
-        bar = tqdm(total=len(fact_ids) * len(langs), desc=entry.name, unit="edit", disable=None)
+        bar = progress_bar(entry.name, len(fact_ids) * len(langs), "edit", log)
 
         def on_edit(info: dict[str, Any], bar: Any = bar) -> None:
             bar.set_postfix_str(f"{info['lang']} loss {info['loss']:.3f}", refresh=False)

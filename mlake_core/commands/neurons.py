@@ -123,10 +123,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def run_neurons(args: argparse.Namespace) -> int:
     """Entry point of ``mlake neurons``."""
-    from tqdm.auto import tqdm
-
     from mlake_core.experiments import neurons_stage
     from mlake_core.languages import parse_langs
+    from mlake_core.progress import progress_bar
 
     langs = parse_langs(args.langs)
     facts_option = parse_facts(args.facts)
@@ -142,9 +141,7 @@ def run_neurons(args: argparse.Namespace) -> int:
     dataset, fact_ids, knowledge = data.dataset, data.fact_ids, data.knowledge
     wanted = set(fact_ids)
     per_method = sum(len(knowledge.known(lang) & wanted) for lang in langs)
-    bar = tqdm(
-        total=per_method * len(config.fact_methods), desc="neurons", unit="fact", disable=None
-    )
+    bar = progress_bar("neurons", per_method * len(config.fact_methods), "fact", log)
 
     def on_fact(info: dict[str, Any]) -> None:
         bar.set_postfix_str(f"{info['method']} {info['lang']}", refresh=False)

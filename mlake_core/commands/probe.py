@@ -105,10 +105,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def run_probe(args: argparse.Namespace) -> int:
     """Entry point of ``mlake probe``."""
-    from tqdm.auto import tqdm
-
     from mlake_core.errors import ConfigError
     from mlake_core.languages import parse_langs
+    from mlake_core.progress import progress_bar
     from probes.config import pair_matrices
     from probes.stage import probe_stage
 
@@ -120,9 +119,7 @@ def run_probe(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     loaded = load_model(args)
     data = facts_and_knowledge(args, loaded, langs, facts_option)
-    bar = tqdm(
-        total=len(data.fact_ids) * len(langs), desc="activations", unit="prompt", disable=None
-    )
+    bar = progress_bar("activations", len(data.fact_ids) * len(langs), "prompt", log)
     started = time.perf_counter()
     result, _ = probe_stage(
         loaded.adapter,

@@ -79,10 +79,9 @@ def register(subparsers: Any) -> None:
 
 def run_trace(args: argparse.Namespace) -> int:
     """Entry point of ``mlake trace``."""
-    from tqdm.auto import tqdm
-
     from mlake_core.experiments import tracing_stage
     from mlake_core.languages import parse_langs
+    from mlake_core.progress import progress_bar
     from mlake_core.tracing.causal import TraceConfig
 
     langs = parse_langs(args.langs)
@@ -103,7 +102,7 @@ def run_trace(args: argparse.Namespace) -> int:
     dataset, fact_ids, knowledge = data.dataset, data.fact_ids, data.knowledge
     wanted = set(fact_ids)
     total = sum(len(knowledge.known(lang) & wanted) for lang in langs)
-    bar = tqdm(total=total, desc="trace", unit="fact", disable=None)
+    bar = progress_bar("trace", total, "fact", log)
 
     def on_fact(info: dict[str, Any]) -> None:
         bar.set_postfix_str(f"{info['lang']} p_clean {info['p_clean']:.2f}", refresh=False)

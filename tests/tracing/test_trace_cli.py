@@ -5,6 +5,7 @@ bad options, and the tracing figures (CJK labels drawn by a font that has them).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -193,6 +194,7 @@ def test_the_layers_a_model_was_trained_for_take_precedence_over_tracing(
     code, out, err = _run(capsys, *base, "--results-dir", str(root))
     assert code == 0, err
     assert "the layers this model was trained for take precedence" in err
+    assert re.search(r"ft: 1/1 edits, [\d.]+ edit/s \(en loss [\d.]+\)", err)  # no TTY: log lines
     report = json.loads(out)
     assert report["layer_source"] == "model"
     assert report["methods"]["ft"]["config"]["layer"] == "1"
