@@ -347,9 +347,7 @@ def _timing(rows: Any) -> dict[str, Any]:
     have no timing): the method's own work and the evaluation in every language (the run's
     shared statistics, ``setup_seconds``, are in neither)."""
     per_edit = rows.drop_duplicates(["fact_id", "edit_lang"])
-    if "edit_seconds" not in per_edit:
-        return {"timed_edits": 0, "edit_seconds_mean": None, "eval_seconds_mean": None}
-    timed = per_edit.dropna(subset=["edit_seconds"])
+    timed = per_edit.dropna(subset=["edit_seconds"]) if "edit_seconds" in per_edit else per_edit[:0]
     if timed.empty:
         return {"timed_edits": 0, "edit_seconds_mean": None, "eval_seconds_mean": None}
     return {

@@ -277,12 +277,17 @@ def _score_cached(
                     cols.append(k)
                     ids.append(token)
                     owner.append(i)
-            picked = logits[torch.tensor(rows), torch.tensor(cols)].float().log_softmax(-1)
-            token_logp = picked[torch.arange(len(ids)), torch.tensor(ids, device=picked.device)]
-            sums.index_add_(0, torch.tensor(owner), token_logp.double().cpu())
+            sums.index_add_(0, torch.tensor(owner), _token_logp(logits, rows, cols, ids))
         if progress:
             progress(sum(len(by_prompt[p]) for p in chunk))
     return [SequenceScore(float(sums[i]), len(target)) for i, (_, target) in enumerate(pairs)]
+
+
+def _token_logp(logits: Any, rows: list[int], cols: list[int], ids: list[int]) -> Any:
+    """Log-probability of token ``ids[j]`` at ``logits[rows[j], cols[j]]`` for every ``j``
+    (float64, on the CPU)."""
+    picked = logits[torch.tensor(rows), torch.tensor(cols)].float().log_softmax(-1)
+    return picked[torch.arange(len(ids)), torch.tensor(ids, device=picked.device)].double().cpu()
 
 
 def _score_full(
@@ -310,10 +315,8 @@ def _score_full(
                 cols.append(len(prompt) - 1 + k)  # position predicting target token k
                 ids.append(token)
                 owner.append(row)
-        picked = logits[torch.tensor(rows), torch.tensor(cols)].float().log_softmax(-1)
-        token_logp = picked[torch.arange(len(ids)), torch.tensor(ids, device=picked.device)]
         sums = torch.zeros(len(chunk), dtype=torch.float64).index_add_(
-            0, torch.tensor(owner), token_logp.double().cpu()
+            0, torch.tensor(owner), _token_logp(logits, rows, cols, ids)
         )
         for row, i in enumerate(chunk):
             out[i] = SequenceScore(float(sums[row]), len(pairs[i][1]))

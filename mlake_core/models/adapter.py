@@ -1066,8 +1066,8 @@ class BaseAdapter:
     def _check_length(self, batch: TokenBatch, past: PastKeyValues | None) -> None:
         """Compare the longest row (past and batch real tokens) with ``max_positions``."""
         limit = self.info.max_positions
-        if limit is None:
-            return
+        if limit is None or batch.shape[1] + (past.length if past else 0) <= limit:
+            return  # the padded width fits: no row is longer (and no device sync)
         lengths = batch.attention_mask.sum(-1)
         if past is not None:
             lengths = lengths + past.attention_mask.to(lengths.device).sum(-1)

@@ -151,15 +151,17 @@ def test_batched_equals_one_by_one_and_backends_agree(adapters, trained_views) -
     many = measure_knowledge(adapters["tlens"], views, QA, batch_size=7).table
     nn = measure_knowledge(adapters["nnsight"], views, QA, batch_size=4).table
     for other in (many, nn):
-        assert list(other["greedy_text"]) == list(one["greedy_text"])
-        assert list(other["greedy_match"]) == list(one["greedy_match"])
-        for col in ("target_logp", "edit_logp", "target_alias_logp", "edit_alias_logp"):
-            torch.testing.assert_close(
-                torch.tensor(other[col].to_numpy()),
-                torch.tensor(one[col].to_numpy()),
-                rtol=0,
-                atol=1e-4,
-            )
+        _assert_same_measures(other, one)
+
+
+def _assert_same_measures(a, b) -> None:
+    """Two knowledge tables give the same answers and (within 1e-4) the same scores."""
+    assert list(a["greedy_text"]) == list(b["greedy_text"])
+    assert list(a["greedy_match"]) == list(b["greedy_match"])
+    for col in ("target_logp", "edit_logp", "target_alias_logp", "edit_alias_logp"):
+        torch.testing.assert_close(
+            torch.tensor(a[col].to_numpy()), torch.tensor(b[col].to_numpy()), rtol=0, atol=1e-4
+        )
 
 
 def test_cloze_form_only_where_well_posed(adapters, trained_views) -> None:
@@ -202,19 +204,11 @@ def test_cached_measurement_equals_full_runs_with_an_in_context_prefix(
     views = trained_views[:12]
     demo = views[-1].question
     context = f"New fact: {demo.text} {demo.edit_target.text}\nQ: {demo.text}\nA: {demo.edit_target.text}\n\n"
-    for backend, adapter in adapters.items():
-        for template in (QA, QA.with_context(context)):
+    for adapter in adapters.values():
+        cached = {}
+        for name, template in (("plain", QA), ("context", QA.with_context(context))):
             full = measure_knowledge(adapter, views, template, batch_size=5, kv_cache=False)
-            cached = measure_knowledge(adapter, views, template, batch_size=5).table
-            full = full.table
-            assert list(cached["greedy_text"]) == list(full["greedy_text"]), backend
-            for col in ("target_logp", "edit_logp", "target_alias_logp", "edit_alias_logp"):
-                torch.testing.assert_close(
-                    torch.tensor(cached[col].to_numpy()),
-                    torch.tensor(full[col].to_numpy()),
-                    rtol=0,
-                    atol=1e-4,
-                )
+            cached[name] = measure_knowledge(adapter, views, template, batch_size=5).table
+            _assert_same_measures(cached[name], full.table)
         # The context changes what the model says: the comparison above is not vacuous.
-        plain = measure_knowledge(adapter, views, QA, batch_size=5).table
-        assert not plain["target_logp"].equals(cached["target_logp"])
+        assert not cached["plain"]["target_logp"].equals(cached["context"]["target_logp"])
