@@ -1,6 +1,6 @@
 """Attribution patching versus integrated gradients over MLP neurons: cost and agreement.
 
-Both methods (:mod:`mlake_core.neurons.attribution`) score every MLP neuron of every layer for
+Both methods (:mod:`analysis.neurons.attribution`) score every MLP neuron of every layer for
 the same prompts (question form, the answer's whole-sequence probability, the last prompt
 position), in the same process:
 
@@ -58,15 +58,7 @@ from scipy.stats import pearsonr, spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlake_core.data import load_mlake
-from mlake_core.editing.base import locate_prompt
-from mlake_core.errors import MlakeError
-from mlake_core.languages import parse_langs
-from mlake_core.models import load_adapter
-from mlake_core.models.adapter import Patch
-from mlake_core.models.mlake_tiny import ensure_tiny, read_metadata
-from mlake_core.models.prompting import get_template
-from mlake_core.neurons.attribution import (
+from analysis.neurons.attribution import (
     AttributionConfig,
     AttributionContext,
     AttributionPrompt,
@@ -76,7 +68,15 @@ from mlake_core.neurons.attribution import (
     corrupted_embeddings,
     integrated_gradients,
 )
-from mlake_core.tracing.causal import embedding_noise_std
+from analysis.tracing.causal import embedding_noise_std
+from mlake_core.data import load_mlake
+from mlake_core.editing.base import locate_prompt
+from mlake_core.errors import MlakeError
+from mlake_core.languages import parse_langs
+from mlake_core.models import load_adapter
+from mlake_core.models.adapter import Patch
+from mlake_core.models.mlake_tiny import ensure_tiny, read_metadata
+from mlake_core.models.prompting import get_template
 
 TOP_KS = (10, 50, 100)
 

@@ -2,7 +2,7 @@
 
 The plain loop is how ROME's reference code traces: for every (kind, token, layer) cell, one
 forward pass whose rows are the corrupted samples, with that cell restored, computing the
-logits of every position.  The batched tracer (:func:`mlake_core.tracing.causal.trace_prompt`)
+logits of every position.  The batched tracer (:func:`analysis.tracing.causal.trace_prompt`)
 puts many cells' rows in one pass, skips the cells whose effect is zero by construction,
 computes the last position's logits only, and runs each restoration from the restored token on
 after the corrupted run's cached keys and values (the prefix cache).  Both use the same noise
@@ -33,6 +33,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from analysis.tracing.causal import (
+    SITE_OF_KIND,
+    TraceConfig,
+    embedding_noise_std,
+    trace_prompt,
+    window_layers,
+)
 from mlake_core.data import load_mlake
 from mlake_core.editing.base import locate_prompt
 from mlake_core.errors import MlakeError
@@ -40,13 +47,6 @@ from mlake_core.models import load_adapter
 from mlake_core.models.adapter import Patch
 from mlake_core.models.mlake_tiny import ensure_tiny, read_metadata
 from mlake_core.models.prompting import get_template
-from mlake_core.tracing.causal import (
-    SITE_OF_KIND,
-    TraceConfig,
-    embedding_noise_std,
-    trace_prompt,
-    window_layers,
-)
 
 
 def loop_trace(adapter, prompt_ids, subject, answer_id, config, generator, noise_std):

@@ -17,7 +17,7 @@ import time
 
 
 def main() -> int:
-    from mlake_core.commands.common import log
+    from mlake.commands.common import log
     from mlake_core.data.dataset import load_mlake
     from mlake_core.metrics.knowledge import KnowledgeConfig, measure_knowledge
     from mlake_core.models import load_adapter

@@ -2,7 +2,7 @@
 language the edit was made in, columns: the language it is measured in; the diagonal is
 efficacy, the rest transfer), one panel per method on one scale.
 
-A method's matrix is :func:`mlake_core.editing.evaluate.transfer_matrix` of its transfer run
+A method's matrix is :func:`analysis.transfer.transfer_matrix` of its transfer run
 (question form, facts the model knew in the test language before the edit); the number of
 such facts per cell is written under each value.
 """

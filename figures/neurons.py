@@ -1,4 +1,4 @@
-"""Neuron-attribution figures (``result``: a :class:`~mlake_core.neurons.config.NeuronResult`):
+"""Neuron-attribution figures (``result``: a :class:`~analysis.neurons.config.NeuronResult`):
 the overlap of the same fact's important units between languages, one panel per attribution
 method; the units specific to each language and shared, per layer; and the ablation matrix,
 the knowledge lost in every language when one language's specific units are ablated, beside

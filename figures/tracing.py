@@ -37,7 +37,7 @@ def trace_heatmap(
     title: str | None = None,
 ) -> Any:
     """ROME-style heatmaps of one fact trace
-    (:class:`~mlake_core.tracing.causal.FactTrace`): tokens (real labels, subject tokens
+    (:class:`~analysis.tracing.causal.FactTrace`): tokens (real labels, subject tokens
     starred) by layer, coloured by the answer's probability with that state restored; the
     colour scale starts at the corrupted probability.  One panel per kind.
 
@@ -91,14 +91,14 @@ def trace_heatmap(
 def average_effects(result: Any, kind: str = "mlp", *, langs: Sequence[str] | None = None) -> Any:
     """The average indirect effect of ``kind`` by position class and layer, one panel per
     language on one colour scale (``result``: a
-    :class:`~mlake_core.tracing.summary.TracingResult`).
+    :class:`~analysis.tracing.summary.TracingResult`).
 
     Returns:
         A matplotlib Figure.
     """
     import matplotlib.pyplot as plt
 
-    from mlake_core.tracing.causal import POSITION_CLASSES
+    from analysis.tracing.causal import POSITION_CLASSES
 
     use_style()
     summaries = [s for s in result.summaries if langs is None or s.lang in langs]
@@ -186,8 +186,8 @@ def profiles(result: Any) -> Any:
     """
     import matplotlib.pyplot as plt
 
+    from analysis.tracing.causal import POSITION_CLASSES
     from figures.style import LANG_COLORS
-    from mlake_core.tracing.causal import POSITION_CLASSES
 
     use_style()
     panels = [p for p in PROFILES if p[0] in result.kinds]

@@ -4,7 +4,7 @@ Run ``python notebooks/make_notebooks.py`` after changing a notebook's cells her
 ``.ipynb`` files are generated, so their diffs stay readable in this file.  Every notebook
 reads ``MLAKE_NB_FACTS`` (facts, default 10), ``MLAKE_NB_MODEL`` (default mlake-tiny) and
 ``MLAKE_NB_OUT`` (the shared run folder, default ``runs/notebooks``) through
-:func:`mlake_core.pipeline.notebook_run`.
+:func:`mlake.pipeline.notebook_run`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ HERE = Path(__file__).parent
 SETUP = """\
 import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-from mlake_core.commands.common import log
-from mlake_core.pipeline import notebook_run"""
+from mlake.commands.common import log
+from mlake.pipeline import notebook_run"""
 
 NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
     "01_data_tour": [
@@ -51,7 +51,7 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
         ("code", 'run = notebook_run(["transfer"], log=log)\nprint(run.summary())'),
         (
             "code",
-            'from analysis.stage import load_transfer\nfrom figures.editing import transfer_counts, transfer_matrices\nfrom mlake_core.editing.evaluate import transfer_matrix\n\nruns = {k: load_transfer(v) for k, v in run.stages["transfer"].runs.items()}\nlangs = next(iter(runs.values())).meta["langs"]\nfor label, r in runs.items():\n    print(label)\n    print((100 * transfer_matrix(r.rows)).round(1))',
+            'from mlake.stages.relate import load_transfer\nfrom figures.editing import transfer_counts, transfer_matrices\nfrom analysis.transfer import transfer_matrix\n\nruns = {k: load_transfer(v) for k, v in run.stages["transfer"].runs.items()}\nlangs = next(iter(runs.values())).meta["langs"]\nfor label, r in runs.items():\n    print(label)\n    print((100 * transfer_matrix(r.rows)).round(1))',
         ),
         (
             "code",
@@ -67,7 +67,7 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
         ("code", 'run = notebook_run(["tracing"], log=log)\nprint(run.summary())'),
         (
             "code",
-            'import json\nfrom pathlib import Path\nfrom mlake_core.tracing.summary import TracingResult\n\nfolder = Path(run.stages["tracing"].runs["tracing"])\nresult = TracingResult.from_dict(json.loads((folder / "summary.json").read_text()))\nprint("recommended edit layer:", result.recommended_layer, result.recommended_by_lang)',
+            'import json\nfrom pathlib import Path\nfrom analysis.tracing.summary import TracingResult\n\nfolder = Path(run.stages["tracing"].runs["tracing"])\nresult = TracingResult.from_dict(json.loads((folder / "summary.json").read_text()))\nprint("recommended edit layer:", result.recommended_layer, result.recommended_by_lang)',
         ),
         (
             "code",
@@ -78,7 +78,7 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
         ("md", "One fact, with its real tokens (CJK drawn with Noto Sans CJK)."),
         (
             "code",
-            'from figures.tracing import trace_heatmap\nfrom mlake_core.tracing.causal import FactTrace\nimport numpy as np\n\nname = sorted((folder / "arrays").glob("trace_zh_*.npz"))[0]\nwith np.load(name) as arrays:\n    trace = FactTrace.from_arrays({k: arrays[k] for k in arrays.files})\ntrace_heatmap(trace, title=name.stem)',
+            'from figures.tracing import trace_heatmap\nfrom analysis.tracing.causal import FactTrace\nimport numpy as np\n\nname = sorted((folder / "arrays").glob("trace_zh_*.npz"))[0]\nwith np.load(name) as arrays:\n    trace = FactTrace.from_arrays({k: arrays[k] for k in arrays.files})\ntrace_heatmap(trace, title=name.stem)',
         ),
     ],
     "04_neurons": [
@@ -90,7 +90,7 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
         ("code", 'run = notebook_run(["neurons"], log=log)\nprint(run.summary())'),
         (
             "code",
-            'import json\nfrom pathlib import Path\nfrom mlake_core.neurons.config import NeuronResult\n\nfolder = Path(run.stages["neurons"].runs["neurons"])\nresult = NeuronResult.from_dict(json.loads((folder / "summary.json").read_text()))\n[(m.method, m.unit, m.check) for m in result.methods]',
+            'import json\nfrom pathlib import Path\nfrom analysis.neurons.config import NeuronResult\n\nfolder = Path(run.stages["neurons"].runs["neurons"])\nresult = NeuronResult.from_dict(json.loads((folder / "summary.json").read_text()))\n[(m.method, m.unit, m.check) for m in result.methods]',
         ),
         (
             "code",
@@ -111,7 +111,7 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
         ),
         (
             "code",
-            'from analysis.stage import load_relate_result\n\nresult = load_relate_result(run.stages["relate"].runs["ft"])\nresult.pair_level',
+            'from mlake.stages.relate import load_relate_result\n\nresult = load_relate_result(run.stages["relate"].runs["ft"])\nresult.pair_level',
         ),
         ("code", 'result.fits["logistic"].terms'),
         (

@@ -1,4 +1,4 @@
-"""Settings and result of the probe stage (:func:`probes.stage.probe_stage`), and the 5x5
+"""Settings and result of the probe stage (:func:`mlake.stages.probes.probe_stage`), and the 5x5
 matrices other analyses read from a result (:func:`pair_matrices`)."""
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
+from analysis.neurons.config import MethodSummary, NeuronResult
 from mlake_core.languages import LANGUAGES
-from mlake_core.neurons.config import MethodSummary, NeuronResult
 
 N_LAYERS = 4
 D_MLP = 64

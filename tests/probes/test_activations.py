@@ -26,7 +26,7 @@ from probes.config import ProbeConfig
 from probes.language_id import language_id_table
 
 # The tiny checkpoints of every architecture (shared with the model tests).
-from tests.models.conftest import TEXTS, get_adapter, get_hf, tiny_models  # noqa: F401
+from tests.mlake_core.models.conftest import TEXTS, get_adapter, get_hf, tiny_models  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,207 @@
+"""Settings and result of the neuron stage (:func:`mlake.stages.neurons.neurons_stage`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from analysis.neurons.ablation import MODES
+from analysis.neurons.attribution import AttributionConfig, attribution_methods
+from mlake_core.configs import coerce_fields
+from mlake_core.errors import ConfigError
+
+#: Methods of the stage: the per-fact attribution methods and ``lape``.
+STAGE_METHODS: tuple[str, ...] = ("ig", "atp", "lape")
+
+
+@dataclass(frozen=True)
+class NeuronConfig:
+    """Settings of the neuron stage.
+
+    Attributes:
+        methods: any of ``ig``, ``atp`` (per fact) and ``lape`` (per language, from text).
+        attribution: the per-fact methods' settings (:class:`AttributionConfig`).
+        min_rate: a unit is used by a language when important for at least this fraction
+            of its facts ...
+        min_facts: ... and at least this many of them.
+        lape_top_rate: LAPE: fraction of neurons selected (lowest entropy).
+        lape_filter_rate: LAPE: neurons with no language above this quantile of activation
+            probabilities are dismissed.
+        lape_bar_rate: LAPE: a selected neuron belongs to the languages above this quantile.
+        text_tokens: tokens of text read per language for the activation statistics.
+        ablation: ``zero`` or ``mean`` ablation of neurons (heads: zero).
+        n_random: random sets per fact in the ablation check.
+        ablation_facts: known facts per language measured in the ablation matrix.
+    """
+
+    methods: tuple[str, ...] = STAGE_METHODS
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    min_rate: float = 0.05
+    min_facts: int = 2
+    lape_top_rate: float = 0.01
+    lape_filter_rate: float = 0.95
+    lape_bar_rate: float = 0.95
+    text_tokens: int = 200_000
+    ablation: str = "zero"
+    n_random: int = 3
+    ablation_facts: int = 100
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        if isinstance(self.methods, str):
+            object.__setattr__(
+                self, "methods", tuple(m.strip() for m in self.methods.split(",") if m.strip())
+            )
+        object.__setattr__(self, "methods", tuple(self.methods))
+        known = (*attribution_methods(), "lape")
+        bad = [m for m in self.methods if m not in known]
+        if bad or not self.methods:
+            raise ConfigError(
+                f"--methods {','.join(self.methods)}: unknown {', '.join(bad) or '(none)'}; "
+                f"choose from {', '.join(known)}"
+            )
+        checks = [
+            (0 < self.min_rate <= 1, f"--min-rate {self.min_rate}: must be in (0, 1]"),
+            (self.min_facts >= 1, f"--min-facts {self.min_facts}: must be at least 1"),
+            (self.text_tokens >= 1, f"--text-tokens {self.text_tokens}: must be at least 1"),
+            (self.ablation in MODES, f"--ablation {self.ablation!r}: choose zero or mean"),
+            (self.n_random >= 1, f"--n-random {self.n_random}: must be at least 1"),
+            (self.ablation_facts >= 0, f"--ablation-facts {self.ablation_facts}: must be >= 0"),
+        ]
+        for name in ("lape_top_rate", "lape_filter_rate", "lape_bar_rate"):
+            value = getattr(self, name)
+            checks.append((0 < value < 1, f"--{name.replace('_', '-')} {value}: must be in (0, 1)"))
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def fact_methods(self) -> tuple[str, ...]:
+        """The per-fact attribution methods asked for."""
+        return tuple(m for m in self.methods if m != "lape")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["methods"] = list(self.methods)
+        out["attribution"] = self.attribution.to_dict()
+        return out
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN becomes None, numpy scalars and arrays become Python values."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "tolist"):
+        return _clean(value.tolist())
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+@dataclass
+class MethodSummary:
+    """What one method found (per unit kind for the per-fact methods).
+
+    Attributes:
+        method: ``ig``, ``atp`` or ``lape``.
+        unit: ``neuron`` or ``head``.
+        n_facts: facts attributed per language (LAPE: 0).
+        set_size: mean important-set size per language.
+        jaccard: 5x5 mean Jaccard index of the same fact's sets (NaN for LAPE).
+        overlap: 5x5 mean overlap coefficient.
+        n_pairs: 5x5 number of facts entering each mean.
+        counts: per layer, units specific to each language, shared and neither.
+        ablation: ``[ablated, measured]`` drop of knowledge accuracy with the specific units
+            ablated; ``ablation_random`` with random sets of the same sizes.
+        check: the ablation check of the attributed sets (mean answer-probability drop with
+            the set and with random sets, the fraction of facts where the set hurts more, and
+            a Wilcoxon signed-rank p-value).
+        seconds_per_fact: attribution time per fact and language (computed this run).
+        passes_per_fact: forward and backward passes per fact and language.
+    """
+
+    method: str
+    unit: str
+    n_facts: dict[str, int]
+    set_size: dict[str, float]
+    jaccard: list[list[float]]
+    overlap: list[list[float]]
+    n_pairs: list[list[int]]
+    counts: list[dict[str, Any]]
+    ablation: list[list[float]]
+    ablation_random: list[list[float]]
+    check: dict[str, float]
+    seconds_per_fact: float | None = None
+    passes_per_fact: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(asdict(self))
+
+
+@dataclass
+class NeuronResult:
+    """The neuron stage's result.
+
+    Attributes:
+        langs: languages.
+        n_layers: layers.
+        methods: one summary per (method, unit kind).
+        skipped: facts skipped per reason.
+        run_path: the run folder.
+        lape: LAPE's selection size and activation-probability bar, when run.
+    """
+
+    langs: tuple[str, ...]
+    n_layers: int
+    methods: list[MethodSummary]
+    skipped: dict[str, int]
+    run_path: str
+    lape: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NeuronResult:
+        """Rebuild a result from :meth:`to_dict` (a run's ``summary.json``); ``None`` in the
+        matrices and sizes becomes NaN."""
+
+        def nan(value: Any) -> Any:
+            if isinstance(value, list):
+                return [nan(v) for v in value]
+            if isinstance(value, dict):
+                return {k: nan(v) for k, v in value.items()}
+            return math.nan if value is None else value
+
+        methods = []
+        for m in data["methods"]:
+            fields = dict(m)
+            for key in ("jaccard", "overlap", "ablation", "ablation_random", "set_size", "check"):
+                fields[key] = nan(fields[key])
+            methods.append(MethodSummary(**fields))
+        return cls(
+            langs=tuple(data["langs"]),
+            n_layers=int(data["n_layers"]),
+            methods=methods,
+            skipped=dict(data.get("skipped", {})),
+            run_path=str(data.get("run_path", "")),
+            lape=dict(data.get("lape", {})),
+        )
+
+    def get(self, method: str, unit: str = "neuron") -> MethodSummary:
+        for m in self.methods:
+            if m.method == method and m.unit == unit:
+                return m
+        raise KeyError(f"no result for {method} ({unit})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(
+            {
+                "langs": list(self.langs),
+                "n_layers": self.n_layers,
+                "methods": [m.to_dict() for m in self.methods],
+                "skipped": self.skipped,
+                "run_path": self.run_path,
+                "lape": self.lape,
+            }
+        )

@@ -1,0 +1,169 @@
+"""``mlake eval knowledge``: what a model knows about MLaKE facts, per language.
+
+Measures every fact view in the question form and (where well-posed) the cloze form: the
+sequence log-probability of the original and the edit answer, alias-aware probabilities,
+greedy generation matched against the answers' aliases, and multiple-choice accuracy on
+v2024-04 (see ``mlake_core/metrics/knowledge.py``).  A fact is *known* in a language when the
+question form is answered correctly by greedy alias match.
+
+Prints one row per language; ``--json`` prints the same as JSON.  Per-fact results go to the
+results store (``--results-dir``, ``$MLAKE_RESULTS`` or ``./runs``), one table per language as
+it finishes, so an interrupted run resumes and a repeated run is read back, not recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from typing import Any
+
+from mlake.commands.common import (
+    add_data_args,
+    add_model_args,
+    add_run_args,
+    check_run_args,
+    load_model,
+    log,
+    parse_facts,
+)
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``eval`` command and its ``knowledge`` sub-command."""
+    from mlake_core.metrics.knowledge import FORMS
+
+    parser = subparsers.add_parser("eval", help="measure models on MLaKE")
+    sub = parser.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
+    sub.required = True
+    know = sub.add_parser(
+        "knowledge",
+        help="per-language table of what a model knows (greedy, probabilities, MCQA)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_args(know)
+    add_data_args(
+        know,
+        facts_default=None,
+        facts_help="N (the first N), all, or trained (default: mlake-tiny's training facts "
+        "for mlake-tiny models, all facts otherwise)",
+    )
+    method = know.add_argument_group("measurement")
+    method.add_argument(
+        "--forms", default=",".join(FORMS), help="prompt forms to measure (default: both)"
+    )
+    method.add_argument("--max-new-tokens", type=int, default=24, help="greedy length")
+    add_run_args(know)
+    know.set_defaults(func=run_knowledge)
+
+
+def run_knowledge(args: argparse.Namespace) -> int:
+    """Entry point of ``mlake eval knowledge``."""
+    from mlake.stages.context import select_fact_ids
+    from mlake.stages.knowledge import knowledge_stage
+    from mlake_core.data.dataset import load_mlake
+    from mlake_core.languages import parse_langs
+    from mlake_core.metrics.knowledge import KnowledgeConfig
+
+    langs = parse_langs(args.langs)
+    facts_option = parse_facts(args.facts) if args.facts else None
+    check_run_args(args)
+    config = KnowledgeConfig(
+        forms=tuple(f.strip() for f in args.forms.split(",") if f.strip()),
+        max_new_tokens=args.max_new_tokens,
+    )
+    loaded = load_model(args)
+    dataset = load_mlake(args.data_dir, version=args.version, langs=langs)
+    trained = loaded.tiny_metadata["fact_ids"] if loaded.tiny_metadata else None
+    facts = facts_option or ("trained" if trained is not None else "all")
+    fact_ids = select_fact_ids(dataset, facts, trained)
+    started = time.perf_counter()
+    result, run = knowledge_stage(
+        loaded.adapter,
+        loaded.path,
+        dataset,
+        fact_ids,
+        langs,
+        loaded.template,
+        config,
+        batch_size=args.batch_size,
+        results_dir=args.results_dir,
+        log=log,
+    )
+    seconds = time.perf_counter() - started
+    summary = result.summary()
+    report = {
+        "model": loaded.name,
+        "model_path": loaded.path,
+        "backend": loaded.adapter.info.backend,
+        "dtype": loaded.adapter.info.dtype,
+        "device": loaded.adapter.info.device,
+        "template": loaded.template.to_dict(),
+        "bos_policy": loaded.adapter.info.bos.describe(),
+        "data_version": dataset.version,
+        "n_facts": len(fact_ids),
+        "facts": facts,
+        "results": str(run.path),
+        "seconds": round(seconds, 2),
+        "skipped": result.skipped,
+        "languages": {
+            lang: {k: _json_value(v) for k, v in row.items()}
+            for lang, row in summary.to_dict(orient="index").items()
+        },
+    }
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+    else:
+        print(format_summary(report))
+    return 0
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def _pct(value: Any) -> str:
+    return (
+        "-"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else (f"{100 * value:.1f}")
+    )
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """The per-language table of ``mlake eval knowledge`` as text."""
+    lines = [
+        f"model {report['model']} ({report['backend']}, {report['dtype']}, {report['device']}); "
+        f"template {report['template']['name']!r}; MLaKE {report['data_version']}; "
+        f"{report['n_facts']} facts ({report['facts']})",
+        "",
+        "question form: known = greedy alias match; p(o)>p(e) = alias-aware probability of "
+        "the original above the edit; logp = median summed log-prob of the answer (per token)",
+        "",
+        f"{'lang':<5}{'facts':>6}{'known':>7}{'greedy%':>9}{'p(o)>p(e)%':>12}"
+        f"{'logp':>9}{'/tok':>8}  |{'cloze':>6}{'greedy%':>9}{'p(o)>p(e)%':>12}  |"
+        f"{'mcqa':>5}{'acc%':>7}{'norm%':>7}",
+    ]
+    for lang, row in report["languages"].items():
+        logp = row["target_logp"]
+        mean = row["target_logp_mean"]
+        lines.append(
+            f"{lang:<5}{row['facts']:>6}{row['known']:>7}{_pct(row['greedy']):>9}"
+            f"{_pct(row['prefers_original']):>12}"
+            f"{('-' if logp is None else f'{logp:.3f}'):>9}"
+            f"{('-' if mean is None else f'{mean:.3f}'):>8}  |"
+            f"{row['cloze_facts']:>6}{_pct(row['cloze_greedy']):>9}"
+            f"{_pct(row['cloze_prefers_original']):>12}  |"
+            f"{row['mcqa_facts']:>5}{_pct(row['mcqa']):>7}{_pct(row['mcqa_norm']):>7}"
+        )
+    if report["skipped"]:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(report["skipped"].items()))
+        lines += ["", f"not measured (language:form:reason count): {counts}"]
+    lines += ["", f"per-fact results: {report['results']} ({report['seconds']} s)"]
+    return "\n".join(lines)

@@ -1,0 +1,253 @@
+"""``mlake neurons``: which MLP neurons and attention heads carry each fact in each language,
+which are specific to one language and which are shared.
+
+Methods (``--methods``): ``ig`` (integrated gradients over MLP neurons, Dai et al. 2022),
+``atp`` (attribution patching over neurons and heads: clean versus subject-corrupted run), and
+``lape`` (language-specific neurons by activation probability entropy over text in each
+language, Tang et al. 2024; MLaKE's own statements and questions, or ``--text DIR`` with
+``<lang>.txt`` or ``<lang>/*.txt``).  The attributed quantity is the probability of the whole
+answer.
+
+Per fact and language, the important set is the units above ``--threshold`` x the largest
+score (or the ``--rule topk`` best), kept when important in at least ``--agreement`` of the
+fact's prompts (question and, where well-posed, cloze form).  Only facts the model knows in a
+language are attributed (knowledge stage; others are counted as skipped).
+
+Prints, per method and unit kind: facts attributed and mean set size per language; the 5x5
+mean Jaccard overlap of the same fact's sets; the ablation check (answer-probability drop when
+the set is ablated versus random sets of the same sizes and layers); per layer, the units
+specific to each language, shared, and neither (a unit is used by a language when important
+for at least --min-rate and --min-facts of its facts); and the ablation matrix: the drop of
+knowledge accuracy in each measured language (columns) when the units specific to the ablated
+language (rows) are ablated, next to the drop with random sets of the same sizes.  Results go
+to the results store (each fact's attribution saved as it finishes: resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from typing import Any
+
+from mlake.commands.common import (
+    add_data_args,
+    add_model_args,
+    add_run_args,
+    check_run_args,
+    facts_and_knowledge,
+    load_model,
+    log,
+    parse_facts,
+)
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``neurons`` command."""
+    parser = subparsers.add_parser(
+        "neurons",
+        help="neuron attribution per language (overlap, specific/shared units, ablation)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_args(parser)
+    group = parser.add_argument_group("attribution")
+    group.add_argument("--methods", default="ig,atp,lape", help="default: ig,atp,lape")
+    group.add_argument("--steps", type=int, default=20, help="integrated-gradients steps")
+    group.add_argument("--baseline", default="zero", choices=("zero", "mean"))
+    group.add_argument("--positions", default="last", choices=("last", "all"))
+    group.add_argument("--layers", default="", help="candidate layers, e.g. 2,3,4 (default: all)")
+    group.add_argument("--samples", type=int, default=5, help="corrupted runs (atp)")
+    group.add_argument("--noise-scale", type=float, default=3.0)
+    group.add_argument("--rule", default="threshold", choices=("threshold", "topk"))
+    group.add_argument("--threshold", type=float, default=0.2)
+    group.add_argument("--top-k", type=int, default=20)
+    group.add_argument("--agreement", type=float, default=0.7)
+    group.add_argument("--forms", default="question,cloze")
+    group.add_argument("--max-rows", type=int, default=0, help="rows per pass (0: auto)")
+    group.add_argument("--seed", type=int, default=0)
+    share = parser.add_argument_group("specific and shared units")
+    share.add_argument("--min-rate", type=float, default=0.05)
+    share.add_argument("--min-facts", type=int, default=2)
+    share.add_argument("--lape-top-rate", type=float, default=0.01)
+    share.add_argument("--lape-filter-rate", type=float, default=0.95)
+    share.add_argument("--lape-bar-rate", type=float, default=0.95)
+    share.add_argument("--text", default=None, help="text folder for LAPE (default: MLaKE)")
+    share.add_argument("--text-tokens", type=int, default=200_000, help="tokens per language")
+    abl = parser.add_argument_group("ablation")
+    abl.add_argument("--ablation", default="zero", choices=("zero", "mean"))
+    abl.add_argument("--n-random", type=int, default=3, help="random sets per fact")
+    abl.add_argument(
+        "--ablation-facts", type=int, default=100, help="known facts per language (matrix)"
+    )
+    add_data_args(parser, facts_default="20", facts_help="N (the first N) or all (default: 20)")
+    add_run_args(parser)
+    parser.set_defaults(func=run_neurons)
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~analysis.neurons.config.NeuronConfig` the options describe."""
+    from analysis.neurons.attribution import AttributionConfig
+    from analysis.neurons.config import NeuronConfig
+
+    attribution = AttributionConfig(
+        steps=args.steps,
+        baseline=args.baseline,
+        positions=args.positions,
+        layers=args.layers,
+        samples=args.samples,
+        noise_scale=args.noise_scale,
+        rule=args.rule,
+        threshold=args.threshold,
+        top_k=args.top_k,
+        agreement=args.agreement,
+        forms=args.forms,
+        max_rows=args.max_rows,
+        seed=args.seed,
+    )
+    return NeuronConfig(
+        methods=args.methods,
+        attribution=attribution,
+        min_rate=args.min_rate,
+        min_facts=args.min_facts,
+        lape_top_rate=args.lape_top_rate,
+        lape_filter_rate=args.lape_filter_rate,
+        lape_bar_rate=args.lape_bar_rate,
+        text_tokens=args.text_tokens,
+        ablation=args.ablation,
+        n_random=args.n_random,
+        ablation_facts=args.ablation_facts,
+    )
+
+
+def run_neurons(args: argparse.Namespace) -> int:
+    """Entry point of ``mlake neurons``."""
+    from mlake.progress import progress_bar
+    from mlake.stages.neurons import neurons_stage
+    from mlake_core.languages import parse_langs
+
+    langs = parse_langs(args.langs)
+    facts_option = parse_facts(args.facts)
+    check_run_args(args)
+    config = config_from_args(args)
+    if args.text is not None:
+        from analysis.neurons.activation import folder_texts
+
+        folder_texts(args.text, langs)  # fail before loading the model
+    loaded = load_model(args)
+    config.attribution.check_layers(loaded.adapter.n_layers)
+    data = facts_and_knowledge(args, loaded, langs, facts_option)
+    dataset, fact_ids, knowledge = data.dataset, data.fact_ids, data.knowledge
+    wanted = set(fact_ids)
+    per_method = sum(len(knowledge.known(lang) & wanted) for lang in langs)
+    bar = progress_bar("neurons", per_method * len(config.fact_methods), "fact", log)
+
+    def on_fact(info: dict[str, Any]) -> None:
+        bar.set_postfix_str(f"{info['method']} {info['lang']}", refresh=False)
+        bar.update(1)
+
+    started = time.perf_counter()
+    result, _ = neurons_stage(
+        loaded.adapter,
+        loaded.path,
+        dataset,
+        fact_ids,
+        langs,
+        loaded.template,
+        config,
+        knowledge=knowledge,
+        text_folder=args.text,
+        batch_size=args.batch_size,
+        results_dir=args.results_dir,
+        log=log,
+        on_fact=on_fact,
+    )
+    bar.close()
+    report = {"model": loaded.name, "n_facts": len(fact_ids), **result.to_dict()}
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+    else:
+        print(format_report(result, loaded.name, len(fact_ids)))
+    return 0
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{100 * v:.1f}" if pct else f"{v:.2f}"
+
+
+def _matrix(langs: Any, rows: Any, pct: bool = False) -> list[str]:
+    lines = ["      " + "".join(f"{b:>7}" for b in langs)]
+    for a, row in zip(langs, rows, strict=True):
+        lines.append(f"  {a:<4}" + "".join(f"{_fmt(v, pct):>7}" for v in row))
+    return lines
+
+
+def format_report(result: Any, model: str, n_facts: int) -> str:
+    """The human-readable summary ``mlake neurons`` prints."""
+    langs = result.langs
+    lines = [f"model {model}; {n_facts} facts; {result.run_path}"]
+    if result.lape:
+        lines.append(
+            f"LAPE: {result.lape['selected']} low-entropy neurons selected; activation bar "
+            f"{result.lape['bar']:.3f}; text tokens "
+            + ", ".join(f"{k} {v}" for k, v in result.lape["tokens"].items())
+        )
+    for m in result.methods:
+        title = f"== {m.method} ({m.unit}s)"
+        if m.seconds_per_fact is not None:
+            title += (
+                f": {m.seconds_per_fact:.2f} s and {m.passes_per_fact:.1f} passes per fact "
+                "and language"
+            )
+        lines += ["", title]
+        if m.method != "lape":
+            lines.append(
+                "facts attributed: "
+                + ", ".join(f"{k} {v}" for k, v in m.n_facts.items())
+                + "; mean set size: "
+                + ", ".join(f"{k} {_fmt(v)}" for k, v in m.set_size.items())
+            )
+            lines += ["same-fact overlap of important sets (mean Jaccard)"]
+            lines += _matrix(langs, m.jaccard)
+            c = m.check
+            if c.get("n"):
+                lines.append(
+                    f"ablation check ({c['n']} facts): answer probability drops "
+                    f"{_fmt(c['drop'], True)} pp with the set, {_fmt(c['drop_random'], True)} pp "
+                    f"with random sets; set hurts more in {_fmt(c['fraction_above_random'], True)}% "
+                    f"of facts (Wilcoxon p = {c['wilcoxon_p']:.3g})"
+                )
+        else:
+            lines.append(
+                "specific neurons per language: "
+                + ", ".join(f"{k} {int(v)}" for k, v in m.set_size.items())
+            )
+        header = "layer" + "".join(f"{'spec_' + lang:>9}" for lang in langs)
+        lines += [
+            "units per layer: specific to each language, shared, neither",
+            "  " + header + f"{'shared':>9}{'neither':>9}",
+        ]
+        for row in m.counts:
+            lines.append(
+                f"  {row['layer']:>5}"
+                + "".join(f"{row['specific_' + lang]:>9}" for lang in langs)
+                + f"{row['shared']:>9}{row['neither']:>9}"
+            )
+        if any(not math.isnan(v) for r in m.ablation for v in r if v is not None):
+            lines += [
+                "ablation matrix: knowledge-accuracy drop (pp) in the measured language "
+                "(columns) with the units specific to the ablated language (rows) ablated"
+            ]
+            lines += _matrix(langs, m.ablation, pct=True)
+            lines += ["same with random units (same sizes and layers)"]
+            lines += _matrix(langs, m.ablation_random, pct=True)
+    if result.skipped:
+        lines += [
+            "",
+            "skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())),
+        ]
+    return "\n".join(lines)

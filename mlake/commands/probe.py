@@ -1,0 +1,311 @@
+"""``mlake probe``: linear probes and representation similarity of the residual stream, per
+layer, at the subject's last token and the prompt's last token of each fact's question.
+
+Measured per layer (0 = the embeddings, L = after block L) and position:
+
+* language identity: a probe that tells the prompt's language;
+* cross-lingual answer probe: trained in language A, tested in language B on held-out facts,
+  it names the fact's answer (answers shared by at least --min-class-facts facts are the
+  classes): a 5x5 transfer matrix;
+* which-fact retrieval: a linear map learned from A to B on training facts retrieves each
+  held-out fact among the others in B: a 5x5 matrix;
+* representation similarity of the same facts across languages: debiased linear CKA and the
+  mean same-fact cosine (each language centred), against the cosine of different facts.
+
+Honest probing: folds are whole facts (a test fact is unseen in every language); the
+regularisation is chosen by cross-validation on the training facts only; every probe has a
+control task (labels permuted per fact, Hewitt & Liang 2019) and reports selectivity =
+accuracy - control accuracy; accuracies are balanced (chance = 1 / classes, printed).
+
+Prints per layer the language-ID accuracy and selectivity and the mean cross-lingual
+accuracies (layer emb, the token embeddings, is the lexical baseline: a subject written the
+same way in two languages has the same vector there); then, at the layer after the
+embeddings where the answer probe transfers best, the 5x5 transfer,
+selectivity and retrieval matrices and the 5x5 similarity matrices.  --json prints everything
+(every layer's matrices).  Activations and results go to the results store; reruns load them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from typing import Any
+
+from mlake.commands.common import (
+    add_data_args,
+    add_model_args,
+    add_run_args,
+    check_run_args,
+    facts_and_knowledge,
+    load_model,
+    log,
+    parse_facts,
+)
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``probe`` command."""
+    parser = subparsers.add_parser(
+        "probe",
+        help="probes per layer: language identity, cross-lingual transfer, similarity",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_args(parser)
+    group = parser.add_argument_group("probes")
+    group.add_argument("--folds", type=int, default=5, help="folds over facts (default: 5)")
+    group.add_argument(
+        "--inner-folds", type=int, default=3, help="folds choosing the regularisation (default: 3)"
+    )
+    group.add_argument("--cs", default="0.001,0.01,0.1,1,10", help="grid of the logistic probes' C")
+    group.add_argument(
+        "--alphas", default="1,10,100,1000,10000", help="grid of the retrieval map's ridge penalty"
+    )
+    group.add_argument(
+        "--min-class-facts",
+        type=int,
+        default=4,
+        help="an answer is a class when this many facts share it (default: 4)",
+    )
+    group.add_argument(
+        "--known-only",
+        action="store_true",
+        help="probe only facts the model answers in every language",
+    )
+    group.add_argument(
+        "--no-center",
+        action="store_true",
+        help="do not centre each language on its own mean before the answer probe",
+    )
+    group.add_argument("--max-iter", type=int, default=500, help="solver iterations")
+    group.add_argument("--seed", type=int, default=0)
+    add_data_args(parser, facts_default="all", facts_help="N (the first N) or all (default: all)")
+    add_run_args(parser)
+    parser.set_defaults(func=run_probe)
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~probes.config.ProbeConfig` the options describe."""
+    from probes.config import ProbeConfig
+
+    return ProbeConfig(
+        folds=args.folds,
+        inner_folds=args.inner_folds,
+        cs=args.cs,
+        alphas=args.alphas,
+        min_class_facts=args.min_class_facts,
+        known_only=args.known_only,
+        center=not args.no_center,
+        max_iter=args.max_iter,
+        seed=args.seed,
+    )
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    """Entry point of ``mlake probe``."""
+    from mlake.progress import progress_bar
+    from mlake.stages.probes import probe_stage
+    from mlake_core.errors import ConfigError
+    from mlake_core.languages import parse_langs
+    from probes.config import pair_matrices
+
+    langs = parse_langs(args.langs)
+    if len(langs) < 2:
+        raise ConfigError(f"--langs {args.langs}: probes compare languages; give at least two")
+    facts_option = parse_facts(args.facts)
+    check_run_args(args)
+    config = config_from_args(args)
+    loaded = load_model(args)
+    data = facts_and_knowledge(args, loaded, langs, facts_option)
+    bar = progress_bar("activations", len(data.fact_ids) * len(langs), "prompt", log)
+    started = time.perf_counter()
+    result, _ = probe_stage(
+        loaded.adapter,
+        loaded.path,
+        data.dataset,
+        data.fact_ids,
+        langs,
+        loaded.template,
+        config,
+        knowledge=data.knowledge,
+        batch_size=args.batch_size,
+        results_dir=args.results_dir,
+        log=log,
+        progress=bar.update,
+    )
+    bar.close()
+    seconds = round(time.perf_counter() - started, 1)
+    if args.json:
+        report = {"model": loaded.name, "n_facts": len(data.fact_ids), **result.to_dict()}
+        report["pair_matrices"] = {}
+        for position in result.positions:
+            try:
+                matrices = pair_matrices(result, position)
+            except KeyError:
+                continue
+            report["pair_matrices"][position] = {
+                name: {"attrs": dict(m.attrs), "matrix": _rows(m)} for name, m in matrices.items()
+            }
+        report["seconds"] = seconds
+        print(json.dumps(report, ensure_ascii=False, indent=2, default=_json_default))
+    else:
+        print(format_report(result, loaded.name, len(data.fact_ids)))
+        print(f"\n{seconds:.1f} s")
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def _rows(matrix: Any) -> list[list[float | None]]:
+    return [[None if math.isnan(v) else round(float(v), 4) for v in row] for row in matrix.values]
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    text = f"{v:.{digits}f}"
+    # A value that rounds to zero prints unsigned (-0.00 reads as a real negative).
+    return text.lstrip("-") if text.lstrip("-").strip("0.") == "" else text
+
+
+def _matrix(matrix: Any, indent: str = "  ") -> list[str]:
+    cols = list(matrix.columns)
+    lines = [indent + "      " + "".join(f"{c:>7}" for c in cols)]
+    for name, row in matrix.iterrows():
+        lines.append(indent + f"{name:<6}" + "".join(f"{_fmt(v):>7}" for v in row.values))
+    return lines
+
+
+def _off_diagonal_mean(result: Any, task: str, position: str, layer: int, value: str) -> float:
+    t = result.transfer
+    sel = t[
+        (t["task"] == task)
+        & (t["position"] == position)
+        & (t["layer"] == layer)
+        & (t["train_lang"] != t["test_lang"])
+    ]
+    return float(sel[value].mean()) if len(sel) else math.nan
+
+
+def format_report(result: Any, model: str, n_facts: int) -> str:
+    """The human-readable summary ``mlake probe`` prints."""
+    from probes.activations import layer_name
+    from probes.config import pair_matrices
+
+    lines = [f"model {model}; {n_facts} facts; {result.run_path}"]
+    lines.append(
+        "probed (question form): "
+        + ", ".join(
+            f"{lang} {c['probed']}"
+            + f" (usable {c['usable']}"
+            + (f", known {c['known']}" if "known" in c else "")
+            + ")"
+            for lang, c in result.counts.items()
+        )
+    )
+    tasks = result.tasks()
+    if result.classes:
+        n_class_facts = sum(result.classes.values())
+        shown = ", ".join(f"{k} {v}" for k, v in list(result.classes.items())[:8])
+        more = " ..." if len(result.classes) > 8 else ""
+        lines.append(
+            f"answer classes ({result.answer_lang} answers shared by >= "
+            f"{result.config.get('min_class_facts')} facts): {len(result.classes)} classes, "
+            f"{n_class_facts} facts: {shown}{more}"
+        )
+    positions = list(result.positions)
+    # Per layer: language identity, and the mean cross-lingual accuracies.
+    lines += [
+        "",
+        "language identity per layer (balanced accuracy; control: labels permuted within each fact)",
+    ]
+    head = "  layer  site          "
+    for p in positions:
+        head += f"{p + ' acc':>12}{'ctrl':>6}{'sel':>6}"
+    lines.append(head)
+    chance = math.nan
+    for layer, site in enumerate(result.sites):
+        line = f"  {layer_name(layer):<6} {site:<14}"
+        for p in positions:
+            t = result.language_id
+            row = t[(t["position"] == p) & (t["layer"] == layer)]
+            if len(row):
+                r = row.iloc[0]
+                chance = float(r["chance"])
+                line += (
+                    f"{_fmt(r['accuracy']):>12}{_fmt(r['control']):>6}{_fmt(r['selectivity']):>6}"
+                )
+            else:
+                line += f"{'-':>12}{'-':>6}{'-':>6}"
+        lines.append(line)
+    lines.append(f"  chance {_fmt(chance)}")
+    labels = {
+        "answer": "cross-lingual answer probe",
+        "fact": "which-fact retrieval through a learned map",
+    }
+    for task in tasks:
+        lines += [
+            "",
+            f"{labels[task]}: mean over ordered language pairs A != B, per layer "
+            "(accuracy / selectivity)",
+        ]
+        lines.append("  layer  " + "".join(f"{p:>16}" for p in positions))
+        for layer in result.layers:
+            cells = []
+            for p in positions:
+                acc = _off_diagonal_mean(result, task, p, layer, "accuracy")
+                sel = _off_diagonal_mean(result, task, p, layer, "selectivity")
+                cells.append(f"{_fmt(acc)} / {_fmt(sel)}")
+            lines.append(f"  {layer_name(layer):<6} " + "".join(f"{c:>16}" for c in cells))
+    for p in positions:
+        if not tasks:
+            break
+        matrices = pair_matrices(result, p)
+        first = next(iter(matrices.values()))
+        layer, site = first.attrs["layer"], first.attrs["site"]
+        lines += [
+            "",
+            f"== {p} position, layer {layer_name(layer)} ({site}): where the "
+            f"{labels[tasks[0]]} transfers best (after the embeddings)",
+        ]
+        if "probe_transfer" in matrices:
+            t = result.transfer
+            sel = t[(t["task"] == "answer") & (t["position"] == p) & (t["layer"] == layer)]
+            lines.append(
+                "answer probe: balanced accuracy, trained in (rows), tested on held-out facts in "
+                f"(columns); chance {_fmt(float(sel['chance'].mean()))}, "
+                f"control {_fmt(float(sel['control'].mean()))}"
+            )
+            lines += _matrix(matrices["probe_transfer"])
+            lines.append("selectivity (accuracy - control accuracy)")
+            lines += _matrix(matrices["probe_transfer_selectivity"])
+        if "fact_retrieval" in matrices:
+            t = result.transfer
+            sel = t[(t["task"] == "fact") & (t["position"] == p) & (t["layer"] == layer)]
+            lines.append(
+                "which-fact retrieval: top-1 among held-out facts through a map from rows to "
+                f"columns; chance {_fmt(float(sel['chance'].mean()), 3)}, "
+                f"control {_fmt(float(sel['control'].mean()), 3)}"
+            )
+            lines += _matrix(matrices["fact_retrieval"])
+        s = result.similarity
+        sel = s[(s["position"] == p) & (s["layer"] == layer) & (s["lang_a"] != s["lang_b"])]
+        lines.append("representation similarity of the same facts: debiased linear CKA")
+        lines += _matrix(matrices["rep_similarity_cka"])
+        lines.append(
+            "same-fact cosine (each language centred); different facts: mean "
+            f"{_fmt(float(sel['cos_diff'].mean()), 3)}"
+        )
+        lines += _matrix(matrices["rep_similarity_cosine"])
+    if result.skipped:
+        lines += [
+            "",
+            "left out: " + ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())),
+        ]
+    return "\n".join(lines)

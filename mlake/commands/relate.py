@@ -1,0 +1,209 @@
+"""``mlake relate``: does the overlap of the parameters two languages use for a fact predict
+whether an edit made in one reaches the other?
+
+RUN_DIR is a transfer run folder (``mlake edit transfer`` prints it).  The other runs it
+needs are looked up in the same results root by model (the newest complete one covering the
+facts) unless given: ``--neurons`` (required: ``mlake neurons``), ``--knowledge`` (recorded by
+the transfer run), ``--tracing`` and ``--probes`` (optional pair-level views).
+
+Prints:
+
+* pair level: each 5x5 predictor matrix (same-fact neuron overlap per attribution method,
+  tracing-profile similarity, probe transfer, representation similarity) against the 5x5
+  edit-transfer matrix and the mean log-probability gain matrix: Spearman rho over the
+  off-diagonal cells with an exact Mantel permutation p-value (5! = 120 label permutations,
+  so p >= 1/120);
+* fact level: transfer success (logistic) and the gain (linear) on the fact's overlap with
+  controls (same subject / answer string, subject / answer token Jaccard, known before, the
+  language pair): coefficients per standard deviation with cluster-bootstrap intervals over
+  facts, a within-pair permutation p-value for the overlap, and the out-of-fold AUC with and
+  without the overlap;
+* interventions: for each ``--restricted`` transfer run (e.g. FT restricted to shared or
+  random neurons: ``mlake edit transfer --set ft.units=shared --units-from NEURONS_RUN``), the
+  change in efficacy, transfer, gain and locality against RUN_DIR's edits, with paired
+  bootstrap intervals over facts.
+
+Rows left out (fact unknown in the test language, no overlap because a set was empty, ...)
+are counted by reason.  The result is saved in the results store (``relate/<key>``) and reused
+when nothing it depends on changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+from mlake.commands.common import log
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``relate`` command."""
+    parser = subparsers.add_parser(
+        "relate",
+        help="relate neuron overlap (and probes, tracing) to measured edit transfer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a transfer run folder")
+    group = parser.add_argument_group("inputs")
+    group.add_argument("--neurons", default=None, metavar="RUN_DIR", help="neuron run")
+    group.add_argument("--knowledge", default=None, metavar="RUN_DIR", help="knowledge run")
+    group.add_argument("--tracing", default=None, metavar="RUN_DIR", help="tracing run")
+    group.add_argument("--probes", default=None, metavar="RUN_DIR", help="probe run")
+    group.add_argument(
+        "--restricted",
+        action="append",
+        default=[],
+        metavar="RUN_DIR",
+        help="a transfer run of a restricted edit to compare with RUN_DIR (repeatable)",
+    )
+    group.add_argument(
+        "--unit",
+        default="ig_neuron",
+        help="the neuron run's overlap used at fact level, <method>_<unit> (default: ig_neuron)",
+    )
+    stats = parser.add_argument_group("statistics")
+    stats.add_argument(
+        "--outcome", default="success_greedy", choices=("success_greedy", "success_prob")
+    )
+    stats.add_argument("--form", default="question", choices=("question", "cloze"))
+    stats.add_argument("--overlap", default="jaccard", choices=("jaccard", "overlap"))
+    stats.add_argument("--all-rows", action="store_true", help="fact level: also rows unknown in B")
+    stats.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (facts)")
+    stats.add_argument("--n-perm", type=int, default=200, help="permutations of the overlap")
+    stats.add_argument("--seed", type=int, default=0)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-dir", default=None, help="MLaKE data directory")
+    parser.add_argument("--results-dir", default=None, help="results root (default: RUN_DIR's)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.set_defaults(func=run_relate)
+
+
+def run_relate(args: argparse.Namespace) -> int:
+    """Entry point of ``mlake relate``."""
+    from analysis.relate import RelateConfig
+    from mlake.stages.relate import load_transfer, relate_stage
+    from mlake_core.data.dataset import load_mlake
+    from mlake_core.data.paths import DEFAULT_VERSION
+
+    config = RelateConfig(
+        outcome=args.outcome,
+        form=args.form,
+        overlap=args.overlap,
+        known_only=not args.all_rows,
+        n_boot=args.n_boot,
+        n_perm=args.n_perm,
+        seed=args.seed,
+    )
+    main = load_transfer(args.run_dir)  # checks the folder before MLaKE loads
+    version = str(main.key.get("data_version") or DEFAULT_VERSION)
+    dataset = load_mlake(args.data_dir, version=version, langs=main.meta.get("langs"))
+    result, run = relate_stage(
+        args.run_dir,
+        dataset,
+        config,
+        knowledge_dir=args.knowledge,
+        neurons_dir=args.neurons,
+        tracing_dir=args.tracing,
+        probes_dir=args.probes,
+        restricted=args.restricted,
+        unit=args.unit,
+        results_dir=args.results_dir,
+        log=log,
+    )
+    if args.json:
+        report = _json_safe({**result.to_dict(), "run": str(run.path)})
+        print(json.dumps(report, ensure_ascii=False, indent=2, allow_nan=False))
+    else:
+        print(format_result(result, str(run.path)))
+    return 0
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as None: standard JSON has no NaN (the saved
+    summary may hold NaN, which Python reads back, but jq and JSON.parse do not)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def format_result(result: Any, path: str) -> str:
+    """The printed report of :func:`run_relate`."""
+    lines = [
+        f"mlake relate: {result.method} edits, overlap {result.unit}; {result.n_rows} fact-level "
+        f"rows from {result.n_facts} facts; {path}"
+    ]
+    for note in result.notes:
+        lines.append(f"note: {note}")
+    if result.dropped:
+        lines.append("rows left out: " + ", ".join(f"{k}: {v}" for k, v in result.dropped.items()))
+    lines += ["", "pair level (off-diagonal cells; Spearman rho, exact Mantel p, one-sided)"]
+    lines.append(f"  {'predictor':<34}{'outcome':<10}{'rho':>7}{'p':>8}{'cells':>7}")
+    for rec in result.pair_level.to_dict(orient="records"):
+        lines.append(
+            f"  {rec['predictor']:<34}{rec['outcome']:<10}{_f(rec['rho'], 2):>7}"
+            f"{_f(rec['p'], 3):>8}{rec['n_cells']:>7}"
+        )
+    lines += ["", "transfer matrix (rows: edit language; facts known in the test language)"]
+    m = result.outcomes["transfer"]
+    lines.append("      " + "".join(f"{b:>7}" for b in result.langs))
+    for a in result.langs:
+        lines.append(f"  {a:<4}" + "".join(f"{_f(100 * m.loc[a, b], 1):>7}" for b in result.langs))
+    for kind, fit in result.fits.items():
+        what = (
+            "transfer success, logistic (log-odds per SD)"
+            if kind == "logistic"
+            else ("log-probability gain of the new answer, linear (nats per SD)")
+        )
+        lines += [
+            "",
+            f"fact level: {what}; {fit.n_rows} rows, {fit.n_facts} facts"
+            + (f", {fit.n_events} successes" if kind == "logistic" else ""),
+        ]
+        if fit.note:
+            lines.append(f"  not estimated: {fit.note}")
+            continue
+        for rec in fit.terms.to_dict(orient="records"):
+            if str(rec["term"]).startswith("pair["):
+                continue
+            p = rec.get("p")
+            lines.append(
+                f"  {rec['term']:<24}{_f(rec['estimate']):>8}  [{_f(rec['ci_low'])}, "
+                f"{_f(rec['ci_high'])}]"
+                + (
+                    f"  p={_f(p)}"
+                    if p is not None and not (isinstance(p, float) and math.isnan(p))
+                    else ""
+                )
+            )
+        lines.append("  (+ language-pair indicators)")
+        if kind == "logistic":
+            lines.append(
+                f"  AUC (out of fold, by fact): {_f(fit.auc)} with overlap, "
+                f"{_f(fit.auc_controls)} controls only; gain {_f(fit.auc_gain)} "
+                f"[{_f(fit.auc_gain_ci[0])}, {_f(fit.auc_gain_ci[1])}]"
+            )
+    for item in result.interventions:
+        lines += [
+            "",
+            f"intervention: {item['label']} against {item['against']} "
+            f"(units: {item['units'] or '-'})",
+        ]
+        for metric, d in item["differences"].items():
+            lines.append(
+                f"  {metric:<14}{_f(d['a'])} -> {_f(d['b'])}: {_f(d['diff'])} "
+                f"[{_f(d['ci_low'])}, {_f(d['ci_high'])}], {d['n_facts']} facts"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,393 @@
+"""The Markdown report of a pipeline run folder (``report.md``): what ran and how long it
+took, the key tables of every stage read back from the results store, and the figures
+(``figures/*.png``, as written by :func:`mlake.report_figures.write_figures`).
+
+Tables: knowledge per language; the edit-transfer matrix of each method with efficacy,
+transfer and locality; causal tracing's peak layers and recommended edit layer; the neuron
+overlap matrix and ablation check; the relation analysis (pair-level Mantel tests, the
+fact-level overlap coefficient, restricted editing); probes (best layers).  A stage that did
+not run is named with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _f(value: Any, digits: int = 2, pct: bool = False) -> str:
+    if value is None:
+        return "–"
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(v):
+        return "–"
+    text = f"{100 * v:.1f}" if pct else f"{v:.{digits}f}"
+    return text.lstrip("-") if text.lstrip("-").strip("0.") == "" else text  # no "-0.0"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(str(h) for h in header) + " |"]
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return lines
+
+
+def _matrix(frame: Any, langs: Sequence[str], *, pct: bool = False, digits: int = 2) -> list[str]:
+    rows = []
+    for a in langs:
+        cells = []
+        for b in langs:
+            try:
+                cells.append(_f(frame.loc[a, b], digits, pct))
+            except KeyError:
+                cells.append("–")
+        rows.append([f"**{a}**", *cells])
+    return _table(["", *langs], rows)
+
+
+def _list_matrix(values: Any, langs: Sequence[str], *, pct: bool = False) -> list[str]:
+    rows = [
+        [f"**{a}**", *(_f(v, 2, pct) for v in row)] for a, row in zip(langs, values, strict=False)
+    ]
+    return _table(["", *langs], rows)
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _stage_runs(manifest: dict[str, Any], stage: str) -> dict[str, str]:
+    entry = (manifest.get("stages") or {}).get(stage) or {}
+    return dict(entry.get("runs") or {}) if entry.get("status") == "complete" else {}
+
+
+def build_report(out: str | os.PathLike[str]) -> str:
+    """The report's Markdown text for the pipeline run folder ``out``."""
+    import pandas as pd
+    import yaml
+
+    from mlake.pipeline import read_manifest
+
+    out = Path(out)
+    manifest = read_manifest(out)
+    config = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    prov = _read(out / "provenance.json") if (out / "provenance.json").is_file() else {}
+    langs = list(config["data"]["langs"])
+    lines = [
+        "# mlake pipeline report",
+        "",
+        f"Model **{config['model']['name']}**, MLaKE {config['data']['version']}, "
+        f"{config['data']['facts']} facts, languages {', '.join(langs)}.  "
+        f"git {prov.get('git_commit') or 'unknown'}; seeds "
+        + ", ".join(f"{k} {v}" for k, v in (prov.get("seeds") or {}).items())
+        + ".  Settings: [config.yaml](config.yaml); versions: [provenance.json](provenance.json).",
+        "",
+        "## Stages",
+        "",
+    ]
+    rows = []
+    total = 0.0
+    for name, rec in (manifest.get("stages") or {}).items():
+        if name == "report" and rec.get("status") == "running":
+            continue  # this report, being written
+        total += float(rec.get("seconds") or 0)
+        where = ", ".join(f"`{k}`" for k in (rec.get("runs") or {})) or rec.get("note") or ""
+        rows.append(
+            [
+                name,
+                rec.get("status"),
+                _f(rec.get("seconds"), 1),
+                _f(rec.get("cpu_seconds"), 1),
+                where,
+            ]
+        )
+    cpu = sum(float(r.get("cpu_seconds") or 0) for r in (manifest.get("stages") or {}).values())
+    rows.append(["**total**", "", _f(manifest.get("seconds", total), 1), _f(cpu, 1), ""])
+    lines += _table(["stage", "status", "seconds", "CPU seconds", "results"], rows)
+
+    # Data checks.
+    stats_path = out / "data_stats.json"
+    if stats_path.is_file():
+        stats = _read(stats_path)
+        lines += ["", "## Data", "", f"MLaKE {stats['version']}: {stats['facts']} facts."]
+        rows = []
+        for lang, e in stats["languages"].items():
+            linked = sum(int(m.get("linked", 0)) for m in (e.get("multi_hop") or {}).values())
+            records = sum(int(m.get("records", 0)) for m in (e.get("multi_hop") or {}).values())
+            rows.append(
+                [
+                    lang,
+                    e["records"],
+                    e["subject_found"]["question"],
+                    e["cloze_well_posed"],
+                    f"{linked}/{records}",
+                ]
+            )
+        lines += [
+            "",
+            *_table(
+                [
+                    "lang",
+                    "records",
+                    "subject located (question)",
+                    "cloze well-posed",
+                    "multi-hop linked",
+                ],
+                rows,
+            ),
+        ]
+
+    # Knowledge.
+    k_dir = _stage_runs(manifest, "knowledge").get("knowledge")
+    if k_dir and (Path(k_dir) / "tables" / "summary.parquet").is_file():
+        summary = pd.read_parquet(Path(k_dir) / "tables" / "summary.parquet")
+        lines += [
+            "",
+            "## What the model knows",
+            "",
+            "Question form, greedy alias match; the selected facts and the transfer stage's "
+            "locality sample.",
+        ]
+        lines += [
+            "",
+            *_table(
+                ["lang", "facts", "known", "accuracy %", "cloze accuracy %"],
+                [
+                    [
+                        r["lang"],
+                        r["facts"],
+                        r["known"],
+                        _f(r["greedy"], pct=True),
+                        _f(r.get("cloze_greedy"), pct=True),
+                    ]
+                    for r in summary.to_dict(orient="records")
+                ],
+            ),
+        ]
+
+    # Transfer.
+    t_runs = {**_stage_runs(manifest, "transfer"), **_stage_runs(manifest, "restricted")}
+    if t_runs:
+        from analysis.transfer import transfer_matrix
+        from mlake.stages.relate import load_transfer
+
+        lines += [
+            "",
+            "## Edit transfer",
+            "",
+            "Rows: edit language; columns: test language; success by greedy alias match of the "
+            "new answer (%), question form, facts known in the test language before the edit.  "
+            "The diagonal is efficacy.",
+        ]
+        overview = []
+        for label, path in t_runs.items():
+            run = load_transfer(path)
+            m = transfer_matrix(run.rows)
+            lines += ["", f"**{label}**", "", *_matrix(m, langs, pct=True)]
+            q = run.rows[run.rows["form"] == "question"]
+            eff = q[(q["kind"] == "efficacy")]["success_greedy"].mean()
+            tr = q[(q["kind"] == "transfer") & q["known_before"].astype(bool)][
+                "success_greedy"
+            ].mean()
+            loc = run.rows[run.rows["kind"] == "locality"]["success_greedy"].mean()
+            overview.append([label, _f(eff, pct=True), _f(tr, pct=True), _f(loc, pct=True)])
+        lines += [
+            "",
+            "Overview (%):",
+            "",
+            *_table(["method", "efficacy", "transfer", "locality"], overview),
+        ]
+
+    # Tracing.
+    tr_dir = _stage_runs(manifest, "tracing").get("tracing")
+    if tr_dir and (Path(tr_dir) / "summary.json").is_file():
+        s = _read(Path(tr_dir) / "summary.json")
+        lines += ["", "## Causal tracing", ""]
+        lines += _table(
+            ["lang", "traced", "p clean", "p corrupted", "peak MLP layer", "peak effect (pp)"],
+            [
+                [
+                    x["lang"],
+                    x["n_facts"],
+                    _f(x["p_clean"]),
+                    _f(x["p_corrupt"]),
+                    x.get("peak_mlp_layer"),
+                    _f(x.get("peak_mlp_effect"), pct=True),
+                ]
+                for x in s["summaries"]
+            ],
+        )
+        lines += [
+            "",
+            f"Recommended edit layer: {s.get('recommended_layer')}.  Profile similarity "
+            "(Pearson r of the average maps, all kinds):",
+            "",
+        ]
+        lines += _list_matrix(s["similarity"]["all"], s["langs"])
+
+    # Neurons.
+    n_dir = _stage_runs(manifest, "neurons").get("neurons")
+    if n_dir and (Path(n_dir) / "summary.json").is_file():
+        s = _read(Path(n_dir) / "summary.json")
+        lines += ["", "## Neurons", ""]
+        for m in s["methods"]:
+            if m["method"] == "lape" or m.get("jaccard") is None:
+                continue
+            lines += [
+                f"**{m['method']} ({m['unit']}s)**: same-fact mean Jaccard overlap of the "
+                "important sets.",
+                "",
+            ]
+            lines += _list_matrix(m["jaccard"], s["langs"])
+            c = m.get("check") or {}
+            if c.get("n"):
+                lines += [
+                    "",
+                    f"Ablation check ({c['n']} facts): answer probability drops "
+                    f"{_f(c.get('drop'), pct=True)} pp with the set, "
+                    f"{_f(c.get('drop_random'), pct=True)} pp with random sets (Wilcoxon p = "
+                    f"{_f(c.get('wilcoxon_p'), 3)}).",
+                    "",
+                ]
+            shared = sum(int(r.get("shared", 0)) for r in m.get("counts", []))
+            specific = {
+                lang: sum(int(r.get(f"specific_{lang}", 0)) for r in m.get("counts", []))
+                for lang in s["langs"]
+            }
+            lines += [
+                "Units specific to one language: "
+                + ", ".join(f"{k} {v}" for k, v in specific.items())
+                + f"; shared: {shared}.",
+                "",
+            ]
+
+    # Relation.
+    for label, path in _stage_runs(manifest, "relate").items():
+        s = _read(Path(path) / "summary.json")
+        lines += ["", f"## Sharing against transfer ({label})", ""]
+        lines += [
+            "Pair level: Spearman rho over the off-diagonal cells, exact Mantel p (one-sided).",
+            "",
+        ]
+        lines += _table(
+            ["predictor", "outcome", "rho", "p", "cells"],
+            [
+                [
+                    r["predictor"],
+                    r["outcome"],
+                    _f(r.get("rho")),
+                    _f(r.get("p"), 3),
+                    r.get("n_cells"),
+                ]
+                for r in s["pair_level"]
+            ],
+        )
+        fits = s.get("fits") or {}
+        rows = []
+        for kind, fit in fits.items():
+            term = next((t for t in fit.get("terms", []) if t.get("term") == "overlap"), None)
+            if fit.get("note") or term is None:
+                rows.append([kind, "–", "–", fit.get("note") or "", fit.get("n_rows")])
+                continue
+            rows.append(
+                [
+                    kind,
+                    _f(term.get("estimate"), 3),
+                    f"[{_f(term.get('ci_low'), 3)}, {_f(term.get('ci_high'), 3)}]",
+                    _f(term.get("p"), 3),
+                    fit.get("n_rows"),
+                ]
+            )
+        lines += ["", "Fact level, the overlap's coefficient (per SD; with controls):", ""]
+        lines += _table(["model", "estimate", "95% CI", "p (perm.)", "rows"], rows)
+        for item in s.get("interventions") or []:
+            lines += ["", f"Restricted editing **{item['label']}** against {item['against']}:", ""]
+            lines += _table(
+                ["metric", "unrestricted", "restricted", "difference", "95% CI", "facts"],
+                [
+                    [
+                        metric,
+                        _f(d.get("a"), 3),
+                        _f(d.get("b"), 3),
+                        _f(d.get("diff"), 3),
+                        f"[{_f(d.get('ci_low'), 3)}, {_f(d.get('ci_high'), 3)}]",
+                        d.get("n_facts"),
+                    ]
+                    for metric, d in item["differences"].items()
+                ],
+            )
+        for note in s.get("notes") or []:
+            lines += ["", f"Note: {note}"]
+
+    # Probes.
+    p_dir = _stage_runs(manifest, "probes").get("probes")
+    probe_note = ((manifest.get("stages") or {}).get("probes") or {}).get("note")
+    if p_dir and (Path(p_dir) / "summary.json").is_file():
+        s = _read(Path(p_dir) / "summary.json")
+        lid = pd.DataFrame.from_records(s.get("language_id") or [])
+        lines += ["", "## Probes", ""]
+        if len(lid):
+            best = lid.loc[lid.groupby("position")["accuracy"].idxmax()]
+            lines += ["Language identity, best layer per position:", ""]
+            lines += _table(
+                ["position", "layer", "accuracy %", "control %"],
+                [
+                    [
+                        r["position"],
+                        r["layer"],
+                        _f(r["accuracy"], pct=True),
+                        _f(r.get("control"), pct=True),
+                    ]
+                    for r in best.to_dict(orient="records")
+                ],
+            )
+        tr = pd.DataFrame.from_records(s.get("transfer") or [])
+        if len(tr):
+            off = tr[tr["train_lang"] != tr["test_lang"]]
+            means = off.groupby(["task", "position", "layer"])[["accuracy", "control"]].mean()
+            best = means.loc[means.groupby(level=["task", "position"])["accuracy"].idxmax()]
+            lines += ["", "Cross-lingual probes, best layer (mean over language pairs):", ""]
+            lines += _table(
+                ["task", "position", "layer", "accuracy %", "control %"],
+                [
+                    [t, p, layer, _f(r["accuracy"], pct=True), _f(r["control"], pct=True)]
+                    for (t, p, layer), r in best.iterrows()
+                ],
+            )
+    elif probe_note:
+        lines += ["", "## Probes", "", f"Not run: {probe_note}."]
+
+    # Figures.
+    index_path = out / "figures" / "index.json"
+    if index_path.is_file():
+        index = _read(index_path)
+        lines += ["", "## Figures", ""]
+        for name, files in index.get("written", {}).items():
+            png = next((f for f in files if f.endswith(".png")), None)
+            pdf = next((f for f in files if f.endswith(".pdf")), None)
+            if png:
+                lines += [f"### {name}", "", f"![{name}](figures/{png})", ""]
+                if pdf:
+                    lines += [f"PDF: [figures/{pdf}](figures/{pdf})", ""]
+        skipped = index.get("skipped", {})
+        if skipped:
+            lines += ["Not drawn: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(out: str | os.PathLike[str]) -> Path:
+    """Write ``report.md`` into the pipeline run folder ``out`` and return its path."""
+    path = Path(out) / "report.md"
+    text = build_report(out)
+    tmp = path.with_name(".report.md.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path

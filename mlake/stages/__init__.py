@@ -1,0 +1,1 @@
+"""Stages: an analysis bound to the results store (one module per stage)."""

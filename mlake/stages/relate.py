@@ -1,0 +1,560 @@
+"""The relation stage: read the saved runs of the other stages and relate sharing to transfer.
+
+Inputs are run folders of the results store (:mod:`mlake_core.results.store`):
+
+* a **transfer** run (``mlake edit transfer``, one method): the outcome, per fact and pair;
+* its **knowledge** run (recorded in the transfer run's meta; else found in the same results
+  root by model and data version): log p(new answer) before the edit;
+* a **neurons** run (``mlake neurons``): each fact's overlap between two languages' important
+  units, and the 5x5 mean overlap matrices;
+* optionally a **tracing** run (``mlake trace``): 5x5 tracing-profile similarity;
+* optionally a **probes** run (``mlake probe``): 5x5 probe transfer and representation
+  similarity;
+* optionally **restricted** transfer runs (FT restricted to shared / random neurons): each is
+  compared with the main transfer run on the same facts.
+
+Runs not given are looked up in the transfer run's results root by model identity (the
+newest complete one that covers the facts); what was used is recorded in the result.  The
+statistics are :mod:`analysis.relate`'s; this module only reads, joins and saves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis.relate import (
+    CONTROLS,
+    Difference,
+    ModelFit,
+    RelateConfig,
+    fact_level,
+    fact_table,
+    pair_level,
+    paired_difference,
+    string_controls,
+)
+from mlake_core.errors import DataError
+from mlake_core.provenance import stable_hash
+from mlake_core.results.store import Run, open_run
+
+# -- reading runs -----------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+
+
+def _kind_of(folder: Path) -> str:
+    meta = folder / "meta.json"
+    if not meta.is_file():
+        raise DataError(f"{folder}: not a run folder of the results store (no meta.json)")
+    return str(_read_json(meta).get("kind", ""))
+
+
+def _check_kind(folder: Path, kind: str, option: str) -> Path:
+    found = _kind_of(folder)
+    if found != kind:
+        raise DataError(f"{option} {folder}: a {found or 'unknown'} run, expected a {kind} run")
+    return folder
+
+
+@dataclass
+class TransferRun:
+    """A transfer run as read back: rows, meta and key."""
+
+    path: Path
+    rows: pd.DataFrame
+    meta: dict[str, Any]
+    key: dict[str, Any]
+
+    @property
+    def method(self) -> str:
+        return str(self.meta.get("method") or self.key.get("method"))
+
+    @property
+    def label(self) -> str:
+        units = (self.meta.get("method_config") or {}).get("units", "all")
+        return self.method if units in ("all", None) else f"{self.method}[{units}]"
+
+
+def load_transfer(folder: str | os.PathLike[str]) -> TransferRun:
+    """Read a transfer run's per-edit-language tables.
+
+    Raises:
+        DataError: not a transfer run, or no table saved yet.
+    """
+    path = _check_kind(Path(folder), "transfer", "transfer run")
+    run = Run(path=path, kind="transfer", key=path.name)
+    tables = sorted((path / "tables").glob("edits_*.parquet"))
+    if not tables:
+        raise DataError(f"{path}: no edits_<lang> table yet (is the run still going?)")
+    rows = pd.concat([run.load_table(t.stem) for t in tables], ignore_index=True)
+    return TransferRun(path, rows, run.meta, _read_json(path / "key.json"))
+
+
+def find_run(
+    root: Path, kind: str, model: Mapping[str, Any], *, covers: Sequence[int] = ()
+) -> Path | None:
+    """The complete run of ``kind`` under ``root`` made on the same model (same weights hash
+    and backend) whose facts include ``covers``: the one with the most facts, then the newest;
+    None if there is none."""
+    folder = root / kind
+    if not folder.is_dir():
+        return None
+    best: tuple[int, float, Path] | None = None
+    for cand in folder.iterdir():
+        if not cand.is_dir():
+            continue
+        try:
+            key = _read_json(cand / "key.json")
+            meta = _read_json(cand / "meta.json")
+        except DataError:
+            continue
+        km = key.get("model") or {}
+        if km.get("weights") != model.get("weights") or km.get("backend") != model.get("backend"):
+            continue
+        if meta.get("status") != "complete":
+            continue
+        facts = set(meta.get("fact_ids") or [])
+        if covers and facts and not set(covers) <= facts:
+            continue
+        rank = (len(facts), (cand / "meta.json").stat().st_mtime, cand)
+        if best is None or rank[:2] > best[:2]:
+            best = rank
+    return best[2] if best else None
+
+
+def load_knowledge_table(folder: Path) -> pd.DataFrame:
+    """The knowledge stage's per-language tables, concatenated."""
+    _check_kind(folder, "knowledge", "--knowledge")
+    run = Run(path=folder, kind="knowledge", key=folder.name)
+    tables = sorted((folder / "tables").glob("knowledge_*.parquet"))
+    if not tables:
+        raise DataError(f"{folder}: no knowledge_<lang> table")
+    return pd.concat([run.load_table(t.stem) for t in tables], ignore_index=True)
+
+
+def neuron_matrices(folder: Path, langs: Sequence[str]) -> dict[str, pd.DataFrame]:
+    """The 5x5 mean same-fact overlap (Jaccard) of every method and unit of a neuron run,
+    named ``neuron_jaccard_<method>_<unit>``."""
+    summary = _read_json(folder / "summary.json")
+    order = list(summary.get("langs") or langs)
+    out = {}
+    for m in summary.get("methods", []):
+        if m.get("jaccard") is None:
+            continue
+        frame = pd.DataFrame(m["jaccard"], index=order, columns=order)
+        out[f"neuron_jaccard_{m['method']}_{m['unit']}"] = frame
+    return out
+
+
+def tracing_matrices(folder: Path, langs: Sequence[str]) -> dict[str, pd.DataFrame]:
+    """The 5x5 tracing-profile similarity of a tracing run, per kind of restoration."""
+    summary = _read_json(folder / "summary.json")
+    order = list(summary.get("langs") or langs)
+    return {
+        f"tracing_similarity_{kind}": pd.DataFrame(values, index=order, columns=order)
+        for kind, values in (summary.get("similarity") or {}).items()
+    }
+
+
+def probe_matrices(folder: Path) -> dict[str, pd.DataFrame]:
+    """The probe run's 5x5 matrices (:func:`mlake.stages.probes.pair_matrices`)."""
+    try:
+        from mlake.stages import probes as probe_stage
+    except ImportError as err:  # pragma: no cover - the probes package ships with mlake
+        raise DataError(
+            f"--probes {folder}: the probes package cannot be imported ({err})"
+        ) from err
+    result = probe_stage.load_probe_result(folder)
+    return dict(probe_stage.pair_matrices(result))
+
+
+# -- the result -------------------------------------------------------------------------------
+
+
+def _matrix_dict(frame: pd.DataFrame) -> dict[str, dict[str, float | None]]:
+    return {
+        str(a): {str(b): (None if pd.isna(v) else float(v)) for b, v in row.items()}
+        for a, row in frame.iterrows()
+    }
+
+
+def _matrix_frame(data: Mapping[str, Mapping[str, float | None]]) -> pd.DataFrame:
+    return pd.DataFrame(data).T.astype(float)
+
+
+@dataclass
+class RelateResult:
+    """Everything ``mlake relate`` reports (saved as the run's ``summary.json``; the fact
+    table is saved beside it).
+
+    Attributes:
+        config: the :class:`~analysis.relate.RelateConfig` as a dict.
+        langs: language order.
+        inputs: the run folders used, by role.
+        method: the transfer run's editing method (with its unit restriction).
+        unit: the neuron overlap used at fact level (``<method>_<unit>``).
+        predictors: name -> 5x5 matrix (pair level).
+        outcomes: name -> 5x5 matrix: ``transfer`` (the outcome rate, facts known in B) and
+            ``gain`` (mean log-probability gain of the new answer in B).
+        pair_level: the Mantel table (records).
+        fits: ``logistic`` and ``linear`` fact-level models.
+        n_rows, n_facts: fact-level sample.
+        dropped: fact-level rows left out, by reason.
+        by_pair: per ordered pair: rows, mean overlap, transfer rate, mean gain.
+        interventions: per restricted run: label and per-metric paired differences.
+        notes: warnings (e.g. no tokenizer for the token controls).
+    """
+
+    config: dict[str, Any]
+    langs: list[str]
+    inputs: dict[str, Any]
+    method: str
+    unit: str
+    predictors: dict[str, pd.DataFrame]
+    outcomes: dict[str, pd.DataFrame]
+    pair_level: pd.DataFrame
+    fits: dict[str, ModelFit]
+    n_rows: int
+    n_facts: int
+    dropped: dict[str, int]
+    by_pair: pd.DataFrame
+    interventions: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "langs": self.langs,
+            "inputs": self.inputs,
+            "method": self.method,
+            "unit": self.unit,
+            "predictors": {k: _matrix_dict(v) for k, v in self.predictors.items()},
+            "outcomes": {k: _matrix_dict(v) for k, v in self.outcomes.items()},
+            "pair_level": _records(self.pair_level),
+            "fits": {k: v.to_dict() for k, v in self.fits.items()},
+            "n_rows": self.n_rows,
+            "n_facts": self.n_facts,
+            "dropped": self.dropped,
+            "by_pair": _records(self.by_pair),
+            "interventions": self.interventions,
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RelateResult:
+        return cls(
+            config=dict(data["config"]),
+            langs=list(data["langs"]),
+            inputs=dict(data["inputs"]),
+            method=str(data["method"]),
+            unit=str(data["unit"]),
+            predictors={k: _matrix_frame(v) for k, v in data["predictors"].items()},
+            outcomes={k: _matrix_frame(v) for k, v in data["outcomes"].items()},
+            pair_level=pd.DataFrame.from_records(data["pair_level"]),
+            fits={k: ModelFit.from_dict(v) for k, v in data["fits"].items()},
+            n_rows=int(data["n_rows"]),
+            n_facts=int(data["n_facts"]),
+            dropped=dict(data["dropped"]),
+            by_pair=pd.DataFrame.from_records(data["by_pair"]),
+            interventions=list(data.get("interventions", [])),
+            notes=list(data.get("notes", [])),
+        )
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    out = []
+    for rec in frame.to_dict(orient="records"):
+        out.append(
+            {
+                k: (None if isinstance(v, float) and math.isnan(v) else _plain(v))
+                for k, v in rec.items()
+            }
+        )
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def load_relate_result(folder: str | os.PathLike[str]) -> RelateResult:
+    """Read a relation run's ``summary.json`` back."""
+    path = Path(folder) / "summary.json"
+    return RelateResult.from_dict(_read_json(path))
+
+
+# -- the stage --------------------------------------------------------------------------------
+
+
+def per_edit(rows: pd.DataFrame, before: pd.DataFrame, form: str = "question") -> pd.DataFrame:
+    """Per (fact, edit language): efficacy, transfer (mean over test languages where the
+    fact was known before), gain (mean log-probability gain of the new answer over those) and
+    locality; the units restricted editing is compared on."""
+    pre = before[before["form"] == form][["fact_id", "lang", "edit_alias_logp"]].rename(
+        columns={"lang": "test_lang", "edit_alias_logp": "logp_before"}
+    )
+    sel = rows[rows["form"] == form].merge(pre, on=["fact_id", "test_lang"], how="left")
+    sel = sel.assign(
+        gain=np.log(np.clip(sel["p_new"].to_numpy(dtype=float), 1e-300, None))
+        - np.maximum(sel["logp_before"].to_numpy(dtype=float), -690.0)
+    )
+    keys = ["fact_id", "edit_lang"]
+    eff = sel[sel["kind"] == "efficacy"].groupby(keys)["success_greedy"].mean()
+    tr = sel[(sel["kind"] == "transfer") & sel["known_before"].astype(bool) & (sel["n"] > 0)]
+    loc = rows[rows["kind"] == "locality"].groupby(keys)["success_greedy"].mean()
+    return pd.DataFrame(
+        {
+            "efficacy": eff,
+            "transfer": tr.groupby(keys)["success_greedy"].mean(),
+            "transfer_prob": tr.groupby(keys)["success_prob"].mean(),
+            "gain": tr.groupby(keys)["gain"].mean(),
+            "locality": loc,
+        }
+    )
+
+
+def compare_edits(
+    base: pd.DataFrame, other: pd.DataFrame, *, n_boot: int, level: float, seed: int
+) -> dict[str, Difference]:
+    """Paired differences (other - base) of :func:`per_edit`'s metrics on the edits both
+    have (same fact and edit language, value defined in both), averaged per fact over edit
+    languages first, so the bootstrap resamples facts."""
+    out = {}
+    for metric in ("efficacy", "transfer", "transfer_prob", "gain", "locality"):
+        both = pd.concat(
+            [base[metric].rename("a"), other[metric].rename("b")], axis=1, join="inner"
+        ).dropna()
+        a = both["a"].groupby(level="fact_id").mean()
+        b = both["b"].groupby(level="fact_id").mean()
+        out[metric] = paired_difference(a, b, n_boot=n_boot, level=level, seed=seed)
+    return out
+
+
+def _tokenizer(model_path: str | None) -> tuple[Callable[[str], list[int]] | None, str | None]:
+    if not model_path:
+        return None, "no model path in the transfer run: token controls left out"
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_path)
+    except Exception as err:
+        return (
+            None,
+            f"tokenizer of {model_path} not loadable ({type(err).__name__}): token controls left out",
+        )
+    return (lambda text: tok(text, add_special_tokens=False)["input_ids"]), None
+
+
+def relate_stage(
+    transfer_dir: str | os.PathLike[str],
+    dataset: Any,
+    config: RelateConfig,
+    *,
+    knowledge_dir: str | os.PathLike[str] | None = None,
+    neurons_dir: str | os.PathLike[str] | None = None,
+    tracing_dir: str | os.PathLike[str] | None = None,
+    probes_dir: str | os.PathLike[str] | None = None,
+    restricted: Sequence[str | os.PathLike[str]] = (),
+    unit: str = "ig_neuron",
+    results_dir: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[RelateResult, Run]:
+    """Relate the neuron overlap (and the other pair-level views) to the transfer of one
+    transfer run (module docstring).  The result is cached keyed by the input runs (their
+    keys and contents) and ``config``.
+
+    Raises:
+        DataError: a missing or wrong-kind run, or a neuron run without the ``unit`` table.
+    """
+    main = load_transfer(transfer_dir)
+    root = main.path.parent.parent
+    model = main.key.get("model") or {}
+    fact_ids = [int(f) for f in main.meta.get("fact_ids") or sorted(main.rows["fact_id"].unique())]
+    langs = list(main.meta.get("langs") or main.key.get("langs") or [])
+    if not langs:
+        raise DataError(f"{main.path}: the run records no languages")
+    notes: list[str] = []
+
+    def pick(given: Any, kind: str, option: str, required: bool) -> Path | None:
+        if given:
+            return _check_kind(Path(given), kind, option)
+        found = find_run(root, kind, model, covers=fact_ids if kind != "tracing" else ())
+        if found is None and required:
+            raise DataError(
+                f"no complete {kind} run for this model under {root}; run `mlake {kind}` on "
+                f"the same model (or give {option} RUN_DIR)"
+            )
+        if found is None:
+            notes.append(f"no {kind} run found for this model under {root}: left out")
+        elif log:
+            log(f"relate: {kind} run {found}")
+        return found
+
+    recorded = main.meta.get("knowledge_run")
+    if recorded and not (Path(recorded) / "meta.json").is_file():
+        notes.append(f"the recorded knowledge run {recorded} is gone: searched instead")
+        recorded = None
+    knowledge = pick(knowledge_dir or recorded, "knowledge", "--knowledge", True)
+    neurons = pick(neurons_dir, "neurons", "--neurons", True)
+    tracing = pick(tracing_dir, "tracing", "--tracing", False)
+    probes = pick(probes_dir, "probes", "--probes", False) if probes_dir else None
+    if probes is None and not probes_dir:
+        probes = find_run(root, "probes", model)
+    others = [load_transfer(p) for p in restricted]
+    assert knowledge is not None and neurons is not None
+    overlap_table = neurons / "tables" / f"overlap_{unit}.parquet"
+    if not overlap_table.is_file():
+        have = sorted(
+            p.stem.removeprefix("overlap_") for p in (neurons / "tables").glob("overlap_*")
+        )
+        raise DataError(
+            f"--unit {unit}: {neurons} has no such overlap table (it has: {', '.join(have)})"
+        )
+
+    def digest(folder: Path | None) -> str | None:
+        if folder is None:
+            return None
+        files = sorted(
+            p for p in folder.rglob("*") if p.is_file() and p.suffix in (".json", ".parquet")
+        )
+        return stable_hash(
+            [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        )
+
+    inputs = {
+        "transfer": str(main.path),
+        "knowledge": str(knowledge),
+        "neurons": str(neurons),
+        "tracing": str(tracing) if tracing else None,
+        "probes": str(probes) if probes else None,
+        "restricted": [str(o.path) for o in others],
+    }
+    key = {
+        "inputs": inputs,
+        "digests": {k: digest(Path(v)) for k, v in inputs.items() if isinstance(v, str)},
+        "restricted_digests": [digest(o.path) for o in others],
+        "config": config.to_dict(),
+        "unit": unit,
+    }
+    run = open_run("relate", key, results_dir or root)
+    if run.complete and run.has_json("summary"):
+        if log:
+            log(f"relate: loaded from {run.path}")
+        return RelateResult.from_dict(run.load_json("summary")), run
+    run.write_meta(status="running", inputs=inputs)
+
+    before = load_knowledge_table(knowledge)
+    overlap = pd.read_parquet(overlap_table)
+    texts = {}
+    for fact_id in fact_ids:
+        fact = dataset.fact(fact_id)
+        for lang in langs:
+            view = fact.views.get(lang)
+            if view is None or not view.subject.text:
+                continue
+            texts[(fact_id, lang)] = (view.subject.text, view.record.e_answer)
+    tokenize, note = _tokenizer(model.get("path"))
+    if note:
+        notes.append(note)
+    controls = string_controls(texts, tokenize)
+    table = fact_table(main.rows, before, overlap, controls, config)
+    fits = fact_level(table.rows, config)
+
+    predictors = neuron_matrices(neurons, langs)
+    if tracing:
+        predictors.update(tracing_matrices(tracing, langs))
+    if probes:
+        try:
+            predictors.update(probe_matrices(probes))
+        except DataError as err:
+            notes.append(f"probes left out: {err}")
+    sel = main.rows[
+        (main.rows["kind"] == "transfer")
+        & (main.rows["form"] == config.form)
+        & main.rows["known_before"].astype(bool)
+        & (main.rows["n"] > 0)
+    ]
+    transfer_m = sel.pivot_table(
+        index="edit_lang", columns="test_lang", values=config.outcome, aggfunc="mean"
+    )
+    gain_m = table.rows.pivot_table(
+        index="edit_lang", columns="test_lang", values="gain", aggfunc="mean"
+    )
+    outcomes = {
+        "transfer": transfer_m.reindex(index=langs, columns=langs),
+        "gain": gain_m.reindex(index=langs, columns=langs),
+    }
+    pl = pair_level(predictors, outcomes, langs)
+    by_pair = (
+        table.rows.groupby(["edit_lang", "test_lang"])
+        .agg(
+            rows=("success", "size"),
+            overlap=("overlap", "mean"),
+            transfer=("success", "mean"),
+            gain=("gain", "mean"),
+        )
+        .reset_index()
+    )
+    interventions = []
+    if others:
+        base = per_edit(main.rows, before, config.form)
+        for other in others:
+            diffs = compare_edits(
+                base,
+                per_edit(other.rows, before, config.form),
+                n_boot=config.n_boot,
+                level=config.level,
+                seed=config.seed,
+            )
+            interventions.append(
+                {
+                    "label": other.label,
+                    "run": str(other.path),
+                    "against": main.label,
+                    "units": (other.meta.get("unit_set_sizes") or {}),
+                    "differences": {k: v.to_dict() for k, v in diffs.items()},
+                }
+            )
+    result = RelateResult(
+        config=config.to_dict(),
+        langs=langs,
+        inputs=inputs,
+        method=main.label,
+        unit=unit,
+        predictors=predictors,
+        outcomes=outcomes,
+        pair_level=pl,
+        fits=fits,
+        n_rows=len(table.rows),
+        n_facts=int(table.rows["fact_id"].nunique()) if len(table.rows) else 0,
+        dropped=table.dropped,
+        by_pair=by_pair,
+        interventions=interventions,
+        notes=notes,
+    )
+    run.save_table("facts", table.rows)
+    run.save_json("summary", result.to_dict())
+    run.write_meta(status="complete", controls=list(CONTROLS))
+    return result, run

@@ -1,0 +1,263 @@
+"""The tracing stage: causal tracing of every known fact, per language, saved fact by fact;
+and the registry of tracing-recommended edit layers that editing's ``layer: auto`` reads."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mlake.stages.context import model_identity, open_stage_run, subject_noise_std
+from mlake_core.data.dataset import MlakeDataset
+from mlake_core.errors import ConfigError
+from mlake_core.metrics.knowledge import KnowledgeResult
+from mlake_core.models.adapter import ModelAdapter
+from mlake_core.models.prompting import PromptTemplate
+from mlake_core.provenance import stable_hash
+from mlake_core.results.store import Run
+
+
+def _trace_seed(seed: int, fact_id: int, lang: str) -> int:
+    """The noise seed of one fact and language (independent of which others are traced)."""
+    return int(stable_hash({"seed": seed, "fact": fact_id, "lang": lang}, length=12), 16)
+
+
+def tracing_stage(
+    adapter: ModelAdapter,
+    model_path: str | os.PathLike[str],
+    dataset: MlakeDataset,
+    fact_ids: Sequence[int],
+    langs: Sequence[str],
+    template: PromptTemplate,
+    config: Any,
+    *,
+    knowledge: KnowledgeResult,
+    results_dir: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] | None = None,
+    on_fact: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[Any, Run]:
+    """Causal tracing (:mod:`analysis.tracing.causal`) of every fact the model knows, per
+    language, saving each fact's trace as it finishes (an interrupted run resumes there).
+
+    Facts the model does not know in a language (``knowledge``), and views whose form is not
+    usable, are skipped and counted per reason.  The noise level (the standard deviation of
+    subject-token embeddings over the question forms of ``fact_ids``) is measured once and
+    saved.  At the end the per-language summaries, the profile similarity matrix and the
+    recommended edit layer are saved (``summary.json``), and the recommendation is registered
+    for editing's ``layer: auto`` (:func:`register_recommended_layer`).
+
+    Returns:
+        A :class:`~analysis.tracing.summary.TracingResult` and the run folder.
+    """
+    import numpy as np
+    import torch
+
+    from analysis.tracing.causal import KINDS, FactTrace, class_profile, trace_prompt
+    from analysis.tracing.summary import (
+        TracingResult,
+        recommended_layer,
+        similarity_matrix,
+        summarize_language,
+    )
+    from mlake_core.editing.base import locate_prompt
+    from mlake_core.errors import MlakeError
+
+    ident = model_identity(adapter, model_path)
+    run = open_stage_run(
+        "tracing",
+        adapter,
+        model_path,
+        dataset,
+        fact_ids,
+        langs,
+        template,
+        config,
+        results_dir,
+        known_from="knowledge stage, question form, greedy alias match",
+    )
+    facts = {f.fact_id: f for f in dataset.facts}
+
+    def located(fact_id: int, lang: str) -> Any:
+        return locate_prompt(adapter, facts[fact_id].views[lang], template, config.form)
+
+    noise_std = subject_noise_std(run, adapter, located, fact_ids, langs, config.noise_scale)
+    if log:
+        log(
+            f"tracing: noise {config.noise_scale} x {noise_std:.4g} (std of subject-token "
+            f"embeddings); window {config.resolved_window(adapter.n_layers)}; {run.path}"
+        )
+
+    summaries, skipped, counts = [], {}, {}
+    for lang in langs:
+        known = knowledge.known(lang)
+        profiles: dict[str, list[Any]] = {k: [] for k in config.kinds}
+        p_clean, p_corrupt, passes, rows = [], [], [], []
+        lang_skipped: dict[str, int] = {}
+        ordered = [fid for fid in fact_ids if fid in facts]
+        for fact_id in ordered:
+            name = f"trace_{lang}_{fact_id}"
+            if fact_id not in known:
+                lang_skipped["not known before"] = lang_skipped.get("not known before", 0) + 1
+                continue
+            if run.has_arrays(name):
+                arrays = run.load_arrays(name)
+            else:
+                view = facts[fact_id].views[lang]
+                try:
+                    loc = located(fact_id, lang)
+                except MlakeError as err:
+                    reason = str(err).split(": ", 1)[-1]
+                    lang_skipped[reason] = lang_skipped.get(reason, 0) + 1
+                    continue
+                answer = loc.answer_ids(adapter, view.form(config.form).target.text)
+                if not answer:
+                    lang_skipped["empty answer"] = lang_skipped.get("empty answer", 0) + 1
+                    continue
+                generator = torch.Generator().manual_seed(_trace_seed(config.seed, fact_id, lang))
+                swaps = (
+                    _other_subjects(adapter, located, ordered, fact_id, lang, config, generator)
+                    if config.corruption == "subject"
+                    else []
+                )
+                trace = trace_prompt(
+                    adapter,
+                    loc.prompt_ids,
+                    loc.subject_positions,
+                    int(answer[0]),
+                    config,
+                    generator,
+                    noise_std=noise_std,
+                    swap_embeddings=swaps,
+                )
+                arrays = trace.to_arrays()
+                run.save_arrays(name, arrays)
+            trace = FactTrace.from_arrays(arrays)
+            for kind in config.kinds:
+                profiles[kind].append(class_profile(trace, kind))
+            p_clean.append(trace.p_clean)
+            p_corrupt.append(trace.p_corrupt)
+            passes.append(trace.forward_passes)
+            rows.append(trace.rows)
+            if on_fact:
+                on_fact({"lang": lang, "fact_id": fact_id, "p_clean": trace.p_clean})
+        summaries.append(summarize_language(lang, profiles, p_clean, p_corrupt, adapter.n_layers))
+        counts[lang] = {
+            "traced": len(p_clean),
+            "forward_passes_per_fact": float(np.mean(passes)) if passes else None,
+            "rows_per_fact": float(np.mean(rows)) if rows else None,
+        }
+        for reason, n in lang_skipped.items():
+            skipped[f"{lang}:{reason}"] = n
+    similarity = {kind: similarity_matrix(summaries, [kind]).tolist() for kind in config.kinds}
+    similarity["all"] = similarity_matrix(summaries).tolist()
+    result = TracingResult(
+        langs=tuple(langs),
+        kinds=tuple(k for k in KINDS if k in config.kinds),
+        n_layers=adapter.n_layers,
+        window=config.resolved_window(adapter.n_layers),
+        noise_std=noise_std * config.noise_scale,
+        summaries=summaries,
+        similarity=similarity,
+        recommended_layer=recommended_layer(summaries, adapter.n_layers),
+        recommended_by_lang={s.lang: recommended_layer([s], adapter.n_layers) for s in summaries},
+        counts=counts,
+        skipped=skipped,
+        run_path=str(run.path),
+    )
+    run.save_json("summary", result.to_dict())
+    run.write_meta(status="complete", skipped=skipped)
+    if result.recommended_layer is not None:
+        register_recommended_layer(ident, result, results_dir)
+    return result, run
+
+
+def load_trace(run: Run, lang: str, fact_id: int) -> Any:
+    """One saved fact trace (:class:`~analysis.tracing.causal.FactTrace`) of a tracing run."""
+    from analysis.tracing.causal import FactTrace
+
+    return FactTrace.from_arrays(run.load_arrays(f"trace_{lang}_{fact_id}"))
+
+
+def _other_subjects(
+    adapter: ModelAdapter,
+    located: Callable[[int, str], Any],
+    fact_ids: Sequence[int],
+    fact_id: int,
+    lang: str,
+    config: Any,
+    generator: Any,
+) -> list[Any]:
+    """Token embeddings of ``config.n_samples`` other facts' subjects in ``lang`` (drawn with
+    ``generator``), for the ``subject`` corruption."""
+    import torch
+
+    from analysis.tracing.causal import subject_embeddings
+    from mlake_core.errors import MlakeError
+
+    others = [f for f in fact_ids if f != fact_id]
+    prompts = []
+    for i in torch.randperm(len(others), generator=generator).tolist():
+        try:
+            loc = located(others[i], lang)
+        except MlakeError:
+            continue
+        prompts.append((loc.prompt_ids, loc.subject_positions))
+        if len(prompts) == config.n_samples:
+            break
+    if len(prompts) < config.n_samples:
+        raise ConfigError(
+            f"--corruption subject: fewer than {config.n_samples} other subjects in {lang}"
+        )
+    return subject_embeddings(adapter, prompts)
+
+
+#: File under the results root that maps a model to its tracing-recommended edit layer.
+RECOMMENDED_FILE = "recommended_layers.json"
+
+
+def register_recommended_layer(
+    ident: dict[str, Any], result: Any, results_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """Record a tracing run's recommended edit layer for the model ``ident`` (the latest
+    completed run wins), where editing's ``layer: auto`` finds it."""
+    import json
+
+    from mlake_core.results.store import results_root
+
+    path = results_root(results_dir) / "tracing" / RECOMMENDED_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    table[stable_hash(ident)] = {
+        "model": ident,
+        "layer": result.recommended_layer,
+        "by_lang": result.recommended_by_lang,
+        "n_facts": {s.lang: s.n_facts for s in result.summaries},
+        "run": result.run_path,
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def lookup_recommended_layer(
+    adapter: ModelAdapter,
+    model_path: str | os.PathLike[str],
+    results_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any] | None:
+    """The tracing recommendation registered for this model (``layer``, ``by_lang``,
+    ``run``), or ``None`` when the model was never traced."""
+    import json
+
+    from mlake_core.results.store import results_root
+
+    path = results_root(results_dir) / "tracing" / RECOMMENDED_FILE
+    if not path.is_file():
+        return None
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: malformed JSON ({err}); delete it to re-register") from None
+    entry = table.get(stable_hash(model_identity(adapter, model_path)))
+    return entry if isinstance(entry, dict) else None

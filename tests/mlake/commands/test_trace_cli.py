@@ -1,0 +1,207 @@
+"""``mlake trace`` end to end on the micro mlake-tiny: the report, the results store, resuming,
+skipped views counted, the recommended layer reaching ``mlake edit transfer --layer auto``,
+bad options, and the tracing figures (CJK labels drawn by a font that has them)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+
+from mlake.cli import main
+from mlake_core.results.store import Run
+
+matplotlib.use("Agg")
+pytestmark = pytest.mark.slow
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def traced(micro_tiny: Path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("trace_runs")
+    args = ("trace", "--model", str(micro_tiny), "--langs", "en,zh", "--facts", "4")
+    args += ("--samples", "3", "--results-dir", str(root), "--device", "cpu")
+    code = main([*args, "--json"])
+    assert code == 0
+    return root, args
+
+
+def test_report_and_store(traced, capsys) -> None:
+    _root, args = traced
+    code, out, err = _run(capsys, *args, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["n_layers"] == 2 and report["window"] == 1
+    assert report["kinds"] == ["resid", "mlp", "attn"]
+    # The noise level was measured on this model and recorded.
+    noise = json.loads((Path(report["run"]) / "noise.json").read_text())
+    assert noise["noise_std"] == pytest.approx(3 * noise["embedding_std"])
+    assert report["noise_std"] == pytest.approx(noise["noise_std"])
+    for s in report["summaries"]:
+        lang = s["lang"]
+        skipped = sum(v for k, v in report["skipped"].items() if k.startswith(f"{lang}:"))
+        assert s["n_facts"] + skipped == 4  # every fact traced or counted
+        assert report["counts"][lang]["traced"] == s["n_facts"]
+        assert len(s["maps"]["mlp"]) == 7 and len(s["maps"]["mlp"][0]) == 2
+        if s["n_facts"]:
+            assert s["p_clean"] > s["p_corrupt"] - 1e-6
+            assert report["counts"][lang]["forward_passes_per_fact"] >= 2
+    sim = np.array(report["similarity"]["all"], dtype=float)
+    assert sim.shape == (2, 2)
+    assert np.allclose(np.diag(sim)[~np.isnan(np.diag(sim))], 1.0)
+    # A two-layer model can only be edited at layer 0.
+    assert report["recommended_layer"] == 0
+    run = Path(report["run"])
+    assert json.loads((run / "meta.json").read_text())["status"] == "complete"
+    assert json.loads((run / "summary.json").read_text())["recommended_layer"] == 0
+    # The text report.
+    code, text, _ = _run(capsys, *args)
+    assert code == 0
+    assert "profile similarity" in text and "recommended edit layer: 0" in text
+
+
+def test_resume_uses_saved_traces(traced, capsys, monkeypatch) -> None:
+    _root, args = traced
+    _, first, _ = _run(capsys, *args, "--json")
+    import analysis.tracing.causal as causal
+
+    def boom(*a, **k):
+        raise AssertionError("a saved trace was recomputed")
+
+    monkeypatch.setattr(causal, "trace_prompt", boom)
+    code, again, err = _run(capsys, *args, "--json")
+    assert code == 0, err
+    a, b = json.loads(first), json.loads(again)
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+    # A lost trace is recomputed alone.
+    monkeypatch.undo()
+    run = Path(a["run"])
+    saved = sorted((run / "arrays").glob("trace_*.npz"))
+    assert saved
+    saved[0].unlink()
+    code, third, _ = _run(capsys, *args, "--json")
+    c = json.loads(third)
+    c.pop("seconds")
+    assert c == a
+
+
+def test_recommended_layer_reaches_editing(traced, micro_tiny: Path, capsys) -> None:
+    root, _ = traced
+    base = ("edit", "transfer", "--model", str(micro_tiny), "--method", "ft", "--langs", "en")
+    base += ("--facts", "1", "--n-locality", "2", "--device", "cpu", "--json")
+    code, out, err = _run(capsys, *base, "--results-dir", str(root))
+    assert code == 0, err
+    assert "recommended by causal tracing" in err
+    assert json.loads(out)["layer_source"] == "tracing"
+    # Another results root has no tracing: the documented default.
+    code, out, err = _run(capsys, *base, "--results-dir", str(root / "elsewhere"))
+    assert code == 0, err
+    assert "was not traced" in err and json.loads(out)["layer_source"] == "default"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--kinds", "resid,neurons"), "--kinds"),
+        (("--samples", "0"), "--samples"),
+        (("--langs", "en,xx"), "'xx'"),
+        (("--facts", "some"), "--facts"),
+    ],
+)
+def test_bad_options(micro_tiny: Path, tmp_path: Path, capsys, extra, message) -> None:
+    args = ("trace", "--model", str(micro_tiny), "--results-dir", str(tmp_path), *extra)
+    code, _, err = _run(capsys, *args)
+    assert code == 2
+    assert message in err
+
+
+def test_figures(traced, capsys) -> None:
+    from matplotlib.figure import Figure
+
+    from analysis.tracing.summary import LanguageSummary, TracingResult
+    from figures.style import missing_glyphs
+    from figures.tracing import average_effects, similarity_heatmap, trace_heatmap
+    from mlake.stages.tracing import load_trace
+
+    _root, args = traced
+    _, out, _ = _run(capsys, *args, "--json")
+    report = json.loads(out)
+    run_path = Path(report["run"])
+    run = Run(run_path, "tracing", run_path.name)
+    zh = sorted(run_path.glob("arrays/trace_zh_*.npz"))
+    assert zh, "no Chinese fact was traced"
+    fact_id = int(zh[0].stem.rsplit("_", 1)[1])
+    trace = load_trace(run, "zh", fact_id)
+    fig = trace_heatmap(trace, title=f"fact {fact_id} [zh]")
+    assert isinstance(fig, Figure)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert len(labels) == len(trace.tokens)
+    assert any("\u4e00" <= ch <= "\u9fff" for label in labels for ch in label)
+    assert not missing_glyphs("".join(labels))
+    assert missing_glyphs("a\U00010000") == {"\U00010000"}  # the check can fail (Linear B)
+    result = TracingResult(
+        langs=tuple(report["langs"]),
+        kinds=tuple(report["kinds"]),
+        n_layers=report["n_layers"],
+        window=report["window"],
+        noise_std=report["noise_std"],
+        summaries=[
+            LanguageSummary(
+                lang=s["lang"],
+                n_facts=s["n_facts"],
+                p_clean=s["p_clean"] or np.nan,
+                p_corrupt=s["p_corrupt"] or np.nan,
+                maps={
+                    k: np.array([[np.nan if v is None else v for v in row] for row in m])
+                    for k, m in s["maps"].items()
+                },
+                peak_mlp_layer=s["peak_mlp_layer"],
+            )
+            for s in report["summaries"]
+        ],
+        similarity=report["similarity"],
+        recommended_layer=report["recommended_layer"],
+        recommended_by_lang=report["recommended_by_lang"],
+        counts=report["counts"],
+        skipped=report["skipped"],
+        run_path=report["run"],
+    )
+    fig = average_effects(result, "mlp")
+    assert [ax.get_title().split()[0] for ax in fig.axes[:2]] == ["en", "zh"]
+    assert isinstance(similarity_heatmap(result), Figure)
+
+
+def test_the_layers_a_model_was_trained_for_take_precedence_over_tracing(
+    traced, micro_tiny: Path, capsys, monkeypatch
+) -> None:
+    from mlake_core.models import mlake_tiny
+
+    root, _ = traced
+    settings = {"ft": {"layer": "1", "lr": "0.01"}}
+    monkeypatch.setattr(mlake_tiny, "recommended_edit_settings", lambda path: settings)
+    base = ("edit", "transfer", "--model", str(micro_tiny), "--method", "ft", "--langs", "en")
+    base += ("--facts", "1", "--n-locality", "2", "--device", "cpu", "--json")
+    code, out, err = _run(capsys, *base, "--results-dir", str(root))
+    assert code == 0, err
+    assert "the layers this model was trained for take precedence" in err
+    assert re.search(r"ft: 1/1 edits, [\d.]+ edit/s \(en loss [\d.]+\)", err)  # no TTY: log lines
+    report = json.loads(out)
+    assert report["layer_source"] == "model"
+    assert report["methods"]["ft"]["config"]["layer"] == "1"
+    assert report["methods"]["ft"]["timed_edits"] == 1
+    # An explicit --layer wins over both.
+    code, out, err = _run(capsys, *base, "--layer", "0", "--results-dir", str(root))
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["layer_source"] == "explicit"
+    assert report["methods"]["ft"]["config"]["layer"] == "0"
