@@ -1,9 +1,26 @@
-"""Helpers for the frozen config dataclasses: values from the CLI or YAML arrive as strings
-(YAML reads ``5e-1`` as a string), so every field is coerced to its default's type."""
+"""The one coercion of settings into the frozen config dataclasses.
+
+Settings arrive as text (a command-line ``--set FIELD=VALUE``, an option) or as YAML values,
+and YAML reads ``5e-1`` as a string.  Every config dataclass of mlake is filled through the
+functions here, so a value parses the same way wherever it comes from:
+
+* :func:`coerce_value` turns one value into its field's type (the default's type, else the
+  annotation): ints (``1e3`` allowed, ``2.5`` refused), floats, booleans (``true``/``yes``/
+  ``on``/``1`` and their opposites), tuples (a list, or comma-separated text);
+* :func:`coerce_fields` applies it to a dataclass's numeric and boolean fields in
+  ``__post_init__`` (so ``FtConfig(lr="0.01")`` is a float);
+* :func:`build_dataclass` builds a dataclass from a mapping (a YAML section, ``--set`` pairs):
+  unknown keys are errors naming the key path and the file, nested dataclasses are built
+  recursively, fields not given keep a base's values;
+* :func:`to_plain` turns a config back into YAML-able values.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
+from collections.abc import Mapping
 from typing import Any
 
 from mlake_core.errors import ConfigError
@@ -12,34 +29,142 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+def where(source: str | None, path: str) -> str:
+    """``"file: key.path"`` (or the key path alone) for error messages."""
+    return f"{source}: {path}" if source else path
+
+
+def _is_union_with_str(hint: Any) -> bool:
+    return str in typing.get_args(hint)
+
+
+def coerce_value(value: Any, default: Any, hint: Any, at: str) -> Any:
+    """``value`` as the type of a field (its default's type, else its annotation ``hint``).
+
+    A field typed ``int | str`` with an int default (``layer: auto``) keeps strings.
+
+    Raises:
+        ConfigError: naming ``at`` (the option or key path) and the value.
+    """
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None:
+        return None
+    kind = type(default) if default is not None else None
+    if kind is None and args:
+        kinds = [a for a in args if a is not type(None)]
+        kind = kinds[0] if len(kinds) == 1 else None
+    if origin is tuple or kind is tuple:
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        raise ConfigError(f"{at}: expected a list, got {value!r}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ConfigError(f"{at}: expected true or false, got {value!r}")
+    if kind is int and not (isinstance(default, int) and _is_union_with_str(hint)):
+        if isinstance(value, bool):
+            raise ConfigError(f"{at}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{at}: expected an integer, got {value!r}") from None
+        if not number.is_integer():
+            raise ConfigError(f"{at}: expected an integer, got {value!r}")
+        return int(number)
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{at}: expected a number, got {value!r}")
+        try:
+            return float(value)  # YAML reads 5e-1 as a string
+        except (TypeError, ValueError):
+            raise ConfigError(f"{at}: expected a number, got {value!r}") from None
+    if kind is str and isinstance(value, (dict, list)):
+        raise ConfigError(f"{at}: expected a single value, got {value!r}")
+    return value
+
+
 def coerce_fields(obj: Any, *, skip: tuple[str, ...] = ()) -> None:
-    """Coerce each string field of a frozen dataclass to the type of its default
-    (``int``, ``float`` or ``bool``), in place.
+    """Coerce the ``int``, ``float`` and ``bool`` fields of a frozen dataclass in place
+    (:func:`coerce_value`; errors name the field as an option, ``--max-iter``).
 
     Raises:
         ConfigError: naming the option, for a value that does not parse.
     """
+    hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         if f.name in skip or f.default is dataclasses.MISSING:
             continue
-        value = getattr(obj, f.name)
-        kind = type(f.default)
-        if kind not in (int, float, bool):
+        if type(f.default) not in (int, float, bool):
             continue
         option = "--" + f.name.replace("_", "-")
-        if isinstance(value, str):
-            text = value.strip().lower()
-            try:
-                if kind is bool:
-                    if text not in _TRUE | _FALSE:
-                        raise ValueError(value)
-                    value = text in _TRUE
-                else:
-                    value = kind(float(text)) if kind is int and "e" in text else kind(text)
-            except ValueError:
-                raise ConfigError(f"{option} {value!r}: expected a {kind.__name__}") from None
-        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"{option} {value!r}: expected a {kind.__name__}")
+        value = coerce_value(getattr(obj, f.name), f.default, hints.get(f.name), option)
         object.__setattr__(obj, f.name, value)
+
+
+def build_dataclass(
+    cls: type, data: Any, *, path: str, source: str | None = None, base: Any = None
+) -> Any:
+    """Build the frozen dataclass ``cls`` from a mapping: unknown keys are errors naming the
+    key path (and the file ``source``), values are coerced to the fields' types, nested
+    dataclasses are built recursively, and errors the dataclass raises on construction are
+    prefixed with the path.  Fields not given keep ``base``'s values (default: ``cls``'s
+    defaults).
+
+    Raises:
+        ConfigError: an unknown key, a value of the wrong type or one the dataclass rejects.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where(source, path)}: expected a mapping of settings, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"{where(source, f'{path}.{unknown[0]}')}: unknown key (known: {', '.join(fields)})"
+        )
+    base = base if base is not None else cls()
+    kwargs: dict[str, Any] = {}
+    for name in fields:
+        current = getattr(base, name)
+        if name not in data:
+            kwargs[name] = current
+            continue
+        value = data[name]
+        at = where(source, f"{path}.{name}")
+        if dataclasses.is_dataclass(current) and not isinstance(current, type):
+            kwargs[name] = build_dataclass(
+                type(current), value, path=f"{path}.{name}", source=source, base=current
+            )
+        else:
+            kwargs[name] = coerce_value(value, current, hints.get(name), at)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{where(source, path)}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where(source, path)}: {err}") from None
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclasses, tuples and mappings as plain dicts, lists and scalars (NaN as ``None``)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value

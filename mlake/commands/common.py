@@ -1,82 +1,25 @@
-"""Options shared by every command that needs a model, and how they become an adapter.
+"""Options shared by the commands, derived from the settings dataclasses.
 
-``--model`` takes a local checkpoint folder, a Hugging Face hub id, or ``mlake-tiny`` (the
-default): the model mlake trains on MLaKE itself, trained first if it is not cached
-(:mod:`mlake_core.models.mlake_tiny`).  ``--template`` defaults to the template a model was
-trained with (mlake-tiny records it), else ``qa``.
+No default is written here: each option of :func:`add_settings_args` is a field of a frozen
+config dataclass (:mod:`mlake.settings`, or an analysis's config), its help is the field's line
+in the class docstring and its default the field's default.  :func:`settings_from_args` builds
+the dataclass back from the options the user gave, through the one coercion of
+:mod:`mlake_core.configs`, so a value parses the same way on the command line and in a pipeline
+YAML file.  ``--set FIELD=VALUE`` (:func:`parse_set`) reaches any field by name.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import re
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from mlake_core.configs import build_dataclass
 from mlake_core.errors import ConfigError
-
-
-def add_model_args(parser: argparse.ArgumentParser, *, template: bool = True) -> None:
-    """Add ``--model``, ``--backend``, ``--device``, ``--dtype``, ``--revision``,
-    ``--trust-remote-code`` (and ``--template``) to ``parser``."""
-    from mlake_core.models.loading import BACKENDS, DTYPES
-    from mlake_core.models.mlake_tiny import TINY_NAME
-
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model",
-        default=None,
-        help=f"local checkpoint folder, Hugging Face hub id, or {TINY_NAME} (default: "
-        f"{TINY_NAME}, trained on MLaKE first if it is not cached), or the variant "
-        "mlake-tiny-editable (trained for weight edits at the subject)",
-    )
-    group.add_argument("--backend", default="tlens", choices=BACKENDS, help="default: tlens")
-    group.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda:N")
-    group.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="default: float32")
-    group.add_argument("--revision", default=None, help="hub branch, tag or commit")
-    group.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow modelling code shipped with the checkpoint",
-    )
-    if template:
-        from mlake_core.models.prompting import TEMPLATES
-
-        group.add_argument(
-            "--template",
-            default=None,
-            choices=tuple(TEMPLATES),
-            help="prompt template (default: the one the model was trained with, else qa)",
-        )
-
-
-def add_data_args(
-    parser: argparse.ArgumentParser, *, facts_default: str | None, facts_help: str
-) -> None:
-    """Add ``--langs``, ``--facts``, ``--version`` and ``--data-dir``."""
-    from mlake_core.data.paths import DEFAULT_VERSION, RELEASES
-
-    data = parser.add_argument_group("data")
-    data.add_argument("--langs", default="en,zh,ja,fr,de", help="comma-separated languages")
-    data.add_argument("--facts", default=facts_default, help=facts_help)
-    data.add_argument("--version", default=DEFAULT_VERSION, choices=tuple(RELEASES))
-    data.add_argument("--data-dir", default=None, help="MLaKE data directory")
-
-
-def add_run_args(parser: argparse.ArgumentParser) -> None:
-    """Add ``--batch-size``, ``--results-dir`` and ``--json``."""
-    run = parser.add_argument_group("run")
-    run.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
-    run.add_argument("--results-dir", default=None, help="results root (default: ./runs)")
-    run.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-
-def check_run_args(args: argparse.Namespace) -> None:
-    """Validate the options of :func:`add_run_args` (before any model is loaded)."""
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
 
 
 def log(message: str) -> None:
@@ -84,124 +27,257 @@ def log(message: str) -> None:
     print(f"mlake: {message}", file=sys.stderr, flush=True)
 
 
-def resolve_model_path(model: str | None, data_dir: str | None = None) -> str:
-    """What to load for ``--model``: ``mlake-tiny`` (or nothing) becomes the cached folder of
-    the default mlake-tiny, and another variant's name (``mlake-tiny-editable``, see
-    :data:`~mlake_core.models.mlake_tiny.VARIANTS`) that variant's, trained first when
-    missing."""
-    from mlake_core.models.mlake_tiny import TINY_NAME, VARIANTS, ensure_tiny, variant_config
-
-    if model is None or model in VARIANTS:
-        config = variant_config(model or TINY_NAME)
-        return str(
-            ensure_tiny(config, data_dir=data_dir, progress=log, show_bar=sys.stderr.isatty())
-        )
-    return model
-
-
-@dataclass
-class LoadedModel:
-    """An adapter with how it was asked for."""
-
-    adapter: Any
-    name: str  # what the user passed (or mlake-tiny)
-    path: str  # what was loaded
-    template: Any  # PromptTemplate
-    tiny_metadata: dict[str, Any] | None
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's description from the ``Attributes:`` section of ``cls``'s docstring."""
+    doc = inspect.getdoc(cls) or ""
+    out: dict[str, str] = {}
+    inside, current = False, None
+    for line in doc.splitlines():
+        if line.strip() == "Attributes:":
+            inside = True
+            continue
+        if not inside:
+            continue
+        if line and not line.startswith(" "):
+            break  # the next section
+        match = re.match(r"^    (\w+)(?: \([^)]*\))?: (.*)$", line)
+        if match:
+            current = match.group(1)
+            out[current] = match.group(2).strip()
+        elif current and line.startswith("        "):
+            out[current] += " " + line.strip()
+    return {k: re.sub(r"``|:\w+:`~?|`", "", v) for k, v in out.items()}
 
 
-def load_model(args: argparse.Namespace) -> LoadedModel:
-    """Load the model named by the shared options (see :func:`add_model_args`)."""
-    from mlake_core.models.loading import load_adapter
-    from mlake_core.models.mlake_tiny import TINY_NAME, read_metadata
-    from mlake_core.models.prompting import DEFAULT_TEMPLATE, get_template
-
-    path = resolve_model_path(args.model, getattr(args, "data_dir", None))
-    adapter = load_adapter(
-        path,
-        backend=args.backend,
-        device=args.device,
-        dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
-        revision=args.revision,
-    )
-    meta = read_metadata(path) if Path(path).is_dir() else None
-    trained = get_template(str(meta["config"]["template"])) if meta else None
-    chosen = getattr(args, "template", None)
-    if chosen is not None:
-        template = get_template(chosen)
-        if trained is not None and trained.name != template.name:
-            log(
-                f"warning: --template {chosen} differs from the template {trained.name!r} the "
-                "model was trained with"
-            )
-    else:
-        template = trained or get_template(DEFAULT_TEMPLATE)
-    name = args.model or TINY_NAME
-    return LoadedModel(adapter=adapter, name=name, path=path, template=template, tiny_metadata=meta)
+def option_name(field: str, prefix: str = "") -> str:
+    """``--prefix-field-name`` for a field."""
+    return "--" + (prefix + field).replace("_", "-")
 
 
-def parse_facts(value: str) -> int | str:
-    """``--facts``: a positive number, ``all``, or ``trained`` (mlake-tiny's training facts)."""
-    if value in ("all", "trained"):
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        raise ConfigError(f"--facts {value!r}: expected a number, 'all' or 'trained'") from None
-    if n < 1:
-        raise ConfigError(f"--facts {value}: must be at least 1")
-    return n
+def add_settings_args(
+    parser: argparse.ArgumentParser | Any,
+    cls: type,
+    *,
+    fields: Sequence[str] | None = None,
+    prefix: str = "",
+    defaults: Mapping[str, Any] | None = None,
+    choices: Mapping[str, Sequence[str]] | None = None,
+    helps: Mapping[str, str] | None = None,
+    flags: Mapping[str, Sequence[str]] | None = None,
+    rename: Mapping[str, str] | None = None,
+) -> None:
+    """Add one option per field of the config dataclass ``cls`` (all fields, or ``fields``).
 
+    Every option defaults to ``None`` (not given); the help shows the field's default from the
+    dataclass (or the command's own default in ``defaults``, which :func:`settings_from_args`
+    then applies).  Booleans that default to false become flags.
 
-@dataclass
-class FactsAndKnowledge:
-    """The data a per-fact command works on.
-
-    Attributes:
-        dataset: MLaKE in the asked languages.
-        pool: the default fact selection (mlake-tiny's training facts, else all facts).
-        fact_ids: the ``--facts`` asked for (the first N of ``pool``).
-        knowledge: what the model knows about ``pool`` (knowledge stage, cached).
-        knowledge_run: the knowledge stage's run folder.
+    Args:
+        parser: a parser or argument group.
+        cls: the dataclass.
+        fields: the fields to expose (default: all).
+        prefix: prepended to the option names (``attribution-``).
+        defaults: the command's own defaults for some fields (e.g. ``facts`` 20).
+        choices: allowed values per field.
+        helps: help text per field (default: the docstring's).
+        flags: extra option strings per field (e.g. ``("-n",)``).
+        rename: an option name other than the field's, per field (``name`` -> ``model``);
+            give the same to :func:`settings_from_args`.
     """
+    docs = field_docs(cls)
+    base = cls()
+    for f in dataclasses.fields(cls):
+        if fields is not None and f.name not in fields:
+            continue
+        default = (defaults or {}).get(f.name, getattr(base, f.name))
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        text = (helps or {}).get(f.name) or docs.get(f.name, "")
+        option = (rename or {}).get(f.name, f.name)
+        names = [option_name(option, prefix), *(flags or {}).get(f.name, ())]
+        kwargs: dict[str, Any] = {"dest": _dest(f.name, prefix, rename), "default": None}
+        if isinstance(default, bool) and not default:
+            kwargs["action"] = "store_const"
+            kwargs["const"] = True
+            kwargs["help"] = text
+        else:
+            kwargs["help"] = f"{text} (default: {shown})" if text else f"default: {shown}"
+            if (choices or {}).get(f.name):
+                kwargs["choices"] = tuple((choices or {})[f.name])
+        parser.add_argument(*names, **kwargs)
 
-    dataset: Any
-    pool: list[int]
-    fact_ids: list[int]
-    knowledge: Any
-    knowledge_run: str | None = None
+
+def _dest(field: str, prefix: str, rename: Mapping[str, str] | None) -> str:
+    return (prefix + (rename or {}).get(field, field)).replace("-", "_")
 
 
-def facts_and_knowledge(
+def given_settings(
     args: argparse.Namespace,
-    loaded: LoadedModel,
-    langs: Sequence[str],
-    facts_option: int | str,
-    knowledge_config: Any = None,
-) -> FactsAndKnowledge:
-    """Load MLaKE, select the facts, and measure (or load) what the model knows about the
-    whole pool, as editing, tracing and neuron attribution need (facts unknown before are
-    reported separately or skipped)."""
-    from mlake.stages.context import select_fact_ids
-    from mlake.stages.knowledge import knowledge_stage
-    from mlake_core.data.dataset import load_mlake
-    from mlake_core.metrics.knowledge import KnowledgeConfig
+    cls: type,
+    *,
+    prefix: str = "",
+    fields: Sequence[str] | None = None,
+    rename: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The fields of ``cls`` the user gave as options (value not ``None``)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if fields is not None and f.name not in fields:
+            continue
+        value = getattr(args, _dest(f.name, prefix, rename), None)
+        if value is not None:
+            out[f.name] = value
+    return out
 
-    dataset = load_mlake(args.data_dir, version=args.version, langs=langs)
-    trained = loaded.tiny_metadata["fact_ids"] if loaded.tiny_metadata else None
-    pool = select_fact_ids(dataset, "trained" if trained else "all", trained)
-    fact_ids = pool if facts_option in ("all", "trained") else pool[: int(facts_option)]
-    knowledge, run = knowledge_stage(
-        loaded.adapter,
-        loaded.path,
-        dataset,
-        pool,
-        langs,
-        loaded.template,
-        knowledge_config or KnowledgeConfig(mcqa=False),
-        batch_size=args.batch_size,
-        results_dir=args.results_dir,
-        log=log,
+
+def settings_from_args(
+    args: argparse.Namespace,
+    cls: type,
+    *,
+    prefix: str = "",
+    fields: Sequence[str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    base: Any = None,
+    rename: Mapping[str, str] | None = None,
+) -> Any:
+    """Build ``cls`` from the options :func:`add_settings_args` added: the options given, on
+    top of the command's ``defaults``, on top of ``base`` (default: the dataclass's defaults).
+
+    Raises:
+        ConfigError: a value that does not parse or that the dataclass rejects, naming the
+            option.
+    """
+    given = given_settings(args, cls, prefix=prefix, fields=fields, rename=rename)
+    data = {**(defaults or {}), **given}
+    try:
+        return build_dataclass(cls, data, path="options", base=base)
+    except ConfigError as err:
+        # "options.batch_size: ..." -> "--batch-size: ..."
+        text = re.sub(
+            r"options\.(\w+)",
+            lambda m: option_name((rename or {}).get(m.group(1), m.group(1)), prefix),
+            str(err),
+        ).replace("options: ", "")
+        raise ConfigError(text) from None
+
+
+def parse_set(
+    items: Sequence[str], known: Mapping[str, type], *, option: str = "--set"
+) -> dict[str, dict[str, str]]:
+    """``--set NAME.FIELD=VALUE`` options as ``{name: {field: value}}``; values stay text
+    (the config dataclasses coerce them).
+
+    Args:
+        items: the options.
+        known: the config dataclass of each name that may be set (e.g. each method asked for).
+
+    Raises:
+        ConfigError: a malformed item, an unknown name, or a field the config does not have
+            (naming the fields it has).
+    """
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        name, dot, field = key.strip().partition(".")
+        if not sep or not dot or not name or not field:
+            raise ConfigError(f"{option} {item!r}: expected NAME.FIELD=VALUE, e.g. ft.lr=0.01")
+        if name not in known:
+            raise ConfigError(
+                f"{option} {item!r}: {name!r} is not among the settable ({', '.join(known)})"
+            )
+        names = [f.name for f in dataclasses.fields(known[name])]
+        if field not in names:
+            raise ConfigError(
+                f"{option} {item!r}: {name} has no field {field!r} (fields: {', '.join(names)})"
+            )
+        out.setdefault(name, {})[field] = value.strip()
+    return out
+
+
+# -- the model, data and run options of every model command -----------------------------------
+
+#: ``ModelSettings.name`` is the ``--model`` option.
+MODEL_RENAME = {"name": "model"}
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, template: bool = True) -> None:
+    """Add the :class:`~mlake.settings.ModelSettings` options (``--model``, ``--backend``,
+    ``--device``, ``--dtype``, ``--revision``, ``--trust-remote-code``, ``--template``)."""
+    from mlake.settings import ModelSettings
+    from mlake_core.models.loading import BACKENDS, DTYPES
+    from mlake_core.models.prompting import TEMPLATES
+
+    fields = [f.name for f in dataclasses.fields(ModelSettings)]
+    if not template:
+        fields.remove("template")
+    add_settings_args(
+        parser.add_argument_group("model"),
+        ModelSettings,
+        fields=fields,
+        choices={"backend": BACKENDS, "dtype": tuple(DTYPES), "template": tuple(TEMPLATES)},
+        helps={
+            "name": "local checkpoint folder, Hugging Face hub id, mlake-tiny (trained on "
+            "MLaKE first if it is not cached) or mlake-tiny-editable"
+        },
+        rename=MODEL_RENAME,
     )
-    return FactsAndKnowledge(dataset, pool, fact_ids, knowledge, str(run.path))
+
+
+def model_settings(args: argparse.Namespace) -> Any:
+    """The :class:`~mlake.settings.ModelSettings` of :func:`add_model_args`' options."""
+    from mlake.settings import ModelSettings
+
+    return settings_from_args(args, ModelSettings, rename=MODEL_RENAME)
+
+
+def add_data_args(
+    parser: argparse.ArgumentParser, *, facts_default: str | None, facts_help: str
+) -> None:
+    """Add the :class:`~mlake.settings.DataSettings` options (``--langs``, ``--facts``,
+    ``--version``, ``--data-dir``); ``facts_default`` is the command's own default."""
+    from mlake.settings import DataSettings
+    from mlake_core.data.paths import RELEASES
+
+    add_settings_args(
+        parser.add_argument_group("data"),
+        DataSettings,
+        defaults={"facts": facts_default},
+        choices={"version": tuple(RELEASES)},
+        helps={"facts": facts_help, "langs": "comma-separated languages"},
+    )
+    parser.set_defaults(facts_default=facts_default)
+
+
+def data_settings(args: argparse.Namespace) -> Any:
+    """The :class:`~mlake.settings.DataSettings` of :func:`add_data_args`' options."""
+    from mlake.settings import DataSettings
+
+    return settings_from_args(
+        args, DataSettings, defaults={"facts": getattr(args, "facts_default", None)}
+    )
+
+
+def add_run_args(parser: argparse.ArgumentParser, *, seed: bool = False) -> None:
+    """Add the :class:`~mlake.settings.RunSettings` options (``--batch-size``,
+    ``--results-dir``; ``--seed`` where the command has one) and ``--json``."""
+    from mlake.settings import RunSettings
+
+    group = parser.add_argument_group("run")
+    fields = ["batch_size", "results_dir", *(["seed"] if seed else [])]
+    add_settings_args(group, RunSettings, fields=fields)
+    group.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run_settings(args: argparse.Namespace) -> Any:
+    """The :class:`~mlake.settings.RunSettings` of :func:`add_run_args`' options."""
+    from mlake.settings import RunSettings
+
+    return settings_from_args(args, RunSettings)
+
+
+def open_session(args: argparse.Namespace, *, log: Callable[[str], None] = log) -> Any:
+    """Check the model, data and run options, then load the model and the data and select
+    the facts (:func:`mlake.session.open_session`)."""
+    from mlake.session import open_session as open_
+
+    model, data, run = model_settings(args), data_settings(args), run_settings(args)
+    return open_(model, data, run, log=log)

@@ -30,16 +30,20 @@ from mlake.commands.common import (
     add_data_args,
     add_model_args,
     add_run_args,
-    check_run_args,
-    facts_and_knowledge,
-    load_model,
+    add_settings_args,
     log,
-    parse_facts,
+    open_session,
+    settings_from_args,
 )
+
+#: Option names that differ from the TraceConfig field names.
+TRACE_RENAME = {"n_samples": "samples"}
 
 
 def register(subparsers: Any) -> None:
     """Add the ``trace`` command."""
+    from analysis.tracing.causal import CORRUPTIONS, TraceConfig
+
     parser = subparsers.add_parser(
         "trace",
         help="causal tracing per language (peak layers, profile similarity)",
@@ -47,30 +51,11 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_args(parser)
-    group = parser.add_argument_group("tracing")
-    group.add_argument("--kinds", default="resid,mlp,attn", help="default: resid,mlp,attn")
-    group.add_argument(
-        "--window",
-        type=int,
-        default=None,
-        help="layers restored together for mlp and attn (default: 10 for models of 40+ "
-        "layers, n_layers // 4 below, at least 1)",
-    )
-    group.add_argument(
-        "--noise-scale",
-        type=float,
-        default=3.0,
-        help="noise std in units of the subject-token embedding std (default: 3)",
-    )
-    group.add_argument("--samples", type=int, default=10, help="corrupted runs per fact")
-    group.add_argument("--form", default="question", choices=("question", "cloze"))
-    group.add_argument("--corruption", default="noise", choices=("noise", "subject"))
-    group.add_argument("--seed", type=int, default=0, help="noise seed")
-    group.add_argument(
-        "--max-rows",
-        type=int,
-        default=None,
-        help="rows per forward pass (default: adapted to the free memory)",
+    add_settings_args(
+        parser.add_argument_group("tracing"),
+        TraceConfig,
+        rename=TRACE_RENAME,
+        choices={"form": ("question", "cloze"), "corruption": CORRUPTIONS},
     )
     add_data_args(parser, facts_default="20", facts_help="N (the first N) or all (default: 20)")
     add_run_args(parser)
@@ -82,26 +67,12 @@ def run_trace(args: argparse.Namespace) -> int:
     from analysis.tracing.causal import TraceConfig
     from mlake.progress import progress_bar
     from mlake.stages.tracing import tracing_stage
-    from mlake_core.languages import parse_langs
 
-    langs = parse_langs(args.langs)
-    facts_option = parse_facts(args.facts)
-    check_run_args(args)
-    config = TraceConfig(
-        kinds=args.kinds,
-        window=args.window,
-        noise_scale=args.noise_scale,
-        n_samples=args.samples,
-        seed=args.seed,
-        form=args.form,
-        corruption=args.corruption,
-        max_rows=args.max_rows,
-    )
-    loaded = load_model(args)
-    data = facts_and_knowledge(args, loaded, langs, facts_option)
-    dataset, fact_ids, knowledge = data.dataset, data.fact_ids, data.knowledge
-    wanted = set(fact_ids)
-    total = sum(len(knowledge.known(lang) & wanted) for lang in langs)
+    config = settings_from_args(args, TraceConfig, rename=TRACE_RENAME)
+    session = open_session(args)
+    ctx, knowledge = session.ctx, session.measure_knowledge()
+    wanted = set(ctx.fact_ids)
+    total = sum(len(knowledge.known(lang) & wanted) for lang in ctx.langs)
     bar = progress_bar("trace", total, "fact", log)
 
     def on_fact(info: dict[str, Any]) -> None:
@@ -109,26 +80,15 @@ def run_trace(args: argparse.Namespace) -> int:
         bar.update(1)
 
     started = time.perf_counter()
-    result, _ = tracing_stage(
-        loaded.adapter,
-        loaded.path,
-        dataset,
-        fact_ids,
-        langs,
-        loaded.template,
-        config,
-        knowledge=knowledge,
-        results_dir=args.results_dir,
-        log=log,
-        on_fact=on_fact,
-    )
+    result, _ = tracing_stage(ctx, config, knowledge=knowledge, on_fact=on_fact)
     bar.close()
-    report = {"model": loaded.name, "n_facts": len(fact_ids), **result.to_dict()}
+    name, n_facts = session.loaded.name, len(ctx.fact_ids)
+    report = {"model": name, "n_facts": n_facts, **result.to_dict()}
     report["seconds"] = round(time.perf_counter() - started, 1)
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
     else:
-        print(format_report(result, loaded.name, len(fact_ids)))
+        print(format_report(result, name, n_facts))
     return 0
 
 

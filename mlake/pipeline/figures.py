@@ -128,7 +128,7 @@ def figure_makers(
     neuron_dir = _runs(manifest, "neurons").get("neurons")
     if neuron_dir and (Path(neuron_dir) / "summary.json").is_file():
         nres = NeuronResult.from_dict(_read_json(Path(neuron_dir) / "summary.json"))
-        for unit in sorted({m.unit for m in nres.methods if m.method != "lape"}):
+        for unit in sorted({m.unit for m in nres.methods if m.per_fact}):
             makers.append((f"neuron_overlap_{unit}", partial(neurons.overlap_matrices, nres, unit)))
         for m in nres.methods:
             if m.unit != "neuron":
@@ -201,7 +201,7 @@ def write_figures(
     Raises:
         DataError: ``out`` is not a pipeline run folder.
     """
-    from mlake.pipeline import read_manifest
+    from mlake.pipeline.manifest import read_manifest
 
     out = Path(out)
     manifest = read_manifest(out)

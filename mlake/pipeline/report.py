@@ -1,6 +1,6 @@
 """The Markdown report of a pipeline run folder (``report.md``): what ran and how long it
 took, the key tables of every stage read back from the results store, and the figures
-(``figures/*.png``, as written by :func:`mlake.report_figures.write_figures`).
+(``figures/*.png``, as written by :func:`mlake.pipeline.figures.write_figures`).
 
 Tables: knowledge per language; the edit-transfer matrix of each method with efficacy,
 transfer and locality; causal tracing's peak layers and recommended edit layer; the neuron
@@ -74,7 +74,7 @@ def build_report(out: str | os.PathLike[str]) -> str:
     import pandas as pd
     import yaml
 
-    from mlake.pipeline import read_manifest
+    from mlake.pipeline.manifest import read_manifest
 
     out = Path(out)
     manifest = read_manifest(out)
@@ -236,11 +236,13 @@ def build_report(out: str | os.PathLike[str]) -> str:
     # Neurons.
     n_dir = _stage_runs(manifest, "neurons").get("neurons")
     if n_dir and (Path(n_dir) / "summary.json").is_file():
+        from analysis.neurons.config import per_fact
+
         s = _read(Path(n_dir) / "summary.json")
         lines += ["", "## Neurons", ""]
         for m in s["methods"]:
-            if m["method"] == "lape" or m.get("jaccard") is None:
-                continue
+            if not per_fact(m["method"]) or m.get("jaccard") is None:
+                continue  # no per-fact sets (LAPE), so no overlap
             lines += [
                 f"**{m['method']} ({m['unit']}s)**: same-fact mean Jaccard overlap of the "
                 "important sets.",

@@ -1,16 +1,18 @@
-"""What every stage shares: the model's identity in result keys, fact selection, opening a
-stage's run folder, and the subject-noise level of tracing and attribution patching."""
+"""What every stage shares: the :class:`StageContext` (model, data, facts, languages,
+template, results store, run settings), the model's identity in result keys, opening a stage's
+run folder, and the subject-noise level that tracing and attribution patching both use."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlake_core.data.dataset import MlakeDataset
-from mlake_core.errors import ConfigError
 from mlake_core.models.adapter import ModelAdapter
 from mlake_core.models.prompting import PromptTemplate
 from mlake_core.provenance import stable_hash
@@ -48,71 +50,77 @@ def model_identity(adapter: ModelAdapter, path: str | os.PathLike[str]) -> dict[
     return ident
 
 
-def select_fact_ids(
-    dataset: MlakeDataset, facts: int | str, trained: Sequence[int] | None = None
-) -> list[int]:
-    """Facts to use: ``"trained"`` (a mlake-tiny's training facts), ``"all"``, or the first
-    ``N`` of the default selection (trained facts when known, else all facts in order).
+@dataclass(frozen=True)
+class StageContext:
+    """What every stage takes: the model, the data and where results go.
 
-    Raises:
-        ConfigError: ``trained`` for a model that records no training facts, or facts that
-            are not in the dataset.
+    The CLI commands, the pipeline and the sweep build one (:func:`mlake.session.prepare`)
+    and pass it to every stage, with the stage's own config and the results of the stages
+    it reads.
+
+    Attributes:
+        adapter: the model.
+        model_path: what was loaded (enters the result keys through :func:`model_identity`).
+        dataset: MLaKE in the run's languages.
+        fact_ids: the facts of the run, in order.
+        langs: the languages of the run.
+        template: the prompt template every stage uses.
+        results_dir: the results store (``None``: ``$MLAKE_RESULTS``, else ``./runs``).
+        batch_size: sequences per forward pass.
+        seed: the run seed (editing methods, restricted editing's random set).
+        log: receives progress lines (``None``: silent).
     """
-    all_ids = [f.fact_id for f in dataset.facts]
-    if facts == "all":
-        return all_ids
-    if facts == "trained" and trained is None:
-        raise ConfigError(
-            "--facts trained: this model records no training facts (only mlake-tiny does); "
-            "use a number or 'all'"
-        )
-    base = list(trained) if trained is not None else all_ids
-    missing = sorted(set(base) - set(all_ids))
-    if missing:
-        raise ConfigError(
-            f"the model's training facts include ids not in MLaKE {dataset.version}: {missing[:5]}"
-        )
-    if facts == "trained":
-        return base
-    return base[: int(facts)]
 
+    adapter: ModelAdapter
+    model_path: str
+    dataset: MlakeDataset
+    fact_ids: tuple[int, ...]
+    langs: tuple[str, ...]
+    template: PromptTemplate
+    results_dir: str | os.PathLike[str] | None = None
+    batch_size: int = 32
+    seed: int = 0
+    log: Callable[[str], None] | None = None
 
-def open_stage_run(
-    kind: str,
-    adapter: ModelAdapter,
-    model_path: str | os.PathLike[str],
-    dataset: MlakeDataset,
-    fact_ids: Sequence[int],
-    langs: Sequence[str],
-    template: PromptTemplate,
-    config: Any,
-    results_dir: str | os.PathLike[str] | None,
-    **extra_key: Any,
-) -> Run:
-    """Open the run of a stage keyed by the model, data, facts, languages, template and config
-    (``None``: a stage without one; left out of the key) plus ``extra_key``, and mark it
-    running with the same provenance (stages add their own meta fields after)."""
-    key = {
-        "model": model_identity(adapter, model_path),
-        "data_version": dataset.version,
-        "facts": stable_hash(list(fact_ids)),
-        "n_facts": len(fact_ids),
-        "langs": list(langs),
-        "template": template.to_dict(),
-        **({"config": config.to_dict()} if config is not None else {}),
-        **extra_key,
-    }
-    run = open_run(kind, key, results_dir)
-    run.write_meta(
-        status="running",
-        model=adapter.info.to_dict(),
-        template=template.to_dict(),
-        config=config.to_dict() if config is not None else None,
-        data_version=dataset.version,
-        fact_ids=list(fact_ids),
-        langs=list(langs),
-    )
-    return run
+    def say(self, message: str) -> None:
+        """A progress line (to :attr:`log`, when set)."""
+        if self.log is not None:
+            self.log(message)
+
+    def with_facts(self, fact_ids: Sequence[int]) -> StageContext:
+        """The same context for other facts."""
+        return dataclasses.replace(self, fact_ids=tuple(int(f) for f in fact_ids))
+
+    def identity(self) -> dict[str, Any]:
+        """The model's identity in result keys (:func:`model_identity`)."""
+        return model_identity(self.adapter, self.model_path)
+
+    def open_run(self, kind: str, config: Any, **extra_key: Any) -> Run:
+        """Open the run of a stage keyed by the model, data, facts, languages, template and
+        ``config`` (``None``: a stage without one; left out of the key) plus ``extra_key``,
+        and mark it running with the same provenance (stages add their own meta fields
+        after)."""
+        key = {
+            "model": self.identity(),
+            "data_version": self.dataset.version,
+            "facts": stable_hash(list(self.fact_ids)),
+            "n_facts": len(self.fact_ids),
+            "langs": list(self.langs),
+            "template": self.template.to_dict(),
+            **({"config": config.to_dict()} if config is not None else {}),
+            **extra_key,
+        }
+        run = open_run(kind, key, self.results_dir)
+        run.write_meta(
+            status="running",
+            model=self.adapter.info.to_dict(),
+            template=self.template.to_dict(),
+            config=config.to_dict() if config is not None else None,
+            data_version=self.dataset.version,
+            fact_ids=list(self.fact_ids),
+            langs=list(self.langs),
+        )
+        return run
 
 
 def synced_seconds(adapter: ModelAdapter, started: float) -> float:

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-from mlake.stages.context import open_stage_run
-from mlake_core.data.dataset import MlakeDataset
+from mlake.stages.context import StageContext
 from mlake_core.metrics.knowledge import KnowledgeConfig, KnowledgeResult, measure_knowledge
-from mlake_core.models.adapter import ModelAdapter
-from mlake_core.models.prompting import PromptTemplate
 from mlake_core.results.store import Run
 
 
 def knowledge_stage(
-    adapter: ModelAdapter,
-    model_path: str | os.PathLike[str],
-    dataset: MlakeDataset,
-    fact_ids: Sequence[int],
-    langs: Sequence[str],
-    template: PromptTemplate,
+    ctx: StageContext,
     config: KnowledgeConfig,
     *,
-    batch_size: int = 32,
-    results_dir: str | os.PathLike[str] | None = None,
-    log: Callable[[str], None] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[KnowledgeResult, Run]:
     """Measure knowledge (:func:`~mlake_core.metrics.knowledge.measure_knowledge`) per language,
@@ -36,24 +24,27 @@ def knowledge_stage(
     """
     import pandas as pd
 
-    run = open_stage_run(
-        "knowledge", adapter, model_path, dataset, fact_ids, langs, template, config, results_dir
-    )
+    run = ctx.open_run("knowledge", config)
+    fact_ids, langs = ctx.fact_ids, ctx.langs
     wanted = set(fact_ids)
     tables, skipped = [], {}
     for lang in langs:
-        views = [f.views[lang] for f in dataset.facts if f.fact_id in wanted]
+        views = [f.views[lang] for f in ctx.dataset.facts if f.fact_id in wanted]
 
         def compute(views: list[Any] = views, lang: str = lang) -> Any:
             result = measure_knowledge(
-                adapter, views, template, config, batch_size=batch_size, progress=progress
+                ctx.adapter,
+                views,
+                ctx.template,
+                config,
+                batch_size=ctx.batch_size,
+                progress=progress,
             )
             run.save_json(f"skipped_{lang}", result.skipped)
             return result.table
 
         table, computed = run.load_or_compute_table(f"knowledge_{lang}", compute)
-        if log:
-            log(f"knowledge [{lang}]: {'measured' if computed else 'loaded from'} {run.path}")
+        ctx.say(f"knowledge [{lang}]: {'measured' if computed else 'loaded from'} {run.path}")
         tables.append(table)
         if run.has_json(f"skipped_{lang}"):
             for k, v in run.load_json(f"skipped_{lang}").items():

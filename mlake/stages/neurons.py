@@ -1,5 +1,7 @@
-"""The neuron stage: attribution of every known fact, important sets and their overlap,
-language-specific and shared units, ablation checks and LAPE."""
+"""The neuron stage: every requested attribution method, run as its registry entry declares
+(per fact: attribution of every known fact, important sets and their overlap, ablation checks;
+per language: a selection from text statistics, LAPE), then language-specific and shared units
+and the ablation matrix."""
 
 from __future__ import annotations
 
@@ -9,8 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mlake.stages.context import Settings, open_stage_run, subject_noise_std
-from mlake_core.data.dataset import MlakeDataset
+from mlake.stages.context import Settings, StageContext, subject_noise_std
 from mlake_core.metrics.knowledge import KnowledgeResult
 from mlake_core.models.adapter import ModelAdapter
 from mlake_core.models.prompting import PromptTemplate
@@ -50,19 +51,11 @@ def _attribution_prompts(
 
 
 def neurons_stage(
-    adapter: ModelAdapter,
-    model_path: str | os.PathLike[str],
-    dataset: MlakeDataset,
-    fact_ids: Sequence[int],
-    langs: Sequence[str],
-    template: PromptTemplate,
+    ctx: StageContext,
     config: Any,
     *,
     knowledge: KnowledgeResult,
     text_folder: str | os.PathLike[str] | None = None,
-    batch_size: int = 32,
-    results_dir: str | os.PathLike[str] | None = None,
-    log: Callable[[str], None] | None = None,
     on_fact: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[Any, Run]:
     """Neuron attribution per language (:mod:`analysis.neurons`): per-fact attribution of
@@ -82,6 +75,8 @@ def neurons_stage(
     Returns:
         A :class:`~analysis.neurons.config.NeuronResult` and the run folder.
     """
+    adapter, dataset, fact_ids, langs = ctx.adapter, ctx.dataset, ctx.fact_ids, ctx.langs
+    template, batch_size, log = ctx.template, ctx.batch_size, ctx.log
 
     import numpy as np
     import pandas as pd
@@ -93,7 +88,6 @@ def neurons_stage(
         ActivationStats,
         activation_stats,
         folder_texts,
-        lape,
         mlake_texts,
     )
     from analysis.neurons.attribution import (
@@ -119,22 +113,16 @@ def neurons_stage(
         text_key = stable_hash({k: v for k, v in texts.items()})
     # The run is keyed by everything but the list of methods: each method's results are
     # separate files, so a later run with more methods reuses what an earlier one computed.
-    run = open_stage_run(
+    run = ctx.open_run(
         "neurons",
-        adapter,
-        model_path,
-        dataset,
-        fact_ids,
-        langs,
-        template,
         Settings({k: v for k, v in config.to_dict().items() if k != "methods"}),
-        results_dir,
         text=text_key or "mlake",
         known_from="knowledge stage, question form, greedy alias match",
     )
     facts = {f.fact_id: f for f in dataset.facts}
 
-    # Activation statistics: LAPE, the mean baseline and mean ablation use them.
+    # Activation statistics, measured on every run: the methods that need them (LAPE, the
+    # mean baseline), mean ablation and the run's record of the text read use them.
     if run.has_arrays("activations"):
         stats = ActivationStats.from_arrays(run.load_arrays("activations"))
     else:
@@ -155,8 +143,10 @@ def neurons_stage(
             )
             + f"; {run.path}"
         )
+    # Each method declares what it needs (analysis.neurons.attribution.NEEDS) and gets that.
+    entries = [get_attribution_method(m) for m in config.methods]
     noise_std = 0.0
-    if "atp" in config.fact_methods:
+    if any("noise" in entry.needs for entry in entries):
 
         def located(fact_id: int, lang: str) -> Any:
             return locate_prompt(adapter, facts[fact_id].views[lang], template, "question")
@@ -207,8 +197,8 @@ def neurons_stage(
             drop_random[index[r.ablated_lang], index[r.measured_lang]] = r.drop_random
         return drop.tolist(), drop_random.tolist()
 
-    for method in config.fact_methods:
-        entry = get_attribution_method(method)
+    for entry in (e for e in entries if e.per_fact):
+        method = entry.name
         sets: dict[str, dict[str, dict[int, np.ndarray]]] = {u: {} for u in entry.units}
         checks: dict[str, list[dict[str, float]]] = {u: [] for u in entry.units}
         seconds, passes = [], []
@@ -239,7 +229,9 @@ def neurons_stage(
                         16,
                     )
                     context = AttributionContext(
-                        torch.Generator().manual_seed(seed), noise_std, context_mean
+                        torch.Generator().manual_seed(seed),
+                        noise_std if "noise" in entry.needs else 0.0,
+                        context_mean if "activation_stats" in entry.needs else None,
                     )
                     started = time.perf_counter()
                     fa = attribute_fact(adapter, method, prompts, attr_cfg, context)
@@ -272,7 +264,7 @@ def neurons_stage(
                 if on_fact:
                     on_fact({"method": method, "lang": lang, "fact_id": fact_id})
         for unit in entry.units:
-            n_units = adapter.d_mlp if unit == "neuron" else adapter.info.n_heads
+            n_units = _n_units(adapter, unit)
             rows = []
             for fact_id in ordered:
                 per_lang = {
@@ -338,24 +330,20 @@ def neurons_stage(
                 f"neurons [{method}]: {sum(len(v) for v in sets[entry.units[0]].values())} fact attributions; {run.path}"
             )
 
-    lape_info: dict[str, Any] = {}
-    if "lape" in config.methods:
-        found = lape(
-            stats,
-            top_rate=config.lape_top_rate,
-            filter_rate=config.lape_filter_rate,
-            bar_rate=config.lape_bar_rate,
-        )
-        run.save_arrays(
-            "lape",
-            {"selected": found.selected, "assignment": found.assignment, "entropy": found.entropy},
-        )
+    # Methods of scope "language" select units per language from the activation statistics
+    # (LAPE), with no per-fact sets: no overlap and no ablation check, only the classes and
+    # the ablation matrix.
+    selection: dict[str, Any] = {}
+    for entry in (e for e in entries if not e.per_fact):
+        (unit,) = entry.units
+        found = entry.fn(stats, config)
+        run.save_arrays(entry.name, found.to_arrays())
         classes = classes_from_assignment(
-            found.selected, found.assignment, langs, adapter.n_layers, adapter.d_mlp
+            found.selected, found.assignment, langs, adapter.n_layers, _n_units(adapter, unit)
         )
         specific = classes.specific_sets()
         run.save_json(
-            "specific_lape_neuron",
+            f"specific_{entry.name}_{unit}",
             {lang: units.tolist() for lang, units in specific.items()}
             | {"shared": classes.shared_units().tolist()},
         )
@@ -363,13 +351,13 @@ def neurons_stage(
             [[math.nan] * len(langs)] * len(langs),
             [[math.nan] * len(langs)] * len(langs),
         )
-        if config.ablation_facts > 0:
-            drop, drop_random = neuron_ablation("ablation_lape_neuron", specific)
+        if unit == "neuron" and config.ablation_facts > 0:
+            drop, drop_random = neuron_ablation(f"ablation_{entry.name}_{unit}", specific)
         nan = [[math.nan] * len(langs) for _ in langs]
         summaries.append(
             MethodSummary(
-                method="lape",
-                unit="neuron",
+                method=entry.name,
+                unit=unit,
                 n_facts={lang: 0 for lang in langs},
                 set_size={lang: float(len(specific[lang])) for lang in langs},
                 jaccard=nan,
@@ -381,9 +369,8 @@ def neurons_stage(
                 check={},
             )
         )
-        lape_info = {
-            "selected": len(found.selected),
-            "bar": found.bar,
+        selection = {
+            **found.info(),
             "tokens": {lang: int(n) for lang, n in zip(stats.langs, stats.n_tokens, strict=False)},
         }
     result = NeuronResult(
@@ -392,11 +379,16 @@ def neurons_stage(
         methods=summaries,
         skipped=skipped,
         run_path=str(run.path),
-        lape=lape_info,
+        lape=selection,
     )
     run.save_json("summary", result.to_dict())
     run.write_meta(status="complete", skipped=skipped)
     return result, run
+
+
+def _n_units(adapter: ModelAdapter, unit: str) -> int:
+    """Units of kind ``unit`` per layer: MLP neurons or attention heads."""
+    return adapter.d_mlp if unit == "neuron" else adapter.info.n_heads
 
 
 def _check_summary(rows: Sequence[dict[str, float]], wilcoxon: Any) -> dict[str, float]:

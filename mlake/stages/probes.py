@@ -17,13 +17,12 @@ facts the model does not know (knowledge stage) are counted, and left out only w
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from mlake.stages.context import open_stage_run
+from mlake.stages.context import StageContext
 from mlake_core.errors import ConfigError
 from mlake_core.results.store import Run
 from probes.activations import (
@@ -47,16 +46,8 @@ ACTIVATIONS_VERSION = 1
 
 
 def activations_stage(
-    adapter: Any,
-    model_path: str | os.PathLike[str],
-    dataset: Any,
-    fact_ids: Sequence[int],
-    langs: Sequence[str],
-    template: Any,
+    ctx: StageContext,
     *,
-    batch_size: int = 32,
-    results_dir: str | os.PathLike[str] | None = None,
-    log: Callable[[str], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[Activations, dict[str, int], dict[str, int], Run]:
     """Read (or load) the probed activations of every usable (fact, language) question prompt.
@@ -65,17 +56,12 @@ def activations_stage(
         The activations (languages in order, facts in order within each), the usable views per
         language, the views left out (``"lang:reason"`` -> count) and the run folder.
     """
+    adapter, dataset, fact_ids, langs = ctx.adapter, ctx.dataset, ctx.fact_ids, ctx.langs
+    template, batch_size = ctx.template, ctx.batch_size
     sites = probe_sites(adapter.n_layers)
-    run = open_stage_run(
+    run = ctx.open_run(
         "probe_activations",
-        adapter,
-        model_path,
-        dataset,
-        fact_ids,
-        langs,
-        template,
         None,
-        results_dir,
         sites=list(sites),
         positions=list(POSITIONS),
         version=ACTIVATIONS_VERSION,
@@ -92,15 +78,13 @@ def activations_stage(
         name = f"acts_{lang}"
         if run.has_arrays(name):
             acts = Activations.from_arrays(run.load_arrays(name))
-            if log:
-                log(f"probe activations [{lang}]: loaded from {run.path}")
+            ctx.say(f"probe activations [{lang}]: loaded from {run.path}")
         else:
             acts = collect_activations(
                 adapter, prompts, sites, batch_size=batch_size, progress=progress
             )
             run.save_arrays(name, acts.to_arrays())
-            if log:
-                log(f"probe activations [{lang}]: {len(prompts)} prompts read; {run.path}")
+            ctx.say(f"probe activations [{lang}]: {len(prompts)} prompts read; {run.path}")
         parts.append(acts)
     acts = Activations.concat(parts)
     run.write_meta(status="complete", usable=usable, skipped=skipped)
@@ -108,18 +92,10 @@ def activations_stage(
 
 
 def probe_stage(
-    adapter: Any,
-    model_path: str | os.PathLike[str],
-    dataset: Any,
-    fact_ids: Sequence[int],
-    langs: Sequence[str],
-    template: Any,
+    ctx: StageContext,
     config: ProbeConfig,
     *,
     knowledge: Any = None,
-    batch_size: int = 32,
-    results_dir: str | os.PathLike[str] | None = None,
-    log: Callable[[str], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[ProbeResult, Run]:
     """Language-identity probes, cross-lingual probes and representation similarity of the
@@ -142,22 +118,12 @@ def probe_stage(
     from probes.language_id import language_id_table
     from probes.similarity import similarity_table
 
+    dataset, fact_ids, langs = ctx.dataset, ctx.fact_ids, ctx.langs
     if len(langs) < 2:
         raise ConfigError("probes need at least two languages (--langs)")
     if config.known_only and knowledge is None:
         raise ConfigError("known_only needs the knowledge stage's result")
-    acts, usable, skipped, _ = activations_stage(
-        adapter,
-        model_path,
-        dataset,
-        fact_ids,
-        langs,
-        template,
-        batch_size=batch_size,
-        results_dir=results_dir,
-        log=log,
-        progress=progress,
-    )
+    acts, usable, skipped, _ = activations_stage(ctx, progress=progress)
     known = {lang: knowledge.known(lang) & set(fact_ids) for lang in langs} if knowledge else {}
     if config.known_only:
         known_all = set.intersection(*(known[lang] for lang in langs))
@@ -192,16 +158,9 @@ def probe_stage(
             len(classes)
         )
 
-    run = open_stage_run(
+    run = ctx.open_run(
         "probes",
-        adapter,
-        model_path,
-        dataset,
-        fact_ids,
-        langs,
-        template,
         config,
-        results_dir,
         activations_version=ACTIVATIONS_VERSION,
         known_from="knowledge stage, question form, greedy alias match"
         if config.known_only
@@ -215,8 +174,7 @@ def probe_stage(
     tables = {}
     for name, compute in pieces.items():
         tables[name], computed = run.load_or_compute_table(name, compute)
-        if log:
-            log(f"probes [{name}]: {'computed' if computed else 'loaded from'} {run.path}")
+        ctx.say(f"probes [{name}]: {'computed' if computed else 'loaded from'} {run.path}")
     counts = {
         lang: {
             "facts": len(fact_ids),

@@ -8,12 +8,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mlake.stages.context import model_identity, open_stage_run, subject_noise_std
-from mlake_core.data.dataset import MlakeDataset
+from mlake.stages.context import StageContext, model_identity, subject_noise_std
 from mlake_core.errors import ConfigError
 from mlake_core.metrics.knowledge import KnowledgeResult
 from mlake_core.models.adapter import ModelAdapter
-from mlake_core.models.prompting import PromptTemplate
 from mlake_core.provenance import stable_hash
 from mlake_core.results.store import Run
 
@@ -24,17 +22,10 @@ def _trace_seed(seed: int, fact_id: int, lang: str) -> int:
 
 
 def tracing_stage(
-    adapter: ModelAdapter,
-    model_path: str | os.PathLike[str],
-    dataset: MlakeDataset,
-    fact_ids: Sequence[int],
-    langs: Sequence[str],
-    template: PromptTemplate,
+    ctx: StageContext,
     config: Any,
     *,
     knowledge: KnowledgeResult,
-    results_dir: str | os.PathLike[str] | None = None,
-    log: Callable[[str], None] | None = None,
     on_fact: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[Any, Run]:
     """Causal tracing (:mod:`analysis.tracing.causal`) of every fact the model knows, per
@@ -50,6 +41,9 @@ def tracing_stage(
     Returns:
         A :class:`~analysis.tracing.summary.TracingResult` and the run folder.
     """
+    adapter, dataset, fact_ids, langs = ctx.adapter, ctx.dataset, ctx.fact_ids, ctx.langs
+    template, results_dir = ctx.template, ctx.results_dir
+
     import numpy as np
     import torch
 
@@ -63,18 +57,9 @@ def tracing_stage(
     from mlake_core.editing.base import locate_prompt
     from mlake_core.errors import MlakeError
 
-    ident = model_identity(adapter, model_path)
-    run = open_stage_run(
-        "tracing",
-        adapter,
-        model_path,
-        dataset,
-        fact_ids,
-        langs,
-        template,
-        config,
-        results_dir,
-        known_from="knowledge stage, question form, greedy alias match",
+    ident = ctx.identity()
+    run = ctx.open_run(
+        "tracing", config, known_from="knowledge stage, question form, greedy alias match"
     )
     facts = {f.fact_id: f for f in dataset.facts}
 
@@ -82,11 +67,10 @@ def tracing_stage(
         return locate_prompt(adapter, facts[fact_id].views[lang], template, config.form)
 
     noise_std = subject_noise_std(run, adapter, located, fact_ids, langs, config.noise_scale)
-    if log:
-        log(
-            f"tracing: noise {config.noise_scale} x {noise_std:.4g} (std of subject-token "
-            f"embeddings); window {config.resolved_window(adapter.n_layers)}; {run.path}"
-        )
+    ctx.say(
+        f"tracing: noise {config.noise_scale} x {noise_std:.4g} (std of subject-token "
+        f"embeddings); window {config.resolved_window(adapter.n_layers)}; {run.path}"
+    )
 
     summaries, skipped, counts = [], {}, {}
     for lang in langs:

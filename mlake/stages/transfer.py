@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from mlake.stages.context import model_identity, open_stage_run, synced_seconds
+from mlake.stages.context import StageContext, synced_seconds
 from mlake_core.data.dataset import MlakeDataset
 from mlake_core.metrics.knowledge import KnowledgeResult
 from mlake_core.models.adapter import ModelAdapter
@@ -18,12 +18,7 @@ from mlake_core.results.store import Run
 
 
 def transfer_stage(
-    adapter: ModelAdapter,
-    model_path: str | os.PathLike[str],
-    dataset: MlakeDataset,
-    fact_ids: Sequence[int],
-    langs: Sequence[str],
-    template: PromptTemplate,
+    ctx: StageContext,
     method: str,
     method_config: Any,
     config: Any,
@@ -31,10 +26,6 @@ def transfer_stage(
     knowledge: KnowledgeResult,
     locality_pool: Sequence[int],
     corpus: Sequence[str],
-    seed: int = 0,
-    batch_size: int = 32,
-    results_dir: str | os.PathLike[str] | None = None,
-    log: Callable[[str], None] | None = None,
     on_edit: Callable[[dict[str, Any]], None] | None = None,
     unit_sets: Mapping[str, Sequence[int]] | None = None,
     unit_source: str | None = None,
@@ -60,16 +51,24 @@ def transfer_stage(
     Returns:
         The per-fact, per-pair rows (a pandas DataFrame) and the run folder.
     """
+    adapter, dataset, fact_ids, langs = ctx.adapter, ctx.dataset, ctx.fact_ids, ctx.langs
+    template, seed, batch_size, results_dir = (
+        ctx.template,
+        ctx.seed,
+        ctx.batch_size,
+        ctx.results_dir,
+    )
+
     import pandas as pd
     import torch
 
     from analysis.transfer import evaluate_edit, locality_facts
-    from mlake_core.editing.base import EditContext, get_method, make_request
+    from mlake_core.editing import EditContext, get_method, make_request
     from mlake_core.editing.covariance import cached_second_moment
     from mlake_core.errors import MlakeError
 
     entry = get_method(method)
-    ident = model_identity(adapter, model_path)
+    ident = ctx.identity()
     extra: dict[str, Any] = {
         "method": method,
         # Fields added later are left out while at their default, so earlier runs stay valid.
@@ -85,18 +84,7 @@ def transfer_stage(
         extra["unit_sets"] = stable_hash(
             {k: sorted(int(u) for u in v) for k, v in unit_sets.items()}
         )
-    run = open_stage_run(
-        "transfer",
-        adapter,
-        model_path,
-        dataset,
-        fact_ids,
-        langs,
-        template,
-        config,
-        results_dir,
-        **extra,
-    )
+    run = ctx.open_run("transfer", config, **extra)
     run.write_meta(
         method=method,
         method_config={k: str(v) for k, v in vars(method_config).items()},
@@ -174,8 +162,7 @@ def transfer_stage(
                     skipped[f"{lang}:{type(err).__name__}"] = (
                         skipped.get(f"{lang}:{type(err).__name__}", 0) + 1
                     )
-                    if log:
-                        log(f"skipped: {err}")
+                    ctx.say(f"skipped: {err}")
                     continue
                 context = EditContext(
                     generator, second_moment, demos, dict(unit_sets or {}), subject_mean
@@ -213,10 +200,9 @@ def transfer_stage(
         for fact_id in fact_ids:  # the language's table holds them now
             run.table_path(f"edit_{lang}_{fact_id}").unlink(missing_ok=True)
             run.arrays_path(f"edit_{lang}_{fact_id}").unlink(missing_ok=True)
-        if log:
-            log(
-                f"transfer [{method}, edits in {lang}]: {'computed' if computed else 'loaded from'} {run.path}"
-            )
+        ctx.say(
+            f"transfer [{method}, edits in {lang}]: {'computed' if computed else 'loaded from'} {run.path}"
+        )
         tables.append(table)
     rows = pd.concat(tables, ignore_index=True)
     run.write_meta(status="complete", skipped=skipped, locality_ids=loc_ids)
@@ -271,3 +257,58 @@ def _subject_mean(
     mean = (total / len(requests)).float().cpu()
     run.save_arrays(name, {"mean": mean.numpy()})
     return mean
+
+
+def read_unit_sets(
+    run_dir: str | os.PathLike[str], method: str, *, seed: int = 0
+) -> dict[str, list[int]]:
+    """The neuron classes of a neuron-attribution run (``specific_<method>_neuron.json``:
+    one set per language and ``shared``) plus ``random``: as many neurons per layer as the
+    shared set has, drawn (seeded) from the neurons in no class, the control of restricted
+    editing (the sets :func:`transfer_stage` takes as ``unit_sets``).
+
+    Raises:
+        DataError: the folder is not a neuron run, or lacks ``method``'s classes.
+    """
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from mlake_core.errors import DataError
+
+    folder = Path(run_dir)
+    path = folder / f"specific_{method}_neuron.json"
+    summary = folder / "summary.json"
+    if not path.is_file() or not summary.is_file():
+        raise DataError(
+            f"--units-from {run_dir}: no {path.name} and summary.json there; give a run folder "
+            "of `mlake neurons` (it prints it)"
+        )
+    sets = {k: [int(u) for u in v] for k, v in json.loads(path.read_text()).items()}
+    meta = json.loads(summary.read_text())
+    n_layers = int(meta["n_layers"])
+    width = int(meta.get("d_mlp") or 0) or _width_from(folder)
+    taken = {u for v in sets.values() for u in v}
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for layer in range(n_layers):
+        need = sum(1 for u in sets.get("shared", []) if u // width == layer)
+        pool = [layer * width + i for i in range(width) if layer * width + i not in taken]
+        chosen += [int(u) for u in rng.choice(pool, size=min(need, len(pool)), replace=False)]
+    sets["random"] = sorted(chosen)
+    return sets
+
+
+def _width_from(folder: Any) -> int:
+    """MLP width of the model a neuron run was made on (from its meta)."""
+    import json
+
+    from mlake_core.errors import DataError
+
+    meta = json.loads((folder / "meta.json").read_text())
+    model = meta.get("model") or {}
+    width = model.get("d_mlp")
+    if not width:
+        raise DataError(f"{folder}: the run's meta does not give the model's d_mlp")
+    return int(width)

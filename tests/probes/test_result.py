@@ -144,7 +144,7 @@ def test_errors(result):
         ("cs", "0,1", "positive"),
         ("alphas", "", "--alphas"),
         ("min_class_facts", 1, "--min-class-facts 1: must be at least 2"),
-        ("max_iter", "ten", "--max-iter 'ten': expected a int"),
+        ("max_iter", "ten", "--max-iter: expected an integer, got 'ten'"),
         ("known_only", "maybe", "--known-only"),
     ],
 )

@@ -53,7 +53,8 @@ def test_partial_file_keeps_other_defaults(tmp_path):
     ft = config.transfer.method_config("ft")
     # YAML reads 5e-1 as a string: coerced to the field's type, other FT fields kept.
     assert ft.lr == 0.5 and isinstance(ft.lr, float)
-    assert ft.steps == 100 and ft.max_rel_norm == 0.3 and ft.layer == 0
+    library = type(ft)()
+    assert (ft.steps, ft.max_rel_norm, ft.layer) == (library.steps, library.max_rel_norm, "auto")
     assert config.transfer.method_config("ike").n_demonstrations == 2
     assert config.neurons.attribution.steps == 4
     assert config.neurons.attribution.samples == default.neurons.attribution.samples
@@ -129,19 +130,22 @@ def test_overrides_and_seeds():
         config.model.name = "x"  # type: ignore[misc]
 
 
-def _resolve(config, name, settings, monkeypatch):
-    """``_resolved_method_config`` for a model that brings ``settings``, with logs."""
+#: A model of 6 layers that was never traced (layer auto: the documented default, layer 2).
+N_LAYERS = 6
+
+
+def _resolve(config, name, settings, monkeypatch, tmp_path=None):
+    """The pipeline's method config for a model that brings ``settings``, with logs."""
     from types import SimpleNamespace
 
-    from mlake import pipeline
+    from mlake.pipeline import steps
     from mlake_core.models import mlake_tiny
 
     monkeypatch.setattr(mlake_tiny, "recommended_edit_settings", lambda path: settings)
     logs: list[str] = []
-    state = SimpleNamespace(
-        config=config, loaded=SimpleNamespace(path="model"), log=logs.append, store=None
-    )
-    return pipeline._resolved_method_config(state, name), logs
+    ctx = SimpleNamespace(adapter=SimpleNamespace(n_layers=N_LAYERS), model_path="model")
+    state = SimpleNamespace(config=config, context=ctx, log=logs.append, store=tmp_path)
+    return steps._method_config(state, name), logs
 
 
 def test_model_settings_fill_the_fields_the_config_leaves_at_defaults(tmp_path, monkeypatch):
@@ -159,12 +163,15 @@ def test_model_settings_fill_the_fields_the_config_leaves_at_defaults(tmp_path, 
     config = load_config(_write(tmp_path, "transfer:\n  rome:\n    layer: 2\n    steps: 50\n"))
     rome, logs = _resolve(config, "rome", settings, monkeypatch)
     assert (str(rome.layer), rome.steps, rome.clamp_norm, rome.restarts) == ("2", 50, 100.0, 3)
-    assert "the config's own layer=2, steps=50" in logs[0]
-    # Turned off: the config alone (layer auto is resolved by tracing, not asked for here).
+    assert "set here instead: layer=2, steps=50" in logs[0]
+    # Turned off: the config alone.
     config = load_config(
         _write(tmp_path, "transfer:\n  model_settings: false\n  rome:\n    layer: 2\n")
     )
     rome, logs = _resolve(config, "rome", settings, monkeypatch)
     assert (str(rome.layer), rome.clamp_norm, rome.restarts) == ("2", 4.0, 0) and not logs
-    # A model without settings (every model but mlake-tiny-editable): nothing changes.
-    assert _resolve(config, "ft", {}, monkeypatch)[0] == config.transfer.method_config("ft")
+    # A model without settings: the config, with layer auto resolved once, to the documented
+    # default when the model was never traced.
+    ft, logs = _resolve(config, "ft", {}, monkeypatch, tmp_path)
+    assert ft == dataclasses.replace(config.transfer.method_config("ft"), layer="2")
+    assert logs == ["transfer: ft: layer auto -> layer 2 (documented default)"]

@@ -1,0 +1,118 @@
+"""Opening a run: load the model and the data, select the facts, and build the
+:class:`~mlake.stages.context.StageContext` every stage takes (and, for the per-fact
+analyses, measure what the model knows first).
+
+The commands and the sweep open a :class:`Session`; the pipeline does the same steps as its
+``data``, ``model`` and ``knowledge`` stages, through the same functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mlake.loading import LoadedModel, load_model
+from mlake.settings import DataSettings, ModelSettings, RunSettings
+from mlake.stages.context import StageContext
+from mlake_core.data.dataset import MlakeDataset
+from mlake_core.data.selection import FactSelection, select_facts
+
+
+@dataclass
+class Session:
+    """A loaded model and data, ready for stages.
+
+    Attributes:
+        loaded: the model and how it was asked for.
+        ctx: the stage context, with the facts asked for.
+        pool: the default selection (mlake-tiny's training facts, else all facts): where
+            locality facts are drawn from.
+        knowledge: what the model knows about the pool and the facts asked for (``None``
+            until :meth:`measure_knowledge`).
+        knowledge_run: the knowledge stage's run folder.
+    """
+
+    loaded: LoadedModel
+    ctx: StageContext
+    pool: tuple[int, ...]
+    knowledge: Any = None
+    knowledge_run: str | None = None
+
+    def measure_knowledge(self, config: Any = None, *, extra: Sequence[int] = ()) -> Any:
+        """Measure (or load) what the model knows about the pool, the facts asked for and
+        ``extra`` facts, as editing, tracing, attribution and probes need (facts unknown
+        before are reported apart or skipped).  ``config`` defaults to
+        :class:`~mlake_core.metrics.knowledge.KnowledgeConfig` without MCQA."""
+        from mlake.stages.knowledge import knowledge_stage
+        from mlake_core.metrics.knowledge import KnowledgeConfig
+
+        wanted = knowledge_facts(self.pool, self.ctx.fact_ids, extra)
+        self.knowledge, run = knowledge_stage(
+            self.ctx.with_facts(wanted), config or KnowledgeConfig(mcqa=False)
+        )
+        self.knowledge_run = str(run.path)
+        return self.knowledge
+
+
+def knowledge_facts(
+    pool: Sequence[int], fact_ids: Sequence[int], extra: Sequence[int] = ()
+) -> list[int]:
+    """The facts whose knowledge a run measures: the pool, then any asked-for or extra fact
+    outside it (in order, once each)."""
+    out = [int(f) for f in pool]
+    seen = set(out)
+    for f in (*fact_ids, *extra):
+        if int(f) not in seen:
+            seen.add(int(f))
+            out.append(int(f))
+    return out
+
+
+def load_dataset(data: DataSettings) -> MlakeDataset:
+    """MLaKE in the run's languages (:func:`~mlake_core.data.dataset.load_mlake`)."""
+    from mlake_core.data.dataset import load_mlake
+
+    return load_mlake(data.data_dir, version=data.version, langs=data.langs)
+
+
+def stage_context(
+    loaded: LoadedModel,
+    dataset: MlakeDataset,
+    selection: FactSelection,
+    data: DataSettings,
+    run: RunSettings,
+    log: Callable[[str], None] | None = None,
+) -> StageContext:
+    """The stage context of a loaded model, data and fact selection."""
+    return StageContext(
+        adapter=loaded.adapter,
+        model_path=loaded.path,
+        dataset=dataset,
+        fact_ids=selection.fact_ids,
+        langs=tuple(data.langs),
+        template=loaded.template,
+        results_dir=run.results_dir,
+        batch_size=run.batch_size,
+        seed=run.seed,
+        log=log,
+    )
+
+
+def open_session(
+    model: ModelSettings,
+    data: DataSettings,
+    run: RunSettings,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> Session:
+    """Load the model and the data and select the facts (module docstring).
+
+    Raises:
+        ConfigError, DataError: a bad option, model or data file (the message names it).
+    """
+    loaded = load_model(model, data_dir=data.data_dir, log=log)
+    dataset = load_dataset(data)
+    selection = select_facts(dataset, data.facts, loaded.trained_facts)
+    ctx = stage_context(loaded, dataset, selection, data, run, log)
+    return Session(loaded=loaded, ctx=ctx, pool=selection.pool)

@@ -1,0 +1,101 @@
+"""The run-level settings every command and the pipeline share: which model, which data, how
+the run goes.
+
+Each is a frozen dataclass whose defaults are the only copy: the command-line options are
+derived from these fields (:mod:`mlake.commands.common`) and the pipeline's YAML sections are
+built from them (:mod:`mlake.pipeline.config`), both through the one coercion of
+:mod:`mlake_core.configs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlake_core.data.paths import DEFAULT_VERSION
+from mlake_core.errors import ConfigError
+from mlake_core.models.mlake_tiny import TINY_NAME
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which model, and how it is loaded.
+
+    Attributes:
+        name: ``mlake-tiny`` (trained first when not cached) or another of its variants
+            (``mlake-tiny-editable``), a local checkpoint folder or a Hugging Face hub id.
+        backend: ``tlens`` (TransformerLens) or ``nnsight``.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda:N``.
+        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        revision: hub branch, tag or commit.
+        trust_remote_code: allow modelling code shipped with a checkpoint.
+        template: prompt template (``None``: the one the model was trained with, else ``qa``).
+    """
+
+    name: str = TINY_NAME
+    backend: str = "tlens"
+    device: str = "auto"
+    dtype: str = "float32"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    template: str | None = None
+
+    def __post_init__(self) -> None:
+        from mlake_core.models.loading import BACKENDS, DTYPES
+        from mlake_core.models.prompting import TEMPLATES
+
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend {self.backend!r}: choose {', '.join(BACKENDS)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r}: choose {', '.join(DTYPES)}")
+        if self.template is not None and self.template not in TEMPLATES:
+            raise ConfigError(f"template {self.template!r}: choose {', '.join(TEMPLATES)}")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Which data.
+
+    Attributes:
+        langs: languages.
+        facts: the first N facts of the default selection (mlake-tiny's training facts, else
+            all facts), ``trained`` (the training facts), ``all`` (every fact), or ``None``
+            (the whole default selection); see :mod:`mlake_core.data.selection`.
+        version: MLaKE release.
+        data_dir: MLaKE data directory (default: ``$MLAKE_DATA``, then ``../shared/mlake``).
+    """
+
+    langs: tuple[str, ...] = ("en", "zh", "ja", "fr", "de")
+    facts: int | str | None = None
+    version: str = DEFAULT_VERSION
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        from mlake_core.data.paths import RELEASES
+        from mlake_core.data.selection import parse_facts
+        from mlake_core.languages import parse_langs
+
+        object.__setattr__(self, "langs", parse_langs(self.langs))
+        object.__setattr__(self, "facts", parse_facts(self.facts, option="facts"))
+        if self.version not in RELEASES:
+            raise ConfigError(f"version {self.version!r}: choose {', '.join(RELEASES)}")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a run goes (nothing here changes a result but ``seed``).
+
+    Attributes:
+        seed: seed of the editing methods and of restricted editing's random unit set (the
+            analyses' own seeds are in their configs).
+        batch_size: sequences per forward pass.
+        results_dir: the results store (default: ``$MLAKE_RESULTS``, else ``./runs``; the
+            pipeline's default is ``<out>/store``).
+    """
+
+    seed: int = 0
+    batch_size: int = 32
+    results_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise ConfigError(f"batch_size {self.batch_size}: must be at least 1")
