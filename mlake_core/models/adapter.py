@@ -422,6 +422,16 @@ class ModelInfo:
             learned positions (no embedding exists for them) and a
             :class:`LongSequenceWarning` otherwise (rotary and ALiBi models run them, out of
             the range they were trained on).
+        tied_embeddings: whether the unembedding (LM head) and the input embedding are one
+            tensor (Qwen2, Gemma 3): writing either writes both, so edits must not touch it
+            (:meth:`BaseAdapter.editable_parameter` refuses).
+        embed_scale: the factor the embedding module applies to ``W_E[token]`` (Gemma:
+            ``sqrt(d_model)``; else 1); the ``embed`` site includes it.
+        post_norms: whether attention and MLP outputs pass a norm before joining the residual
+            stream (Gemma 3); ``attn_out`` / ``mlp_out`` are then the norms' outputs.
+        sliding_window: the sliding-window width of the sliding layers (``None``: none).
+        sliding_layers: the layers that attend through the sliding window.
+        logit_softcap: the final logit soft-cap (``None``: logits are not capped).
     """
 
     model_id: str
@@ -443,12 +453,41 @@ class ModelInfo:
     n_heads: int = 0
     d_head: int = 0
     max_positions: int | None = None
+    tied_embeddings: bool = False
+    embed_scale: float = 1.0
+    post_norms: bool = False
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
+    logit_softcap: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (for ``meta.json``)."""
         out = asdict(self)
         out["versions"] = dict(self.versions)
+        out["sliding_layers"] = list(self.sliding_layers)
         return out
+
+
+def architecture_facts(spec: ArchitectureSpec, config: Any, hf_model: Any) -> dict[str, Any]:
+    """The :class:`ModelInfo` fields that describe a loaded checkpoint's architecture beyond
+    its shapes: tied embeddings, embedding scale, post-norms, sliding layers, logit soft-cap.
+    """
+    embed = hf_model.get_input_embeddings()
+    unembed = hf_model.get_output_embeddings()
+    tied = (
+        embed is not None
+        and unembed is not None
+        and embed.weight.data_ptr() == unembed.weight.data_ptr()
+    )
+    window = spec.sliding_window(config)
+    return {
+        "tied_embeddings": bool(tied),
+        "embed_scale": spec.embed_scale(config),
+        "post_norms": spec.post_norms,
+        "sliding_window": window,
+        "sliding_layers": spec.sliding_layers(config) if window is not None else (),
+        "logit_softcap": spec.logit_softcap(config),
+    }
 
 
 class LongSequenceWarning(UserWarning):
@@ -497,6 +536,30 @@ class PastKeyValues:
         """Number of batch rows."""
         return int(self.attention_mask.shape[0])
 
+    def left_aligned(self) -> PastKeyValues:
+        """The same keys and values with each row's real positions moved to the end of the
+        row, in order, and its padding to the start (a left-padded past is returned as is).
+
+        Keys carry their positions (rotary) or get them from the mask (ALiBi), so this changes
+        nothing a continuation computes, except on sliding-window layers, which mask by padded
+        index: there it removes padding from between a row's real tokens.
+        """
+        mask = self.attention_mask
+        order = torch.argsort(mask.long(), dim=-1, stable=True)  # padding first, real in order
+        unchanged = torch.arange(self.length, device=mask.device).expand_as(order)
+        if bool((order == unchanged).all()):
+            return self
+
+        def gather(t: Tensor) -> Tensor:
+            idx = order.to(t.device)[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
+            return t.gather(2, idx)
+
+        return PastKeyValues(
+            tuple(gather(k) for k in self.keys),
+            tuple(gather(v) for v in self.values),
+            mask.gather(1, order),
+        )
+
     def crop(self, length: int) -> PastKeyValues:
         """The first ``length`` positions (``1 <= length <= self.length``)."""
         if not 1 <= length <= self.length:
@@ -541,6 +604,13 @@ class PastKeyValues:
             tuple(layer.values for layer in layers),
             attention_mask,
         )
+
+    @staticmethod
+    def empty_hf() -> Any:
+        """An empty Hugging Face ``DynamicCache`` whose layers keep every position."""
+        from transformers import DynamicCache
+
+        return DynamicCache()
 
     def to_hf(self) -> Any:
         """A fresh Hugging Face ``DynamicCache`` holding copies of these keys and values (the
@@ -772,6 +842,47 @@ class BaseAdapter:
         out_in = type(module).__name__ != "Conv1D"
         return module.weight, out_in
 
+    def sublayer_output(
+        self, kind: Literal["attn", "mlp"], layer: int, projected: Activation
+    ) -> Activation:
+        """What sublayer ``kind`` of block ``layer`` adds to the residual stream, given the
+        output of its projection (``o_proj(attn_z)`` or ``down_proj(mlp_post)``): that output
+        itself, or the architecture's post-norm of it (Gemma 3).  So
+        ``sublayer_output("mlp", L, down_proj(mlp_post.L)) == mlp_out.L``; differentiable, for
+        methods that need a projection's output from a change of ``mlp_out`` (a weight edit
+        solves for the projection's output, not for what the norm makes of it).
+        """
+        parse_site(f"{kind}_out.{layer}", self.n_layers)  # kind and range check
+        norm = self.spec.post_norm(kind)
+        if norm is None:
+            return projected
+        block = self.spec.sites["resid_pre"].path(layer)
+        return self.hf_module(f"{block}.{norm}")(projected)
+
+    def editable_parameter(self, name: str) -> torch.nn.Parameter:
+        """The parameter ``name`` (``"<module path>.<attribute>"``, original HF paths), for
+        writing in place (weight edits).
+
+        Raises:
+            ConfigError: for the token embedding and the unembedding (LM head).  With tied
+                embeddings they are one tensor, so writing the input embedding also changes
+                every logit; no edit method writes them, and none may.
+        """
+        module_path, _, attr = name.rpartition(".")
+        param = getattr(self.hf_module(module_path), attr, None)
+        if not isinstance(param, torch.nn.Parameter):
+            raise KeyError(f"{self.info.model_id}: no parameter {name!r}")
+        embed = self.hf_module(self.spec.sites["embed"].path(None))
+        unembed = self.hf_module(self.spec.unembed)
+        guarded = {p.data_ptr() for p in (*embed.parameters(), *unembed.parameters())}
+        if param.data_ptr() in guarded:
+            tie = " (tied: one tensor for both)" if self.info.tied_embeddings else ""
+            raise ConfigError(
+                f"{self.info.model_id}: {name} is the token embedding or the unembedding{tie}; "
+                "edits may write MLP projections only"
+            )
+        return param
+
     # -- tokenization ----------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
@@ -899,11 +1010,15 @@ class BaseAdapter:
                 row's last real token must be at the last index (left padding, or rows of equal
                 length).
             past: keys and values this batch continues (the returned past holds them too, its
-                mask the past's followed by the batch's).
+                mask the past's followed by the batch's; on models with sliding-window layers
+                the past's real positions may first be moved to the end of each row, see
+                :meth:`_check_past`).
 
         Raises:
             NotImplementedError: when the model's cache cannot be continued from an arbitrary
-                prefix (see :meth:`PastKeyValues.from_hf`); callers fall back to full runs.
+                prefix (see :meth:`PastKeyValues.from_hf`), or a sliding window would make the
+                continued run differ from the whole sequence's (see :meth:`_check_past`);
+                callers fall back to full runs.
         """
         if (
             last_only
@@ -912,6 +1027,7 @@ class BaseAdapter:
         ):
             raise ValueError("last_only needs left padding or rows of equal length")
         batch = batch.to(self.device)
+        past = self._check_past(batch, past)
         out: list[Any] = []
         with torch.no_grad():
             logits, _ = self._run(
@@ -920,7 +1036,7 @@ class BaseAdapter:
                 self._group(patches),
                 keep_graph=False,
                 last_only=last_only,
-                past=self._check_past(batch, past),
+                past=past,
                 past_out=out,
             )
         if not out:
@@ -933,13 +1049,53 @@ class BaseAdapter:
         return (logits[:, -keep:] if keep else logits), new_past
 
     def _check_past(self, batch: TokenBatch, past: PastKeyValues | None) -> PastKeyValues | None:
-        if past is not None and past.n_rows != batch.shape[0]:
+        """Check that ``past`` fits ``batch`` and can be continued exactly; returns the past to
+        continue (left-aligned on models with sliding-window layers, see below).
+
+        Sliding-window layers (:attr:`ModelInfo.sliding_window` ``w``) mask keys by *padded*
+        index: a query at index ``i`` sees keys ``i - w + 1 .. i``.  Within a row whose real
+        tokens are contiguous, padded distances are token distances and a continued run is
+        exact (the keys are kept whole, :meth:`_model_inputs`).  Padding *between* a row's
+        real tokens -- a past with interior padding, or a left-padded batch continuing a past
+        -- stretches padded distances, so keys the whole sequence would see could fall out of
+        the window.  Hence:
+
+        * when the past and batch together span at most ``w`` positions, every key is in
+          every query's window either way: continued as is;
+        * otherwise the past is left-aligned (each row's real positions moved to its end;
+          keys carry their rotary positions already, so only their padded index changes),
+          and the run is refused (``NotImplementedError``: callers run whole sequences) if a
+          row still has padding between real tokens and spans more than ``w`` positions.
+
+        Raises:
+            ValueError: a past with another number of rows or blocks than the batch and model.
+            NotImplementedError: a continuation a sliding window would make inexact.
+        """
+        if past is None:
+            return None
+        if past.n_rows != batch.shape[0]:
             raise ValueError(
                 f"past has {past.n_rows} rows and the batch {batch.shape[0]}: one past row per "
                 "batch row (PastKeyValues.select repeats rows)"
             )
-        if past is not None and len(past.keys) != self.n_layers:
+        if len(past.keys) != self.n_layers:
             raise ValueError(f"past has {len(past.keys)} blocks, the model {self.n_layers}")
+        window = self.info.sliding_window
+        if window is None or past.length + batch.shape[1] <= window:
+            return past  # no sliding layer, or everything within every window (no sync)
+        past = past.left_aligned()
+        mask = torch.cat(
+            [past.attention_mask.to(batch.attention_mask.device), batch.attention_mask], dim=-1
+        ).long()
+        index = torch.arange(mask.shape[1], device=mask.device)
+        span = (mask * index).amax(-1) - mask.argmax(-1) + 1  # first to last real token
+        exact = (span == mask.sum(-1)) | (span <= window)
+        if not bool(exact.all()):
+            raise NotImplementedError(
+                f"{self.info.model_id}: a row continuing its past has padding between its "
+                f"tokens and spans more than the {window}-token sliding window; run the whole "
+                "sequences instead"
+            )
         return past
 
     def gradients(
@@ -1102,10 +1258,10 @@ class BaseAdapter:
     ) -> dict[str, Any]:
         """Keyword arguments of the HF forward: ids, mask, (if taken) mask-derived positions,
         ``logits_to_keep`` when only the last position's (or last ``last_only``) logits are
-        wanted, and
-        ``use_cache`` only when a cache is continued (``past``: a fresh ``DynamicCache`` of
-        it, the mask prefixed with the past's, positions counted on from its real tokens) or
-        kept (``keep_past``); plain passes build no cache."""
+        wanted, and ``use_cache`` only when a cache is continued (``past``: a fresh
+        ``DynamicCache`` of it, the mask prefixed with the past's, positions counted on from its
+        real tokens) or kept (``keep_past``: an empty ``DynamicCache`` of full layers, so that
+        sliding-window layers keep every key too); plain passes build no cache."""
         mask = batch.attention_mask
         positions = batch.position_ids
         inputs: dict[str, Any] = {"input_ids": batch.input_ids}
@@ -1115,6 +1271,11 @@ class BaseAdapter:
             positions = positions + past_mask.sum(-1, keepdim=True)
             mask = torch.cat([past_mask, mask], dim=-1)
             inputs["past_key_values"] = past.to_hf()
+        elif keep_past:
+            # A cache of full layers: left to itself, the model would build sliding-window
+            # layers for its sliding layers (Gemma 3), which drop keys beyond the window and
+            # cannot be continued from a prefix.
+            inputs["past_key_values"] = PastKeyValues.empty_hf()
         inputs["attention_mask"] = mask
         if self.spec.uses_position_ids:
             inputs["position_ids"] = positions

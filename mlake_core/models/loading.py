@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mlake_core.errors import ConfigError
-from mlake_core.models.adapter import BaseAdapter, BosPolicy, ModelInfo
+from mlake_core.models.adapter import BaseAdapter, BosPolicy, ModelInfo, architecture_facts
 from mlake_core.models.sites import ARCHITECTURES, ArchitectureSpec, get_spec
 from mlake_core.provenance import package_versions
 
@@ -322,6 +322,7 @@ def load_adapter(
         n_heads=int(config.num_attention_heads),
         d_head=_d_mlp(hf_model, spec, "attn_z") // int(config.num_attention_heads),
         max_positions=_max_positions(config, source if is_local else None),
+        **architecture_facts(spec, config, hf_model),
     )
     if backend == "tlens":
         from mlake_core.models.tlens_backend import TLensAdapter

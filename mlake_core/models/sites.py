@@ -13,15 +13,21 @@ Meaning of each site (all tensors are ``[batch, pos, width]``):
 =================  =========  =============================================================
 site               width      value
 =================  =========  =============================================================
-``embed``          d_model    Token embeddings ``W_E[token]``, the output of the token
-                              embedding table, *before* anything else is added or applied.
+``embed``          d_model    Token embeddings: the output of the token embedding module,
+                              ``W_E[token]`` times the scale that module applies (Gemma 3
+                              multiplies by ``sqrt(d_model)`` inside
+                              ``Gemma3TextScaledWordEmbedding``; every other architecture
+                              by 1), *before* anything else is added or applied.
                               Positional embeddings are not included: GPT-2 adds its
                               learned ``W_pos[position]`` afterwards
                               (``resid_pre.0 = embed + W_pos``); BLOOM normalises it
                               (``resid_pre.0 = LayerNorm(embed)``); rotary (Llama, Qwen2,
-                              GPT-NeoX) and ALiBi (BLOOM) models inject position inside
-                              attention, so there ``resid_pre.0 = embed`` (BLOOM aside).
-                              This is where ROME-style causal tracing adds its noise.
+                              GPT-NeoX, Gemma 3) and ALiBi (BLOOM) models inject position
+                              inside attention, so there ``resid_pre.0 = embed`` (BLOOM
+                              aside): what the first block receives, scale included.
+                              This is where ROME-style causal tracing adds its noise, and
+                              where the noise level is measured (so on Gemma 3 both are in
+                              the scaled units the first block sees).
 ``resid_pre.{L}``  d_model    Residual stream entering block ``L`` (the block's hidden-state
                               input), pre-norm: the block's first layer norm is applied
                               inside the block.
@@ -32,33 +38,57 @@ site               width      value
                               ``[h * d_head, (h + 1) * d_head)`` (concatenated, the layout
                               every supported architecture uses).  Per-head attribution
                               (attribution patching over heads) reads and differentiates it.
-``attn_out.{L}``   d_model    The attention block's own contribution to the residual stream:
-                              the output of its output projection (bias included), *without*
-                              the residual.  BLOOM's attention module adds the residual
-                              inside itself (TransformerLens#1639); this site is taken at
-                              its ``dense`` projection, before that addition.
+``attn_out.{L}``   d_model    The attention block's own contribution to the residual stream,
+                              *without* the residual: the output of its output projection
+                              (bias included), or, where a norm follows that projection
+                              (Gemma 3's ``post_attention_layernorm``), the output of that
+                              norm -- exactly what is added to ``resid_pre.{L}``.  BLOOM's
+                              attention module adds the residual inside itself
+                              (TransformerLens#1639); this site is taken at its ``dense``
+                              projection, before that addition.
 ``mlp_post.{L}``   d_mlp      The MLP neurons: the input of the MLP's down (output)
                               projection, i.e. ``act(W_in x + b_in)``, or
-                              ``act(W_gate x) * (W_up x)`` for gated MLPs (Llama, Qwen2).
-``mlp_out.{L}``    d_model    The MLP's contribution to the residual stream: the output of the
-                              down projection (bias included), without the residual.
+                              ``act(W_gate x) * (W_up x)`` for gated MLPs (Llama, Qwen2,
+                              Gemma 3).
+``mlp_out.{L}``    d_model    The MLP's contribution to the residual stream, without the
+                              residual: the output of the down projection (bias included),
+                              or of the norm that follows it (Gemma 3's
+                              ``post_feedforward_layernorm``) -- what is added to the
+                              residual stream.
 =================  =========  =============================================================
 
-Identities the tests check on every architecture (``tests/models/test_site_semantics.py``):
+Identities the tests check on every architecture
+(``tests/mlake_core/models/test_model_semantics.py``):
 
 * ``resid_pre.{L} + attn_out.{L} + mlp_out.{L} == resid_post.{L}``.  This holds for the
-  sequential blocks (GPT-2, Llama, Qwen2, BLOOM) *and* for GPT-NeoX's parallel blocks
+  sequential blocks (GPT-2, Llama, Qwen2, BLOOM, and Gemma 3 because its ``attn_out`` and
+  ``mlp_out`` are taken after the post-norms) *and* for GPT-NeoX's parallel blocks
   (``use_parallel_residual=True``: ``x + attn(ln1(x)) + mlp(ln2(x))``).  What differs in a
   parallel block is the MLP's input: it reads ``ln2(resid_pre.{L})``, not
   ``ln2(resid_pre.{L} + attn_out.{L})``, so patching ``attn_out.{L}`` leaves ``mlp_post.{L}``
   unchanged there.  Parallel blocks have no "resid_mid".
-* ``down_proj(mlp_post.{L}) == mlp_out.{L}`` and ``o_proj(attn_z.{L}) == attn_out.{L}``.
+* ``post_norm(down_proj(mlp_post.{L})) == mlp_out.{L}`` and
+  ``post_norm(o_proj(attn_z.{L})) == attn_out.{L}``, where ``post_norm`` is the identity
+  except on architectures with sublayer post-norms (:attr:`ArchitectureSpec.attn_post_norm`,
+  :attr:`ArchitectureSpec.mlp_post_norm`; :meth:`BaseAdapter.sublayer_output
+  <mlake_core.models.adapter.BaseAdapter.sublayer_output>` applies it).  Code that needs the
+  projection's own output (a weight edit solving ``W k = v``) must go through the norm: on
+  Gemma 3 a vector added to ``mlp_out`` is not a change of ``down_proj``'s output.
+
+Besides the site table, each :class:`ArchitectureSpec` records the architecture's facts that
+the rest of mlake needs (so no other module tests model names): whether the embedding module
+scales its output (:meth:`ArchitectureSpec.embed_scale`), the sublayer post-norms, which
+layers attend through a sliding window and how wide it is
+(:meth:`ArchitectureSpec.sliding_layers`, :meth:`ArchitectureSpec.sliding_window`), and a
+final logit soft-cap (:meth:`ArchitectureSpec.logit_softcap`).  The loader copies the values
+of a loaded checkpoint into :class:`~mlake_core.models.adapter.ModelInfo`.
 
 Dropout is identity because models are always run in eval mode.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -84,12 +114,15 @@ LAYERED_KINDS: tuple[str, ...] = SITE_KINDS[1:]
 #: One-line description of each site kind (used by ``mlake models check``).
 SITE_DESCRIPTIONS: Mapping[str, str] = MappingProxyType(
     {
-        "embed": "token embeddings W_E[token], before positional embeddings or embedding norm",
+        "embed": "token embeddings W_E[token] (times the embedding module's scale, if any), "
+        "before positional embeddings or embedding norm",
         "resid_pre": "residual stream entering block L (pre-norm)",
         "attn_z": "attention heads' outputs, concatenated: input of the output projection",
-        "attn_out": "attention output projection (bias included), residual excluded",
+        "attn_out": "attention output projection (bias included; after its post-norm if "
+        "any), residual excluded",
         "mlp_post": "MLP neurons: input of the MLP down projection (act(gate)*up if gated)",
-        "mlp_out": "MLP down projection output (bias included), residual excluded",
+        "mlp_out": "MLP down projection output (bias included; after its post-norm if any), "
+        "residual excluded",
         "resid_post": "residual stream leaving block L (before the final norm)",
     }
 )
@@ -125,7 +158,8 @@ class ArchitectureSpec:
         sites: where each site kind lives (keys: :data:`SITE_KINDS`).
         layers: path of the ``ModuleList`` of blocks (its length is the number of layers).
         ln1: the norm in front of attention, relative to a block.
-        ln2: the norm in front of the MLP, relative to a block.
+        ln2: the norm in front of the MLP, relative to a block (Llama's is named
+            ``post_attention_layernorm``; Gemma 3's ``pre_feedforward_layernorm``).
         final_norm: the norm after the last block.
         unembed: the unembedding (LM head) module.
         positional: how position enters: ``"learned"`` (added to ``embed`` by
@@ -141,6 +175,21 @@ class ArchitectureSpec:
         config_overrides: config values mlake sets at load because the site hooks need the
             corresponding module calls (each is numerically equivalent).
         unsupported_config: config values that change what a site means and are refused.
+        attn_post_norm: a norm applied to the attention output before it joins the residual
+            stream, relative to a block (Gemma 3's ``post_attention_layernorm``); ``attn_out``
+            is then that norm's output.  ``None``: the projection's output is added as is.
+        mlp_post_norm: the same for the MLP (Gemma 3's ``post_feedforward_layernorm``);
+            ``mlp_out`` is then that norm's output.
+        scaled_embed: whether the embedding module multiplies ``W_E[token]`` by
+            ``sqrt(d_model)`` (Gemma); the ``embed`` site is that module's output, scale
+            included.
+        sliding_window_attr: config attribute holding the sliding-window width, for
+            architectures that can have sliding-window layers.
+        layer_types_attr: config attribute listing each layer's attention type
+            (``"sliding_attention"`` / ``"full_attention"``); without it, every layer slides
+            when a window is set.
+        logit_softcap_attr: config attribute of the final logit soft-cap ``c``: logits are
+            ``c * tanh(lm_head(x) / c)`` when it is set.
     """
 
     model_type: str
@@ -157,23 +206,84 @@ class ArchitectureSpec:
     parallel_flag: str | None = None
     config_overrides: Mapping[str, Any] = field(default_factory=dict)
     unsupported_config: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
+    attn_post_norm: str | None = None
+    mlp_post_norm: str | None = None
+    scaled_embed: bool = False
+    sliding_window_attr: str | None = None
+    layer_types_attr: str | None = None
+    logit_softcap_attr: str | None = None
+
+    def __post_init__(self) -> None:
+        # With a post-norm, the sublayer's contribution is that norm's output.
+        for kind, norm in (("attn_out", self.attn_post_norm), ("mlp_out", self.mlp_post_norm)):
+            if norm is not None and not self.sites[kind].module.endswith(f".{norm}"):
+                raise ValueError(
+                    f"{self.model_type}: site {kind!r} must be the output of its post-norm "
+                    f"{norm!r}, not of {self.sites[kind].module!r}"
+                )
 
     def is_parallel(self, config: Any) -> bool:
         """Whether attention and MLP read the same residual in this checkpoint."""
         return bool(self.parallel_flag and getattr(config, self.parallel_flag, False))
 
+    @property
+    def post_norms(self) -> bool:
+        """Whether attention or MLP outputs are normalised before joining the residual."""
+        return self.attn_post_norm is not None or self.mlp_post_norm is not None
+
+    def post_norm(self, kind: Literal["attn", "mlp"]) -> str | None:
+        """The post-norm of sublayer ``kind`` relative to a block, ``None`` without one."""
+        return self.attn_post_norm if kind == "attn" else self.mlp_post_norm
+
+    def embed_scale(self, config: Any) -> float:
+        """The factor the embedding module applies to ``W_E[token]`` (``embed`` includes it):
+        ``sqrt(d_model)`` for scaled embeddings, else 1.  (In half precision the module
+        multiplies by this value rounded to the weights' dtype.)"""
+        return math.sqrt(int(config.hidden_size)) if self.scaled_embed else 1.0
+
+    def sliding_window(self, config: Any) -> int | None:
+        """Width of the sliding window (a query at padded index ``i`` sees keys at
+        ``i - w + 1 .. i``), ``None`` when no layer of this checkpoint slides."""
+        if self.sliding_window_attr is None or not self.sliding_layers(config):
+            return None
+        return int(getattr(config, self.sliding_window_attr))
+
+    def sliding_layers(self, config: Any) -> tuple[int, ...]:
+        """Indices of the layers whose attention is restricted to the sliding window."""
+        window = (
+            getattr(config, self.sliding_window_attr, None) if self.sliding_window_attr else None
+        )
+        if window is None:
+            return ()
+        n_layers = int(config.num_hidden_layers)
+        types = getattr(config, self.layer_types_attr, None) if self.layer_types_attr else None
+        if types is None:
+            return tuple(range(n_layers))
+        return tuple(i for i, kind in enumerate(types[:n_layers]) if kind == "sliding_attention")
+
+    def logit_softcap(self, config: Any) -> float | None:
+        """The final logit soft-cap of this checkpoint, ``None`` when logits are not capped."""
+        value = getattr(config, self.logit_softcap_attr, None) if self.logit_softcap_attr else None
+        return float(value) if value else None
+
 
 def _sites(
-    embed: str, block: str, attn_proj: str, mlp_down: str
+    embed: str,
+    block: str,
+    attn_proj: str,
+    mlp_down: str,
+    *,
+    attn_post_norm: str | None = None,
+    mlp_post_norm: str | None = None,
 ) -> MappingProxyType[str, ModuleSite]:
     return MappingProxyType(
         {
             "embed": ModuleSite(embed, "output"),
             "resid_pre": ModuleSite(block, "input"),
             "attn_z": ModuleSite(f"{block}.{attn_proj}", "input"),
-            "attn_out": ModuleSite(f"{block}.{attn_proj}", "output"),
+            "attn_out": ModuleSite(f"{block}.{attn_post_norm or attn_proj}", "output"),
             "mlp_post": ModuleSite(f"{block}.{mlp_down}", "input"),
-            "mlp_out": ModuleSite(f"{block}.{mlp_down}", "output"),
+            "mlp_out": ModuleSite(f"{block}.{mlp_post_norm or mlp_down}", "output"),
             "resid_post": ModuleSite(block, "output"),
         }
     )
@@ -257,9 +367,41 @@ GPT_NEOX = ArchitectureSpec(
     parallel_flag="use_parallel_residual",
 )
 
+GEMMA3 = ArchitectureSpec(
+    # Gemma3ForCausalLM (text-only Gemma 3: 270M, 1B); the multimodal checkpoints are
+    # model_type "gemma3" and are not supported.
+    model_type="gemma3_text",
+    sites=_sites(
+        "model.embed_tokens",
+        "model.layers.{L}",
+        "self_attn.o_proj",
+        "mlp.down_proj",
+        attn_post_norm="post_attention_layernorm",
+        mlp_post_norm="post_feedforward_layernorm",
+    ),
+    layers="model.layers",
+    ln1="input_layernorm",
+    ln2="pre_feedforward_layernorm",
+    final_norm="model.norm",
+    unembed="lm_head",
+    positional="rotary",
+    attn_post_norm="post_attention_layernorm",
+    mlp_post_norm="post_feedforward_layernorm",
+    scaled_embed=True,
+    sliding_window_attr="sliding_window",
+    layer_types_attr="layer_types",
+    logit_softcap_attr="final_logit_softcapping",
+    unsupported_config={
+        "use_bidirectional_attention": (
+            True,
+            "bidirectional attention: not a causal language model",
+        )
+    },
+)
+
 #: Supported architectures, by ``config.model_type``.
 ARCHITECTURES: Mapping[str, ArchitectureSpec] = MappingProxyType(
-    {spec.model_type: spec for spec in (GPT2, LLAMA, QWEN2, BLOOM, GPT_NEOX)}
+    {spec.model_type: spec for spec in (GPT2, LLAMA, QWEN2, BLOOM, GPT_NEOX, GEMMA3)}
 )
 
 

@@ -12,15 +12,23 @@ loads like any downloaded checkpoint.
 Each tiny tokenizer follows the BOS convention of its architecture's real tokenizers, so the
 BOS policy code is exercised on every variant:
 
-==========  =================  =========================  ===================
-model_type  BOS token          tokenizer adds BOS itself  padding token
-==========  =================  =========================  ===================
-gpt2        ``<|endoftext|>``  no                         none (EOS is used)
-llama       ``<s>``            yes                        none (EOS is used)
-qwen2       none               no                         ``<|endoftext|>``
-bloom       ``<s>``            no                         ``<pad>``
-gpt_neox    ``<|endoftext|>``  no                         none (EOS is used)
-==========  =================  =========================  ===================
+===========  =================  =========================  ===================
+model_type   BOS token          tokenizer adds BOS itself  padding token
+===========  =================  =========================  ===================
+gpt2         ``<|endoftext|>``  no                         none (EOS is used)
+llama        ``<s>``            yes                        none (EOS is used)
+qwen2        none               no                         ``<|endoftext|>``
+bloom        ``<s>``            no                         ``<pad>``
+gpt_neox     ``<|endoftext|>``  no                         none (EOS is used)
+gemma3_text  ``<s>``            yes                        ``<pad>``
+===========  =================  =========================  ===================
+
+The tiny Gemma 3 (``gemma3_text``, ``Gemma3ForCausalLM``) keeps what sets the architecture
+apart: sandwich norms around attention and the MLP, embeddings scaled by ``sqrt(d_model)``
+inside the embedding module, grouped-query attention with a head width that is not
+``d_model / n_heads`` (so ``attn_z`` is wider than ``d_model``), tied embeddings, and
+sliding-window layers with a window (:data:`GEMMA3_SLIDING_WINDOW`) shorter than most test
+prompts, alternating with full-attention layers.
 
 After the architecture's own initialisation every parameter gets seeded Gaussian noise
 (layer-norm gains and biases included), so a backend that silently drops a bias or a norm
@@ -36,7 +44,14 @@ from typing import Any
 import torch
 
 #: ``model_type`` values :func:`build_tiny_model` can build.
-TINY_ARCHITECTURES: tuple[str, ...] = ("gpt2", "llama", "qwen2", "bloom", "gpt_neox")
+TINY_ARCHITECTURES: tuple[str, ...] = (
+    "gpt2",
+    "llama",
+    "qwen2",
+    "bloom",
+    "gpt_neox",
+    "gemma3_text",
+)
 
 #: Special tokens, at ids 0..3 of every tiny vocabulary.
 SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<s>", "</s>", "<pad>")
@@ -56,6 +71,11 @@ TRAINING_TEXT: tuple[str, ...] = (
     "Die Hauptstadt von Frankreich ist Paris. Der Eiffelturm steht in Paris.",
     "Barack Obama wurde auf Hawaii geboren. Die Muttersprache von Marie Curie ist Polnisch.",
 )
+
+
+#: Sliding window of the tiny Gemma 3's sliding layers (tokens): short enough that the test
+#: prompts reach beyond it.
+GEMMA3_SLIDING_WINDOW = 6
 
 
 @dataclass(frozen=True)
@@ -113,8 +133,8 @@ def build_tiny_tokenizer(architecture: str, vocab_size: int = 512) -> Any:
     )
     core.train_from_iterator(list(TRAINING_TEXT), trainer=trainer)
     endoftext, bos, eos, pad = SPECIAL_TOKENS
-    if architecture == "llama":
-        # Llama tokenizers prepend <s> to every sequence by themselves.
+    if architecture in ("llama", "gemma3_text"):
+        # Llama and Gemma tokenizers prepend BOS to every sequence by themselves.
         core.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A",
             pair=f"{bos} $A {bos} $B",
@@ -128,6 +148,7 @@ def build_tiny_tokenizer(architecture: str, vocab_size: int = 512) -> Any:
         "qwen2": {"bos_token": None, "eos_token": endoftext, "pad_token": endoftext},
         "bloom": {"bos_token": bos, "eos_token": eos, "pad_token": pad},
         "gpt_neox": {"bos_token": endoftext, "eos_token": endoftext, "pad_token": None},
+        "gemma3_text": {"bos_token": bos, "eos_token": eos, "pad_token": pad},
     }
     special = {k: v for k, v in conventions[architecture].items() if v is not None}
     return PreTrainedTokenizerFast(
@@ -151,6 +172,7 @@ def tiny_config(architecture: str, vocab_size: int, size: TinySize | None = None
     """
     from transformers import (
         BloomConfig,
+        Gemma3TextConfig,
         GPT2Config,
         GPTNeoXConfig,
         LlamaConfig,
@@ -211,6 +233,29 @@ def tiny_config(architecture: str, vocab_size: int, size: TinySize | None = None
             n_layer=s.n_layers,
             n_head=s.n_heads,
             initializer_range=s.init_std,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+        )
+    if architecture == "gemma3_text":
+        # Like Gemma 3 270M (4 heads, 1 key/value head, head width 256 > d_model / n_heads,
+        # tied embeddings, sliding layers), scaled down; layers alternate sliding / full so
+        # both kinds are present in two blocks.
+        return Gemma3TextConfig(
+            vocab_size=vocab_size,
+            hidden_size=s.d_model,
+            intermediate_size=s.d_mlp,
+            num_hidden_layers=s.n_layers,
+            num_attention_heads=s.n_heads,
+            num_key_value_heads=s.n_kv_heads,
+            head_dim=2 * s.d_model // s.n_heads,
+            query_pre_attn_scalar=2 * s.d_model // s.n_heads,
+            max_position_embeddings=s.n_ctx,
+            sliding_window=GEMMA3_SLIDING_WINDOW,
+            layer_types=["sliding_attention", "full_attention"] * (s.n_layers // 2)
+            + ["sliding_attention"] * (s.n_layers % 2),
+            initializer_range=s.init_std,
+            tie_word_embeddings=True,
             bos_token_id=1,
             eos_token_id=2,
             pad_token_id=3,

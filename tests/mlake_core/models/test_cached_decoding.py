@@ -163,6 +163,34 @@ def test_a_prefix_shared_by_the_batch_runs_once(get_adapter, texts, monkeypatch)
     assert calls == [(len(texts), max(len(adapter.encode(t)) for t in texts), False)]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sliding_window_models_continue_within_the_window_and_fall_back_beyond(
+    backend, get_adapter, texts, monkeypatch
+) -> None:
+    """Gemma 3 (tiny window of 6): prompts, then targets and decoding steps, continue the
+    cache exactly past the window (no padding between a row's tokens); a shared prefix
+    continued by left-padded rests puts padding between tokens over more than the window, so
+    that batch is refused and scoring falls back to full runs, with the same scores."""
+    adapter = get_adapter("gemma3_text", backend)
+    monkeypatch.setattr(adapter, "_no_kv_cache", False, raising=False)  # restored afterwards
+    calls = _recording(adapter, monkeypatch)
+    pairs = _pairs(adapter, texts)  # no shared prefix: one left-padded prompt pass
+    full = score_sequences(adapter, pairs, kv_cache=False)
+    cached = score_sequences(adapter, pairs)
+    assert calls and not adapter._no_kv_cache  # the cache was used
+    for a, b in zip(cached, full, strict=True):
+        assert a.logp == pytest.approx(b.logp, abs=ATOL)
+    prompts = [adapter.encode(SHARED + t) for t in texts]
+    assert knowledge._common_prefix_length(prompts) > adapter.info.sliding_window
+    target = adapter.tokenizer(" Rome", add_special_tokens=False)["input_ids"]
+    shared_pairs = [(p, target) for p in prompts]
+    expected = score_sequences(adapter, shared_pairs, kv_cache=False)
+    scores = score_sequences(adapter, shared_pairs)
+    assert adapter._no_kv_cache  # refused once, remembered
+    for a, b in zip(scores, expected, strict=True):
+        assert a.logp == pytest.approx(b.logp, abs=ATOL)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_models_whose_cache_cannot_be_continued_fall_back(
     arch, get_adapter, texts, monkeypatch

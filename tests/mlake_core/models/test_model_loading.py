@@ -17,14 +17,24 @@ from mlake_core.models.tiny import TINY_ARCHITECTURES as ARCHS
 
 pytestmark = pytest.mark.slow  # builds and runs the tiny models
 
-EXPECTED_D_MLP = {"gpt2": 64, "llama": 64, "qwen2": 64, "bloom": 128, "gpt_neox": 64}
+EXPECTED_D_MLP = {
+    "gpt2": 64,
+    "llama": 64,
+    "qwen2": 64,
+    "bloom": 128,
+    "gpt_neox": 64,
+    "gemma3_text": 64,
+}
 POSITIONAL = {
     "gpt2": "learned",
     "llama": "rotary",
     "qwen2": "rotary",
     "bloom": "alibi",
     "gpt_neox": "rotary",
+    "gemma3_text": "rotary",
 }
+#: Tokenizers that prepend BOS themselves (the tiny ones follow the real ones).
+ADDS_BOS = ("llama", "gemma3_text")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -45,7 +55,7 @@ def test_info_records_provenance_shapes_and_bos_policy(
     assert info["positional"] == POSITIONAL[arch]
     assert info["parallel_attn_mlp"] == (arch == "gpt_neox")
     assert info["revision"] is None and info["commit_hash"] is None
-    assert info["bos"]["prepend_bos"] == (arch == "llama")
+    assert info["bos"]["prepend_bos"] == (arch in ADDS_BOS)
     assert ("transformer-lens" if backend == "tlens" else "nnsight") in info["versions"]
     assert adapter.dtype == torch.float32 and adapter.device == torch.device("cpu")
     assert len(adapter.sites) == 1 + 6 * 2
@@ -56,12 +66,47 @@ def test_encode_prepends_bos_exactly_when_the_tokenizer_does(arch, get_adapter) 
     adapter = get_adapter(arch, "nnsight")
     ids = adapter.encode("法国的首都是巴黎")
     plain = adapter.tokenizer("法国的首都是巴黎", add_special_tokens=False)["input_ids"]
-    if arch == "llama":
+    if arch in ADDS_BOS:
         assert ids == [adapter.tokenizer.bos_token_id, *plain]
     else:
         assert ids == plain
     # The batch helpers use the same encoding.
     assert adapter.tokenize(["法国的首都是巴黎"]).sequences() == [ids]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_info_records_the_architecture_facts(arch, backend, get_adapter, get_hf) -> None:
+    """Tied embeddings, embedding scale, post-norms, sliding layers and logit soft-cap, read
+    off the loaded checkpoint (Gemma 3 has all but the soft-cap)."""
+    from mlake_core.models.tiny import GEMMA3_SLIDING_WINDOW
+
+    info = get_adapter(arch, backend).info
+    hf = get_hf(arch)
+    tied = hf.get_output_embeddings().weight is hf.get_input_embeddings().weight
+    assert info.tied_embeddings == tied
+    if arch in ("gemma3_text", "qwen2"):
+        assert info.tied_embeddings
+    if arch in ("llama", "gpt_neox"):
+        assert not info.tied_embeddings
+    gemma = arch == "gemma3_text"
+    assert info.embed_scale == pytest.approx(32**0.5 if gemma else 1.0)
+    assert info.post_norms == gemma
+    assert info.sliding_window == (GEMMA3_SLIDING_WINDOW if gemma else None)
+    assert info.sliding_layers == ((0,) if gemma else ())
+    assert info.logit_softcap is None
+    assert json.loads(json.dumps(info.to_dict()))["sliding_layers"] == list(info.sliding_layers)
+
+
+def test_gemma3_bidirectional_config_is_refused(tmp_path, tiny_models) -> None:
+    folder = tmp_path / "gemma3_bidirectional"
+    shutil.copytree(tiny_models["gemma3_text"], folder)
+    config_path = Path(folder) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["use_bidirectional_attention"] = True
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="use_bidirectional_attention"):
+        load_adapter(str(folder), "nnsight")
 
 
 def test_tlens_does_not_change_the_adapters_tokenizer(get_adapter) -> None:

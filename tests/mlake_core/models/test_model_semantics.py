@@ -97,11 +97,17 @@ def test_mlp_post_is_the_down_projection_input(arch, backend, get_adapter, get_h
     _, cache = adapter.run_with_cache(batch, sites)
     hf = get_hf(arch)
     for layer in range(adapter.n_layers):
-        down = hf.get_submodule(adapter.spec.sites["mlp_out"].path(layer))
+        down = hf.get_submodule(adapter.spec.sites["mlp_post"].path(layer))
         with torch.no_grad():
             projected = down(cache[f"mlp_post.{layer}"])
+            contribution = adapter.sublayer_output("mlp", layer, projected)
         assert cache[f"mlp_post.{layer}"].shape[-1] == adapter.d_mlp
-        torch.testing.assert_close(projected, cache[f"mlp_out.{layer}"], atol=ATOL, rtol=0)
+        torch.testing.assert_close(contribution, cache[f"mlp_out.{layer}"], atol=ATOL, rtol=0)
+        # With a post-norm (Gemma 3) the projection's own output is not the contribution.
+        if adapter.spec.mlp_post_norm is None:
+            assert torch.equal(contribution, projected)
+        else:
+            assert (projected - cache[f"mlp_out.{layer}"]).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -118,16 +124,19 @@ def test_attn_z_is_the_attention_output_projection_input(
     assert adapter.info.n_heads == hf.config.num_attention_heads
     assert adapter.info.n_heads * adapter.info.d_head == adapter.site_width("attn_z.0")
     for layer in range(adapter.n_layers):
-        proj = hf.get_submodule(adapter.spec.sites["attn_out"].path(layer))
+        proj = hf.get_submodule(adapter.spec.sites["attn_z"].path(layer))
         z = cache[f"attn_z.{layer}"]
         assert z.shape[-1] == adapter.site_width(f"attn_z.{layer}")
         assert z.abs().max() > 1e-3
         with torch.no_grad():
             projected = proj(z)
-        torch.testing.assert_close(projected, cache[f"attn_out.{layer}"], atol=ATOL, rtol=0)
+            contribution = adapter.sublayer_output("attn", layer, projected)
+        torch.testing.assert_close(contribution, cache[f"attn_out.{layer}"], atol=ATOL, rtol=0)
+        if adapter.spec.attn_post_norm is not None:
+            assert (projected - cache[f"attn_out.{layer}"]).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
 def test_gated_mlp_post_is_act_gate_times_up(arch, get_adapter, get_hf, texts) -> None:
     adapter = get_adapter(arch, "tlens")
     batch = adapter.tokenize(list(texts))
@@ -150,7 +159,12 @@ def test_embed_is_token_embeddings_and_relates_to_resid_pre_0(
     _, cache = adapter.run_with_cache(batch, ["embed", "resid_pre.0"])
     hf = get_hf(arch)
     with torch.no_grad():
+        # The embedding module's output: W_E[token] times its scale (sqrt(d_model) on Gemma 3).
         token_embeddings = hf.get_input_embeddings()(batch.input_ids)
+        table = hf.get_input_embeddings().weight[batch.input_ids]
+        torch.testing.assert_close(
+            token_embeddings, table * adapter.info.embed_scale, atol=1e-6, rtol=1e-6
+        )
         expected = token_embeddings
         if spec.positional == "learned":
             assert spec.pos_embed is not None
@@ -160,7 +174,50 @@ def test_embed_is_token_embeddings_and_relates_to_resid_pre_0(
     torch.testing.assert_close(cache["embed"], token_embeddings, atol=0, rtol=0)
     torch.testing.assert_close(cache["resid_pre.0"], expected, atol=ATOL, rtol=0)
     if spec.positional != "learned" and spec.embed_norm is None:
+        # What the first block receives, scale included.
         assert torch.equal(cache["embed"], cache["resid_pre.0"])
+    if spec.scaled_embed:
+        assert adapter.info.embed_scale == pytest.approx(adapter.d_model**0.5)
+        assert (cache["embed"] - table).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_patching_embed_with_its_own_value_changes_nothing(arch, backend, get_adapter, texts):
+    """Causal tracing writes ``embed + noise`` into ``embed``: with zero noise the run must be
+    the clean one (a site taken before a scale the model applies afterwards would fail)."""
+    adapter = get_adapter(arch, backend)
+    batch = adapter.tokenize(list(texts))
+    logits, cache = adapter.run_with_cache(batch, ["embed"])
+    every = [[*range(batch.shape[1])] for _ in range(batch.shape[0])]
+    patched = adapter.run_with_patches(
+        batch, [Patch.from_activation("embed", cache["embed"], every)]
+    )
+    torch.testing.assert_close(patched, logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tracing_noise_is_measured_on_what_the_first_block_receives(
+    arch, get_adapter, get_hf, texts
+) -> None:
+    """The noise level of causal tracing is the std of ``embed`` over subject tokens: on Gemma 3
+    ``sqrt(d_model)`` times the std of the raw table rows, the units noise is added in."""
+    from analysis.tracing.causal import embedding_noise_std
+
+    adapter = get_adapter(arch, "nnsight")
+    prompts = [(ids, [1, 2]) for ids in map(adapter.encode, texts) if len(ids) > 2]
+    measured = embedding_noise_std(adapter, prompts)
+    table = get_hf(arch).get_input_embeddings().weight.detach()
+    rows = torch.cat([table[[ids[p] for p in positions]] for ids, positions in prompts])
+    assert measured == pytest.approx(
+        adapter.info.embed_scale * float(rows.double().std()), rel=1e-5
+    )
+    if arch != "bloom" and adapter.spec.positional != "learned":
+        _, cache = adapter.run_with_cache(adapter.batch([prompts[0][0]]), ["resid_pre.0"])
+        first_block = cache["resid_pre.0"][0, prompts[0][1]]
+        torch.testing.assert_close(
+            first_block, table[[prompts[0][0][p] for p in prompts[0][1]]] * adapter.info.embed_scale
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -177,4 +234,57 @@ def test_last_resid_post_is_before_the_final_norm(
         relogits = hf.get_submodule(adapter.spec.unembed)(
             hf.get_submodule(adapter.spec.final_norm)(cache[last])
         )
+        cap = adapter.info.logit_softcap
+        if cap is not None:
+            relogits = cap * torch.tanh(relogits / cap)
     torch.testing.assert_close(relogits, logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edits_leave_tied_embeddings_bitwise_intact(backend, get_adapter, texts) -> None:
+    """Gemma 3 ties the unembedding to the embedding: an edit (FT here; every method writes MLP
+    down projections only) must leave that tensor bitwise unchanged, applied or restored, and
+    the adapter refuses to hand it out for writing."""
+    from mlake_core.editing import EditContext, EditRequest, get_method
+    from mlake_core.editing.base import down_proj_name
+    from mlake_core.errors import ConfigError
+
+    adapter = get_adapter("gemma3_text", backend)
+    assert adapter.info.tied_embeddings
+    embed_name = adapter.spec.sites["embed"].path(None) + ".weight"
+    unembed_name = adapter.spec.unembed + ".weight"
+    embed = adapter.hf_module(adapter.spec.sites["embed"].path(None)).weight
+    assert embed.data_ptr() == adapter.hf_module(adapter.spec.unembed).weight.data_ptr()
+    root = adapter.hf_module("")
+    before = {name: p.detach().clone() for name, p in root.named_parameters()}
+    embed_before = embed.detach().clone()
+
+    ids = tuple(adapter.encode(texts[0]))
+    new = tuple(adapter.tokenizer(" Berlin", add_special_tokens=False)["input_ids"])
+    request = EditRequest(
+        0, "en", "question", texts[0], ids, "France", len(ids) - 1, "Berlin", new, "Paris"
+    )
+    entry = get_method("ft")
+    result = entry.fn(
+        adapter,
+        [request],
+        entry.config_cls(layer=0, steps=3, lr=1e-2),
+        EditContext(torch.Generator().manual_seed(0)),
+    )
+    assert set(result.deltas) == {down_proj_name(adapter, 0)}
+    batch = adapter.tokenize(list(texts))
+    clean = adapter.forward(batch)
+    weight, _ = adapter.mlp_down(0)
+    with result.applied(adapter):
+        changed = [p for n, p in root.named_parameters() if not torch.equal(p, before[n])]
+        assert [p.data_ptr() for p in changed] == [weight.data_ptr()]
+        assert torch.equal(embed, embed_before)
+        assert (adapter.forward(batch) - clean).abs().max() > 0
+    for name, p in root.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert torch.equal(adapter.forward(batch), clean)
+
+    for name in (embed_name, unembed_name):
+        with pytest.raises(ConfigError, match="tied"):
+            adapter.editable_parameter(name)
+    assert adapter.editable_parameter(down_proj_name(adapter, 0)) is weight

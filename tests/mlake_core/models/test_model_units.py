@@ -52,16 +52,62 @@ def test_every_architecture_maps_every_site_kind() -> None:
     assert set(ARCHITECTURES) == set(TINY_ARCHITECTURES)
     for spec in ARCHITECTURES.values():
         assert set(spec.sites) == set(SITE_KINDS)
-        # mlp_post / mlp_out are the two sides of the same down projection.
-        assert spec.sites["mlp_post"].module == spec.sites["mlp_out"].module
-        assert spec.sites["mlp_post"].port == "input"
+        block = spec.sites["resid_pre"].module
+        # mlp_post / mlp_out are the two sides of the same down projection, unless a post-norm
+        # follows it: then mlp_out is that norm's output (what joins the residual stream).
+        # The same holds for attn_z / attn_out around the attention output projection.
+        for neurons, out, norm in (
+            ("mlp_post", "mlp_out", spec.mlp_post_norm),
+            ("attn_z", "attn_out", spec.attn_post_norm),
+        ):
+            assert spec.sites[neurons].port == "input"
+            assert spec.sites[out].port == "output"
+            expected = spec.sites[neurons].module if norm is None else f"{block}.{norm}"
+            assert spec.sites[out].module == expected
         assert spec.sites["resid_pre"].module == spec.sites["resid_post"].module
+
+
+def test_a_post_norm_must_carry_the_sublayer_output() -> None:
+    from dataclasses import replace
+
+    from mlake_core.models.sites import GEMMA3, LLAMA
+
+    assert GEMMA3.post_norms and not LLAMA.post_norms
+    assert GEMMA3.post_norm("mlp") == "post_feedforward_layernorm"
+    with pytest.raises(ValueError, match="post-norm"):
+        replace(LLAMA, mlp_post_norm="post_feedforward_layernorm")
+
+
+def test_architecture_facts_read_from_the_config() -> None:
+    from types import SimpleNamespace
+
+    from mlake_core.models.sites import GEMMA3, LLAMA
+
+    config = SimpleNamespace(
+        hidden_size=640,
+        num_hidden_layers=6,
+        sliding_window=512,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"],
+        final_logit_softcapping=None,
+    )
+    assert GEMMA3.embed_scale(config) == pytest.approx(640**0.5)
+    assert GEMMA3.sliding_layers(config) == (0, 1, 2, 3, 4)
+    assert GEMMA3.sliding_window(config) == 512
+    assert GEMMA3.logit_softcap(config) is None
+    config.final_logit_softcapping = 30.0
+    assert GEMMA3.logit_softcap(config) == 30.0
+    # Only full-attention layers: no window to respect.
+    config.layer_types = ["full_attention"] * 6
+    assert GEMMA3.sliding_layers(config) == () and GEMMA3.sliding_window(config) is None
+    # Architectures without these features, whatever the config holds.
+    assert LLAMA.embed_scale(config) == 1.0
+    assert LLAMA.sliding_window(config) is None and LLAMA.logit_softcap(config) is None
 
 
 def test_unsupported_architecture_lists_supported_ones() -> None:
     with pytest.raises(ConfigError) as err:
         get_spec("opt", source="my-model")
-    for arch in ("gpt2", "llama", "qwen2", "bloom", "gpt_neox"):
+    for arch in ("gpt2", "llama", "qwen2", "bloom", "gpt_neox", "gemma3_text"):
         assert arch in str(err.value)
     assert "'opt'" in str(err.value)
 
@@ -137,6 +183,7 @@ def test_apply_patches_rejects_wrong_width_and_out_of_range() -> None:
         ("qwen2", False, False, False),
         ("bloom", True, False, False),
         ("gpt_neox", True, False, True),
+        ("gemma3_text", True, True, False),
     ],
 )
 def test_bos_policy_is_read_from_the_tokenizer(

@@ -78,7 +78,7 @@ def test_round_trip_through_a_hugging_face_cache_copies() -> None:
     assert past.keys[0].abs().sum() > 0
 
 
-def _adapter(spec) -> BaseAdapter:
+def _adapter(spec, sliding_window: int | None = None) -> BaseAdapter:
     info = ModelInfo(
         model_id="unit",
         revision=None,
@@ -94,6 +94,7 @@ def _adapter(spec) -> BaseAdapter:
         parallel_attn_mlp=False,
         positional=spec.positional,
         bos=BosPolicy(None, None, False, False, False),
+        sliding_window=sliding_window,
     )
     return BaseAdapter(SimpleNamespace(pad_token_id=0, eos_token_id=0), spec, info)
 
@@ -113,6 +114,46 @@ def test_continued_inputs_prefix_the_mask_and_count_positions_on() -> None:
     assert plain["position_ids"].tolist() == [[0, 1], [0, 1]]
     # ALiBi (BLOOM) reads positions off the mask: no position_ids.
     assert "position_ids" not in _adapter(BLOOM)._model_inputs(new, past=past)
+
+
+def test_left_aligned_moves_each_rows_real_positions_to_its_end() -> None:
+    past = _past(n=2, pos=4)
+    mask = torch.tensor([[1, 0, 1, 1], [0, 1, 1, 1]])  # row 0: padding between real tokens
+    past = PastKeyValues(past.keys, past.values, mask)
+    aligned = past.left_aligned()
+    assert aligned.attention_mask.tolist() == [[0, 1, 1, 1], [0, 1, 1, 1]]
+    # Row 0's real positions 0, 2, 3 keep their order, after its padding (position 1).
+    assert aligned.keys[1][0, 0, :, 0].tolist() == [101, 100, 102, 103]
+    assert aligned.values[0][1, 1, :, 0].tolist() == [1010, 1011, 1012, 1013]
+    assert aligned.left_aligned() is aligned  # already left-aligned: unchanged
+
+
+def test_sliding_window_continuations_are_checked_against_the_window() -> None:
+    """Window 4: a continuation is exact when everything lies within the window, or when each
+    row's real tokens are contiguous once the past is left-aligned; otherwise it is refused."""
+    sliding = _adapter(LLAMA, sliding_window=4)
+    base = _past(n=2, pos=3)
+
+    def past(mask: list[list[int]]) -> PastKeyValues:
+        return PastKeyValues(base.keys, base.values, torch.tensor(mask))
+
+    right_padded = past([[1, 1, 0], [1, 1, 1]])
+    one = TokenBatch(torch.tensor([[5], [6]]), torch.ones(2, 1, dtype=torch.long))
+    two = TokenBatch(torch.tensor([[5, 6], [7, 8]]), torch.ones(2, 2, dtype=torch.long))
+    gap = TokenBatch(torch.tensor([[0, 6], [7, 8]]), torch.tensor([[0, 1], [1, 1]]))
+    # 3 + 1 positions fit the window: continued as is, padding between tokens or not.
+    assert sliding._check_past(one, right_padded) is right_padded
+    # 3 + 2 do not: the past is left-aligned, after which every row is contiguous.
+    aligned = sliding._check_past(two, right_padded)
+    assert aligned.attention_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    # A left-padded batch leaves padding between row 0's tokens over 5 > 4 positions ...
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        sliding._check_past(gap, past([[1, 1, 1], [1, 1, 1]]))
+    # ... which is fine when the row is short enough (past row 0 holds one real token).
+    assert sliding._check_past(gap, past([[0, 0, 1], [1, 1, 1]])) is not None
+    # Without sliding layers nothing is checked or moved.
+    full = _adapter(LLAMA)
+    assert full._check_past(gap, right_padded) is right_padded
 
 
 # -- on every tiny architecture and backend --------------------------------------------------
@@ -217,3 +258,99 @@ def test_tracing_with_the_prefix_cache_equals_tracing_without(arch, backend, get
     assert ref.p_clean != pytest.approx(ref.p_corrupt, abs=1e-4)  # the noise does something
     # Restoring the last block's residual at the last token gives back the clean run.
     assert ref.scores["resid"][-1, -1] == pytest.approx(ref.p_clean, abs=1e-6)
+
+
+# -- sliding-window layers (the tiny Gemma 3: window GEMMA3_SLIDING_WINDOW, layer 0 slides) ----
+
+
+def _whole(adapter, sequences: list[list[int]]) -> list[torch.Tensor]:
+    """Logits of each sequence run alone, no cache: the reference."""
+    return [adapter.forward(adapter.batch([seq]))[0] for seq in sequences]
+
+
+def _split(adapter, sequences: list[list[int]], heads: list[int]):
+    """Left-padded batches of each sequence's first ``heads[i]`` tokens and of the rest."""
+    head = adapter.batch([seq[:k] for seq, k in zip(sequences, heads, strict=True)])
+    tail = adapter.batch([seq[k:] for seq, k in zip(sequences, heads, strict=True)])
+    return head, tail
+
+
+def _assert_tail_logits(tail: TokenBatch, logits, sequences, heads, whole) -> None:
+    for row, (seq, k) in enumerate(zip(sequences, heads, strict=True)):
+        real = tail.attention_mask[row].bool()
+        torch.testing.assert_close(logits[row, real], whole[row][k : len(seq)], atol=ATOL, rtol=0)
+
+
+def test_the_tiny_gemma3_window_changes_long_sequences(get_hf, tiny_models, texts) -> None:
+    """The tests below are not vacuous: the window changes positions past it (and only those)."""
+    from transformers import AutoModelForCausalLM
+
+    from mlake_core.models.tiny import GEMMA3_SLIDING_WINDOW as W
+
+    hf = get_hf("gemma3_text")
+    assert hf.config.layer_types[0] == "sliding_attention" and hf.config.sliding_window == W
+    wide = AutoModelForCausalLM.from_pretrained(
+        tiny_models["gemma3_text"], attn_implementation="eager", sliding_window=64
+    ).eval()
+    ids = torch.tensor([[1, *range(300, 310)]])
+    with torch.no_grad():
+        narrow_logits, wide_logits = hf(input_ids=ids).logits, wide(input_ids=ids).logits
+    assert torch.equal(narrow_logits[0, :W], wide_logits[0, :W])
+    assert (narrow_logits[0, W:] - wide_logits[0, W:]).abs().amax(-1).min() > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sliding_prefix_cache_within_the_window_equals_whole_runs(backend, get_adapter, texts):
+    """Rows of different lengths, both halves left-padded (so padding lies between a row's
+    past and its new tokens), all positions within the window: the cache is used and exact."""
+    from mlake_core.models.tiny import GEMMA3_SLIDING_WINDOW as W
+
+    adapter = get_adapter("gemma3_text", backend)
+    assert adapter.info.sliding_window == W
+    ids = [adapter.encode(t) for t in texts]
+    sequences, heads = [ids[0][:5], ids[2][:3], ids[1][:4]], [2, 1, 2]
+    head, tail = _split(adapter, sequences, heads)
+    assert head.shape[1] + tail.shape[1] <= W
+    assert not bool(tail.attention_mask.all())  # padding between tokens in row 1
+    whole = _whole(adapter, sequences)
+    _, past = adapter.run_with_past(head)
+    logits, after = adapter.run_with_past(tail, past=past)
+    _assert_tail_logits(tail, logits, sequences, heads, whole)
+    torch.testing.assert_close(
+        adapter.run_with_patches(tail, [], past=past), logits, atol=ATOL, rtol=0
+    )
+    # Continuing beyond the window: the past (padding between tokens) is left-aligned, the new
+    # tokens are not padded, so the keys in every window are those of the whole sequence.
+    more = [[300 + row, 310 + row] for row in range(len(sequences))]
+    longer = [seq + extra for seq, extra in zip(sequences, more, strict=True)]
+    new = adapter.batch(more)
+    assert after.length + new.shape[1] > W
+    logits, last = adapter.run_with_past(new, past=after)
+    _assert_tail_logits(new, logits, longer, [len(s) for s in sequences], _whole(adapter, longer))
+    assert last.attention_mask[1].tolist() == [0, 0, 1, 1, 1, 1, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sliding_prefix_cache_beyond_the_window_is_refused_only_when_inexact(
+    backend, get_adapter, texts
+):
+    from mlake_core.models.tiny import GEMMA3_SLIDING_WINDOW as W
+
+    adapter = get_adapter("gemma3_text", backend)
+    ids = [adapter.encode(t) for t in texts]
+    # Row 1's last three tokens are left-padded after its three-token past: seven positions
+    # between its first and last token, one of them padding, over a window of six.
+    sequences, heads = [ids[3][:7], ids[1][:6]], [3, 3]
+    head, tail = _split(adapter, sequences, heads)
+    assert head.shape[1] + tail.shape[1] > W
+    _, past = adapter.run_with_past(head)
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        adapter.run_with_past(tail, past=past)
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        adapter.run_with_patches(tail, [], past=past)
+    # Right padding keeps every row's tokens contiguous: exact beyond the window too.
+    tail = adapter.batch([seq[k:] for seq, k in zip(sequences, heads, strict=True)], "right")
+    logits = adapter.run_with_patches(tail, [], past=past)
+    _assert_tail_logits(tail, logits, sequences, heads, _whole(adapter, sequences))
