@@ -109,12 +109,13 @@ def _heatmap(
 
 
 def _summaries(result: Any, unit: str, measure: str | None = None) -> list[Any]:
-    """The result's per-fact method summaries for ``unit`` (LAPE has no per-fact sets)."""
+    """The result's per-fact method summaries for ``unit`` (``per_fact``: LAPE has no per-fact
+    sets)."""
     return [
         m
         for m in result.methods
         if m.unit == unit
-        and m.method != "lape"
+        and m.per_fact
         and (measure is None or getattr(m, measure, None) is not None)
     ]
 

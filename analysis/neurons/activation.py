@@ -16,7 +16,8 @@ LAPE (:func:`lape`): with ``p[lang, unit]`` the activation probability, normalis
 languages, take the entropy; neurons with no language above the ``filter_rate`` quantile of all
 probabilities are dismissed; of the rest, the ``top_rate`` fraction of all neurons with the
 lowest entropy are language-specific, each assigned to the languages where its probability is
-above the ``bar_rate`` quantile.  Tang et al.'s defaults: 1%, 95%, 95%.
+above the ``bar_rate`` quantile.  Tang et al.'s defaults: 1%, 95%, 95%.  LAPE is registered
+as the attribution method ``lape`` of scope ``language`` (:func:`select_lape`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from analysis.neurons.attribution import register_attribution_method
 from mlake_core.errors import ConfigError
 from mlake_core.models.adapter import ModelAdapter
 
@@ -197,6 +199,14 @@ class LapeResult:
             for i, lang in enumerate(self.langs)
         }
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Arrays for the results store."""
+        return {"selected": self.selected, "assignment": self.assignment, "entropy": self.entropy}
+
+    def info(self) -> dict[str, Any]:
+        """How many neurons were selected and the activation-probability bar."""
+        return {"selected": len(self.selected), "bar": self.bar}
+
 
 def lape(
     stats: ActivationStats,
@@ -233,3 +243,22 @@ def lape(
     selected = np.sort(order[np.isfinite(entropy[order])]).astype(np.int64)
     assignment = (probs[:, selected] >= bar).T
     return LapeResult(stats.langs, selected, assignment, entropy, bar)
+
+
+@register_attribution_method(
+    "lape",
+    units=("neuron",),
+    summary="language-specific neurons by activation probability entropy (Tang et al. 2024)",
+    scope="language",
+    needs=("activation_stats",),
+)
+def select_lape(stats: ActivationStats, config: Any) -> LapeResult:
+    """LAPE as a registered method: :func:`lape` with the rates of the neuron stage's config
+    (``lape_top_rate``, ``lape_filter_rate``, ``lape_bar_rate`` of a
+    :class:`~analysis.neurons.config.NeuronConfig`)."""
+    return lape(
+        stats,
+        top_rate=config.lape_top_rate,
+        filter_rate=config.lape_filter_rate,
+        bar_rate=config.lape_bar_rate,
+    )

@@ -1,4 +1,5 @@
-"""Attribution of one fact prompt to MLP neurons and attention heads.
+"""Attribution of one fact prompt to MLP neurons and attention heads, and the registry of
+attribution methods.
 
 A *unit* is an MLP neuron (``mlp_post.{L}``, one column) or an attention head (the head's
 ``d_head`` columns of ``attn_z.{L}``).  An attribution method scores every unit of the chosen
@@ -7,7 +8,8 @@ measured quantity is the probability of the whole answer (teacher-forced, the pr
 tokens' probabilities), not of its first token: with byte-level BPE a CJK answer's first token
 can be a byte shared by many answers.
 
-Methods (a registry, one signature, :func:`register_attribution_method`):
+Methods (a registry, :func:`register_attribution_method`; each entry declares its scope and
+what it needs from the stage, so the stage never branches on method names):
 
 * ``ig`` -- integrated gradients over MLP neurons, the knowledge-neuron method of Dai et al.
   2022 ("Knowledge Neurons in Pretrained Transformers").  One layer at a time, the neurons at
@@ -26,6 +28,8 @@ Methods (a registry, one signature, :func:`register_attribution_method`):
   probability drops when the unit takes its corrupted value.  It is a linear approximation,
   unreliable for large changes (the benchmark checks it against integrated gradients, and the
   ablation check against real interventions).
+* ``lape`` (scope ``language``, registered in :mod:`~analysis.neurons.activation`) selects
+  language-specific neurons from the activation statistics of text, not per fact.
 
 Positions: ``last`` (default, Dai et al.: the position that predicts the answer) or ``all``
 prompt positions, summed.  Both methods are relative to the same metric and positions, so
@@ -50,6 +54,7 @@ import torch
 from mlake_core.configs import coerce_fields
 from mlake_core.errors import ConfigError
 from mlake_core.models.adapter import ModelAdapter, Patch
+from mlake_core.registry import Registry
 
 #: Unit kinds and the site each lives in.
 UNIT_SITES: dict[str, str] = {"neuron": "mlp_post", "head": "attn_z"}
@@ -219,35 +224,82 @@ class AttributionMethod(Protocol):
     ) -> Attribution: ...
 
 
+#: What one call of a method's function covers: ``fact`` -- one prompt of a fact (the stage
+#: scores each fact's prompts and keeps the units important in enough of them); ``language``
+#: -- the whole run, from the activation statistics of text in each language (the function
+#: returns the units it selects for each language).
+SCOPES: tuple[str, ...] = ("fact", "language")
+
+#: What a method may need from the stage beyond its settings: ``noise`` -- the standard
+#: deviation of subject-token embeddings (:attr:`AttributionContext.noise_std`);
+#: ``activation_stats`` -- the activation statistics of text in each language (the mean
+#: activations in :attr:`AttributionContext.mean_activation`, or the statistics themselves for
+#: a ``language`` method).
+NEEDS: tuple[str, ...] = ("noise", "activation_stats")
+
+
 @dataclass(frozen=True)
 class MethodEntry:
     """A registered attribution method.
 
     Attributes:
         name: the registry name.
-        fn: the method.
-        units: the unit kinds it scores.
+        fn: the method: an :class:`AttributionMethod` for scope ``fact``; for scope
+            ``language``, ``fn(stats, config) -> selection`` with the activation statistics
+            (:class:`~analysis.neurons.activation.ActivationStats`) and the stage's config,
+            returning a selection such as :class:`~analysis.neurons.activation.LapeResult`.
+        units: the unit kinds it scores (a ``language`` method: one).
         summary: one line for help texts.
+        scope: one of :data:`SCOPES`.
+        needs: what the stage provides it, from :data:`NEEDS`.
     """
 
     name: str
-    fn: AttributionMethod
+    fn: Callable[..., Any]
     units: tuple[str, ...]
     summary: str
+    scope: str = "fact"
+    needs: tuple[str, ...] = ()
+
+    @property
+    def per_fact(self) -> bool:
+        """Whether the method scores each fact's prompts (and so has per-fact important sets,
+        their overlap between languages and the ablation check)."""
+        return self.scope == "fact"
 
 
-_REGISTRY: dict[str, MethodEntry] = {}
+#: The attribution methods, by name.  The built-in ones register themselves where they are
+#: defined (``ig`` and ``atp`` here, ``lape`` in :mod:`~analysis.neurons.activation`); importing
+#: :mod:`analysis.neurons` imports both modules.
+ATTRIBUTION_METHODS: Registry[MethodEntry] = Registry("attribution method")
 
 
 def register_attribution_method(
-    name: str, *, units: tuple[str, ...], summary: str
-) -> Callable[[AttributionMethod], AttributionMethod]:
-    """Register an attribution method under ``name`` (refuses duplicates)."""
+    name: str,
+    *,
+    units: tuple[str, ...],
+    summary: str,
+    scope: str = "fact",
+    needs: tuple[str, ...] = (),
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register an attribution method under ``name`` (refuses duplicates).
 
-    def deco(fn: AttributionMethod) -> AttributionMethod:
-        if name in _REGISTRY:
-            raise ValueError(f"attribution method {name!r} is already registered")
-        _REGISTRY[name] = MethodEntry(name, fn, units, summary)
+    Raises:
+        ValueError: a duplicate name, an unknown unit kind, scope or need, or a ``language``
+            method with other than one unit kind.
+    """
+    bad = [u for u in units if u not in UNIT_SITES] + [n for n in needs if n not in NEEDS]
+    if scope not in SCOPES or bad or not units or (scope == "language" and len(units) != 1):
+        raise ValueError(
+            f"attribution method {name!r}: units {units}, scope {scope!r}, needs {needs}; "
+            f"units from {tuple(UNIT_SITES)} (a language method: one), scope from {SCOPES}, "
+            f"needs from {NEEDS}"
+        )
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        ATTRIBUTION_METHODS.register(
+            name, MethodEntry(name, fn, tuple(units), summary, scope, tuple(needs))
+        )
         return fn
 
     return deco
@@ -259,17 +311,12 @@ def get_attribution_method(name: str) -> MethodEntry:
     Raises:
         ConfigError: an unknown method, listing the known ones.
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown attribution method {name!r}; choose from {', '.join(sorted(_REGISTRY))}"
-        ) from None
+    return ATTRIBUTION_METHODS.get(name)
 
 
 def attribution_methods() -> tuple[str, ...]:
-    """Names of the registered methods."""
-    return tuple(_REGISTRY)
+    """Names of the registered methods, in registration order."""
+    return ATTRIBUTION_METHODS.names()
 
 
 # -- shared pieces ------------------------------------------------------------------------------
@@ -346,6 +393,7 @@ def corrupted_embeddings(
     "ig",
     units=("neuron",),
     summary="integrated gradients over MLP neurons (Dai et al. 2022)",
+    needs=("activation_stats",),  # the mean baseline
 )
 def integrated_gradients(
     adapter: ModelAdapter,
@@ -442,6 +490,7 @@ def integrated_gradients(
     "atp",
     units=("neuron", "head"),
     summary="attribution patching over MLP neurons and attention heads (clean vs corrupted)",
+    needs=("noise",),  # the subject-corruption noise
 )
 def attribution_patching(
     adapter: ModelAdapter,
@@ -570,6 +619,8 @@ def attribute_fact(
     """Attribute each of a fact's prompts (``(form, prompt)`` pairs) with ``method`` and keep
     the units important in enough of them."""
     entry = get_attribution_method(method)
+    if not entry.per_fact:
+        raise ConfigError(f"{method} is not a per-fact attribution method (scope {entry.scope})")
     results = [entry.fn(adapter, prompt, config, context) for _, prompt in prompts]
     scores = {u: np.stack([r.scores[u] for r in results]) for u in entry.units}
     sets = {

@@ -7,12 +7,24 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from analysis.neurons.ablation import MODES
-from analysis.neurons.attribution import AttributionConfig, attribution_methods
+from analysis.neurons.attribution import (
+    AttributionConfig,
+    attribution_methods,
+    get_attribution_method,
+)
 from mlake_core.configs import coerce_fields
 from mlake_core.errors import ConfigError
 
-#: Methods of the stage: the per-fact attribution methods and ``lape``.
-STAGE_METHODS: tuple[str, ...] = ("ig", "atp", "lape")
+
+def per_fact(method: str) -> bool:
+    """Whether the registered attribution method ``method`` scores each fact's prompts (scope
+    ``fact``: per-fact important sets, their overlap, the ablation check) rather than select
+    units per language from text (scope ``language``, LAPE).
+
+    Raises:
+        ConfigError: an unknown method.
+    """
+    return get_attribution_method(method).per_fact
 
 
 @dataclass(frozen=True)
@@ -20,7 +32,8 @@ class NeuronConfig:
     """Settings of the neuron stage.
 
     Attributes:
-        methods: any of ``ig``, ``atp`` (per fact) and ``lape`` (per language, from text).
+        methods: registered attribution methods (default: the built-in ``ig``, ``atp`` and
+            ``lape``): per fact (``ig``, ``atp``) or per language, from text (``lape``).
         attribution: the per-fact methods' settings (:class:`AttributionConfig`).
         min_rate: a unit is used by a language when important for at least this fraction
             of its facts ...
@@ -35,7 +48,8 @@ class NeuronConfig:
         ablation_facts: known facts per language measured in the ablation matrix.
     """
 
-    methods: tuple[str, ...] = STAGE_METHODS
+    # Every built-in method: importing analysis.neurons registers them before this module runs.
+    methods: tuple[str, ...] = attribution_methods()
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     min_rate: float = 0.05
     min_facts: int = 2
@@ -54,7 +68,7 @@ class NeuronConfig:
                 self, "methods", tuple(m.strip() for m in self.methods.split(",") if m.strip())
             )
         object.__setattr__(self, "methods", tuple(self.methods))
-        known = (*attribution_methods(), "lape")
+        known = attribution_methods()
         bad = [m for m in self.methods if m not in known]
         if bad or not self.methods:
             raise ConfigError(
@@ -78,8 +92,8 @@ class NeuronConfig:
 
     @property
     def fact_methods(self) -> tuple[str, ...]:
-        """The per-fact attribution methods asked for."""
-        return tuple(m for m in self.methods if m != "lape")
+        """The per-fact attribution methods asked for (scope ``fact``), in order."""
+        return tuple(m for m in self.methods if per_fact(m))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -106,7 +120,7 @@ class MethodSummary:
     """What one method found (per unit kind for the per-fact methods).
 
     Attributes:
-        method: ``ig``, ``atp`` or ``lape``.
+        method: the attribution method (``ig``, ``atp``, ``lape``).
         unit: ``neuron`` or ``head``.
         n_facts: facts attributed per language (LAPE: 0).
         set_size: mean important-set size per language.
@@ -137,6 +151,12 @@ class MethodSummary:
     seconds_per_fact: float | None = None
     passes_per_fact: float | None = None
 
+    @property
+    def per_fact(self) -> bool:
+        """Whether the method scores each fact (:func:`per_fact`): only then are there
+        per-fact sets, their overlap between languages and an ablation check."""
+        return per_fact(self.method)
+
     def to_dict(self) -> dict[str, Any]:
         return _clean(asdict(self))
 
@@ -151,7 +171,8 @@ class NeuronResult:
         methods: one summary per (method, unit kind).
         skipped: facts skipped per reason.
         run_path: the run folder.
-        lape: LAPE's selection size and activation-probability bar, when run.
+        lape: what the language-scope method (LAPE) selected, when run: the number of
+            neurons, the activation-probability bar and the text tokens per language.
     """
 
     langs: tuple[str, ...]

@@ -1,5 +1,5 @@
-"""What every editing method shares: the edit request, the returned weight deltas, exact
-restore, and the method registry.
+"""What every editing method shares: the edit request, the returned weight deltas with exact
+restore, the run-level context, and the method registry.
 
 An edit never mutates a model silently (EasyEdit#363): a method computes an
 :class:`EditResult` holding the weight **deltas** (or, for in-context editing, a prompt prefix)
@@ -8,7 +8,8 @@ duration of a ``with`` block and restores the original tensors exactly (bitwise)
 so evaluating many edits applies each one to the unedited model; in-place editing is the
 explicit :meth:`EditResult.apply` call.
 
-Methods are registered by name (:func:`register_edit_method`) with one signature,
+Methods are registered by name (:func:`register_edit_method`, in each method's own module,
+which :mod:`mlake_core.editing` imports) with one signature,
 ``method(adapter, requests, config, context) -> EditResult``, so the runner never branches
 on method names.  The :class:`EditContext` carries what is not the method's own setting: the
 random generator and the provider of key statistics (ROME, MEMIT).
@@ -27,6 +28,7 @@ from mlake_core.data.dataset import FactView
 from mlake_core.errors import ConfigError, DataError
 from mlake_core.models.adapter import ModelAdapter
 from mlake_core.models.prompting import PromptTemplate
+from mlake_core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -302,15 +304,24 @@ class EditMethod(Protocol):
 
 @dataclass(frozen=True)
 class MethodEntry:
-    """A registered method: its function and its config dataclass."""
+    """A registered method: its function and its config dataclass.
+
+    Attributes:
+        name: the registry name.
+        fn: the method.
+        config_cls: its frozen config dataclass.
+        batched: whether it accepts several requests at once.
+    """
 
     name: str
     fn: EditMethod
     config_cls: type
-    batched: bool  # accepts several requests at once
+    batched: bool
 
 
-EDIT_METHODS: dict[str, MethodEntry] = {}
+#: The editing methods, by name.  The built-in ones register themselves in their modules
+#: (:mod:`~mlake_core.editing.ft`, ``rome``, ``memit``, ``ike``), which the package imports.
+EDIT_METHODS: Registry[MethodEntry] = Registry("edit method", option="--method")
 
 
 def register_edit_method(
@@ -319,61 +330,17 @@ def register_edit_method(
     """Register an editing method under ``name`` (duplicates are refused)."""
 
     def deco(fn: EditMethod) -> EditMethod:
-        if name in EDIT_METHODS:
-            raise ValueError(f"edit method {name!r} is already registered")
-        EDIT_METHODS[name] = MethodEntry(name, fn, config_cls, batched)
+        EDIT_METHODS.register(name, MethodEntry(name, fn, config_cls, batched))
         return fn
 
     return deco
 
 
 def get_method(name: str) -> MethodEntry:
-    """Look up a method.
+    """Look up a method (the built-in ones are registered once :mod:`mlake_core.editing` is
+    imported, which importing this module does first).
 
     Raises:
         ConfigError: for an unknown name, listing the known ones.
     """
-    import mlake_core.editing.memit
-    import mlake_core.editing.methods  # noqa: F401  (register the built-in methods)
-
-    try:
-        return EDIT_METHODS[name]
-    except KeyError:
-        raise ConfigError(
-            f"--method {name!r} is not known; choose from {', '.join(sorted(EDIT_METHODS))}"
-        ) from None
-
-
-def check_layer(adapter: ModelAdapter, layer: int, option: str = "--layer") -> int:
-    """Validate a layer index (negative counts from the end).
-
-    Raises:
-        ConfigError: out of range, naming the option and the model's layer count.
-    """
-    n = adapter.n_layers
-    if not -n <= int(layer) < n:
-        raise ConfigError(f"{option} {layer}: the model has {n} layers (0..{n - 1})")
-    return int(layer) % n
-
-
-def check_not_last(adapter: ModelAdapter, layer: int, method: str) -> int:
-    """Methods that write at the subject token (ROME, MEMIT) cannot use the last layer: its
-    output at a token before the last is read by no later layer, so it cannot change the
-    answer.
-
-    Raises:
-        ConfigError: for the last layer, naming the method and the usable range.
-    """
-    if layer == adapter.n_layers - 1:
-        raise ConfigError(
-            f"--layer {layer}: {method} writes at the subject token, and the last layer's output "
-            f"there is read by no later layer; choose a layer in 0..{adapter.n_layers - 2}"
-        )
-    return layer
-
-
-def default_layer(adapter: ModelAdapter) -> int:
-    """The documented default edit layer before causal tracing picks one: the layer at about
-    a third of the depth (ROME edits layer 17 of 48 in GPT-2 XL, 5 of 28 in GPT-J; MEMIT's
-    ranges start in the lower third)."""
-    return min(adapter.n_layers // 3, max(0, adapter.n_layers - 2))
+    return EDIT_METHODS.get(name)

@@ -4,7 +4,7 @@ For requests ``i = 1..n`` with subject-last tokens:
 
 1. Optimise a vector ``δ_i`` added to the MLP output of the *last* edited layer at the
    subject's last token so the model gives the new answer (the same optimisation as ROME,
-   :func:`~mlake_core.editing.methods.optimise_output_delta`, all requests in one batch).
+   :func:`~mlake_core.editing.delta.optimise_output_delta`, all requests in one batch).
    The target residual there is ``z_i = h_i + δ_i``.
 2. For each edited layer ``l`` in order: read the keys ``k_i`` (``mlp_post.l``) and the
    current residual ``h_i`` after the last edited layer (earlier layers' updates already in
@@ -38,61 +38,18 @@ from mlake_core.editing.base import (
     EditContext,
     EditRequest,
     EditResult,
-    check_layer,
-    check_not_last,
-    default_layer,
     down_proj_name,
     register_edit_method,
     restore_weights,
 )
-from mlake_core.editing.methods import (
+from mlake_core.editing.delta import (
     check_init,
     optimise_output_delta,
     subject_means,
     teacher_forced,
 )
+from mlake_core.editing.layers import resolve_layers
 from mlake_core.errors import ConfigError
-
-
-def default_layers(adapter: Any, end: int | None = None) -> tuple[int, ...]:
-    """The documented default MEMIT layers: a run of ``max(2, round(5 * n_layers / 28))``
-    layers ending at ``end`` (the layer causal tracing recommends, see ``mlake trace``), by
-    default :func:`default_layer` (MEMIT edits 5 of GPT-J's 28 layers, 3-8; of a 4-layer
-    model, layers 0-1; of a 2-layer one, layer 0)."""
-    end = default_layer(adapter) if end is None else int(end)
-    width = max(2, round(5 * adapter.n_layers / 28))
-    return tuple(range(max(0, end - width + 1), end + 1))
-
-
-def resolve_layers(adapter: Any, layers: str | Sequence[int]) -> tuple[int, ...]:
-    """``auto``, ``"a-b"``, ``"a,b,c"`` or a sequence of ints, checked against the model.
-
-    Raises:
-        ConfigError: for a malformed spec, a layer out of range or unsorted/duplicate layers.
-    """
-    if layers == "auto":
-        return default_layers(adapter)
-    if isinstance(layers, str):
-        text = layers.strip()
-        try:
-            if "-" in text.lstrip("-") and "," not in text:
-                a, _, b = text.partition("-")
-                values = list(range(int(a), int(b) + 1))
-            else:
-                values = [int(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise ConfigError(
-                f"--layers {layers!r}: expected 'auto', a range such as 1-3, or a list such as 1,2,3"
-            ) from None
-    else:
-        values = [int(x) for x in layers]
-    if not values:
-        raise ConfigError(f"--layers {layers!r}: no layers given")
-    checked = [check_layer(adapter, v) for v in values]
-    check_not_last(adapter, max(checked), "memit")
-    if sorted(set(checked)) != checked:
-        raise ConfigError(f"--layers {layers!r}: layers must be increasing and distinct")
-    return tuple(checked)
 
 
 @dataclass(frozen=True)
@@ -100,7 +57,8 @@ class MemitConfig:
     """MEMIT.
 
     Attributes:
-        layers: ``auto`` (:func:`default_layers`), a range ``"a-b"`` or a list ``"a,b,c"``.
+        layers: ``auto`` (:func:`~mlake_core.editing.layers.default_layers`), a range
+            ``"a-b"`` or a list ``"a,b,c"``.
         steps: Adam steps of the ``δ`` optimisation.
         lr: its learning rate.
         clamp_norm: ``||δ||`` is kept below this multiple of the last layer's original MLP
@@ -109,7 +67,7 @@ class MemitConfig:
         mom2_weight: ``λ / d_mlp``, the weight of the key statistics against the edits.
         stop_loss: stop once the mean new-answer NLL (nats) is below this.
         init: where ``δ`` starts, as for ROME
-            (:func:`~mlake_core.editing.methods.subject_means`): ``zero`` or
+            (:func:`~mlake_core.editing.delta.subject_means`): ``zero`` or
             ``subject-mean``.
         restarts: further attempts from random starts, as for ROME.
     """

@@ -449,7 +449,7 @@ def test_neuron_config_methods_and_dict():
 
 
 def test_registry_refuses_duplicates_and_unknown_names(monkeypatch):
-    assert set(attribution_methods()) >= {"ig", "atp"}
+    assert attribution_methods()[:3] == ("ig", "atp", "lape")
     assert get_attribution_method("ig").units == ("neuron",)
     assert get_attribution_method("atp").units == ("neuron", "head")
     with pytest.raises(ValueError, match="already registered"):
@@ -459,9 +459,71 @@ def test_registry_refuses_duplicates_and_unknown_names(monkeypatch):
         get_attribution_method("xyz")
 
 
+def test_entries_declare_scope_and_needs():
+    """The stage asks the entries what they need and what they cover, never their names."""
+    ig, atp, lape_entry = (get_attribution_method(m) for m in ("ig", "atp", "lape"))
+    assert (ig.scope, ig.needs, ig.per_fact) == ("fact", ("activation_stats",), True)
+    assert (atp.scope, atp.needs, atp.per_fact) == ("fact", ("noise",), True)
+    assert (lape_entry.scope, lape_entry.needs, lape_entry.units) == (
+        "language",
+        ("activation_stats",),
+        ("neuron",),
+    )
+    assert not lape_entry.per_fact
+    # LAPE's entry takes the statistics and the stage's config and returns its selection.
+    stats = _planted_stats()
+    config = NeuronConfig(lape_top_rate=0.03)
+    found = lape_entry.fn(stats, config)
+    same = lape(stats, top_rate=0.03, filter_rate=0.95, bar_rate=0.95)
+    assert found.selected.tolist() == same.selected.tolist() and found.bar == same.bar
+    assert set(found.to_arrays()) == {"selected", "assignment", "entropy"}
+    assert found.info() == {"selected": len(same.selected), "bar": same.bar}
+    # Bad declarations are programming errors.
+    for kwargs in (
+        {"units": ("neuron",), "scope": "corpus"},
+        {"units": ("neuron",), "needs": ("gpu",)},
+        {"units": ("synapse",)},
+        {"units": ("neuron", "head"), "scope": "language"},
+    ):
+        with pytest.raises(ValueError, match="attribution method 'bad'"):
+            register_attribution_method("bad", summary="", **kwargs)
+    assert "bad" not in attribution_methods()
+
+
+def test_scope_of_methods_in_config_and_summaries():
+    cfg = NeuronConfig(methods="lape,ig,atp")
+    assert cfg.fact_methods == ("ig", "atp")  # by scope, in order
+    assert NeuronConfig().methods == ("ig", "atp", "lape")
+    result = NeuronResult.from_dict(
+        {
+            "langs": ["en"],
+            "n_layers": 1,
+            "methods": [_saved_summary("ig"), _saved_summary("lape")],
+        }
+    )  # a summary.json as earlier runs wrote it (no scope saved)
+    assert [m.per_fact for m in result.methods] == [True, False]
+    assert "scope" not in result.methods[0].to_dict() and "per_fact" not in result.to_dict()
+
+
+def _saved_summary(method: str) -> dict:
+    return {
+        "method": method,
+        "unit": "neuron",
+        "n_facts": {"en": 0},
+        "set_size": {"en": None},
+        "jaccard": [[None]],
+        "overlap": [[None]],
+        "n_pairs": [[0]],
+        "counts": [],
+        "ablation": [[None]],
+        "ablation_random": [[None]],
+        "check": {},
+    }
+
+
 def test_attribute_fact_with_a_registered_method(monkeypatch):
     """A new method plugs in through the registry; attribute_fact keeps the agreed units."""
-    monkeypatch.setattr(attr_mod, "_REGISTRY", dict(attr_mod._REGISTRY))
+    monkeypatch.setattr(attr_mod, "ATTRIBUTION_METHODS", attr_mod.ATTRIBUTION_METHODS.copy())
     table = {
         # per prompt: neuron scores [2 layers, 3 units] (flat indices 0..5)
         "q": np.array([[0.0, 1.0, 0.5], [0.1, 0.0, 0.9]]),  # important: 1, 2, 5
@@ -487,6 +549,9 @@ def test_attribute_fact_with_a_registered_method(monkeypatch):
     assert fa.sets["neuron"].tolist() == [1, 2, 5]
     with pytest.raises(ConfigError, match="unknown attribution method"):
         attribute_fact(None, "nope", prompts, AttributionConfig(), context)
+    with pytest.raises(ConfigError, match="lape is not a per-fact attribution method"):
+        attribute_fact(None, "lape", prompts, AttributionConfig(), context)
+    assert "fake" not in NeuronConfig().methods  # the default: the built-in methods
 
 
 def test_fact_attribution_round_trip(tmp_path):

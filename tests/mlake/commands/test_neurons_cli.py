@@ -30,6 +30,7 @@ from analysis.neurons.sharing import classify_units, pair_rows
 from mlake.cli import main
 from mlake_core.editing.base import locate_prompt
 from mlake_core.errors import MlakeError
+from mlake_core.models import load_adapter
 from mlake_core.models.mlake_tiny import read_metadata
 from mlake_core.models.prompting import get_template
 from tests.analysis.neurons.helpers import attribution_prompt
@@ -39,6 +40,13 @@ pytestmark = pytest.mark.slow
 LANGS = ("en", "zh")
 N_FACTS = 3
 SECTIONS = ("== ig (neurons)", "== atp (neurons)", "== atp (heads)", "== lape (neurons)")
+
+
+@pytest.fixture(scope="module")
+def micro_adapters(micro_tiny: Path):
+    """The micro mlake-tiny, keyed by backend like ``tests/analysis/neurons``' fixture (whose
+    conftest this folder does not see); these tests use TransformerLens."""
+    return {"tlens": load_adapter(str(micro_tiny), "tlens", device="cpu")}
 
 
 @pytest.fixture(scope="module", autouse=True)

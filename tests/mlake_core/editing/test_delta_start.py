@@ -1,5 +1,5 @@
 """Where ROME's and MEMIT's ``δ`` optimisation starts and how it retries (``init``,
-``restarts``; :func:`~mlake_core.editing.methods.optimise_output_delta`), and the run's
+``restarts``; :func:`~mlake_core.editing.delta.optimise_output_delta`), and the run's
 subject statistics it starts from (``_subject_mean``, wired into ``transfer_stage``).
 
 Everything runs on the micro mlake-tiny (2 layers, so the edit layer is 0); the values the
@@ -20,17 +20,17 @@ import torch
 from mlake_core.editing import EditContext, get_method, make_request
 from mlake_core.editing.base import EditRequest
 from mlake_core.editing.covariance import key_second_moment, mlake_corpus
-from mlake_core.editing.memit import MemitConfig
-from mlake_core.editing.methods import (
+from mlake_core.editing.delta import (
     DELTA_INITS,
     RESTART_NLL,
-    RomeConfig,
     check_init,
     nll,
     optimise_output_delta,
     subject_means,
     teacher_forced,
 )
+from mlake_core.editing.memit import MemitConfig
+from mlake_core.editing.rome import RomeConfig
 from mlake_core.errors import ConfigError, DataError, MlakeError
 from mlake_core.models import load_adapter
 from mlake_core.models.adapter import Patch

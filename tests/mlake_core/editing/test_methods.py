@@ -10,8 +10,9 @@ import torch
 
 from mlake_core.editing import EditContext, get_method, make_request
 from mlake_core.editing.covariance import key_second_moment, mlake_corpus
-from mlake_core.editing.memit import MemitConfig, default_layers, resolve_layers
-from mlake_core.editing.methods import teacher_forced
+from mlake_core.editing.delta import teacher_forced
+from mlake_core.editing.layers import default_layers, resolve_layers
+from mlake_core.editing.memit import MemitConfig
 from mlake_core.errors import ConfigError
 from mlake_core.metrics.knowledge import score_sequences
 from mlake_core.models import load_adapter

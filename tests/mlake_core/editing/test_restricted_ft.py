@@ -22,7 +22,7 @@ from mlake.commands import edit as edit_command
 from mlake.commands.edit import read_unit_sets
 from mlake_core.editing import EditContext, get_method
 from mlake_core.editing.base import EditRequest, down_proj_name
-from mlake_core.editing.methods import UNIT_CHOICES, FtConfig, unit_mask
+from mlake_core.editing.ft import UNIT_CHOICES, FtConfig, unit_mask
 from mlake_core.errors import ConfigError, DataError
 from mlake_core.models import load_adapter
 from mlake_core.models.tiny import build_tiny_model
