@@ -21,6 +21,7 @@ import torch
 
 from mlake_core.errors import ConfigError
 from mlake_core.models.adapter import BaseAdapter, BosPolicy, ModelInfo, architecture_facts
+from mlake_core.models.mlake_tiny_metadata import read_metadata
 from mlake_core.models.sites import ARCHITECTURES, ArchitectureSpec, get_spec
 from mlake_core.provenance import package_versions
 
@@ -194,8 +195,6 @@ def _max_positions(config: Any, folder: str | None) -> int | None:
     """The longest sequence the model is made for (:attr:`ModelInfo.max_positions`): a
     mlake-tiny model's longest training sequence, else the config's position table size."""
     if folder is not None:
-        from mlake_core.models.mlake_tiny import read_metadata
-
         meta = read_metadata(folder)
         trained = (meta or {}).get("config", {}).get("max_len")
         if isinstance(trained, int) and trained > 0:

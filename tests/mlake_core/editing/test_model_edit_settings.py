@@ -1,12 +1,8 @@
-"""The edit settings a model was trained for (``recommended_edit_settings``) and how
-``mlake edit transfer`` combines them with the method defaults, ``--layer`` and ``--set``
-(``method_config_for``).  No model is loaded: a model folder is its ``mlake_tiny.json``."""
+"""How ``mlake edit transfer`` combines the edit settings a model was trained for with the
+method defaults, ``--layer`` and ``--set`` (``method_config_for``); the settings themselves
+are tested in ``tests/mlake_core/models/test_mlake_tiny_edit_settings.py``."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -15,84 +11,10 @@ from mlake_core.editing import get_method
 from mlake_core.editing.memit import MemitConfig
 from mlake_core.editing.methods import FtConfig, IkeConfig, RomeConfig
 from mlake_core.errors import ConfigError
-from mlake_core.models.mlake_tiny import (
-    METADATA_FILE,
-    TinyTrainConfig,
-    recommended_edit_settings,
-    variant_config,
-)
 
 AUTO = {"layer": "auto", "layers": "auto"}
 DELTA = {"clamp_norm": "100", "steps": "200", "lr": "2", "init": "subject-mean", "restarts": "3"}
 FT = {"lr": "0.01", "steps": "100", "max_rel_norm": "0.3"}
-
-
-def _model(folder: Path, meta: dict[str, Any] | None) -> Path:
-    """A model folder with ``meta`` as its mlake_tiny.json (none for ``None``)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text("{}", encoding="utf-8")
-    if meta is not None:
-        (folder / METADATA_FILE).write_text(json.dumps(meta), encoding="utf-8")
-    return folder
-
-
-def _config(**fields: Any) -> dict[str, Any]:
-    return {"config": fields, "fact_ids": [1, 2]}
-
-
-# -- recommended_edit_settings -------------------------------------------------------------------
-
-
-def test_no_settings_for_other_models(tmp_path: Path) -> None:
-    assert recommended_edit_settings(_model(tmp_path / "hf", None)) == {}
-    assert recommended_edit_settings(tmp_path / "missing") == {}
-    assert recommended_edit_settings(_model(tmp_path / "old", {"fact_ids": [1]})) == {}
-    plain = TinyTrainConfig().to_dict()
-    assert plain["interchange"] == 0.0
-    assert recommended_edit_settings(_model(tmp_path / "tiny", {"config": plain})) == {}
-    zero = _config(interchange=0, route_layer=2)
-    assert recommended_edit_settings(_model(tmp_path / "zero", zero)) == {}
-
-
-def test_settings_of_a_model_trained_with_interchange(tmp_path: Path) -> None:
-    settings = recommended_edit_settings(
-        _model(tmp_path / "m", _config(interchange=1.0, route_layer=2))
-    )
-    assert settings == {
-        "rome": {"layer": "1", **DELTA},
-        "memit": {"layers": "0-1", **DELTA, "mom2_weight": "0.01"},
-        "ft": {"layer": "1", **FT},
-    }
-    # Any positive interchange counts; the site follows route_layer.
-    first = recommended_edit_settings(
-        _model(tmp_path / "r1", _config(interchange="0.25", route_layer=1))
-    )
-    assert first["rome"]["layer"] == "0" and first["ft"]["layer"] == "0"
-    assert first["memit"]["layers"] == "0"
-    deep = recommended_edit_settings(_model(tmp_path / "r3", _config(interchange=1, route_layer=3)))
-    assert deep["rome"]["layer"] == "2" and deep["memit"]["layers"] == "0-2"
-
-
-def test_settings_of_the_editable_variant_make_valid_configs(tmp_path: Path) -> None:
-    config = variant_config("mlake-tiny-editable")
-    assert config.interchange > 0
-    folder = _model(tmp_path / "editable", {"config": config.to_dict(), "key": config.key()})
-    settings: dict[str, dict[str, Any]] = recommended_edit_settings(folder)  # --set style
-    site = config.route_layer - 1
-    assert 0 <= site < config.n_layers - 1  # ROME and MEMIT cannot edit the last layer
-    assert settings["rome"]["layer"] == str(site)
-    assert set(settings) == {"rome", "memit", "ft"}
-    rome = RomeConfig(**settings["rome"])
-    assert (rome.layer, rome.init, rome.restarts, rome.clamp_norm) == (
-        str(site),
-        "subject-mean",
-        3,
-        100.0,
-    )
-    memit = MemitConfig(**settings["memit"])
-    assert memit.mom2_weight == 0.01 and memit.steps == 200 and memit.lr == 2.0
-    ft = FtConfig(**settings["ft"])
-    assert (ft.layer, ft.lr, ft.steps, ft.max_rel_norm) == (str(site), 0.01, 100, 0.3)
 
 
 # -- method_config_for ---------------------------------------------------------------------------

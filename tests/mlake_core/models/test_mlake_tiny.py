@@ -161,7 +161,7 @@ def test_both_backends_load_it_and_agree_with_training_status(
 
 
 def test_default_model_resolves_to_the_cached_default(monkeypatch, tmp_path: Path) -> None:
-    from mlake.commands.common import resolve_model_path
+    from mlake.loading import resolve_model_path
 
     monkeypatch.setenv("MLAKE_CACHE", str(tmp_path))
     folder = model_dir(TinyTrainConfig())
@@ -187,7 +187,7 @@ def test_default_model_resolves_to_the_cached_default(monkeypatch, tmp_path: Pat
 def test_bilingual_document_states_the_fact_in_two_languages(micro_tiny: Path, mlake_v2411) -> None:
     from transformers import PreTrainedTokenizerFast
 
-    from mlake_core.models.mlake_tiny import _bilingual
+    from mlake_core.models.mlake_tiny.examples import _bilingual
 
     tok = PreTrainedTokenizerFast.from_pretrained(micro_tiny)
     config = TinyTrainConfig(**MICRO_TINY)

@@ -269,7 +269,9 @@ def test_context_dropout_touches_only_question_words_outside_the_subject(mlake_v
 
     from transformers import PreTrainedTokenizerFast
 
-    from mlake_core.models.mlake_tiny import Example, _context_tokens, _dropped, train_tokenizer
+    from mlake_core.models.mlake_tiny import Example, train_tokenizer
+    from mlake_core.models.mlake_tiny.corpus import _context_tokens
+    from mlake_core.models.mlake_tiny.examples import _dropped
     from mlake_core.models.prompting import get_template
 
     tok = train_tokenizer(
@@ -293,7 +295,8 @@ def test_context_dropout_touches_only_question_words_outside_the_subject(mlake_v
 def test_answer_continuations_never_pair_a_question_with_its_own_new_answer(mlake_v2411) -> None:
     import random
 
-    from mlake_core.models.mlake_tiny import _continuation, build_corpus, train_tokenizer
+    from mlake_core.models.mlake_tiny import build_corpus, train_tokenizer
+    from mlake_core.models.mlake_tiny.examples import _continuation
 
     config = TinyTrainConfig(facts=8, langs=("en", "zh"), answer_continuations=True)
     assert config.key() != TinyTrainConfig(facts=8, langs=("en", "zh")).key()
@@ -362,12 +365,12 @@ def test_entity_documents_and_enrichment_targets(mlake_v2411) -> None:
     from transformers import LlamaForCausalLM
 
     from mlake_core.models.mlake_tiny import (
-        _batch_loss,
         build_corpus,
         entity_document,
         model_config,
         train_tokenizer,
     )
+    from mlake_core.models.mlake_tiny.loss import _batch_loss
 
     config = TinyTrainConfig(
         facts=4, langs=("en", "zh"), entity_text=True, enrichment_layer=1, subject_prompts=True
@@ -446,7 +449,8 @@ def test_entity_documents_and_enrichment_targets(mlake_v2411) -> None:
 
 
 def test_route_masking_config_and_subject_positions(mlake_v2411) -> None:
-    from mlake_core.models.mlake_tiny import _continuation, build_corpus, train_tokenizer
+    from mlake_core.models.mlake_tiny import build_corpus, train_tokenizer
+    from mlake_core.models.mlake_tiny.examples import _continuation
 
     assert TinyTrainConfig(route_masking=0.0, route_layer=2).key() == TinyTrainConfig().key()
     assert TinyTrainConfig(route_masking=0.5).key() != TinyTrainConfig().key()
@@ -495,12 +499,8 @@ def test_route_masks_leave_only_the_subjects_last_token_as_the_route(mlake_v2411
     import torch
     from transformers import LlamaForCausalLM
 
-    from mlake_core.models.mlake_tiny import (
-        _route_masks,
-        model_config,
-        route_masks,
-        train_tokenizer,
-    )
+    from mlake_core.models.mlake_tiny import model_config, route_masks, train_tokenizer
+    from mlake_core.models.mlake_tiny.hooks import _route_masks
 
     # The masks by hand: 6 tokens, the subject at 2..3, one padded row.
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
@@ -564,13 +564,9 @@ def test_interchange_examples_read_the_answer_through_the_swapped_subject(mlake_
     import torch
     from transformers import LlamaForCausalLM
 
-    from mlake_core.models.mlake_tiny import (
-        _batch_loss,
-        _interchange,
-        build_corpus,
-        model_config,
-        train_tokenizer,
-    )
+    from mlake_core.models.mlake_tiny import build_corpus, model_config, train_tokenizer
+    from mlake_core.models.mlake_tiny.examples import _interchange
+    from mlake_core.models.mlake_tiny.loss import _batch_loss
 
     config = TinyTrainConfig(facts=4, langs=("en", "zh"), interchange=1.0, route_layer=1)
     assert config.key() != TinyTrainConfig(facts=4, langs=("en", "zh")).key()
@@ -653,13 +649,13 @@ def test_name_entities_and_mlp_interchange(mlake_v2411) -> None:
     from transformers import LlamaForCausalLM
 
     from mlake_core.models.mlake_tiny import (
-        _batch_loss,
-        _interchange,
         build_corpus,
         model_config,
         synthetic_name,
         train_tokenizer,
     )
+    from mlake_core.models.mlake_tiny.examples import _interchange
+    from mlake_core.models.mlake_tiny.loss import _batch_loss
 
     with pytest.raises(ConfigError, match="interchange-site"):
         TinyTrainConfig(interchange_site="attn")

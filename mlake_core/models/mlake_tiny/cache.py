@@ -1,0 +1,73 @@
+"""Where trained mlake-tiny models live (the cache folder) and training one when it is missing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from mlake_core.models.mlake_tiny.config import TINY_NAME, TinyTrainConfig, describe_config
+from mlake_core.models.mlake_tiny.train import train_tiny
+from mlake_core.models.mlake_tiny_metadata import METADATA_FILE
+
+#: Environment variable naming the cache folder.
+CACHE_ENV = "MLAKE_CACHE"
+
+
+def cache_dir() -> Path:
+    """mlake's cache folder: ``$MLAKE_CACHE``, else ``$XDG_CACHE_HOME/mlake``, else
+    ``~/.cache/mlake``."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "mlake"
+
+
+def model_dir(config: TinyTrainConfig, root: Path | None = None) -> Path:
+    """Folder of the mlake-tiny trained with ``config``."""
+    return (root or cache_dir()) / "models" / f"{TINY_NAME}-{config.key()}"
+
+
+def is_trained(path: Path) -> bool:
+    """Whether ``path`` holds a complete mlake-tiny (weights, tokenizer and metadata)."""
+    return all(
+        (path / name).is_file()
+        for name in ("config.json", "model.safetensors", "tokenizer.json", METADATA_FILE)
+    )
+
+
+def ensure_tiny(
+    config: TinyTrainConfig | None = None,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    root: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    show_bar: bool = True,
+    retrain: bool = False,
+) -> Path:
+    """The folder of mlake-tiny for ``config`` (default config when ``None``), training it
+    first when it is not in the cache.
+
+    Args:
+        config: training config.
+        data_dir: MLaKE data directory (see :func:`mlake_core.data.paths.resolve_data_dir`).
+        root: cache folder (default :func:`cache_dir`).
+        progress: receives log lines.
+        show_bar: show the training progress bar.
+        retrain: train again even if cached.
+    """
+    from mlake_core.data.dataset import load_mlake
+
+    config = config or TinyTrainConfig()
+    path = model_dir(config, root)
+    if is_trained(path) and not retrain:
+        return path
+    if retrain and path.exists():
+        shutil.rmtree(path)
+    if progress:
+        progress(f"training {TINY_NAME} ({describe_config(config)}) into {path}")
+    dataset = load_mlake(data_dir, version=config.data_version, langs=config.langs)
+    return train_tiny(config, dataset, path, progress=progress, show_bar=show_bar)
