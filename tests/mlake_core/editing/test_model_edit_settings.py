@@ -8,8 +8,10 @@ import pytest
 
 from mlake.commands.edit import method_config_for, parse_overrides
 from mlake_core.editing import get_method
+from mlake_core.editing.ft import FtConfig
+from mlake_core.editing.ike import IkeConfig
 from mlake_core.editing.memit import MemitConfig
-from mlake_core.editing.methods import FtConfig, IkeConfig, RomeConfig
+from mlake_core.editing.rome import RomeConfig
 from mlake_core.errors import ConfigError
 
 AUTO = {"layer": "auto", "layers": "auto"}
