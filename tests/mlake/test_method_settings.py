@@ -127,7 +127,7 @@ def test_bad_values_fail_naming_the_field(model) -> None:
         resolve("memit", {"restarts": "-1"})
     with pytest.raises(ConfigError, match="has no field 'inits'"):
         parse_set(["rome.inits=zero"], {"rome": RomeConfig})
-    with pytest.raises(ConfigError, match="expected NAME.FIELD=VALUE"):
+    with pytest.raises(ConfigError, match=r"expected NAME\.FIELD=VALUE"):
         parse_set(["rome-init"], {"rome": RomeConfig})
     with pytest.raises(ConfigError, match="--method 'bogus' is not known"):
         resolve("bogus")
