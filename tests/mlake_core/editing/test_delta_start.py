@@ -335,7 +335,7 @@ def test_check_init_and_config_fields() -> None:
             cls(restarts=-1)
         with pytest.raises(ConfigError, match=rf"{name}\.restarts -2"):
             cls(restarts="-2")
-        with pytest.raises(ConfigError, match="--restarts 'many'"):
+        with pytest.raises(ConfigError, match="--restarts: expected an integer, got 'many'"):
             cls(restarts="many")
         # --set values arrive as strings.
         config = cls(init="subject-mean", restarts="3")
@@ -493,19 +493,21 @@ def test_subject_mean_without_usable_prompts(adapter, mlake_v2411, tmp_path: Pat
 def test_transfer_run_key_leaves_out_default_new_fields(monkeypatch) -> None:
     """``init: zero`` and ``restarts: 0`` stay out of the run key (earlier runs stay valid);
     other values enter it."""
-    from mlake.stages import transfer as experiments
+    from mlake.stages.context import StageContext
+    from mlake.stages.transfer import transfer_stage
 
     keys: list[dict] = []
 
     class Opened(Exception):
         pass
 
-    def fake_open(*args, **extra):
+    def fake_open(self, kind, config, **extra):
         keys.append(extra["method_config"])
         raise Opened
 
-    monkeypatch.setattr(experiments, "model_identity", lambda adapter, path: {})
-    monkeypatch.setattr(experiments, "open_stage_run", fake_open)
+    monkeypatch.setattr(StageContext, "identity", lambda self: {})
+    monkeypatch.setattr(StageContext, "open_run", fake_open)
+    ctx = StageContext(None, "model", None, (0,), ("en",), QA)  # type: ignore[arg-type]
     configs = [
         RomeConfig(),
         RomeConfig(init="subject-mean", restarts=3),
@@ -515,13 +517,8 @@ def test_transfer_run_key_leaves_out_default_new_fields(monkeypatch) -> None:
     for config in configs:
         method = "rome" if isinstance(config, RomeConfig) else "memit"
         with pytest.raises(Opened):
-            experiments.transfer_stage(
-                None,  # type: ignore[arg-type]
-                "model",
-                None,  # type: ignore[arg-type]
-                [0],
-                ["en"],
-                QA,
+            transfer_stage(
+                ctx,
                 method,
                 config,
                 None,
@@ -542,38 +539,27 @@ def test_transfer_stage_gives_edits_the_run_subject_means(
     """Through ``EditContext.subject_mean``: measured per language at the edit layer and saved
     in the transfer run; a run with ``init: zero`` measures none."""
     from analysis.transfer import TransferConfig
+    from mlake.stages.context import StageContext
     from mlake.stages.knowledge import knowledge_stage
     from mlake.stages.transfer import transfer_stage
     from mlake_core.metrics.knowledge import KnowledgeConfig
 
     ids, langs = fact_ids[:2], ("en", "zh")
-    knowledge, _ = knowledge_stage(
-        adapter,
-        micro_tiny,
-        mlake_v2411,
-        ids,
-        langs,
-        QA,
-        KnowledgeConfig(mcqa=False),
-        results_dir=tmp_path,
+    ctx = StageContext(
+        adapter, str(micro_tiny), mlake_v2411, tuple(ids), langs, QA, results_dir=tmp_path
     )
+    knowledge, _ = knowledge_stage(ctx, KnowledgeConfig(mcqa=False))
     corpus = mlake_corpus(mlake_v2411)[:40]
     runs = {}
     for init in DELTA_INITS:
         rows, run = transfer_stage(
-            adapter,
-            micro_tiny,
-            mlake_v2411,
-            ids,
-            langs,
-            QA,
+            ctx,
             "rome",
             RomeConfig(layer=LAYER, steps=2, init=init),
             TransferConfig(n_locality=2),
             knowledge=knowledge,
             locality_pool=fact_ids,
             corpus=corpus,
-            results_dir=tmp_path,
         )
         assert len(rows) and rows["edit_loss"].notna().all()
         # Every row carries its edit's timing: one value per edit, the method's and the
