@@ -70,8 +70,14 @@ class TLensAdapter(BaseAdapter):
             name: (hf_model.get_submodule(self._where(name)[0]), self._where(name)[1])
             for name in all_sites(info.n_layers)
         }
+        # The bridge picks its architecture adapter by config.architectures, which configs
+        # rebuilt from a GGUF file leave empty (Gemma 3 270M Q4_K_M): name the loaded class.
+        overrides: dict[str, Any] = {}
+        if not getattr(hf_model.config, "architectures", None):
+            overrides["architectures"] = [type(hf_model).__name__]
         self.bridge = TransformerBridge.boot_transformers(
             info.model_id,
+            hf_config_overrides=overrides or None,
             hf_model=hf_model,
             # setup_tokenizer in TL mutates the tokenizer it is given (it invents a BOS for
             # tokenizers without one), so it gets a copy.

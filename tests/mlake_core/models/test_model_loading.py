@@ -109,6 +109,21 @@ def test_gemma3_bidirectional_config_is_refused(tmp_path, tiny_models) -> None:
         load_adapter(str(folder), "nnsight")
 
 
+def test_tlens_boots_a_config_without_architectures(tmp_path, tiny_models, get_adapter, texts):
+    """Configs rebuilt from a GGUF file (the Gemma 3 270M Q4_K_M) name no architectures; the
+    bridge then gets the loaded class's name."""
+    folder = tmp_path / "gemma3_no_architectures"
+    shutil.copytree(tiny_models["gemma3_text"], folder)
+    config_path = Path(folder) / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["architectures"]
+    config_path.write_text(json.dumps(config))
+    adapter = load_adapter(str(folder), "tlens", device="cpu")
+    batch = adapter.tokenize(list(texts))
+    reference = get_adapter("gemma3_text", "nnsight").forward(batch)
+    torch.testing.assert_close(adapter.forward(batch), reference, atol=1e-5, rtol=0)
+
+
 def test_tlens_does_not_change_the_adapters_tokenizer(get_adapter) -> None:
     """TL's setup_tokenizer gives BOS-less tokenizers a fake BOS; the adapter keeps its own."""
     adapter = get_adapter("qwen2", "tlens")
