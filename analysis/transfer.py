@@ -20,20 +20,24 @@ Each row has the probability measures (``success_prob``: alias-aware p(new) > p(
 ``p_new``: the summed probability of the new answer's forms) and the greedy measure
 (``success_greedy``: greedy alias match gives the new answer), with ``known_before``: whether
 the model answered ``f`` in B correctly before the edit (transfer is only meaningful there).
+
+A transfer run's rows are read back as a :class:`TransferRun` (:meth:`TransferRun.load`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from mlake_core.configs import coerce_fields
 from mlake_core.data.dataset import MlakeDataset
 from mlake_core.editing.base import EditResult
-from mlake_core.errors import ConfigError
+from mlake_core.errors import ConfigError, DataError
 from mlake_core.metrics.knowledge import (
     KnowledgeConfig,
     greedy_generate,
@@ -41,6 +45,7 @@ from mlake_core.metrics.knowledge import (
     measure_knowledge,
 )
 from mlake_core.models.prompting import PromptTemplate
+from mlake_core.results.store import read_run
 
 #: Row kinds, in report order.
 KINDS: tuple[str, ...] = ("efficacy", "generalization", "transfer", "locality", "portability")
@@ -235,3 +240,56 @@ def transfer_matrix(
     if known_only:
         sel = sel[sel["known_before"]]
     return sel.pivot_table(index="edit_lang", columns="test_lang", values=metric, aggfunc="mean")
+
+
+@dataclass
+class TransferRun:
+    """A transfer run as read back (:meth:`load`): its rows, meta and key.
+
+    Attributes:
+        path: the run folder.
+        rows: every edit's rows (:func:`evaluate_edit`'s, with the edit's timing), a pandas
+            DataFrame.
+        meta: the run's ``meta.json`` (method, method config, languages, facts, ...).
+        key: the run's ``key.json`` (what its folder name hashes).
+    """
+
+    path: Path
+    rows: Any  # pandas.DataFrame
+    meta: dict[str, Any]
+    key: dict[str, Any]
+
+    @property
+    def method(self) -> str:
+        """The editing method."""
+        return str(self.meta.get("method") or self.key.get("method"))
+
+    @property
+    def label(self) -> str:
+        """The method with its unit restriction, e.g. ``ft[shared]`` (``ft`` when all)."""
+        units = (self.meta.get("method_config") or {}).get("units", "all")
+        return self.method if units in ("all", None) else f"{self.method}[{units}]"
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike[str]) -> TransferRun:
+        """A transfer run's per-edit-language tables (``tables/edits_<lang>.parquet``),
+        concatenated in file-name order (by language code; the stage returned the same rows
+        in the run's language order), with its meta and key.
+
+        Raises:
+            DataError: not a transfer run, or no table saved yet (the message names the
+                folder).
+        """
+        import pandas as pd
+
+        run = read_run(run_dir, "transfer")
+        tables = sorted((run.path / "tables").glob("edits_*.parquet"))
+        if not tables:
+            raise DataError(f"{run.path}: no edits_<lang> table yet (is the run still going?)")
+        rows = pd.concat([run.load_table(t.stem) for t in tables], ignore_index=True)
+        return cls(run.path, rows, run.meta, run.load_json("key"))
+
+
+def load_transfer(run_dir: str | os.PathLike[str]) -> TransferRun:
+    """:meth:`TransferRun.load` (kept for callers)."""
+    return TransferRun.load(run_dir)

@@ -1,5 +1,5 @@
 """Figures of the relation between parameter sharing and edit transfer (``result``: an
-:class:`mlake.stages.relate.RelateResult`):
+:class:`analysis.relate_result.RelateResult`):
 
 * :func:`sharing_vs_transfer`: per ordered language pair (edit language A -> test language
   B), the mean same-fact overlap of A's and B's important units against the transfer rate

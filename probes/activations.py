@@ -19,16 +19,19 @@ this, ndif-team/nnsight#672).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from jaxtyping import Float, Int
 
-from mlake_core.errors import MlakeError
+from mlake_core.errors import DataError, MlakeError
 from mlake_core.models.adapter import ModelAdapter
+from mlake_core.results.store import read_arrays, read_run
 
 #: Where activations are read: the subject's last token and the prompt's last token.
 POSITIONS: tuple[str, ...] = ("subject", "last")
@@ -61,6 +64,11 @@ class ProbePrompt:
     lang: str
     prompt_ids: tuple[int, ...]
     subject_position: int
+
+
+#: The arrays every saved :class:`Activations` has (``values_<position>`` and
+#: ``tokens_<position>`` besides).
+_ACTS_KEYS: tuple[str, ...] = ("sites", "fact_ids", "langs")
 
 
 @dataclass(eq=False)
@@ -130,6 +138,39 @@ class Activations:
             out[f"values_{position}"] = self.values[position]
             out[f"tokens_{position}"] = self.tokens[position]
         return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Activations:
+        """Activations as the probe stage saved them.
+
+        Args:
+            path: one language's file (``arrays/acts_<lang>.npz``; a path ending in ``.npz``),
+                or the whole
+                ``probe_activations`` run folder: every language's file, concatenated in the
+                run's language order (what :func:`mlake.stages.probes.activations_stage`
+                returned).
+
+        Raises:
+            DataError: not a probe-activations run, a language's file missing (a run still
+                going), or a file that is not activations; the message names it.
+        """
+        path = Path(path)
+        if path.suffix == ".npz":
+            return cls.from_arrays(read_arrays(path, keys=_ACTS_KEYS, what="probe activations"))
+        run = read_run(path, "probe_activations")
+        langs = run.meta.get("langs")
+        if not langs:
+            raise DataError(f"{run.json_path('meta')}: no langs recorded")
+        return cls.concat(
+            [
+                cls.from_arrays(
+                    read_arrays(
+                        run.arrays_path(f"acts_{lang}"), keys=_ACTS_KEYS, what="probe activations"
+                    )
+                )
+                for lang in langs
+            ]
+        )
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> Activations:

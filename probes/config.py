@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from mlake_core.configs import coerce_fields
 from mlake_core.errors import ConfigError, DataError
+from mlake_core.results.store import read_run
 from probes.activations import POSITIONS, layer_name
 
 #: Position the pair matrices default to: the subject's last token, where an edit's key is
@@ -249,6 +249,26 @@ class ProbeResult:
         )
 
     @classmethod
+    def load(cls, run_dir: str | os.PathLike[str]) -> ProbeResult:
+        """The result a probe run saved (its ``summary.json``, through :meth:`from_dict`):
+        what :func:`mlake.stages.probes.probe_stage` returned, with :attr:`run_path` the
+        folder it was read from.  The activations probed are in their own run
+        (:meth:`probes.activations.Activations.load`).
+
+        Raises:
+            DataError: not a probe run, or one that did not finish (no ``summary.json``); the
+                message names the folder or file.
+        """
+        run = read_run(run_dir, "probes")
+        if not run.has_json("summary"):
+            raise DataError(
+                f"{run.json_path('summary')}: no probe summary (the run did not finish)"
+            )
+        result = cls.from_dict(run.load_json("summary"))
+        result.run_path = str(run.path)
+        return result
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeResult:
         """Rebuild a result from :meth:`to_dict` (``None`` becomes NaN in the tables)."""
         return cls(
@@ -268,23 +288,8 @@ class ProbeResult:
 
 
 def load_probe_result(run_dir: str | os.PathLike[str]) -> ProbeResult:
-    """The result saved in a probe run folder (its ``summary.json``).
-
-    Raises:
-        DataError: no such folder, or a run that did not finish (no ``summary.json``).
-    """
-    import json
-
-    path = Path(run_dir) / "summary.json"
-    if not path.is_file():
-        raise DataError(f"{path}: no probe summary (the run did not finish, or not a probe run)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: malformed JSON ({err})") from None
-    result = ProbeResult.from_dict(data)
-    result.run_path = str(Path(run_dir))
-    return result
+    """:meth:`ProbeResult.load` (kept for callers)."""
+    return ProbeResult.load(run_dir)
 
 
 def pair_matrices(

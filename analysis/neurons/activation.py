@@ -22,6 +22,7 @@ as the attribution method ``lape`` of scope ``language`` (:func:`select_lape`).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,8 +32,9 @@ from typing import Any
 import numpy as np
 
 from analysis.neurons.attribution import register_attribution_method
-from mlake_core.errors import ConfigError
+from mlake_core.errors import ConfigError, DataError
 from mlake_core.models.adapter import ModelAdapter
+from mlake_core.results.store import read_arrays, read_run
 
 
 @dataclass
@@ -71,6 +73,23 @@ class ActivationStats:
             "total": self.total,
             "n_texts": self.n_texts,
         }
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ActivationStats:
+        """The activation statistics a neuron run saved (``arrays/activations.npz``).
+
+        Args:
+            path: the neuron run folder, or that file (a path ending in ``.npz``).
+
+        Raises:
+            DataError: not a neuron run, no such file, or not activation statistics (the
+                message names the folder or file).
+        """
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = read_run(path, "neurons").arrays_path("activations")
+        keys = ("langs", "n_tokens", "positive", "total", "n_texts")
+        return cls.from_arrays(read_arrays(path, keys=keys, what="activation statistics"))
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any]) -> ActivationStats:
@@ -191,6 +210,36 @@ class LapeResult:
     assignment: np.ndarray
     entropy: np.ndarray
     bar: float
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike[str]) -> LapeResult:
+        """The LAPE selection a neuron run saved: ``arrays/lape.npz`` (selected neurons, their
+        languages, every neuron's entropy), with the languages and the bar from the run's
+        ``summary.json``.
+
+        Raises:
+            DataError: not a neuron run, or one without LAPE or not finished (no
+                ``lape.npz``, or no ``summary.json`` recording the bar); the message names the
+                folder or file.
+        """
+        run = read_run(run_dir, "neurons")
+        keys = ("selected", "assignment", "entropy")
+        arrays = read_arrays(run.arrays_path("lape"), keys=keys, what="a LAPE selection")
+        if not run.has_json("summary"):
+            raise DataError(
+                f"{run.json_path('summary')}: no neuron summary (the run did not finish)"
+            )
+        summary = run.load_json("summary")
+        info = summary.get("lape") or {}
+        if "bar" not in info:
+            raise DataError(f"{run.json_path('summary')}: no LAPE selection recorded")
+        return cls(
+            langs=tuple(str(lang) for lang in summary["langs"]),
+            selected=np.asarray(arrays["selected"], dtype=np.int64),
+            assignment=np.asarray(arrays["assignment"], dtype=bool),
+            entropy=np.asarray(arrays["entropy"]),
+            bar=math.nan if info["bar"] is None else float(info["bar"]),
+        )
 
     def sets(self) -> dict[str, np.ndarray]:
         """Per language, the selected neurons assigned to it (flat indices)."""

@@ -44,6 +44,7 @@ question and, where well-posed, cloze form).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -55,6 +56,7 @@ from mlake_core.configs import coerce_fields
 from mlake_core.errors import ConfigError
 from mlake_core.models.adapter import ModelAdapter, Patch
 from mlake_core.registry import Registry
+from mlake_core.results.store import read_arrays
 
 #: Unit kinds and the site each lives in.
 UNIT_SITES: dict[str, str] = {"neuron": "mlp_post", "head": "attn_z"}
@@ -595,6 +597,17 @@ class FactAttribution:
             out[f"scores_{unit}"] = s.astype(np.float32)
             out[f"set_{unit}"] = self.sets[unit]
         return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> FactAttribution:
+        """One fact's attribution as a neuron run saved it (``arrays/<method>_<lang>_<fact>.npz``;
+        the ablation check and timing saved beside it in the same file are not part of it).
+
+        Raises:
+            DataError: no such file, or not a fact attribution (the message names the file).
+        """
+        keys = ("method", "forms", "p_answer", "passes")
+        return cls.from_arrays(read_arrays(path, keys=keys, what="a fact attribution"))
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, Any]) -> FactAttribution:

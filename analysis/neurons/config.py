@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,7 +14,8 @@ from analysis.neurons.attribution import (
     get_attribution_method,
 )
 from mlake_core.configs import coerce_fields
-from mlake_core.errors import ConfigError
+from mlake_core.errors import ConfigError, DataError
+from mlake_core.results.store import read_run
 
 
 def per_fact(method: str) -> bool:
@@ -181,6 +183,28 @@ class NeuronResult:
     skipped: dict[str, int]
     run_path: str
     lape: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike[str]) -> NeuronResult:
+        """The result a neuron run saved (its ``summary.json``, through :meth:`from_dict`):
+        what :func:`mlake.stages.neurons.neurons_stage` returned, with :attr:`run_path` the
+        folder it was read from.  The pieces are beside it: each fact's attribution
+        (:meth:`~analysis.neurons.attribution.FactAttribution.load`), the activation
+        statistics (:meth:`~analysis.neurons.activation.ActivationStats.load`) and LAPE's
+        selection (:meth:`~analysis.neurons.activation.LapeResult.load`).
+
+        Raises:
+            DataError: not a neuron run, or one that did not finish (no ``summary.json``);
+                the message names the folder or file.
+        """
+        run = read_run(run_dir, "neurons")
+        if not run.has_json("summary"):
+            raise DataError(
+                f"{run.json_path('summary')}: no neuron summary (the run did not finish)"
+            )
+        result = cls.from_dict(run.load_json("summary"))
+        result.run_path = str(run.path)
+        return result
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NeuronResult:

@@ -43,6 +43,7 @@ and checks the numbers are identical.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -52,6 +53,7 @@ import torch
 
 from mlake_core.errors import ConfigError
 from mlake_core.models.adapter import ModelAdapter, PastKeyValues, Patch
+from mlake_core.results.store import read_arrays
 
 #: Kinds of restoration, and the site restored for each.
 KINDS: tuple[str, ...] = ("resid", "mlp", "attn")
@@ -219,6 +221,15 @@ class FactTrace:
         }
 
     @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> FactTrace:
+        """One fact's trace as a tracing run saved it (``arrays/trace_<lang>_<fact>.npz``).
+
+        Raises:
+            DataError: no such file, or not a fact trace (the message names the file).
+        """
+        return cls.from_arrays(read_arrays(path, keys=_TRACE_KEYS, what="a fact trace"))
+
+    @classmethod
     def from_arrays(cls, arrays: dict[str, Any]) -> FactTrace:
         """A trace saved with :meth:`to_arrays`."""
         return cls(
@@ -234,6 +245,21 @@ class FactTrace:
             rows=int(arrays["rows"]),
             classes=[str(x) for x in arrays["classes"]],
         )
+
+
+#: The arrays every saved :class:`FactTrace` has (the ``scores_<kind>`` ones besides).
+_TRACE_KEYS: tuple[str, ...] = (
+    "prompt_ids",
+    "tokens",
+    "classes",
+    "subject_positions",
+    "answer_id",
+    "p_clean",
+    "p_corrupt",
+    "window",
+    "forward_passes",
+    "rows",
+)
 
 
 def subject_embeddings(

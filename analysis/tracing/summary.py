@@ -18,6 +18,7 @@ Definitions (also printed by ``mlake trace`` and used by the figures):
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from analysis.tracing.causal import POSITION_CLASSES, profile_similarity
+from mlake_core.errors import DataError
+from mlake_core.results.store import read_run
 
 LAST_SUBJECT = POSITION_CLASSES.index("last_subject")
 LAST = POSITION_CLASSES.index("last")
@@ -175,6 +178,26 @@ class TracingResult:
             if s.lang == lang:
                 return s
         raise KeyError(lang)
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike[str]) -> TracingResult:
+        """The result a tracing run saved (its ``summary.json``, through :meth:`from_dict`):
+        what :func:`mlake.stages.tracing.tracing_stage` returned, with the values as saved
+        (rounded to 5 decimals, NaN kept) and :attr:`run_path` the folder it was read from.
+        Each fact's trace is beside it (:meth:`~analysis.tracing.causal.FactTrace.load`).
+
+        Raises:
+            DataError: not a tracing run, or one that did not finish (no ``summary.json``);
+                the message names the folder or file.
+        """
+        run = read_run(run_dir, "tracing")
+        if not run.has_json("summary"):
+            raise DataError(
+                f"{run.json_path('summary')}: no tracing summary (the run did not finish)"
+            )
+        result = cls.from_dict(run.load_json("summary"))
+        result.run_path = str(run.path)
+        return result
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TracingResult:

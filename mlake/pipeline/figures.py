@@ -81,10 +81,10 @@ def figure_makers(
     """``(name, make)`` for every figure of the run: ``make()`` returns the Figure, or, in
     place of ``make``, a string saying why the figure cannot be drawn."""
     from analysis.neurons.config import NeuronResult
+    from analysis.relate_result import load_relate_result
     from analysis.tracing.summary import TracingResult
-    from analysis.transfer import transfer_matrix
+    from analysis.transfer import load_transfer, transfer_matrix
     from figures import editing, neurons, relate, tracing
-    from mlake.stages.relate import load_relate_result, load_transfer
 
     makers: list[tuple[str, Maker | str]] = []
 

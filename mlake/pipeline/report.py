@@ -176,8 +176,7 @@ def build_report(out: str | os.PathLike[str]) -> str:
     # Transfer.
     t_runs = {**_stage_runs(manifest, "transfer"), **_stage_runs(manifest, "restricted")}
     if t_runs:
-        from analysis.transfer import transfer_matrix
-        from mlake.stages.relate import load_transfer
+        from analysis.transfer import load_transfer, transfer_matrix
 
         lines += [
             "",

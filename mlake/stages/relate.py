@@ -15,16 +15,16 @@ Inputs are run folders of the results store (:mod:`mlake_core.results.store`):
 
 Runs not given are looked up in the transfer run's results root by model identity (the
 newest complete one that covers the facts); what was used is recorded in the result.  The
-statistics are :mod:`analysis.relate`'s; this module only reads, joins and saves.
+statistics are :mod:`analysis.relate`'s and the result is
+:class:`analysis.relate_result.RelateResult` (a transfer run read back:
+:class:`analysis.transfer.TransferRun`); this module only finds, reads, joins and saves.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ import pandas as pd
 from analysis.relate import (
     CONTROLS,
     Difference,
-    ModelFit,
     RelateConfig,
     fact_level,
     fact_table,
@@ -42,9 +41,24 @@ from analysis.relate import (
     paired_difference,
     string_controls,
 )
+from analysis.relate_result import RelateResult, load_relate_result
+from analysis.transfer import TransferRun, load_transfer
 from mlake_core.errors import DataError
+from mlake_core.metrics.knowledge import KnowledgeResult
 from mlake_core.provenance import stable_hash
 from mlake_core.results.store import Run, open_run
+
+__all__ = [
+    "RelateResult",
+    "TransferRun",
+    "compare_edits",
+    "find_run",
+    "load_knowledge_table",
+    "load_relate_result",
+    "load_transfer",
+    "per_edit",
+    "relate_stage",
+]
 
 # -- reading runs -----------------------------------------------------------------------------
 
@@ -70,40 +84,6 @@ def _check_kind(folder: Path, kind: str, option: str) -> Path:
     if found != kind:
         raise DataError(f"{option} {folder}: a {found or 'unknown'} run, expected a {kind} run")
     return folder
-
-
-@dataclass
-class TransferRun:
-    """A transfer run as read back: rows, meta and key."""
-
-    path: Path
-    rows: pd.DataFrame
-    meta: dict[str, Any]
-    key: dict[str, Any]
-
-    @property
-    def method(self) -> str:
-        return str(self.meta.get("method") or self.key.get("method"))
-
-    @property
-    def label(self) -> str:
-        units = (self.meta.get("method_config") or {}).get("units", "all")
-        return self.method if units in ("all", None) else f"{self.method}[{units}]"
-
-
-def load_transfer(folder: str | os.PathLike[str]) -> TransferRun:
-    """Read a transfer run's per-edit-language tables.
-
-    Raises:
-        DataError: not a transfer run, or no table saved yet.
-    """
-    path = _check_kind(Path(folder), "transfer", "transfer run")
-    run = Run(path=path, kind="transfer", key=path.name)
-    tables = sorted((path / "tables").glob("edits_*.parquet"))
-    if not tables:
-        raise DataError(f"{path}: no edits_<lang> table yet (is the run still going?)")
-    rows = pd.concat([run.load_table(t.stem) for t in tables], ignore_index=True)
-    return TransferRun(path, rows, run.meta, _read_json(path / "key.json"))
 
 
 def find_run(
@@ -139,13 +119,10 @@ def find_run(
 
 
 def load_knowledge_table(folder: Path) -> pd.DataFrame:
-    """The knowledge stage's per-language tables, concatenated."""
+    """The knowledge stage's per-language tables, concatenated
+    (:meth:`~mlake_core.metrics.knowledge.KnowledgeResult.load`)."""
     _check_kind(folder, "knowledge", "--knowledge")
-    run = Run(path=folder, kind="knowledge", key=folder.name)
-    tables = sorted((folder / "tables").glob("knowledge_*.parquet"))
-    if not tables:
-        raise DataError(f"{folder}: no knowledge_<lang> table")
-    return pd.concat([run.load_table(t.stem) for t in tables], ignore_index=True)
+    return KnowledgeResult.load(folder).table
 
 
 def neuron_matrices(folder: Path, langs: Sequence[str]) -> dict[str, pd.DataFrame]:
@@ -182,127 +159,6 @@ def probe_matrices(folder: Path) -> dict[str, pd.DataFrame]:
         ) from err
     result = probe_stage.load_probe_result(folder)
     return dict(probe_stage.pair_matrices(result))
-
-
-# -- the result -------------------------------------------------------------------------------
-
-
-def _matrix_dict(frame: pd.DataFrame) -> dict[str, dict[str, float | None]]:
-    return {
-        str(a): {str(b): (None if pd.isna(v) else float(v)) for b, v in row.items()}
-        for a, row in frame.iterrows()
-    }
-
-
-def _matrix_frame(data: Mapping[str, Mapping[str, float | None]]) -> pd.DataFrame:
-    return pd.DataFrame(data).T.astype(float)
-
-
-@dataclass
-class RelateResult:
-    """Everything ``mlake relate`` reports (saved as the run's ``summary.json``; the fact
-    table is saved beside it).
-
-    Attributes:
-        config: the :class:`~analysis.relate.RelateConfig` as a dict.
-        langs: language order.
-        inputs: the run folders used, by role.
-        method: the transfer run's editing method (with its unit restriction).
-        unit: the neuron overlap used at fact level (``<method>_<unit>``).
-        predictors: name -> 5x5 matrix (pair level).
-        outcomes: name -> 5x5 matrix: ``transfer`` (the outcome rate, facts known in B) and
-            ``gain`` (mean log-probability gain of the new answer in B).
-        pair_level: the Mantel table (records).
-        fits: ``logistic`` and ``linear`` fact-level models.
-        n_rows, n_facts: fact-level sample.
-        dropped: fact-level rows left out, by reason.
-        by_pair: per ordered pair: rows, mean overlap, transfer rate, mean gain.
-        interventions: per restricted run: label and per-metric paired differences.
-        notes: warnings (e.g. no tokenizer for the token controls).
-    """
-
-    config: dict[str, Any]
-    langs: list[str]
-    inputs: dict[str, Any]
-    method: str
-    unit: str
-    predictors: dict[str, pd.DataFrame]
-    outcomes: dict[str, pd.DataFrame]
-    pair_level: pd.DataFrame
-    fits: dict[str, ModelFit]
-    n_rows: int
-    n_facts: int
-    dropped: dict[str, int]
-    by_pair: pd.DataFrame
-    interventions: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "config": self.config,
-            "langs": self.langs,
-            "inputs": self.inputs,
-            "method": self.method,
-            "unit": self.unit,
-            "predictors": {k: _matrix_dict(v) for k, v in self.predictors.items()},
-            "outcomes": {k: _matrix_dict(v) for k, v in self.outcomes.items()},
-            "pair_level": _records(self.pair_level),
-            "fits": {k: v.to_dict() for k, v in self.fits.items()},
-            "n_rows": self.n_rows,
-            "n_facts": self.n_facts,
-            "dropped": self.dropped,
-            "by_pair": _records(self.by_pair),
-            "interventions": self.interventions,
-            "notes": self.notes,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RelateResult:
-        return cls(
-            config=dict(data["config"]),
-            langs=list(data["langs"]),
-            inputs=dict(data["inputs"]),
-            method=str(data["method"]),
-            unit=str(data["unit"]),
-            predictors={k: _matrix_frame(v) for k, v in data["predictors"].items()},
-            outcomes={k: _matrix_frame(v) for k, v in data["outcomes"].items()},
-            pair_level=pd.DataFrame.from_records(data["pair_level"]),
-            fits={k: ModelFit.from_dict(v) for k, v in data["fits"].items()},
-            n_rows=int(data["n_rows"]),
-            n_facts=int(data["n_facts"]),
-            dropped=dict(data["dropped"]),
-            by_pair=pd.DataFrame.from_records(data["by_pair"]),
-            interventions=list(data.get("interventions", [])),
-            notes=list(data.get("notes", [])),
-        )
-
-
-def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    out = []
-    for rec in frame.to_dict(orient="records"):
-        out.append(
-            {
-                k: (None if isinstance(v, float) and math.isnan(v) else _plain(v))
-                for k, v in rec.items()
-            }
-        )
-    return out
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
-
-
-def load_relate_result(folder: str | os.PathLike[str]) -> RelateResult:
-    """Read a relation run's ``summary.json`` back."""
-    path = Path(folder) / "summary.json"
-    return RelateResult.from_dict(_read_json(path))
 
 
 # -- the stage --------------------------------------------------------------------------------

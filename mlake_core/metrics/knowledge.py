@@ -47,6 +47,7 @@ pass and remembered for the adapter) and ``kv_cache=False`` run every sequence w
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -56,10 +57,11 @@ import torch
 from mlake_core.configs import coerce_fields
 from mlake_core.data.dataset import FactView, PromptForm
 from mlake_core.data.text import is_cjk, normalize
-from mlake_core.errors import ConfigError
+from mlake_core.errors import ConfigError, DataError
 from mlake_core.languages import LANGUAGES, UNSPACED
 from mlake_core.models.adapter import ModelAdapter, PastKeyValues
 from mlake_core.models.prompting import PromptTemplate
+from mlake_core.results.store import read_run
 
 #: Prompt forms measured, in order.
 FORMS: tuple[str, ...] = ("question", "cloze")
@@ -512,6 +514,43 @@ class KnowledgeResult:
     skipped: dict[str, int]
     langs: tuple[str, ...]
     fact_ids: tuple[int, ...]
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike[str]) -> KnowledgeResult:
+        """The result a knowledge run saved, as :func:`mlake.stages.knowledge.knowledge_stage`
+        returned it.
+
+        Reads the run's ``meta.json`` (``langs``, ``fact_ids``), each language's table
+        ``tables/knowledge_<lang>.parquet`` (concatenated in the run's language order) and its
+        ``skipped_<lang>.json`` where there is one (keys become ``"lang:reason"``).
+
+        Args:
+            run_dir: the knowledge run folder.
+
+        Raises:
+            DataError: not a knowledge run, or a language's table missing (a run still going);
+                the message names the folder or file.
+        """
+        import pandas as pd
+
+        run = read_run(run_dir, "knowledge")
+        meta = run.meta
+        if "langs" not in meta or "fact_ids" not in meta:
+            raise DataError(f"{run.json_path('meta')}: no langs or fact_ids recorded")
+        langs = tuple(str(lang) for lang in meta["langs"])
+        tables, skipped = [], {}
+        for lang in langs:
+            tables.append(run.load_table(f"knowledge_{lang}"))
+            if run.has_json(f"skipped_{lang}"):
+                for k, v in run.load_json(f"skipped_{lang}").items():
+                    skipped[f"{lang}:{k}"] = v
+        table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+        return cls(
+            table=table,
+            skipped=skipped,
+            langs=langs,
+            fact_ids=tuple(int(f) for f in meta["fact_ids"]),
+        )
 
     def known(self, lang: str) -> set[int]:
         """Facts whose question form the model answers correctly (greedy alias match) in

@@ -27,7 +27,7 @@ import os
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,19 +146,8 @@ class Run:
         return path
 
     def load_arrays(self, name: str) -> dict[str, Any]:
-        """Load ``arrays/<name>.npz`` as a dict of numpy arrays."""
-        import numpy as np
-
-        path = self.arrays_path(name)
-        if not path.is_file():
-            raise DataError(f"{path}: no such result arrays")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-            raise DataError(
-                f"{path}: unreadable result arrays ({err}); delete it to recompute"
-            ) from None
+        """Load ``arrays/<name>.npz`` as a dict of numpy arrays (:func:`read_arrays`)."""
+        return read_arrays(self.arrays_path(name))
 
     # -- json ----------------------------------------------------------------------------
 
@@ -203,6 +192,62 @@ class Run:
         table = compute()
         self.save_table(name, table)
         return table, True
+
+
+def read_arrays(
+    path: str | os.PathLike[str], *, keys: Sequence[str] = (), what: str = "result arrays"
+) -> dict[str, Any]:
+    """Load one saved ``.npz`` file of a run (``arrays/<name>.npz``) as a dict of numpy arrays.
+
+    Args:
+        path: the file.
+        keys: arrays the file must hold ...
+        what: ... to be what the caller reads (named in the error), e.g. ``"a fact trace"``.
+
+    Raises:
+        DataError: no such file, an unreadable one, or one without ``keys`` (the message
+            names it).
+    """
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such result arrays")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise DataError(
+            f"{path}: unreadable result arrays ({err}); delete it to recompute"
+        ) from None
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise DataError(f"{path}: not {what} (no {', '.join(missing)} array)")
+    return arrays
+
+
+def read_run(path: str | os.PathLike[str], kind: str) -> Run:
+    """An existing run folder of ``kind``, to read its results back (the ``load`` methods of
+    the result classes start here).
+
+    Args:
+        path: the run folder (``<results root>/<kind>/<key>``; it may have been moved).
+        kind: the kind of run expected, e.g. ``"knowledge"``.
+
+    Raises:
+        DataError: no such folder, a folder that is not a run of the store (no
+            ``meta.json``), or a run of another kind; the message names the folder.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such run folder (no meta.json; expected a {kind} run)")
+    run = Run(path=path, kind=kind, key=path.name)
+    if not run.has_json("meta"):
+        raise DataError(f"{path}: not a run folder of the results store (no meta.json)")
+    found = str(run.meta.get("kind") or "")
+    if found != kind:
+        raise DataError(f"{path}: a {found or 'unknown'} run, expected a {kind} run")
+    return run
 
 
 def open_run(

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mlake_core.errors import ConfigError, DataError
+from mlake_core.results.store import open_run
 from probes.config import ProbeConfig, ProbeResult, load_probe_result, pair_matrices
 from probes.crosslingual import transfer_table
 from probes.language_id import language_id_table
@@ -99,13 +100,17 @@ def test_round_trip_and_load(result, tmp_path):
                 assert np.allclose(a[col], b[col], equal_nan=True), (name, col)
             else:
                 assert list(a[col]) == list(b[col]), (name, col)
-    (tmp_path / "summary.json").write_text(json.dumps(data), encoding="utf-8")
-    loaded = load_probe_result(tmp_path)
-    assert loaded.run_path == str(tmp_path)
+    run = open_run("probes", {"test": "round trip"}, root=tmp_path)
+    run.write_meta(status="running")
+    with pytest.raises(DataError, match="no probe summary"):
+        load_probe_result(run.path)
+    run.save_json("summary", data)
+    loaded = load_probe_result(run.path)
+    assert loaded.run_path == str(run.path)
     pm, pm2 = pair_matrices(result), pair_matrices(loaded)
     for name in pm:
         assert np.allclose(pm[name].to_numpy(), pm2[name].to_numpy(), equal_nan=True)
-    with pytest.raises(DataError, match="no probe summary"):
+    with pytest.raises(DataError, match=r"no meta\.json"):
         load_probe_result(tmp_path / "missing")
 
 
