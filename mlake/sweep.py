@@ -10,8 +10,10 @@ edit transfer, and whether the two move together (the dose-response curve).
 
 For each fraction, on the same facts and with the same settings: train (cached), measure
 knowledge, attribute neurons (integrated gradients), edit every fact in every language (FT by
-default) and relate the two (:func:`mlake.stages.relate.relate_stage`).  Every step is a cached
-stage, so an interrupted sweep resumes.  A point's numbers, each with a cluster-bootstrap
+default, with the settings the model brings: mlake-tiny's FT at layer 0, see
+:func:`mlake.method_settings.resolve_method`) and relate the two
+(:func:`mlake.stages.relate.relate_stage`).  Every step is a cached stage, so an interrupted
+sweep resumes.  A point's numbers, each with a cluster-bootstrap
 interval over facts:
 
 * ``overlap``: mean same-fact Jaccard of the important neuron sets over language pairs (also
@@ -38,11 +40,6 @@ from mlake_core.configs import coerce_fields
 from mlake_core.errors import ConfigError
 from mlake_core.languages import FAMILY
 
-#: FT settings that edit mlake-tiny (the library defaults are sized for large models and do
-#: not move mlake-tiny's answers: its facts are recalled at layer 0).
-TINY_FT: dict[str, str] = {"layer": "0", "lr": "0.01", "steps": "100", "max_rel_norm": "0.3"}
-
-
 #: Facts beyond the edited ones whose knowledge is measured (the locality pool).
 POOL_EXTRA = 40
 
@@ -58,8 +55,10 @@ class SweepConfig:
         facts: facts edited and attributed per point (the first of mlake-tiny's training
             facts, the same at every point).
         method: editing method.
-        method_config: its config fields (strings, coerced by the method's dataclass); FT
-            defaults to :data:`TINY_FT`.
+        method_config: the fields of its config set by the user (strings, coerced by the
+            method's dataclass); the others come from the settings each point's model brings
+            (mlake-tiny: FT at layer 0 with ``lr`` 0.01, ``steps`` 100, ``max_rel_norm`` 0.3),
+            else the method's defaults (:func:`mlake.method_settings.resolve_method`).
         n_locality: locality facts per language.
         ablation_facts: known facts per language in the neuron ablation matrix.
         n_boot: bootstrap resamples.
@@ -70,7 +69,7 @@ class SweepConfig:
     train_facts: int = 300
     facts: int = 60
     method: str = "ft"
-    method_config: Mapping[str, str] = field(default_factory=lambda: dict(TINY_FT))
+    method_config: Mapping[str, str] = field(default_factory=dict)
     n_locality: int = 10
     ablation_facts: int = 10
     n_boot: int = 1000
@@ -189,89 +188,92 @@ def run_sweep(
     log: Callable[[str], None] | None = None,
     on_edit: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, Any], Any]:
-    """Run (or resume) the sweep; returns its summary and run folder (module docstring)."""
+    """Run (or resume) the sweep; returns its summary and run folder (module docstring).
+
+    Each point's model is loaded and its facts selected as a command does
+    (:mod:`mlake.session`): the first ``config.facts`` of its training facts are edited and
+    attributed, and knowledge is measured on those and the next :data:`POOL_EXTRA` (the
+    locality pool).  The method's settings are resolved per model
+    (:func:`~mlake.method_settings.resolve_method`); the sweep's run is keyed by its config
+    with the method fields the first point's resolution sets away from the defaults.
+    """
     from analysis.neurons.config import NeuronConfig
     from analysis.transfer import TransferConfig
+    from mlake.loading import load_model
+    from mlake.method_settings import resolve_method, set_fields
+    from mlake.session import load_dataset, stage_context
+    from mlake.settings import DataSettings, ModelSettings, RunSettings
     from mlake.stages.knowledge import knowledge_stage
     from mlake.stages.neurons import neurons_stage
     from mlake.stages.relate import relate_stage
     from mlake.stages.transfer import transfer_stage
-    from mlake_core.data.dataset import load_mlake
-    from mlake_core.editing.base import get_method
+    from mlake_core.data.selection import select_facts
+    from mlake_core.editing import get_method
     from mlake_core.editing.covariance import mlake_corpus
     from mlake_core.metrics.knowledge import KnowledgeConfig
-    from mlake_core.models.loading import load_adapter
-    from mlake_core.models.mlake_tiny import TinyTrainConfig, ensure_tiny, read_metadata
-    from mlake_core.models.prompting import get_template
+    from mlake_core.models.mlake_tiny import TinyTrainConfig, ensure_tiny
     from mlake_core.results.store import open_run
 
     entry = get_method(config.method)
-    method_config = entry.config_cls(**dict(config.method_config))
+    entry.config_cls(**dict(config.method_config))  # a bad field fails before any training
     tconfig = TransferConfig(n_locality=config.n_locality)
     kconfig = KnowledgeConfig(mcqa=False, max_new_tokens=tconfig.max_new_tokens)
     nconfig = NeuronConfig(methods=("ig",), ablation_facts=config.ablation_facts)
     rconfig = RelateConfig(n_boot=config.n_boot, n_perm=0, seed=config.seed)
     base = TinyTrainConfig(langs=tuple(langs), facts=config.train_facts)
-    sweep = open_run("sweep", {"config": config.to_dict(), "langs": list(langs)}, results_dir)
-    sweep.write_meta(status="running", config=config.to_dict())
+    data = DataSettings(
+        langs=tuple(langs),
+        facts=config.facts,
+        version=base.data_version,
+        data_dir=str(data_dir) if data_dir is not None else None,
+    )
+    run = RunSettings(
+        seed=config.seed,
+        batch_size=batch_size,
+        results_dir=str(results_dir) if results_dir is not None else None,
+    )
+    sweep = None
+    summary_config = config.to_dict()
     points: list[dict[str, Any]] = []
     dataset = None
     for fraction in config.fractions:
         tiny = replace(base, bilingual_fraction=fraction)
         path = ensure_tiny(tiny, data_dir=data_dir, progress=log, show_bar=False)
-        meta = read_metadata(path) or {}
-        if dataset is None or dataset.version != tiny.data_version:
-            dataset = load_mlake(data_dir, version=tiny.data_version, langs=list(langs))
-        adapter = load_adapter(str(path), backend=backend, device=device)
-        template = get_template(str(meta["config"]["template"]))
+        if dataset is None:
+            dataset = load_dataset(data)
+        loaded = load_model(ModelSettings(name=str(path), backend=backend, device=device), log=log)
+        meta = loaded.tiny_metadata or {}
+        selection = select_facts(dataset, config.facts, loaded.trained_facts)
+        ctx = stage_context(loaded, dataset, selection, data, run, log)
+        method = resolve_method(
+            entry.name,
+            loaded.adapter,
+            loaded.path,
+            given=config.method_config,
+            results_dir=run.results_dir,
+            log=log,
+        )
+        method_fields = {k: str(v) for k, v in set_fields(method.config).items()}
+        if sweep is None:
+            # Keyed by the method settings in effect (FT on mlake-tiny: those the model brings).
+            summary_config = {**config.to_dict(), "method_config": method_fields}
+            sweep = open_run("sweep", {"config": summary_config, "langs": list(langs)}, results_dir)
+            sweep.write_meta(status="running", config=summary_config)
         # Knowledge is measured on the edited facts plus the next POOL_EXTRA ones (the
         # locality sample is drawn from those): the whole 300-fact pool would cost 3x more.
-        pool = [int(f) for f in meta["fact_ids"]][: config.facts + POOL_EXTRA]
-        fact_ids = pool[: config.facts]
+        pool = list(selection.pool[: config.facts + POOL_EXTRA])
         if log:
             log(f"sweep: fraction {fraction}: {path}")
-        knowledge, krun = knowledge_stage(
-            adapter,
-            path,
-            dataset,
-            pool,
-            langs,
-            template,
-            kconfig,
-            batch_size=batch_size,
-            results_dir=results_dir,
-            log=log,
-        )
-        neurons, nrun = neurons_stage(
-            adapter,
-            path,
-            dataset,
-            fact_ids,
-            langs,
-            template,
-            nconfig,
-            knowledge=knowledge,
-            batch_size=batch_size,
-            results_dir=results_dir,
-            log=log,
-        )
+        knowledge, krun = knowledge_stage(ctx.with_facts(pool), kconfig)
+        neurons, nrun = neurons_stage(ctx, nconfig, knowledge=knowledge)
         rows, trun = transfer_stage(
-            adapter,
-            path,
-            dataset,
-            fact_ids,
-            langs,
-            template,
+            ctx,
             entry.name,
-            method_config,
+            method.config,
             tconfig,
             knowledge=knowledge,
             locality_pool=pool,
             corpus=mlake_corpus(dataset),
-            seed=config.seed,
-            batch_size=batch_size,
-            results_dir=results_dir,
-            log=log,
             on_edit=on_edit,
             knowledge_run=str(krun.path),
         )
@@ -294,6 +296,7 @@ def run_sweep(
             seed=config.seed,
         )
         point["model"] = str(path)
+        point["method_config"] = method_fields
         point["runs"] = {
             "knowledge": str(krun.path),
             "neurons": str(nrun.path),
@@ -306,9 +309,10 @@ def run_sweep(
             if k in meta
         }
         points.append(point)
-        sweep.save_json("summary", {"config": config.to_dict(), "points": points})
-        del adapter, neurons
-    summary = {"config": config.to_dict(), "points": points, "dose_response": dose_response(points)}
+        sweep.save_json("summary", {"config": summary_config, "points": points})
+        del loaded, ctx, neurons
+    assert sweep is not None  # at least two fractions
+    summary = {"config": summary_config, "points": points, "dose_response": dose_response(points)}
     sweep.save_json("summary", summary)
     sweep.write_meta(status="complete")
     return summary, sweep

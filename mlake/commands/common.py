@@ -157,6 +157,11 @@ def settings_from_args(
             lambda m: option_name((rename or {}).get(m.group(1), m.group(1)), prefix),
             str(err),
         ).replace("options: ", "")
+        # "batch_size 0: ..." (a dataclass naming its own field) -> "--batch-size 0: ..."
+        first = re.match(r"(\w+)(?=[ :])", text)
+        if first and first.group(1) in {f.name for f in dataclasses.fields(cls)}:
+            name = first.group(1)
+            text = option_name((rename or {}).get(name, name), prefix) + text[first.end() :]
         raise ConfigError(text) from None
 
 

@@ -7,31 +7,39 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mlake_core.data import DEFAULT_VERSION, RELEASES, load_mlake
+from mlake.commands.common import add_settings_args, settings_from_args
+from mlake_core.data import RELEASES, load_mlake
 from mlake_core.data.dataset import FactView, PromptForm
 from mlake_core.data.paths import ENV_VAR, fetch_release
 from mlake_core.data.stats import dataset_stats, format_stats
-from mlake_core.languages import LANGUAGES
+
+#: The :class:`~mlake.settings.DataSettings` fields that are options (no facts: every fact).
+DATA_FIELDS: tuple[str, ...] = ("langs", "version", "data_dir")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--data-dir",
-        default=None,
-        help=f"MLaKE data directory (default: ${ENV_VAR}, else ../shared/mlake beside the "
-        "repository, else ./mlake_data)",
-    )
-    p.add_argument(
-        "--version",
-        dest="data_version",
-        default=DEFAULT_VERSION,
-        choices=None,
-        help=f"release: {', '.join(RELEASES)} (default {DEFAULT_VERSION})",
-    )
-    p.add_argument(
-        "--langs", default=",".join(LANGUAGES), help="comma-separated languages (default all)"
+    from mlake.settings import DataSettings
+
+    add_settings_args(
+        p,
+        DataSettings,
+        fields=DATA_FIELDS,
+        choices={"version": tuple(RELEASES)},
+        helps={
+            "langs": "comma-separated languages",
+            "data_dir": f"MLaKE data directory (default: ${ENV_VAR}, else ../shared/mlake "
+            "beside the repository, else ./mlake_data)",
+        },
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    """MLaKE as the options of :func:`_add_common` ask."""
+    from mlake.settings import DataSettings
+
+    data = settings_from_args(args, DataSettings, fields=DATA_FIELDS)
+    return load_mlake(data.data_dir, data.version, data.langs)
 
 
 def register(sub: Any) -> None:
@@ -67,7 +75,7 @@ def register(sub: Any) -> None:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    ds = load_mlake(args.data_dir, args.data_version, args.langs)
+    ds = _load(args)
     stats = dataset_stats(ds)
     if args.json:
         print(json.dumps(stats, ensure_ascii=False, indent=1))
@@ -103,7 +111,7 @@ def _show_view(v: FactView) -> str:
 
 
 def _show(args: argparse.Namespace) -> int:
-    ds = load_mlake(args.data_dir, args.data_version, args.langs)
+    ds = _load(args)
     fact = ds.fact(args.fact_id)
     if args.json:
         print(json.dumps(fact.to_dict(), ensure_ascii=False, indent=1))

@@ -6,13 +6,18 @@ form by default) and the edit is measured in every language B: efficacy (B = A),
 portability (multi-hop questions).  Prints the 5x5 matrix (rows: edit language, columns: test
 language) of each metric over the facts known before the edit in the test language; per-fact,
 per-pair rows go to the results store, one table per method and edit language (resumable).
-Methods: ft, rome, memit, ike (see ``mlake_core/editing/methods.py`` and ``memit.py``).
+Methods: ft, rome, memit, ike (see ``mlake_core/editing/``, one module per method).
 
-A model trained for weight edits (``--model mlake-tiny-editable``) brings the settings it was
-trained for (edit layer, and ROME's and MEMIT's ``δ`` optimisation: ``clamp_norm`` 100,
-``steps`` 200, ``lr`` 2, ``init`` subject-mean, ``restarts`` 3; see
-``recommended_edit_settings`` in ``mlake_core/models/mlake_tiny.py``); they are logged, an
-explicit ``--layer`` replaces the layer and ``--set`` any field.
+Each method's settings are resolved once (:func:`mlake.method_settings.resolve_method`), in
+rising precedence: the method's defaults; for ``--layer auto``, the layer causal tracing
+recommended for this model (``mlake trace``), else the documented default per model size; the
+settings the model was trained for, when it brings its own (mlake-tiny: FT at layer 0 with
+``lr`` 0.01, ``steps`` 100, ``max_rel_norm`` 0.3; mlake-tiny-editable: its edit layer, and
+ROME's and MEMIT's ``δ`` optimisation: ``clamp_norm`` 100, ``steps`` 200, ``lr`` 2, ``init``
+subject-mean, ``restarts`` 3; see ``mlake_core/models/mlake_tiny/variants.py``); then an
+explicit ``--layer`` and ``--set METHOD.FIELD=VALUE``.  What the model brought is logged, and
+the JSON report says where the layers came from (``layer_source``: explicit, model, tracing,
+default).
 """
 
 from __future__ import annotations
@@ -28,17 +33,23 @@ from mlake.commands.common import (
     add_data_args,
     add_model_args,
     add_run_args,
-    check_run_args,
-    facts_and_knowledge,
-    load_model,
+    add_settings_args,
     log,
-    parse_facts,
+    open_session,
+    parse_set,
+    run_settings,
+    settings_from_args,
 )
 from mlake_core.errors import ConfigError
+
+#: The :class:`~analysis.transfer.TransferConfig` fields that are options.
+TRANSFER_FIELDS: tuple[str, ...] = ("edit_form", "n_locality")
 
 
 def register(subparsers: Any) -> None:
     """Add the ``edit`` command and its ``transfer`` sub-command."""
+    from analysis.transfer import TransferConfig
+
     parser = subparsers.add_parser("edit", help="knowledge editing and cross-lingual transfer")
     sub = parser.add_subparsers(dest="edit_command", metavar="SUBCOMMAND")
     sub.required = True
@@ -49,242 +60,119 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_args(tr)
-    tr.add_argument("--method", default=None, help="one method (ft, rome, memit, ike)")
-    tr.add_argument("--methods", default=None, help="several, comma-separated")
-    tr.add_argument(
+    group = tr.add_argument_group("editing")
+    group.add_argument("--method", default=None, help="one method (ft, rome, memit, ike)")
+    group.add_argument("--methods", default=None, help="several, comma-separated")
+    group.add_argument(
         "--layer",
         default="auto",
         help="edit layer (ft, rome), layers for memit (a range such as 0-1 or a list "
-        "such as 0,1), or auto (default): the layer causal tracing recommends for this model "
-        "when `mlake trace` has been run on it (memit: a run of layers ending there), else "
-        "the documented default per model size; a model trained for edits "
-        "(mlake-tiny-editable) brings its own",
+        "such as 0,1), or auto (default): the layers the model was trained for when it "
+        "brings its own (mlake-tiny: FT at layer 0; mlake-tiny-editable: its subject "
+        "layer), else the layer causal tracing recommends for this model when `mlake trace` "
+        "has been run on it (memit: a run of layers ending there), else the documented "
+        "default per model size",
     )
-    tr.add_argument("--edit-form", default="question", choices=("question", "cloze"))
-    tr.add_argument("--n-locality", type=int, default=10, help="locality facts per language")
-    tr.add_argument(
-        "--corpus",
-        default=None,
-        help="text file or folder for key statistics (default: MLaKE text)",
-    )
-    tr.add_argument("--seed", type=int, default=0, help="seed of the edit methods")
-    tr.add_argument(
+    group.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="METHOD.FIELD=VALUE",
         help="a field of a method's config, e.g. ft.lr=0.01 or rome.clamp_norm=4 "
-        "(repeatable; the fields are the config dataclasses' in mlake_core/editing)",
+        "(repeatable; the fields are the config dataclasses' in mlake_core/editing; they "
+        "win over the settings the model brings)",
     )
-    tr.add_argument(
+    group.add_argument(
+        "--corpus",
+        default=None,
+        help="text file or folder for key statistics (default: MLaKE text)",
+    )
+    group.add_argument(
         "--units-from",
         default=None,
         metavar="RUN_DIR",
         help="a neuron-attribution run (mlake neurons) whose shared and language-specific MLP "
         "neurons restricted editing uses (--set ft.units=shared|specific|random)",
     )
-    tr.add_argument(
+    group.add_argument(
         "--units-method",
         default="ig",
         help="which attribution method's classes to take from --units-from (default: ig)",
     )
-    add_data_args(tr, facts_default="20", facts_help="N (the first N) or all (default: 20)")
-    add_run_args(tr)
+    add_settings_args(
+        tr.add_argument_group("evaluation"),
+        TransferConfig,
+        fields=TRANSFER_FIELDS,
+        choices={"edit_form": ("question", "cloze")},
+    )
+    add_data_args(tr, facts_default="20", facts_help="N (the first N), trained or all")
+    add_run_args(tr, seed=True)
     tr.set_defaults(func=run_transfer)
 
 
-def parse_overrides(items: list[str], entries: list[Any]) -> dict[str, dict[str, str]]:
-    """``--set METHOD.FIELD=VALUE`` options as ``{method: {field: value}}``; values stay
-    strings (the config dataclasses coerce them).
-
-    Raises:
-        ConfigError: a malformed item, a method not asked for, or a field the method's
-            config does not have (naming the fields it has).
-    """
-    by_name = {e.name: e for e in entries}
-    out: dict[str, dict[str, str]] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        method, dot, field = key.strip().partition(".")
-        if not sep or not dot or not method or not field:
-            raise ConfigError(f"--set {item!r}: expected METHOD.FIELD=VALUE, e.g. ft.lr=0.01")
-        if method not in by_name:
-            raise ConfigError(
-                f"--set {item!r}: method {method!r} is not among --methods ({', '.join(by_name)})"
-            )
-        names = [f.name for f in dataclasses.fields(by_name[method].config_cls)]
-        if field not in names:
-            raise ConfigError(
-                f"--set {item!r}: {method} has no field {field!r} (fields: {', '.join(names)})"
-            )
-        out.setdefault(method, {})[field] = value.strip()
-    return out
-
-
-def read_unit_sets(run_dir: str, method: str, *, seed: int = 0) -> dict[str, list[int]]:
-    """The neuron classes of a neuron-attribution run (``specific_<method>_neuron.json``:
-    one set per language and ``shared``) plus ``random``: as many neurons per layer as the
-    shared set has, drawn (seeded) from the neurons in no class, the control of restricted
-    editing.
-
-    Raises:
-        DataError: the folder is not a neuron run, or lacks ``method``'s classes.
-    """
-    import json
-    from pathlib import Path
-
-    import numpy as np
-
-    from mlake_core.errors import DataError
-
-    folder = Path(run_dir)
-    path = folder / f"specific_{method}_neuron.json"
-    summary = folder / "summary.json"
-    if not path.is_file() or not summary.is_file():
-        raise DataError(
-            f"--units-from {run_dir}: no {path.name} and summary.json there; give a run folder "
-            "of `mlake neurons` (it prints it)"
-        )
-    sets = {k: [int(u) for u in v] for k, v in json.loads(path.read_text()).items()}
-    meta = json.loads(summary.read_text())
-    n_layers = int(meta["n_layers"])
-    width = int(meta.get("d_mlp") or 0) or _width_from(folder)
-    taken = {u for v in sets.values() for u in v}
-    rng = np.random.default_rng(seed)
-    chosen: list[int] = []
-    for layer in range(n_layers):
-        need = sum(1 for u in sets.get("shared", []) if u // width == layer)
-        pool = [layer * width + i for i in range(width) if layer * width + i not in taken]
-        chosen += [int(u) for u in rng.choice(pool, size=min(need, len(pool)), replace=False)]
-    sets["random"] = sorted(chosen)
-    return sets
-
-
-def _width_from(folder: Any) -> int:
-    """MLP width of the model a neuron run was made on (from its meta)."""
-    import json
-
-    from mlake_core.errors import DataError
-
-    meta = json.loads((folder / "meta.json").read_text())
-    model = meta.get("model") or {}
-    width = model.get("d_mlp")
-    if not width:
-        raise DataError(f"{folder}: the run's meta does not give the model's d_mlp")
-    return int(width)
-
-
-def method_config_for(
-    entry: Any,
-    layer_for: dict[str, str],
-    recommended: dict[str, dict[str, str]],
-    overrides: dict[str, dict[str, str]],
-    *,
-    explicit_layer: bool,
-) -> Any:
-    """A method's config from, in rising precedence: its defaults, ``layer_for`` (the
-    ``--layer`` value, or tracing's recommendation), the settings the model was trained for
-    (``recommended``, :func:`~mlake_core.models.mlake_tiny.recommended_edit_settings`; their
-    layer only when ``--layer`` was not given), and ``--set`` (``overrides``).  The model's
-    settings are logged."""
-    names_of = {f.name for f in dataclasses.fields(entry.config_cls)}
-    fields: dict[str, str] = {
-        name: layer_for[name] for name in ("layer", "layers") if name in names_of
-    }
-    model_fields = dict(recommended.get(entry.name, {}))
-    if explicit_layer:
-        model_fields = {k: v for k, v in model_fields.items() if k not in ("layer", "layers")}
-    if model_fields:
-        log(
-            f"{entry.name}: settings this model was trained for: "
-            + ", ".join(f"{k}={v}" for k, v in model_fields.items())
-            + " (--set overrides)"
-        )
-    fields.update(model_fields)
-    fields.update(overrides.get(entry.name, {}))
-    return entry.config_cls(**fields)
+def given_method_fields(
+    entry: Any, layer: str, overrides: dict[str, dict[str, str]]
+) -> dict[str, str]:
+    """The fields of method ``entry``'s config the user set: ``--layer`` (unless ``auto``) as
+    its ``layer`` or ``layers``, then its ``--set`` items."""
+    names = {f.name for f in dataclasses.fields(entry.config_cls)}
+    given = {n: layer for n in ("layer", "layers") if n in names and layer != "auto"}
+    given.update(overrides.get(entry.name, {}))
+    return given
 
 
 def run_transfer(args: argparse.Namespace) -> int:
     """Entry point of ``mlake edit transfer``."""
     from analysis.transfer import KINDS, TransferConfig, transfer_matrix
+    from mlake.method_settings import resolve_method
     from mlake.progress import progress_bar
-    from mlake.stages.tracing import lookup_recommended_layer
-    from mlake.stages.transfer import transfer_stage
-    from mlake_core.editing.base import get_method
+    from mlake.stages.transfer import read_unit_sets, transfer_stage
+    from mlake_core.editing import get_method
     from mlake_core.editing.covariance import mlake_corpus, read_corpus
-    from mlake_core.editing.memit import default_layers
-    from mlake_core.languages import parse_langs
     from mlake_core.metrics.knowledge import KnowledgeConfig
-    from mlake_core.models.mlake_tiny import recommended_edit_settings
 
     names = [m.strip() for m in (args.methods or args.method or "").split(",") if m.strip()]
     if not names:
         raise ConfigError("give --method NAME or --methods a,b")
     entries = [get_method(n) for n in names]
-    overrides = parse_overrides(args.overrides, entries)
-    langs = parse_langs(args.langs)
-    facts_option = parse_facts(args.facts)
-    check_run_args(args)
-    config = TransferConfig(edit_form=args.edit_form, n_locality=args.n_locality)
-    for entry in entries:  # bad --set values fail before the model loads
-        fields = {k: v for k, v in overrides.get(entry.name, {}).items()}
-        entry.config_cls(**fields)
+    overrides = parse_set(args.overrides, {e.name: e.config_cls for e in entries})
+    config = settings_from_args(args, TransferConfig, fields=TRANSFER_FIELDS)
+    given = {e.name: given_method_fields(e, args.layer, overrides) for e in entries}
+    for entry in entries:  # bad --layer and --set values fail before the model loads
+        entry.config_cls(**given[entry.name])
+    seed = run_settings(args).seed
     unit_sets, unit_source = None, None
     if args.units_from:
-        unit_sets = read_unit_sets(args.units_from, args.units_method, seed=args.seed)
+        unit_sets = read_unit_sets(args.units_from, args.units_method, seed=seed)
         unit_source = f"{args.units_from} ({args.units_method})"
     elif any(v != "all" for o in overrides.values() for k, v in o.items() if k == "units"):
         raise ConfigError("restricted editing (--set ft.units=...) needs --units-from RUN_DIR")
-    loaded = load_model(args)
-    data = facts_and_knowledge(
-        args,
-        loaded,
-        langs,
-        facts_option,
-        KnowledgeConfig(mcqa=False, max_new_tokens=config.max_new_tokens),
+    session = open_session(args)
+    ctx, loaded = session.ctx, session.loaded
+    knowledge = session.measure_knowledge(
+        KnowledgeConfig(mcqa=False, max_new_tokens=config.max_new_tokens)
     )
-    dataset, pool, fact_ids, knowledge = data.dataset, data.pool, data.fact_ids, data.knowledge
-    corpus = read_corpus(args.corpus) if args.corpus else mlake_corpus(dataset)
+    corpus = read_corpus(args.corpus) if args.corpus else mlake_corpus(ctx.dataset)
+    langs, fact_ids = ctx.langs, ctx.fact_ids
     report: dict[str, Any] = {"model": loaded.name, "n_facts": len(fact_ids), "methods": {}}
-    recommended = recommended_edit_settings(loaded.path)
-    model_layers = any(k in ("layer", "layers") for v in recommended.values() for k in v)
-    layer_for = {"layer": args.layer, "layers": args.layer}
-    layer_source = "explicit"
-    if args.layer == "auto":
-        layer_source = "default"
-        traced = lookup_recommended_layer(loaded.adapter, loaded.path, args.results_dir)
-        if traced is not None and traced.get("layer") is not None:
-            layer = int(traced["layer"])
-            memit_layers = default_layers(loaded.adapter, end=layer)
-            layer_for = {
-                "layer": str(layer),
-                "layers": ",".join(str(x) for x in memit_layers),
-            }
-            layer_source = "tracing"
-            log(
-                f"--layer auto: layer {layer} (MEMIT: {layer_for['layers']}) recommended by "
-                f"causal tracing, {traced.get('run')}"
-                + (
-                    "; the layers this model was trained for take precedence"
-                    if model_layers
-                    else ""
-                )
-            )
-        else:
-            log(
-                "--layer auto: this model was not traced (mlake trace); "
-                + ("the layers it was trained for" if recommended else "documented defaults")
-            )
-    if model_layers and args.layer == "auto":
-        layer_source = "model"
-    report["layer_source"] = layer_source
-    report["model_settings"] = recommended
-    for entry in entries:
-        method_config = method_config_for(
-            entry, layer_for, recommended, overrides, explicit_layer=args.layer != "auto"
+    resolved = {
+        e.name: resolve_method(
+            e.name,
+            loaded.adapter,
+            loaded.path,
+            given=given[e.name],
+            results_dir=ctx.results_dir,
+            log=log,
         )
+        for e in entries
+    }
+    sources = [r.layer_source for r in resolved.values() if r.layer_source is not None]
+    report["layer_source"] = sources[0] if sources else None
+    report["model_settings"] = {n: r.model_fields for n, r in resolved.items() if r.model_fields}
+    for entry in entries:
+        method = resolved[entry.name]
+        method_config = method.config
         bar = progress_bar(entry.name, len(fact_ids) * len(langs), "edit", log)
 
         def on_edit(info: dict[str, Any], bar: Any = bar) -> None:
@@ -293,26 +181,17 @@ def run_transfer(args: argparse.Namespace) -> int:
 
         started = time.perf_counter()
         rows, run = transfer_stage(
-            loaded.adapter,
-            loaded.path,
-            dataset,
-            fact_ids,
-            langs,
-            loaded.template,
+            ctx,
             entry.name,
             method_config,
             config,
             knowledge=knowledge,
-            locality_pool=pool,
+            locality_pool=session.pool,
             corpus=corpus,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            results_dir=args.results_dir,
-            log=log,
             on_edit=on_edit,
             unit_sets=unit_sets,
             unit_source=unit_source,
-            knowledge_run=data.knowledge_run,
+            knowledge_run=session.knowledge_run,
         )
         bar.close()
         seconds = time.perf_counter() - started
@@ -324,6 +203,9 @@ def run_transfer(args: argparse.Namespace) -> int:
         report["methods"][entry.name] = {
             "results": str(run.path),
             "config": {k: str(v) for k, v in dataclasses.asdict(method_config).items()},
+            "layer_source": method.layer_source,
+            "model_settings": method.model_fields,
+            "tracing_run": method.tracing_run,
             "seconds": round(seconds, 1),
             "edits": int(rows[rows["kind"] == "efficacy"].shape[0]),
             **_timing(rows),

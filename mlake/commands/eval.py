@@ -23,16 +23,19 @@ from mlake.commands.common import (
     add_data_args,
     add_model_args,
     add_run_args,
-    check_run_args,
-    load_model,
-    log,
-    parse_facts,
+    add_settings_args,
+    data_settings,
+    open_session,
+    settings_from_args,
 )
+
+#: The :class:`~mlake_core.metrics.knowledge.KnowledgeConfig` fields that are options.
+KNOWLEDGE_FIELDS: tuple[str, ...] = ("forms", "max_new_tokens")
 
 
 def register(subparsers: Any) -> None:
     """Add the ``eval`` command and its ``knowledge`` sub-command."""
-    from mlake_core.metrics.knowledge import FORMS
+    from mlake_core.metrics.knowledge import KnowledgeConfig
 
     parser = subparsers.add_parser("eval", help="measure models on MLaKE")
     sub = parser.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
@@ -47,51 +50,33 @@ def register(subparsers: Any) -> None:
     add_data_args(
         know,
         facts_default=None,
-        facts_help="N (the first N), all, or trained (default: mlake-tiny's training facts "
-        "for mlake-tiny models, all facts otherwise)",
+        facts_help="N (the first N of the default selection: mlake-tiny's training facts for "
+        "mlake-tiny models, all facts otherwise), trained (mlake-tiny's training facts) or all "
+        "(every fact); none given: the whole default selection",
     )
-    method = know.add_argument_group("measurement")
-    method.add_argument(
-        "--forms", default=",".join(FORMS), help="prompt forms to measure (default: both)"
+    add_settings_args(
+        know.add_argument_group("measurement"),
+        KnowledgeConfig,
+        fields=KNOWLEDGE_FIELDS,
+        helps={"forms": "prompt forms to measure, comma-separated (question, cloze)"},
     )
-    method.add_argument("--max-new-tokens", type=int, default=24, help="greedy length")
     add_run_args(know)
     know.set_defaults(func=run_knowledge)
 
 
 def run_knowledge(args: argparse.Namespace) -> int:
     """Entry point of ``mlake eval knowledge``."""
-    from mlake.stages.context import select_fact_ids
     from mlake.stages.knowledge import knowledge_stage
-    from mlake_core.data.dataset import load_mlake
-    from mlake_core.languages import parse_langs
     from mlake_core.metrics.knowledge import KnowledgeConfig
 
-    langs = parse_langs(args.langs)
-    facts_option = parse_facts(args.facts) if args.facts else None
-    check_run_args(args)
-    config = KnowledgeConfig(
-        forms=tuple(f.strip() for f in args.forms.split(",") if f.strip()),
-        max_new_tokens=args.max_new_tokens,
-    )
-    loaded = load_model(args)
-    dataset = load_mlake(args.data_dir, version=args.version, langs=langs)
-    trained = loaded.tiny_metadata["fact_ids"] if loaded.tiny_metadata else None
-    facts = facts_option or ("trained" if trained is not None else "all")
-    fact_ids = select_fact_ids(dataset, facts, trained)
+    config = settings_from_args(args, KnowledgeConfig, fields=KNOWLEDGE_FIELDS)
+    facts = data_settings(args).facts
+    session = open_session(args)
+    loaded, ctx = session.loaded, session.ctx
+    if facts is None:
+        facts = "trained" if loaded.trained_facts is not None else "all"
     started = time.perf_counter()
-    result, run = knowledge_stage(
-        loaded.adapter,
-        loaded.path,
-        dataset,
-        fact_ids,
-        langs,
-        loaded.template,
-        config,
-        batch_size=args.batch_size,
-        results_dir=args.results_dir,
-        log=log,
-    )
+    result, run = knowledge_stage(ctx, config)
     seconds = time.perf_counter() - started
     summary = result.summary()
     report = {
@@ -102,8 +87,8 @@ def run_knowledge(args: argparse.Namespace) -> int:
         "device": loaded.adapter.info.device,
         "template": loaded.template.to_dict(),
         "bos_policy": loaded.adapter.info.bos.describe(),
-        "data_version": dataset.version,
-        "n_facts": len(fact_ids),
+        "data_version": ctx.dataset.version,
+        "n_facts": len(ctx.fact_ids),
         "facts": facts,
         "results": str(run.path),
         "seconds": round(seconds, 2),

@@ -16,9 +16,24 @@ from mlake_core.errors import ConfigError
 _PROBE_TEXTS = ("The capital of France is", "法国的首都是")
 
 
+#: The :class:`~mlake_core.models.mlake_tiny.TinyTrainConfig` fields that are options of
+#: ``train-tiny`` (``--set FIELD=VALUE`` reaches the others).
+TRAIN_FIELDS: tuple[str, ...] = (
+    "facts",
+    "langs",
+    "seed",
+    "bilingual_fraction",
+    "max_epochs",
+    "data_version",
+)
+#: ``data_version`` is the ``--version`` option, as in every other command.
+TRAIN_RENAME = {"data_version": "version"}
+
+
 def register(subparsers: Any) -> None:
     """Add the ``models`` command (alias ``model``) and its sub-commands."""
-    from mlake.commands.common import add_model_args
+    from mlake.commands.common import add_model_args, add_settings_args
+    from mlake.settings import DataSettings
 
     parser = subparsers.add_parser(
         "models", aliases=["model"], help="inspect model adapters; train mlake-tiny"
@@ -32,38 +47,39 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_args(check, template=False)
-    check.add_argument("--data-dir", default=None, help="MLaKE data (to train mlake-tiny)")
+    add_settings_args(
+        check,
+        DataSettings,
+        fields=("data_dir",),
+        helps={"data_dir": "MLaKE data directory (to train mlake-tiny)"},
+    )
     check.add_argument("--json", action="store_true", help="print JSON instead of text")
     check.set_defaults(func=run_check)
     _register_train_tiny(sub)
 
 
 def _register_train_tiny(sub: Any) -> None:
+    from mlake.commands.common import add_settings_args
+    from mlake.settings import DataSettings
     from mlake_core.models.mlake_tiny import TINY_NAME, VARIANTS, TinyTrainConfig
     from mlake_core.models.mlake_tiny import __doc__ as tiny_doc
 
-    defaults = TinyTrainConfig()
     train = sub.add_parser(
         "train-tiny",
         help="train mlake-tiny, the small model trained on MLaKE (cached; default model)",
         description=tiny_doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument(
-        "--facts",
-        default=str(defaults.facts),
-        help=f"number of facts (a fixed subset) or 'all' (default: {defaults.facts})",
+    add_settings_args(
+        train,
+        TinyTrainConfig,
+        fields=TRAIN_FIELDS,
+        rename=TRAIN_RENAME,
+        helps={
+            "facts": "number of facts (a fixed subset) or 'all'",
+            "langs": "comma-separated languages",
+        },
     )
-    train.add_argument("--langs", default=",".join(defaults.langs), help="languages")
-    train.add_argument("--seed", type=int, default=defaults.seed, help="training seed")
-    train.add_argument(
-        "--bilingual-fraction",
-        type=float,
-        default=defaults.bilingual_fraction,
-        help="probability per fact, language and epoch of adding a bilingual document "
-        f"(default: {defaults.bilingual_fraction})",
-    )
-    train.add_argument("--max-epochs", type=int, default=defaults.max_epochs, help="epoch budget")
     train.add_argument(
         "--variant",
         default=TINY_NAME,
@@ -80,8 +96,7 @@ def _register_train_tiny(sub: Any) -> None:
         help="any other training option of TinyTrainConfig (repeatable), e.g. "
         "--set route_masking=0.5; an unknown field is an error",
     )
-    train.add_argument("--version", default=defaults.data_version, help="MLaKE release")
-    train.add_argument("--data-dir", default=None, help="MLaKE data directory")
+    add_settings_args(train, DataSettings, fields=("data_dir",))
     train.add_argument(
         "--retrain", action="store_true", help="train again even if this config is cached"
     )
@@ -89,28 +104,51 @@ def _register_train_tiny(sub: Any) -> None:
     train.set_defaults(func=run_train_tiny)
 
 
+def parse_fields(items: list[str], cls: type, *, option: str = "--set") -> dict[str, str]:
+    """``--set FIELD=VALUE`` options of one config dataclass as ``{field: value}``; values
+    stay text (:func:`~mlake.commands.common.settings_from_args` coerces them).
+
+    Raises:
+        ConfigError: a malformed item, or a field ``cls`` does not have (naming its fields).
+    """
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(cls)]
+    out: dict[str, str] = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        field = field.strip()
+        if not sep or not field:
+            raise ConfigError(f"{option} {item!r}: expected FIELD=VALUE")
+        if field not in names:
+            raise ConfigError(
+                f"{option} {item!r}: {cls.__name__} has no field {field!r} "
+                f"(fields: {', '.join(names)})"
+            )
+        out[field] = value.strip()
+    return out
+
+
 def run_train_tiny(args: argparse.Namespace) -> int:
     """Entry point of ``mlake models train-tiny``."""
     import sys
 
-    from mlake.commands.common import log
-    from mlake_core.models.mlake_tiny import ensure_tiny, read_metadata, variant_config
+    from mlake.commands.common import log, settings_from_args
+    from mlake_core.models.mlake_tiny import (
+        TinyTrainConfig,
+        ensure_tiny,
+        read_metadata,
+        variant_config,
+    )
 
-    overrides: dict[str, str] = {}
-    for item in args.overrides:
-        field, sep, value = item.partition("=")
-        if not sep or not field.strip():
-            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE")
-        overrides[field.strip()] = value.strip()
-    config = variant_config(
-        args.variant,
-        facts=args.facts,
-        langs=args.langs,
-        seed=args.seed,
-        bilingual_fraction=args.bilingual_fraction,
-        max_epochs=args.max_epochs,
-        data_version=args.version,
-        **overrides,
+    # The variant's options, then --set, then the options given (they win).
+    config = settings_from_args(
+        args,
+        TinyTrainConfig,
+        fields=TRAIN_FIELDS,
+        rename=TRAIN_RENAME,
+        defaults=parse_fields(args.overrides, TinyTrainConfig),
+        base=variant_config(args.variant),
     )
     path = ensure_tiny(
         config,
@@ -177,9 +215,11 @@ def probe(adapter: Any) -> dict[str, Any]:
 
 def run_check(args: argparse.Namespace) -> int:
     """Entry point of ``mlake models check``."""
-    from mlake.commands.common import load_model
+    from mlake.commands.common import log, model_settings
+    from mlake.loading import load_model
 
-    adapter = load_model(args).adapter
+    settings = model_settings(args)
+    adapter = load_model(settings, data_dir=args.data_dir, log=log).adapter
     report = describe(adapter)
     report["forward"] = probe(adapter)
     if args.json:
@@ -188,8 +228,8 @@ def run_check(args: argparse.Namespace) -> int:
         _print_text(report)
     if not report["forward"]["finite"]:
         raise ConfigError(
-            f"--model {args.model!r} produced non-finite logits with --dtype {args.dtype} "
-            f"on --device {report['info']['device']}; try --dtype float32"
+            f"--model {settings.name!r} produced non-finite logits with --dtype "
+            f"{settings.dtype} on --device {report['info']['device']}; try --dtype float32"
         )
     return 0
 

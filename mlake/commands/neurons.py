@@ -35,16 +35,34 @@ from mlake.commands.common import (
     add_data_args,
     add_model_args,
     add_run_args,
-    check_run_args,
-    facts_and_knowledge,
-    load_model,
+    add_settings_args,
+    data_settings,
     log,
-    parse_facts,
+    open_session,
+    settings_from_args,
 )
+
+#: The :class:`~analysis.neurons.config.NeuronConfig` fields that are options, by group (the
+#: per-fact methods' settings, :class:`~analysis.neurons.attribution.AttributionConfig`, are
+#: options of their own, named as the fields).
+SHARE_FIELDS: tuple[str, ...] = (
+    "min_rate",
+    "min_facts",
+    "lape_top_rate",
+    "lape_filter_rate",
+    "lape_bar_rate",
+    "text_tokens",
+)
+ABLATION_FIELDS: tuple[str, ...] = ("ablation", "n_random", "ablation_facts")
+NEURON_FIELDS: tuple[str, ...] = ("methods", *SHARE_FIELDS, *ABLATION_FIELDS)
 
 
 def register(subparsers: Any) -> None:
     """Add the ``neurons`` command."""
+    from analysis.neurons.ablation import MODES
+    from analysis.neurons.attribution import BASELINES, POSITIONS, RULES, AttributionConfig
+    from analysis.neurons.config import NeuronConfig
+
     parser = subparsers.add_parser(
         "neurons",
         help="neuron attribution per language (overlap, specific/shared units, ablation)",
@@ -53,71 +71,45 @@ def register(subparsers: Any) -> None:
     )
     add_model_args(parser)
     group = parser.add_argument_group("attribution")
-    group.add_argument("--methods", default="ig,atp,lape", help="default: ig,atp,lape")
-    group.add_argument("--steps", type=int, default=20, help="integrated-gradients steps")
-    group.add_argument("--baseline", default="zero", choices=("zero", "mean"))
-    group.add_argument("--positions", default="last", choices=("last", "all"))
-    group.add_argument("--layers", default="", help="candidate layers, e.g. 2,3,4 (default: all)")
-    group.add_argument("--samples", type=int, default=5, help="corrupted runs (atp)")
-    group.add_argument("--noise-scale", type=float, default=3.0)
-    group.add_argument("--rule", default="threshold", choices=("threshold", "topk"))
-    group.add_argument("--threshold", type=float, default=0.2)
-    group.add_argument("--top-k", type=int, default=20)
-    group.add_argument("--agreement", type=float, default=0.7)
-    group.add_argument("--forms", default="question,cloze")
-    group.add_argument("--max-rows", type=int, default=0, help="rows per pass (0: auto)")
-    group.add_argument("--seed", type=int, default=0)
-    share = parser.add_argument_group("specific and shared units")
-    share.add_argument("--min-rate", type=float, default=0.05)
-    share.add_argument("--min-facts", type=int, default=2)
-    share.add_argument("--lape-top-rate", type=float, default=0.01)
-    share.add_argument("--lape-filter-rate", type=float, default=0.95)
-    share.add_argument("--lape-bar-rate", type=float, default=0.95)
-    share.add_argument("--text", default=None, help="text folder for LAPE (default: MLaKE)")
-    share.add_argument("--text-tokens", type=int, default=200_000, help="tokens per language")
-    abl = parser.add_argument_group("ablation")
-    abl.add_argument("--ablation", default="zero", choices=("zero", "mean"))
-    abl.add_argument("--n-random", type=int, default=3, help="random sets per fact")
-    abl.add_argument(
-        "--ablation-facts", type=int, default=100, help="known facts per language (matrix)"
+    add_settings_args(
+        group, NeuronConfig, fields=("methods",), helps={"methods": "comma-separated methods"}
     )
-    add_data_args(parser, facts_default="20", facts_help="N (the first N) or all (default: 20)")
+    add_settings_args(
+        group,
+        AttributionConfig,
+        choices={"baseline": BASELINES, "positions": POSITIONS, "rule": RULES},
+        helps={
+            "layers": "candidate layers, e.g. 2,3,4 (none given: all)",
+            "threshold": "the threshold rule keeps units scoring above this fraction of the "
+            "prompt's largest score (Dai et al.: 0.2)",
+        },
+    )
+    share = parser.add_argument_group("specific and shared units")
+    add_settings_args(share, NeuronConfig, fields=SHARE_FIELDS)
+    share.add_argument("--text", default=None, help="text folder for LAPE (default: MLaKE)")
+    add_settings_args(
+        parser.add_argument_group("ablation"),
+        NeuronConfig,
+        fields=ABLATION_FIELDS,
+        choices={"ablation": MODES},
+    )
+    add_data_args(parser, facts_default="20", facts_help="N (the first N), trained or all")
     add_run_args(parser)
     parser.set_defaults(func=run_neurons)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`~analysis.neurons.config.NeuronConfig` the options describe."""
+    """The :class:`~analysis.neurons.config.NeuronConfig` the options describe.
+
+    Raises:
+        ConfigError: a value that does not parse or that the config rejects, naming the option.
+    """
     from analysis.neurons.attribution import AttributionConfig
     from analysis.neurons.config import NeuronConfig
 
-    attribution = AttributionConfig(
-        steps=args.steps,
-        baseline=args.baseline,
-        positions=args.positions,
-        layers=args.layers,
-        samples=args.samples,
-        noise_scale=args.noise_scale,
-        rule=args.rule,
-        threshold=args.threshold,
-        top_k=args.top_k,
-        agreement=args.agreement,
-        forms=args.forms,
-        max_rows=args.max_rows,
-        seed=args.seed,
-    )
-    return NeuronConfig(
-        methods=args.methods,
-        attribution=attribution,
-        min_rate=args.min_rate,
-        min_facts=args.min_facts,
-        lape_top_rate=args.lape_top_rate,
-        lape_filter_rate=args.lape_filter_rate,
-        lape_bar_rate=args.lape_bar_rate,
-        text_tokens=args.text_tokens,
-        ablation=args.ablation,
-        n_random=args.n_random,
-        ablation_facts=args.ablation_facts,
+    attribution = settings_from_args(args, AttributionConfig)
+    return settings_from_args(
+        args, NeuronConfig, fields=NEURON_FIELDS, base=NeuronConfig(attribution=attribution)
     )
 
 
@@ -125,22 +117,18 @@ def run_neurons(args: argparse.Namespace) -> int:
     """Entry point of ``mlake neurons``."""
     from mlake.progress import progress_bar
     from mlake.stages.neurons import neurons_stage
-    from mlake_core.languages import parse_langs
 
-    langs = parse_langs(args.langs)
-    facts_option = parse_facts(args.facts)
-    check_run_args(args)
     config = config_from_args(args)
     if args.text is not None:
         from analysis.neurons.activation import folder_texts
 
-        folder_texts(args.text, langs)  # fail before loading the model
-    loaded = load_model(args)
-    config.attribution.check_layers(loaded.adapter.n_layers)
-    data = facts_and_knowledge(args, loaded, langs, facts_option)
-    dataset, fact_ids, knowledge = data.dataset, data.fact_ids, data.knowledge
-    wanted = set(fact_ids)
-    per_method = sum(len(knowledge.known(lang) & wanted) for lang in langs)
+        folder_texts(args.text, data_settings(args).langs)  # fail before loading the model
+    session = open_session(args)
+    ctx = session.ctx
+    config.attribution.check_layers(ctx.adapter.n_layers)
+    knowledge = session.measure_knowledge()
+    wanted = set(ctx.fact_ids)
+    per_method = sum(len(knowledge.known(lang) & wanted) for lang in ctx.langs)
     bar = progress_bar("neurons", per_method * len(config.fact_methods), "fact", log)
 
     def on_fact(info: dict[str, Any]) -> None:
@@ -149,27 +137,16 @@ def run_neurons(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     result, _ = neurons_stage(
-        loaded.adapter,
-        loaded.path,
-        dataset,
-        fact_ids,
-        langs,
-        loaded.template,
-        config,
-        knowledge=knowledge,
-        text_folder=args.text,
-        batch_size=args.batch_size,
-        results_dir=args.results_dir,
-        log=log,
-        on_fact=on_fact,
+        ctx, config, knowledge=knowledge, text_folder=args.text, on_fact=on_fact
     )
     bar.close()
-    report = {"model": loaded.name, "n_facts": len(fact_ids), **result.to_dict()}
+    name, n_facts = session.loaded.name, len(ctx.fact_ids)
+    report = {"model": name, "n_facts": n_facts, **result.to_dict()}
     report["seconds"] = round(time.perf_counter() - started, 1)
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
     else:
-        print(format_report(result, loaded.name, len(fact_ids)))
+        print(format_report(result, name, n_facts))
     return 0
 
 
@@ -204,7 +181,7 @@ def format_report(result: Any, model: str, n_facts: int) -> str:
                 "and language"
             )
         lines += ["", title]
-        if m.method != "lape":
+        if m.per_fact:
             lines.append(
                 "facts attributed: "
                 + ", ".join(f"{k} {v}" for k, v in m.n_facts.items())

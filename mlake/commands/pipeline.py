@@ -3,7 +3,7 @@
 Data checks, knowledge, causal tracing, edit transfer (FT and IKE by default), neuron
 attribution, restricted editing, probes and the relation between sharing and transfer; then
 every figure and ``report.md``.  The defaults (``mlake pipeline --print-config`` prints them as
-YAML, with the documented copy in ``mlake/pipeline_default.yaml``) run mlake-tiny on 12
+YAML, with the documented copy in ``mlake/pipeline/pipeline_default.yaml``) run mlake-tiny on 12
 facts in five languages, within 15 minutes on two CPU cores.  ``--config FILE`` reads a YAML
 file of the same shape (any subset of the keys; unknown keys are errors).
 
@@ -18,7 +18,7 @@ import argparse
 import sys
 from typing import Any
 
-from mlake.commands.common import log, parse_facts
+from mlake.commands.common import log
 
 
 def register(subparsers: Any) -> None:
@@ -31,7 +31,12 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--config", default=None, metavar="FILE", help="YAML config file")
     parser.add_argument("--model", default=None, help="overrides model.name (default: mlake-tiny)")
-    parser.add_argument("--facts", default=None, help="overrides data.facts: N or all")
+    parser.add_argument(
+        "--facts",
+        default=None,
+        help="overrides data.facts: N (the first N of the default selection), trained "
+        "(mlake-tiny's training facts) or all (every fact)",
+    )
     parser.add_argument(
         "--out", default=None, metavar="DIR", help="run folder (default: runs/pipeline/<name>)"
     )
@@ -61,6 +66,7 @@ def default_out(config: Any) -> str:
 def run_pipeline_command(args: argparse.Namespace) -> int:
     """Entry point of ``mlake pipeline``."""
     from mlake.pipeline import dump_config, load_config, run_pipeline, with_overrides
+    from mlake_core.data.selection import parse_facts
 
     config = load_config(args.config)
     config = with_overrides(

@@ -28,6 +28,7 @@ selectivity and retrieval matrices and the 5x5 similarity matrices.  --json prin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -37,16 +38,19 @@ from mlake.commands.common import (
     add_data_args,
     add_model_args,
     add_run_args,
-    check_run_args,
-    facts_and_knowledge,
-    load_model,
+    add_settings_args,
+    data_settings,
+    field_docs,
     log,
-    parse_facts,
+    open_session,
+    settings_from_args,
 )
 
 
 def register(subparsers: Any) -> None:
     """Add the ``probe`` command."""
+    from probes.config import ProbeConfig
+
     parser = subparsers.add_parser(
         "probe",
         help="probes per layer: language identity, cross-lingual transfer, similarity",
@@ -55,52 +59,45 @@ def register(subparsers: Any) -> None:
     )
     add_model_args(parser)
     group = parser.add_argument_group("probes")
-    group.add_argument("--folds", type=int, default=5, help="folds over facts (default: 5)")
-    group.add_argument(
-        "--inner-folds", type=int, default=3, help="folds choosing the regularisation (default: 3)"
+    fields = [f.name for f in dataclasses.fields(ProbeConfig) if f.name != "center"]
+    add_settings_args(
+        group,
+        ProbeConfig,
+        fields=fields,
+        helps={
+            "cs": "grid of the logistic probes' C, comma-separated",
+            "alphas": "grid of the retrieval map's ridge penalty, comma-separated",
+        },
     )
-    group.add_argument("--cs", default="0.001,0.01,0.1,1,10", help="grid of the logistic probes' C")
-    group.add_argument(
-        "--alphas", default="1,10,100,1000,10000", help="grid of the retrieval map's ridge penalty"
-    )
-    group.add_argument(
-        "--min-class-facts",
-        type=int,
-        default=4,
-        help="an answer is a class when this many facts share it (default: 4)",
-    )
-    group.add_argument(
-        "--known-only",
-        action="store_true",
-        help="probe only facts the model answers in every language",
-    )
+    # ``center`` defaults to true: the option turns it off.
     group.add_argument(
         "--no-center",
-        action="store_true",
-        help="do not centre each language on its own mean before the answer probe",
+        dest="center",
+        action="store_const",
+        const=False,
+        default=None,
+        help="turn off (default: on): " + field_docs(ProbeConfig)["center"],
     )
-    group.add_argument("--max-iter", type=int, default=500, help="solver iterations")
-    group.add_argument("--seed", type=int, default=0)
-    add_data_args(parser, facts_default="all", facts_help="N (the first N) or all (default: all)")
+    add_data_args(
+        parser,
+        facts_default=None,
+        facts_help="N (the first N of the default selection: mlake-tiny's training facts for "
+        "mlake-tiny models, all facts otherwise), trained (mlake-tiny's training facts) or all "
+        "(every fact); none given: the whole default selection",
+    )
     add_run_args(parser)
     parser.set_defaults(func=run_probe)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`~probes.config.ProbeConfig` the options describe."""
+    """The :class:`~probes.config.ProbeConfig` the options describe.
+
+    Raises:
+        ConfigError: a value that does not parse or that the config rejects, naming the option.
+    """
     from probes.config import ProbeConfig
 
-    return ProbeConfig(
-        folds=args.folds,
-        inner_folds=args.inner_folds,
-        cs=args.cs,
-        alphas=args.alphas,
-        min_class_facts=args.min_class_facts,
-        known_only=args.known_only,
-        center=not args.no_center,
-        max_iter=args.max_iter,
-        seed=args.seed,
-    )
+    return settings_from_args(args, ProbeConfig)
 
 
 def run_probe(args: argparse.Namespace) -> int:
@@ -108,37 +105,23 @@ def run_probe(args: argparse.Namespace) -> int:
     from mlake.progress import progress_bar
     from mlake.stages.probes import probe_stage
     from mlake_core.errors import ConfigError
-    from mlake_core.languages import parse_langs
     from probes.config import pair_matrices
 
-    langs = parse_langs(args.langs)
+    langs = data_settings(args).langs
     if len(langs) < 2:
         raise ConfigError(f"--langs {args.langs}: probes compare languages; give at least two")
-    facts_option = parse_facts(args.facts)
-    check_run_args(args)
     config = config_from_args(args)
-    loaded = load_model(args)
-    data = facts_and_knowledge(args, loaded, langs, facts_option)
-    bar = progress_bar("activations", len(data.fact_ids) * len(langs), "prompt", log)
+    session = open_session(args)
+    ctx = session.ctx
+    knowledge = session.measure_knowledge()
+    bar = progress_bar("activations", len(ctx.fact_ids) * len(ctx.langs), "prompt", log)
     started = time.perf_counter()
-    result, _ = probe_stage(
-        loaded.adapter,
-        loaded.path,
-        data.dataset,
-        data.fact_ids,
-        langs,
-        loaded.template,
-        config,
-        knowledge=data.knowledge,
-        batch_size=args.batch_size,
-        results_dir=args.results_dir,
-        log=log,
-        progress=bar.update,
-    )
+    result, _ = probe_stage(ctx, config, knowledge=knowledge, progress=bar.update)
     bar.close()
     seconds = round(time.perf_counter() - started, 1)
+    model, n_facts = session.loaded.name, len(ctx.fact_ids)
     if args.json:
-        report = {"model": loaded.name, "n_facts": len(data.fact_ids), **result.to_dict()}
+        report = {"model": model, "n_facts": n_facts, **result.to_dict()}
         report["pair_matrices"] = {}
         for position in result.positions:
             try:
@@ -151,7 +134,7 @@ def run_probe(args: argparse.Namespace) -> int:
         report["seconds"] = seconds
         print(json.dumps(report, ensure_ascii=False, indent=2, default=_json_default))
     else:
-        print(format_report(result, loaded.name, len(data.fact_ids)))
+        print(format_report(result, model, n_facts))
         print(f"\n{seconds:.1f} s")
     return 0
 

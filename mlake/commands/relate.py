@@ -35,11 +35,18 @@ import json
 import math
 from typing import Any
 
-from mlake.commands.common import log
+from mlake.commands.common import add_settings_args, log, settings_from_args
+
+#: The :class:`~analysis.relate.RelateConfig` fields that are options (``known_only`` is
+#: ``--all-rows``).
+RELATE_FIELDS: tuple[str, ...] = ("outcome", "form", "overlap", "n_boot", "n_perm", "seed")
 
 
 def register(subparsers: Any) -> None:
     """Add the ``relate`` command."""
+    from analysis.relate import RelateConfig
+    from mlake.settings import DataSettings
+
     parser = subparsers.add_parser(
         "relate",
         help="relate neuron overlap (and probes, tracing) to measured edit transfer",
@@ -65,17 +72,27 @@ def register(subparsers: Any) -> None:
         help="the neuron run's overlap used at fact level, <method>_<unit> (default: ig_neuron)",
     )
     stats = parser.add_argument_group("statistics")
-    stats.add_argument(
-        "--outcome", default="success_greedy", choices=("success_greedy", "success_prob")
+    add_settings_args(
+        stats,
+        RelateConfig,
+        fields=RELATE_FIELDS,
+        choices={
+            "outcome": ("success_greedy", "success_prob"),
+            "form": ("question", "cloze"),
+            "overlap": ("jaccard", "overlap"),
+        },
     )
-    stats.add_argument("--form", default="question", choices=("question", "cloze"))
-    stats.add_argument("--overlap", default="jaccard", choices=("jaccard", "overlap"))
-    stats.add_argument("--all-rows", action="store_true", help="fact level: also rows unknown in B")
-    stats.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (facts)")
-    stats.add_argument("--n-perm", type=int, default=200, help="permutations of the overlap")
-    stats.add_argument("--seed", type=int, default=0)
-    data = parser.add_argument_group("data")
-    data.add_argument("--data-dir", default=None, help="MLaKE data directory")
+    # ``known_only`` defaults to true: the option turns it off.
+    stats.add_argument(
+        "--all-rows",
+        dest="known_only",
+        action="store_const",
+        const=False,
+        default=None,
+        help="fact level: also the rows of facts unknown in B before the edit (default: only "
+        "the known ones)",
+    )
+    add_settings_args(parser.add_argument_group("data"), DataSettings, fields=("data_dir",))
     parser.add_argument("--results-dir", default=None, help="results root (default: RUN_DIR's)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.set_defaults(func=run_relate)
@@ -88,15 +105,7 @@ def run_relate(args: argparse.Namespace) -> int:
     from mlake_core.data.dataset import load_mlake
     from mlake_core.data.paths import DEFAULT_VERSION
 
-    config = RelateConfig(
-        outcome=args.outcome,
-        form=args.form,
-        overlap=args.overlap,
-        known_only=not args.all_rows,
-        n_boot=args.n_boot,
-        n_perm=args.n_perm,
-        seed=args.seed,
-    )
+    config = settings_from_args(args, RelateConfig, fields=(*RELATE_FIELDS, "known_only"))
     main = load_transfer(args.run_dir)  # checks the folder before MLaKE loads
     version = str(main.key.get("data_version") or DEFAULT_VERSION)
     dataset = load_mlake(args.data_dir, version=version, langs=main.meta.get("langs"))

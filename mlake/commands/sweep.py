@@ -3,11 +3,12 @@ fraction, the measured neuron overlap and the measured edit transfer (a dose-res
 
 For each ``--fractions`` value, mlake-tiny is trained with that bilingual fraction (cached;
 0 is the default model), then on the same ``--facts``: knowledge, neuron attribution
-(integrated gradients), edits in every language (``--method``, FT at layer 0 by default with
-settings that edit mlake-tiny; change them with ``--set ft.FIELD=VALUE``), and the relation
-analysis (``mlake relate``).  Prints per fraction the mean same-fact overlap, transfer,
-gain, efficacy and locality with bootstrap intervals over facts (overall, within and across
-language families), and the rank correlations across fractions.  Every step is a cached
+(integrated gradients), edits in every language (``--method``, FT by default, with the
+settings the model brings: mlake-tiny's FT at layer 0 with ``lr`` 0.01, ``steps`` 100,
+``max_rel_norm`` 0.3; change them with ``--set ft.FIELD=VALUE``), and the relation analysis
+(``mlake relate``).  Prints per fraction the mean same-fact overlap, transfer, gain, efficacy
+and locality with bootstrap intervals over facts (overall, within and across language
+families), and the rank correlations across fractions.  Every step is a cached
 stage: an interrupted sweep resumes.  See :mod:`mlake.sweep`.
 """
 
@@ -18,92 +19,107 @@ import json
 import math
 from typing import Any
 
-from mlake.commands.common import log
+from mlake.commands.common import (
+    add_settings_args,
+    log,
+    parse_set,
+    settings_from_args,
+)
+
+#: The :class:`~mlake.sweep.SweepConfig` fields that are options (``--set`` gives
+#: ``method_config``).
+SWEEP_FIELDS: tuple[str, ...] = (
+    "fractions",
+    "facts",
+    "train_facts",
+    "method",
+    "n_locality",
+    "ablation_facts",
+    "n_boot",
+    "seed",
+)
 
 
 def register(subparsers: Any) -> None:
     """Add the ``sharing-sweep`` command."""
+    from mlake.settings import DataSettings, ModelSettings, RunSettings
+    from mlake.sweep import SweepConfig
+    from mlake_core.models.loading import BACKENDS
+
     parser = subparsers.add_parser(
         "sharing-sweep",
         help="overlap and transfer against the fraction of bilingual training documents",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--fractions", default="0,0.25,0.5", help="default: 0,0.25,0.5")
-    parser.add_argument("--facts", type=int, default=60, help="facts per point (default: 60)")
-    parser.add_argument(
-        "--train-facts",
-        type=int,
-        default=300,
-        help="facts each mlake-tiny is trained on (default: 300, the default model's)",
+    sweep = parser.add_argument_group("sweep")
+    add_settings_args(
+        sweep,
+        SweepConfig,
+        fields=SWEEP_FIELDS,
+        helps={
+            "fractions": "bilingual fractions, comma-separated, one mlake-tiny each",
+            "method": "editing method (ft, rome, memit, ike)",
+        },
     )
-    parser.add_argument("--method", default="ft", help="editing method (default: ft)")
-    parser.add_argument(
+    sweep.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="METHOD.FIELD=VALUE",
-        help="a field of the method's config (default for ft: layer=0 lr=0.01 steps=100 "
-        "max_rel_norm=0.3)",
+        help="a field of the method's config (repeatable); the others are the settings the "
+        "model brings (mlake-tiny: ft layer=0 lr=0.01 steps=100 max_rel_norm=0.3), else the "
+        "method's defaults",
     )
-    parser.add_argument("--n-locality", type=int, default=10, help="locality facts per language")
-    parser.add_argument("--ablation-facts", type=int, default=10)
-    parser.add_argument("--n-boot", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--langs", default="en,zh,ja,fr,de", help="comma-separated languages")
-    parser.add_argument("--data-dir", default=None, help="MLaKE data directory")
-    parser.add_argument("--backend", default="tlens", choices=("tlens", "nnsight"))
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--results-dir", default=None, help="results root (default: ./runs)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_settings_args(
+        parser.add_argument_group("data"),
+        DataSettings,
+        fields=("langs", "data_dir"),
+        helps={"langs": "comma-separated languages"},
+    )
+    add_settings_args(
+        parser.add_argument_group("model"),
+        ModelSettings,
+        fields=("backend", "device"),
+        choices={"backend": BACKENDS},
+    )
+    run = parser.add_argument_group("run")
+    add_settings_args(run, RunSettings, fields=("batch_size", "results_dir"))
+    run.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run_sweep_command)
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     """Entry point of ``mlake sharing-sweep``."""
-    from mlake.commands.edit import parse_overrides
-    from mlake.sweep import TINY_FT, SweepConfig, run_sweep
-    from mlake_core.editing.base import get_method
-    from mlake_core.errors import ConfigError
-    from mlake_core.languages import parse_langs
+    from mlake.settings import DataSettings, ModelSettings, RunSettings
+    from mlake.sweep import SweepConfig, run_sweep
+    from mlake_core.editing import get_method
 
-    entry = get_method(args.method)
-    try:
-        fractions = tuple(float(f) for f in args.fractions.split(",") if f.strip())
-    except ValueError:
-        raise ConfigError(
-            f"--fractions {args.fractions!r}: expected numbers, e.g. 0,0.25,0.5"
-        ) from None
-    fields = dict(TINY_FT) if entry.name == "ft" else {}
-    fields.update(parse_overrides(args.overrides, [entry]).get(entry.name, {}))
+    method = settings_from_args(args, SweepConfig, fields=("method",)).method
+    entry = get_method(method)
+    fields = parse_set(args.overrides, {entry.name: entry.config_cls}).get(entry.name, {})
     entry.config_cls(**fields)  # validate before any training
-    config = SweepConfig(
-        fractions=fractions,
-        facts=args.facts,
-        train_facts=args.train_facts,
-        method=entry.name,
-        method_config=fields,
-        n_locality=args.n_locality,
-        ablation_facts=args.ablation_facts,
-        n_boot=args.n_boot,
-        seed=args.seed,
+    config = settings_from_args(
+        args, SweepConfig, fields=SWEEP_FIELDS, defaults={"method_config": fields}
     )
-    summary, run = run_sweep(
+    data = settings_from_args(args, DataSettings, fields=("langs", "data_dir"))
+    model = settings_from_args(args, ModelSettings, fields=("backend", "device"))
+    run = settings_from_args(args, RunSettings, fields=("batch_size", "results_dir"))
+    summary, folder = run_sweep(
         config,
-        langs=parse_langs(args.langs),
-        data_dir=args.data_dir,
-        results_dir=args.results_dir,
-        backend=args.backend,
-        device=args.device,
-        batch_size=args.batch_size,
+        langs=data.langs,
+        data_dir=data.data_dir,
+        results_dir=run.results_dir,
+        backend=model.backend,
+        device=model.device,
+        batch_size=run.batch_size,
         log=log,
     )
     if args.json:
-        print(json.dumps({**summary, "run": str(run.path)}, ensure_ascii=False, indent=2))
+        print(json.dumps({**summary, "run": str(folder.path)}, ensure_ascii=False, indent=2))
     else:
-        print(format_sweep(summary, str(run.path)))
+        print(format_sweep(summary, str(folder.path)))
     return 0
 
 

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
 from mlake.commands import models as models_command
 from mlake_core.errors import ConfigError
+from mlake_core.models.tiny import build_tiny_model
 
 pytestmark = pytest.mark.slow  # builds and runs the tiny models
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny checkpoints these tests load, as ``tests/mlake_core/models``' fixture builds
+    them (whose conftest this folder does not see)."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {arch: build_tiny_model(arch, root / arch, seed=0) for arch in ("bloom", "qwen2")}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -345,6 +345,7 @@ def test_skipped_views_are_counted(first, fact_ids, micro_adapters, mlake_v2411)
 def test_facts_not_known_are_skipped(micro_adapters, micro_tiny, mlake_v2411, fact_ids, tmp_path):
     """Called as a stage with a knowledge result that says one fact is not known in zh."""
     from analysis.neurons.config import NeuronConfig
+    from mlake.stages.context import StageContext
     from mlake.stages.neurons import neurons_stage
 
     known = {"en": set(fact_ids), "zh": set(fact_ids[1:])}
@@ -353,10 +354,12 @@ def test_facts_not_known_are_skipped(micro_adapters, micro_tiny, mlake_v2411, fa
     for lang, line in (("en", "The capital of France is Paris."), ("zh", "法国的首都是巴黎。")):
         (tmp_path / "text" / f"{lang}.txt").write_text(f"{line}\n{line}\n", encoding="utf-8")
     config = NeuronConfig(methods="atp", ablation_facts=0, min_facts=1)
-    result, run = neurons_stage(
-        micro_adapters["tlens"], micro_tiny, mlake_v2411, fact_ids, LANGS, get_template("qa"),
-        config, knowledge=knowledge, text_folder=tmp_path / "text", results_dir=tmp_path / "runs",
+    ctx = StageContext(
+        adapter=micro_adapters["tlens"], model_path=str(micro_tiny), dataset=mlake_v2411,
+        fact_ids=tuple(fact_ids), langs=LANGS, template=get_template("qa"),
+        results_dir=tmp_path / "runs",
     )  # fmt: skip
+    result, run = neurons_stage(ctx, config, knowledge=knowledge, text_folder=tmp_path / "text")
     assert result.skipped["atp:zh:not known before"] == 1
     assert "atp:en:not known before" not in result.skipped
     assert result.get("atp", "neuron").n_facts == {"en": N_FACTS, "zh": N_FACTS - 1}

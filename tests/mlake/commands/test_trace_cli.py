@@ -95,18 +95,35 @@ def test_resume_uses_saved_traces(traced, capsys, monkeypatch) -> None:
     assert c == a
 
 
-def test_recommended_layer_reaches_editing(traced, micro_tiny: Path, capsys) -> None:
+def test_recommended_layer_reaches_editing(traced, micro_tiny: Path, capsys, monkeypatch) -> None:
+    from mlake_core.models import mlake_tiny
+
     root, _ = traced
     base = ("edit", "transfer", "--model", str(micro_tiny), "--method", "ft", "--langs", "en")
     base += ("--facts", "1", "--n-locality", "2", "--device", "cpu", "--json")
+    # mlake-tiny brings its FT settings (layer 0 among them): tracing is not consulted.
     code, out, err = _run(capsys, *base, "--results-dir", str(root))
     assert code == 0, err
-    assert "recommended by causal tracing" in err
+    assert "ft: settings this model was trained for" in err
+    report = json.loads(out)
+    assert report["layer_source"] == "model"
+    config = report["methods"]["ft"]["config"]
+    assert (config["layer"], config["lr"], config["steps"], config["max_rel_norm"]) == (
+        "0",
+        "0.01",
+        "100",
+        "0.3",
+    )
+    # A model that brings no layer takes the one tracing recommended for it.
+    monkeypatch.setattr(mlake_tiny, "recommended_edit_settings", lambda path: {})
+    code, out, err = _run(capsys, *base, "--results-dir", str(root))
+    assert code == 0, err
+    assert "ft: layer auto -> layer 0 (causal tracing" in err
     assert json.loads(out)["layer_source"] == "tracing"
     # Another results root has no tracing: the documented default.
     code, out, err = _run(capsys, *base, "--results-dir", str(root / "elsewhere"))
     assert code == 0, err
-    assert "was not traced" in err and json.loads(out)["layer_source"] == "default"
+    assert "(documented default)" in err and json.loads(out)["layer_source"] == "default"
 
 
 @pytest.mark.parametrize(
@@ -193,7 +210,7 @@ def test_the_layers_a_model_was_trained_for_take_precedence_over_tracing(
     base += ("--facts", "1", "--n-locality", "2", "--device", "cpu", "--json")
     code, out, err = _run(capsys, *base, "--results-dir", str(root))
     assert code == 0, err
-    assert "the layers this model was trained for take precedence" in err
+    assert "ft: settings this model was trained for: layer=1, lr=0.01" in err
     assert re.search(r"ft: 1/1 edits, [\d.]+ edit/s \(en loss [\d.]+\)", err)  # no TTY: log lines
     report = json.loads(out)
     assert report["layer_source"] == "model"
