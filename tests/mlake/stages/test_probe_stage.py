@@ -30,6 +30,14 @@ FACTS = list(range(40))
 CONFIG = ProbeConfig(folds=3, inner_folds=2, cs=(0.1,), min_class_facts=2)
 
 
+def _ctx(adapter, model, dataset, facts, langs, root, log=None, batch_size=32):
+    from mlake.stages.context import StageContext
+
+    return StageContext(
+        adapter, str(model), dataset, tuple(facts), tuple(langs), QA, root, batch_size, log=log
+    )
+
+
 @pytest.fixture(scope="module")
 def adapter(micro_tiny: Path):
     return load_adapter(str(micro_tiny), "tlens", device="cpu")
@@ -39,10 +47,8 @@ def adapter(micro_tiny: Path):
 def first(adapter, micro_tiny, mlake_v2411, tmp_path_factory):
     root = tmp_path_factory.mktemp("probe_stage")
     messages: list[str] = []
-    result, run = stage_module.probe_stage(
-        adapter, micro_tiny, mlake_v2411, FACTS, LANGS, QA, CONFIG,
-        results_dir=root, log=messages.append, batch_size=16,
-    )  # fmt: skip
+    ctx = _ctx(adapter, micro_tiny, mlake_v2411, FACTS, LANGS, root, messages.append, 16)
+    result, run = stage_module.probe_stage(ctx, CONFIG)
     return SimpleNamespace(root=root, result=result, run=run, messages=messages)
 
 
@@ -92,10 +98,8 @@ def test_rerun_loads_and_summary_matches(first, adapter, micro_tiny, mlake_v2411
 
     monkeypatch.setattr(stage_module, "collect_activations", fail)
     messages: list[str] = []
-    again, run = stage_module.probe_stage(
-        adapter, micro_tiny, mlake_v2411, FACTS, LANGS, QA, CONFIG,
-        results_dir=first.root, log=messages.append,
-    )  # fmt: skip
+    ctx = _ctx(adapter, micro_tiny, mlake_v2411, FACTS, LANGS, first.root, messages.append)
+    again, run = stage_module.probe_stage(ctx, CONFIG)
     assert run.path == first.run.path
     assert sum("loaded from" in m for m in messages) == len(LANGS) + 3
     assert again.to_dict() == first.result.to_dict()
@@ -110,10 +114,8 @@ def test_known_only_counts_what_it_leaves_out(first, adapter, micro_tiny, mlake_
     known = {"en": set(FACTS[:30]), "zh": set(FACTS[5:40]), "fr": set(FACTS)}
     knowledge = SimpleNamespace(known=lambda lang: known[lang])
     config = dataclasses.replace(CONFIG, known_only=True)
-    result, run = stage_module.probe_stage(
-        adapter, micro_tiny, mlake_v2411, FACTS, LANGS, QA, config,
-        knowledge=knowledge, results_dir=first.root,
-    )  # fmt: skip
+    ctx = _ctx(adapter, micro_tiny, mlake_v2411, FACTS, LANGS, first.root)
+    result, run = stage_module.probe_stage(ctx, config, knowledge=knowledge)
     assert run.path != first.run.path
     assert {lang: c["probed"] for lang, c in result.counts.items()} == dict.fromkeys(LANGS, 25)
     assert {lang: c["known"] for lang, c in result.counts.items()} == {
@@ -127,16 +129,16 @@ def test_known_only_counts_what_it_leaves_out(first, adapter, micro_tiny, mlake_
     assert set(result.language_id["n"]) == {25 * 3}
     with pytest.raises(ConfigError, match="known_only needs"):
         stage_module.probe_stage(
-            adapter, micro_tiny, mlake_v2411, FACTS, LANGS, QA, config, results_dir=first.root
+            _ctx(adapter, micro_tiny, mlake_v2411, FACTS, LANGS, first.root), config
         )
 
 
 def test_too_few_facts_or_languages(first, adapter, micro_tiny, mlake_v2411):
     with pytest.raises(ConfigError, match="--folds 3: only 2 facts can be probed"):
         stage_module.probe_stage(
-            adapter, micro_tiny, mlake_v2411, [0, 1], LANGS, QA, CONFIG, results_dir=first.root
+            _ctx(adapter, micro_tiny, mlake_v2411, [0, 1], LANGS, first.root), CONFIG
         )
     with pytest.raises(ConfigError, match="at least two languages"):
         stage_module.probe_stage(
-            adapter, micro_tiny, mlake_v2411, FACTS, ("en",), QA, CONFIG, results_dir=first.root
+            _ctx(adapter, micro_tiny, mlake_v2411, FACTS, ("en",), first.root), CONFIG
         )
