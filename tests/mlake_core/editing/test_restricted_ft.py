@@ -19,7 +19,7 @@ import torch
 
 from mlake.cli import main
 from mlake.commands import edit as edit_command
-from mlake.commands.edit import read_unit_sets
+from mlake.stages.transfer import read_unit_sets
 from mlake_core.editing import EditContext, get_method
 from mlake_core.editing.base import EditRequest, down_proj_name
 from mlake_core.editing.ft import UNIT_CHOICES, FtConfig, unit_mask
