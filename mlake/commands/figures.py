@@ -38,8 +38,8 @@ def register(subparsers: Any) -> None:
 
 def run_figures(args: argparse.Namespace) -> int:
     """Entry point of ``mlake figures``."""
-    from mlake.report import write_report
-    from mlake.report_figures import write_figures
+    from mlake.pipeline.figures import write_figures
+    from mlake.pipeline.report import write_report
 
     written = write_figures(args.run_dir, sweep=args.sweep, log=log)
     for path in written:

@@ -193,7 +193,7 @@ def test_cjk_token_labels_have_glyphs(complete):
     import matplotlib.pyplot as plt
 
     from figures.style import missing_glyphs
-    from mlake.report_figures import figure_makers
+    from mlake.pipeline.figures import figure_makers
 
     out, _ = complete
     makers = dict(figure_makers(read_manifest(out)))
