@@ -117,7 +117,9 @@ def given_method_fields(
     """The fields of method ``entry``'s config the user set: ``--layer`` (unless ``auto``) as
     its ``layer`` or ``layers``, then its ``--set`` items."""
     names = {f.name for f in dataclasses.fields(entry.config_cls)}
-    given = {n: layer for n in ("layer", "layers") if n in names and layer != "auto"}
+    given: dict[str, str] = {
+        n: layer for n in ("layer", "layers") if n in names and layer != "auto"
+    }
     given.update(overrides.get(entry.name, {}))
     return given
 
