@@ -40,6 +40,7 @@ from mlake.commands.common import (
     run_settings,
     settings_from_args,
 )
+from mlake.pipeline.config import TransferSettings
 from mlake_core.errors import ConfigError
 
 #: The :class:`~analysis.transfer.TransferConfig` fields that are options.
@@ -95,10 +96,11 @@ def register(subparsers: Any) -> None:
         help="a neuron-attribution run (mlake neurons) whose shared and language-specific MLP "
         "neurons restricted editing uses (--set ft.units=shared|specific|random)",
     )
-    group.add_argument(
-        "--units-method",
-        default="ig",
-        help="which attribution method's classes to take from --units-from (default: ig)",
+    add_settings_args(
+        group,
+        TransferSettings,
+        fields=["units_method"],
+        helps={"units_method": "which attribution method's classes to take from --units-from"},
     )
     add_settings_args(
         tr.add_argument_group("evaluation"),
@@ -146,8 +148,9 @@ def run_transfer(args: argparse.Namespace) -> int:
     seed = run_settings(args).seed
     unit_sets, unit_source = None, None
     if args.units_from:
-        unit_sets = read_unit_sets(args.units_from, args.units_method, seed=seed)
-        unit_source = f"{args.units_from} ({args.units_method})"
+        units_method = args.units_method or TransferSettings().units_method
+        unit_sets = read_unit_sets(args.units_from, units_method, seed=seed)
+        unit_source = f"{args.units_from} ({units_method})"
     elif any(v != "all" for o in overrides.values() for k, v in o.items() if k == "units"):
         raise ConfigError("restricted editing (--set ft.units=...) needs --units-from RUN_DIR")
     session = open_session(args)

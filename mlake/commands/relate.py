@@ -36,6 +36,7 @@ import math
 from typing import Any
 
 from mlake.commands.common import add_settings_args, log, settings_from_args
+from mlake.pipeline.config import RelateSettings
 
 #: The :class:`~analysis.relate.RelateConfig` fields that are options (``known_only`` is
 #: ``--all-rows``).
@@ -66,11 +67,7 @@ def register(subparsers: Any) -> None:
         metavar="RUN_DIR",
         help="a transfer run of a restricted edit to compare with RUN_DIR (repeatable)",
     )
-    group.add_argument(
-        "--unit",
-        default="ig_neuron",
-        help="the neuron run's overlap used at fact level, <method>_<unit> (default: ig_neuron)",
-    )
+    add_settings_args(group, RelateSettings, fields=["unit"])
     stats = parser.add_argument_group("statistics")
     add_settings_args(
         stats,
@@ -118,7 +115,7 @@ def run_relate(args: argparse.Namespace) -> int:
         tracing_dir=args.tracing,
         probes_dir=args.probes,
         restricted=args.restricted,
-        unit=args.unit,
+        unit=args.unit or RelateSettings().unit,
         results_dir=args.results_dir,
         log=log,
     )
