@@ -27,7 +27,8 @@ import numpy as np
 
 
 def main() -> int:
-    from mlake.commands.common import log, resolve_model_path
+    from mlake.commands.common import log
+    from mlake.loading import resolve_model_path
     from mlake_core.data.dataset import load_mlake
     from mlake_core.metrics.knowledge import measure_knowledge
     from mlake_core.models import load_adapter
