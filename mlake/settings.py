@@ -60,7 +60,7 @@ class DataSettings:
         facts: the first N facts of the default selection (mlake-tiny's training facts, else
             all facts), ``trained`` (the training facts), ``all`` (every fact), or ``None``
             (the whole default selection); see :mod:`mlake_core.data.selection`.
-        version: MLaKE release.
+        version: MLaKE release (v2024-11, or v2024-04 with the multiple-choice files).
         data_dir: MLaKE data directory (default: ``$MLAKE_DATA``, then ``../shared/mlake``).
     """
 
@@ -70,14 +70,13 @@ class DataSettings:
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        from mlake_core.data.paths import RELEASES
+        from mlake_core.data.paths import get_release
         from mlake_core.data.selection import parse_facts
         from mlake_core.languages import parse_langs
 
         object.__setattr__(self, "langs", parse_langs(self.langs))
         object.__setattr__(self, "facts", parse_facts(self.facts, option="facts"))
-        if self.version not in RELEASES:
-            raise ConfigError(f"version {self.version!r}: choose {', '.join(RELEASES)}")
+        get_release(self.version)  # an unknown version: one error listing the known ones
 
 
 @dataclass(frozen=True)

@@ -240,13 +240,11 @@ def add_data_args(
     """Add the :class:`~mlake.settings.DataSettings` options (``--langs``, ``--facts``,
     ``--version``, ``--data-dir``); ``facts_default`` is the command's own default."""
     from mlake.settings import DataSettings
-    from mlake_core.data.paths import RELEASES
 
     add_settings_args(
         parser.add_argument_group("data"),
         DataSettings,
         defaults={"facts": facts_default},
-        choices={"version": tuple(RELEASES)},
         helps={"facts": facts_help, "langs": "comma-separated languages"},
     )
     parser.set_defaults(facts_default=facts_default)

@@ -24,7 +24,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         p,
         DataSettings,
         fields=DATA_FIELDS,
-        choices={"version": tuple(RELEASES)},
         helps={
             "langs": "comma-separated languages",
             "data_dir": f"MLaKE data directory (default: ${ENV_VAR}, else ../shared/mlake "
