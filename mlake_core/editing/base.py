@@ -219,8 +219,7 @@ class EditResult:
     def _params(self, adapter: Any) -> dict[str, torch.nn.Parameter]:
         out = {}
         for name in self.deltas:
-            module_path, _, attr = name.rpartition(".")
-            param = getattr(adapter.hf_module(module_path), attr)
+            param = edited_parameter(adapter, name, f"{self.method} edit")
             if param.shape != self.deltas[name].shape:
                 raise ValueError(
                     f"delta for {name} has shape {tuple(self.deltas[name].shape)}, "
@@ -254,15 +253,43 @@ class EditResult:
 
 def restore_weights(adapter: Any, originals: Mapping[str, torch.Tensor]) -> None:
     """Copy saved weights back (bitwise identical to before the edit)."""
+    params = {name: edited_parameter(adapter, name, "restore") for name in originals}
     with torch.no_grad():
         for name, saved in originals.items():
-            module_path, _, attr = name.rpartition(".")
-            getattr(adapter.hf_module(module_path), attr).copy_(saved)
+            params[name].copy_(saved)
+
+
+def edited_parameter(adapter: Any, name: str, what: str) -> torch.nn.Parameter:
+    """The parameter ``name`` (``"<module path>.<attribute>"``) that an edit writes, through
+    :meth:`~mlake_core.models.adapter.BaseAdapter.editable_parameter`: never the token
+    embedding or the unembedding (one tensor when tied, as in Qwen2 and Gemma 3).
+
+    Raises:
+        ConfigError: for the embedding or unembedding, or a name the model has no parameter
+            of; the message starts with ``what`` (e.g. ``"rome edit"``).
+    """
+    try:
+        return adapter.editable_parameter(name)
+    except ConfigError as err:
+        raise ConfigError(f"{what}: {err}") from None
+    except KeyError:
+        raise ConfigError(
+            f"{what}: {adapter.info.model_id} has no parameter {name!r} to edit"
+        ) from None
 
 
 def down_proj_name(adapter: Any, layer: int) -> str:
     """Parameter name of layer ``layer``'s MLP output-projection weight."""
     return adapter.spec.sites["mlp_post"].path(layer) + ".weight"
+
+
+def down_proj(adapter: Any, layer: int, what: str) -> tuple[str, torch.nn.Parameter, bool]:
+    """Layer ``layer``'s MLP output-projection weight as an edit writes it: its name, the
+    parameter (through :func:`edited_parameter`), and whether it is stored ``[out, in]``
+    (``Linear``) rather than ``[in, out]`` (GPT-2's ``Conv1D``)."""
+    _, out_in = adapter.mlp_down(layer)
+    name = down_proj_name(adapter, layer)
+    return name, edited_parameter(adapter, name, what), out_in
 
 
 @dataclass

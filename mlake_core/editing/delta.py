@@ -1,5 +1,8 @@
 """The ``δ`` optimisation ROME and MEMIT share: find vectors that, added to one layer's MLP
-output at each request's subject last token, make the model give the new answers.
+output at each request's subject last token, make the model give the new answers.  ``δ`` is
+a change of the MLP output projection's output, which is the MLP output except on
+architectures with a post-norm (Gemma 3), where it is optimised through that norm
+(:mod:`~mlake_core.editing.projection`), so a weight edit writes it exactly.
 
 ``δ`` starts at zero (``init: zero``, as in ROME) or where the residual stream at the
 subject's last token becomes the mean over the run's subjects (``init: subject-mean``,
@@ -19,6 +22,12 @@ from typing import Any
 import torch
 
 from mlake_core.editing.base import EditContext, EditRequest
+from mlake_core.editing.projection import (
+    has_post_norm,
+    projection_output,
+    pull_back_change,
+    pull_back_grad,
+)
 from mlake_core.errors import ConfigError
 from mlake_core.models.adapter import Patch, TokenBatch
 
@@ -100,26 +109,39 @@ def optimise_output_delta(
     restarts: int = 0,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-    """Find per-request vectors ``δ_i`` that, added to ``site`` (``mlp_out.{layer}``) at each
-    request's subject last token, make the model give the new answers (shared by ROME and
-    MEMIT).
+    """Find per-request vectors ``δ_i`` that, added to the output of layer ``L``'s MLP
+    output projection at each request's subject last token, make the model give the new
+    answers (shared by ROME and MEMIT); ``site`` is ``mlp_out.{L}``.
+
+    ``δ`` lives where a weight edit can write it exactly: at the projection's output ``y``
+    (:mod:`~mlake_core.editing.projection`).  Each step patches ``mlp_out.{L}`` with
+    ``N(y + δ)`` (``N``: the architecture's post-norm, the identity on most, where ``y`` *is*
+    ``mlp_out.{L}``) and differentiates through ``N``.
 
     ``δ`` starts at zero, or, with ``start_from`` (``[n, d_model]``, see
     :func:`subject_means`), where the residual stream after the block becomes ``start_from``
-    (``δ_0 = start_from - h``), clamped like every step.  When an attempt ends with the mean
-    NLL above :data:`RESTART_NLL` and ``restarts`` remain, the next attempt starts from the
-    first start plus random vectors as long as the residual stream ``h`` (drawn from
-    ``generator``); the attempt with the lowest NLL is returned.
+    (``δ_0 = start_from - h``, pulled back through ``N``:
+    :func:`~mlake_core.editing.projection.pull_back_change`), clamped like every step.  When
+    an attempt ends with the mean NLL above :data:`RESTART_NLL` and ``restarts`` remain, the
+    next attempt starts from the first start plus random vectors as long as the residual
+    stream ``h`` (drawn from ``generator``; pulled back through ``N`` too); the attempt with
+    the lowest NLL is returned.
 
     Returns:
-        ``(δ [n, width], original activation there [n, width], its NLL, steps over all
-        attempts)``.
+        ``(δ [n, width], the projection's original output there [n, width], its NLL, steps
+        over all attempts)``; ``||δ||`` is at most ``clamp_norm`` times that output's norm.
     """
     batch, targets = teacher_forced(adapter, requests)
     rows, positions = torch.arange(len(requests)), torch.tensor([r.subject_last for r in requests])
-    resid = "resid_post." + site.rsplit(".", 1)[1]
-    _, cache = adapter.run_with_cache(batch, [site, resid])
+    layer = int(site.rsplit(".", 1)[1])
+    resid = f"resid_post.{layer}"
+    key_site = f"mlp_post.{layer}"
+    _, cache = adapter.run_with_cache(
+        batch, [site, resid, key_site] if has_post_norm(adapter) else [site, resid]
+    )
     base = cache[site][rows, positions].float()
+    if has_post_norm(adapter):
+        base = projection_output(adapter, layer, cache[key_site][rows, positions]).float()
     here = cache[resid][rows, positions].float()
     limit = clamp_norm * base.norm(dim=-1, keepdim=True).clamp(min=1e-6)
 
@@ -128,24 +150,31 @@ def optimise_output_delta(
         return d * torch.where(norms > limit, limit / norms, torch.ones_like(norms))
 
     def loss_and_grad(d: torch.Tensor) -> tuple[float, torch.Tensor]:
-        patch = Patch(site, rows, positions, base + d)
+        moved = base + d
+        if has_post_norm(adapter):
+            with torch.no_grad():
+                value_at_site = adapter.sublayer_output("mlp", layer, moved)
+        else:
+            value_at_site = moved
+        patch = Patch(site, rows, positions, value_at_site)
         value, grads = adapter.gradients(
             batch, [site], lambda logits: nll(logits, targets) * len(targets), patches=[patch]
         )
-        return float(value) / len(targets), grads[site][rows, positions].float()
+        g = grads[site][rows, positions].float()
+        return float(value) / len(targets), pull_back_grad(adapter, layer, moved, g)
 
     first = torch.zeros_like(base)
     if start_from is not None:
-        first = clamped(start_from.detach().to(base).reshape(base.shape) - here)
+        wanted = start_from.detach().to(base).reshape(base.shape) - here
+        first = clamped(pull_back_change(adapter, layer, base, wanted)[0])
     best: tuple[float, torch.Tensor] = (math.inf, first)
     done = 0
     for attempt in range(restarts + 1):
         start = first
         if attempt:
             noise = torch.randn(base.shape, generator=generator).to(base)
-            start = clamped(
-                first + noise / noise.norm(dim=-1, keepdim=True) * here.norm(dim=-1, keepdim=True)
-            )
+            noise = noise / noise.norm(dim=-1, keepdim=True) * here.norm(dim=-1, keepdim=True)
+            start = clamped(first + pull_back_change(adapter, layer, base + first, noise)[0])
         delta = start.clone().requires_grad_(True)
         opt = torch.optim.Adam([delta], lr=lr)
         for step in range(steps + 1):  # the last pass only measures the final δ

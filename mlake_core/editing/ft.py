@@ -4,10 +4,12 @@ baseline of Meng et al. 2022), optionally restricted to a set of neurons.
 Adam on the MLP output projection of one layer maximises the new answer's likelihood after
 the edit prompt, with the weight change kept inside a Frobenius-norm ball
 (``max_rel_norm * ||W||``).  The gradient of a linear map is ``sum_t g_t k_t^T`` with
-``g = d loss / d mlp_out`` and ``k = mlp_post``, both read through the
+``g = d loss / d (W k_t)`` and ``k = mlp_post``, read through the
 :class:`~mlake_core.models.adapter.ModelAdapter`, so FT runs on both backends and every
-supported architecture.  Restricted editing (``units``) zeroes the keys of the neurons outside
-a set, so no gradient reaches their output weights.
+supported architecture: ``g`` is the gradient at ``mlp_out``, carried back through the
+post-norm on architectures that have one (Gemma 3;
+:func:`~mlake_core.editing.projection.pull_back_grad`).  Restricted editing (``units``)
+zeroes the keys of the neurons outside a set, so no gradient reaches their output weights.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from mlake_core.editing.base import (
     EditContext,
     EditRequest,
     EditResult,
-    down_proj_name,
+    down_proj,
     register_edit_method,
 )
 from mlake_core.editing.delta import nll, teacher_forced
 from mlake_core.editing.layers import resolve_layer
+from mlake_core.editing.projection import has_post_norm, projection_output, pull_back_grad
 from mlake_core.errors import ConfigError
 
 
@@ -107,12 +110,13 @@ def edit_ft(
 ) -> EditResult:
     """FT (see the module docstring)."""
     layer = resolve_layer(adapter, config.layer)
-    weight, out_in = adapter.mlp_down(layer)
+    name, weight, out_in = down_proj(adapter, layer, "ft edit")
     original = weight.detach().clone()
     bound = config.max_rel_norm * float(original.norm())
     batch, targets = teacher_forced(adapter, requests)
     _, cache = adapter.run_with_cache(batch, [f"mlp_post.{layer}"])
-    keys = cache[f"mlp_post.{layer}"].float()  # unaffected by this layer's projection
+    raw_keys = cache[f"mlp_post.{layer}"]  # unaffected by this layer's projection
+    keys = raw_keys.float()
     mask = unit_mask(requests, config.units, context, layer, keys.shape[-1])
     if mask is not None:
         keys = keys * mask.to(keys.device)  # no gradient reaches the other neurons' weights
@@ -132,6 +136,9 @@ def edit_ft(
             if loss < config.stop_loss:
                 break
             g = grads[f"mlp_out.{layer}"].float()
+            if has_post_norm(adapter):
+                # d loss / d (W k) through the post-norm, at the current weight's outputs.
+                g = pull_back_grad(adapter, layer, projection_output(adapter, layer, raw_keys), g)
             grad_w = torch.einsum("btd,btm->dm", g, keys)  # [out, in]
             delta.grad = (grad_w if out_in else grad_w.T).to(delta.device)
             opt.step()
@@ -146,7 +153,7 @@ def edit_ft(
     return EditResult(
         method="ft",
         requests=tuple(requests),
-        deltas={down_proj_name(adapter, layer): delta.detach().to(original.dtype)},
+        deltas={name: delta.detach().to(original.dtype)},
         loss=loss,
         info={
             "layer": layer,

@@ -20,6 +20,13 @@ For requests ``i = 1..n`` with subject-last tokens:
    width; MEMIT's published 15,000 for GPT-J and 20,000 for GPT-2 XL are 0.9 and 3.1 in
    these units).
 
+On architectures with a post-norm after the projection (Gemma 3), ``δ_i`` is a change of
+the last layer's projection output, optimised through the norm (so ``z_i`` is reachable),
+and each layer's share ``r_i`` -- a change of the residual stream -- is pulled back through
+that layer's norm to the change of its projection's output that makes it
+(:func:`~mlake_core.editing.projection.pull_back_change`; least squares where the norm
+cannot make all of it, reported per layer in ``info["post_norm_missed"]``).
+
 Differences from the reference code, all documented choices: keys are read from the edit
 prompt itself (no averaging over random context prefixes), and the solve runs in float64
 on the CPU.  The model is left unchanged; the result holds one delta per edited layer.
@@ -38,7 +45,7 @@ from mlake_core.editing.base import (
     EditContext,
     EditRequest,
     EditResult,
-    down_proj_name,
+    down_proj,
     register_edit_method,
     restore_weights,
 )
@@ -49,6 +56,12 @@ from mlake_core.editing.delta import (
     teacher_forced,
 )
 from mlake_core.editing.layers import resolve_layers
+from mlake_core.editing.projection import (
+    has_post_norm,
+    output_change,
+    projection_output,
+    pull_back_change,
+)
 from mlake_core.errors import ConfigError
 
 
@@ -121,28 +134,38 @@ def edit_memit(
     rows = torch.arange(len(requests))
     positions = torch.tensor([r.subject_last for r in requests])
     resid = f"resid_post.{last}"
+    # The residual-stream change δ makes at the last layer (δ itself without a post-norm).
+    shift = output_change(adapter, last, base, delta).double().cpu()
     target = torch.empty(0)  # set from the first layer's pass (no update applied yet)
 
     deltas: dict[str, torch.Tensor] = {}
     originals: dict[str, torch.Tensor] = {}
     residual_norms: list[float] = []
+    missed_norms: list[float] = []
     try:
         for i, layer in enumerate(layers):
             key_site = f"mlp_post.{layer}"
             _, cache = adapter.run_with_cache(batch, [key_site, resid])
-            keys = cache[key_site][rows, positions].double().cpu()  # [n, d_mlp]
+            raw_keys = cache[key_site][rows, positions]
+            keys = raw_keys.double().cpu()  # [n, d_mlp]
             current = cache[resid][rows, positions].double().cpu()  # [n, d_model]
             if i == 0:
-                target = current + delta.double().cpu()
+                target = current + shift
             missing = (target - current) / (len(layers) - i)
             residual_norms.append(float((target - current).norm(dim=-1).mean()))
+            if has_post_norm(adapter):
+                # The change of the projection's output that makes this change of mlp_out.
+                pulled, missed = pull_back_change(
+                    adapter, layer, projection_output(adapter, layer, raw_keys), missing
+                )
+                missing = pulled.double().cpu()
+                missed_norms.append(float(missed.double().mean()))
             moment = context.second_moment(layer).double()
             lam = config.mom2_weight * keys.shape[1]
             system = lam * moment + keys.T @ keys  # [d_mlp, d_mlp], symmetric
             solved = torch.linalg.solve(system, keys.T)  # [d_mlp, n]
             update = missing.T @ solved.T  # [d_model, d_mlp]
-            weight, out_in = adapter.mlp_down(layer)
-            name = down_proj_name(adapter, layer)
+            name, weight, out_in = down_proj(adapter, layer, "memit edit")
             change = (update if out_in else update.T).to(dtype=weight.dtype, device=weight.device)
             originals[name] = weight.detach().clone()
             with torch.no_grad():
@@ -166,6 +189,9 @@ def edit_memit(
             ),
             # Mean distance to the target residual before each layer's update and at the end.
             "residual_norms": residual_norms,
+            # With a post-norm: per layer, the mean part of that layer's share of the
+            # residual its projection cannot make (projection.pull_back_change); else empty.
+            "post_norm_missed": missed_norms,
             "config": asdict(config),
         },
     )

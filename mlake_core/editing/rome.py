@@ -1,10 +1,13 @@
 """ROME (Meng et al. 2022): a rank-one update of one layer's MLP output projection at the
 subject's last token.
 
-``k*`` is the key (``mlp_post``) there; ``v*`` adds an optimised vector ``δ`` to ``mlp_out``
-at that position so the model gives the new answer (norm-clamped relative to the original
-output; :func:`~mlake_core.editing.delta.optimise_output_delta`, shared with MEMIT, with its
-``init`` and ``restarts``).  The update ``ΔW = δ u^T / (u^T k*)`` with
+``k*`` is the key (``mlp_post``) there; ``v* = W k* + δ`` adds an optimised vector ``δ`` to
+the projection's output at that position so the model gives the new answer (norm-clamped
+relative to the original output; :func:`~mlake_core.editing.delta.optimise_output_delta`,
+shared with MEMIT, with its ``init`` and ``restarts``).  On most architectures that output is
+``mlp_out``; where a post-norm follows the projection (Gemma 3), ``mlp_out`` is the norm of
+it and ``δ`` is optimised through the norm, so the edited model's ``mlp_out`` is exactly the
+one the optimisation scored.  The update ``ΔW = δ u^T / (u^T k*)`` with
 ``u = (C + λI)^{-1} k*`` maps ``k*`` to ``v*`` exactly while disturbing keys that are frequent
 in text (``C = E[k k^T]``, :mod:`~mlake_core.editing.covariance`) least.  One fact at a time
 (MEMIT batches); the model is left unchanged.
@@ -23,7 +26,7 @@ from mlake_core.editing.base import (
     EditContext,
     EditRequest,
     EditResult,
-    down_proj_name,
+    down_proj,
     register_edit_method,
 )
 from mlake_core.editing.covariance import ridge_inverse_apply
@@ -87,7 +90,7 @@ def edit_rome(
         raise ConfigError("rome needs key statistics (EditContext.second_moment)")
     (request,) = requests
     layer = check_not_last(adapter, resolve_layer(adapter, config.layer), "rome")
-    weight, out_in = adapter.mlp_down(layer)
+    name, weight, out_in = down_proj(adapter, layer, "rome edit")
     batch, _ = teacher_forced(adapter, requests)
     _, cache = adapter.run_with_cache(batch, [f"mlp_post.{layer}"])
     k_star = cache[f"mlp_post.{layer}"][0, request.subject_last].double().cpu()
@@ -111,9 +114,7 @@ def edit_rome(
     return EditResult(
         method="rome",
         requests=tuple(requests),
-        deltas={
-            down_proj_name(adapter, layer): update.to(dtype=weight.dtype, device=weight.device)
-        },
+        deltas={name: update.to(dtype=weight.dtype, device=weight.device)},
         loss=loss,
         info={
             "layer": layer,
