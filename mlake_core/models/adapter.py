@@ -432,6 +432,10 @@ class ModelInfo:
         sliding_window: the sliding-window width of the sliding layers (``None``: none).
         sliding_layers: the layers that attend through the sliding window.
         logit_softcap: the final logit soft-cap (``None``: logits are not capped).
+        gguf_sha256: when the weights were dequantized from a GGUF file (a packaged model
+            such as ``gemma-3-270m``, or ``--model FILE.gguf``;
+            :mod:`~mlake_core.models.gguf_weights`), that file's SHA256; else ``None``.
+        quantization: that file's quantization type, e.g. ``"Q4_K_M"``; else ``None``.
     """
 
     model_id: str
@@ -459,6 +463,8 @@ class ModelInfo:
     sliding_window: int | None = None
     sliding_layers: tuple[int, ...] = ()
     logit_softcap: float | None = None
+    gguf_sha256: str | None = None
+    quantization: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (for ``meta.json``)."""

@@ -1,18 +1,22 @@
 """Load a Hugging Face causal LM behind a :class:`~mlake_core.models.adapter.ModelAdapter`.
 
-:func:`load_adapter` takes a local folder or a hub id, checks that the architecture is one of
-:data:`~mlake_core.models.sites.ARCHITECTURES`, loads safetensors weights (never pickles) with
-eager attention (TransformerLens needs it for attention patterns; nnsight gets the same so both
-backends compute the same numbers), reads the BOS policy off the tokenizer and wraps the model
-in the requested backend.  Every expected failure -- a missing folder, a hub id that is not in
-the local cache while offline, an unsupported architecture, a bad option -- is a
-:class:`~mlake_core.errors.ConfigError` whose message names the option or file and what to do.
+:func:`load_adapter` takes a local folder, a hub id, a packaged model's name
+(``gemma-3-270m``) or a GGUF file (the last two are dequantized once into a folder in
+mlake's cache, :mod:`~mlake_core.models.gguf_weights`, then loaded like any folder), checks
+that the architecture is one of :data:`~mlake_core.models.sites.ARCHITECTURES`, loads
+safetensors weights (never pickles) with eager attention (TransformerLens needs it for
+attention patterns; nnsight gets the same so both backends compute the same numbers), reads
+the BOS policy off the tokenizer and wraps the model in the requested backend.  Every
+expected failure -- a missing folder, a hub id that is not in the local cache while offline,
+an unsupported architecture, a bad option -- is a :class:`~mlake_core.errors.ConfigError`
+whose message names the option or file and what to do (a truncated GGUF file: a
+:class:`~mlake_core.errors.DataError`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ import torch
 
 from mlake_core.errors import ConfigError
 from mlake_core.models.adapter import BaseAdapter, BosPolicy, ModelInfo, architecture_facts
+from mlake_core.models.gguf_weights import PACKAGED_MODELS, resolve_gguf
 from mlake_core.models.mlake_tiny_metadata import read_metadata
 from mlake_core.models.sites import ARCHITECTURES, ArchitectureSpec, get_spec
 from mlake_core.provenance import package_versions
@@ -117,9 +122,15 @@ def _resolve_source(model: str) -> tuple[str, bool]:
             )
         return str(path), True
     if path.exists():
-        raise ConfigError(f"--model {model!r} is a file; pass the folder that holds config.json")
+        raise ConfigError(
+            f"--model {model!r} is a file but not a GGUF file; pass the folder that holds "
+            "config.json, or a .gguf file"
+        )
     if model.startswith(("/", ".", "~")) or model.count("/") > 1 or not model.strip():
-        raise ConfigError(f"--model folder {model!r} does not exist")
+        raise ConfigError(
+            f"--model folder {model!r} does not exist (packaged models: "
+            f"{', '.join(PACKAGED_MODELS.names())})"
+        )
     return model, False
 
 
@@ -225,12 +236,16 @@ def load_adapter(
     *,
     revision: str | None = None,
     local_files_only: bool | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> BaseAdapter:
     """Load a causal LM and wrap it in a backend.
 
     Args:
-        model: a local folder (``config.json``, ``*.safetensors``, tokenizer files) or a
-            Hugging Face hub id.
+        model: a local folder (``config.json``, ``*.safetensors``, tokenizer files), a
+            Hugging Face hub id, a packaged model's name
+            (:data:`~mlake_core.models.gguf_weights.PACKAGED_MODELS`: ``gemma-3-270m``) or a
+            GGUF file; the last two are converted into mlake's cache the first time
+            (:func:`~mlake_core.models.gguf_weights.resolve_gguf`).
         backend: ``"tlens"`` (TransformerLens ``TransformerBridge``) or ``"nnsight"``.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
@@ -238,16 +253,20 @@ def load_adapter(
         revision: hub branch, tag or commit (hub ids only).
         local_files_only: never touch the network; default: the ``HF_HUB_OFFLINE`` environment
             variable.
+        progress: receives a line before a first (slow) GGUF conversion; default: stderr.
 
     Returns:
         The adapter; ``adapter.info`` records model id, revision and commit hash, architecture,
-        backend, dtype, device, shapes and BOS policy.
+        backend, dtype, device, shapes and BOS policy, and for GGUF weights the file's SHA256
+        and quantization type.
 
     Raises:
         ConfigError: for an unknown backend, dtype or device; a missing folder; a hub id that
             cannot be found (the message says how to provide weights); an unsupported
             architecture (the message lists the supported ones); checkpoints without
-            safetensors weights.
+            safetensors weights; a packaged model whose package is not installed; a GGUF file
+            of an unsupported architecture or quantization type.
+        DataError: a GGUF file that is truncated or corrupt.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -257,7 +276,11 @@ def load_adapter(
         )
     torch_dtype = resolve_dtype(dtype)
     device_name = resolve_device(device)
-    source, is_local = _resolve_source(model)
+    gguf = resolve_gguf(model, progress=progress)
+    if gguf is not None:
+        source, is_local = str(gguf.folder), True
+    else:
+        source, is_local = _resolve_source(model)
     offline = _offline() if local_files_only is None else local_files_only
     if is_local and revision is not None:
         raise ConfigError(
@@ -322,6 +345,8 @@ def load_adapter(
         d_head=_d_mlp(hf_model, spec, "attn_z") // int(config.num_attention_heads),
         max_positions=_max_positions(config, source if is_local else None),
         **architecture_facts(spec, config, hf_model),
+        gguf_sha256=gguf.sha256 if gguf is not None else None,
+        quantization=gguf.quantization if gguf is not None else None,
     )
     if backend == "tlens":
         from mlake_core.models.tlens_backend import TLensAdapter
