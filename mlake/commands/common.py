@@ -166,7 +166,12 @@ def settings_from_args(
 
 
 def parse_set(
-    items: Sequence[str], known: Mapping[str, type], *, option: str = "--set"
+    items: Sequence[str],
+    known: Mapping[str, type],
+    *,
+    option: str = "--set",
+    kind: str = "NAME",
+    among: str = "the configurable",
 ) -> dict[str, dict[str, str]]:
     """``--set NAME.FIELD=VALUE`` options as ``{name: {field: value}}``; values stay text
     (the config dataclasses coerce them).
@@ -174,6 +179,9 @@ def parse_set(
     Args:
         items: the options.
         known: the config dataclass of each name that may be set (e.g. each method asked for).
+        option: the option's name, for errors.
+        kind: what a name is (``METHOD``), for errors.
+        among: where the names come from (``--methods``), for errors.
 
     Raises:
         ConfigError: a malformed item, an unknown name, or a field the config does not have
@@ -184,10 +192,11 @@ def parse_set(
         key, sep, value = item.partition("=")
         name, dot, field = key.strip().partition(".")
         if not sep or not dot or not name or not field:
-            raise ConfigError(f"{option} {item!r}: expected NAME.FIELD=VALUE, e.g. ft.lr=0.01")
+            raise ConfigError(f"{option} {item!r}: expected {kind}.FIELD=VALUE, e.g. ft.lr=0.01")
         if name not in known:
             raise ConfigError(
-                f"{option} {item!r}: {name!r} is not among the settable ({', '.join(known)})"
+                f"{option} {item!r}: {kind.lower()} {name!r} is not among {among} "
+                f"({', '.join(known)})"
             )
         names = [f.name for f in dataclasses.fields(known[name])]
         if field not in names:

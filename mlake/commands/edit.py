@@ -140,7 +140,12 @@ def run_transfer(args: argparse.Namespace) -> int:
     if not names:
         raise ConfigError("give --method NAME or --methods a,b")
     entries = [get_method(n) for n in names]
-    overrides = parse_set(args.overrides, {e.name: e.config_cls for e in entries})
+    overrides = parse_set(
+        args.overrides,
+        {e.name: e.config_cls for e in entries},
+        kind="METHOD",
+        among="--methods",
+    )
     config = settings_from_args(args, TransferConfig, fields=TRANSFER_FIELDS)
     given = {e.name: given_method_fields(e, args.layer, overrides) for e in entries}
     for entry in entries:  # bad --layer and --set values fail before the model loads

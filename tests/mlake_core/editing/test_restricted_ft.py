@@ -248,10 +248,10 @@ def test_read_unit_sets_errors(tmp_path: Path) -> None:
 def no_model(monkeypatch):
     """These errors must come before any model is loaded."""
 
-    def refuse(_args):
+    def refuse(*_args, **_kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(edit_command, "load_model", refuse)
+    monkeypatch.setattr(edit_command, "open_session", refuse)
 
 
 def _call(*argv: str) -> tuple[int, str, str]:
