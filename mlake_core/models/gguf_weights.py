@@ -50,6 +50,9 @@ CACHE_ENV = "MLAKE_CACHE"
 
 #: The record of a converted folder (see the module docstring).
 METADATA_FILE = "mlake_gguf.json"
+#: Bumped when what a converted folder holds changes: a folder converted by another version is
+#: stale and is converted again (never loaded with a record that lacks what this code reads).
+CONVERTER_VERSION = 2
 
 #: GGUF ``general.architecture`` -> the ``model_type`` transformers builds from it, for the
 #: architectures mlake has a site table for and transformers reads from GGUF (GPT-NeoX it
@@ -380,7 +383,9 @@ def _read_record(folder: Path) -> dict[str, Any] | None:
         record = json.loads(meta.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and "sha256" in record else None
+    if not isinstance(record, dict) or "sha256" not in record:
+        return None
+    return record if record.get("converter_version") == CONVERTER_VERSION else None
 
 
 def _weights(folder: Path, record: dict[str, Any]) -> GgufWeights:
@@ -468,9 +473,12 @@ def convert_gguf(
             "tokenizer_class": tokenizer_class,
             "parameters": sum(p.numel() for p in model.parameters()),
             "converted_with": package_versions(("torch", "transformers", "gguf")),
+            "converter_version": CONVERTER_VERSION,
         }
         _write_json(tmp / METADATA_FILE, record)
         del model
+        if target.exists() and _read_record(target) is None:
+            shutil.rmtree(target)  # stale (another converter version) or incomplete
         try:
             os.replace(tmp, target)
         except OSError:

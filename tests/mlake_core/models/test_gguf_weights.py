@@ -214,6 +214,25 @@ def test_a_second_load_reads_the_cache(tiny_gguf: Path, converted, tmp_path, mon
         gw.file_sha256(copy, root)
 
 
+def test_a_stale_conversion_is_converted_again(tiny_gguf: Path, tmp_path: Path) -> None:
+    """A folder converted by another converter version (its record lacks what this code reads)
+    is never loaded: the file is converted again, in place."""
+    root = tmp_path / "cache"
+    first = gw.resolve_gguf(str(tiny_gguf), root=root)
+    assert first is not None
+    meta = first.folder / gw.METADATA_FILE
+    old = json.loads(meta.read_text())
+    del old["converter_version"], old["tokenizer_class"]
+    meta.write_text(json.dumps(old))
+    assert gw.gguf_record(first.folder) is None
+    lines: list[str] = []
+    again = gw.resolve_gguf(str(tiny_gguf), root=root, progress=lines.append)
+    assert again is not None and again.folder == first.folder and len(lines) == 1
+    record = gw.gguf_record(again.folder)
+    assert record is not None and record["converter_version"] == gw.CONVERTER_VERSION
+    assert record["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
 def test_the_quantization_type_without_a_file_type(gemma_dir: Path, tmp_path: Path) -> None:
     path = write_gguf(gemma_dir, tmp_path / "no-file-type.gguf", file_type=False)
     facts = gw.read_gguf(path, what="test")
