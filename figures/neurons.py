@@ -108,6 +108,12 @@ def _heatmap(
     return image
 
 
+def _no_signal_suffix(summary: Any) -> str:
+    """A title's mark for a method whose ablation check cannot tell its sets from random ones
+    (:attr:`~analysis.neurons.config.MethodSummary.check_signal` false)."""
+    return "\nno signal: sets ~ random sets" if summary.check_signal is False else ""
+
+
 def _summaries(result: Any, unit: str, measure: str | None = None) -> list[Any]:
     """The result's per-fact method summaries for ``unit`` (``per_fact``: LAPE has no per-fact
     sets)."""
@@ -171,7 +177,9 @@ def overlap_matrices(result: Any, unit: str = "neuron", measure: str = "jaccard"
         image = _heatmap(
             ax, matrix, langs, cmap="viridis", vmin=0.0, vmax=1.0, fmt="{:.2f}", notes=notes
         )
-        ax.set_title(f"{METHOD_LABELS.get(summary.method, summary.method)}")
+        ax.set_title(
+            f"{METHOD_LABELS.get(summary.method, summary.method)}" + _no_signal_suffix(summary)
+        )
     if image is not None:
         bar = fig.colorbar(image, ax=list(axes[0]), fraction=0.05, pad=0.02, shrink=0.85)
         bar.set_label(MEASURE_LABELS[measure], fontsize=7)
@@ -256,7 +264,7 @@ def unit_counts(result: Any, method: str, unit: str = "neuron") -> Any:
     )
     ax.set_title(
         f"{METHOD_LABELS.get(method, method)}: language-specific and shared "
-        f"{UNIT_LABELS.get(unit, unit).split()[-1]}"
+        f"{UNIT_LABELS.get(unit, unit).split()[-1]}" + _no_signal_suffix(summary)
     )
     return fig
 

@@ -4,7 +4,8 @@ Left, the language-identity probe's balanced accuracy at each layer (one line pe
 the subject's last token, the prompt's last token), with its control task dashed.  Right, the
 cross-lingual probes (a probe trained in one language, tested on held-out facts in another):
 the mean accuracy over the off-diagonal language pairs at each layer, per task and position,
-with its control dashed.  Layer 0 is the embeddings.
+with its control dashed.  Layer 0 is the embeddings.  A hollow marker is a probe with no signal
+(:func:`probes.config.probe_signal`: not reliably above its control or chance).
 
 :func:`probe_accuracy_by_layer` shows the cross-lingual probe per language pair: one panel per
 training language, one line per test language, the control task as a grey band, and the
@@ -52,11 +53,19 @@ def accuracy_by_layer(result: Any) -> Any:
             lw=1,
             label=label,
         )
+        _mark_no_signal(
+            ax,
+            rows["layer"],
+            100 * rows["accuracy"],
+            [result.language_id_signal(position, int(x))[0] for x in rows["layer"]],
+            color,
+            "o",
+        )
         if "control" in rows:
             ax.plot(rows["layer"], 100 * rows["control"], color=color, ls="--", lw=0.8)
         if "chance" in rows:
             ax.axhline(100 * float(rows["chance"].iloc[0]), color="#999999", lw=0.5, ls=":")
-    ax.set_title("language identity (dashed: control task)")
+    ax.set_title("language identity\n(dashed: control task; hollow: no signal)")
     ax.set_ylabel("balanced accuracy (%)")
     ax.legend(frameon=False, loc="center right", fontsize=6)
     ax = axes[1]
@@ -80,12 +89,22 @@ def accuracy_by_layer(result: Any) -> Any:
                     label=f"{task}, {POSITION_LABELS.get(position, position)}",
                 )
                 ax.plot(means.index, 100 * means["control"], color=color, lw=0.8, ls="--")
+                _mark_no_signal(
+                    ax,
+                    means.index,
+                    100 * means["accuracy"],
+                    [result.cross_lingual_signal(task, position, int(x))[0] for x in means.index],
+                    color,
+                    TASK_STYLES.get(task, "o"),
+                )
         ax.legend(frameon=False, loc="upper right", fontsize=6)
     else:
         ax.text(
             0.5, 0.5, "no cross-lingual probe", ha="center", va="center", transform=ax.transAxes
         )
-    ax.set_title("cross-lingual probes (mean over language pairs)")
+    ax.set_title(
+        "cross-lingual probes, mean over language pairs\n(dashed: control; hollow: no signal)"
+    )
     ax.set_ylabel("accuracy (%; fact: top-1 retrieval)")
     for ax in axes:
         ax.set_ylim(0, 100)  # one scale for both panels
@@ -94,6 +113,25 @@ def accuracy_by_layer(result: Any) -> Any:
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
     return fig
+
+
+def _mark_no_signal(
+    ax: Any, x: Any, y: Any, signals: list[bool | None], color: str, marker: str
+) -> None:
+    """Draw hollow markers over the points whose probe has no signal."""
+    quiet = np.array([s is False for s in signals], dtype=bool)
+    if quiet.any():
+        ax.plot(
+            np.asarray(x)[quiet],
+            np.asarray(y, dtype=float)[quiet],
+            ls="none",
+            marker=marker,
+            ms=4,
+            mfc="white",
+            mec=color,
+            mew=0.9,
+            zorder=4,
+        )
 
 
 PAIR_POSITION_LABELS = {"subject": "subject's last token", "last": "last token"}

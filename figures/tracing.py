@@ -1,5 +1,10 @@
 """Causal-tracing figures: the ROME-style heatmap of one fact in one language, and the average
-effect by position class and layer, the five languages side by side."""
+effect by position class and layer, the five languages side by side.
+
+A language (or a fact) where tracing has no signal
+(:func:`analysis.tracing.summary.tracing_signal`: the corruption leaves the answer's
+probability near its clean value) is marked "no signal" in its panel title, legend entry or
+figure title, rather than drawn as an unexplained blank map."""
 
 from __future__ import annotations
 
@@ -35,16 +40,21 @@ def trace_heatmap(
     kinds: Sequence[str] | None = None,
     *,
     title: str | None = None,
+    min_total_effect: float | None = None,
 ) -> Any:
     """ROME-style heatmaps of one fact trace
     (:class:`~analysis.tracing.causal.FactTrace`): tokens (real labels, subject tokens
     starred) by layer, coloured by the answer's probability with that state restored; the
-    colour scale starts at the corrupted probability.  One panel per kind.
+    colour scale starts at the corrupted probability.  One panel per kind.  A fact without
+    signal (:func:`~analysis.tracing.summary.tracing_signal` with ``min_total_effect``,
+    default the tracing default) says so in the title.
 
     Returns:
         A matplotlib Figure.
     """
     import matplotlib.pyplot as plt
+
+    from analysis.tracing.summary import MIN_TOTAL_EFFECT, tracing_signal
 
     use_style()
     kinds = list(kinds or trace.scores)
@@ -83,6 +93,9 @@ def trace_heatmap(
         bar.formatter.set_useOffset(False)  # type: ignore[attr-defined]  # a ScalarFormatter
         bar.update_ticks()
     probs = f"p(answer): clean {trace.p_clean:.2f}, corrupted {trace.p_corrupt:.2f}"
+    threshold = MIN_TOTAL_EFFECT if min_total_effect is None else min_total_effect
+    if not tracing_signal(1, trace.p_clean, trace.p_corrupt, threshold)[0]:
+        probs += f" (no signal: a drop under {100 * threshold:g}% of clean)"
     fig.suptitle(f"{title}; {probs}" if title else probs)
     fig.tight_layout()
     return fig
@@ -91,7 +104,8 @@ def trace_heatmap(
 def average_effects(result: Any, kind: str = "mlp", *, langs: Sequence[str] | None = None) -> Any:
     """The average indirect effect of ``kind`` by position class and layer, one panel per
     language on one colour scale (``result``: a
-    :class:`~analysis.tracing.summary.TracingResult`).
+    :class:`~analysis.tracing.summary.TracingResult`).  A language without signal is titled
+    "no signal" (its map is noise and sets the colour scale only when no language has signal).
 
     Returns:
         A matplotlib Figure.
@@ -102,7 +116,9 @@ def average_effects(result: Any, kind: str = "mlp", *, langs: Sequence[str] | No
 
     use_style()
     summaries = [s for s in result.summaries if langs is None or s.lang in langs]
-    maps = [s.maps[kind] for s in summaries if s.n_facts]
+    maps = [s.maps[kind] for s in summaries if s.n_facts and s.signal] or [
+        s.maps[kind] for s in summaries if s.n_facts
+    ]
     finite = np.concatenate([m[np.isfinite(m)] for m in maps]) if maps else np.zeros(1)
     vmax = max(1e-6, float(finite.max())) if finite.size else 1.0
     vmin = min(0.0, float(finite.min())) if finite.size else 0.0
@@ -126,20 +142,25 @@ def average_effects(result: Any, kind: str = "mlp", *, langs: Sequence[str] | No
             aspect="auto",
             interpolation="nearest",
         )
-        ax.set_title(f"{s.lang} (n={s.n_facts})")
+        ax.set_title(f"{s.lang} (n={s.n_facts})" + ("" if s.signal else "\nno signal"))
         ax.set_xticks(range(result.n_layers))
         ax.set_xlabel("layer")
         ax.set_yticks(range(len(POSITION_CLASSES)), [CLASS_LABELS[c] for c in POSITION_CLASSES])
     if image is not None:
         bar = fig.colorbar(image, ax=list(axes[0]), fraction=0.02, pad=0.01)
         bar.set_label("indirect effect", fontsize=7)
-    fig.suptitle(f"average indirect effect of restoring the {TITLES.get(kind, kind)}", y=1.02)
+    two_lines = any(not s.signal for s in summaries)  # "no signal" under a panel's title
+    fig.suptitle(
+        f"average indirect effect of restoring the {TITLES.get(kind, kind)}",
+        y=1.1 if two_lines else 1.02,
+    )
     return fig
 
 
 def similarity_heatmap(result: Any, kind: str = "all") -> Any:
     """The 5x5 profile similarity between languages, annotated (``kind``: a traced kind or
-    ``all``)."""
+    ``all``); languages without signal are starred and named in the title (their profiles are
+    noise)."""
     import matplotlib.pyplot as plt
 
     use_style()
@@ -147,8 +168,10 @@ def similarity_heatmap(result: Any, kind: str = "all") -> Any:
     fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, COLUMN_WIDTH * 0.85))
     image = ax.imshow(matrix, cmap="viridis", vmin=-1, vmax=1)
     langs = list(result.langs)
-    ax.set_xticks(range(len(langs)), langs)
-    ax.set_yticks(range(len(langs)), langs)
+    quiet = [s.lang for s in result.summaries if not s.signal]
+    ticks = [f"{lang}*" if lang in quiet else lang for lang in langs]
+    ax.set_xticks(range(len(langs)), ticks)
+    ax.set_yticks(range(len(langs)), ticks)
     for i in range(len(langs)):
         for j in range(len(langs)):
             v = matrix[i, j]
@@ -162,7 +185,10 @@ def similarity_heatmap(result: Any, kind: str = "all") -> Any:
                 fontsize=7,
             )
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="Pearson r")
-    ax.set_title(f"tracing profile similarity ({kind})")
+    ax.set_title(
+        f"tracing profile similarity ({kind})"
+        + (f"\n*no signal: {', '.join(quiet)}" if quiet else "")
+    )
     fig.tight_layout()
     return fig
 
@@ -179,7 +205,8 @@ def profiles(result: Any) -> Any:
     """Tracing profiles: the average indirect effect by layer, one line per language
     (:data:`figures.style.LANG_COLORS`), for the MLP at the last subject token, attention at
     the last token and the residual stream at the last subject token (ROME's three readings),
-    one panel each (kinds not traced are left out).
+    one panel each (kinds not traced are left out).  A language without signal is drawn
+    dashed and faint, "no signal" in its legend entry.
 
     Returns:
         A matplotlib Figure.
@@ -212,7 +239,9 @@ def profiles(result: Any) -> Any:
                 ms=2.5,
                 lw=1,
                 color=LANG_COLORS.get(s.lang, "#999999"),
-                label=f"{s.lang} (n={s.n_facts})",
+                label=f"{s.lang} (n={s.n_facts})" + ("" if s.signal else ", no signal"),
+                ls="-" if s.signal else "--",
+                alpha=1.0 if s.signal else 0.45,
             )
         ax.axhline(0, color="#999999", lw=0.5)
         ax.set_xticks(layers)

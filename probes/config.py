@@ -87,6 +87,60 @@ class ProbeConfig:
         return out
 
 
+#: Significance level of a probe against its baseline (:func:`probe_signal`).
+PROBE_ALPHA: float = 0.05
+
+#: Why a probe shows no signal (:func:`probe_signal`): its held-out accuracy is not above its
+#: baseline; it is above, but within what the baseline reaches by chance on that many
+#: held-out examples.
+PROBE_NO_SIGNAL_REASONS: tuple[str, ...] = ("not_above_baseline", "not_significant")
+
+
+def probe_signal(
+    accuracy: float,
+    control: float,
+    chance: float,
+    n: float | None,
+    alpha: float = PROBE_ALPHA,
+) -> tuple[bool | None, str | None]:
+    """Whether a probe's held-out accuracy is above its baseline.
+
+    The baseline is the larger of the control task's accuracy (Hewitt & Liang 2019: the same
+    pipeline on labels that carry no information about held-out facts, so what the label
+    distribution and small test folds alone reach) and chance (``1 / classes``, or
+    ``1 / candidates`` for retrieval).  A probe at or below it has no signal: the control
+    equals the measurement.  Above it, the probe has signal when its ``n`` held-out examples
+    would be unlikely to reach its accuracy if each were right with the baseline's
+    probability: a one-sided exact binomial test, ``P(Binomial(n, baseline) >= round(accuracy
+    * n)) < alpha`` (0.05, the conventional level; the same as the neuron ablation check).
+    Without ``n`` only the comparison is made.  Approximations, all read in the probe's
+    favour only slightly: a balanced accuracy is taken as a proportion (exact with balanced
+    classes), the control's own sampling error is ignored, and a language-identity probe's
+    rows count as ``n`` although the five languages of a fact share its folds.
+
+    Returns:
+        ``(signal, reason)``: ``(None, None)`` when the accuracy is unknown; ``(True, None)``;
+        or ``(False, reason)``, ``reason`` one of :data:`PROBE_NO_SIGNAL_REASONS`.
+    """
+    if accuracy is None or math.isnan(float(accuracy)):
+        return None, None
+    known = [float(v) for v in (control, chance) if v is not None and not math.isnan(float(v))]
+    if not known:
+        return None, None
+    baseline = max(known)
+    if not accuracy > baseline:
+        return False, "not_above_baseline"
+    if n is None or math.isnan(float(n)) or int(n) < 1 or baseline <= 0:
+        return True, None
+    from scipy.stats import binom
+
+    n = int(n)
+    k = min(n, round(float(accuracy) * n))
+    if float(binom.sf(k - 1, n, min(baseline, 1.0))) >= alpha:
+        return False, "not_significant"
+    return True, None
+
+
 def _clean(value: Any) -> Any:
     """JSON-safe: NaN becomes None, numpy values become Python values."""
     if isinstance(value, dict):
@@ -229,6 +283,40 @@ class ProbeResult:
         self._check(None, position)
         t = self.language_id
         return t[t["position"] == position].sort_values("layer").reset_index(drop=True)
+
+    def language_id_signal(self, position: str, layer: int) -> tuple[bool | None, str | None]:
+        """:func:`probe_signal` of the language-identity probe at one position and layer
+        (``n``: its held-out rows); ``(None, None)`` when there is no such probe."""
+        self._check(None, position)
+        t = self.language_id
+        if not len(t):
+            return None, None
+        sel = t[(t["position"] == position) & (t["layer"] == layer)]
+        if not len(sel):
+            return None, None
+        r = sel.iloc[0]
+        return probe_signal(r["accuracy"], r.get("control"), r.get("chance"), r.get("n"))
+
+    def cross_lingual_signal(
+        self, task: str, position: str, layer: int
+    ) -> tuple[bool | None, str | None]:
+        """:func:`probe_signal` of the mean over the ordered language pairs A != B of the
+        cross-lingual ``task`` at one position and layer: the mean accuracy against the mean of
+        each pair's baseline, with ``n`` the median number of held-out facts of a pair (the
+        pairs test the same facts, so their examples do not add up)."""
+        self._check(task, position)
+        t = self.transfer
+        sel = t[
+            (t["task"] == task)
+            & (t["position"] == position)
+            & (t["layer"] == layer)
+            & (t["train_lang"] != t["test_lang"])
+        ]
+        if not len(sel):
+            return None, None
+        baseline = sel[["control", "chance"]].max(axis=1, skipna=True)
+        n = float(sel["n_test"].median()) if "n_test" in sel else None
+        return probe_signal(float(sel["accuracy"].mean()), float(baseline.mean()), math.nan, n)
 
     def to_dict(self) -> dict[str, Any]:
         return _clean(

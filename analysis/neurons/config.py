@@ -17,6 +17,54 @@ from mlake_core.configs import coerce_fields
 from mlake_core.errors import ConfigError, DataError
 from mlake_core.results.store import read_run
 
+#: Significance level of the ablation check (its one-sided Wilcoxon signed-rank test).
+CHECK_ALPHA: float = 0.05
+
+#: Why an ablation check shows no signal (:func:`ablation_signal`): the attributed sets hurt
+#: no more than random ones on average; they hurt more, but not significantly (Wilcoxon
+#: ``p >= CHECK_ALPHA``); too few facts for the test (the stage tests 5 or more).
+CHECK_NO_SIGNAL_REASONS: tuple[str, ...] = ("not_above_random", "not_significant", "untested")
+
+
+def ablation_signal(
+    check: dict[str, Any], alpha: float = CHECK_ALPHA
+) -> tuple[bool | None, str | None]:
+    """Whether an attribution method's ablation check tells its sets from random ones.
+
+    The check ablates each fact's attributed set, and random sets of the same sizes and
+    layers (the control), and compares the drops of the answer's probability.  The sets are
+    *distinguishable from random* (signal) when the mean drop with them is larger than with the
+    random sets and the one-sided Wilcoxon signed-rank test of the per-fact pairs (attributed
+    drop > random drop) gives ``p < alpha``.  Otherwise the control equals the measurement:
+    the attribution's sets hurt the answer no more than any units would, and what is read from
+    them (their overlap between languages, the language-specific units) describes the
+    attribution scores, not units the answer depends on.
+    ``alpha = 0.05`` is the conventional level; it is not adjusted for the methods and unit
+    kinds tested side by side (a handful), so a p-value just under it is weak evidence.
+
+    Args:
+        check: :attr:`MethodSummary.check` (``n``, ``drop``, ``drop_random``, ``wilcoxon_p``).
+
+    Returns:
+        ``(signal, reason)``: ``(None, None)`` without a check (LAPE, or no fact measured);
+        ``(True, None)``; or ``(False, reason)``, ``reason`` one of
+        :data:`CHECK_NO_SIGNAL_REASONS`.
+    """
+    n = check.get("n")
+    if not n or (isinstance(n, float) and math.isnan(n)):
+        return None, None
+    drop, drop_random = check.get("drop"), check.get("drop_random")
+    if drop is None or drop_random is None or math.isnan(drop) or math.isnan(drop_random):
+        return False, "untested"
+    if not drop > drop_random:
+        return False, "not_above_random"
+    p = check.get("wilcoxon_p")
+    if p is None or math.isnan(p):
+        return False, "untested"
+    if p >= alpha:
+        return False, "not_significant"
+    return True, None
+
 
 def per_fact(method: str) -> bool:
     """Whether the registered attribution method ``method`` scores each fact's prompts (scope
@@ -134,7 +182,8 @@ class MethodSummary:
             ablated; ``ablation_random`` with random sets of the same sizes.
         check: the ablation check of the attributed sets (mean answer-probability drop with
             the set and with random sets, the fraction of facts where the set hurts more, and
-            a Wilcoxon signed-rank p-value).
+            a Wilcoxon signed-rank p-value); :attr:`check_signal` says whether it tells the
+            sets from random ones.
         seconds_per_fact: attribution time per fact and language (computed this run).
         passes_per_fact: forward and backward passes per fact and language.
     """
@@ -159,8 +208,30 @@ class MethodSummary:
         per-fact sets, their overlap between languages and an ablation check."""
         return per_fact(self.method)
 
+    @property
+    def check_signal(self) -> bool | None:
+        """Whether the ablation check tells the attributed sets from random sets of the same
+        sizes (:func:`ablation_signal`); ``None`` without a check."""
+        return ablation_signal(self.check)[0]
+
+    @property
+    def check_no_signal_reason(self) -> str | None:
+        """Why the check shows no signal (:data:`CHECK_NO_SIGNAL_REASONS`), else ``None``."""
+        return ablation_signal(self.check)[1]
+
     def to_dict(self) -> dict[str, Any]:
-        return _clean(asdict(self))
+        # The verdict is derived from ``check`` (MethodSummary.from_dict leaves it out).
+        return _clean(
+            asdict(self)
+            | {
+                "check_signal": self.check_signal,
+                "check_no_signal_reason": self.check_no_signal_reason,
+            }
+        )
+
+
+#: Keys of :meth:`MethodSummary.to_dict` derived from the fields, not fields themselves.
+_DERIVED = ("check_signal", "check_no_signal_reason")
 
 
 @dataclass
@@ -220,7 +291,7 @@ class NeuronResult:
 
         methods = []
         for m in data["methods"]:
-            fields = dict(m)
+            fields = {k: v for k, v in m.items() if k not in _DERIVED}
             for key in ("jaccard", "overlap", "ablation", "ablation_random", "set_size", "check"):
                 fields[key] = nan(fields[key])
             methods.append(MethodSummary(**fields))

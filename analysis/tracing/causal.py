@@ -91,6 +91,13 @@ class TraceConfig:
         corruption: ``noise`` (Gaussian) or ``subject`` (the subject's embeddings replaced by
             those of other facts' subjects in the same language, cycled to the same length).
         max_rows: rows per forward pass; ``None`` adapts to the device's free memory.
+        min_total_effect: a language has signal when the corruption lowers the mean answer
+            probability by at least this fraction of its clean value (the total effect
+            ``p_clean - p_corrupt`` at least ``min_total_effect * p_clean``; why 0.1:
+            :mod:`analysis.tracing.summary`); without signal a language's maps are not read
+            for peaks or a recommended edit layer.  It judges the saved traces and changes
+            none of them: at its default it is left out of :meth:`to_dict` (so out of the run's
+            key, which runs saved before it keep).
     """
 
     kinds: tuple[str, ...] = KINDS
@@ -101,6 +108,7 @@ class TraceConfig:
     form: str = "question"
     corruption: str = "noise"
     max_rows: int | None = None
+    min_total_effect: float = 0.1
 
     def __post_init__(self) -> None:
         if isinstance(self.kinds, str):
@@ -122,6 +130,11 @@ class TraceConfig:
             raise ConfigError(f"--corruption {self.corruption!r}: choose noise or subject")
         if self.max_rows is not None and int(self.max_rows) < 1:
             raise ConfigError(f"max_rows {self.max_rows}: must be at least 1")
+        if not 0 <= float(self.min_total_effect) < 1:
+            raise ConfigError(
+                f"--min-total-effect {self.min_total_effect}: must be in [0, 1) (a fraction of "
+                "the clean probability)"
+            )
 
     def resolved_window(self, n_layers: int) -> int:
         """The window used on a model of ``n_layers`` layers."""
@@ -132,6 +145,8 @@ class TraceConfig:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["kinds"] = list(self.kinds)
+        if self.min_total_effect == type(self).min_total_effect:
+            del out["min_total_effect"]  # the summary's threshold; see the class docstring
         return out
 
 

@@ -15,7 +15,9 @@ language are attributed (knowledge stage; others are counted as skipped).
 
 Prints, per method and unit kind: facts attributed and mean set size per language; the 5x5
 mean Jaccard overlap of the same fact's sets; the ablation check (answer-probability drop when
-the set is ablated versus random sets of the same sizes and layers); per layer, the units
+the set is ablated versus random sets of the same sizes and layers, and whether the sets can
+be told from the random ones: a larger mean drop and a one-sided Wilcoxon p < 0.05, else the
+attribution's sets are reported indistinguishable from random sets); per layer, the units
 specific to each language, shared, and neither (a unit is used by a language when important
 for at least --min-rate and --min-facts of its facts); and the ablation matrix: the drop of
 knowledge accuracy in each measured language (columns) when the units specific to the ablated
@@ -165,6 +167,8 @@ def _matrix(langs: Any, rows: Any, pct: bool = False) -> list[str]:
 
 def format_report(result: Any, model: str, n_facts: int) -> str:
     """The human-readable summary ``mlake neurons`` prints."""
+    from mlake.pipeline.report import ablation_check_text
+
     langs = result.langs
     lines = [f"model {model}; {n_facts} facts; {result.run_path}"]
     if result.lape:
@@ -198,6 +202,7 @@ def format_report(result: Any, model: str, n_facts: int) -> str:
                     f"with random sets; set hurts more in {_fmt(c['fraction_above_random'], True)}% "
                     f"of facts (Wilcoxon p = {c['wilcoxon_p']:.3g})"
                 )
+                lines.append("  " + ablation_check_text(m).replace("**", ""))
         else:
             lines.append(
                 "specific neurons per language: "

@@ -15,7 +15,10 @@ Measured per layer (0 = the embeddings, L = after block L) and position:
 Honest probing: folds are whole facts (a test fact is unseen in every language); the
 regularisation is chosen by cross-validation on the training facts only; every probe has a
 control task (labels permuted per fact, Hewitt & Liang 2019) and reports selectivity =
-accuracy - control accuracy; accuracies are balanced (chance = 1 / classes, printed).
+accuracy - control accuracy; accuracies are balanced (chance = 1 / classes, printed).  A
+probe has signal when its held-out accuracy is above the larger of its control and chance by
+more than its number of held-out examples reaches by chance (one-sided binomial test,
+p < 0.05); the tables say which probes have none.
 
 Prints per layer the language-ID accuracy and selectivity and the mean cross-lingual
 accuracies (layer emb, the token embeddings, is the lexical baseline: a subject written the
@@ -176,6 +179,18 @@ def _off_diagonal_mean(result: Any, task: str, position: str, layer: int, value:
     return float(sel[value].mean()) if len(sel) else math.nan
 
 
+#: What the ``signal`` column of the probe tables means (:func:`probes.config.probe_signal`).
+SIGNAL_NOTE = (
+    "signal: held-out accuracy above the larger of control and chance by more than that many "
+    "held-out examples reach by chance (one-sided binomial test, p < 0.05); no: no signal"
+)
+
+
+def _verdict(verdict: tuple[bool | None, str | None]) -> str:
+    signal = verdict[0]
+    return "-" if signal is None else ("yes" if signal else "no")
+
+
 def format_report(result: Any, model: str, n_facts: int) -> str:
     """The human-readable summary ``mlake probe`` prints."""
     from probes.activations import layer_name
@@ -210,7 +225,7 @@ def format_report(result: Any, model: str, n_facts: int) -> str:
     ]
     head = "  layer  site          "
     for p in positions:
-        head += f"{p + ' acc':>12}{'ctrl':>6}{'sel':>6}"
+        head += f"{p + ' acc':>12}{'ctrl':>6}{'sel':>6}{'signal':>8}"
     lines.append(head)
     chance = math.nan
     for layer, site in enumerate(result.sites):
@@ -223,11 +238,13 @@ def format_report(result: Any, model: str, n_facts: int) -> str:
                 chance = float(r["chance"])
                 line += (
                     f"{_fmt(r['accuracy']):>12}{_fmt(r['control']):>6}{_fmt(r['selectivity']):>6}"
+                    f"{_verdict(result.language_id_signal(p, layer)):>8}"
                 )
             else:
-                line += f"{'-':>12}{'-':>6}{'-':>6}"
+                line += f"{'-':>12}{'-':>6}{'-':>6}{'-':>8}"
         lines.append(line)
     lines.append(f"  chance {_fmt(chance)}")
+    lines.append(f"  {SIGNAL_NOTE}")
     labels = {
         "answer": "cross-lingual answer probe",
         "fact": "which-fact retrieval through a learned map",
@@ -236,16 +253,17 @@ def format_report(result: Any, model: str, n_facts: int) -> str:
         lines += [
             "",
             f"{labels[task]}: mean over ordered language pairs A != B, per layer "
-            "(accuracy / selectivity)",
+            "(accuracy / selectivity, signal as above)",
         ]
-        lines.append("  layer  " + "".join(f"{p:>16}" for p in positions))
+        lines.append("  layer  " + "".join(f"{p:>20}" for p in positions))
         for layer in result.layers:
             cells = []
             for p in positions:
                 acc = _off_diagonal_mean(result, task, p, layer, "accuracy")
                 sel = _off_diagonal_mean(result, task, p, layer, "selectivity")
-                cells.append(f"{_fmt(acc)} / {_fmt(sel)}")
-            lines.append(f"  {layer_name(layer):<6} " + "".join(f"{c:>16}" for c in cells))
+                verdict = _verdict(result.cross_lingual_signal(task, p, layer))
+                cells.append(f"{_fmt(acc)} / {_fmt(sel)} {verdict:>3}")
+            lines.append(f"  {layer_name(layer):<6} " + "".join(f"{c:>20}" for c in cells))
     for p in positions:
         if not tasks:
             break
@@ -257,6 +275,12 @@ def format_report(result: Any, model: str, n_facts: int) -> str:
             f"== {p} position, layer {layer_name(layer)} ({site}): where the "
             f"{labels[tasks[0]]} transfers best (after the embeddings)",
         ]
+        if result.cross_lingual_signal(tasks[0], p, layer)[0] is False:
+            lines.append(
+                f"no signal: even here the {labels[tasks[0]]} is not reliably above its control "
+                "or chance (mean over language pairs), so its matrix below shows no "
+                "representation shared across languages"
+            )
         if "probe_transfer" in matrices:
             t = result.transfer
             sel = t[(t["task"] == "answer") & (t["position"] == p) & (t["layer"] == layer)]

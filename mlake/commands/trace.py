@@ -10,12 +10,20 @@ window of layers around each layer, at each token).
 
 Only facts the model knows in a language (question form, greedy alias match; measured first
 and cached) are traced; the others are counted as skipped.  Prints, per language, the facts
-traced, the clean and corrupted probabilities, the layer of peak MLP effect at the last
-subject token, the MLP effect at the last subject token and the attention effect at the last
-token by layer, the 5x5 similarity of the languages' effect profiles (Pearson correlation of
-the average maps by position class and layer), and the recommended edit layer, which
+traced, the clean and corrupted probabilities, the drop (total effect, as a fraction of the
+clean probability) and whether tracing has signal there, the layer of peak MLP effect at the
+last subject token, the MLP effect at the last subject token and the attention effect at the
+last token by layer, the 5x5 similarity of the languages' effect profiles (Pearson correlation
+of the average maps by position class and layer), and the recommended edit layer, which
 ``mlake edit transfer --layer auto`` then uses for this model.  Per-fact traces go to the
 results store (resumable).
+
+Signal: a language has signal when the corruption lowers the mean answer probability by at
+least --min-total-effect (default 0.1) of its clean value.  Without it (a model that answers
+from the question's wording, not from the subject), the corrupted run is the clean run, the
+maps hold noise, and the report says so instead of reading peaks from them; the recommended
+edit layer comes from the languages with signal only, and with none there is no
+recommendation (``--layer auto`` then takes the documented default).
 """
 
 from __future__ import annotations
@@ -98,22 +106,42 @@ def _cell(v: Any, pct: bool = False) -> str:
     return f"{100 * v:.1f}" if pct else f"{v:.2f}"
 
 
+def _share(s: Any) -> str:
+    """A language's peak MLP effect as a percentage of its total effect."""
+    if not s.total_effect > 0 or math.isnan(s.peak_mlp_effect):
+        return "-"
+    return f"{100 * s.peak_mlp_effect / s.total_effect:.0f}%"
+
+
 def format_report(result: Any, model: str, n_facts: int) -> str:
     """The human-readable summary ``mlake trace`` prints."""
     from analysis.tracing.summary import LAST, LAST_SUBJECT
+    from mlake.stages.tracing import no_signal_text
 
+    threshold = f"{100 * result.min_total_effect:g}%"
     lines = [
         f"model {model}; {n_facts} facts; kinds {','.join(result.kinds)}; window "
         f"{result.window}; noise std {result.noise_std:.4g}; {result.run_path}",
         "",
-        "lang  traced  p_clean  p_corrupt  peak MLP layer (last subject token), its effect",
+        "lang  traced  p_clean  p_corrupt  drop %  signal  peak MLP layer (last subject token), "
+        "its effect (pp, % of the drop)",
     ]
     for s in result.summaries:
+        peak, effect = "-", "-"
+        if s.signal and s.peak_mlp_layer is not None:
+            peak = s.peak_mlp_layer
+            effect = f"{_cell(s.peak_mlp_effect, True)} ({_share(s)})"
         lines.append(
             f"  {s.lang:<4}{s.n_facts:>6}  {_cell(s.p_clean):>7}  {_cell(s.p_corrupt):>9}  "
-            f"{'-' if s.peak_mlp_layer is None else s.peak_mlp_layer:>5}"
-            f"  {_cell(s.peak_mlp_effect, True):>6}"
+            f"{_cell(s.relative_effect, True):>6}  {'yes' if s.signal else 'no':>6}  "
+            f"{peak:>5}  {effect}"
         )
+    lines.append(
+        f"  (drop: p_clean - p_corrupt as % of p_clean; signal: a drop of at least {threshold})"
+    )
+    for s in result.summaries:
+        if not s.signal:
+            lines.append(f"  {s.lang}: {no_signal_text(s, result.min_total_effect)}")
     layers = "".join(f"{layer:>7}" for layer in range(result.n_layers))
     for kind, cls, label in (
         ("mlp", LAST_SUBJECT, "MLP effect at the last subject token"),
@@ -124,6 +152,9 @@ def format_report(result: Any, model: str, n_facts: int) -> str:
             continue
         lines += ["", f"{label}, by layer (percentage points)", "      " + layers]
         for s in result.summaries:
+            if not s.signal:
+                lines.append(f"  {s.lang:<4}  (no signal)")
+                continue
             row = s.maps[kind][cls] if s.n_facts else [math.nan] * result.n_layers
             lines.append(f"  {s.lang:<4}" + "".join(f"{_cell(v, True):>7}" for v in row))
     lines += [
@@ -133,12 +164,32 @@ def format_report(result: Any, model: str, n_facts: int) -> str:
     ]
     for a, row in zip(result.langs, result.similarity["all"], strict=True):
         lines.append(f"  {a:<4}" + "".join(f"{_cell(v):>7}" for v in row))
-    by_lang = ", ".join(f"{k} {v}" for k, v in result.recommended_by_lang.items())
-    lines += [
-        "",
-        f"recommended edit layer: {result.recommended_layer} (per language: {by_lang}); "
-        "`mlake edit transfer --layer auto` uses it for this model",
-    ]
+    quiet = [s.lang for s in result.summaries if not s.signal]
+    if quiet:
+        lines.append(
+            f"  ({', '.join(quiet)}: no signal; their profiles are noise, and so are their "
+            "similarities)"
+        )
+    by_lang = ", ".join(
+        f"{k} {'- (no signal)' if v is None else v}" for k, v in result.recommended_by_lang.items()
+    )
+    lines.append("")
+    if result.recommended_layer is not None:
+        lines.append(
+            f"recommended edit layer: {result.recommended_layer}, from the languages with "
+            f"signal ({', '.join(result.signal_langs)}; per language: {by_lang}); "
+            "`mlake edit transfer --layer auto` uses it for this model"
+        )
+    elif not result.signal_langs:
+        lines.append(
+            "recommended edit layer: none: tracing has no signal on this model in any language "
+            "traced; `mlake edit transfer --layer auto` takes the documented default"
+        )
+    else:
+        lines.append(
+            "recommended edit layer: none (MLP not traced, or a one-layer model); "
+            "`mlake edit transfer --layer auto` takes the documented default"
+        )
     if result.skipped:
         lines.append("skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())))
     return "\n".join(lines)

@@ -7,6 +7,12 @@ transfer and locality; causal tracing's peak layers and recommended edit layer; 
 overlap matrix and ablation check; the relation analysis (pair-level Mantel tests, the
 fact-level overlap coefficient, restricted editing); probes (best layers).  A stage that did
 not run is named with the reason.
+
+Where an analysis's control equals its measurement the report says so instead of reading
+results from it (each criterion is the result object's): a language where causal tracing has
+no signal (:func:`analysis.tracing.summary.tracing_signal`), an attribution method whose sets
+hurt no more than random ones (:meth:`analysis.neurons.config.MethodSummary.check_signal`), a
+probe not above its control or chance (:func:`probes.config.probe_signal`).
 """
 
 from __future__ import annotations
@@ -58,6 +64,43 @@ def _list_matrix(values: Any, langs: Sequence[str], *, pct: bool = False) -> lis
         [f"**{a}**", *(_f(v, 2, pct) for v in row)] for a, row in zip(langs, values, strict=False)
     ]
     return _table(["", *langs], rows)
+
+
+def ablation_check_text(m: Any) -> str:
+    """The verdict of one method's ablation check
+    (:attr:`~analysis.neurons.config.MethodSummary.check_signal`), for the report and
+    ``mlake neurons``; empty without a check."""
+    from analysis.neurons.config import CHECK_ALPHA
+
+    signal, reason = m.check_signal, m.check_no_signal_reason
+    if signal is None:
+        return ""
+    if signal:
+        return "The attributed sets hurt the answer more than random sets do."
+    why = {
+        "not_above_random": "they lower the answer's probability no more than random sets",
+        "not_significant": "they lower the answer's probability a little more than random "
+        f"sets on average, but not reliably: Wilcoxon p >= {CHECK_ALPHA:g}",
+        "untested": "too few facts to test them against random sets",
+    }.get(reason or "", "no test")
+    return (
+        "**No signal**: the attribution's sets are indistinguishable from random sets of the "
+        f"same sizes ({why}).  Their overlap and the language-specific units describe the "
+        "attribution scores, not units the answer depends on."
+    )
+
+
+def _probe_verdict(verdict: tuple[bool | None, str | None]) -> str:
+    """A probe's :func:`~probes.config.probe_signal` in a table cell."""
+    signal, reason = verdict
+    if signal is None:
+        return "–"
+    if signal:
+        return "yes"
+    return {
+        "not_above_baseline": "**no** (not above control/chance)",
+        "not_significant": "**no** (within chance of the baseline)",
+    }.get(reason or "", "**no**")
 
 
 def _read(path: Path) -> Any:
@@ -208,60 +251,110 @@ def build_report(out: str | os.PathLike[str]) -> str:
     # Tracing.
     tr_dir = _stage_runs(manifest, "tracing").get("tracing")
     if tr_dir and (Path(tr_dir) / "summary.json").is_file():
-        s = _read(Path(tr_dir) / "summary.json")
+        from analysis.tracing.summary import TracingResult
+        from mlake.stages.tracing import no_signal_text
+
+        tr = TracingResult.from_dict(_read(Path(tr_dir) / "summary.json"))
+        threshold = f"{100 * tr.min_total_effect:g}%"
         lines += ["", "## Causal tracing", ""]
-        lines += _table(
-            ["lang", "traced", "p clean", "p corrupted", "peak MLP layer", "peak effect (pp)"],
-            [
-                [
-                    x["lang"],
-                    x["n_facts"],
-                    _f(x["p_clean"]),
-                    _f(x["p_corrupt"]),
-                    x.get("peak_mlp_layer"),
-                    _f(x.get("peak_mlp_effect"), pct=True),
-                ]
-                for x in s["summaries"]
-            ],
-        )
         lines += [
-            "",
-            f"Recommended edit layer: {s.get('recommended_layer')}.  Profile similarity "
-            "(Pearson r of the average maps, all kinds):",
+            "Drop: p clean − p corrupted, as % of p clean.  A language has signal when the "
+            f"corruption takes at least {threshold} of the answer's probability; without it the "
+            "corrupted run is the clean run, the maps hold noise, and no peak is read from them.",
             "",
         ]
-        lines += _list_matrix(s["similarity"]["all"], s["langs"])
+        lines += _table(
+            [
+                "lang",
+                "traced",
+                "p clean",
+                "p corrupted",
+                "drop %",
+                "signal",
+                "peak MLP layer",
+                "peak effect (pp)",
+            ],
+            [
+                [
+                    x.lang,
+                    x.n_facts,
+                    _f(x.p_clean),
+                    _f(x.p_corrupt),
+                    _f(x.relative_effect, pct=True),
+                    "yes" if x.signal else "**no**",
+                    x.peak_mlp_layer if x.signal else "–",
+                    _f(x.peak_mlp_effect, pct=True) if x.signal else "–",
+                ]
+                for x in tr.summaries
+            ],
+        )
+        quiet = [x for x in tr.summaries if not x.signal]
+        if quiet:
+            lines += [""]
+            lines += [f"- **{x.lang}**: {no_signal_text(x, tr.min_total_effect)}." for x in quiet]
+        lines += [""]
+        if tr.recommended_layer is not None:
+            lines += [
+                f"Recommended edit layer: {tr.recommended_layer}, from the languages with signal "
+                f"({', '.join(tr.signal_langs)})."
+            ]
+        elif not tr.signal_langs:
+            lines += [
+                "Recommended edit layer: none.  Tracing has no signal on this model in any "
+                "language traced, so editing's `layer: auto` takes the documented default."
+            ]
+        else:
+            lines += [
+                "Recommended edit layer: none (MLP not traced, or a one-layer model); editing's "
+                "`layer: auto` takes the documented default."
+            ]
+        lines += [
+            "",
+            "Profile similarity (Pearson r of the average maps, all kinds)"
+            + (
+                f"; {', '.join(x.lang for x in quiet)} have no signal, so their rows compare noise:"
+                if quiet
+                else ":"
+            ),
+            "",
+        ]
+        lines += _list_matrix(tr.similarity["all"], tr.langs)
 
     # Neurons.
     n_dir = _stage_runs(manifest, "neurons").get("neurons")
     if n_dir and (Path(n_dir) / "summary.json").is_file():
-        from analysis.neurons.config import per_fact
+        from analysis.neurons.config import NeuronResult
 
-        s = _read(Path(n_dir) / "summary.json")
+        nres = NeuronResult.from_dict(_read(Path(n_dir) / "summary.json"))
         lines += ["", "## Neurons", ""]
-        for m in s["methods"]:
-            if not per_fact(m["method"]) or m.get("jaccard") is None:
+        for m in nres.methods:
+            if not m.per_fact or not isinstance(m.jaccard, list):
                 continue  # no per-fact sets (LAPE), so no overlap
             lines += [
-                f"**{m['method']} ({m['unit']}s)**: same-fact mean Jaccard overlap of the "
-                "important sets.",
+                f"**{m.method} ({m.unit}s)**: same-fact mean Jaccard overlap of the "
+                "important sets"
+                + (
+                    " (sets indistinguishable from random sets: see the ablation check)."
+                    if m.check_signal is False
+                    else "."
+                ),
                 "",
             ]
-            lines += _list_matrix(m["jaccard"], s["langs"])
-            c = m.get("check") or {}
+            lines += _list_matrix(m.jaccard, nres.langs)
+            c = m.check or {}
             if c.get("n"):
                 lines += [
                     "",
-                    f"Ablation check ({c['n']} facts): answer probability drops "
+                    f"Ablation check ({int(c['n'])} facts): answer probability drops "
                     f"{_f(c.get('drop'), pct=True)} pp with the set, "
                     f"{_f(c.get('drop_random'), pct=True)} pp with random sets (Wilcoxon p = "
-                    f"{_f(c.get('wilcoxon_p'), 3)}).",
+                    f"{_f(c.get('wilcoxon_p'), 3)}).  {ablation_check_text(m)}",
                     "",
                 ]
-            shared = sum(int(r.get("shared", 0)) for r in m.get("counts", []))
+            shared = sum(int(r.get("shared", 0)) for r in m.counts)
             specific = {
-                lang: sum(int(r.get(f"specific_{lang}", 0)) for r in m.get("counts", []))
-                for lang in s["langs"]
+                lang: sum(int(r.get(f"specific_{lang}", 0)) for r in m.counts)
+                for lang in nres.langs
             }
             lines += [
                 "Units specific to one language: "
@@ -332,37 +425,70 @@ def build_report(out: str | os.PathLike[str]) -> str:
     p_dir = _stage_runs(manifest, "probes").get("probes")
     probe_note = ((manifest.get("stages") or {}).get("probes") or {}).get("note")
     if p_dir and (Path(p_dir) / "summary.json").is_file():
-        s = _read(Path(p_dir) / "summary.json")
-        lid = pd.DataFrame.from_records(s.get("language_id") or [])
+        from probes.config import ProbeResult
+
+        pres = ProbeResult.from_dict(_read(Path(p_dir) / "summary.json"))
+        lid = pres.language_id
         lines += ["", "## Probes", ""]
+        lines += [
+            "Signal: held-out accuracy above its baseline, the larger of the control task's "
+            "accuracy and chance, by more than that many held-out examples reach by chance "
+            "(one-sided binomial test, p < 0.05); otherwise the probe is reported as no signal.",
+            "",
+        ]
         if len(lid):
             best = lid.loc[lid.groupby("position")["accuracy"].idxmax()]
             lines += ["Language identity, best layer per position:", ""]
             lines += _table(
-                ["position", "layer", "accuracy %", "control %"],
+                ["position", "layer", "accuracy %", "control %", "chance %", "signal"],
                 [
                     [
                         r["position"],
-                        r["layer"],
+                        int(r["layer"]),
                         _f(r["accuracy"], pct=True),
                         _f(r.get("control"), pct=True),
+                        _f(r.get("chance"), pct=True),
+                        _probe_verdict(pres.language_id_signal(r["position"], int(r["layer"]))),
                     ]
                     for r in best.to_dict(orient="records")
                 ],
             )
-        tr = pd.DataFrame.from_records(s.get("transfer") or [])
+        tr = pres.transfer
         if len(tr):
             off = tr[tr["train_lang"] != tr["test_lang"]]
-            means = off.groupby(["task", "position", "layer"])[["accuracy", "control"]].mean()
+            means = off.groupby(["task", "position", "layer"])[
+                ["accuracy", "control", "chance"]
+            ].mean()
             best = means.loc[means.groupby(level=["task", "position"])["accuracy"].idxmax()]
             lines += ["", "Cross-lingual probes, best layer (mean over language pairs):", ""]
             lines += _table(
-                ["task", "position", "layer", "accuracy %", "control %"],
+                ["task", "position", "layer", "accuracy %", "control %", "chance %", "signal"],
                 [
-                    [t, p, layer, _f(r["accuracy"], pct=True), _f(r["control"], pct=True)]
+                    [
+                        t,
+                        p,
+                        layer,
+                        _f(r["accuracy"], pct=True),
+                        _f(r["control"], pct=True),
+                        _f(r["chance"], pct=True),
+                        _probe_verdict(pres.cross_lingual_signal(t, p, int(layer))),
+                    ]
                     for (t, p, layer), r in best.iterrows()
                 ],
             )
+            quiet_probes = [
+                f"{t} at the {p} position"
+                for (t, p, layer), _ in best.iterrows()
+                if pres.cross_lingual_signal(t, p, int(layer))[0] is False
+            ]
+            if quiet_probes:
+                lines += [
+                    "",
+                    "No signal for the cross-lingual probes ("
+                    + "; ".join(quiet_probes)
+                    + "): even at their best layer they are not reliably above their control or "
+                    "chance, so they show no representation shared across languages there.",
+                ]
     elif probe_note:
         lines += ["", "## Probes", "", f"Not run: {probe_note}."]
 

@@ -34,9 +34,14 @@ def tracing_stage(
     Facts the model does not know in a language (``knowledge``), and views whose form is not
     usable, are skipped and counted per reason.  The noise level (the standard deviation of
     subject-token embeddings over the question forms of ``fact_ids``) is measured once and
-    saved.  At the end the per-language summaries, the profile similarity matrix and the
-    recommended edit layer are saved (``summary.json``), and the recommendation is registered
-    for editing's ``layer: auto`` (:func:`register_recommended_layer`).
+    saved.  At the end the per-language summaries (each judged for signal:
+    :func:`~analysis.tracing.summary.tracing_signal` with ``config.min_total_effect``), the
+    profile similarity matrix and the recommended edit layer (from the languages with signal)
+    are saved (``summary.json``), and the recommendation is registered for editing's
+    ``layer: auto`` (:func:`register_recommended_layer`).  With no language showing signal
+    there is no recommendation: the entry registered for the model says so (replacing an
+    earlier run's), ``layer: auto`` falls back to the documented default, and the log line
+    says why.
 
     Returns:
         A :class:`~analysis.tracing.summary.TracingResult` and the run folder.
@@ -125,7 +130,11 @@ def tracing_stage(
             rows.append(trace.rows)
             if on_fact:
                 on_fact({"lang": lang, "fact_id": fact_id, "p_clean": trace.p_clean})
-        summaries.append(summarize_language(lang, profiles, p_clean, p_corrupt, adapter.n_layers))
+        summaries.append(
+            summarize_language(
+                lang, profiles, p_clean, p_corrupt, adapter.n_layers, config.min_total_effect
+            )
+        )
         counts[lang] = {
             "traced": len(p_clean),
             "forward_passes_per_fact": float(np.mean(passes)) if passes else None,
@@ -148,12 +157,62 @@ def tracing_stage(
         counts=counts,
         skipped=skipped,
         run_path=str(run.path),
+        min_total_effect=config.min_total_effect,
     )
     run.save_json("summary", result.to_dict())
     run.write_meta(status="complete", skipped=skipped)
-    if result.recommended_layer is not None:
-        register_recommended_layer(ident, result, results_dir)
+    register_recommended_layer(ident, result, results_dir)
+    ctx.say(recommendation_line(result))
     return result, run
+
+
+def recommendation_line(result: Any) -> str:
+    """The log line of a finished tracing run: the recommended edit layer and the languages it
+    comes from, or why there is none."""
+    quiet = [s for s in result.summaries if not s.signal]
+    without = "; no signal in " + ", ".join(f"{s.lang} ({_no_signal_numbers(s)})" for s in quiet)
+    if result.recommended_layer is not None:
+        return (
+            f"tracing: recommended edit layer {result.recommended_layer}, from "
+            f"{', '.join(result.signal_langs)}{without if quiet else ''}"
+        )
+    if not any(s.signal for s in result.summaries):
+        return (
+            "tracing: no recommended edit layer: no language has signal (the corruption must "
+            f"lower p(answer) by at least {100 * result.min_total_effect:g}% of its clean "
+            f"value){without}; editing's layer auto takes the documented default"
+        )
+    return (
+        "tracing: no recommended edit layer (MLP not traced, or a one-layer model); editing's "
+        "layer auto takes the documented default"
+    )
+
+
+def no_signal_text(s: Any, min_total_effect: float) -> str:
+    """Why tracing has no signal in one language (a
+    :class:`~analysis.tracing.summary.LanguageSummary` without signal), with its numbers: what
+    ``mlake trace`` and the pipeline report print."""
+    if s.no_signal_reason == "no_facts":
+        return "no fact traced"
+    if s.no_signal_reason == "no_clean_probability":
+        return f"no clean probability to corrupt (p_clean {s.p_clean:.2f})"
+    return (
+        "tracing has no signal on this model and language: the corruption leaves p(answer) near "
+        f"its clean value (p_clean {s.p_clean:.2f}, p_corrupt {s.p_corrupt:.2f}, a drop of "
+        f"{_pct(s.relative_effect)}% of p_clean, under {100 * min_total_effect:g}%), so "
+        "its maps hold noise and no peak or edit layer is read from them"
+    )
+
+
+def _pct(v: float) -> str:
+    text = f"{100 * v:.1f}"
+    return text.lstrip("-") if float(text) == 0 else text  # no "-0.0"
+
+
+def _no_signal_numbers(s: Any) -> str:
+    if not s.n_facts:
+        return "no fact traced"
+    return f"p_clean {s.p_clean:.2f}, p_corrupt {s.p_corrupt:.2f}"
 
 
 def load_trace(run: Run, lang: str, fact_id: int) -> Any:
@@ -204,7 +263,9 @@ def register_recommended_layer(
     ident: dict[str, Any], result: Any, results_dir: str | os.PathLike[str] | None = None
 ) -> Path:
     """Record a tracing run's recommended edit layer for the model ``ident`` (the latest
-    completed run wins), where editing's ``layer: auto`` finds it."""
+    completed run wins), where editing's ``layer: auto`` finds it.  A run without a
+    recommendation (no language with signal) records ``layer: None``, which ``layer: auto``
+    reads as no recommendation, and replaces what an earlier run recorded."""
     import json
 
     from mlake_core.results.store import results_root
@@ -217,6 +278,7 @@ def register_recommended_layer(
         "layer": result.recommended_layer,
         "by_lang": result.recommended_by_lang,
         "n_facts": {s.lang: s.n_facts for s in result.summaries},
+        "signal": {s.lang: s.signal for s in result.summaries},
         "run": result.run_path,
     }
     tmp = path.with_suffix(".tmp")

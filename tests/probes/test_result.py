@@ -163,3 +163,43 @@ def test_config_coerces_strings():
     assert config.folds == 3 and config.known_only is True
     assert config.cs == (0.1, 10.0) and config.alphas == (5.0, 50.0)
     assert config.to_dict()["cs"] == [0.1, 10.0]
+
+
+# -- signal: a probe not above its control or chance ----------------------------------------
+
+
+def test_probe_signal_against_the_baseline():
+    from probes.config import probe_signal
+
+    # At or below the larger of control and chance: the control equals the measurement.
+    assert probe_signal(0.42, 0.42, 0.25, 12) == (False, "not_above_baseline")
+    assert probe_signal(0.30, 0.20, 0.40, 60) == (False, "not_above_baseline")
+    # Above it, but within what 12 examples reach by chance (7 of 12 against 0.44).
+    assert probe_signal(0.583, 0.44, 0.42, 12) == (False, "not_significant")
+    # Well above it on many examples.
+    assert probe_signal(0.90, 0.20, 0.20, 60) == (True, None)
+    # 17 of 60 against 0.2 is p = 0.08; 19 of 60 is p = 0.02.
+    assert probe_signal(17 / 60, 0.12, 0.2, 60) == (False, "not_significant")
+    assert probe_signal(19 / 60, 0.12, 0.2, 60) == (True, None)
+    # Without a number of examples only the comparison is made; without an accuracy, nothing.
+    assert probe_signal(0.5, 0.4, math.nan, None) == (True, None)
+    assert probe_signal(math.nan, 0.4, 0.2, 10) == (None, None)
+
+
+def test_the_planted_layers_with_and_without_signal(result):
+    """Layer 0 carries only noise: no probe there has signal; layer 1 carries the language,
+    the answer and the fact."""
+    for position in result.positions:
+        assert result.language_id_signal(position, 0)[0] is False
+        assert result.language_id_signal(position, 1) == (True, None)
+        for task in result.tasks():
+            assert result.cross_lingual_signal(task, position, 0)[0] is False
+            assert result.cross_lingual_signal(task, position, 1) == (True, None)
+    assert result.language_id_signal("subject", 7) == (None, None)
+    with pytest.raises(KeyError, match="position"):
+        result.language_id_signal("middle", 1)
+    # A saved result is judged the same (the verdict is computed from the saved rows).
+    again = ProbeResult.from_dict(json.loads(json.dumps(result.to_dict())))
+    assert again.cross_lingual_signal("answer", "subject", 0) == result.cross_lingual_signal(
+        "answer", "subject", 0
+    )

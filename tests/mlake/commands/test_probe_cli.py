@@ -88,11 +88,15 @@ def test_printed_numbers_are_the_saved_ones(first):
     for layer, row in enumerate(rows):
         for p, position in enumerate(("subject", "last")):
             saved = lid[(lid["position"] == position) & (lid["layer"] == layer)].iloc[0]
-            printed = [float(x) for x in row[2 + 3 * p : 5 + 3 * p]]
+            printed = [float(x) for x in row[2 + 4 * p : 5 + 4 * p]]
             expected = [saved["accuracy"], saved["control"], saved["selectivity"]]
             assert printed == pytest.approx(expected, abs=0.006)
-    # Layer 0 at the last token: the same ':' embedding everywhere, so exactly chance.
-    assert rows[0][5:8] == ["0.33", "0.33", "0.00"]
+            # Then whether the probe has signal (above control and chance).
+            signal = result.language_id_signal(position, layer)[0]
+            assert row[5 + 4 * p] == {True: "yes", False: "no", None: "-"}[signal]
+    # Layer 0 at the last token: the same ':' embedding everywhere, so exactly chance: no
+    # signal.
+    assert rows[0][6:10] == ["0.33", "0.33", "0.00", "no"]
     # The CKA matrix printed for the subject position is pair_matrices' one.
     cka = pair_matrices(result, "subject")["rep_similarity_cka"]
     block = first.text.split("== subject position")[1].split("debiased linear CKA\n")[1]

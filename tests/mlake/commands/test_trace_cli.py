@@ -1,6 +1,7 @@
 """``mlake trace`` end to end on the micro mlake-tiny: the report, the results store, resuming,
-skipped views counted, the recommended layer reaching ``mlake edit transfer --layer auto``,
-bad options, and the tracing figures (CJK labels drawn by a font that has them)."""
+skipped views counted, the recommended layer reaching ``mlake edit transfer --layer auto`` (and
+none when tracing has no signal, as on the micro model), bad options, and the tracing figures
+(CJK labels drawn by a font that has them)."""
 
 from __future__ import annotations
 
@@ -58,15 +59,34 @@ def test_report_and_store(traced, capsys) -> None:
     sim = np.array(report["similarity"]["all"], dtype=float)
     assert sim.shape == (2, 2)
     assert np.allclose(np.diag(sim)[~np.isnan(np.diag(sim))], 1.0)
-    # A two-layer model can only be edited at layer 0.
-    assert report["recommended_layer"] == 0
+    # The micro model answers from the question's wording: corrupting the subject barely
+    # moves p(answer) (about 0.90 -> 0.86 in en and 0.97 -> 0.94 in zh, a drop of 3-5% of
+    # p_clean), so tracing has no signal in either language and recommends no layer.
+    assert report["min_total_effect"] == 0.1
+    for s in report["summaries"]:
+        assert (s["signal"], s["no_signal_reason"]) == (False, "small_total_effect")
+        assert s["total_effect"] == pytest.approx(s["p_clean"] - s["p_corrupt"], abs=2e-5)
+        assert s["relative_effect"] < 0.1
+    assert report["signal"] == {"en": False, "zh": False}
+    assert report["recommended_layer"] is None
+    assert report["recommended_by_lang"] == {"en": None, "zh": None}
     run = Path(report["run"])
     assert json.loads((run / "meta.json").read_text())["status"] == "complete"
-    assert json.loads((run / "summary.json").read_text())["recommended_layer"] == 0
-    # The text report.
-    code, text, _ = _run(capsys, *args)
+    assert json.loads((run / "summary.json").read_text())["recommended_layer"] is None
+    # The text report says so, with the numbers, instead of peaks and a layer.
+    code, text, err = _run(capsys, *args)
     assert code == 0
-    assert "profile similarity" in text and "recommended edit layer: 0" in text
+    assert "profile similarity" in text
+    for s in report["summaries"]:
+        assert (
+            f"  {s['lang']}: tracing has no signal on this model and language: the corruption "
+            f"leaves p(answer) near its clean value (p_clean {s['p_clean']:.2f}, p_corrupt "
+            f"{s['p_corrupt']:.2f}"
+        ) in text
+        assert f"  {s['lang']:<4}  (no signal)" in text
+    assert "recommended edit layer: none: tracing has no signal on this model" in text
+    assert "takes the documented default" in text
+    assert "tracing: no recommended edit layer: no language has signal" in err
 
 
 def test_resume_uses_saved_traces(traced, capsys, monkeypatch) -> None:
@@ -114,12 +134,31 @@ def test_recommended_layer_reaches_editing(traced, micro_tiny: Path, capsys, mon
         "100",
         "0.3",
     )
-    # A model that brings no layer takes the one tracing recommended for it.
+    # A model that brings no layer: tracing had no signal on it (test_report_and_store), so
+    # it registered no recommendation and `auto` takes the documented default.
     monkeypatch.setattr(mlake_tiny, "recommended_edit_settings", lambda path: {})
+    code, out, err = _run(capsys, *base, "--results-dir", str(root))
+    assert code == 0, err
+    assert "ft: layer auto -> layer 0 (documented default)" in err
+    assert json.loads(out)["layer_source"] == "default"
+    # With a threshold of 0 any drop is signal: the layer tracing recommends is taken.
+    _, trace_args = traced
+    code, traced_out, err = _run(capsys, *trace_args, "--min-total-effect", "0", "--json")
+    assert code == 0, err
+    lenient = json.loads(traced_out)
+    assert lenient["min_total_effect"] == 0 and any(lenient["signal"].values())
+    assert lenient["recommended_layer"] == 0  # a two-layer model is edited at layer 0
+    assert "tracing: recommended edit layer 0, from" in err
     code, out, err = _run(capsys, *base, "--results-dir", str(root))
     assert code == 0, err
     assert "ft: layer auto -> layer 0 (causal tracing" in err
     assert json.loads(out)["layer_source"] == "tracing"
+    # The latest run wins: tracing again without signal withdraws the recommendation.
+    code, _, err = _run(capsys, *trace_args, "--json")
+    assert code == 0, err
+    code, out, err = _run(capsys, *base, "--results-dir", str(root))
+    assert code == 0, err
+    assert json.loads(out)["layer_source"] == "default"
     # Another results root has no tracing: the documented default.
     code, out, err = _run(capsys, *base, "--results-dir", str(root / "elsewhere"))
     assert code == 0, err
@@ -145,7 +184,7 @@ def test_bad_options(micro_tiny: Path, tmp_path: Path, capsys, extra, message) -
 def test_figures(traced, capsys) -> None:
     from matplotlib.figure import Figure
 
-    from analysis.tracing.summary import LanguageSummary, TracingResult
+    from analysis.tracing.summary import LanguageSummary, TracingResult, tracing_signal
     from figures.style import missing_glyphs
     from figures.tracing import average_effects, similarity_heatmap, trace_heatmap
     from mlake.stages.tracing import load_trace
@@ -195,6 +234,13 @@ def test_figures(traced, capsys) -> None:
     )
     fig = average_effects(result, "mlp")
     assert [ax.get_title().split()[0] for ax in fig.axes[:2]] == ["en", "zh"]
+    # Neither language has signal on the micro model: each panel says so.
+    assert [s.signal for s in result.summaries] == [False, False]
+    assert all(ax.get_title().endswith("no signal") for ax in fig.axes[:2])
+    # A fact's heatmap says whether that fact has signal.
+    quiet = not tracing_signal(1, trace.p_clean, trace.p_corrupt)[0]
+    title = trace_heatmap(trace).get_suptitle()
+    assert ("no signal" in title) == quiet
     assert isinstance(similarity_heatmap(result), Figure)
 
 

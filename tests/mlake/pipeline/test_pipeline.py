@@ -185,6 +185,21 @@ def test_figures_and_report(complete):
         assert heading in report, heading
     for name in written:
         assert f"(figures/{name}.png)" in report
+    # Tracing on the micro model has no signal (the corruption barely moves p(answer)): the
+    # report says so per language, with the numbers, and recommends no edit layer.
+    from analysis.tracing.summary import TracingResult
+
+    tracing = TracingResult.load(read_manifest(out)["stages"]["tracing"]["runs"]["tracing"])
+    section = report.split("## Causal tracing")[1].split("\n## ")[0]
+    assert tracing.signal_langs == ()
+    for s in tracing.summaries:
+        assert (
+            f"- **{s.lang}**: tracing has no signal on this model and language: the corruption "
+            f"leaves p(answer) near its clean value (p_clean {s.p_clean:.2f}, p_corrupt "
+            f"{s.p_corrupt:.2f}"
+        ) in section
+    assert tracing.recommended_layer is None
+    assert "Recommended edit layer: none.  Tracing has no signal on this model" in section
 
 
 def test_cjk_token_labels_have_glyphs(complete):
