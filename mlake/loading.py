@@ -4,7 +4,10 @@
 itself: the name becomes the cached folder, trained first when missing
 (:mod:`mlake_core.models.mlake_tiny`).  Any other name is a local folder or a hub id
 (:func:`~mlake_core.models.loading.load_adapter`).  The prompt template defaults to the one
-the model was trained with (mlake-tiny records it), else ``qa``.
+the model was trained with (mlake-tiny records it), else ``fewshot`` (base models need worked
+examples in the prompt; :mod:`mlake_core.models.prompting`).  A few-shot template comes back
+unbuilt: its demonstrations are drawn when the run's data and facts are known
+(:func:`mlake.session.prepare_template`).
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ class LoadedModel:
         adapter: the model.
         name: what the user named (``mlake-tiny``, a folder, a hub id).
         path: what was loaded (a mlake-tiny's cached folder).
-        template: the prompt template of every stage.
+        template: the prompt template of every stage (a few-shot one unbuilt until
+            :func:`mlake.session.prepare_template` draws its demonstrations for the run).
         tiny_metadata: a mlake-tiny's training record (training facts, config), else ``None``.
     """
 
@@ -84,7 +88,7 @@ def load_model(
     """
     from mlake_core.models.loading import load_adapter
     from mlake_core.models.mlake_tiny import read_metadata
-    from mlake_core.models.prompting import DEFAULT_TEMPLATE, get_template
+    from mlake_core.models.prompting import BASE_MODEL_TEMPLATE, get_template
 
     say = log or _stderr
     path = resolve_model_path(settings.name, data_dir, say)
@@ -106,7 +110,7 @@ def load_model(
                 f"{trained.name!r} the model was trained with"
             )
     else:
-        template = trained or get_template(DEFAULT_TEMPLATE)
+        template = trained or get_template(BASE_MODEL_TEMPLATE)
     return LoadedModel(
         adapter=adapter, name=settings.name, path=path, template=template, tiny_metadata=meta
     )

@@ -17,6 +17,7 @@ from mlake.settings import DataSettings, ModelSettings, RunSettings
 from mlake.stages.context import StageContext
 from mlake_core.data.dataset import MlakeDataset
 from mlake_core.data.selection import FactSelection, select_facts
+from mlake_core.errors import ConfigError
 
 
 @dataclass
@@ -76,6 +77,59 @@ def load_dataset(data: DataSettings) -> MlakeDataset:
     return load_mlake(data.data_dir, version=data.version, langs=data.langs)
 
 
+def prepare_template(
+    loaded: LoadedModel,
+    dataset: MlakeDataset,
+    selection: FactSelection,
+    data: DataSettings,
+    log: Callable[[str], None] | None = None,
+) -> FactSelection:
+    """Build the run's prompt template into ``loaded.template`` and return the selection
+    without the demonstration facts.
+
+    A plain template is kept as it is.  A few-shot template draws its demonstrations here,
+    once per run, from the facts outside ``selection.fact_ids`` in the run's languages
+    (:meth:`~mlake_core.models.prompting.FewShotTemplate.for_run`), so every stage asks the
+    same prompts.  When the selection leaves too few usable facts outside it and it is the
+    whole default selection (``--facts`` none given, ``all`` or ``trained``), the
+    demonstrations are drawn from every fact and taken out of the selection (said on
+    ``log``); for ``--facts N`` that is an error.  The demonstration facts are always taken
+    out of the pool, so no locality sample holds a fact the prompt answers.
+
+    Raises:
+        ConfigError: too few usable facts for the demonstrations (naming the languages).
+    """
+    from mlake_core.models.prompting import DemonstrationShortage
+
+    template = loaded.template
+    if template.needs_build:
+        try:
+            template = template.for_run(dataset, selection.fact_ids, data.langs)
+        except DemonstrationShortage as err:
+            if isinstance(data.facts, int):
+                raise DemonstrationShortage(
+                    f"{err}; ask for fewer facts (--facts) or another template (--template qa)",
+                    err.langs,
+                ) from None
+            template = template.for_run(dataset, (), data.langs)
+        loaded.template = template
+    demo = template.demonstration_facts()
+    if not demo:
+        return selection
+    taken = [f for f in selection.fact_ids if f in demo]
+    if log is not None:
+        log(f"prompts: {template.describe()}")
+        if taken:
+            log(
+                f"prompts: facts {', '.join(map(str, taken))} are demonstrations, taken out "
+                "of the evaluated facts"
+            )
+    return FactSelection(
+        pool=tuple(f for f in selection.pool if f not in demo),
+        fact_ids=tuple(f for f in selection.fact_ids if f not in demo),
+    )
+
+
 def stage_context(
     loaded: LoadedModel,
     dataset: MlakeDataset,
@@ -84,14 +138,30 @@ def stage_context(
     run: RunSettings,
     log: Callable[[str], None] | None = None,
 ) -> StageContext:
-    """The stage context of a loaded model, data and fact selection."""
+    """The stage context of a loaded model, data and fact selection.  A few-shot template
+    not built yet (:func:`prepare_template`) draws its demonstrations from the facts outside
+    the selection.
+
+    Raises:
+        ConfigError: demonstrations among the selected facts (a template built for another
+            selection), or too few usable facts for them.
+    """
+    template = loaded.template
+    if template.needs_build:
+        template = template.for_run(dataset, selection.fact_ids, data.langs)
+    both = sorted(template.demonstration_facts() & set(selection.fact_ids))
+    if both:
+        raise ConfigError(
+            f"prompt template {template.name!r}: facts {both[:5]} are both demonstrations and "
+            "evaluated (prepare_template the run's selection first)"
+        )
     return StageContext(
         adapter=loaded.adapter,
         model_path=loaded.path,
         dataset=dataset,
         fact_ids=selection.fact_ids,
         langs=tuple(data.langs),
-        template=loaded.template,
+        template=template,
         results_dir=run.results_dir,
         batch_size=run.batch_size,
         seed=run.seed,
@@ -114,5 +184,6 @@ def open_session(
     loaded = load_model(model, data_dir=data.data_dir, log=log)
     dataset = load_dataset(data)
     selection = select_facts(dataset, data.facts, loaded.trained_facts)
+    selection = prepare_template(loaded, dataset, selection, data, log)
     ctx = stage_context(loaded, dataset, selection, data, run, log)
     return Session(loaded=loaded, ctx=ctx, pool=selection.pool)

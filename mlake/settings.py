@@ -28,7 +28,11 @@ class ModelSettings:
         dtype: ``float32``, ``bfloat16`` or ``float16``.
         revision: hub branch, tag or commit.
         trust_remote_code: allow modelling code shipped with a checkpoint.
-        template: prompt template (``None``: the one the model was trained with, else ``qa``).
+        template: prompt template: qa (Q:/A: frame), bare, fewshot (qa after 3 worked examples
+            in the prompt's language, facts outside the evaluated ones drawn with seed 0, the
+            same for every prompt of the run; fewshot-K-seedS in a pipeline file: K examples,
+            seed S); none given: the one a mlake-tiny was trained with, fewshot for every
+            other model.
     """
 
     name: str = TINY_NAME
@@ -41,14 +45,20 @@ class ModelSettings:
 
     def __post_init__(self) -> None:
         from mlake_core.models.loading import BACKENDS, DTYPES
-        from mlake_core.models.prompting import TEMPLATES
+        from mlake_core.models.prompting import TEMPLATES, get_template
 
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend {self.backend!r}: choose {', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r}: choose {', '.join(DTYPES)}")
-        if self.template is not None and self.template not in TEMPLATES:
-            raise ConfigError(f"template {self.template!r}: choose {', '.join(TEMPLATES)}")
+        if self.template is not None:
+            try:
+                get_template(self.template)
+            except ConfigError:
+                raise ConfigError(
+                    f"template {self.template!r}: choose {', '.join(TEMPLATES)}, "
+                    "fewshot-K or fewshot-K-seedS"
+                ) from None
 
 
 @dataclass(frozen=True)

@@ -97,13 +97,15 @@ def _stage_data(s: PipelineState) -> dict[str, str]:
 
 def _stage_model(s: PipelineState) -> dict[str, str]:
     from mlake.loading import load_model
-    from mlake.session import stage_context
+    from mlake.session import prepare_template, stage_context
     from mlake_core.data.selection import select_facts
 
     c = s.config
     s.loaded = load_model(c.model, data_dir=c.data.data_dir, log=s.log)
     if s.dataset is not None:
         selection = select_facts(s.dataset, c.data.facts, s.loaded.trained_facts)
+        # A few-shot template draws its demonstrations once, outside the run's facts.
+        selection = prepare_template(s.loaded, s.dataset, selection, c.data, s.log)
         s.pool = selection.pool
         run = dataclasses.replace(c.run, results_dir=str(s.store))
         s.ctx = stage_context(s.loaded, s.dataset, selection, c.data, run, s.log)

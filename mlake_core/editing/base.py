@@ -125,8 +125,12 @@ class LocatedPrompt:
 def locate_prompt(
     adapter: ModelAdapter, view: FactView, template: PromptTemplate, form: str = "question"
 ) -> LocatedPrompt:
-    """The prompt of ``view`` in ``form`` and the tokens of its subject (shared by editing
-    and causal tracing).
+    """The prompt of ``view`` in ``form`` and the tokens of its subject (shared by editing,
+    causal tracing, attribution and probes).
+
+    The subject is located at the offset where the template put the form's own text
+    (:meth:`~mlake_core.models.prompting.PromptTemplate.place`): after any few-shot
+    demonstrations and in-context editing prefix, which may hold the same words.
 
     Raises:
         ConfigError: an unknown form.
@@ -139,18 +143,19 @@ def locate_prompt(
     pf = view.form(form)  # type: ignore[arg-type]
     if not pf.usable or pf.text is None or pf.subject is None:
         raise DataError(f"{where}: not usable ({pf.reason or 'no subject located'})")
-    prompt, prefix = template.prompt(form, pf.text, view.lang)
-    # Where the form's text sits inside the prompt (templates wrap the stripped text).
-    body = pf.text.strip()
-    if prompt.find(body) < 0:
-        raise DataError(f"{where}: the template {template.name!r} does not contain the text")
-    offset = prompt.find(body) - (len(pf.text) - len(pf.text.lstrip()))
-    start, end = pf.subject.start + offset, pf.subject.end + offset
+    placed = template.place(form, pf.text, view.lang)
+    prompt = placed.prompt
+    start, end = pf.subject.start + placed.text_offset, pf.subject.end + placed.text_offset
+    if prompt[start:end] != pf.text[pf.subject.start : pf.subject.end]:
+        raise DataError(
+            f"{where}: the template {template.name!r} does not keep the subject "
+            f"{pf.subject.text!r} where the text puts it"
+        )
     positions = subject_tokens(adapter, prompt, start, end, where=where)
     return LocatedPrompt(
         where=where,
         prompt=prompt,
-        answer_prefix=prefix,
+        answer_prefix=placed.answer_prefix,
         prompt_ids=tuple(adapter.encode(prompt)),
         subject=pf.subject.text,
         subject_positions=positions,
