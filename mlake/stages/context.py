@@ -24,7 +24,8 @@ def model_identity(adapter: ModelAdapter, path: str | os.PathLike[str]) -> dict[
 
     A hub model is its id, revision and resolved commit.  A local folder is its resolved path
     and the size and modification time of each weight file (so retraining into the same
-    folder gives new keys), plus the mlake-tiny training key when there is one.
+    folder gives new keys), plus the mlake-tiny training key when there is one.  A model read
+    from a GGUF file adds the file's SHA256 and quantization type.
     """
     info = adapter.info
     ident: dict[str, Any] = {
@@ -47,6 +48,10 @@ def model_identity(adapter: ModelAdapter, path: str | os.PathLike[str]) -> dict[
     else:
         ident["revision"] = info.revision
         ident["commit_hash"] = info.commit_hash
+    if getattr(info, "gguf_sha256", None):
+        # A GGUF file (or a packaged model) is identified by its content, wherever it lies.
+        ident["gguf_sha256"] = info.gguf_sha256
+        ident["quantization"] = info.quantization
     return ident
 
 
