@@ -208,7 +208,7 @@ def _portability(
     items = [q for q in questions if q.kind == "new" and q.lang in langs]
     if not items:
         return {}
-    prompts = [adapter.encode(template.question_prompt(q.question)[0]) for q in items]
+    prompts = [adapter.encode(template.question_prompt(q.question, q.lang)[0]) for q in items]
     generated = greedy_generate(
         adapter,
         prompts,

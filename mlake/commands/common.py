@@ -218,7 +218,6 @@ def add_model_args(parser: argparse.ArgumentParser, *, template: bool = True) ->
     ``--device``, ``--dtype``, ``--revision``, ``--trust-remote-code``, ``--template``)."""
     from mlake.settings import ModelSettings
     from mlake_core.models.loading import BACKENDS, DTYPES
-    from mlake_core.models.prompting import TEMPLATES
 
     fields = [f.name for f in dataclasses.fields(ModelSettings)]
     if not template:
@@ -227,7 +226,8 @@ def add_model_args(parser: argparse.ArgumentParser, *, template: bool = True) ->
         parser.add_argument_group("model"),
         ModelSettings,
         fields=fields,
-        choices={"backend": BACKENDS, "dtype": tuple(DTYPES), "template": tuple(TEMPLATES)},
+        # --template is checked by ModelSettings (fewshot-K-seedS names are open-ended).
+        choices={"backend": BACKENDS, "dtype": tuple(DTYPES)},
         helps={
             "name": "local checkpoint folder, Hugging Face hub id, mlake-tiny (trained on "
             "MLaKE first if it is not cached) or mlake-tiny-editable"

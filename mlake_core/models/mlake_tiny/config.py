@@ -231,7 +231,13 @@ class TinyTrainConfig:
             raise ConfigError(f"--interchange-site {self.interchange_site!r}: choose resid or mlp")
         if self.enrichment_weight < 0:
             raise ConfigError("--enrichment-weight must be at least 0")
-        get_template(self.template)
+        if get_template(self.template).needs_build:
+            # mlake-tiny learns single question-answer pairs; demonstrations drawn per run
+            # would be text it never saw in training.
+            raise ConfigError(
+                f"template {self.template!r}: mlake-tiny trains on single prompts; "
+                "choose qa or bare"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
