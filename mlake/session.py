@@ -41,14 +41,16 @@ class Session:
     knowledge_run: str | None = None
 
     def measure_knowledge(self, config: Any = None, *, extra: Sequence[int] = ()) -> Any:
-        """Measure (or load) what the model knows about the pool, the facts asked for and
-        ``extra`` facts, as editing, tracing, attribution and probes need (facts unknown
-        before are reported apart or skipped).  ``config`` defaults to
+        """Measure (or load) what the model knows about the facts asked for and ``extra``
+        facts (editing: its locality sample), as editing, tracing, attribution and probes
+        need (facts unknown before are reported apart or skipped), as the pipeline does.  Not
+        the whole pool: on a model without training facts that is every fact, an hour of
+        CPU for a pretrained model before a 10-fact analysis.  ``config`` defaults to
         :class:`~mlake_core.metrics.knowledge.KnowledgeConfig` without MCQA."""
         from mlake.stages.knowledge import knowledge_stage
         from mlake_core.metrics.knowledge import KnowledgeConfig
 
-        wanted = knowledge_facts(self.pool, self.ctx.fact_ids, extra)
+        wanted = knowledge_facts(self.ctx.fact_ids, extra)
         self.knowledge, run = knowledge_stage(
             self.ctx.with_facts(wanted), config or KnowledgeConfig(mcqa=False)
         )
@@ -56,17 +58,16 @@ class Session:
         return self.knowledge
 
 
-def knowledge_facts(
-    pool: Sequence[int], fact_ids: Sequence[int], extra: Sequence[int] = ()
-) -> list[int]:
-    """The facts whose knowledge a run measures: the pool, then any asked-for or extra fact
-    outside it (in order, once each)."""
-    out = [int(f) for f in pool]
-    seen = set(out)
-    for f in (*fact_ids, *extra):
-        if int(f) not in seen:
-            seen.add(int(f))
-            out.append(int(f))
+def knowledge_facts(*groups: Sequence[int]) -> list[int]:
+    """The facts whose knowledge a run measures: each group's facts in order, once each (the
+    facts asked for, then the locality sample)."""
+    out: list[int] = []
+    seen: set[int] = set()
+    for group in groups:
+        for f in group:
+            if int(f) not in seen:
+                seen.add(int(f))
+                out.append(int(f))
     return out
 
 

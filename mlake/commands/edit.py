@@ -128,7 +128,7 @@ def given_method_fields(
 
 def run_transfer(args: argparse.Namespace) -> int:
     """Entry point of ``mlake edit transfer``."""
-    from analysis.transfer import KINDS, TransferConfig, transfer_matrix
+    from analysis.transfer import KINDS, TransferConfig, locality_facts, transfer_matrix
     from mlake.method_settings import resolve_method
     from mlake.progress import progress_bar
     from mlake.stages.transfer import read_unit_sets, transfer_stage
@@ -160,8 +160,10 @@ def run_transfer(args: argparse.Namespace) -> int:
         raise ConfigError("restricted editing (--set ft.units=...) needs --units-from RUN_DIR")
     session = open_session(args)
     ctx, loaded = session.ctx, session.loaded
+    # The edited facts and the locality sample the transfer stage draws from the pool.
     knowledge = session.measure_knowledge(
-        KnowledgeConfig(mcqa=False, max_new_tokens=config.max_new_tokens)
+        KnowledgeConfig(mcqa=False, max_new_tokens=config.max_new_tokens),
+        extra=locality_facts(ctx.dataset, ctx.fact_ids, config, session.pool),
     )
     corpus = read_corpus(args.corpus) if args.corpus else mlake_corpus(ctx.dataset)
     langs, fact_ids = ctx.langs, ctx.fact_ids
