@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 
 from analysis.relate import ModelFit
-from mlake_core.errors import DataError
 from mlake_core.results.store import read_run
 
 
@@ -144,11 +143,7 @@ class RelateResult:
                 the message names the folder or file.
         """
         run = read_run(run_dir, "relate")
-        if not run.has_json("summary"):
-            raise DataError(
-                f"{run.json_path('summary')}: no relate summary (the run did not finish)"
-            )
-        return cls.from_dict(run.load_json("summary"))
+        return cls.from_dict(run.load_summary("relate summary"))
 
 
 def load_relate_result(run_dir: str | os.PathLike[str]) -> RelateResult:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mlake_core.configs import coerce_fields
-from mlake_core.errors import ConfigError, DataError
+from mlake_core.errors import ConfigError
 from mlake_core.results.store import read_run
 from probes.activations import POSITIONS, layer_name
 
@@ -348,11 +348,7 @@ class ProbeResult:
                 message names the folder or file.
         """
         run = read_run(run_dir, "probes")
-        if not run.has_json("summary"):
-            raise DataError(
-                f"{run.json_path('summary')}: no probe summary (the run did not finish)"
-            )
-        result = cls.from_dict(run.load_json("summary"))
+        result = cls.from_dict(run.load_summary("probe summary"))
         result.run_path = str(run.path)
         return result
 

@@ -225,11 +225,7 @@ class LapeResult:
         run = read_run(run_dir, "neurons")
         keys = ("selected", "assignment", "entropy")
         arrays = read_arrays(run.arrays_path("lape"), keys=keys, what="a LAPE selection")
-        if not run.has_json("summary"):
-            raise DataError(
-                f"{run.json_path('summary')}: no neuron summary (the run did not finish)"
-            )
-        summary = run.load_json("summary")
+        summary = run.load_summary("neuron summary")
         info = summary.get("lape") or {}
         if "bar" not in info:
             raise DataError(f"{run.json_path('summary')}: no LAPE selection recorded")

@@ -14,7 +14,7 @@ from analysis.neurons.attribution import (
     get_attribution_method,
 )
 from mlake_core.configs import coerce_fields
-from mlake_core.errors import ConfigError, DataError
+from mlake_core.errors import ConfigError
 from mlake_core.results.store import read_run
 
 #: Significance level of the ablation check (its one-sided Wilcoxon signed-rank test).
@@ -269,11 +269,7 @@ class NeuronResult:
                 the message names the folder or file.
         """
         run = read_run(run_dir, "neurons")
-        if not run.has_json("summary"):
-            raise DataError(
-                f"{run.json_path('summary')}: no neuron summary (the run did not finish)"
-            )
-        result = cls.from_dict(run.load_json("summary"))
+        result = cls.from_dict(run.load_summary("neuron summary"))
         result.run_path = str(run.path)
         return result
 

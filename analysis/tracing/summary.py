@@ -51,7 +51,6 @@ from typing import Any
 import numpy as np
 
 from analysis.tracing.causal import POSITION_CLASSES, TraceConfig, profile_similarity
-from mlake_core.errors import DataError
 from mlake_core.results.store import read_run
 
 LAST_SUBJECT = POSITION_CLASSES.index("last_subject")
@@ -297,11 +296,7 @@ class TracingResult:
                 the message names the folder or file.
         """
         run = read_run(run_dir, "tracing")
-        if not run.has_json("summary"):
-            raise DataError(
-                f"{run.json_path('summary')}: no tracing summary (the run did not finish)"
-            )
-        result = cls.from_dict(run.load_json("summary"))
+        result = cls.from_dict(run.load_summary("tracing summary"))
         result.run_path = str(run.path)
         return result
 

@@ -169,6 +169,16 @@ class Run:
         _atomic_write(path, write)
         return path
 
+    def load_summary(self, what: str) -> Any:
+        """The run's ``summary.json``, which a stage writes when it finishes.
+
+        Raises:
+            DataError: the run did not finish (no summary), naming the file and ``what``.
+        """
+        if not self.has_json("summary"):
+            raise DataError(f"{self.json_path('summary')}: no {what} (the run did not finish)")
+        return self.load_json("summary")
+
     def load_json(self, name: str) -> Any:
         path = self.json_path(name)
         try:
