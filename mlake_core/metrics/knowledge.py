@@ -35,8 +35,9 @@ sorted by length and run in batches of ``batch_size`` (position ids come from th
 mask, so a padded row scores exactly as it would alone).  Where the model's attention cache
 can be continued (:meth:`~mlake_core.models.adapter.ModelAdapter.run_with_past`; every
 full-attention model), each distinct prompt runs once and its answers continue its keys and
-values, a token prefix shared by a whole batch (an in-context edit's demonstrations) runs once
-for the batch, greedy generation decodes one token per pass, and no logits are computed for
+values, prompts sharing a token prefix (a few-shot template's or an in-context edit's
+demonstrations) are batched together and the prefix runs once per batch
+(:func:`prompt_batches`), greedy generation decodes one token per pass, and no logits are computed for
 prompt positions but the last.  The results are those of full runs up to float rounding (in
 float32 the same greedy answers, log-probabilities within about 1e-5; in bfloat16 or float16
 rounding can flip a near-tied greedy choice, and ``kv_cache`` is not part of any result key).
@@ -157,6 +158,35 @@ def _common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def prompt_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Indices of ``prompts`` in batches of at most ``batch_size`` for cached prompt passes,
+    so that prompts sharing a long token prefix run together and the prefix once per batch.
+
+    Prompts are grouped by a shared prefix of at least :data:`MIN_SHARED_PREFIX` tokens (a
+    few-shot template's demonstrations: one group per language and prompt form).  A group of
+    at least half a batch gets batches of its own; the remaining prompts are pooled.  Within
+    a group and the pool, shorter prompts come first (less padding).
+    """
+    lex = sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
+    groups: list[list[int]] = []
+    for i in lex:
+        # Sorted order: the prefix shared with the group's first prompt is the smallest of
+        # the prefixes adjacent prompts share.
+        if groups and _common_prefix_length([prompts[groups[-1][-1]], prompts[i]]) >= (
+            MIN_SHARED_PREFIX
+        ):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    big = [g for g in groups if len(g) >= max(2, batch_size // 2)]
+    pool = [i for g in groups if len(g) < max(2, batch_size // 2) for i in g]
+    out: list[list[int]] = []
+    for group in [*big, pool]:
+        group = sorted(group, key=lambda i: len(prompts[i]))
+        out += [group[k : k + batch_size] for k in range(0, len(group), batch_size)]
+    return out
+
+
 def _prompt_pass(adapter: ModelAdapter, prompts: Sequence[Sequence[int]]) -> tuple[Any, Any]:
     """Run prompts once, left-padded: the logits of each prompt's last token ``[n, vocab]``
     and the keys and values of every prompt position (:class:`PastKeyValues`).
@@ -245,10 +275,10 @@ def _score_cached(
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for i, (prompt, _) in enumerate(pairs):
         by_prompt.setdefault(tuple(prompt), []).append(i)
-    prompts = sorted(by_prompt, key=len)
+    distinct = list(by_prompt)
     sums = torch.zeros(len(pairs), dtype=torch.float64)
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
+    for indices in prompt_batches(distinct, batch_size):
+        chunk = [distinct[i] for i in indices]
         last, past = _prompt_pass(adapter, chunk)
         first_logp = last.float().log_softmax(-1)
         rest: list[tuple[int, int]] = []  # (pair, prompt row) of targets longer than a token
@@ -350,7 +380,6 @@ def greedy_generate(
         The generated token ids of each prompt (EOS excluded).
     """
     eos = adapter.tokenizer.eos_token_id
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
 
     def finished(row_out: list[int], token: int) -> bool:
@@ -361,8 +390,13 @@ def greedy_generate(
         text = adapter.tokenizer.decode(row_out, skip_special_tokens=True)
         return any(s in text for s in stop)
 
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    cached = kv_cache and max_new_tokens > 0 and _cache_continues(adapter)
+    if cached:  # prompts sharing a prefix together (it runs once per batch)
+        chunks = prompt_batches(prompts, batch_size)
+    else:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        chunks = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    for chunk in chunks:
         if kv_cache and max_new_tokens > 0 and _cache_continues(adapter):
             try:
                 last, past = _prompt_pass(adapter, [prompts[i] for i in chunk])
