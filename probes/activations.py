@@ -271,7 +271,7 @@ def collect_activations(
     for start in range(0, n, batch_size):
         rows = order[start : start + batch_size]
         batch = adapter.batch([prompts[i].prompt_ids for i in rows])
-        _, cache = adapter.run_with_cache(batch, site_names, last_only=True)
+        cache = adapter.activations(batch, site_names)
         row_idx = torch.arange(len(rows))
         at = {
             "subject": torch.as_tensor(

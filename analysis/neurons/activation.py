@@ -178,7 +178,7 @@ def activation_stats(
         kept.sort(key=len)
         for start in range(0, len(kept), batch_size):
             batch = adapter.batch(kept[start : start + batch_size], padding_side="left")
-            _, cache = adapter.run_with_cache(batch, sites, last_only=True)
+            cache = adapter.activations(batch, sites)
             real = batch.attention_mask.bool()
             for layer, site in enumerate(sites):
                 acts = cache[site][real].float()

@@ -516,9 +516,7 @@ def attribution_patching(
     noise = corrupted_embeddings(
         adapter, clean["embed"][0], prompt.subject_positions, config, context
     )
-    _, corrupt = adapter.run_with_cache(
-        adapter.batch([seq] * config.samples), sites[1:], patches=[noise]
-    )
+    corrupt = adapter.activations(adapter.batch([seq] * config.samples), sites[1:], patches=[noise])
     n_heads, d_head = adapter.info.n_heads, adapter.info.d_head
     scores = {
         "neuron": np.zeros((adapter.n_layers, adapter.d_mlp)),

@@ -288,7 +288,7 @@ def subject_embeddings(
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         batch = adapter.batch([list(ids) for ids, _ in chunk])
-        _, cache = adapter.run_with_cache(batch, ["embed"])
+        cache = adapter.activations(batch, ["embed"])
         for row, (_, positions) in enumerate(chunk):
             first = int(batch.first_index[row])
             out.append(cache["embed"][row, [first + p for p in positions]].cpu())

@@ -249,7 +249,7 @@ def _subject_mean(
     for i in range(0, len(requests), batch_size):
         chunk = requests[i : i + batch_size]
         batch = adapter.batch([r.prompt_ids for r in chunk], padding_side="right")
-        _, cache = adapter.run_with_cache(batch, [site])
+        cache = adapter.activations(batch, [site])
         rows = torch.arange(len(chunk))
         picked = cache[site][rows, torch.tensor([r.subject_last for r in chunk])].double().sum(0)
         total = picked if total is None else total + picked

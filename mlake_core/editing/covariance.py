@@ -108,7 +108,7 @@ def key_second_moment(
                 break
             seqs = [adapter.encode(text)[:max_len] for text in chunk[b : b + batch_size]]
             batch = adapter.batch(seqs, padding_side="right")
-            _, cache = adapter.run_with_cache(batch, [site])
+            cache = adapter.activations(batch, [site])
             keys = cache[site][batch.attention_mask.bool()].double().cpu()
             keys = keys[: n_tokens - count - part_count]
             part += keys.T @ keys

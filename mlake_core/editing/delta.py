@@ -136,7 +136,7 @@ def optimise_output_delta(
     layer = int(site.rsplit(".", 1)[1])
     resid = f"resid_post.{layer}"
     key_site = f"mlp_post.{layer}"
-    _, cache = adapter.run_with_cache(
+    cache = adapter.activations(
         batch, [site, resid, key_site] if has_post_norm(adapter) else [site, resid]
     )
     base = cache[site][rows, positions].float()

@@ -114,7 +114,7 @@ def edit_ft(
     original = weight.detach().clone()
     bound = config.max_rel_norm * float(original.norm())
     batch, targets = teacher_forced(adapter, requests)
-    _, cache = adapter.run_with_cache(batch, [f"mlp_post.{layer}"])
+    cache = adapter.activations(batch, [f"mlp_post.{layer}"])
     raw_keys = cache[f"mlp_post.{layer}"]  # unaffected by this layer's projection
     keys = raw_keys.float()
     mask = unit_mask(requests, config.units, context, layer, keys.shape[-1])

@@ -145,7 +145,7 @@ def edit_memit(
     try:
         for i, layer in enumerate(layers):
             key_site = f"mlp_post.{layer}"
-            _, cache = adapter.run_with_cache(batch, [key_site, resid])
+            cache = adapter.activations(batch, [key_site, resid])
             raw_keys = cache[key_site][rows, positions]
             keys = raw_keys.double().cpu()  # [n, d_mlp]
             current = cache[resid][rows, positions].double().cpu()  # [n, d_model]
@@ -171,7 +171,7 @@ def edit_memit(
             with torch.no_grad():
                 weight.add_(change)
             deltas[name] = change
-        _, cache = adapter.run_with_cache(batch, [resid])
+        cache = adapter.activations(batch, [resid])
         final = cache[resid][rows, positions].double().cpu()
         residual_norms.append(float((target - final).norm(dim=-1).mean()))
     finally:

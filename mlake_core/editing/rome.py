@@ -92,7 +92,7 @@ def edit_rome(
     layer = check_not_last(adapter, resolve_layer(adapter, config.layer), "rome")
     name, weight, out_in = down_proj(adapter, layer, "rome edit")
     batch, _ = teacher_forced(adapter, requests)
-    _, cache = adapter.run_with_cache(batch, [f"mlp_post.{layer}"])
+    cache = adapter.activations(batch, [f"mlp_post.{layer}"])
     k_star = cache[f"mlp_post.{layer}"][0, request.subject_last].double().cpu()
     delta, base, loss, steps = optimise_output_delta(
         adapter,

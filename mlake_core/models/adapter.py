@@ -704,6 +704,13 @@ class ModelAdapter(Protocol):
         """Logits and detached activations ``[batch, pos, width]`` by canonical site name."""
         ...
 
+    def activations(
+        self, batch: TokenBatch, sites: Sequence[str], *, patches: Sequence[Patch] = ()
+    ) -> dict[str, Tensor]:
+        """Detached activations at ``sites`` only: the forward pass stops after the last of
+        them (no later block, no unembedding)."""
+        ...
+
     def run_with_patches(
         self,
         batch: TokenBatch,
@@ -957,6 +964,28 @@ class BaseAdapter:
             )
         return (logits[:, -1:] if last_only else logits), cache
 
+    def activations(
+        self, batch: TokenBatch, sites: Sequence[str], *, patches: Sequence[Patch] = ()
+    ) -> dict[str, Tensor]:
+        """Activations (``[batch, pos, width]``, detached) at ``sites``, as
+        :meth:`run_with_cache` returns them, without the rest of the forward pass: it stops
+        once the last of ``sites`` is read, so neither the blocks after it nor the unembedding
+        run.  On a model with a large vocabulary (Gemma 3: 262k tokens) the unembedding costs
+        more than the blocks, so a statistic of one early layer's activations (ROME's key
+        covariance, LAPE's activation rates, probes) costs a fraction of a full pass.
+
+        Patches (and :meth:`intervening` ablations) at or before the last site apply as in
+        :meth:`run_with_cache`; those after it cannot change what is read.
+        """
+        if not sites:
+            raise ValueError("activations: no site to read")
+        order = execution_order(list(sites), self.n_layers)
+        with torch.no_grad():
+            _, cache = self._run(
+                batch.to(self.device), order, self._group(patches), keep_graph=False, stop=True
+            )
+        return cache
+
     def run_with_patches(
         self,
         batch: TokenBatch,
@@ -1205,6 +1234,7 @@ class BaseAdapter:
         last_only: bool | int = False,
         past: PastKeyValues | None = None,
         past_out: list[Any] | None = None,
+        stop: bool = False,
     ) -> tuple[Logits, dict[str, Tensor]]:
         """One forward pass that patches and reads sites.
 
@@ -1219,6 +1249,8 @@ class BaseAdapter:
             past: keys and values the batch continues (:meth:`_model_inputs` passes them).
             past_out: when a list, the HF forward is asked for its cache and the cache object
                 (past included) is appended to it.
+            stop: stop the pass once the last site of ``read`` is read (nothing after it runs;
+                the logits returned are then an empty tensor).
 
         Returns:
             Logits and the activations at ``read`` (after patching), by canonical name.

@@ -71,17 +71,19 @@ class NNsightAdapter(BaseAdapter):
         last_only: bool | int = False,
         past: PastKeyValues | None = None,
         past_out: list[Any] | None = None,
+        stop: bool = False,
     ) -> tuple[Logits, dict[str, Tensor]]:
         import nnsight
 
         cache: dict[str, Tensor] = {}
         wanted = set(read)
+        last = max(wanted) if stop and wanted else None
         plan = []
         for site in sorted(wanted | set(patches)):
             where = self.spec.sites[site.kind]
             plan.append((site, where.path(site.layer), where.port, patches.get(site, [])))
         inputs = self._model_inputs(batch, last_only, past, keep_past=past_out is not None)
-        with self.model.trace(**inputs):
+        with self.model.trace(**inputs) as tracer:
             for site, path, port, site_patches in plan:
                 envoy = self.model.get(path)
                 if port == "input":
@@ -98,9 +100,14 @@ class NNsightAdapter(BaseAdapter):
                         envoy.output = (value, *output[1:]) if is_tuple else value
                 if site in wanted:
                     cache[site.name] = nnsight.save(value if keep_graph else value.detach())
-            logits = nnsight.save(self.model.output.logits)
-            if past_out is not None:
-                hf_cache = nnsight.save(self.model.output.past_key_values)
+                if site == last:
+                    tracer.stop()  # nothing after the last site read runs (``stop``)
+            if last is None:
+                logits = nnsight.save(self.model.output.logits)
+                if past_out is not None:
+                    hf_cache = nnsight.save(self.model.output.past_key_values)
+        if last is not None:
+            return torch.empty(0), cache
         if past_out is not None:
             past_out.append(hf_cache)
         return logits, cache

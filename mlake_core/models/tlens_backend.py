@@ -41,6 +41,14 @@ from mlake_core.models.adapter import (
 from mlake_core.models.sites import ArchitectureSpec, Site, all_sites, parse_site
 
 
+class _StopForward(Exception):
+    """Ends a forward pass once the last site it reads is read (:meth:`BaseAdapter.activations`).
+
+    TransformerLens' own ``stop_at_layer`` stops at a block's input, and a site may lie inside
+    a block (``mlp_post.L``): raising from that site's hook stops exactly there.
+    """
+
+
 class TLensAdapter(BaseAdapter):
     """A :class:`~mlake_core.models.adapter.ModelAdapter` over a TransformerLens bridge.
 
@@ -124,9 +132,11 @@ class TLensAdapter(BaseAdapter):
         last_only: bool | int = False,
         past: PastKeyValues | None = None,
         past_out: list[Any] | None = None,
+        stop: bool = False,
     ) -> tuple[Logits, dict[str, Tensor]]:
         cache: dict[str, Tensor] = {}
         wanted = set(read)
+        last = max(wanted) if stop and wanted else None
 
         def make_hook(site: Site) -> Callable[..., Tensor]:
             site_patches = patches.get(site, [])
@@ -142,6 +152,8 @@ class TLensAdapter(BaseAdapter):
                     activation = apply_patches(activation, site_patches)
                 if site in wanted:
                     cache[site.name] = activation if keep_graph else activation.detach()
+                if site == last:
+                    raise _StopForward
                 return activation.view(shape)
 
             return fn
@@ -150,14 +162,18 @@ class TLensAdapter(BaseAdapter):
             (self._hook_names[site.name], make_hook(site)) for site in sorted(wanted | set(patches))
         ]
         inputs = self._model_inputs(batch, last_only, past, keep_past=past_out is not None)
-        with self.bridge.hooks(fwd_hooks=fwd_hooks):
-            # "logits_and_cache" returns (logits, the HF cache after this pass).
-            out = self.bridge(
-                inputs.pop("input_ids"),
-                return_type="logits" if past_out is None else "logits_and_cache",
-                attention_mask=inputs.pop("attention_mask"),
-                **inputs,
-            )
+        try:
+            with self.bridge.hooks(fwd_hooks=fwd_hooks):
+                # "logits_and_cache" returns (logits, the HF cache after this pass).
+                out = self.bridge(
+                    inputs.pop("input_ids"),
+                    return_type="logits" if past_out is None else "logits_and_cache",
+                    attention_mask=inputs.pop("attention_mask"),
+                    **inputs,
+                )
+        except _StopForward:
+            # Raised by the hook of the last site read (``stop``); the hooks are removed.
+            return torch.empty(0), cache
         if past_out is not None:
             logits, hf_cache = out
             past_out.append(hf_cache)

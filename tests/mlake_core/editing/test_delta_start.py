@@ -474,7 +474,7 @@ def test_subject_mean_is_measured_saved_and_reloaded(
     def no_model(*args, **kwargs):
         raise AssertionError("the saved mean should have been loaded")
 
-    monkeypatch.setattr(adapter, "run_with_cache", no_model)
+    monkeypatch.setattr(adapter, "activations", no_model)
     again = _subject_mean(run, adapter, mlake_v2411, ids, "fr", QA, "question", LAYER, 4)
     assert torch.equal(again, mean)
     with pytest.raises(AssertionError, match="should have been loaded"):

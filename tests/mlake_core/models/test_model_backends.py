@@ -254,3 +254,41 @@ def test_tlens_own_bloom_attention_hook_includes_the_residual(get_adapter, texts
         tl_cache["blocks.0.hook_attn_out"][real], ours["attn_out.0"][real], atol=ATOL, rtol=0
     )
     assert adapter.hook_name("attn_out.0") == "blocks.0.attn.o.hook_out"
+
+
+def _calls(module: torch.nn.Module) -> tuple[list[int], Callable[[], None]]:
+    """Count the forward calls of a module; returns the counter and the hook's remover."""
+    calls: list[int] = []
+    handle = module.register_forward_hook(lambda *_: calls.append(1))
+    return calls, handle.remove
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_activations_equal_cached_ones_and_stop_after_the_last_site(
+    arch, backend, get_adapter, texts
+) -> None:
+    adapter = get_adapter(arch, backend)
+    batch = adapter.tokenize(list(texts), padding_side="right")
+    sites = ["mlp_post.0", "embed", "attn_out.0"]
+    patch = Patch.per_row("embed", [[1]] * 4, [torch.full((1, adapter.d_model), 0.5)] * 4)
+    _, full = adapter.run_with_cache(batch, sites, patches=[patch])
+    # The last block's MLP runs in a full pass and not after mlp_post.0 has been read.
+    last_mlp = adapter.hf_module(adapter.spec.sites["mlp_post"].path(adapter.n_layers - 1))
+    calls, remove = _calls(last_mlp)
+    try:
+        adapter.forward(batch)
+        assert calls, "the counting hook must see a full pass"
+        calls.clear()
+        part = adapter.activations(batch, sites, patches=[patch])
+        assert calls == []
+    finally:
+        remove()
+    assert set(part) == set(full)
+    for site in sites:
+        torch.testing.assert_close(part[site], full[site], atol=0, rtol=0, msg=site)
+    # A stopped pass leaves nothing behind: the next full pass is unchanged.
+    _, again = adapter.run_with_cache(batch, sites, patches=[patch])
+    torch.testing.assert_close(again["attn_out.0"], full["attn_out.0"], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="no site"):
+        adapter.activations(batch, [])
