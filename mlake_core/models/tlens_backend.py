@@ -83,8 +83,10 @@ class TLensAdapter(BaseAdapter):
         overrides: dict[str, Any] = {}
         if not getattr(hf_model.config, "architectures", None):
             overrides["architectures"] = [type(hf_model).__name__]
+        # The name the weights were loaded from (a folder or hub id), not the user's: a short
+        # name such as mlake's ``gemma-3-270m`` is a deprecated TransformerLens alias.
         self.bridge = TransformerBridge.boot_transformers(
-            info.model_id,
+            str(getattr(hf_model, "name_or_path", "") or info.model_id),
             hf_config_overrides=overrides or None,
             hf_model=hf_model,
             # setup_tokenizer in TL mutates the tokenizer it is given (it invents a BOS for
