@@ -388,7 +388,7 @@ def trace_prompt(
         f"{SITE_OF_KIND[k]}.{layer}" for k in config.kinds for layer in range(n_layers)
     ]
     clean_batch = adapter.batch([list(prompt_ids)])
-    logits, clean = adapter.run_with_cache(clean_batch, sites)
+    logits, clean = adapter.run_with_cache(clean_batch, sites, last_only=True)
     p_clean = float(logits[0, -1].float().softmax(-1)[answer_id])
     # Clean embedding at the subject, and the corrupted values per sample.
     base = clean["embed"][0, subject].float().cpu()
