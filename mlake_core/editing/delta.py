@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from mlake_core.editing.projection import (
     pull_back_grad,
 )
 from mlake_core.errors import ConfigError
-from mlake_core.models.adapter import Patch, TokenBatch
+from mlake_core.models.adapter import PastKeyValues, Patch, TokenBatch
 
 
 def teacher_forced(
@@ -43,6 +44,22 @@ def teacher_forced(
         [(len(r.prompt_ids) - 1 + k, t) for k, t in enumerate(r.target_new_ids)] for r in requests
     ]
     return batch, targets
+
+
+def kept_logits(
+    batch: TokenBatch, targets: Sequence[Sequence[tuple[int, int]]]
+) -> tuple[int, list[list[tuple[int, int]]]]:
+    """How many last positions' logits a teacher-forced loss needs (``keep_last`` of
+    :meth:`~mlake_core.models.adapter.ModelAdapter.gradients`), and the targets' positions
+    re-indexed into those logits: from the first position that predicts a target token on.
+    The unembedding of the prompt before it (a few-shot prompt's demonstrations) is skipped,
+    forward and backward.  Rows of unequal length (right padding) keep every position
+    (``0``, targets unchanged)."""
+    lengths = batch.lengths.tolist()
+    if len(set(lengths)) != 1 or lengths[0] != batch.shape[1]:
+        return 0, [list(row) for row in targets]
+    first = min(p for row in targets for p, _ in row)
+    return batch.shape[1] - first, [[(p - first, t) for p, t in row] for row in targets]
 
 
 def nll(logits: torch.Tensor, targets: Sequence[Sequence[tuple[int, int]]]) -> torch.Tensor:
@@ -93,6 +110,43 @@ def subject_means(
             "(EditContext.subject_mean; mlake edit transfer provides them)"
         )
     return torch.stack([context.subject_mean(layer, r.lang).float() for r in requests])
+
+
+@dataclass(frozen=True)
+class _Continued:
+    """The part of a teacher-forced batch that a ``δ`` step runs (see :func:`_continued`)."""
+
+    batch: TokenBatch
+    past: PastKeyValues | None
+    start: int
+    targets: list[list[tuple[int, int]]]
+    keep_last: int
+
+
+def _continued(
+    adapter: Any, batch: TokenBatch, targets: Sequence[Sequence[tuple[int, int]]], start: int
+) -> _Continued:
+    """Split a teacher-forced batch at ``start`` (the first subject last token): ``δ`` is added
+    there, so every state before it is the same at every step.  Those tokens (a few-shot
+    prompt's demonstrations, the question's start) run once, and each step continues their
+    keys and values with the rest (:meth:`~mlake_core.models.adapter.ModelAdapter.gradients`
+    with ``past``), computing only the logits the loss reads (:func:`kept_logits`).  The
+    numbers are those of whole-batch steps up to float rounding.  A model whose cache cannot be
+    continued runs the whole batch each step."""
+    past = None
+    if start >= 1:
+        try:
+            _, past = adapter.run_with_past(
+                adapter.batch([seq[:start] for seq in batch.sequences()]), last_only=True
+            )
+        except NotImplementedError:
+            past = None
+    if past is None:
+        keep, kept = kept_logits(batch, targets)
+        return _Continued(batch, None, 0, kept, keep)
+    rest = adapter.batch([seq[start:] for seq in batch.sequences()], padding_side="right")
+    keep, kept = kept_logits(rest, [[(p - start, t) for p, t in row] for row in targets])
+    return _Continued(rest, past, start, kept, keep)
 
 
 def optimise_output_delta(
@@ -149,6 +203,8 @@ def optimise_output_delta(
         norms = d.norm(dim=-1, keepdim=True)
         return d * torch.where(norms > limit, limit / norms, torch.ones_like(norms))
 
+    run = _continued(adapter, batch, targets, int(positions.min()))
+
     def loss_and_grad(d: torch.Tensor) -> tuple[float, torch.Tensor]:
         moved = base + d
         if has_post_norm(adapter):
@@ -156,11 +212,16 @@ def optimise_output_delta(
                 value_at_site = adapter.sublayer_output("mlp", layer, moved)
         else:
             value_at_site = moved
-        patch = Patch(site, rows, positions, value_at_site)
+        patch = Patch(site, rows, positions - run.start, value_at_site)
         value, grads = adapter.gradients(
-            batch, [site], lambda logits: nll(logits, targets) * len(targets), patches=[patch]
+            run.batch,
+            [site],
+            lambda logits: nll(logits, run.targets) * len(run.targets),
+            patches=[patch],
+            keep_last=run.keep_last,
+            past=run.past,
         )
-        g = grads[site][rows, positions].float()
+        g = grads[site][rows, positions - run.start].float()
         return float(value) / len(targets), pull_back_grad(adapter, layer, moved, g)
 
     first = torch.zeros_like(base)

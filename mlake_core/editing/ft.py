@@ -29,7 +29,7 @@ from mlake_core.editing.base import (
     down_proj,
     register_edit_method,
 )
-from mlake_core.editing.delta import nll, teacher_forced
+from mlake_core.editing.delta import kept_logits, nll, teacher_forced
 from mlake_core.editing.layers import resolve_layer
 from mlake_core.editing.projection import has_post_norm, projection_output, pull_back_grad
 from mlake_core.errors import ConfigError
@@ -114,6 +114,7 @@ def edit_ft(
     original = weight.detach().clone()
     bound = config.max_rel_norm * float(original.norm())
     batch, targets = teacher_forced(adapter, requests)
+    keep, kept = kept_logits(batch, targets)  # the prompt's logits are not needed
     cache = adapter.activations(batch, [f"mlp_post.{layer}"])
     raw_keys = cache[f"mlp_post.{layer}"]  # unaffected by this layer's projection
     keys = raw_keys.float()
@@ -130,7 +131,10 @@ def edit_ft(
             with torch.no_grad():
                 weight.copy_(original + delta.detach().to(original.dtype))
             value, grads = adapter.gradients(
-                batch, [f"mlp_out.{layer}"], lambda logits: nll(logits, targets)
+                batch,
+                [f"mlp_out.{layer}"],
+                lambda logits: nll(logits, kept),
+                keep_last=keep,
             )
             loss = float(value)
             if loss < config.stop_loss:
