@@ -163,9 +163,11 @@ def prompt_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[li
     so that prompts sharing a long token prefix run together and the prefix once per batch.
 
     Prompts are grouped by a shared prefix of at least :data:`MIN_SHARED_PREFIX` tokens (a
-    few-shot template's demonstrations: one group per language and prompt form).  A group of
-    at least half a batch gets batches of its own; the remaining prompts are pooled.  Within
-    a group and the pool, shorter prompts come first (less padding).
+    few-shot template's demonstrations: one group per language and prompt form).  Every group
+    of two or more gets batches of its own, however small (an edit's evaluation asks a few
+    prompts per language, and running their demonstrations once is what saves); prompts that
+    share no such prefix with another are pooled.  Within a group and the pool, shorter
+    prompts come first (less padding).
     """
     lex = sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
     groups: list[list[int]] = []
@@ -178,8 +180,8 @@ def prompt_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[li
             groups[-1].append(i)
         else:
             groups.append([i])
-    big = [g for g in groups if len(g) >= max(2, batch_size // 2)]
-    pool = [i for g in groups if len(g) < max(2, batch_size // 2) for i in g]
+    big = [g for g in groups if len(g) >= 2]
+    pool = [i for g in groups if len(g) < 2 for i in g]
     out: list[list[int]] = []
     for group in [*big, pool]:
         group = sorted(group, key=lambda i: len(prompts[i]))

@@ -34,9 +34,10 @@ def test_prompts_without_shared_prefix_are_pooled_by_length() -> None:
     assert [[len(prompts[i]) for i in b] for b in batches] == [[3, 4, 5, 7], [10, 11]]
 
 
-def test_small_groups_join_the_pool() -> None:
-    big = [[*_prefix(100), k] for k in range(6)]
-    small = [[*_prefix(300), 1], [*_prefix(300), 2], [5, 6]]
-    batches = prompt_batches([*big, *small], batch_size=8)
-    assert batches[0] == list(range(6))
-    assert sorted(batches[1]) == [6, 7, 8]
+def test_small_groups_get_their_own_batches_and_single_prompts_are_pooled() -> None:
+    # An edit's evaluation: a few prompts per language, each language its demonstrations.
+    en = [[*_prefix(100), k] for k in range(3)]
+    fr = [[*_prefix(300), 1], [*_prefix(300), 2, 3]]
+    alone = [[5, 6], [9, 9, 9]]
+    batches = prompt_batches([*en, *fr, *alone], batch_size=32)
+    assert batches == [[0, 1, 2], [3, 4], [5, 6]]
