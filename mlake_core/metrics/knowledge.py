@@ -195,14 +195,19 @@ def _prompt_pass(adapter: ModelAdapter, prompts: Sequence[Sequence[int]]) -> tup
 
     A token prefix shared by every prompt (at least :data:`MIN_SHARED_PREFIX` tokens, and at
     least one token short of the shortest prompt) runs once and its keys and values are copied
-    to every row.
+    to every row; on a model with sliding-window layers only when the longest prompt fits in
+    the window (the rests' left padding would otherwise make the continuation inexact).
 
     Raises:
         NotImplementedError: the model's cache cannot be continued (callers run full passes).
     """
     shared = min(_common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
     past: PastKeyValues | None = None
-    if len(prompts) > 1 and shared >= MIN_SHARED_PREFIX:
+    # Left-padded rests after a shared prefix put padding between a row's tokens; a sliding
+    # window then stays exact only while the longest prompt fits in it (else: no sharing).
+    window = adapter.info.sliding_window
+    fits = window is None or max(len(p) for p in prompts) <= window
+    if len(prompts) > 1 and shared >= MIN_SHARED_PREFIX and fits:
         _, one = adapter.run_with_past(adapter.batch([prompts[0][:shared]]), last_only=True)
         past = one.select(torch.zeros(len(prompts), dtype=torch.long))
         prompts = [p[shared:] for p in prompts]

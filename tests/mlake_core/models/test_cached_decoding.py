@@ -169,26 +169,47 @@ def test_sliding_window_models_continue_within_the_window_and_fall_back_beyond(
 ) -> None:
     """Gemma 3 (tiny window of 6): prompts, then targets and decoding steps, continue the
     cache exactly past the window (no padding between a row's tokens); a shared prefix
-    continued by left-padded rests puts padding between tokens over more than the window, so
-    that batch is refused and scoring falls back to full runs, with the same scores."""
+    continued by left-padded rests would put padding between tokens over more than the window,
+    so it is not split off (the prompts run whole, left-padded) and the cache stays in use;
+    a continuation that is inexact anyway is refused and scoring falls back to full runs, with
+    the same scores."""
     adapter = get_adapter("gemma3_text", backend)
     monkeypatch.setattr(adapter, "_no_kv_cache", False, raising=False)  # restored afterwards
     calls = _recording(adapter, monkeypatch)
-    pairs = _pairs(adapter, texts)  # no shared prefix: one left-padded prompt pass
+    pairs = _pairs(adapter, texts)  # half share a prefix longer than the window
     full = score_sequences(adapter, pairs, kv_cache=False)
     cached = score_sequences(adapter, pairs)
     assert calls and not adapter._no_kv_cache  # the cache was used
+    assert not any(continues for _, _, continues in calls)  # prompts run whole
     for a, b in zip(cached, full, strict=True):
         assert a.logp == pytest.approx(b.logp, abs=ATOL)
+    # A past with padding between a row's tokens, over more than the window: refused, and
+    # scoring falls back to full runs (remembered for the adapter).
     prompts = [adapter.encode(SHARED + t) for t in texts]
     assert knowledge._common_prefix_length(prompts) > adapter.info.sliding_window
     target = adapter.tokenizer(" Rome", add_special_tokens=False)["input_ids"]
     shared_pairs = [(p, target) for p in prompts]
     expected = score_sequences(adapter, shared_pairs, kv_cache=False)
+    monkeypatch.setattr(knowledge, "_prompt_pass", _padded_between(adapter))
     scores = score_sequences(adapter, shared_pairs)
     assert adapter._no_kv_cache  # refused once, remembered
     for a, b in zip(scores, expected, strict=True):
         assert a.logp == pytest.approx(b.logp, abs=ATOL)
+
+
+def _padded_between(adapter):
+    """A prompt pass that continues a shared prefix with left-padded rests whatever the
+    window (what :func:`knowledge._prompt_pass` did before it checked the window)."""
+
+    def prompt_pass(adapter_, prompts):
+        shared = min(knowledge._common_prefix_length(prompts), min(map(len, prompts)) - 1)
+        _, one = adapter.run_with_past(adapter.batch([prompts[0][:shared]]), last_only=True)
+        past = one.select(torch.zeros(len(prompts), dtype=torch.long))
+        rests = adapter.batch([p[shared:] for p in prompts], padding_side="left")
+        logits, past = adapter.run_with_past(rests, last_only=True, past=past)
+        return logits[:, -1], past
+
+    return prompt_pass
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
