@@ -15,6 +15,12 @@ import numpy as np
 
 from figures.style import COLUMN_WIDTH, PAGE_WIDTH, use_style
 
+#: Tokens shown before the subject in a fact's heatmap.  Restoring a token before the subject
+#: changes nothing (its states are the same in the clean and corrupted runs), so the rows
+#: further back (a few-shot prompt's demonstrations: most of the prompt) are left out, and the
+#: axis label says how many.
+SHOWN_BEFORE_SUBJECT = 8
+
 #: Sequential single-hue colour maps per kind (ROME's convention; colour-blind safe).
 CMAPS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
 TITLES = {"resid": "residual stream", "mlp": "MLP output", "attn": "attention output"}
@@ -47,7 +53,9 @@ def trace_heatmap(
     starred) by layer, coloured by the answer's probability with that state restored; the
     colour scale starts at the corrupted probability.  One panel per kind.  A fact without
     signal (:func:`~analysis.tracing.summary.tracing_signal` with ``min_total_effect``,
-    default the tracing default) says so in the title.
+    default the tracing default) says so in the title.  Tokens more than
+    :data:`SHOWN_BEFORE_SUBJECT` before the subject are left out (no effect by construction),
+    and the token axis says so.
 
     Returns:
         A matplotlib Figure.
@@ -59,16 +67,18 @@ def trace_heatmap(
     use_style()
     kinds = list(kinds or trace.scores)
     n_tokens, n_layers = next(iter(trace.scores.values())).shape
+    first = max(0, min(trace.subject_positions) - SHOWN_BEFORE_SUBJECT)
     labels = [
         display_token(t) + (" *" if i in set(trace.subject_positions) else "")
         for i, t in enumerate(trace.tokens)
-    ]
+    ][first:]
+    n_tokens -= first
     height = max(2.0, 0.16 * n_tokens + 0.9)
     fig, axes = plt.subplots(
         1, len(kinds), figsize=(min(PAGE_WIDTH, 2.3 * len(kinds)), height), squeeze=False
     )
     for ax, kind in zip(axes[0], kinds, strict=True):
-        scores = trace.scores[kind]
+        scores = trace.scores[kind][first:]
         # At least 5 points of range: a model the corruption barely moves shows a flat map,
         # not its numerical noise blown up.
         vmin = min(trace.p_corrupt, float(scores.min()))
@@ -85,7 +95,9 @@ def trace_heatmap(
             interpolation="nearest",
         )
         ax.set_yticks(range(n_tokens), labels if ax is axes[0][0] else [""] * n_tokens)
-        ax.set_xticks(range(n_layers))
+        if first and ax is axes[0][0]:
+            ax.set_ylabel(f"from token {first} (the {first} before it: no effect, not shown)")
+        ax.set_xticks(range(0, n_layers, 1 if n_layers <= 12 else 2))  # 18 labels crowd
         ax.set_xlabel("layer" if kind == "resid" else f"centre of {trace.window}-layer window")
         ax.set_title(f"restoring {TITLES.get(kind, kind)}")
         bar = fig.colorbar(image, ax=ax, fraction=0.08, pad=0.03)
