@@ -43,6 +43,28 @@ def read_manifest(out: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{out}: no manifest.json; give a run folder of `mlake pipeline`")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: malformed JSON ({err})") from None
+    for entry in (manifest.get("stages") or {}).values():
+        if isinstance(entry, dict) and isinstance(entry.get("runs"), dict):
+            entry["runs"] = {k: _locate(v, Path(out)) for k, v in entry["runs"].items()}
+    return manifest
+
+
+def _locate(run: str, out: Path) -> str:
+    """A run folder named in the manifest, found from the working directory now.
+
+    The pipeline names its runs as it opened them: relative to the directory it ran in
+    (``runs/pipeline/<name>/store/...``).  Read from another directory (``mlake figures
+    /elsewhere/runs/pipeline/<name>``), such a path is found under one of the run folder's
+    ancestors (the directory the pipeline ran in); a path that exists as given, or that is
+    found nowhere, is returned as it is.
+    """
+    given = Path(run)
+    if given.is_absolute() or given.exists():
+        return run
+    for base in out.resolve().parents:
+        if (base / given).exists():
+            return str(base / given)
+    return run
