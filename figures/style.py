@@ -98,3 +98,10 @@ def missing_glyphs(text: str) -> set[str]:
         for ch in text
         if not ch.isspace() and ch.isprintable() and not any(ord(ch) in m for m in charmaps)
     }
+
+
+def layer_ticks(n_layers: int, max_labels: int = 9) -> list[int]:
+    """The layers to label on an axis of ``n_layers`` layers: every one up to ``max_labels``,
+    else every k-th from 0 (18 labels in a narrow panel run together)."""
+    step = max(1, -(-n_layers // max_labels))
+    return list(range(0, n_layers, step))

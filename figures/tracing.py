@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from figures.style import COLUMN_WIDTH, PAGE_WIDTH, use_style
+from figures.style import COLUMN_WIDTH, PAGE_WIDTH, layer_ticks, use_style
 
 #: Tokens shown before the subject in a fact's heatmap.  Restoring a token before the subject
 #: changes nothing (its states are the same in the clean and corrupted runs), so the rows
@@ -97,7 +97,7 @@ def trace_heatmap(
         ax.set_yticks(range(n_tokens), labels if ax is axes[0][0] else [""] * n_tokens)
         if first and ax is axes[0][0]:
             ax.set_ylabel(f"from token {first} (the {first} before it: no effect, not shown)")
-        ax.set_xticks(range(0, n_layers, 1 if n_layers <= 12 else 2))  # 18 labels crowd
+        ax.set_xticks(layer_ticks(n_layers))
         ax.set_xlabel("layer" if kind == "resid" else f"centre of {trace.window}-layer window")
         ax.set_title(f"restoring {TITLES.get(kind, kind)}")
         bar = fig.colorbar(image, ax=ax, fraction=0.08, pad=0.03)
@@ -155,7 +155,7 @@ def average_effects(result: Any, kind: str = "mlp", *, langs: Sequence[str] | No
             interpolation="nearest",
         )
         ax.set_title(f"{s.lang} (n={s.n_facts})" + ("" if s.signal else "\nno signal"))
-        ax.set_xticks(range(result.n_layers))
+        ax.set_xticks(layer_ticks(result.n_layers, max_labels=6))
         ax.set_xlabel("layer")
         ax.set_yticks(range(len(POSITION_CLASSES)), [CLASS_LABELS[c] for c in POSITION_CLASSES])
     if image is not None:
@@ -256,7 +256,7 @@ def profiles(result: Any) -> Any:
                 alpha=1.0 if s.signal else 0.45,
             )
         ax.axhline(0, color="#999999", lw=0.5)
-        ax.set_xticks(layers)
+        ax.set_xticks(layer_ticks(len(layers)))
         ax.set_xlabel("layer" if kind == "resid" else f"centre of {result.window}-layer window")
         ax.set_title(title)
         for side in ("top", "right"):

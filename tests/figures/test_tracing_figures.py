@@ -43,3 +43,13 @@ def test_tokens_far_before_the_subject_are_left_out_and_counted() -> None:
 def test_a_subject_near_the_start_shows_every_token() -> None:
     fig = trace_heatmap(_trace(12, [2, 3]))
     assert len(fig.axes[0].get_yticklabels()) == 12 and fig.axes[0].get_ylabel() == ""
+
+
+def test_layer_ticks_thin_out_on_deep_models() -> None:
+    from figures.style import layer_ticks
+
+    assert layer_ticks(4) == [0, 1, 2, 3]
+    assert layer_ticks(18) == list(range(0, 18, 2))
+    assert layer_ticks(18, max_labels=6) == [0, 3, 6, 9, 12, 15]
+    fig = trace_heatmap(_trace(60, [50, 51, 52]))
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0", "1", "2", "3"]
