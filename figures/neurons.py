@@ -15,7 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from figures.style import COLUMN_WIDTH, LANG_COLORS, PAGE_WIDTH, SHARED_COLOR, use_style
+from figures.style import (
+    COLUMN_WIDTH,
+    LANG_COLORS,
+    PAGE_WIDTH,
+    SHARED_COLOR,
+    layer_ticks,
+    use_style,
+)
 
 METHOD_LABELS = {
     "ig": "integrated gradients",
@@ -230,7 +237,7 @@ def unit_counts(result: Any, method: str, unit: str = "neuron") -> Any:
         bottom += values
     neither = sum(int(row.get("neither", 0) or 0) for row in counts)
     total = neither + int(bottom.sum())
-    ax.set_xticks(layers)
+    ax.set_xticks([layers[i] for i in layer_ticks(len(layers))])
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel(f"{UNIT_LABELS.get(unit, unit)}")

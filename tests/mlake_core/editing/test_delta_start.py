@@ -32,7 +32,6 @@ from mlake_core.editing.delta import (
 from mlake_core.editing.memit import MemitConfig
 from mlake_core.editing.rome import RomeConfig
 from mlake_core.errors import ConfigError, DataError, MlakeError
-from mlake_core.models import load_adapter
 from mlake_core.models.adapter import Patch
 from mlake_core.models.mlake_tiny import read_metadata
 from mlake_core.models.prompting import get_template
@@ -46,11 +45,6 @@ SITE = f"mlp_out.{LAYER}"
 MEASURE_ONLY = {"steps": 5, "lr": 0.5, "weight_decay": 1e-3, "stop_loss": math.inf}
 # One tiny step per attempt: the new answer's NLL stays far above RESTART_NLL.
 STUCK = {"steps": 1, "lr": 1e-6, "clamp_norm": 4.0, "weight_decay": 1e-3, "stop_loss": 0.05}
-
-
-@pytest.fixture(scope="module")
-def adapter(micro_tiny: Path):
-    return load_adapter(str(micro_tiny), "tlens", device="cpu")
 
 
 @pytest.fixture(scope="module")

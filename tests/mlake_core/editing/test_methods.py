@@ -15,17 +15,11 @@ from mlake_core.editing.layers import default_layers, resolve_layers
 from mlake_core.editing.memit import MemitConfig
 from mlake_core.errors import ConfigError
 from mlake_core.metrics.knowledge import score_sequences
-from mlake_core.models import load_adapter
 from mlake_core.models.mlake_tiny import read_metadata
 from mlake_core.models.prompting import get_template
 
 pytestmark = pytest.mark.slow
 QA = get_template("qa")
-
-
-@pytest.fixture(scope="module")
-def adapter(micro_tiny: Path):
-    return load_adapter(str(micro_tiny), "tlens", device="cpu")
 
 
 @pytest.fixture(scope="module")
