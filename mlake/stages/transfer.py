@@ -64,6 +64,7 @@ def transfer_stage(
 
     from analysis.transfer import evaluate_edit, locality_facts
     from mlake_core.editing import EditContext, get_method, make_request
+    from mlake_core.editing.contexts import ContextPrefixes
     from mlake_core.editing.covariance import cached_second_moment
     from mlake_core.errors import MlakeError
 
@@ -71,11 +72,13 @@ def transfer_stage(
     ident = ctx.identity()
     extra: dict[str, Any] = {
         "method": method,
-        # Fields added later are left out while at their default, so earlier runs stay valid.
+        # Fields added later are left out while at the value that keeps the earlier
+        # behaviour, so earlier runs stay valid.
         "method_config": {
             k: str(v)
             for k, v in vars(method_config).items()
-            if (k, v) not in (("units", "all"), ("init", "zero"), ("restarts", 0))
+            if (k, v)
+            not in (("units", "all"), ("init", "zero"), ("restarts", 0), ("contexts", "none"))
         },
         "corpus": stable_hash(list(corpus)),
         "seed": seed,
@@ -113,6 +116,16 @@ def transfer_stage(
             )
             setup[0] += synced_seconds(adapter, started)
         return moments[layer]
+
+    prefixes = ContextPrefixes(adapter, seed)
+
+    def context_prefixes(lengths: Any) -> tuple[str, ...]:
+        if tuple(lengths) in prefixes.drawn:
+            return prefixes.drawn[tuple(lengths)]
+        started = time.perf_counter()
+        drawn = prefixes(lengths)
+        setup[0] += synced_seconds(adapter, started)
+        return drawn
 
     means: dict[tuple[int, str], Any] = {}
 
@@ -165,7 +178,12 @@ def transfer_stage(
                     ctx.say(f"skipped: {err}")
                     continue
                 context = EditContext(
-                    generator, second_moment, demos, dict(unit_sets or {}), subject_mean
+                    generator,
+                    second_moment,
+                    demos,
+                    dict(unit_sets or {}),
+                    subject_mean,
+                    context_prefixes,
                 )
                 setup[0] = 0.0
                 started = time.perf_counter()
@@ -205,7 +223,12 @@ def transfer_stage(
         )
         tables.append(table)
     rows = pd.concat(tables, ignore_index=True)
-    run.write_meta(status="complete", skipped=skipped, locality_ids=loc_ids)
+    run.write_meta(
+        status="complete",
+        skipped=skipped,
+        locality_ids=loc_ids,
+        context_prefixes=[list(p) for p in prefixes.drawn.values()],
+    )
     return rows, run
 
 

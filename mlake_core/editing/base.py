@@ -49,6 +49,10 @@ class EditRequest:
         target_old: the original answer.
         statement_new: the edited fact as a sentence (``e_prompt`` in ``lang``), used by
             in-context editing.
+        text: the form's own text, without the template's demonstrations (where ROME and
+            MEMIT read the subject's key in general contexts,
+            :mod:`~mlake_core.editing.contexts`); ``""`` when not known.
+        text_subject: the subject's character span ``(start, end)`` in ``text``.
     """
 
     fact_id: int
@@ -62,6 +66,8 @@ class EditRequest:
     target_new_ids: tuple[int, ...]
     target_old: str
     statement_new: str = ""
+    text: str = ""
+    text_subject: tuple[int, int] = (0, 0)
 
 
 def subject_tokens(
@@ -196,6 +202,8 @@ def make_request(
         target_new_ids=new_ids,
         target_old=pf.target.text,
         statement_new=view.record.e_prompt,
+        text=pf.text,
+        text_subject=(pf.subject.start, pf.subject.end),
     )
 
 
@@ -313,6 +321,10 @@ class EditContext:
             subject's last token over the run's edit prompts in ``lang`` (``[d_model]``,
             float32; cached by the caller), where ROME and MEMIT start ``δ`` with
             ``init: subject-mean``.
+        context_prefixes: ``[(length, count), ...] ->`` the run's sampled prefixes, behind
+            which ROME and MEMIT read the subject's key
+            (:class:`~mlake_core.editing.contexts.ContextPrefixes`, drawn once per run).
+            ``None``: each edit draws them from a generator seeded 0 (the same ones).
     """
 
     generator: torch.Generator
@@ -320,6 +332,7 @@ class EditContext:
     demonstrations: Mapping[str, Sequence[tuple[str, str, str]]] = field(default_factory=dict)
     unit_sets: Mapping[str, Sequence[int]] = field(default_factory=dict)
     subject_mean: Callable[[int, str], torch.Tensor] | None = None
+    context_prefixes: Callable[[Sequence[tuple[int, int]]], tuple[str, ...]] | None = None
 
 
 class EditMethod(Protocol):

@@ -27,9 +27,11 @@ that layer's norm to the change of its projection's output that makes it
 (:func:`~mlake_core.editing.projection.pull_back_change`; least squares where the norm
 cannot make all of it, reported per layer in ``info["post_norm_missed"]``).
 
-Differences from the reference code, all documented choices: keys are read from the edit
-prompt itself (no averaging over random context prefixes), and the solve runs in float64
-on the CPU.  The model is left unchanged; the result holds one delta per edited layer.
+Each ``k_i`` is the subject's key averaged, as in the reference code, over the fact's own
+text alone and behind 5 prefixes of 10 tokens the model wrote (the mean of the two groups'
+means; :mod:`~mlake_core.editing.contexts`; ``contexts: none`` reads it from the edit prompt).
+The residual ``h_i`` is the edit prompt's.  Difference from the reference code, a documented
+choice: the solve runs in float64 on the CPU.  The model is left unchanged; the result holds one delta per edited layer.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from mlake_core.editing.base import (
     register_edit_method,
     restore_weights,
 )
+from mlake_core.editing.contexts import context_keys, parse_contexts, prefixes_for
 from mlake_core.editing.delta import (
     check_init,
     optimise_output_delta,
@@ -83,6 +86,8 @@ class MemitConfig:
             (:func:`~mlake_core.editing.delta.subject_means`): ``zero`` or
             ``subject-mean``.
         restarts: further attempts from random starts, as for ROME.
+        contexts: the prefixes the keys are averaged behind, ``LENGTHxCOUNT`` pairs (the
+            reference: 5 of 10 tokens), or ``none`` for the edit prompt's keys.
     """
 
     layers: str = "auto"
@@ -94,11 +99,13 @@ class MemitConfig:
     stop_loss: float = 0.05
     init: str = "zero"
     restarts: int = 0
+    contexts: str = "10x5"
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, str):
             object.__setattr__(self, "layers", ",".join(str(int(x)) for x in self.layers))
         coerce_fields(self, skip=("layers",))
+        parse_contexts(self.contexts, "memit.contexts")
         if self.steps < 1 or self.lr <= 0 or self.clamp_norm <= 0 or self.mom2_weight <= 0:
             raise ConfigError("memit: steps, lr, clamp_norm and mom2_weight must be positive")
         check_init(self.init, "memit")
@@ -130,6 +137,9 @@ def edit_memit(
         restarts=config.restarts,
         generator=context.generator,
     )
+    lengths = parse_contexts(config.contexts, "memit.contexts")
+    prefixes = prefixes_for(adapter, lengths, context)
+    groups = [count for _, count in lengths]
     batch, _ = teacher_forced(adapter, requests)
     rows = torch.arange(len(requests))
     positions = torch.tensor([r.subject_last for r in requests])
@@ -148,6 +158,8 @@ def edit_memit(
             cache = adapter.activations(batch, [key_site, resid])
             raw_keys = cache[key_site][rows, positions]
             keys = raw_keys.double().cpu()  # [n, d_mlp]
+            if prefixes is not None:  # the subject's key in general, this layer's inputs as edited
+                keys = context_keys(adapter, requests, layer, prefixes, groups)
             current = cache[resid][rows, positions].double().cpu()  # [n, d_model]
             if i == 0:
                 target = current + shift
@@ -192,6 +204,7 @@ def edit_memit(
             # With a post-norm: per layer, the mean part of that layer's share of the
             # residual its projection cannot make (projection.pull_back_change); else empty.
             "post_norm_missed": missed_norms,
+            "contexts": 1 + len(prefixes or ()),
             "config": asdict(config),
         },
     )

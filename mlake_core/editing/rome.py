@@ -1,15 +1,19 @@
 """ROME (Meng et al. 2022): a rank-one update of one layer's MLP output projection at the
 subject's last token.
 
-``k*`` is the key (``mlp_post``) there; ``v* = W k* + δ`` adds an optimised vector ``δ`` to
+``k*`` is the subject's key (``mlp_post`` at its last token) averaged, as in the reference
+code, over the fact's own text alone and behind 20 short prefixes the model wrote
+(:mod:`~mlake_core.editing.contexts`; ``contexts: none`` reads it from the edit prompt only).
+``v* = W k + δ`` (``k``: the key in the edit prompt) adds an optimised vector ``δ`` to
 the projection's output at that position so the model gives the new answer (norm-clamped
 relative to the original output; :func:`~mlake_core.editing.delta.optimise_output_delta`,
 shared with MEMIT, with its ``init`` and ``restarts``).  On most architectures that output is
 ``mlp_out``; where a post-norm follows the projection (Gemma 3), ``mlp_out`` is the norm of
 it and ``δ`` is optimised through the norm, so the edited model's ``mlp_out`` is exactly the
-one the optimisation scored.  The update ``ΔW = δ u^T / (u^T k*)`` with
-``u = (C + λI)^{-1} k*`` maps ``k*`` to ``v*`` exactly while disturbing keys that are frequent
-in text (``C = E[k k^T]``, :mod:`~mlake_core.editing.covariance`) least.  One fact at a time
+one the optimisation scored.  The update ``ΔW = δ u^T / (u^T k)`` with
+``u = (C + λI)^{-1} k*`` maps the edit prompt's key ``k`` to ``v*`` exactly while disturbing
+keys that are frequent in text (``C = E[k k^T]``, :mod:`~mlake_core.editing.covariance`)
+least.  One fact at a time
 (MEMIT batches); the model is left unchanged.
 """
 
@@ -29,12 +33,12 @@ from mlake_core.editing.base import (
     down_proj,
     register_edit_method,
 )
+from mlake_core.editing.contexts import context_keys, parse_contexts, prefixes_for
 from mlake_core.editing.covariance import ridge_inverse_apply
 from mlake_core.editing.delta import (
     check_init,
     optimise_output_delta,
     subject_means,
-    teacher_forced,
 )
 from mlake_core.editing.layers import check_not_last, resolve_layer
 from mlake_core.errors import ConfigError
@@ -58,6 +62,9 @@ class RomeConfig:
         restarts: further attempts from random starts when one ends with the new answer's
             NLL above :data:`~mlake_core.editing.delta.RESTART_NLL`
             (:func:`~mlake_core.editing.delta.optimise_output_delta`).
+        contexts: the prefixes ``k*`` is averaged behind, ``LENGTHxCOUNT`` pairs (the
+            reference's ``context_template_length_params``: 10 of 5 tokens, 10 of 10), or
+            ``none`` for the edit prompt's key (:mod:`~mlake_core.editing.contexts`).
     """
 
     layer: int | str = "auto"
@@ -69,9 +76,11 @@ class RomeConfig:
     stop_loss: float = 0.05
     init: str = "zero"
     restarts: int = 0
+    contexts: str = "5x10,10x10"
 
     def __post_init__(self) -> None:
         coerce_fields(self, skip=("layer",))
+        parse_contexts(self.contexts, "rome.contexts")
         if self.steps < 1 or self.lr <= 0 or self.clamp_norm <= 0 or self.ridge < 0:
             raise ConfigError("rome: steps, lr, clamp_norm must be positive and ridge >= 0")
         if self.restarts < 0:
@@ -88,12 +97,11 @@ def edit_rome(
         raise ConfigError("rome edits one fact at a time; use memit for batched edits")
     if context.second_moment is None:
         raise ConfigError("rome needs key statistics (EditContext.second_moment)")
-    (request,) = requests
     layer = check_not_last(adapter, resolve_layer(adapter, config.layer), "rome")
     name, weight, out_in = down_proj(adapter, layer, "rome edit")
-    batch, _ = teacher_forced(adapter, requests)
-    cache = adapter.activations(batch, [f"mlp_post.{layer}"])
-    k_star = cache[f"mlp_post.{layer}"][0, request.subject_last].double().cpu()
+    k_here = context_keys(adapter, requests, layer, None)[0]
+    prefixes = prefixes_for(adapter, parse_contexts(config.contexts, "rome.contexts"), context)
+    k_star = k_here if prefixes is None else context_keys(adapter, requests, layer, prefixes)[0]
     delta, base, loss, steps = optimise_output_delta(
         adapter,
         requests,
@@ -108,7 +116,7 @@ def edit_rome(
         generator=context.generator,
     )
     u = ridge_inverse_apply(context.second_moment(layer), k_star, config.ridge)
-    update = torch.outer(delta[0].double().cpu(), u) / float(u @ k_star)  # [out, in]
+    update = torch.outer(delta[0].double().cpu(), u) / float(u @ k_here)  # [out, in]
     if not out_in:
         update = update.T
     return EditResult(
@@ -120,6 +128,7 @@ def edit_rome(
             "layer": layer,
             "steps": steps,
             "delta_norm_ratio": float(delta[0].norm() / base[0].norm().clamp(min=1e-6)),
+            "contexts": 1 + len(prefixes or ()),
             "config": asdict(config),
         },
     )

@@ -397,6 +397,7 @@ def test_memit_subject_mean_start(adapter, requests_, second_moment) -> None:
         steps=5,
         stop_loss=math.inf,
         mom2_weight=1e-6,
+        contexts="none",  # the edit prompts' own keys: then the solve writes the residual exactly
     )
     result = entry.fn(adapter, requests_, config, context)
     assert calls == [(LAYER, "en")] * len(requests_)
@@ -485,8 +486,9 @@ def test_subject_mean_without_usable_prompts(adapter, mlake_v2411, tmp_path: Pat
 
 
 def test_transfer_run_key_leaves_out_default_new_fields(monkeypatch) -> None:
-    """``init: zero`` and ``restarts: 0`` stay out of the run key (earlier runs stay valid);
-    other values enter it."""
+    """``init: zero``, ``restarts: 0`` and ``contexts: none`` stay out of the run key (earlier
+    runs stay valid); other values enter it, so the context-averaged keys that are now ROME's
+    default never reuse a run made with the edit prompt's key."""
     from mlake.stages.context import StageContext
     from mlake.stages.transfer import transfer_stage
 
@@ -503,8 +505,9 @@ def test_transfer_run_key_leaves_out_default_new_fields(monkeypatch) -> None:
     monkeypatch.setattr(StageContext, "open_run", fake_open)
     ctx = StageContext(None, "model", None, (0,), ("en",), QA)  # type: ignore[arg-type]
     configs = [
+        RomeConfig(contexts="none"),
+        RomeConfig(init="subject-mean", restarts=3, contexts="none"),
         RomeConfig(),
-        RomeConfig(init="subject-mean", restarts=3),
         MemitConfig(),
         MemitConfig(restarts=1),
     ]
@@ -520,9 +523,10 @@ def test_transfer_run_key_leaves_out_default_new_fields(monkeypatch) -> None:
                 locality_pool=[],
                 corpus=["text"],
             )
-    rome, rome_new, memit, memit_new = keys
+    rome, rome_new, rome_contexts, memit, memit_new = keys
     assert set(rome) == {"layer", "steps", "lr", "clamp_norm", "weight_decay", "ridge", "stop_loss"}
     assert rome_new == {**rome, "init": "subject-mean", "restarts": "3"}
+    assert rome_contexts == {**rome, "contexts": "5x10,10x10"}
     assert "init" not in memit and "restarts" not in memit
     assert memit_new == {**memit, "restarts": "1"}
 

@@ -79,6 +79,8 @@ def _request(adapter) -> EditRequest:
         target_new="Berlin",
         target_new_ids=new,
         target_old="Paris",
+        text=prompt,
+        text_subject=(start, start + len(subject)),
     )
 
 
