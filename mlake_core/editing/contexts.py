@@ -150,17 +150,17 @@ def context_keys(
         return cache[site][rows, positions].double().cpu()
     if groups is not None and sum(groups) != len(prefixes):
         raise ValueError(f"groups {list(groups)} do not add up to {len(prefixes)} prefixes")
-    keys = []
+    keys: list[torch.Tensor] = []
     for request in requests:
         texts = context_texts(request, prefixes)
-        seqs, positions = [], []
+        encoded: list[list[int]] = []
+        lasts: list[int] = []
         for i, (text, start, end) in enumerate(texts):
             where = f"fact {request.fact_id} [{request.lang}] context {i}"
-            positions.append(subject_tokens(adapter, text, start, end, where=where)[-1])
-            seqs.append(adapter.encode(text))
-        batch = adapter.batch(seqs, padding_side="right")
-        cache = adapter.activations(batch, [site])
-        picked = cache[site][torch.arange(len(seqs)), torch.tensor(positions)].double().cpu()
+            lasts.append(subject_tokens(adapter, text, start, end, where=where)[-1])
+            encoded.append(adapter.encode(text))
+        cache = adapter.activations(adapter.batch(encoded, padding_side="right"), [site])
+        picked = cache[site][torch.arange(len(encoded)), torch.tensor(lasts)].double().cpu()
         if groups is None:
             keys.append(picked.mean(dim=0))
             continue
