@@ -574,6 +574,10 @@ def test_transfer_stage_gives_edits_the_run_subject_means(
         runs[init] = (rows, run)
     zero_run, mean_run = runs["zero"][1], runs["subject-mean"][1]
     assert zero_run.path != mean_run.path
+    # The prefixes ROME's keys were averaged behind: drawn once per run from its seed, the
+    # same in both runs, recorded in the run (10 of 5 tokens, 10 of 10).
+    (drawn,) = zero_run.meta["context_prefixes"]
+    assert len(drawn) == 20 and mean_run.meta["context_prefixes"] == [drawn]
     for lang in langs:
         name = f"subject_mean_{lang}_{LAYER}"
         assert not zero_run.has_arrays(name)
