@@ -217,6 +217,27 @@ def _prompt_pass(adapter: ModelAdapter, prompts: Sequence[Sequence[int]]) -> tup
     return logits[:, -1], past
 
 
+class PromptPasses:
+    """The prompt pass (:func:`_prompt_pass`) of the last batch, for :func:`score_sequences`
+    and :func:`greedy_generate` run one after the other on the same prompts
+    (:func:`measure_knowledge`): the second reuses the first's logits, keys and values
+    instead of running the prompts again.  Holds one batch (its keys and values are what
+    costs memory); a batch of other prompts replaces it."""
+
+    def __init__(self) -> None:
+        self._key: tuple[tuple[int, ...], ...] | None = None
+        self._value: tuple[Any, Any] | None = None
+
+    def get(self, adapter: ModelAdapter, prompts: Sequence[Sequence[int]]) -> tuple[Any, Any]:
+        """``_prompt_pass(adapter, prompts)``, from the last call when its prompts were these."""
+        key = tuple(tuple(p) for p in prompts)
+        if key != self._key or self._value is None:
+            self._key, self._value = None, None  # free the last batch first
+            self._value = _prompt_pass(adapter, prompts)
+            self._key = key
+        return self._value
+
+
 def score_sequences(
     adapter: ModelAdapter,
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -224,6 +245,7 @@ def score_sequences(
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
     kv_cache: bool = True,
+    passes: PromptPasses | None = None,
 ) -> list[SequenceScore]:
     """Sequence log-probabilities of targets after prompts, batched.
 
@@ -241,6 +263,8 @@ def score_sequences(
         batch_size: sequences per forward pass.
         progress: called with the number of sequences finished after each batch.
         kv_cache: continue prompts' keys and values (see above).
+        passes: where a prompt pass is kept for a :func:`greedy_generate` of the same
+            prompts to reuse (:class:`PromptPasses`).
 
     Returns:
         One :class:`SequenceScore` per pair, in order.
@@ -252,7 +276,7 @@ def score_sequences(
             raise ValueError(f"pair {i}: empty prompt or target")
     if kv_cache and pairs and _cache_continues(adapter):
         try:
-            return _score_cached(adapter, pairs, batch_size, progress)
+            return _score_cached(adapter, pairs, batch_size, progress, passes)
         except NotImplementedError:
             _no_cache(adapter)  # fails on the first pass: nothing was reported yet
     return _score_full(adapter, pairs, batch_size, progress)
@@ -277,6 +301,7 @@ def _score_cached(
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
     batch_size: int,
     progress: Callable[[int], None] | None,
+    passes: PromptPasses | None = None,
 ) -> list[SequenceScore]:
     """:func:`score_sequences` by prompt: one prompt pass, then the targets continue it."""
     by_prompt: dict[tuple[int, ...], list[int]] = {}
@@ -286,7 +311,9 @@ def _score_cached(
     sums = torch.zeros(len(pairs), dtype=torch.float64)
     for indices in prompt_batches(distinct, batch_size):
         chunk = [distinct[i] for i in indices]
-        last, past = _prompt_pass(adapter, chunk)
+        last, past = (
+            passes.get(adapter, chunk) if passes is not None else _prompt_pass(adapter, chunk)
+        )
         first_logp = last.float().log_softmax(-1)
         rest: list[tuple[int, int]] = []  # (pair, prompt row) of targets longer than a token
         members_first: list[tuple[int, int, int]] = []  # (pair, prompt row, first token)
@@ -373,6 +400,7 @@ def greedy_generate(
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
     kv_cache: bool = True,
+    passes: PromptPasses | None = None,
 ) -> list[list[int]]:
     """Greedy continuation of each prompt, batched with left padding.
 
@@ -381,7 +409,8 @@ def greedy_generate(
     still generating, continuing the keys and values.  Otherwise each step runs the whole
     (padded) sequence through :meth:`ModelAdapter.forward`, which works on every backend and
     architecture.  A row stops at EOS or once its decoded text contains a stop string; the
-    batch stops when every row has.
+    batch stops when every row has.  ``passes`` (:class:`PromptPasses`) gives a batch's
+    prompt pass when a :func:`score_sequences` of the same prompts has just run it.
 
     Returns:
         The generated token ids of each prompt (EOS excluded).
@@ -406,7 +435,11 @@ def greedy_generate(
     for chunk in chunks:
         if kv_cache and max_new_tokens > 0 and _cache_continues(adapter):
             try:
-                last, past = _prompt_pass(adapter, [prompts[i] for i in chunk])
+                chunk_prompts = [prompts[i] for i in chunk]
+                if passes is not None:
+                    last, past = passes.get(adapter, chunk_prompts)
+                else:
+                    last, past = _prompt_pass(adapter, chunk_prompts)
             except NotImplementedError:
                 _no_cache(adapter)  # a cache that cannot be continued: full runs from here on
                 kv_cache = False
@@ -687,37 +720,62 @@ def measure_knowledge(
             for k, seq in enumerate(seqs):
                 pairs.append((row.prompt_ids, seq))
                 where.append((r, kind, k))
-    done = 0
+    done = {"score": 0, "generate": 0}
 
     def tick(stage: str, total: int) -> Callable[[int], None]:
         def inner(n: int) -> None:
-            nonlocal done
-            done += n
+            done[stage] += n
             if progress:
-                progress(stage, done, total)
+                progress(stage, done[stage], total)
 
         return inner
 
-    scores = score_sequences(
-        adapter,
-        pairs,
-        batch_size=batch_size,
-        progress=tick("score", len(pairs)),
-        kv_cache=kv_cache,
-    )
+    # Scoring and generation run batch by batch of distinct prompts, so a batch's prompt pass
+    # (the demonstrations and the question) runs once for both (PromptPasses).
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for r, row in enumerate(rows):
+        by_prompt.setdefault(tuple(row.prompt_ids), []).append(r)
+    prompts = list(by_prompt)
+    pairs_of: dict[tuple[int, ...], list[int]] = {}
+    for j, (prompt, _) in enumerate(pairs):
+        pairs_of.setdefault(tuple(prompt), []).append(j)
+    cached = kv_cache and _cache_continues(adapter)
+    passes = PromptPasses() if cached else None
+    outer = prompt_batches(prompts, batch_size) if cached else [list(range(len(prompts)))]
+    scores: list[SequenceScore | None] = [None] * len(pairs)
+    generated: list[list[int]] = [[] for _ in rows]
+    score_tick, generate_tick = tick("score", len(pairs)), tick("generate", len(rows))
+    for indices in outer:
+        chunk = [prompts[i] for i in indices]
+        selected = [j for p in chunk for j in pairs_of.get(p, [])]
+        got = score_sequences(
+            adapter,
+            [pairs[j] for j in selected],
+            batch_size=batch_size,
+            progress=score_tick,
+            kv_cache=kv_cache,
+            passes=passes,
+        )
+        for j, score in zip(selected, got, strict=True):
+            scores[j] = score
+        texts = greedy_generate(
+            adapter,
+            [list(p) for p in chunk],
+            max_new_tokens=config.max_new_tokens,
+            stop=template.stop,
+            batch_size=batch_size,
+            kv_cache=kv_cache,
+            passes=passes,
+        )
+        for p, ids in zip(chunk, texts, strict=True):
+            for r in by_prompt[p]:
+                generated[r] = ids
+            generate_tick(len(by_prompt[p]))
     by_row: dict[tuple[int, str], list[SequenceScore]] = {}
-    for (r, kind, _), score in zip(where, scores, strict=True):
-        by_row.setdefault((r, kind), []).append(score)
-    done = 0
-    generated = greedy_generate(
-        adapter,
-        [row.prompt_ids for row in rows],
-        max_new_tokens=config.max_new_tokens,
-        stop=template.stop,
-        batch_size=batch_size,
-        progress=tick("generate", len(rows)),
-        kv_cache=kv_cache,
-    )
+    for (r, kind, _), scored_pair in zip(where, scores, strict=True):
+        if scored_pair is None:  # every pair's prompt is some row's, so in some batch
+            raise RuntimeError(f"row {r}: a sequence was not scored")
+        by_row.setdefault((r, kind), []).append(scored_pair)
 
     records = []
     for r, row in enumerate(rows):

@@ -212,3 +212,36 @@ def test_cached_measurement_equals_full_runs_with_an_in_context_prefix(
             _assert_same_measures(cached[name], full.table)
         # The context changes what the model says: the comparison above is not vacuous.
         assert not cached["plain"]["target_logp"].equals(cached["context"]["target_logp"])
+
+
+def test_scoring_and_generation_share_each_batch_prompt_pass(
+    adapters, trained_views, mlake_v2411, monkeypatch
+) -> None:
+    """Each batch of distinct prompts runs once for both scoring and generation
+    (``PromptPasses``), with the same table as full runs; a few-shot template, so prompts
+    share their demonstrations and batch by them."""
+    from mlake_core.metrics import knowledge
+
+    adapter = adapters["tlens"]
+    ids = sorted({v.fact_id for v in trained_views})
+    template = get_template("fewshot-1-seed0").for_run(mlake_v2411, ids, ["en", "fr"])
+    views = [v for v in trained_views if v.lang in ("en", "fr")]
+    calls: list[int] = []
+    original = knowledge._prompt_pass
+
+    def counted(adapter, prompts):
+        calls.append(len(prompts))
+        return original(adapter, prompts)
+
+    monkeypatch.setattr(knowledge, "_prompt_pass", counted)
+    cached = measure_knowledge(adapter, views, template, KnowledgeConfig(), batch_size=4)
+    rows = len(cached.table)
+    distinct = cached.table["prompt"].nunique()
+    # One pass per batch of distinct prompts; with separate passes it would be about twice.
+    assert sum(calls) == distinct and len(calls) >= rows / 4
+    full = measure_knowledge(adapter, views, template, KnowledgeConfig(), kv_cache=False)
+    assert cached.table["greedy_text"].tolist() == full.table["greedy_text"].tolist()
+    for column in ("target_logp", "edit_alias_logp", "target_alias_logp"):
+        assert cached.table[column].to_numpy() == pytest.approx(
+            full.table[column].to_numpy(), abs=1e-4, nan_ok=True
+        )
