@@ -30,7 +30,7 @@ import math
 import os
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from mlake_core.editing.base import EditResult
 from mlake_core.errors import ConfigError, DataError
 from mlake_core.metrics.knowledge import (
     KnowledgeConfig,
+    answer_decided,
     greedy_generate,
     match_answer,
     measure_knowledge,
@@ -62,12 +63,18 @@ class TransferConfig:
         max_new_tokens: greedy generation length; the pre-edit knowledge measurement must use
             the same (a long answer cut short is not matched), which ``mlake edit transfer``
             ensures.
+        stop_when_decided: stop each greedy continuation once no further token can change
+            which answer it gives (:func:`~mlake_core.metrics.knowledge.answer_decided`):
+            every success, locality and portability verdict is the same, the stored
+            ``greedy_text`` ends where it was decided, and evaluation is faster (greedy
+            decoding through a large vocabulary is most of it).  Off by default.
     """
 
     edit_form: str = "question"
     n_locality: int = 10
     locality_seed: int = 0
     max_new_tokens: int = KnowledgeConfig().max_new_tokens
+    stop_when_decided: bool = False
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -77,7 +84,10 @@ class TransferConfig:
             raise ConfigError("--n-locality must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.stop_when_decided:  # added later: earlier runs' keys stay valid
+            del out["stop_when_decided"]
+        return out
 
 
 def locality_facts(
@@ -111,7 +121,11 @@ def evaluate_edit(
     (request,) = result.requests[:1]
     fact = dataset.fact(request.fact_id)
     tpl = template.with_context(result.prefix) if result.prefix else template
-    kcfg = KnowledgeConfig(max_new_tokens=config.max_new_tokens, mcqa=False)
+    kcfg = KnowledgeConfig(
+        max_new_tokens=config.max_new_tokens,
+        mcqa=False,
+        stop_when_decided=config.stop_when_decided,
+    )
     rows: list[dict[str, Any]] = []
     base = {
         "method": result.method,
@@ -129,7 +143,7 @@ def evaluate_edit(
             adapter,
             loc_views,
             tpl,
-            KnowledgeConfig(forms=("question",), max_new_tokens=config.max_new_tokens, mcqa=False),
+            replace(kcfg, forms=("question",)),
             batch_size=batch_size,
             scored=False,  # locality reads only the greedy answer
         ).table
@@ -209,12 +223,19 @@ def _portability(
     if not items:
         return {}
     prompts = [adapter.encode(template.question_prompt(q.question, q.lang)[0]) for q in items]
+    decided = None
+    if config.stop_when_decided:
+        decided = [
+            lambda text, forms=(q.answer, *q.aliases): answer_decided(template.cut(text), forms)
+            for q in items
+        ]
     generated = greedy_generate(
         adapter,
         prompts,
         max_new_tokens=config.max_new_tokens,
         stop=template.stop,
         batch_size=batch_size,
+        decided=decided,
     )
     out: dict[str, tuple[int, int]] = {}
     for q, ids in zip(items, generated, strict=True):

@@ -44,7 +44,7 @@ from mlake.pipeline.config import TransferSettings
 from mlake_core.errors import ConfigError
 
 #: The :class:`~analysis.transfer.TransferConfig` fields that are options.
-TRANSFER_FIELDS: tuple[str, ...] = ("edit_form", "n_locality")
+TRANSFER_FIELDS: tuple[str, ...] = ("edit_form", "n_locality", "stop_when_decided")
 
 
 def register(subparsers: Any) -> None:

@@ -103,6 +103,9 @@ class TransferSettings:
         restricted: FT restricted to these neuron classes of the neuron stage (``shared``,
             ``random``, ``specific``), each compared with unrestricted FT by ``relate``.
         units_method: which attribution method's classes restricted editing takes.
+        stop_when_decided: stop each greedy answer of the evaluation once its verdict is
+            decided (:class:`~analysis.transfer.TransferConfig`): the same results, shorter
+            stored texts, faster.
         model_settings: apply the edit settings a model brings
             (:func:`~mlake_core.models.mlake_tiny.recommended_edit_settings`: mlake-tiny's FT
             settings, mlake-tiny-editable's layers and δ settings) to the method fields this
@@ -124,6 +127,7 @@ class TransferSettings:
     restricted: tuple[str, ...] = ("shared", "random")
     units_method: str = "ig"
     model_settings: bool = True
+    stop_when_decided: bool = False
 
     def __post_init__(self) -> None:
         from mlake_core.editing import get_method
@@ -166,6 +170,7 @@ class TransferSettings:
             n_locality=self.n_locality,
             locality_seed=self.locality_seed,
             max_new_tokens=max_new_tokens,
+            stop_when_decided=self.stop_when_decided,
         )
 
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -103,11 +104,16 @@ class KnowledgeConfig:
         max_new_tokens: greedy generation length.  Generation stops early once every row has
             produced EOS or a stop string.
         mcqa: score multiple-choice options when the views have them (v2024-04).
+        stop_when_decided: also stop a row once no continuation can change which answer its
+            text gives (:func:`answer_decided`): the same ``greedy_match`` in every row, but
+            ``greedy_text`` ends where that was decided.  Off by default (the whole text is
+            kept); edit evaluation can turn it on (``TransferConfig.stop_when_decided``).
     """
 
     forms: tuple[str, ...] = FORMS
     max_new_tokens: int = 24
     mcqa: bool = True
+    stop_when_decided: bool = False
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -123,6 +129,8 @@ class KnowledgeConfig:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["forms"] = list(self.forms)
+        if not self.stop_when_decided:  # added later: earlier runs' keys stay valid
+            del out["stop_when_decided"]
         return out
 
 
@@ -401,6 +409,7 @@ def greedy_generate(
     progress: Callable[[int], None] | None = None,
     kv_cache: bool = True,
     passes: PromptPasses | None = None,
+    decided: Sequence[Callable[[str], bool] | None] | None = None,
 ) -> list[list[int]]:
     """Greedy continuation of each prompt, batched with left padding.
 
@@ -411,6 +420,8 @@ def greedy_generate(
     architecture.  A row stops at EOS or once its decoded text contains a stop string; the
     batch stops when every row has.  ``passes`` (:class:`PromptPasses`) gives a batch's
     prompt pass when a :func:`score_sequences` of the same prompts has just run it.
+    ``decided[i]``, when given, also stops prompt ``i``'s row once it returns true for the
+    decoded text (:func:`answer_decided`).
 
     Returns:
         The generated token ids of each prompt (EOS excluded).
@@ -418,13 +429,14 @@ def greedy_generate(
     eos = adapter.tokenizer.eos_token_id
     out: list[list[int]] = [[] for _ in prompts]
 
-    def finished(row_out: list[int], token: int) -> bool:
-        """Append ``token`` unless it is EOS; whether the row is done."""
+    def finished(i: int, token: int) -> bool:
+        """Append ``token`` to prompt ``i``'s output unless it is EOS; whether it is done."""
         if eos is not None and token == eos:
             return True
-        row_out.append(token)
-        text = adapter.tokenizer.decode(row_out, skip_special_tokens=True)
-        return any(s in text for s in stop)
+        out[i].append(token)
+        text = adapter.tokenizer.decode(out[i], skip_special_tokens=True)
+        check = decided[i] if decided is not None else None
+        return any(s in text for s in stop) or (check is not None and check(text))
 
     cached = kv_cache and max_new_tokens > 0 and _cache_continues(adapter)
     if cached:  # prompts sharing a prefix together (it runs once per batch)
@@ -447,9 +459,7 @@ def greedy_generate(
                 active = list(range(len(chunk)))
                 for step in range(max_new_tokens):
                     nxt = last.argmax(-1).tolist()
-                    keep = [
-                        k for k, row in enumerate(active) if not finished(out[chunk[row]], nxt[k])
-                    ]
+                    keep = [k for k, row in enumerate(active) if not finished(chunk[row], nxt[k])]
                     if not keep or step == max_new_tokens - 1:
                         break
                     if len(keep) < len(active):
@@ -468,7 +478,7 @@ def greedy_generate(
             nxt = adapter.forward(batch)[:, -1].argmax(-1).tolist()
             still = []
             for row, token in zip(active, nxt, strict=True):
-                if not finished(out[chunk[row]], token):
+                if not finished(chunk[row], token):
                     seqs[row].append(token)
                     still.append(row)
             active = still
@@ -477,6 +487,10 @@ def greedy_generate(
         if progress:
             progress(len(chunk))
     return out
+
+
+#: What :func:`match_answer` strips from the start of a generated text.
+_LEADING = " \t\"'“”‘’「」『』(（:：-—"
 
 
 def _boundary_ok(rest: str, lang: str, form: str) -> bool:
@@ -495,7 +509,7 @@ def match_answer(
     generation, stripped of leading spaces and punctuation, must start with a form of the
     answer, at a word boundary in spaced languages.  The longest matching form decides.
     """
-    text = normalize(generated).lstrip(" \t\"'“”‘’「」『』(（:：-—")
+    text = normalize(generated).lstrip(_LEADING)
     best, best_len = "none", 0
     for label, forms in (("original", target_forms), ("edit", edit_forms)):
         for form in forms:
@@ -504,6 +518,37 @@ def match_answer(
                 if len(norm) > best_len:
                     best, best_len = label, len(norm)
     return best
+
+
+#: Characters a following character can still change under NFKC (combining marks, the
+#: half-width and combining kana voicing marks), besides U+FFFD (a token ending inside a
+#: character).
+_OPEN_ENDS = frozenset("\ufffd\uff9e\uff9f\u3099\u309a\u309b\u309c")
+
+
+def _settled(generated: str) -> str:
+    """The part of a growing generated text that later tokens cannot change once normalized:
+    without trailing combining or voicing marks and U+FFFD, and without the character before
+    them (which a mark still to come may compose with)."""
+    end = len(generated)
+    while end and (generated[end - 1] in _OPEN_ENDS or unicodedata.combining(generated[end - 1])):
+        end -= 1
+    return generated[: max(0, end - 1)]
+
+
+def answer_decided(generated: str, forms: Sequence[str]) -> bool:
+    """Whether no continuation of ``generated`` can change :func:`match_answer`'s verdict
+    against ``forms`` (every answer form it is matched with, original and new).
+
+    Undecided while the settled text (:func:`_settled`, normalized and stripped like
+    :func:`match_answer` strips it) is empty or a prefix of some form, the form itself
+    included (the next character decides its word boundary).  Otherwise every form either
+    already starts the text with its boundary character present, or can no longer start it.
+    """
+    text = normalize(_settled(generated)).lstrip(_LEADING)
+    if not text:
+        return False
+    return not any(norm.startswith(text) for norm in map(normalize, forms) if norm)
 
 
 @dataclass
@@ -739,6 +784,14 @@ def measure_knowledge(
     pairs_of: dict[tuple[int, ...], list[int]] = {}
     for j, (prompt, _) in enumerate(pairs):
         pairs_of.setdefault(tuple(prompt), []).append(j)
+
+    def decides(forms: tuple[str, ...]) -> Callable[[str], bool]:
+        return lambda text: answer_decided(template.cut(text), forms)
+
+    decision: dict[tuple[int, ...], Callable[[str], bool]] = {}
+    for p, members in by_prompt.items():
+        form = rows[members[0]].form  # one prompt: one view and form
+        decision[p] = decides((*form.target.forms, *form.edit_target.forms))
     cached = kv_cache and _cache_continues(adapter)
     passes = PromptPasses() if cached else None
     outer = prompt_batches(prompts, batch_size) if cached else [list(range(len(prompts)))]
@@ -766,6 +819,7 @@ def measure_knowledge(
             batch_size=batch_size,
             kv_cache=kv_cache,
             passes=passes,
+            decided=[decision[p] for p in chunk] if config.stop_when_decided else None,
         )
         for p, ids in zip(chunk, texts, strict=True):
             for r in by_prompt[p]:

@@ -124,3 +124,21 @@ def test_evaluation_of_a_null_edit(adapter, micro_tiny: Path, mlake_v2411) -> No
         loc = by[("locality", b, "question")]
         assert loc["success_greedy"] == 1.0
         assert loc["n"] == sum(known[(i, b)] for i in ids[1:])
+    # Stopping each continuation once its verdict is decided changes no verdict (and stays
+    # out of the run key while off).
+    early = evaluate_edit(
+        adapter,
+        EditResult("none", (req,)),
+        mlake_v2411,
+        langs,
+        QA,
+        TransferConfig(stop_when_decided=True),
+        locality_ids=ids[1:],
+        known_before=known,
+    )
+    verdicts = ["kind", "test_lang", "form", "success_greedy", "n"]
+    assert [[r.get(k) for k in verdicts] for r in early] == [
+        [r.get(k) for k in verdicts] for r in rows
+    ]
+    assert "stop_when_decided" not in TransferConfig().to_dict()
+    assert TransferConfig(stop_when_decided=True).to_dict()["stop_when_decided"] is True

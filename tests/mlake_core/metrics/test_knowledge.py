@@ -245,3 +245,24 @@ def test_scoring_and_generation_share_each_batch_prompt_pass(
         assert cached.table[column].to_numpy() == pytest.approx(
             full.table[column].to_numpy(), abs=1e-4, nan_ok=True
         )
+
+
+def test_stopping_when_decided_keeps_every_verdict(adapters, trained_views, mlake_v2411) -> None:
+    """``stop_when_decided``: the same greedy verdict in every row, the text cut where it was
+    decided (a prefix of the whole text), and some rows stop early."""
+    adapter = adapters["tlens"]
+    ids = sorted({v.fact_id for v in trained_views})
+    template = get_template("fewshot-1-seed0").for_run(mlake_v2411, ids, ["en", "zh"])
+    views = [v for v in trained_views if v.lang in ("en", "zh")]
+    full = measure_knowledge(adapter, views, template, KnowledgeConfig(max_new_tokens=12)).table
+    config = KnowledgeConfig(max_new_tokens=12, stop_when_decided=True)
+    early = measure_knowledge(adapter, views, template, config).table
+    assert early["greedy_match"].tolist() == full["greedy_match"].tolist()
+    pairs = list(zip(early["greedy_text"], full["greedy_text"], strict=True))
+    assert all(whole.startswith(cut) for cut, whole in pairs)
+    assert sum(len(cut) < len(whole) for cut, whole in pairs) >= 1
+    # Probabilities do not depend on it.
+    assert early["target_logp"].tolist() == pytest.approx(full["target_logp"].tolist(), abs=1e-5)
+    # Left out of the run key while off (earlier runs stay valid).
+    assert "stop_when_decided" not in KnowledgeConfig().to_dict()
+    assert config.to_dict()["stop_when_decided"] is True
