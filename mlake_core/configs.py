@@ -5,8 +5,11 @@ and YAML reads ``5e-1`` as a string.  Every config dataclass of mlake is filled 
 functions here, so a value parses the same way wherever it comes from:
 
 * :func:`coerce_value` turns one value into its field's type (the default's type, else the
-  annotation): ints (``1e3`` allowed, ``2.5`` refused), floats, booleans (``true``/``yes``/
-  ``on``/``1`` and their opposites), tuples (a list, or comma-separated text);
+  annotation): ints (``1e3`` allowed, ``2.5`` refused), finite floats (``nan`` and ``inf``
+  refused), booleans (``true``/``yes``/``on``/``1`` and their opposites), tuples (a list, or
+  comma-separated text);
+* :func:`coerce_given` coerces the fields a user gave, each error naming where it was given
+  (``--set ft.lr``) rather than the dataclass's own option name;
 * :func:`coerce_fields` applies it to a dataclass's numeric and boolean fields in
   ``__post_init__`` (so ``FtConfig(lr="0.01")`` is a float);
 * :func:`build_dataclass` builds a dataclass from a mapping (a YAML section, ``--set`` pairs):
@@ -85,9 +88,12 @@ def coerce_value(value: Any, default: Any, hint: Any, at: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{at}: expected a number, got {value!r}")
         try:
-            return float(value)  # YAML reads 5e-1 as a string
+            number = float(value)  # YAML reads 5e-1 as a string
         except (TypeError, ValueError):
             raise ConfigError(f"{at}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # NaN and infinities would run and store NaN results
+            raise ConfigError(f"{at}: expected a finite number, got {value!r}")
+        return number
     if kind is str and isinstance(value, (dict, list)):
         raise ConfigError(f"{at}: expected a single value, got {value!r}")
     return value
@@ -168,3 +174,21 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
+
+
+def coerce_given(cls: type, values: Mapping[str, Any], at: str, sep: str = ".") -> dict[str, Any]:
+    """``values`` for dataclass ``cls`` with each known field coerced to its type, errors
+    naming ``{at}{sep}{field}`` (``--set ft.lr``; ``--set lr`` with ``sep=" "``); unknown
+    names are passed through for ``cls`` itself to refuse.
+
+    Raises:
+        ConfigError: naming where the field was given and the value.
+    """
+    hints = typing.get_type_hints(cls)
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+    }
+    return {
+        k: coerce_value(v, defaults[k], hints.get(k), f"{at}{sep}{k}") if k in defaults else v
+        for k, v in values.items()
+    }

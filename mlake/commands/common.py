@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from mlake_core.configs import build_dataclass
+from mlake_core.configs import build_dataclass, coerce_given
 from mlake_core.errors import ConfigError
 
 
@@ -174,7 +174,8 @@ def parse_set(
     among: str = "the configurable",
 ) -> dict[str, dict[str, str]]:
     """``--set NAME.FIELD=VALUE`` options as ``{name: {field: value}}``; values stay text
-    (the config dataclasses coerce them).
+    (the config dataclasses coerce them), after a check that each parses as its field's type
+    (:func:`~mlake_core.configs.coerce_given`; NaN and infinities refused).
 
     Args:
         items: the options.
@@ -184,8 +185,9 @@ def parse_set(
         among: where the names come from (``--methods``), for errors.
 
     Raises:
-        ConfigError: a malformed item, an unknown name, or a field the config does not have
-            (naming the fields it has).
+        ConfigError: a malformed item, an unknown name, a field the config does not have
+            (naming the fields it has), or a value that does not parse (naming
+            ``--set NAME.FIELD``).
     """
     out: dict[str, dict[str, str]] = {}
     for item in items:
@@ -203,6 +205,8 @@ def parse_set(
             raise ConfigError(
                 f"{option} {item!r}: {name} has no field {field!r} (fields: {', '.join(names)})"
             )
+        # Checked here so a bad value names the option it came from (``--set ft.lr``).
+        coerce_given(known[name], {field: value.strip()}, f"{option} {name}")
         out.setdefault(name, {})[field] = value.strip()
     return out
 

@@ -106,12 +106,16 @@ def _register_train_tiny(sub: Any) -> None:
 
 def parse_fields(items: list[str], cls: type, *, option: str = "--set") -> dict[str, str]:
     """``--set FIELD=VALUE`` options of one config dataclass as ``{field: value}``; values
-    stay text (:func:`~mlake.commands.common.settings_from_args` coerces them).
+    stay text (:func:`~mlake.commands.common.settings_from_args` coerces them), after a check
+    that each parses as its field's type (NaN and infinities refused).
 
     Raises:
-        ConfigError: a malformed item, or a field ``cls`` does not have (naming its fields).
+        ConfigError: a malformed item, a field ``cls`` does not have (naming its fields), or
+            a value that does not parse (naming ``--set FIELD``).
     """
     import dataclasses
+
+    from mlake_core.configs import coerce_given
 
     names = [f.name for f in dataclasses.fields(cls)]
     out: dict[str, str] = {}
@@ -125,6 +129,8 @@ def parse_fields(items: list[str], cls: type, *, option: str = "--set") -> dict[
                 f"{option} {item!r}: {cls.__name__} has no field {field!r} "
                 f"(fields: {', '.join(names)})"
             )
+        # Checked here so a bad value names the option it came from (``--set lr``).
+        coerce_given(cls, {field: value.strip()}, option, sep=" ")
         out[field] = value.strip()
     return out
 

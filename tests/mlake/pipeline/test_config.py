@@ -73,6 +73,11 @@ def test_partial_file_keeps_other_defaults(tmp_path):
         ("tracing:\n  n_samples: many\n", "tracing.n_samples: expected an integer, got 'many'"),
         ("tracing:\n  n_samples: 2.5\n", "tracing.n_samples: expected an integer"),
         ("transfer:\n  ft:\n    lr: fast\n", "transfer.ft.lr: expected a number"),
+        ("transfer:\n  ft:\n    lr: .nan\n", "transfer.ft.lr: expected a finite number"),
+        (
+            "transfer:\n  rome:\n    clamp_norm: inf\n",
+            "transfer.rome.clamp_norm: expected a finite",
+        ),
         ("knowledge:\n  mcqa: maybe\n", "knowledge.mcqa: expected true or false"),
         ("tracing:\n  kinds: [mlp, ffn]\n", "tracing: --kinds mlp,ffn"),
         ("data:\n  langs: [en, xx]\n", "data:"),

@@ -42,7 +42,12 @@ QA = get_template("qa")
 LAYER = 0
 SITE = f"mlp_out.{LAYER}"
 # No optimisation step: the first pass measures the start and stops (loss < inf).
-MEASURE_ONLY = {"steps": 5, "lr": 0.5, "weight_decay": 1e-3, "stop_loss": math.inf}
+MEASURE_ONLY = {
+    "steps": 5,
+    "lr": 0.5,
+    "weight_decay": 1e-3,
+    "stop_loss": 1e9,
+}  # measure only: stop at the first measurement
 # One tiny step per attempt: the new answer's NLL stays far above RESTART_NLL.
 STUCK = {"steps": 1, "lr": 1e-6, "clamp_norm": 4.0, "weight_decay": 1e-3, "stop_loss": 0.05}
 
@@ -207,7 +212,7 @@ def test_a_random_start_keeps_the_first_start_and_the_clamp(adapter, requests_) 
         lr=1e-6,
         clamp_norm=clamp,
         weight_decay=1e-3,
-        stop_loss=math.inf,  # measure each start only
+        stop_loss=1e9,  # measure each start only
         start_from=h.flip(0),
         restarts=3,
         generator=torch.Generator().manual_seed(0),
@@ -221,7 +226,7 @@ def test_a_random_start_keeps_the_first_start_and_the_clamp(adapter, requests_) 
         lr=1e-6,
         clamp_norm=clamp,
         weight_decay=1e-3,
-        stop_loss=math.inf,
+        stop_loss=1e9,
         start_from=h.flip(0),
     )
     assert loss <= loss_first
@@ -244,7 +249,7 @@ def test_the_best_attempt_is_kept(adapter, requests_) -> None:
         requests_,
         steps=1,
         lr=1e-6,
-        stop_loss=math.inf,  # measure each start only
+        stop_loss=1e9,  # measure each start only
         start_from=h + good,
         restarts=3,
         generator=gen,
@@ -362,9 +367,7 @@ def test_rome_subject_mean_start_moves_the_subject_state_there(
     target = _at_subject(adapter, requests_[1:], f"resid_post.{LAYER}").mean(0)
     calls: list[tuple[int, str]] = []
     context = _mean_context(second_moment, target, calls)
-    config = RomeConfig(
-        layer=LAYER, init="subject-mean", clamp_norm=1e6, steps=5, stop_loss=math.inf
-    )
+    config = RomeConfig(layer=LAYER, init="subject-mean", clamp_norm=1e6, steps=5, stop_loss=1e9)
     result = entry.fn(adapter, [req], config, context)
     assert calls == [(LAYER, "en")]
     assert result.info["steps"] == 0 and result.info["config"]["init"] == "subject-mean"
@@ -395,7 +398,7 @@ def test_memit_subject_mean_start(adapter, requests_, second_moment) -> None:
         init="subject-mean",
         clamp_norm=1e6,
         steps=5,
-        stop_loss=math.inf,
+        stop_loss=1e9,
         mom2_weight=1e-6,
         contexts="none",  # the edit prompts' own keys: then the solve writes the residual exactly
     )
