@@ -189,6 +189,12 @@ def transfer_stage(
                 started = time.perf_counter()
                 result = entry.fn(adapter, [request], method_config, context)
                 edit_seconds = synced_seconds(adapter, started) - setup[0]
+                failed = edit_failure(result)
+                if failed:  # counted and reported, never evaluated or stored as a result
+                    key = f"{lang}:NonFiniteEdit"
+                    skipped[key] = skipped.get(key, 0) + 1
+                    ctx.say(f"skipped: {method} edit of fact {fact_id} [{lang}] failed: {failed}")
+                    continue
                 edited = time.perf_counter()
                 edit_rows = evaluate_edit(
                     adapter,
@@ -230,6 +236,21 @@ def transfer_stage(
         context_prefixes=[list(p) for p in prefixes.drawn.values()],
     )
     return rows, run
+
+
+def edit_failure(result: Any) -> str | None:
+    """Why an edit cannot be evaluated: a non-finite loss or weight change (an unstable
+    optimisation), else ``None``."""
+    import math
+
+    import torch
+
+    if not math.isfinite(result.loss) and not (math.isnan(result.loss) and not result.deltas):
+        return f"its loss is {result.loss}"
+    bad = [name for name, d in result.deltas.items() if not bool(torch.isfinite(d).all())]
+    if bad:
+        return f"non-finite change of {', '.join(bad)}"
+    return None
 
 
 def _subject_mean(
