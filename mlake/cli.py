@@ -1,13 +1,17 @@
 """The ``mlake`` console script.
 
 Expected errors (:class:`~mlake_core.errors.MlakeError`: bad input files, unknown options)
-are printed as one line naming the problem, and the process exits with status 2; anything
-else is a bug and keeps its traceback.
+are printed as one line naming the problem, and the process exits with status 2.  Errors of
+the operating system (a full disk, a results folder that cannot be written, a path that
+already exists) are one line naming the file and what to do, status 1; Ctrl-C says that what
+finished is saved and how to resume, status 130.  Anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from collections.abc import Sequence
@@ -42,7 +46,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # e.g. `mlake data stats | head`
         return 0
+    except KeyboardInterrupt:
+        print(
+            "mlake: interrupted. Every piece finished so far is saved in the results store; "
+            "run the same command again to resume from there.",
+            file=sys.stderr,
+        )
+        return 130
+    except OSError as err:  # full disk, read-only results folder, an existing path
+        print(f"mlake: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
     return int(result or 0)
+
+
+#: What to do about an operating-system error, by its errno.
+_OS_ADVICE = {
+    errno.ENOSPC: "free disk space and run the same command again (finished pieces are kept)",
+    errno.EDQUOT: "free disk space and run the same command again (finished pieces are kept)",
+    errno.EACCES: "it cannot be written here: choose another place (--results-dir, "
+    "$MLAKE_RESULTS, $MLAKE_CACHE, --out) or fix its permissions",
+    errno.EPERM: "it cannot be written here: choose another place (--results-dir, "
+    "$MLAKE_RESULTS, $MLAKE_CACHE, --out) or fix its permissions",
+    errno.EROFS: "the file system is read-only: choose another place (--results-dir, "
+    "$MLAKE_RESULTS, $MLAKE_CACHE, --out)",
+    errno.EEXIST: "it already exists: choose another path or remove it",
+    errno.ENOTDIR: "part of the path is a file, not a folder: choose another path",
+}
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an operating-system error: the file, what happened, what to do."""
+    what = err.strerror or str(err)
+    where = f"{err.filename}: " if err.filename else ""
+    advice = _OS_ADVICE.get(err.errno or -1)
+    return f"{where}{what}" + (f"; {advice}" if advice else "")
 
 
 if __name__ == "__main__":  # pragma: no cover
