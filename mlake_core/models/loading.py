@@ -323,7 +323,16 @@ def load_adapter(
             "with transformers and calling `model.save_pretrained(folder)` (transformers 5 "
             "writes safetensors)"
         ) from None
+    except Exception as err:  # a truncated, empty or malformed weight file
+        if "safetensor" not in type(err).__name__.lower() and "header" not in str(err).lower():
+            raise
+        raise ConfigError(
+            f"--model {model!r}: the weight file {_weight_files(source)} cannot be read "
+            f"({type(err).__name__}: {err}); it is truncated or damaged: download or convert "
+            "it again"
+        ) from None
     hf_model = hf_model.to(device_name).eval()
+    _check_finite(hf_model, tokenizer, model, source)
     info = ModelInfo(
         model_id=model,
         revision=revision,
@@ -355,3 +364,36 @@ def load_adapter(
     from mlake_core.models.nnsight_backend import NNsightAdapter
 
     return NNsightAdapter(hf_model, tokenizer, spec, info)
+
+
+def _weight_files(source: str) -> str:
+    """The safetensors files of a local model folder (for messages), else the source."""
+    folder = Path(source)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    return ", ".join(str(f) for f in files) if files else source
+
+
+def _check_finite(hf_model: Any, tokenizer: Any, model: str, source: str) -> None:
+    """Refuse a model whose logits on a short probe input are not finite (NaN or infinite
+    weights would otherwise run and report nothing known, and tracing a NaN noise level),
+    naming the weight file and the first parameters that are not finite.
+
+    Raises:
+        ConfigError: naming the file.
+    """
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"][:, :8]
+    if ids.shape[1] == 0:
+        return
+    with torch.no_grad():
+        logits = hf_model(input_ids=ids.to(next(hf_model.parameters()).device)).logits
+    if bool(torch.isfinite(logits).all()):
+        return
+    bad = [n for n, p in hf_model.named_parameters() if not bool(torch.isfinite(p).all())]
+    which = f"non-finite values in {', '.join(bad[:3])}" + (
+        f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    )
+    raise ConfigError(
+        f"--model {model!r}: the weights in {_weight_files(source)} give non-finite logits "
+        f"({which if bad else 'the weights are finite, their computation overflows'}); "
+        "the file is damaged or was saved from a diverged training"
+    )
