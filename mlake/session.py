@@ -185,6 +185,8 @@ def open_session(
     loaded = load_model(model, data_dir=data.data_dir, log=log)
     dataset = load_dataset(data)
     selection = select_facts(dataset, data.facts, loaded.trained_facts)
+    if selection.note and log:
+        log(selection.note)
     selection = prepare_template(loaded, dataset, selection, data, log)
     ctx = stage_context(loaded, dataset, selection, data, run, log)
     return Session(loaded=loaded, ctx=ctx, pool=selection.pool)

@@ -104,6 +104,8 @@ def _stage_model(s: PipelineState) -> dict[str, str]:
     s.loaded = load_model(c.model, data_dir=c.data.data_dir, log=s.log)
     if s.dataset is not None:
         selection = select_facts(s.dataset, c.data.facts, s.loaded.trained_facts)
+        if selection.note:
+            s.log(selection.note)
         # A few-shot template draws its demonstrations once, outside the run's facts.
         selection = prepare_template(s.loaded, s.dataset, selection, c.data, s.log)
         s.pool = selection.pool

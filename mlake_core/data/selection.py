@@ -50,10 +50,23 @@ class FactSelection:
             where unrelated facts for locality are drawn from.
         fact_ids: the facts asked for (the first N of ``pool``, the pool for ``None`` and
             ``trained``, every fact for ``all``).
+        asked: the count asked for when the pool held fewer (then every fact of the pool is
+            taken, and :attr:`note` says so), else ``None``.
     """
 
     pool: tuple[int, ...]
     fact_ids: tuple[int, ...]
+    asked: int | None = None
+
+    @property
+    def note(self) -> str | None:
+        """A line to report when fewer facts were taken than asked for."""
+        if self.asked is None:
+            return None
+        return (
+            f"--facts {self.asked}: the pool holds only {len(self.pool)} facts; "
+            f"using all {len(self.fact_ids)}"
+        )
 
 
 def select_facts(
@@ -89,4 +102,6 @@ def select_facts(
         chosen = pool
     else:
         chosen = pool[: int(facts)]
+        if int(facts) > len(pool):
+            return FactSelection(pool=tuple(pool), fact_ids=tuple(chosen), asked=int(facts))
     return FactSelection(pool=tuple(pool), fact_ids=tuple(chosen))
