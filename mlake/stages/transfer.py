@@ -151,7 +151,12 @@ def transfer_stage(
     }
     tables = []
     skipped: dict[str, int] = {}
+    empty = empty_unit_sets(adapter, method_config, unit_sets or {}, langs)
     for lang in langs:
+        if lang in empty:  # restricted editing that could change nothing
+            skipped[f"{lang}:EmptyUnitSet"] = len(fact_ids)
+            ctx.say(f"skipped: {method} edits in {lang}: {empty[lang]}")
+            continue
 
         def compute(lang: str = lang) -> Any:
             rows: list[dict[str, Any]] = []
@@ -236,6 +241,29 @@ def transfer_stage(
         context_prefixes=[list(p) for p in prefixes.drawn.values()],
     )
     return rows, run
+
+
+def empty_unit_sets(
+    adapter: Any, method_config: Any, unit_sets: Mapping[str, Sequence[int]], langs: Sequence[str]
+) -> dict[str, str]:
+    """Edit languages whose restricted edits could change nothing, with the reason: the unit
+    set they are restricted to (``units``: ``shared``, ``random``, or the language's own for
+    ``specific``) has no neuron at the edited layer.  Empty for unrestricted methods."""
+    from mlake_core.editing.layers import resolve_layer
+
+    units = getattr(method_config, "units", "all")
+    if units == "all" or not unit_sets:
+        return {}
+    layer = resolve_layer(adapter, getattr(method_config, "layer", "auto"))
+    width = adapter.d_mlp
+    out = {}
+    for lang in langs:
+        name = lang if units == "specific" else units
+        if name not in unit_sets:
+            out[lang] = f"there is no {name!r} unit set (units={units})"
+        elif not any(int(u) // width == layer for u in unit_sets[name]):
+            out[lang] = f"the {name!r} unit set has no neuron at layer {layer} (units={units})"
+    return out
 
 
 def edit_failure(result: Any) -> str | None:

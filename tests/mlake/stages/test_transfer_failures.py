@@ -77,3 +77,56 @@ def test_a_diverged_edit_is_counted_not_stored(
     assert set(rows["fact_id"]) == {ids[1]}  # the diverged edit has no rows
     assert run.meta["skipped"] == {"en:NonFiniteEdit": 1}
     assert any(f"fact {ids[0]} [en] failed: its loss is nan" in line for line in said)
+
+
+@pytest.mark.slow
+def test_restricted_edits_with_no_unit_at_the_layer_are_skipped(
+    micro_tiny: Path, mlake_v2411, tmp_path: Path
+) -> None:
+    """Restricted FT whose unit set has no neuron at the edited layer would change nothing:
+    those languages are skipped, counted and reported; the others run."""
+    from analysis.transfer import TransferConfig
+    from mlake.stages.context import StageContext
+    from mlake.stages.knowledge import knowledge_stage
+    from mlake.stages.transfer import empty_unit_sets, transfer_stage
+    from mlake_core.editing.ft import FtConfig
+    from mlake_core.metrics.knowledge import KnowledgeConfig
+
+    adapter = load_adapter(str(micro_tiny), "tlens", device="cpu")
+    meta = read_metadata(micro_tiny)
+    assert meta is not None
+    width = adapter.d_mlp
+    # en's specific neurons are at layer 1 only; zh's at layer 0 (the edited layer).
+    sets = {"en": [width + 3], "zh": [5, 7], "shared": []}
+    config = FtConfig(layer=0, steps=2, units="specific")
+    assert empty_unit_sets(adapter, config, sets, ["en", "zh", "ja"]) == {
+        "en": "the 'en' unit set has no neuron at layer 0 (units=specific)",
+        "ja": "there is no 'ja' unit set (units=specific)",
+    }
+    assert empty_unit_sets(adapter, FtConfig(layer=0), sets, ["en"]) == {}
+    said: list[str] = []
+    ids = list(meta["fact_ids"][:1])
+    ctx = StageContext(
+        adapter,
+        str(micro_tiny),
+        mlake_v2411,
+        tuple(ids),
+        ("en", "zh"),
+        get_template("qa"),
+        results_dir=tmp_path,
+        log=said.append,
+    )
+    knowledge, _ = knowledge_stage(ctx, KnowledgeConfig(mcqa=False))
+    rows, run = transfer_stage(
+        ctx,
+        "ft",
+        config,
+        TransferConfig(n_locality=1),
+        knowledge=knowledge,
+        locality_pool=list(meta["fact_ids"]),
+        corpus=[],
+        unit_sets=sets,
+    )
+    assert set(rows["edit_lang"]) == {"zh"}
+    assert run.meta["skipped"] == {"en:EmptyUnitSet": 1}
+    assert any("ft edits in en: the 'en' unit set has no neuron" in line for line in said)
