@@ -47,13 +47,23 @@ def results_root(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(env).expanduser() if env else Path("runs")
 
 
+def _file_mode() -> int:
+    """The mode a new file gets under the process's umask (``0o666 & ~umask``)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through a temporary file in its folder, renamed into place when
+    complete; the file gets the mode the umask gives (a temporary file is created 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode())
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

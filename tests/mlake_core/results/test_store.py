@@ -436,3 +436,21 @@ def test_failed_table_save_keeps_previous_table(run: Run) -> None:
         run.save_table("t", Broken())
     assert run.load_table("t")["a"].tolist() == [1, 2, 3]
     assert _leftovers(run.path) == []
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_result_files_follow_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    """Pieces are written through a 0600 temporary file; the saved file has the mode the
+    process's umask gives, so a shared results folder stays readable by the group."""
+    import os
+
+    old = os.umask(umask)
+    try:
+        run = open_run("kind", {"umask": umask}, root=tmp_path)
+        run.save_table("t", pd.DataFrame({"a": [1]}))
+        run.save_arrays("a", {"x": np.zeros(2)})
+        run.write_meta(status="complete")
+    finally:
+        os.umask(old)
+    for path in (run.table_path("t"), run.arrays_path("a"), run.json_path("meta")):
+        assert path.stat().st_mode & 0o777 == mode, path
