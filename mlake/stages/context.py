@@ -108,6 +108,7 @@ class StageContext:
         key = {
             "model": self.identity(),
             "data_version": self.dataset.version,
+            **self.dataset.content_key,  # a copy of the data that differs from the release
             "facts": stable_hash(list(self.fact_ids)),
             "n_facts": len(self.fact_ids),
             "langs": list(self.langs),
@@ -122,6 +123,7 @@ class StageContext:
             template=self.template.to_dict(),
             config=config.to_dict() if config is not None else None,
             data_version=self.dataset.version,
+            data_sha256=self.dataset.content_sha256,
             fact_ids=list(self.fact_ids),
             langs=list(self.langs),
         )

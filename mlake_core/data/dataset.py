@@ -24,7 +24,13 @@ from typing import Any, Literal
 
 from mlake_core.data.cloze import AnswerLocation, assess_cloze, locate_answer
 from mlake_core.data.multihop import MultiHopQuestion, link_multi_hop, link_old_by_subject
-from mlake_core.data.paths import DEFAULT_VERSION, get_release, release_dir, resolve_data_dir
+from mlake_core.data.paths import (
+    DEFAULT_VERSION,
+    content_sha256,
+    get_release,
+    release_dir,
+    resolve_data_dir,
+)
 from mlake_core.data.records import (
     MCQA_LETTERS,
     McqaRecord,
@@ -209,6 +215,17 @@ class MlakeDataset:
     langs: tuple[str, ...]
     facts: list[Fact]
     multi_hop: dict[str, list[MultiHopQuestion]] = field(default_factory=dict)
+    content_sha256: str = ""
+
+    @property
+    def content_key(self) -> dict[str, str]:
+        """What run keys add for the data's content: nothing for the release as published
+        (earlier runs keep their keys), its hash for a copy that differs (an edited answer
+        never reuses results computed on other data)."""
+        published = get_release(self.version).published_sha256
+        if not self.content_sha256 or self.content_sha256 == published:
+            return {}
+        return {"data_content": self.content_sha256}
 
     def __len__(self) -> int:
         return len(self.facts)
@@ -370,4 +387,5 @@ def load_mlake(
         langs=wanted,
         facts=facts,
         multi_hop={lang: multi_hop[lang] for lang in wanted},
+        content_sha256=content_sha256(base, release),
     )

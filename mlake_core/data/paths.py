@@ -14,6 +14,7 @@ upstream ``dataset/`` tree of the public repository Hi-archers/MLaKE at a fixed 
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import io
 import os
@@ -33,7 +34,10 @@ UPSTREAM_REPO = "Hi-archers/MLaKE"
 
 @dataclass(frozen=True)
 class Release:
-    """One published release of MLaKE and its file layout (relative to ``dataset/``)."""
+    """One published release of MLaKE and its file layout (relative to ``dataset/``), and
+    the content hash of its files as published (:func:`content_sha256`): run keys name the
+    content only when a copy differs from it (an edited copy never reuses the published
+    data's results, and runs on the published data keep their keys)."""
 
     name: str
     commit: str
@@ -41,6 +45,24 @@ class Release:
     single_hop_mcqa: str | None
     multi_hop_qa: str  # with {kind} in {old,new} and {lang}
     multi_hop_mcqa: str | None
+    published_sha256: str = ""
+
+    def files(self, base: Path) -> list[Path]:
+        """The release's files under ``base`` (its ``dataset/`` folder) that exist, in a
+        fixed order: every language's single-hop and multi-hop files."""
+        out: list[Path] = []
+        for pattern in (
+            self.single_hop_qa,
+            self.single_hop_mcqa,
+            self.multi_hop_qa,
+            self.multi_hop_mcqa,
+        ):
+            for lang in ("en", "zh", "ja", "fr", "de"):
+                for kind in ("old", "new"):
+                    path = base / pattern.format(lang=lang, kind=kind) if pattern else None
+                    if path is not None and path.is_file() and path not in out:
+                        out.append(path)
+        return out
 
 
 RELEASES: dict[str, Release] = {
@@ -51,6 +73,7 @@ RELEASES: dict[str, Release] = {
         single_hop_mcqa=None,
         multi_hop_qa="multi_hop/{kind}_{lang}_qa.json",
         multi_hop_mcqa=None,
+        published_sha256="3ad3b25a59411730a2a1b5afe47c08acbdb6d22e3313c95cea44b0fc289180ad",
     ),
     "v2024-04": Release(
         name="v2024-04",
@@ -59,6 +82,7 @@ RELEASES: dict[str, Release] = {
         single_hop_mcqa="single_hop/mcqa/{lang}_mcqa.json",
         multi_hop_qa="multi_hop/qa/{kind}_{lang}_qa.json",
         multi_hop_mcqa="multi_hop/mcqa/{kind}_{lang}_mcqa.json",
+        published_sha256="cde373b4dc758d63b447174bcf1b63edf294cbe0256954018e77b843f53d9211",
     ),
 }
 DEFAULT_VERSION = "v2024-11"
@@ -72,6 +96,26 @@ def repo_root() -> Path:
 def default_candidates() -> list[Path]:
     """Default data folders, in the order they are tried."""
     return [repo_root().parent / "shared" / "mlake", Path.cwd() / "mlake_data"]
+
+
+def content_sha256(base: Path, release: Release) -> str:
+    """SHA-256 over the release's files under ``base`` (each one's path relative to ``base``
+    and its bytes): what a run's results depend on."""
+    digest = hashlib.sha256()
+    for path in release.files(base):
+        digest.update(path.relative_to(base).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def data_suffix(data_dir: str | os.PathLike[str] | None, version: str) -> str:
+    """``""`` when the data under ``data_dir`` is release ``version`` as published, else a
+    short content tag (``-data1a2b3c4d``) for names of things built from it (a trained
+    mlake-tiny): an edited copy never reuses what was built from other data."""
+    release = get_release(version)
+    digest = content_sha256(release_dir(resolve_data_dir(data_dir), version), release)
+    return "" if digest == release.published_sha256 else f"-data{digest[:8]}"
 
 
 def get_release(version: str) -> Release:

@@ -26,9 +26,10 @@ def cache_dir() -> Path:
     return base / "mlake"
 
 
-def model_dir(config: TinyTrainConfig, root: Path | None = None) -> Path:
-    """Folder of the mlake-tiny trained with ``config``."""
-    return (root or cache_dir()) / "models" / f"{TINY_NAME}-{config.key()}"
+def model_dir(config: TinyTrainConfig, root: Path | None = None, data: str = "") -> Path:
+    """Folder of the mlake-tiny trained with ``config`` (on data other than the published
+    release: ``data``, :func:`~mlake_core.data.paths.data_suffix`)."""
+    return (root or cache_dir()) / "models" / f"{TINY_NAME}-{config.key()}{data}"
 
 
 def is_trained(path: Path) -> bool:
@@ -60,9 +61,10 @@ def ensure_tiny(
         retrain: train again even if cached.
     """
     from mlake_core.data.dataset import load_mlake
+    from mlake_core.data.paths import data_suffix
 
     config = config or TinyTrainConfig()
-    path = model_dir(config, root)
+    path = model_dir(config, root, data_suffix(data_dir, config.data_version))
     if is_trained(path) and not retrain:
         return path
     if retrain and path.exists():
