@@ -117,8 +117,10 @@ class StageContext:
             **extra_key,
         }
         run = open_run(kind, key, self.results_dir)
+        # A complete run is read back, not rerun: its status stays and nothing is written.
+        status = {} if run.complete else {"status": "running"}
         run.write_meta(
-            status="running",
+            **status,
             model=self.adapter.info.to_dict(),
             template=self.template.to_dict(),
             config=config.to_dict() if config is not None else None,

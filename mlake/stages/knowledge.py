@@ -53,7 +53,7 @@ def knowledge_stage(
     result = KnowledgeResult(
         table=table, skipped=skipped, langs=tuple(langs), fact_ids=tuple(fact_ids)
     )
-    summary = result.summary()
-    run.save_table("summary", summary.reset_index())
+    if not (run.complete and run.has_table("summary")):  # read back: nothing to write
+        run.save_table("summary", result.summary().reset_index())
     run.write_meta(status="complete", skipped=skipped)
     return result, run

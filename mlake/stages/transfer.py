@@ -234,11 +234,15 @@ def transfer_stage(
         )
         tables.append(table)
     rows = pd.concat(tables, ignore_index=True)
+    # Languages read back keep what their computation recorded (a complete run read back
+    # writes nothing).
+    before = run.meta
+    drawn = [list(p) for p in prefixes.drawn.values()]
     run.write_meta(
         status="complete",
-        skipped=skipped,
+        skipped={**before.get("skipped", {}), **skipped},
         locality_ids=loc_ids,
-        context_prefixes=[list(p) for p in prefixes.drawn.values()],
+        context_prefixes=drawn or before.get("context_prefixes", []),
     )
     return rows, run
 

@@ -90,9 +90,14 @@ class Run:
         return self.load_json("meta") if self.has_json("meta") else {}
 
     def write_meta(self, **fields: Any) -> None:
-        """Merge ``fields`` into ``meta.json`` (provenance is added on first write)."""
-        meta = self.meta or {"kind": self.kind, "key": self.key, **provenance()}
+        """Merge ``fields`` into ``meta.json`` (provenance is added on first write).  Nothing
+        is written when that changes nothing, so reading back a complete run never writes
+        (a read-only results folder can be read)."""
+        current = self.meta
+        meta = dict(current) or {"kind": self.kind, "key": self.key, **provenance()}
         meta.update(fields)
+        if current and json.loads(json.dumps(meta, default=str)) == current:
+            return
         self.save_json("meta", meta)
 
     @property
