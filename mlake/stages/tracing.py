@@ -265,26 +265,59 @@ def register_recommended_layer(
     """Record a tracing run's recommended edit layer for the model ``ident`` (the latest
     completed run wins), where editing's ``layer: auto`` finds it.  A run without a
     recommendation (no language with signal) records ``layer: None``, which ``layer: auto``
-    reads as no recommendation, and replaces what an earlier run recorded."""
+    reads as no recommendation, and replaces what an earlier run recorded.
+
+    The file is shared by every run in the results root: it is read, changed and written
+    under a file lock (``recommended_layers.json.lock``), through a temporary file of this
+    writer's own, so two processes never lose or corrupt each other's entries.
+
+    Raises:
+        ConfigError: the file is not valid JSON (naming it and how to recover).
+    """
     import json
+    import tempfile
+
+    from filelock import FileLock
 
     from mlake_core.results.store import results_root
 
     path = results_root(results_dir) / "tracing" / RECOMMENDED_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    table[stable_hash(ident)] = {
-        "model": ident,
-        "layer": result.recommended_layer,
-        "by_lang": result.recommended_by_lang,
-        "n_facts": {s.lang: s.n_facts for s in result.summaries},
-        "signal": {s.lang: s.signal for s in result.summaries},
-        "run": result.run_path,
-    }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    with FileLock(f"{path}.lock"):
+        table = _read_recommended(path) if path.is_file() else {}
+        table[stable_hash(ident)] = {
+            "model": ident,
+            "layer": result.recommended_layer,
+            "by_lang": result.recommended_by_lang,
+            "n_facts": {s.lang: s.n_facts for s in result.summaries},
+            "signal": {s.lang: s.signal for s in result.summaries},
+            "run": result.run_path,
+        }
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(json.dumps(table, indent=2, ensure_ascii=False) + "\n")
+        Path(tmp_name).replace(path)
     return path
+
+
+def _read_recommended(path: Path) -> dict[str, Any]:
+    """The recommendations file's table.
+
+    Raises:
+        ConfigError: it is not a JSON object (naming the file and how to recover).
+    """
+    import json
+
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        table = err
+    if not isinstance(table, dict):
+        raise ConfigError(
+            f"{path}: not a valid recommendations file ({table}); delete it and run "
+            "`mlake trace` again (the tracing runs themselves are kept) to re-register"
+        )
+    return table
 
 
 def lookup_recommended_layer(
@@ -294,16 +327,12 @@ def lookup_recommended_layer(
 ) -> dict[str, Any] | None:
     """The tracing recommendation registered for this model (``layer``, ``by_lang``,
     ``run``), or ``None`` when the model was never traced."""
-    import json
 
     from mlake_core.results.store import results_root
 
     path = results_root(results_dir) / "tracing" / RECOMMENDED_FILE
     if not path.is_file():
         return None
-    try:
-        table = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: malformed JSON ({err}); delete it to re-register") from None
+    table = _read_recommended(path)
     entry = table.get(stable_hash(model_identity(adapter, model_path)))
     return entry if isinstance(entry, dict) else None

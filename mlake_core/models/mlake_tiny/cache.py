@@ -7,6 +7,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from mlake_core.models.mlake_tiny.config import TINY_NAME, TinyTrainConfig, describe_config
 from mlake_core.models.mlake_tiny.train import train_tiny
 from mlake_core.models.mlake_tiny_metadata import METADATA_FILE
@@ -50,7 +52,8 @@ def ensure_tiny(
     retrain: bool = False,
 ) -> Path:
     """The folder of mlake-tiny for ``config`` (default config when ``None``), training it
-    first when it is not in the cache.
+    first when it is not in the cache.  Training holds a file lock next to the folder: a
+    second process asking for the same model says it waits, then uses the first's.
 
     Args:
         config: training config.
@@ -67,9 +70,23 @@ def ensure_tiny(
     path = model_dir(config, root, data_suffix(data_dir, config.data_version))
     if is_trained(path) and not retrain:
         return path
-    if retrain and path.exists():
-        shutil.rmtree(path)
-    if progress:
-        progress(f"training {TINY_NAME} ({describe_config(config)}) into {path}")
-    dataset = load_mlake(data_dir, version=config.data_version, langs=config.langs)
-    return train_tiny(config, dataset, path, progress=progress, show_bar=show_bar)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One training per folder: a second process waits for the first, then uses its model.
+    lock = FileLock(f"{path}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if progress:
+            progress(f"waiting for another process training {TINY_NAME} into {path}")
+        lock.acquire()
+    try:
+        if is_trained(path) and not retrain:
+            return path
+        if retrain and path.exists():
+            shutil.rmtree(path)
+        if progress:
+            progress(f"training {TINY_NAME} ({describe_config(config)}) into {path}")
+        dataset = load_mlake(data_dir, version=config.data_version, langs=config.langs)
+        return train_tiny(config, dataset, path, progress=progress, show_bar=show_bar)
+    finally:
+        lock.release()
