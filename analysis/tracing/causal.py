@@ -242,7 +242,9 @@ class FactTrace:
         Raises:
             DataError: no such file, or not a fact trace (the message names the file).
         """
-        return cls.from_arrays(read_arrays(path, keys=_TRACE_KEYS, what="a fact trace"))
+        return cls.from_arrays(
+            read_arrays(path, keys=TRACE_KEYS, what="a fact trace", finite=TRACE_FINITE)
+        )
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, Any]) -> FactTrace:
@@ -263,7 +265,7 @@ class FactTrace:
 
 
 #: The arrays every saved :class:`FactTrace` has (the ``scores_<kind>`` ones besides).
-_TRACE_KEYS: tuple[str, ...] = (
+TRACE_KEYS: tuple[str, ...] = (
     "prompt_ids",
     "tokens",
     "classes",
@@ -275,6 +277,9 @@ _TRACE_KEYS: tuple[str, ...] = (
     "forward_passes",
     "rows",
 )
+
+#: The arrays of a saved :class:`FactTrace` that must be finite.
+TRACE_FINITE: tuple[str, ...] = ("p_clean", "p_corrupt")
 
 
 def subject_embeddings(

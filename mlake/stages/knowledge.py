@@ -6,7 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 from mlake.stages.context import StageContext
-from mlake_core.metrics.knowledge import KnowledgeConfig, KnowledgeResult, measure_knowledge
+from mlake_core.metrics.knowledge import (
+    COLUMNS,
+    KnowledgeConfig,
+    KnowledgeResult,
+    measure_knowledge,
+)
 from mlake_core.results.store import Run
 
 
@@ -43,7 +48,7 @@ def knowledge_stage(
             run.save_json(f"skipped_{lang}", result.skipped)
             return result.table
 
-        table, computed = run.load_or_compute_table(f"knowledge_{lang}", compute)
+        table, computed = run.load_or_compute_table(f"knowledge_{lang}", compute, columns=COLUMNS)
         ctx.say(f"knowledge [{lang}]: {'measured' if computed else 'loaded from'} {run.path}")
         tables.append(table)
         if run.has_json(f"skipped_{lang}"):

@@ -52,7 +52,14 @@ def tracing_stage(
     import numpy as np
     import torch
 
-    from analysis.tracing.causal import KINDS, FactTrace, class_profile, trace_prompt
+    from analysis.tracing.causal import (
+        KINDS,
+        TRACE_FINITE,
+        TRACE_KEYS,
+        FactTrace,
+        class_profile,
+        trace_prompt,
+    )
     from analysis.tracing.summary import (
         TracingResult,
         recommended_layer,
@@ -90,7 +97,9 @@ def tracing_stage(
                 lang_skipped["not known before"] = lang_skipped.get("not known before", 0) + 1
                 continue
             if run.has_arrays(name):
-                arrays = run.load_arrays(name)
+                arrays = run.load_arrays(
+                    name, keys=TRACE_KEYS, what="a fact trace", finite=TRACE_FINITE
+                )
             else:
                 view = facts[fact_id].views[lang]
                 try:
@@ -217,9 +226,13 @@ def _no_signal_numbers(s: Any) -> str:
 
 def load_trace(run: Run, lang: str, fact_id: int) -> Any:
     """One saved fact trace (:class:`~analysis.tracing.causal.FactTrace`) of a tracing run."""
-    from analysis.tracing.causal import FactTrace
+    from analysis.tracing.causal import TRACE_FINITE, TRACE_KEYS, FactTrace
 
-    return FactTrace.from_arrays(run.load_arrays(f"trace_{lang}_{fact_id}"))
+    return FactTrace.from_arrays(
+        run.load_arrays(
+            f"trace_{lang}_{fact_id}", keys=TRACE_KEYS, what="a fact trace", finite=TRACE_FINITE
+        )
+    )
 
 
 def _other_subjects(

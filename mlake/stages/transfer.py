@@ -168,7 +168,8 @@ def transfer_stage(
                 if run.has_table(piece) and run.has_arrays(piece):
                     done = run.load_table(piece)
                     rows += done.to_dict(orient="records")
-                    generator.set_state(torch.from_numpy(run.load_arrays(piece)["generator"]))
+                    state = run.load_arrays(piece, keys=("generator",), what="an edit's state")
+                    generator.set_state(torch.from_numpy(state["generator"]))
                     if on_edit and len(done):
                         loss = float(done["edit_loss"].iloc[0])
                         on_edit({"lang": lang, "fact_id": fact_id, "loss": loss, "loaded": True})
@@ -225,7 +226,7 @@ def transfer_stage(
                     on_edit({"lang": lang, "fact_id": fact_id, "loss": result.loss})
             return pd.DataFrame.from_records(rows)
 
-        table, computed = run.load_or_compute_table(f"edits_{lang}", compute)
+        table, computed = run.load_or_compute_table(f"edits_{lang}", compute, columns=EDIT_COLUMNS)
         for fact_id in fact_ids:  # the language's table holds them now
             run.table_path(f"edit_{lang}_{fact_id}").unlink(missing_ok=True)
             run.arrays_path(f"edit_{lang}_{fact_id}").unlink(missing_ok=True)
@@ -245,6 +246,19 @@ def transfer_stage(
         context_prefixes=drawn or before.get("context_prefixes", []),
     )
     return rows, run
+
+
+#: Columns every saved table of edit rows has (a table without them is refused, not read).
+EDIT_COLUMNS: tuple[str, ...] = (
+    "method",
+    "fact_id",
+    "edit_lang",
+    "kind",
+    "test_lang",
+    "form",
+    "success_greedy",
+    "n",
+)
 
 
 def empty_unit_sets(
@@ -310,7 +324,8 @@ def _subject_mean(
 
     name = f"subject_mean_{lang}_{layer}"
     if run.has_arrays(name):
-        return torch.from_numpy(run.load_arrays(name)["mean"])
+        saved = run.load_arrays(name, keys=("mean",), what="a subject mean", finite=("mean",))
+        return torch.from_numpy(saved["mean"])
     requests = []
     for fact_id in fact_ids[:1000]:
         try:

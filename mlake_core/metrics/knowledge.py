@@ -659,7 +659,9 @@ class KnowledgeResult:
         langs = tuple(str(lang) for lang in meta["langs"])
         tables, skipped = [], {}
         for lang in langs:
-            tables.append(run.load_table(f"knowledge_{lang}"))
+            tables.append(
+                run.load_table(f"knowledge_{lang}", columns=COLUMNS, what="a knowledge table")
+            )
             if run.has_json(f"skipped_{lang}"):
                 for k, v in run.load_json(f"skipped_{lang}").items():
                     skipped[f"{lang}:{k}"] = v

@@ -120,19 +120,36 @@ class Run:
         _atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
         return path
 
-    def load_table(self, name: str) -> Any:
-        """Load ``tables/<name>.parquet`` as a pandas DataFrame."""
+    def load_table(self, name: str, *, columns: Sequence[str] = (), what: str = "") -> Any:
+        """Load ``tables/<name>.parquet`` as a pandas DataFrame.
+
+        Args:
+            name: the table.
+            columns: columns it must have (a table of another schema is refused, not read).
+            what: what the caller reads, for the error (``"a knowledge table"``).
+
+        Raises:
+            DataError: no such file, an unreadable one, or one without ``columns`` (naming
+                the file and the missing columns).
+        """
         import pandas as pd
 
         path = self.table_path(name)
         if not path.is_file():
             raise DataError(f"{path}: no such result table")
         try:
-            return pd.read_parquet(path)
+            table = pd.read_parquet(path)
         except (OSError, ValueError) as err:
             raise DataError(
                 f"{path}: unreadable result table ({err}); delete it to recompute"
             ) from None
+        missing = [c for c in columns if c not in table.columns]
+        if missing:
+            raise DataError(
+                f"{path}: not {what or 'the expected table'} (no column {', '.join(missing)}); "
+                "delete it to recompute"
+            )
+        return table
 
     # -- arrays --------------------------------------------------------------------------
 
@@ -160,9 +177,17 @@ class Run:
         _atomic_write(path, write)
         return path
 
-    def load_arrays(self, name: str) -> dict[str, Any]:
-        """Load ``arrays/<name>.npz`` as a dict of numpy arrays (:func:`read_arrays`)."""
-        return read_arrays(self.arrays_path(name))
+    def load_arrays(
+        self,
+        name: str,
+        *,
+        keys: Sequence[str] = (),
+        what: str = "result arrays",
+        finite: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        """Load ``arrays/<name>.npz`` as a dict of numpy arrays (:func:`read_arrays`, with
+        the arrays it must hold and those that must be finite)."""
+        return read_arrays(self.arrays_path(name), keys=keys, what=what, finite=finite)
 
     # -- json ----------------------------------------------------------------------------
 
@@ -206,21 +231,28 @@ class Run:
 
     # -- resumable pieces ----------------------------------------------------------------
 
-    def load_or_compute_table(self, name: str, compute: Callable[[], Any]) -> tuple[Any, bool]:
-        """The table ``name``: loaded if saved, else computed and saved.
+    def load_or_compute_table(
+        self, name: str, compute: Callable[[], Any], *, columns: Sequence[str] = ()
+    ) -> tuple[Any, bool]:
+        """The table ``name``: loaded if saved (and it has ``columns``), else computed and
+        saved.
 
         Returns:
             ``(table, computed)`` where ``computed`` says whether ``compute`` ran.
         """
         if self.has_table(name):
-            return self.load_table(name), False
+            return self.load_table(name, columns=columns), False
         table = compute()
         self.save_table(name, table)
         return table, True
 
 
 def read_arrays(
-    path: str | os.PathLike[str], *, keys: Sequence[str] = (), what: str = "result arrays"
+    path: str | os.PathLike[str],
+    *,
+    keys: Sequence[str] = (),
+    what: str = "result arrays",
+    finite: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Load one saved ``.npz`` file of a run (``arrays/<name>.npz``) as a dict of numpy arrays.
 
@@ -228,10 +260,12 @@ def read_arrays(
         path: the file.
         keys: arrays the file must hold ...
         what: ... to be what the caller reads (named in the error), e.g. ``"a fact trace"``.
+        finite: arrays that must hold no NaN or infinity (a damaged result would otherwise
+            change every average printed from it).
 
     Raises:
-        DataError: no such file, an unreadable one, or one without ``keys`` (the message
-            names it).
+        DataError: no such file, an unreadable one, one without ``keys``, or one with
+            non-finite values in ``finite`` (the message names it and the array).
     """
     import numpy as np
 
@@ -248,6 +282,18 @@ def read_arrays(
     missing = [k for k in keys if k not in arrays]
     if missing:
         raise DataError(f"{path}: not {what} (no {', '.join(missing)} array)")
+    bad = [
+        k
+        for k in finite
+        if k in arrays
+        and np.issubdtype(arrays[k].dtype, np.number)
+        and not bool(np.isfinite(arrays[k]).all())
+    ]
+    if bad:
+        raise DataError(
+            f"{path}: {what} with NaN or infinite values in {', '.join(bad)}; "
+            "delete it to recompute"
+        )
     return arrays
 
 
