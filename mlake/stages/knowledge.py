@@ -7,7 +7,7 @@ from typing import Any
 
 from mlake.stages.context import StageContext
 from mlake_core.metrics.knowledge import (
-    COLUMNS,
+    KEY_COLUMNS,
     KnowledgeConfig,
     KnowledgeResult,
     measure_knowledge,
@@ -48,7 +48,9 @@ def knowledge_stage(
             run.save_json(f"skipped_{lang}", result.skipped)
             return result.table
 
-        table, computed = run.load_or_compute_table(f"knowledge_{lang}", compute, columns=COLUMNS)
+        table, computed = run.load_or_compute_table(
+            f"knowledge_{lang}", compute, columns=KEY_COLUMNS
+        )
         ctx.say(f"knowledge [{lang}]: {'measured' if computed else 'loaded from'} {run.path}")
         tables.append(table)
         if run.has_json(f"skipped_{lang}"):

@@ -248,17 +248,9 @@ def transfer_stage(
     return rows, run
 
 
-#: Columns every saved table of edit rows has (a table without them is refused, not read).
-EDIT_COLUMNS: tuple[str, ...] = (
-    "method",
-    "fact_id",
-    "edit_lang",
-    "kind",
-    "test_lang",
-    "form",
-    "success_greedy",
-    "n",
-)
+#: Columns that identify a saved table of edit rows (a table without them is refused, not
+#: read).
+EDIT_COLUMNS: tuple[str, ...] = ("fact_id", "edit_lang", "kind", "test_lang", "form")
 
 
 def empty_unit_sets(

@@ -94,6 +94,10 @@ COLUMNS: tuple[str, ...] = (
     "mcqa_correct_norm",
 )
 
+#: The columns that identify a knowledge table's rows: a saved table without them is not a
+#: knowledge table (loading refuses it, naming the file).
+KEY_COLUMNS: tuple[str, ...] = ("fact_id", "lang", "form")
+
 
 @dataclass(frozen=True)
 class KnowledgeConfig:
@@ -660,7 +664,7 @@ class KnowledgeResult:
         tables, skipped = [], {}
         for lang in langs:
             tables.append(
-                run.load_table(f"knowledge_{lang}", columns=COLUMNS, what="a knowledge table")
+                run.load_table(f"knowledge_{lang}", columns=KEY_COLUMNS, what="a knowledge table")
             )
             if run.has_json(f"skipped_{lang}"):
                 for k, v in run.load_json(f"skipped_{lang}").items():

@@ -30,7 +30,7 @@ def test_portability_prompts_carry_the_demonstrations(mlake_v2411, monkeypatch) 
         SimpleNamespace(kind="new", lang=lang, question=q, answer="x", aliases=())
         for lang, q in (("en", "Who is it?"), ("zh", "是谁？"))
     ]
-    config = SimpleNamespace(max_new_tokens=4)
+    config = SimpleNamespace(max_new_tokens=4, stop_when_decided=False)
     out = transfer._portability(adapter, questions, ["en", "zh"], template, config, 8)
     assert out == {"en": (0, 1), "zh": (0, 1)}
     for (lang, question), ids in zip((("en", "Who is it?"), ("zh", "是谁？")), seen, strict=True):
