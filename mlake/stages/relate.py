@@ -323,6 +323,12 @@ def relate_stage(
 
     before = load_knowledge_table(knowledge)
     overlap = pd.read_parquet(overlap_table)
+    if overlap.empty:  # no fact attributed in two languages (a few facts, little known)
+        overlap = pd.DataFrame(columns=["fact_id", "lang_a", "lang_b", config.overlap])
+        notes.append(
+            "no fact was attributed in two languages, so no fact has an overlap: the fact-level "
+            "model has no rows"
+        )
     texts = {}
     for fact_id in fact_ids:
         fact = dataset.fact(fact_id)

@@ -999,3 +999,14 @@ def test_compare_edits_pairs_the_same_edits_only() -> None:
     assert diffs["efficacy"].b == pytest.approx(0.5)
     assert diffs["efficacy"].diff == pytest.approx(-0.5)
     assert diffs["efficacy"].n_facts == 2
+
+
+def test_an_empty_overlap_table_gives_no_fact_rows_not_an_error(tmp_path) -> None:
+    """When no fact was attributed in two languages (a few facts the model barely knows, as
+    in the Gemma demo on 3 facts) the neuron stage's overlap table is empty: relate runs,
+    says so, and fits no fact-level model."""
+    world = _build_world(tmp_path / "runs", neurons=False)
+    _save_neurons(world.root, pd.DataFrame(), JACCARD, model=world.model, fact_ids=FACTS)
+    result, run = relate_stage(world.transfer, _dataset(), CONFIG)
+    assert run.complete
+    assert any("no fact was attributed in two languages" in note for note in result.notes)
