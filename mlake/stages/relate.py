@@ -150,7 +150,12 @@ def tracing_matrices(folder: Path, langs: Sequence[str]) -> dict[str, pd.DataFra
 
 
 def probe_matrices(folder: Path) -> dict[str, pd.DataFrame]:
-    """The probe run's 5x5 matrices (:func:`mlake.stages.probes.pair_matrices`)."""
+    """The probe run's 5x5 matrices (:func:`mlake.stages.probes.pair_matrices`).
+
+    Raises:
+        DataError: the probes package is missing, or the run has no cross-lingual accuracy
+            to choose a layer by (too few facts); the caller leaves probes out with a note.
+    """
     try:
         from mlake.stages import probes as probe_stage
     except ImportError as err:  # pragma: no cover - the probes package ships with mlake
@@ -158,7 +163,10 @@ def probe_matrices(folder: Path) -> dict[str, pd.DataFrame]:
             f"--probes {folder}: the probes package cannot be imported ({err})"
         ) from err
     result = probe_stage.load_probe_result(folder)
-    return dict(probe_stage.pair_matrices(result))
+    try:
+        return dict(probe_stage.pair_matrices(result))
+    except KeyError as err:  # no cross-lingual accuracy to choose a layer by (too few facts)
+        raise DataError(f"{folder}: {err.args[0] if err.args else err}") from None
 
 
 # -- the stage --------------------------------------------------------------------------------

@@ -1010,3 +1010,18 @@ def test_an_empty_overlap_table_gives_no_fact_rows_not_an_error(tmp_path) -> Non
     result, run = relate_stage(world.transfer, _dataset(), CONFIG)
     assert run.complete
     assert any("no fact was attributed in two languages" in note for note in result.notes)
+
+
+def test_probes_without_cross_lingual_accuracy_are_left_out(tmp_path, monkeypatch) -> None:
+    """A probe run too small to have a cross-lingual accuracy (the Gemma demo on 3 facts)
+    is a DataError the stage turns into a note, not a KeyError that ends the pipeline."""
+    from mlake.stages import probes as probe_stage
+    from mlake.stages.relate import probe_matrices
+
+    def no_layer(result):
+        raise KeyError("no cross-lingual fact accuracy at subject")
+
+    monkeypatch.setattr(probe_stage, "load_probe_result", lambda folder: object())
+    monkeypatch.setattr(probe_stage, "pair_matrices", no_layer)
+    with pytest.raises(DataError, match="no cross-lingual fact accuracy at subject"):
+        probe_matrices(tmp_path)
