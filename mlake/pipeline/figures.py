@@ -147,9 +147,18 @@ def figure_makers(
     if relate_runs:
         for label, path in relate_runs.items():
             rres = load_relate_result(path)
-            makers.append(
-                (f"sharing_vs_transfer_{label}", partial(relate.sharing_vs_transfer, rres))
-            )
+            if rres.by_pair is None or len(rres.by_pair) == 0:
+                makers.append(
+                    (
+                        f"sharing_vs_transfer_{label}",
+                        "no language pair has both an overlap and a transfer rate (too few "
+                        "facts known in two languages)",
+                    )
+                )
+            else:
+                makers.append(
+                    (f"sharing_vs_transfer_{label}", partial(relate.sharing_vs_transfer, rres))
+                )
             if rres.interventions:
                 makers.append(("restricted_editing", partial(relate.restricted_editing, rres)))
     else:
