@@ -436,6 +436,7 @@ def build_report(out: str | os.PathLike[str]) -> str:
             "(one-sided binomial test, p < 0.05); otherwise the probe is reported as no signal.",
             "",
         ]
+        lid = lid.dropna(subset=["accuracy"])  # a position no fold could score
         if len(lid):
             best = lid.loc[lid.groupby("position")["accuracy"].idxmax()]
             lines += ["Language identity, best layer per position:", ""]
@@ -454,11 +455,18 @@ def build_report(out: str | os.PathLike[str]) -> str:
                 ],
             )
         tr = pres.transfer
-        if len(tr):
-            off = tr[tr["train_lang"] != tr["test_lang"]]
-            means = off.groupby(["task", "position", "layer"])[
-                ["accuracy", "control", "chance"]
-            ].mean()
+        off = tr[tr["train_lang"] != tr["test_lang"]] if len(tr) else tr
+        means = off.groupby(["task", "position", "layer"])[["accuracy", "control", "chance"]].mean()
+        # Tasks and positions no language pair could score (too few facts known in two
+        # languages) have no best layer: they are said to be missing, not drawn.
+        means = means.dropna(subset=["accuracy"])
+        if len(tr) and not len(means):
+            lines += [
+                "",
+                "Cross-lingual probes: no accuracy for any language pair (too few facts known "
+                "in two languages to train and test on).",
+            ]
+        if len(means):
             best = means.loc[means.groupby(level=["task", "position"])["accuracy"].idxmax()]
             lines += ["", "Cross-lingual probes, best layer (mean over language pairs):", ""]
             lines += _table(
