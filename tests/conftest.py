@@ -1,4 +1,10 @@
-"""Shared fixtures: the real MLaKE data (loaded once per session)."""
+"""Shared fixtures: the real MLaKE data (loaded once per session).
+
+Torch runs on one CPU thread in the tests (``OMP_NUM_THREADS``, default 1 here, inherited by
+the subprocesses tests start): with torch's default of one thread per core, the suite took
+96 minutes instead of about 6 on a 2-core machine busy with another job.  Set
+``OMP_NUM_THREADS=N`` to use N.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,17 @@ from pathlib import Path
 import pytest
 
 from mlake_core.data.paths import default_candidates
+
+#: Torch's CPU threads in the tests when ``OMP_NUM_THREADS`` is unset.
+TEST_THREADS = 1
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Pin torch's threads before any test imports it."""
+    threads = int(os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS)))
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def real_data_dir() -> Path | None:

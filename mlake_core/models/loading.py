@@ -95,6 +95,38 @@ def _offline() -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
+#: Seconds to wait for the hub's (or the proxy's) TCP connection before calling it unreachable.
+HUB_CONNECT_TIMEOUT = 3.0
+
+
+def hub_unreachable(timeout: float = HUB_CONNECT_TIMEOUT) -> str | None:
+    """Why the Hugging Face hub cannot be reached from here (``None``: it can).
+
+    One TCP connection to the hub's host (``HF_ENDPOINT``), or to the HTTPS proxy the
+    environment names, with a short timeout.  Without it an unknown or uncached hub id spent
+    about 30 s in HTTP retries on a machine with no network before its error.
+    """
+    import socket
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    hub = urlsplit(constants.ENDPOINT)
+    host = hub.hostname or ""
+    port = hub.port or (443 if hub.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(hub.scheme or "https")
+    if proxy and not urllib.request.proxy_bypass(host):
+        target = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = target.hostname or "", target.port or 80
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as err:
+        what = err.strerror or str(err) or type(err).__name__
+        return f"{host}:{port}: {what}"
+
+
 def _hf_cache_dir() -> str:
     from huggingface_hub import constants
 
@@ -142,6 +174,7 @@ def _load_config(
     revision: str | None,
     local_files_only: bool,
     trust_remote_code: bool,
+    unreachable: str | None = None,
 ) -> Any:
     from transformers import AutoConfig
 
@@ -155,12 +188,14 @@ def _load_config(
     except OSError as err:
         if is_local:
             raise ConfigError(f"cannot read config.json of --model {model!r}: {err}") from None
-        why = (
-            "running offline (HF_HUB_OFFLINE=1), so nothing is downloaded"
-            if local_files_only
-            else "could not download it from the hub (no network, or no such repository or "
-            "revision)"
-        )
+        if unreachable:
+            why = f"the hub is unreachable ({unreachable}), so nothing can be downloaded"
+        elif local_files_only:
+            why = "running offline (HF_HUB_OFFLINE=1), so nothing is downloaded"
+        else:
+            why = (
+                "could not download it from the hub (no network, or no such repository or revision)"
+            )
         raise ConfigError(
             f"--model {model!r} is not a local folder and not in the local Hugging Face cache; "
             f"{why}. {_how_to_provide(model)}"
@@ -282,6 +317,8 @@ def load_adapter(
     else:
         source, is_local = _resolve_source(model)
     offline = _offline() if local_files_only is None else local_files_only
+    unreachable = None if offline or is_local else hub_unreachable()
+    offline = offline or unreachable is not None  # the local cache only, without retries
     if is_local and revision is not None:
         raise ConfigError(
             f"--revision {revision!r} applies to hub ids only, and --model {model!r} is a folder"
@@ -293,6 +330,7 @@ def load_adapter(
         revision=revision,
         local_files_only=offline,
         trust_remote_code=trust_remote_code,
+        unreachable=unreachable,
     )
     spec = get_spec(config.model_type, source=f"--model {model!r}")
     _check_config(spec, config, model)
