@@ -90,6 +90,12 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
     )
     print(result.summary())
     report = result.out / "report.md"
-    if report.is_file():
+    written = result.stages.get("report")
+    if written is not None and written.status == "complete" and report.is_file():
         print(f"report: {report}")
+    elif report.is_file():
+        print(
+            f"report: {report} (written by an earlier run of this config; `--stages report` "
+            "writes it again)"
+        )
     return 0

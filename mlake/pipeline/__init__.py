@@ -30,6 +30,12 @@ The run folder (``--out``)::
     store/           the results store (unless ``run.results_dir`` points elsewhere)
     figures/         every figure as PDF and PNG (``mlake figures`` redraws them)
     report.md        the key tables and the figures
+    replaced-<time>/ what a run of another config left here (set aside, not deleted)
+
+Running again into the same folder with the same config (other stages, batch size or store
+allowed) continues the run.  With another config, the old run's report, figures and records
+are first moved into ``replaced-<time>/``, so that nothing of it stands beside the new
+config; the results store is kept.
 
 The config (:class:`PipelineConfig`) is a tree of frozen dataclasses, one section per stage,
 reusing each stage's own config dataclass.  :func:`load_config` reads it from YAML, rejecting

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlake.pipeline.config import STAGES, PipelineConfig, config_from_dict, dump_config
+from mlake.pipeline.config import (
+    STAGES,
+    PipelineConfig,
+    config_from_dict,
+    dump_config,
+    load_config,
+)
 from mlake.pipeline.manifest import StageRecord, write_json
 from mlake.pipeline.steps import STAGE_FUNCTIONS, PipelineState, StageSkipped
 from mlake.progress import Bars
@@ -36,6 +42,54 @@ class PipelineResult:
         cpu = sum(r.cpu_seconds for r in self.stages.values())
         lines.append(f"{'total':<21}{self.seconds:>9.1f}{cpu:>9.1f}  {self.out}")
         return "\n".join(lines)
+
+
+def _what_results_depend_on(config: PipelineConfig) -> dict[str, Any]:
+    """The config without the settings that change no result: which stages run, the batch
+    size and where the store is (``run`` keeps only its seed)."""
+    data = config.to_dict()
+    data["run"] = {"seed": config.run.seed}
+    return data
+
+
+def set_aside_other_run(out: Path, config: PipelineConfig, store: Path) -> Path | None:
+    """Move what a run of another config left in the run folder ``out`` (its report,
+    figures, records, ``config.yaml``) into ``out/replaced-<time>/``, so that nothing of it
+    stands beside the new config's results.  The results store (``<out>/store`` by default)
+    and earlier ``replaced-*`` folders stay.  A run of the same config, with other stages,
+    batch size or store, is a continuation: nothing moves.
+
+    Returns:
+        The folder the old run went to, or ``None`` when nothing moved.
+    """
+    from mlake_core.errors import MlakeError
+
+    old_file = out / "config.yaml"
+    if not old_file.is_file():
+        return None
+    try:
+        old = _what_results_depend_on(load_config(old_file))
+    except MlakeError:
+        old = None  # unreadable: not this config
+    if old == _what_results_depend_on(config):
+        return None
+    aside = out / time.strftime("replaced-%Y%m%dT%H%M%S")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = out / time.strftime(f"replaced-%Y%m%dT%H%M%S-{n}")
+    where = store.resolve()
+    entries = [
+        e
+        for e in out.iterdir()
+        if not e.name.startswith("replaced-")
+        and e.resolve() != where
+        and e.resolve() not in where.parents
+    ]
+    aside.mkdir()
+    for entry in entries:
+        entry.rename(aside / entry.name)
+    return aside
 
 
 def run_pipeline(
@@ -71,6 +125,12 @@ def run_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     say = log or (lambda _m: None)
     store = Path(config.run.results_dir) if config.run.results_dir else out / "store"
+    aside = set_aside_other_run(out, config, store)
+    if aside is not None:
+        say(
+            f"{out} held a run of another config: its report, figures and records are moved "
+            f"to {aside} (the results store keeps every computed result)"
+        )
     (out / "config.yaml").write_text(dump_config(config), encoding="utf-8")
     write_json(
         out / "provenance.json",
