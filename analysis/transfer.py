@@ -223,6 +223,10 @@ def _portability(
     if not items:
         return {}
     prompts = [adapter.encode(template.question_prompt(q.question, q.lang)[0]) for q in items]
+    for q, ids in zip(items, prompts, strict=True):
+        adapter.check_fits(
+            len(ids) + config.max_new_tokens, f"multi-hop {q.kind} question {q.index} [{q.lang}]"
+        )
     decided = None
     if config.stop_when_decided:
         decided = [

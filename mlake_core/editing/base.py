@@ -141,7 +141,9 @@ def locate_prompt(
     Raises:
         ConfigError: an unknown form.
         DataError: when the form is not usable (no subject located; a cloze form that is not
-            well-posed), naming the fact, language and reason.
+            well-posed), or its prompt is too long for the model
+            (:meth:`~mlake_core.models.adapter.BaseAdapter.check_fits`), naming the fact,
+            language and reason.
     """
     where = f"fact {view.fact_id} [{view.lang}] {form} form"
     if form not in ("question", "cloze"):
@@ -157,12 +159,14 @@ def locate_prompt(
             f"{where}: the template {template.name!r} does not keep the subject "
             f"{pf.subject.text!r} where the text puts it"
         )
+    ids = tuple(adapter.encode(prompt))
+    adapter.check_fits(len(ids), where)
     positions = subject_tokens(adapter, prompt, start, end, where=where)
     return LocatedPrompt(
         where=where,
         prompt=prompt,
         answer_prefix=placed.answer_prefix,
-        prompt_ids=tuple(adapter.encode(prompt)),
+        prompt_ids=ids,
         subject=pf.subject.text,
         subject_positions=positions,
     )

@@ -583,7 +583,13 @@ def build_rows(
     template: PromptTemplate,
     config: KnowledgeConfig,
 ) -> tuple[list[_Row], dict[str, int]]:
-    """Tokenize every measured (view, form); count what is skipped and why."""
+    """Tokenize every measured (view, form); count what is skipped and why.
+
+    Raises:
+        DataError: a prompt, with its longest answer or generation, that the model cannot
+            run (:meth:`~mlake_core.models.adapter.BaseAdapter.check_fits`), naming the fact,
+            language and form.
+    """
     rows: list[_Row] = []
     skipped: dict[str, int] = {}
     for view in views:
@@ -609,9 +615,13 @@ def build_rows(
                 ]
                 if any(not o for o in options):
                     options = []
-            rows.append(
-                _Row(view, form, prompt_text, adapter.encode(prompt_text), targets, edits, options)
+            ids = adapter.encode(prompt_text)
+            longest = max(len(t) for t in (*targets, *edits, *options))
+            adapter.check_fits(
+                len(ids) + max(longest, config.max_new_tokens),
+                f"fact {view.fact_id} [{view.lang}] {kind} form",
             )
+            rows.append(_Row(view, form, prompt_text, ids, targets, edits, options))
     return rows, skipped
 
 

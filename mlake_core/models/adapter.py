@@ -496,6 +496,38 @@ def architecture_facts(spec: ArchitectureSpec, config: Any, hf_model: Any) -> di
     }
 
 
+def pass_bytes(info: ModelInfo, n_tokens: int, rows: int = 1) -> int:
+    """An upper estimate of the transient memory of one forward pass over ``rows`` sequences
+    of ``n_tokens`` tokens (the weights not included), in bytes.
+
+    Eager attention (what mlake loads) holds a layer's scores, their float32 softmax and a
+    copy (``3 * heads * n^2`` numbers), beside the causal mask (``n^2``); the residual stream,
+    attention and MLP activations of a layer (``8 * d_model + 3 * d_mlp`` per position); and
+    the logits of every position (``d_vocab`` per position), which some passes ask for.
+    Numbers are counted at 4 bytes (float32: softmax upcasts, and CPU runs are float32).
+    """
+    n = int(n_tokens)
+    per_row = (
+        (3 * max(info.n_heads, 1) + 1) * n * n
+        + n * (8 * info.d_model + 3 * info.d_mlp)
+        + n * info.d_vocab
+    )
+    return 4 * rows * per_row
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free for a pass on ``device``: the GPU's free memory (CUDA), the machine's
+    available memory (CPU), ``None`` for other devices (not checked)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
 class LongSequenceWarning(UserWarning):
     """A sequence longer than the model's :attr:`ModelInfo.max_positions` was run (rotary or
     ALiBi positions: it runs, outside the lengths the model was trained on)."""
@@ -677,6 +709,11 @@ class ModelAdapter(Protocol):
 
     def encode(self, text: str) -> list[int]:
         """Token ids of one text, following the BOS policy."""
+        ...
+
+    def check_fits(self, n_tokens: int, where: str) -> None:
+        """Refuse a prompt of ``n_tokens`` tokens that the model cannot run (see
+        :meth:`BaseAdapter.check_fits`), naming ``where``."""
         ...
 
     def batch(
@@ -1256,6 +1293,44 @@ class BaseAdapter:
             Logits and the activations at ``read`` (after patching), by canonical name.
         """
         raise NotImplementedError
+
+    def check_fits(self, n_tokens: int, where: str) -> None:
+        """Refuse, before any pass, a sequence of ``n_tokens`` tokens (a prompt and what is
+        scored or generated after it) that the model cannot run, naming ``where`` (the record).
+
+        Two limits:
+
+        - with learned positions, :attr:`ModelInfo.max_positions` (there is no embedding past
+          it; rotary and ALiBi models run longer sequences, with a
+          :class:`LongSequenceWarning` from the pass);
+        - memory: one pass of one such sequence (:func:`pass_bytes`) must fit in the memory
+          free on the model's device (:func:`free_bytes`).  Without this check a prompt far
+          longer than the context ended in an out-of-memory traceback, or in the kernel's
+          OOM killer, with nothing saying which record it was.
+
+        Raises:
+            DataError: naming ``where``, the length, the limit and what to do.
+        """
+        from mlake_core.errors import DataError
+
+        limit = self.info.max_positions
+        if self.info.positional == "learned" and limit is not None and n_tokens > limit:
+            raise DataError(
+                f"{where}: {n_tokens} tokens, more than the {limit} positions of "
+                f"{self.info.model_id} (learned position embeddings: there is none past "
+                f"{limit}); shorten the prompt (e.g. fewer in-context demonstrations)"
+            )
+        need = pass_bytes(self.info, n_tokens)
+        free = free_bytes(self.device)
+        if free is not None and need > free:
+            raise DataError(
+                f"{where}: {n_tokens} tokens"
+                + (f" (the model is made for {limit})" if limit is not None else "")
+                + f"; one forward pass of it needs about {need / 2**30:.1f} GiB (attention "
+                f"over {n_tokens}x{n_tokens} positions in {self.info.n_heads} heads, and "
+                f"logits over {self.info.d_vocab} tokens), more than the "
+                f"{free / 2**30:.1f} GiB free on {self.device}; shorten the prompt"
+            )
 
     def _check_length(self, batch: TokenBatch, past: PastKeyValues | None) -> None:
         """Compare the longest row (past and batch real tokens) with ``max_positions``."""
