@@ -119,6 +119,10 @@ def neurons_stage(
         text=text_key or "mlake",
         known_from="knowledge stage, question form, greedy alias match",
     )
+    # A complete run is read back: what each method derives again from the saved pieces (the
+    # overlap table, LAPE's selection) is not saved again (reading writes nothing); a method
+    # the run does not have yet is saved.
+    read_back = run.complete
     facts = {f.fact_id: f for f in dataset.facts}
 
     # Activation statistics, measured on every run: the methods that need them (LAPE, the
@@ -275,7 +279,8 @@ def neurons_stage(
                 for row in pair_rows(per_lang, langs, adapter.n_layers, n_units):
                     rows.append({"fact_id": fact_id, **row})
             table = pd.DataFrame.from_records(rows)
-            run.save_table(f"overlap_{method}_{unit}", table)
+            if not (read_back and run.has_table(f"overlap_{method}_{unit}")):
+                run.save_table(f"overlap_{method}_{unit}", table)
             classes = classify_units(
                 {lang: list(sets[unit].get(lang, {}).values()) for lang in langs},
                 langs,
@@ -337,7 +342,8 @@ def neurons_stage(
     for entry in (e for e in entries if not e.per_fact):
         (unit,) = entry.units
         found = entry.fn(stats, config)
-        run.save_arrays(entry.name, found.to_arrays())
+        if not (read_back and run.has_arrays(entry.name)):
+            run.save_arrays(entry.name, found.to_arrays())
         classes = classes_from_assignment(
             found.selected, found.assignment, langs, adapter.n_layers, _n_units(adapter, unit)
         )

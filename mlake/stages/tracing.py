@@ -282,34 +282,40 @@ def register_recommended_layer(
 
     The file is shared by every run in the results root: it is read, changed and written
     under a file lock (``recommended_layers.json.lock``), through a temporary file of this
-    writer's own, so two processes never lose or corrupt each other's entries.
+    writer's own (:func:`~mlake_core.results.store.write_text`: the mode the umask gives), so two processes never lose or corrupt each other's entries.  When it
+    already holds this entry (a complete run read back) nothing is written and no lock is
+    taken (a read-only results folder can be read).
 
     Raises:
         ConfigError: the file is not valid JSON (naming it and how to recover).
     """
     import json
-    import tempfile
 
     from filelock import FileLock
 
-    from mlake_core.results.store import results_root
+    from mlake_core.results.store import results_root, write_text
 
     path = results_root(results_dir) / "tracing" / RECOMMENDED_FILE
+    model = stable_hash(ident)
+    entry = json.loads(
+        json.dumps(
+            {
+                "model": ident,
+                "layer": result.recommended_layer,
+                "by_lang": result.recommended_by_lang,
+                "n_facts": {s.lang: s.n_facts for s in result.summaries},
+                "signal": {s.lang: s.signal for s in result.summaries},
+                "run": result.run_path,
+            }
+        )
+    )  # as it reads back from the file
+    if path.is_file() and _read_recommended(path).get(model) == entry:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{path}.lock"):
         table = _read_recommended(path) if path.is_file() else {}
-        table[stable_hash(ident)] = {
-            "model": ident,
-            "layer": result.recommended_layer,
-            "by_lang": result.recommended_by_lang,
-            "n_facts": {s.lang: s.n_facts for s in result.summaries},
-            "signal": {s.lang: s.signal for s in result.summaries},
-            "run": result.run_path,
-        }
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(json.dumps(table, indent=2, ensure_ascii=False) + "\n")
-        Path(tmp_name).replace(path)
+        table[model] = entry
+        write_text(path, json.dumps(table, indent=2, ensure_ascii=False) + "\n")
     return path
 
 

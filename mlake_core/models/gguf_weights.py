@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from mlake_core.errors import ConfigError, DataError
+from mlake_core.files import follow_umask
 from mlake_core.registry import Registry
 
 #: Environment variable naming mlake's cache folder.
@@ -479,6 +480,7 @@ def convert_gguf(
         del model
         if target.exists() and _read_record(target) is None:
             shutil.rmtree(target)  # stale (another converter version) or incomplete
+        follow_umask(tmp)  # mkdtemp made it 0700, safetensors its weights 0600
         try:
             os.replace(tmp, target)
         except OSError:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mlake_core.errors import ConfigError, DataError
+from mlake_core.files import atomic_write
 from mlake_core.provenance import provenance, stable_hash
 
 #: Environment variable naming the results root.
@@ -47,26 +47,27 @@ def results_root(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(env).expanduser() if env else Path("runs")
 
 
-def _file_mode() -> int:
-    """The mode a new file gets under the process's umask (``0o666 & ~umask``)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+#: Every piece is written through :func:`mlake_core.files.atomic_write` (a name of this module,
+#: so that tests can watch the store's writes).
+_atomic_write = atomic_write
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through a temporary file in its folder, renamed into place when
-    complete; the file gets the mode the umask gives (a temporary file is created 0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write a text file shared by the runs of a results root (UTF-8, atomically, with the
+    mode the umask gives), as every piece of a run is written."""
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    _atomic_write(Path(path), write)
+
+
+def _holds(path: Path, text: str) -> bool:
+    """Whether the file ``path`` exists and holds exactly ``text`` (UTF-8)."""
     try:
-        write(tmp)
-        os.chmod(tmp, _file_mode())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        return path.read_bytes() == text.encode("utf-8")
+    except OSError:  # no such file (or none readable): it is written
+        return False
 
 
 def _check_name(name: str) -> None:
@@ -199,12 +200,16 @@ class Run:
         return self.json_path(name).is_file()
 
     def save_json(self, name: str, obj: Any) -> Path:
-        """Save a JSON document as ``<name>.json`` (atomically)."""
+        """Save a JSON document as ``<name>.json`` (atomically).  Nothing is written when
+        the file already holds exactly this document, so a stage reading back a complete run
+        rewrites none of its summaries (a read-only results folder can be read)."""
         path = self.json_path(name)
-        text = json.dumps(obj, indent=2, ensure_ascii=False, default=str)
+        text = json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n"
+        if _holds(path, text):
+            return path
 
         def write(tmp: Path) -> None:
-            tmp.write_text(text + "\n", encoding="utf-8")
+            tmp.write_text(text, encoding="utf-8")
 
         _atomic_write(path, write)
         return path

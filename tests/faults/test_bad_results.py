@@ -63,3 +63,51 @@ def test_a_fact_trace_with_nan_probabilities_is_refused(tmp_path: Path) -> None:
     np.savez(path, **arrays)
     with pytest.raises(DataError, match=r"trace_en_0\.npz: a fact trace with NaN .* p_clean"):
         FactTrace.load(path)
+
+
+def test_the_shared_recommendations_file_follows_the_umask(tmp_path: Path) -> None:
+    """The file every tracing run of a results root registers in (it was 0600)."""
+    import os
+    from types import SimpleNamespace
+
+    from mlake.stages.tracing import register_recommended_layer
+
+    result = SimpleNamespace(
+        recommended_layer=3, recommended_by_lang={"en": 3}, summaries=[], run_path="r"
+    )
+    old = os.umask(0o022)
+    try:
+        path = register_recommended_layer({"model": "m"}, result, tmp_path)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_folder_renamed_into_place_follows_the_umask(tmp_path: Path) -> None:
+    import os
+    import tempfile
+
+    from mlake_core.files import follow_umask
+
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))  # 0700
+    (folder / "sub").mkdir(mode=0o700)
+    fd, name = tempfile.mkstemp(dir=folder / "sub")  # 0600
+    os.close(fd)
+    old = os.umask(0o022)
+    try:
+        follow_umask(folder)
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert (folder / "sub").stat().st_mode & 0o777 == 0o755
+    assert Path(name).stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.slow
+def test_a_trained_mlake_tiny_follows_the_umask(micro_tiny: Path) -> None:
+    """Its weights were 0600 (the safetensors writer's mode), unreadable in a shared cache."""
+    from mlake_core.files import file_mode
+
+    modes = {p.name: p.stat().st_mode & 0o777 for p in micro_tiny.iterdir() if p.is_file()}
+    assert "model.safetensors" in modes
+    assert set(modes.values()) == {file_mode()}, modes

@@ -17,6 +17,7 @@ import torch
 
 from mlake_core.data.dataset import MlakeDataset
 from mlake_core.errors import ConfigError
+from mlake_core.files import follow_umask
 from mlake_core.models.loading import quiet_hf_progress
 from mlake_core.models.mlake_tiny.config import TINY_NAME, TRAINER_VERSION, TinyTrainConfig
 from mlake_core.models.mlake_tiny.corpus import Example, build_corpus, select_facts
@@ -305,6 +306,7 @@ def train_tiny(
         json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8"
     )
     checkpoint.unlink(missing_ok=True)
+    follow_umask(partial)  # safetensors writes its weights 0600
     if out_dir.exists():
         shutil.rmtree(out_dir)
     partial.rename(out_dir)

@@ -189,6 +189,12 @@ def test_the_converted_folder_records_the_source(tiny_gguf: Path, converted) -> 
     assert config["architectures"] == ["Gemma3ForCausalLM"]
     assert gw.gguf_record(folder) == record
     assert not list(root.joinpath("models").glob(".*"))  # no temporary folder left
+    # The modes the umask gives (mkdtemp made the folder 0700, safetensors the weights 0600),
+    # so that a shared cache is readable by the group.
+    from mlake_core.files import file_mode, folder_mode
+
+    assert folder.stat().st_mode & 0o777 == folder_mode()
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {file_mode()}
 
 
 def test_a_second_load_reads_the_cache(tiny_gguf: Path, converted, tmp_path, monkeypatch) -> None:

@@ -1,0 +1,71 @@
+"""Files mlake writes for others to read: atomic writes, and the modes the umask gives.
+
+Results, shared registries and cached models are written through temporary files or folders
+(:func:`tempfile.mkstemp` creates files 0600, :func:`tempfile.mkdtemp` folders 0700, and the
+safetensors writer creates 0600 files).  Left so, a results folder or a model cache shared
+by a group could be read by its writer alone; the functions here give them the modes the
+process's umask gives to any new file or folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets under the process's umask (``0o666 & ~umask``)."""
+    return 0o666 & ~_umask()
+
+
+def folder_mode() -> int:
+    """The mode a new folder gets under the process's umask (``0o777 & ~umask``)."""
+    return 0o777 & ~_umask()
+
+
+def follow_umask(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes the umask gives new folders and files
+    (for a folder written under a temporary name and renamed into place)."""
+    files, folders = file_mode(), folder_mode()
+    os.chmod(folder, folders)
+    for root, dirs, names in os.walk(folder):
+        for name in dirs:
+            os.chmod(Path(root) / name, folders)
+        for name in names:
+            os.chmod(Path(root) / name, files)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through a temporary file in its folder, renamed into place when
+    complete; the file gets the mode the umask gives (a temporary file is created 0600).
+
+    Raises:
+        OSError: the write failed (a full disk, a read-only folder), naming ``path``: one
+            that names no file (what pyarrow, numpy and ``write_text`` raise on a full disk)
+            or the temporary file (a read-only folder) is raised again naming ``path``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from err
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.chmod(tmp, file_mode())
+        tmp.replace(path)
+    except OSError as err:
+        if err.filename is None and err.errno:
+            raise OSError(err.errno, os.strerror(err.errno), str(path)) from err
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
