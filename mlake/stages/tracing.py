@@ -15,6 +15,13 @@ from mlake_core.models.adapter import ModelAdapter
 from mlake_core.provenance import stable_hash
 from mlake_core.results.store import Run
 
+#: Which answer token tracing measures (part of every tracing run's key): the first with
+#: content, the whitespace-only tokens before it joined to the prompt
+#: (:meth:`~mlake_core.editing.base.LocatedPrompt.answer_start`).  Runs before it measured
+#: the first token, which for Chinese and Japanese answers (and French on mlake-tiny) was
+#: often a bare space, whose probability no corruption moves.
+ANSWER_TOKEN = "first with content; leading whitespace tokens joined to the prompt"
+
 
 def _trace_seed(seed: int, fact_id: int, lang: str) -> int:
     """The noise seed of one fact and language (independent of which others are traced)."""
@@ -71,7 +78,10 @@ def tracing_stage(
 
     ident = ctx.identity()
     run = ctx.open_run(
-        "tracing", config, known_from="knowledge stage, question form, greedy alias match"
+        "tracing",
+        config,
+        known_from="knowledge stage, question form, greedy alias match",
+        answer_token=ANSWER_TOKEN,
     )
     facts = {f.fact_id: f for f in dataset.facts}
 
@@ -108,8 +118,8 @@ def tracing_stage(
                     reason = str(err).split(": ", 1)[-1]
                     lang_skipped[reason] = lang_skipped.get(reason, 0) + 1
                     continue
-                answer = loc.answer_ids(adapter, view.form(config.form).target.text)
-                if not answer:
+                lead, answer = loc.answer_start(adapter, view.form(config.form).target.text)
+                if answer is None:
                     lang_skipped["empty answer"] = lang_skipped.get("empty answer", 0) + 1
                     continue
                 generator = torch.Generator().manual_seed(_trace_seed(config.seed, fact_id, lang))
@@ -120,9 +130,9 @@ def tracing_stage(
                 )
                 trace = trace_prompt(
                     adapter,
-                    loc.prompt_ids,
+                    (*loc.prompt_ids, *lead),
                     loc.subject_positions,
-                    int(answer[0]),
+                    int(answer),
                     config,
                     generator,
                     noise_std=noise_std,

@@ -127,6 +127,29 @@ class LocatedPrompt:
             ]
         )
 
+    def answer_start(
+        self, adapter: ModelAdapter, answer: str
+    ) -> tuple[tuple[int, ...], int | None]:
+        """The answer's first token *with content*, and the whitespace-only tokens before it.
+
+        After the answer prefix (a space), a byte-level or SentencePiece tokenizer often
+        encodes a Chinese or Japanese answer as a bare space token followed by the first
+        character (``" 康奈尔大学"`` as ``" "``, ``"康"``, ... on Gemma 3 and mlake-tiny; on
+        mlake-tiny French ``" université"`` too).  The space says nothing about the fact: its
+        probability is near 1 whatever the subject.  Measures of "the answer's first token"
+        read the first token with content, after the leading whitespace tokens are joined to
+        the prompt.
+
+        Returns:
+            ``(leading whitespace-only token ids, the first token with content)``; the token is
+            ``None`` when the answer has none.
+        """
+        ids = self.answer_ids(adapter, answer)
+        for i, token in enumerate(ids):
+            if adapter.tokenizer.decode([token]).strip():
+                return ids[:i], token
+        return ids, None
+
 
 def locate_prompt(
     adapter: ModelAdapter, view: FactView, template: PromptTemplate, form: str = "question"

@@ -716,6 +716,11 @@ class ModelAdapter(Protocol):
         :meth:`BaseAdapter.check_fits`), naming ``where``."""
         ...
 
+    def logit_lens(self, resid: Activation) -> Logits:
+        """Logits that residual-stream states ``[..., d_model]`` would give if they left the
+        last block (see :meth:`BaseAdapter.logit_lens`)."""
+        ...
+
     def batch(
         self, sequences: Sequence[Sequence[int]], padding_side: PaddingSide = "left"
     ) -> TokenBatch:
@@ -908,6 +913,22 @@ class BaseAdapter:
             return projected
         block = self.spec.sites["resid_pre"].path(layer)
         return self.hf_module(f"{block}.{norm}")(projected)
+
+    def logit_lens(self, resid: Activation) -> Logits:
+        """The logit lens (nostalgebraist 2020): the logits residual-stream states
+        ``[..., d_model]`` (``resid_post.L`` read at any layer) would give if they left the last
+        block: the final norm, the unembedding and, where the model has one, the final logit
+        soft-cap (Gemma 3 270M has none).  Applied to ``resid_post.{n_layers-1}`` it gives the
+        model's own logits.  No gradient; float32 on the model's device.
+        """
+        norm = self.hf_module(self.spec.final_norm)
+        head = self.hf_module(self.spec.unembed)
+        with torch.no_grad():
+            logits = head(norm(resid.to(device=self.device, dtype=self.dtype))).float()
+            cap = self.info.logit_softcap
+            if cap:
+                logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def editable_parameter(self, name: str) -> torch.nn.Parameter:
         """The parameter ``name`` (``"<module path>.<attribute>"``, original HF paths), for

@@ -268,3 +268,24 @@ def test_the_layers_a_model_was_trained_for_take_precedence_over_tracing(
     report = json.loads(out)
     assert report["layer_source"] == "explicit"
     assert report["methods"]["ft"]["config"]["layer"] == "0"
+
+
+def test_the_traced_token_has_content(traced, micro_tiny: Path) -> None:
+    """A Chinese answer after the answer prefix starts with a bare space token on this
+    tokenizer; tracing measures the first token with content, the space joined to the prompt
+    (the space's probability moves with no corruption)."""
+    from mlake_core.models import load_adapter
+
+    root, _ = traced
+    adapter = load_adapter(str(micro_tiny), "tlens", device="cpu")
+    runs = [p for p in (root / "tracing").iterdir() if (p / "meta.json").is_file()]
+    traces = [p for run in runs for p in (run / "arrays").glob("trace_zh_*.npz")]
+    assert traces
+    spaced = 0
+    for path in traces:
+        with np.load(path) as data:
+            answer = int(data["answer_id"])
+            prompt = [int(x) for x in data["prompt_ids"]]
+        assert adapter.tokenizer.decode([answer]).strip(), path
+        spaced += not adapter.tokenizer.decode([prompt[-1]]).strip()
+    assert spaced  # at least one answer began with a space token, now in the prompt
