@@ -1,4 +1,4 @@
-"""Batched causal tracing versus a plain loop of one forward pass per cell.
+"""Batched causal tracing versus a plain loop of one forward pass per cell, per MLaKE language.
 
 The plain loop is how ROME's reference code traces: for every (kind, token, layer) cell, one
 forward pass whose rows are the corrupted samples, with that cell restored, computing the
@@ -10,12 +10,83 @@ after the corrupted run's cached keys and values (the prefix cache).  Both use t
 ``--full-prompt`` the batched tracer is also timed without the prefix cache (every row the
 whole prompt), to show what each part gains.
 
-Measured on ``mlake-tiny`` (trained first if needed) and on a GPT-2-small-sized random GPT-2
-(12 layers, d_model 768, 12 heads, d_mlp 3072, vocabulary 50,257), in the same process:
-forward passes per fact, facts per minute, the speed-up, and the largest difference between
-the two tracers' restored probabilities.
+Prompts: MLaKE's own question prompts (``question`` form) in each language (en, zh, ja, fr,
+de), with their subject positions as :func:`~mlake_core.editing.base.locate_prompt` finds them,
+the answer's first token with content measured, any bare space token before it joined to the
+prompt (as the tracing stage does; the numbers below were measured before that change, on the
+first token).  Facts are taken in mlake-tiny's
+training order, the first ``--facts`` that locate in the language (the same facts on every
+model where they locate); the prompts that do not locate are counted, with the reason.
 
-    python benchmarks/tracing_speed.py [--facts 4] [--gpt2-facts 2] [--samples 10] [--full-prompt]
+Models (``--models``, all three by default):
+
+* ``mlake-tiny`` (4 layers, d_model 256; trained first if needed), in its own template (``qa``);
+* ``gpt2-small-shape``: a random GPT-2 of GPT-2 small's shape (12 layers, d_model 768, 12
+  heads, d_mlp 3072, vocabulary 50,257), with the tiny builder's byte-level BPE tokenizer (a
+  few hundred tokens, so prompts are 2-4 times GPT-2's real token counts; CJK text splits into
+  bytes);
+* ``gemma3-270m-shape``: a random Gemma 3 of Gemma 3 270M's shape, its Hugging Face config (18
+  layers, d_model 640, 4 heads, 1 key/value head, head width 256, d_mlp 2048, vocabulary
+  262,144, a 512-token sliding window on 5 layers of every 6, rope, norms and tied embeddings
+  as the real one), with the real Gemma 3 tokenizer copied from the packaged model's converted
+  folder (so token counts are Gemma's; the tiny builder's tokenizer when the package is
+  missing; the JSON says which).
+
+The random models use the ``qa`` template (``Q: {question}\\nA:``, no demonstrations).
+
+Per (model, language): facts per minute of the batched tracer and of the loop (the loop's
+time is measured in the same process, right after the batched tracer on the same prompt), the
+speed-up (loop seconds / batched seconds), forward passes and batch rows per fact, the mean
+prompt length in tokens and the mean subject start (index of the first subject token, BOS
+included), and the largest absolute difference between the two tracers' probabilities (and
+relative to the batched tracer's probability: a random model's answer probability is about one
+over its vocabulary, so its absolute differences are small whatever happens; the mean clean
+and corrupted probabilities are in the JSON).
+
+The loop on the bigger shapes: a full loop there costs 20 minutes to over an hour per prompt on
+one CPU thread, so by default it runs ``--loop-cells`` cells per prompt (a seeded random
+sample, the same number of each kind, among all the (kind, token, layer) cells), besides its
+clean and corrupted passes, and its time is extrapolated: every loop pass of a prompt has the
+same shape (the samples times the whole prompt, every position's logits), so the loop time is
+the measured clean and corrupted passes plus the mean cell pass times the number of cells
+(kinds x tokens x layers).  The difference is then over the cells run.  ``--loop-cells 0``
+runs every cell (the default on mlake-tiny).  The JSON has the measured seconds, the cells run,
+and the mean and spread of a cell pass's seconds.
+
+**The floor** (work of the batched tracer that no restoration could skip; counted, not
+timed).  The unit is a *token-block*: one transformer block evaluated at one position of one
+batch row.  The tracer's cells are reproduced exactly (:func:`tracer_cells`: the same skip
+rules as ``trace_prompt``: no cell at a token before the subject, none confined to the last
+block at a token other than the last), and the batch rows this gives are checked against the
+tracer's own count.  With ``n`` prompt tokens, ``L`` blocks, ``S`` noise samples:
+
+* *current* = the clean run (``n L``) + the corrupted runs (``S n L``) + for every computed
+  cell at token ``t``, ``S (n - t) L`` (its rows hold the tokens from ``t`` on, every block);
+  without the prefix cache (a model whose cache cannot be continued, or ``--full-prompt``'s
+  variant, reported as ``full_prompt_token_blocks``) every cell is ``S n L``;
+* *minimum* = the same clean and corrupted runs + for every computed cell at token ``t`` whose
+  lowest restored layer is ``l``, ``S (n - t) (L - l)``: the row starts at block ``l``
+  (the restored block is counted whole), since below it every activation at every position
+  from ``t`` on equals the corrupted run's (restoring block ``l``'s output changes nothing
+  before it, and causal attention nothing before ``t``), which is computed once per sample.
+  ``l`` is the layer for ``resid`` cells and the window's first layer for ``mlp`` and ``attn``;
+* ``floor`` = minimum / current, the fraction of today's work that would remain if every row
+  started at its restored layer; ``headroom`` = current / minimum, the most that skipping the
+  blocks below the restored layer could gain (issue 25, item 1, not implemented yet).  Also
+  given over the restoration rows alone (``restorations_floor``), without the clean and
+  corrupted runs.
+
+Run (one torch thread; ``OMP_NUM_THREADS=1``)::
+
+    python benchmarks/tracing_speed.py [--models mlake-tiny,gpt2-small-shape,gemma3-270m-shape]
+        [--langs en,zh,ja,fr,de] [--facts N] [--samples N] [--loop-cells N] [--full-prompt]
+        [--json FILE]
+
+``--facts`` (per language and model; default 2 on mlake-tiny, 1 on the bigger shapes),
+``--samples`` (noise samples; default 10 on mlake-tiny, 4 on the bigger shapes) and
+``--loop-cells`` (default 0, i.e. all, on mlake-tiny, 45 on the bigger shapes) override the
+per-model defaults for every model.  A table per model (rows: languages) is printed at the end,
+after each model's JSON.
 """
 
 from __future__ import annotations
@@ -23,10 +94,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,14 +122,130 @@ from mlake_core.models.adapter import Patch
 from mlake_core.models.mlake_tiny import ensure_tiny, read_metadata
 from mlake_core.models.prompting import get_template
 
+LANGS: tuple[str, ...] = ("en", "zh", "ja", "fr", "de")
 
-def loop_trace(adapter, prompt_ids, subject, answer_id, config, generator, noise_std):
-    """Plain tracing: one forward pass (all positions' logits) per cell."""
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A benchmarked model and its defaults."""
+
+    name: str
+    facts: int
+    samples: int
+    loop_cells: int  # 0: every cell
+
+
+MODELS: dict[str, ModelSpec] = {
+    s.name: s
+    for s in (
+        ModelSpec("mlake-tiny", facts=2, samples=10, loop_cells=0),
+        ModelSpec("gpt2-small-shape", facts=1, samples=4, loop_cells=45),
+        ModelSpec("gemma3-270m-shape", facts=1, samples=4, loop_cells=45),
+    )
+}
+
+#: Gemma 3 270M's config values the Gemma-shaped model takes (besides the TinySize ones).
+GEMMA_CONFIG_KEYS: tuple[str, ...] = (
+    "vocab_size",
+    "head_dim",
+    "query_pre_attn_scalar",
+    "sliding_window",
+    "layer_types",
+    "rope_parameters",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "hidden_activation",
+    "final_logit_softcapping",
+    "attn_logit_softcapping",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
+
+#: Gemma 3 270M's shape, as in its Hugging Face config (used when the package is missing).
+GEMMA_270M_CONFIG: dict[str, Any] = {
+    "vocab_size": 262144,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 512,
+    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3,
+    "rope_parameters": {
+        "full_attention": {"rope_theta": 1000000.0, "rope_type": "default"},
+        "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+    },
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "final_logit_softcapping": None,
+    "attn_logit_softcapping": None,
+}
+
+
+# -- the cells and the floor ------------------------------------------------------------------
+
+
+def tracer_cells(
+    n_tokens: int, n_layers: int, subject: list[int], config: TraceConfig
+) -> list[tuple[str, int, int, int]]:
+    """The cells ``trace_prompt`` computes, ``(kind, token, layer, lowest restored layer)``,
+    with its skip rules (no cell before the subject; none confined to the last block at a
+    token other than the last)."""
+    window = config.resolved_window(n_layers)
+    first = min(subject)
+    out = []
+    for kind in config.kinds:
+        for t in range(n_tokens):
+            for layer in range(n_layers):
+                layers = [layer] if kind == "resid" else window_layers(layer, window, n_layers)
+                if t < first or (t < n_tokens - 1 and min(layers) == n_layers - 1):
+                    continue
+                out.append((kind, t, layer, min(layers)))
+    return out
+
+
+def token_blocks(
+    n_tokens: int, n_layers: int, subject: list[int], config: TraceConfig, prefix_cache: bool
+) -> dict[str, float]:
+    """The batched tracer's work in token-blocks, now and at the floor (module docstring)."""
+    n, big_l, s = n_tokens, n_layers, config.n_samples
+    cells = tracer_cells(n, big_l, subject, config)
+    base = n * big_l + s * n * big_l  # the clean run and the corrupted runs
+    full = sum(s * n * big_l for _ in cells)
+    now = sum(s * (n - t) * big_l for _, t, _, _ in cells) if prefix_cache else full
+    low = sum(s * (n - t) * (big_l - lo) for _, t, _, lo in cells)
+    return {
+        "cells": len(cells),
+        "rows": 1 + s * (len(cells) + 1),
+        "current": base + now,
+        "minimum": base + low,
+        "full_prompt": base + full,
+        "restorations_current": now,
+        "restorations_minimum": low,
+    }
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+
+def loop_trace(
+    adapter,
+    prompt_ids,
+    subject,
+    answer_id,
+    config,
+    generator,
+    noise_std,
+    only: set[tuple[str, int, int]] | None = None,
+):
+    """Plain tracing: one forward pass (all positions' logits) per cell; with ``only``, just
+    those cells (the others' scores NaN).  Returns the corrupted probability, the scores, the
+    seconds of the clean and corrupted passes, and the seconds of each cell pass."""
     n_layers, n_tokens = adapter.n_layers, len(prompt_ids)
     window = config.resolved_window(n_layers)
     sites = ["embed"] + [
         f"{SITE_OF_KIND[k]}.{layer}" for k in config.kinds for layer in range(n_layers)
     ]
+    start = time.perf_counter()
     _, clean = adapter.run_with_cache(adapter.batch([list(prompt_ids)]), sites)
     base = clean["embed"][0, subject].float().cpu()
     noise = torch.randn(config.n_samples, len(subject), base.shape[-1], generator=generator)
@@ -73,15 +263,18 @@ def loop_trace(adapter, prompt_ids, subject, answer_id, config, generator, noise
         logits = adapter.run_with_patches(batch, [embed, *patches])
         return float(logits[:, -1].float().softmax(-1)[:, answer_id].mean())
 
-    passes = 1
     p_corrupt = prob([])
-    passes += 1
+    setup_s = time.perf_counter() - start
+    cell_s: list[float] = []
     scores = {}
     for kind in config.kinds:
         site = SITE_OF_KIND[kind]
-        out = np.zeros((n_tokens, n_layers))
+        out = np.full((n_tokens, n_layers), np.nan)
         for t in range(n_tokens):
             for layer in range(n_layers):
+                if only is not None and (kind, t, layer) not in only:
+                    continue
+                start = time.perf_counter()
                 layers = [layer] if kind == "resid" else window_layers(layer, window, n_layers)
                 patches = [
                     Patch(
@@ -93,17 +286,41 @@ def loop_trace(adapter, prompt_ids, subject, answer_id, config, generator, noise
                     for lo in layers
                 ]
                 out[t, layer] = prob(patches)
-                passes += 1
+                cell_s.append(time.perf_counter() - start)
         scores[kind] = out
-    return p_corrupt, scores, passes
+    return p_corrupt, scores, setup_s, cell_s
 
 
-def bench(name, adapter, items, config, noise_std, full_prompt=False):
-    batched_s = loop_s = full_s = 0.0
-    diffs, passes_b, passes_l, rows_b = [], [], [], []
-    full_diffs, passes_f, rows_f = [], [], []
+def loop_sample(
+    n_tokens: int, n_layers: int, config: TraceConfig, k: int, seed: int
+) -> set[tuple[str, int, int]] | None:
+    """A seeded random sample of ``k`` loop cells, the same number of each kind (``None``:
+    every cell, when ``k`` is 0 or covers them all)."""
+    per_kind = -(-k // len(config.kinds)) if k > 0 else 0
+    if per_kind == 0 or per_kind >= n_tokens * n_layers:
+        return None
+    rng = np.random.default_rng(seed)
+    out = set()
+    for kind in config.kinds:
+        for i in rng.choice(n_tokens * n_layers, size=per_kind, replace=False):
+            out.add((kind, int(i) // n_layers, int(i) % n_layers))
+    return out
+
+
+# -- one model, one language --------------------------------------------------------------------
+
+
+def bench_language(adapter, items, config, noise_std, loop_cells, full_prompt=False):
+    """Time both tracers on ``items`` (one language's prompts) and count their work."""
+    n_layers = adapter.n_layers
+    batched_s = loop_s = loop_measured_s = full_s = 0.0
+    diffs, passes_b, passes_l, rows_b, cells_run, cell_pass_s = [], [], [], [], [], []
+    rel_diffs, p_clean, p_corrupt_b = [], [], []
+    full_diffs, passes_f = [], []
+    work: dict[str, float] = {}
+    prefix_used = []
     for fact_id, lang, ids, subject, answer in items:
-        seed = fact_id * 10 + len(lang)
+        seed = fact_id * 10 + LANGS.index(lang)
         t = time.perf_counter()
         tr = trace_prompt(
             adapter,
@@ -132,105 +349,139 @@ def bench(name, adapter, items, config, noise_std, full_prompt=False):
             for kind in config.kinds:
                 full_diffs.append(float(np.abs(full.scores[kind] - tr.scores[kind]).max()))
             passes_f.append(full.forward_passes)
-            rows_f.append(full.rows)
+        only = loop_sample(len(ids), n_layers, config, loop_cells, seed)
         t = time.perf_counter()
-        p_corrupt, scores, passes = loop_trace(
-            adapter, ids, subject, answer, config, torch.Generator().manual_seed(seed), noise_std
+        p_corrupt, scores, setup_s, cell_s = loop_trace(
+            adapter,
+            ids,
+            subject,
+            answer,
+            config,
+            torch.Generator().manual_seed(seed),
+            noise_std,
+            only,
         )
-        loop_s += time.perf_counter() - t
+        measured = time.perf_counter() - t
+        total_cells = len(config.kinds) * len(ids) * n_layers
+        loop_measured_s += measured
+        loop_s += measured if only is None else setup_s + float(np.mean(cell_s)) * total_cells
+        cells_run.append(len(cell_s))
+        cell_pass_s.extend(cell_s)
         diffs.append(abs(p_corrupt - tr.p_corrupt))
+        rel_diffs.append(abs(p_corrupt - tr.p_corrupt) / tr.p_corrupt)
         for kind in config.kinds:
-            diffs.append(float(np.abs(scores[kind] - tr.scores[kind]).max()))
+            gap = np.abs(scores[kind] - tr.scores[kind])
+            diffs.append(float(np.nanmax(gap)))
+            rel_diffs.append(float(np.nanmax(gap / tr.scores[kind])))
+        p_clean.append(tr.p_clean)
+        p_corrupt_b.append(tr.p_corrupt)
         passes_b.append(tr.forward_passes)
         rows_b.append(tr.rows)
-        passes_l.append(passes)
+        passes_l.append(2 + total_cells)
+        # Did the tracer continue the corrupted run's cache (as trace_prompt decides)?
+        try:
+            adapter.run_with_past(adapter.batch([list(ids)]), [], last_only=True)
+            prefix_used.append(True)
+        except NotImplementedError:
+            prefix_used.append(False)
+        w = token_blocks(len(ids), n_layers, subject, config, prefix_used[-1])
+        if w["rows"] != tr.rows:
+            raise AssertionError(
+                f"fact {fact_id} [{lang}]: the reproduced cells give {w['rows']} rows, the "
+                f"tracer ran {tr.rows}"
+            )
+        for key, value in w.items():
+            work[key] = work.get(key, 0) + value
     n = len(items)
-    extra = {}
-    if full_prompt:
-        extra["batched_full_prompt"] = {
-            "seconds": round(full_s, 2),
-            "facts_per_minute": round(60 * n / full_s, 2),
-            "forward_passes_per_fact": float(np.mean(passes_f)),
-            "rows_per_fact": float(np.mean(rows_f)),
-            "prefix_cache_speedup": round(full_s / batched_s, 2),
-            "max_abs_difference_to_batched": float(max(full_diffs)),
-        }
-    return {
-        "model": name,
+    out: dict[str, Any] = {
         "facts": n,
+        "fact_ids": [i[0] for i in items],
         "tokens_per_prompt": float(np.mean([len(i[2]) for i in items])),
-        "samples": config.n_samples,
-        "window": config.resolved_window(adapter.n_layers),
+        "subject_start": float(np.mean([min(i[3]) for i in items])),
+        "subject_tokens": float(np.mean([len(i[3]) for i in items])),
+        "prefix_cache": all(prefix_used),
         "batched": {
             "seconds": round(batched_s, 2),
-            "facts_per_minute": round(60 * n / batched_s, 2),
+            "facts_per_minute": round(60 * n / batched_s, 3),
             "forward_passes_per_fact": float(np.mean(passes_b)),
             "rows_per_fact": float(np.mean(rows_b)),
         },
         "loop": {
             "seconds": round(loop_s, 2),
-            "facts_per_minute": round(60 * n / loop_s, 2),
+            "measured_seconds": round(loop_measured_s, 2),
+            "extrapolated": any(c < p - 2 for c, p in zip(cells_run, passes_l, strict=True)),
+            "cells_run_per_fact": float(np.mean(cells_run)),
+            "cell_pass_seconds_mean": round(float(np.mean(cell_pass_s)), 4),
+            "cell_pass_seconds_std": round(float(np.std(cell_pass_s)), 4),
+            "facts_per_minute": round(60 * n / loop_s, 3),
             "forward_passes_per_fact": float(np.mean(passes_l)),
         },
-        **extra,
         "speedup": round(loop_s / batched_s, 2),
         "max_abs_difference": float(max(diffs)),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "max_rel_difference": float(max(rel_diffs)),
+        "p_clean": float(np.mean(p_clean)),
+        "p_corrupt": float(np.mean(p_corrupt_b)),
+        "floor": {
+            "current_token_blocks_per_fact": work["current"] / n,
+            "minimum_token_blocks_per_fact": work["minimum"] / n,
+            "full_prompt_token_blocks_per_fact": work["full_prompt"] / n,
+            "floor": round(work["minimum"] / work["current"], 4),
+            "headroom": round(work["current"] / work["minimum"], 3),
+            "restorations_floor": round(
+                work["restorations_minimum"] / work["restorations_current"], 4
+            ),
+        },
     }
+    if full_prompt:
+        out["batched_full_prompt"] = {
+            "seconds": round(full_s, 2),
+            "facts_per_minute": round(60 * n / full_s, 3),
+            "forward_passes_per_fact": float(np.mean(passes_f)),
+            "prefix_cache_speedup": round(full_s / batched_s, 2),
+            "max_abs_difference_to_batched": float(max(full_diffs)),
+        }
+    return out
 
 
-def prompts(adapter, dataset, fact_ids, template, langs, n):
-    items = []
+def prompts(adapter, dataset, fact_ids, template, lang, n):
+    """The first ``n`` facts of ``fact_ids`` whose question prompt locates in ``lang``:
+    ``(fact_id, lang, prompt_ids, subject_positions, answer_id)``, and the reasons of the
+    others (counts)."""
+    items, skipped = [], {}
     for fact_id in fact_ids:
-        for lang in langs:
-            view = dataset.fact(fact_id).views[lang]
-            try:
-                loc = locate_prompt(adapter, view, template)
-            except MlakeError:
-                continue
-            answer = adapter.tokenizer(
-                loc.answer_prefix + view.record.o_answer, add_special_tokens=False
-            )["input_ids"]
-            items.append(
-                (fact_id, lang, list(loc.prompt_ids), list(loc.subject_positions), answer[0])
-            )
-            if len(items) == n:
-                return items
-    return items
+        view = dataset.fact(fact_id).views[lang]
+        try:
+            loc = locate_prompt(adapter, view, template)
+        except MlakeError as err:
+            reason = str(err).split(": ", 1)[-1]
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        # As the tracing stage: the answer's first token with content, any bare space before
+        # it joined to the prompt (LocatedPrompt.answer_start).
+        lead, answer = loc.answer_start(adapter, view.form("question").target.text)
+        if answer is None:
+            skipped["empty answer"] = skipped.get("empty answer", 0) + 1
+            continue
+        items.append(
+            (fact_id, lang, [*loc.prompt_ids, *lead], sorted(loc.subject_positions), int(answer))
+        )
+        if len(items) == n:
+            break
+    return items, skipped
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--facts", type=int, default=4, help="prompts traced on mlake-tiny")
-    parser.add_argument(
-        "--gpt2-facts", type=int, default=2, help="prompts on the GPT-2-sized model"
-    )
-    parser.add_argument("--samples", type=int, default=10)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", default=None, help="also write the results here")
-    parser.add_argument(
-        "--full-prompt",
-        action="store_true",
-        help="also time the batched tracer without the prefix cache",
-    )
-    args = parser.parse_args()
-    config = TraceConfig(n_samples=args.samples)
-    dataset = load_mlake()
-    results = []
+# -- the models ---------------------------------------------------------------------------------
 
-    tiny = ensure_tiny()
-    adapter = load_adapter(str(tiny), "tlens", device=args.device)
-    template = get_template(read_metadata(tiny)["config"]["template"])
-    ids = read_metadata(tiny)["fact_ids"]
-    items = prompts(adapter, dataset, ids, template, ("en", "zh", "ja", "fr", "de"), args.facts)
-    std = embedding_noise_std(adapter, [(i[2], i[3]) for i in items])
-    results.append(bench("mlake-tiny", adapter, items, config, std, args.full_prompt))
-    print(json.dumps(results[-1], indent=2), flush=True)
 
+def build_model(name: str, folder: Path) -> tuple[Path, str, dict[str, Any]]:
+    """The model's folder, its template name and a description of it."""
     from mlake_core.models.tiny import TinySize, build_tiny_model
 
-    with tempfile.TemporaryDirectory() as tmp:
+    if name == "mlake-tiny":
+        path = ensure_tiny()
+        meta = read_metadata(path)
+        return path, meta["config"]["template"], {"tokenizer": "mlake-tiny's own"}
+    if name == "gpt2-small-shape":
         size = TinySize(
             n_layers=12,
             d_model=768,
@@ -242,18 +493,238 @@ def main() -> None:
             init_std=0.02,
             noise_std=0.0,
         )
-        path = build_tiny_model(
-            "gpt2", Path(tmp) / "gpt2-small", size=size, config_overrides={"vocab_size": 50257}
+        path = build_tiny_model("gpt2", folder, size=size, config_overrides={"vocab_size": 50257})
+        return path, "qa", {"tokenizer": "tiny builder's byte-level BPE"}
+    real = _gemma_folder()
+    config = dict(GEMMA_270M_CONFIG)
+    if real is not None:
+        packaged = json.loads((real / "config.json").read_text(encoding="utf-8"))
+        shape = tuple(
+            packaged[k]
+            for k in (
+                "num_hidden_layers",
+                "hidden_size",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "intermediate_size",
+            )
         )
+        if shape != (18, 640, 4, 1, 2048):
+            raise AssertionError(f"{real}/config.json is not Gemma 3 270M's shape: {shape}")
+        config = {k: packaged[k] for k in GEMMA_CONFIG_KEYS if k in packaged}
+    size = TinySize(
+        n_layers=18,
+        d_model=640,
+        n_heads=4,
+        n_kv_heads=1,
+        d_mlp=2048,
+        n_ctx=config["max_position_embeddings"],
+        vocab_size=2000,
+        init_std=0.02,
+        noise_std=0.0,
+    )
+    path = build_tiny_model("gemma3_text", folder, size=size, config_overrides=config)
+    if real is None:
+        return path, "qa", {"tokenizer": "tiny builder's byte-level BPE (Gemma package missing)"}
+    # The real tokenizer: the tiny one's files out, the packaged model's in.
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (path / f).unlink(missing_ok=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(real / f, path / f)
+    return path, "qa", {"tokenizer": f"real Gemma 3 tokenizer (from {real})"}
+
+
+def _gemma_folder() -> Path | None:
+    """The packaged Gemma 3 270M's converted folder (its config and tokenizer), if any."""
+    try:
+        from mlake_core.models.gguf_weights import resolve_gguf
+
+        weights = resolve_gguf("gemma-3-270m")
+    except MlakeError:
+        return None
+    return None if weights is None else Path(weights.folder)
+
+
+def bench_model(name, spec, args, dataset, fact_ids, langs):
+    config = TraceConfig(n_samples=spec.samples)
+    with tempfile.TemporaryDirectory(prefix="tracing-speed-") as tmp:
+        t = time.perf_counter()
+        path, template_name, about = build_model(name, Path(tmp) / name)
         adapter = load_adapter(str(path), "tlens", device=args.device)
-        items = prompts(adapter, dataset, ids, get_template("qa"), ("en", "zh"), args.gpt2_facts)
-        std = embedding_noise_std(adapter, [(i[2], i[3]) for i in items])
-        results.append(
-            bench("gpt2-small-sized random", adapter, items, config, std, args.full_prompt)
+        build_s = time.perf_counter() - t
+        if hasattr(adapter.tokenizer, "model_max_length"):
+            adapter.tokenizer.model_max_length = int(1e9)  # the tiny tokenizer says 64
+        template = get_template(template_name)
+        by_lang, skipped = {}, {}
+        for lang in langs:
+            by_lang[lang], skipped[lang] = prompts(
+                adapter, dataset, fact_ids, template, lang, spec.facts
+            )
+        everything = [i for items in by_lang.values() for i in items]
+        std = embedding_noise_std(adapter, [(i[2], i[3]) for i in everything])
+        result: dict[str, Any] = {
+            "model": name,
+            **about,
+            "template": template_name,
+            "n_layers": adapter.n_layers,
+            "d_model": adapter.d_model,
+            "d_vocab": adapter.info.d_vocab,
+            "samples": spec.samples,
+            "window": config.resolved_window(adapter.n_layers),
+            "loop_cells": spec.loop_cells,
+            "noise_std": std,
+            "build_and_load_seconds": round(build_s, 1),
+            "languages": {},
+        }
+        for lang in langs:
+            items = by_lang[lang]
+            entry: dict[str, Any] = {"skipped": skipped[lang]}
+            if items:
+                t = time.perf_counter()
+                entry.update(
+                    bench_language(adapter, items, config, std, spec.loop_cells, args.full_prompt)
+                )
+                entry["wall_seconds"] = round(time.perf_counter() - t, 1)
+            else:
+                entry["facts"] = 0
+            result["languages"][lang] = entry
+            print(f"[{name} {lang}] {json.dumps(entry)}", flush=True)
+        result["torch_threads"] = torch.get_num_threads()
+        result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        del adapter
+    return result
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+def table(result: dict[str, Any]) -> str:
+    """A readable table of one model's result (rows: languages)."""
+    head = (
+        f"{result['model']} ({result['n_layers']} layers, d_model {result['d_model']}, "
+        f"vocabulary {result['d_vocab']}; {result['samples']} samples, window "
+        f"{result['window']}; tokenizer: {result['tokenizer']}; template {result['template']})"
+    )
+    cols = [
+        ("lang", 4),
+        ("facts", 5),
+        ("tokens", 6),
+        ("subj@", 5),
+        ("batched f/min", 13),
+        ("loop f/min", 10),
+        ("speed-up", 8),
+        ("passes b/l", 11),
+        ("rows/fact", 9),
+        ("max |diff|", 10),
+        ("(relative)", 10),
+        ("floor", 6),
+        ("headroom", 8),
+    ]
+    lines = [
+        head,
+        "  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(cols)),
+    ]
+    extrapolated = False
+    for lang, e in result["languages"].items():
+        if not e.get("facts"):
+            lines.append(f"{lang:<4}  no prompt located: {e['skipped']}")
+            continue
+        extrapolated |= e["loop"]["extrapolated"]
+        star = "*" if e["loop"]["extrapolated"] else ""
+        values = [
+            lang,
+            str(e["facts"]),
+            f"{e['tokens_per_prompt']:.1f}",
+            f"{e['subject_start']:.1f}",
+            f"{e['batched']['facts_per_minute']:.3g}",
+            f"{e['loop']['facts_per_minute']:.3g}{star}",
+            f"{e['speedup']:.2f}x",
+            f"{e['batched']['forward_passes_per_fact']:.0f}/"
+            f"{e['loop']['forward_passes_per_fact']:.0f}",
+            f"{e['batched']['rows_per_fact']:.0f}",
+            f"{e['max_abs_difference']:.1e}",
+            f"{e['max_rel_difference']:.1e}",
+            f"{e['floor']['floor']:.3f}",
+            f"{e['floor']['headroom']:.2f}x",
+        ]
+        lines.append(
+            "  ".join(
+                f"{v:<{w}}" if i == 0 else f"{v:>{w}}"
+                for i, (v, (_, w)) in enumerate(zip(values, cols, strict=True))
+            )
         )
+    if extrapolated:
+        lines.append(
+            f"  * loop time extrapolated from {result['loop_cells']} cells per prompt (plus its "
+            "clean and corrupted passes); the difference is over those cells"
+        )
+    skips = {lang: e["skipped"] for lang, e in result["languages"].items() if e["skipped"]}
+    if skips:
+        lines.append(f"  prompts skipped before the first located ones: {skips}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help=f"comma-separated subset of {', '.join(MODELS)}",
+    )
+    parser.add_argument("--langs", default=",".join(LANGS), help="comma-separated languages")
+    parser.add_argument(
+        "--facts",
+        type=int,
+        default=None,
+        help="prompts per language and model (default: 2 on mlake-tiny, 1 on the others)",
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="noise samples (default: 10 on mlake-tiny, 4 on the others)",
+    )
+    parser.add_argument(
+        "--loop-cells",
+        type=int,
+        default=None,
+        help="loop cells run per prompt, the loop's time extrapolated; 0: all "
+        "(default: all on mlake-tiny, 45 on the others)",
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--full-prompt",
+        action="store_true",
+        help="also time the batched tracer without the prefix cache",
+    )
+    args = parser.parse_args()
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    langs = [x.strip() for x in args.langs.split(",") if x.strip()]
+    bad = [m for m in names if m not in MODELS] + [x for x in langs if x not in LANGS]
+    if bad:
+        parser.error(f"unknown model or language: {', '.join(bad)}")
+    dataset = load_mlake()
+    fact_ids = read_metadata(ensure_tiny())["fact_ids"]
+    results = []
+    started = time.perf_counter()
+    for name in names:
+        spec = MODELS[name]
+        spec = ModelSpec(
+            name,
+            facts=spec.facts if args.facts is None else args.facts,
+            samples=spec.samples if args.samples is None else args.samples,
+            loop_cells=spec.loop_cells if args.loop_cells is None else args.loop_cells,
+        )
+        t = time.perf_counter()
+        results.append(bench_model(name, spec, args, dataset, fact_ids, langs))
+        results[-1]["wall_seconds"] = round(time.perf_counter() - t, 1)
         print(json.dumps(results[-1], indent=2), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwall time {time.perf_counter() - started:.0f} s\n")
+    for result in results:
+        print(table(result) + f"\n  wall {result['wall_seconds']:.0f} s\n")
 
 
 if __name__ == "__main__":
