@@ -6,13 +6,17 @@ block is decoded through the model's final norm and unembedding (the logit lens:
 :meth:`~mlake_core.models.adapter.BaseAdapter.logit_lens`) at two positions:
 
 * ``subject_last``: the subject's last token (where ROME writes and tracing finds the fact);
-* ``last``: the prompt's last token (where the answer is read out).
+* ``last``: the prompt's last token (where the answer is read out), after any bare space
+  the prompt language's answer begins with (below).
 
 MLaKE's answers are parallel across languages, so each view is scored on the *same answer
-written in every language*: the first token with content of that language's answer (after
-the template's answer prefix; a bare space token before a Chinese answer is skipped, see
-:meth:`~mlake_core.editing.base.LocatedPrompt.answer_start`), its probability and its rank
-among the vocabulary at each layer, all read at the prompt's last position.
+written in every language*: the first token with content of that language's answer, its
+probability and its rank among the vocabulary at each layer.  Where the prompt language's
+answer begins with a bare space token (Chinese and Japanese answers after the answer prefix,
+on Gemma 3 and mlake-tiny), the space is joined to the prompt and the lens reads the position
+after it; every language's answer is then the token that would follow there
+(:func:`reading_tokens`).  Without this the "last position" predicts the space, and every
+content token looks improbable there.
 A tuned lens (Belrose et al. 2023) is not implemented yet; the logit lens is exact at the last
 layer (the model's own output) and biased towards the output space before it.
 
@@ -46,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mlake_core.editing.base import LocatedPrompt, content_start
 from mlake_core.errors import ConfigError
 from mlake_core.models.adapter import ModelAdapter
 from mlake_core.results.store import read_arrays, read_run
@@ -164,6 +169,32 @@ class FactLens:
             if best is None or key < best:
                 best = key
         return None if best is None else best[2]
+
+
+def reading_tokens(
+    adapter: ModelAdapter, located: LocatedPrompt, own: str, answers: Sequence[str]
+) -> tuple[tuple[int, ...], list[int | None]]:
+    """Where the lens reads a view, and which token of each language's answer.
+
+    The prompt language's answer (``own``) sets the position: when it begins with
+    whitespace-only tokens (a bare space before a Chinese answer), they are joined to the
+    prompt, and the lens reads the position that predicts its first token with content
+    (:meth:`~mlake_core.editing.base.LocatedPrompt.answer_start`).  Each answer is then
+    represented by its first token with content *as it would follow there*: after the joined
+    space without one (``"Cornell"``), else after the answer prefix (``" Cornell"``).
+
+    Returns:
+        ``(the tokens joined to the prompt, each answer's token or None when it has none)``.
+    """
+    lead, _ = located.answer_start(adapter, own)
+    tokens: list[int | None] = []
+    for text in answers:
+        if lead:
+            ids = adapter.tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
+        else:
+            ids = located.answer_ids(adapter, text)
+        tokens.append(content_start(adapter, ids)[1])
+    return lead, tokens
 
 
 def lens_prompts(

@@ -4,7 +4,7 @@ On a terminal (stderr is a TTY, or bars are asked for) a bar is a ``tqdm`` bar. 
 job's log file, a background run, CI) tqdm would print nothing useful, so a bar is a
 :class:`LogBar`: one log line with the count, the total, the rate and the latest status every
 10% of the total and at the end.  ``mlake pipeline`` and the single-analysis commands (``mlake
-trace``, ``mlake neurons``, ``mlake edit transfer``, ``mlake probe``) share it.
+trace``, ``mlake lens``, ``mlake neurons``, ``mlake edit transfer``, ``mlake probe``) share it.
 """
 
 from __future__ import annotations

@@ -135,6 +135,32 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
             'rec = run.stages["probes"]\nif rec.status != "complete":\n    print("probes not run:", rec.note)\nelse:\n    from probes.config import load_probe_result\n    from figures.probes import accuracy_by_layer\n    result = load_probe_result(rec.runs["probes"])\n    display(accuracy_by_layer(result))',
         ),
     ],
+    "07_latent_lens": [
+        (
+            "md",
+            "# The latent-language lens\n\nIn which language is a fact's answer written, layer by layer, before the model writes it in the prompt's language?  The logit lens (Wendler et al. 2024) at the last position and at the subject's last token, on the facts the model knows, per prompt language.",
+        ),
+        ("code", SETUP),
+        ("code", 'run = notebook_run(["lens"], log=log)\nprint(run.summary())'),
+        (
+            "md",
+            "Per prompt language: the facts looked at, the median emergence layer (the first layer where the prompt language's answer ranks in the top k at the last position) and the facts where it never does, how often each answer language is decodable first, and where the latent English curve peaks.",
+        ),
+        (
+            "code",
+            'import pandas as pd\nfrom analysis.lens import LensResult\nfrom mlake.pipeline.report import LENS_COLUMNS, lens_cells\n\nresult = LensResult.load(run.stages["lens"].runs["lens"])\npd.DataFrame([lens_cells(s) for s in result.summaries], columns=LENS_COLUMNS)',
+        ),
+        (
+            "md",
+            "The answer written in each language, by layer, at the last position: the prompt's own language thick, the latent English curve (facts whose English token differs from the prompt language's) dotted.",
+        ),
+        (
+            "code",
+            'from figures.lens import answer_probabilities\nanswer_probabilities(result, "last")',
+        ),
+        ("md", "The same at the subject's last token."),
+        ("code", 'answer_probabilities(result, "subject_last")'),
+    ],
 }
 
 

@@ -11,6 +11,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mlake.commands.eval",
     "mlake.commands.edit",
     "mlake.commands.trace",
+    "mlake.commands.lens",
     "mlake.commands.neurons",
     "mlake.commands.probe",
     "mlake.commands.relate",

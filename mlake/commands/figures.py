@@ -2,9 +2,11 @@
 
 Reads the run folder's ``manifest.json`` and each stage's saved result (nothing is
 recomputed), and writes into ``RUN_DIR/figures``: the edit-transfer matrices per method, the
-causal-tracing maps per language and the tracing profiles, the neuron overlap matrices, the
-specific/shared units per layer, the ablation matrices, sharing against transfer, restricted
-editing, probe accuracy by layer, and (with ``--sweep``) a sharing sweep's dose-response.
+causal-tracing maps per language and the tracing profiles, the latent-language lens curves
+per prompt language (at the last position and at the subject's last token), the neuron
+overlap matrices, the specific/shared units per layer, the ablation matrices, sharing against
+transfer, restricted editing, probe accuracy by layer, and (with ``--sweep``) a sharing
+sweep's dose-response.
 Stages that did not run are skipped with a note; ``figures/index.json`` lists both.  The
 report (``report.md``) is rewritten to link the figures.
 """

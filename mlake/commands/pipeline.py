@@ -1,7 +1,8 @@
 """``mlake pipeline``: every stage on one model, one run folder.
 
-Data checks, knowledge, causal tracing, edit transfer (FT and IKE by default), neuron
-attribution, restricted editing, probes and the relation between sharing and transfer; then
+Data checks, knowledge, causal tracing, the latent-language lens, edit transfer (FT by
+default), neuron attribution, restricted editing, probes and the relation between sharing and
+transfer; then
 every figure and ``report.md``.  The defaults (``mlake pipeline --print-config`` prints them as
 YAML, with the documented copy in ``mlake/pipeline/pipeline_default.yaml``) run mlake-tiny on 12
 facts in five languages, within 15 minutes on two CPU cores.  ``--config FILE`` reads a YAML

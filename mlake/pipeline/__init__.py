@@ -9,13 +9,15 @@
    transfer stage's locality sample;
 4. ``tracing``: causal tracing of the selected facts (it runs before editing so that an edit
    layer ``auto`` can take the layer tracing recommends);
-5. ``transfer``: edit transfer, one run per editing method;
-6. ``neurons``: neuron attribution, language-specific and shared units, ablation matrix;
-7. ``restricted``: FT restricted to the shared / random neurons found in step 6;
-8. ``probes``: language-identity and cross-lingual probes (skipped, with a note, when the
+5. ``lens``: the latent-language lens of the selected facts the model knows (per prompt
+   language, the answer written in every language, layer by layer: :mod:`analysis.lens`);
+6. ``transfer``: edit transfer, one run per editing method;
+7. ``neurons``: neuron attribution, language-specific and shared units, ablation matrix;
+8. ``restricted``: FT restricted to the shared / random neurons found in step 7;
+9. ``probes``: language-identity and cross-lingual probes (skipped, with a note, when the
    ``probes`` package is not installed);
-9. ``relate``: sharing against transfer, for each transfer method;
-10. ``figures`` and ``report``: every figure (PDF and PNG) and ``report.md``.
+10. ``relate``: sharing against transfer, for each transfer method;
+11. ``figures`` and ``report``: every figure (PDF and PNG) and ``report.md``.
 
 Every stage is one of :mod:`mlake.stages`' stage functions (or
 :func:`mlake.stages.relate.relate_stage`), which cache their result in the results store keyed by

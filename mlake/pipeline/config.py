@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from analysis.lens import LensConfig
 from analysis.neurons.attribution import AttributionConfig
 from analysis.neurons.config import NeuronConfig
 from analysis.tracing.causal import TraceConfig
@@ -30,6 +31,7 @@ STAGES: tuple[str, ...] = (
     "model",
     "knowledge",
     "tracing",
+    "lens",
     "transfer",
     "neurons",
     "restricted",
@@ -239,6 +241,7 @@ class PipelineConfig:
     run: PipelineRun = field(default_factory=PipelineRun)
     knowledge: KnowledgeConfig = field(default_factory=_default_knowledge)
     tracing: TraceConfig = field(default_factory=_default_tracing)
+    lens: LensConfig = field(default_factory=LensConfig)
     transfer: TransferSettings = field(default_factory=TransferSettings)
     neurons: NeuronConfig = field(default_factory=_default_neurons)
     probes: Any = field(default_factory=_default_probes)
@@ -298,7 +301,7 @@ def config_from_dict(data: Any, source: str | None = None) -> PipelineConfig:
             f"{where(source, unknown[0])}: unknown section (known: {', '.join(sorted(sections))})"
         )
     kwargs: dict[str, Any] = {}
-    for name in ("model", "data", "run", "knowledge", "tracing", "neurons"):
+    for name in ("model", "data", "run", "knowledge", "tracing", "lens", "neurons"):
         current = getattr(defaults, name)
         kwargs[name] = build_dataclass(
             type(current), data.get(name), path=name, source=source, base=current

@@ -12,6 +12,9 @@ file (``figures/<name>``)       from
 ``tracing_profiles``           tracing: effect by layer per language
 ``tracing_fact_<lang>``        tracing: one fact's heatmaps with its real tokens, per language
 ``tracing_similarity``         tracing: 5x5 profile similarity
+``lens_last``                  lens: per prompt language, the answer in each language by
+                               layer at the last position (and the latent English curve)
+``lens_subject_last``          lens: the same at the subject's last token
 ``neuron_overlap_<unit>``      neurons: same-fact overlap matrices per attribution method
 ``unit_counts_<method>``       neurons: language-specific and shared units per layer
 ``ablation_<method>``          neurons: the ablation matrix (specific vs random units)
@@ -84,7 +87,7 @@ def figure_makers(
     from analysis.relate_result import load_relate_result
     from analysis.tracing.summary import TracingResult
     from analysis.transfer import load_transfer, transfer_matrix
-    from figures import editing, neurons, relate, tracing
+    from figures import editing, lens, neurons, relate, tracing
 
     makers: list[tuple[str, Maker | str]] = []
 
@@ -123,6 +126,17 @@ def figure_makers(
         makers.append(("tracing_similarity", partial(tracing.similarity_heatmap, result)))
     else:
         makers.append(("tracing_map_mlp", "no tracing stage in the run"))
+
+    # Latent-language lens.
+    lens_dir = _runs(manifest, "lens").get("lens")
+    if lens_dir and (Path(lens_dir) / "summary.json").is_file():
+        from analysis.lens import POSITIONS, LensResult
+
+        lres = LensResult.from_dict(_read_json(Path(lens_dir) / "summary.json"))
+        for position in reversed(POSITIONS):  # the last position first
+            makers.append((f"lens_{position}", partial(lens.answer_probabilities, lres, position)))
+    else:
+        makers.append(("lens_last", "no lens stage in the run"))
 
     # Neurons.
     neuron_dir = _runs(manifest, "neurons").get("neurons")

@@ -3,7 +3,9 @@ took, the key tables of every stage read back from the results store, and the fi
 (``figures/*.png``, as written by :func:`mlake.pipeline.figures.write_figures`).
 
 Tables: knowledge per language; the edit-transfer matrix of each method with efficacy,
-transfer and locality; causal tracing's peak layers and recommended edit layer; the neuron
+transfer and locality; causal tracing's peak layers and recommended edit layer; the
+latent-language lens per prompt language (emergence layer, first language, latent English
+peak: :data:`LENS_COLUMNS`, also what ``mlake lens`` prints) and its figure; the neuron
 overlap matrix and ablation check; the relation analysis (pair-level Mantel tests, the
 fact-level overlap coefficient, restricted editing); probes (best layers).  A stage that did
 not run is named with the reason.
@@ -90,6 +92,63 @@ def ablation_check_text(m: Any) -> str:
     )
 
 
+#: The lens table's columns, one row per prompt language (``mlake lens`` and the report).
+LENS_COLUMNS: tuple[str, ...] = (
+    "lang",
+    "facts",
+    "median emergence layer",
+    "never",
+    "first language",
+    "latent English peak",
+    "English distinct",
+)
+
+
+def latent_english_peak(s: Any) -> tuple[int, float] | None:
+    """Where one prompt language's latent English curve
+    (:attr:`~analysis.lens.LensSummary.latent_english`) peaks: its layer and the mean
+    probability there (the first such layer on a tie); ``None`` without a curve (English
+    prompts, or no fact whose English token differs from the prompt language's)."""
+    if not s.latent_english:
+        return None
+    layer = max(range(len(s.latent_english)), key=lambda i: (s.latent_english[i], -i))
+    return layer, float(s.latent_english[layer])
+
+
+def lens_cells(s: Any, missing: str = "–") -> list[str]:
+    """One prompt language's row of the lens table (:data:`LENS_COLUMNS`; ``s``: a
+    :class:`~analysis.lens.LensSummary`): the facts looked at, the median emergence layer and
+    how many facts never emerge, how often each answer language is the first decodable one
+    (most often first), and the latent English curve's peak (layer, mean probability) with the
+    number of facts it is over."""
+    median = s.median_emergence
+    first = sorted(s.first_language.items(), key=lambda kv: (-kv[1], kv[0]))
+    peak = latent_english_peak(s)
+    return [
+        s.lang,
+        str(s.n_facts),
+        missing if math.isnan(median) else f"{median:g}",
+        str(s.never),
+        ", ".join(f"{lang} {n}" for lang, n in first) or missing,
+        missing if peak is None else f"layer {peak[0]}, p {peak[1]:.3g}",
+        missing if s.lang == "en" else str(s.n_english_distinct),
+    ]
+
+
+def lens_notes(top_k: int) -> str:
+    """What the lens table's columns mean (:mod:`analysis.lens`), for the report and
+    ``mlake lens``."""
+    return (
+        "Read at the last position through the logit lens, on the facts the model answers "
+        "correctly in the prompt language.  Emergence layer: the first layer where the prompt "
+        f"language's answer ranks in the top {top_k}; never: facts where it does at no layer.  "
+        "First language: the answer language decodable earliest (answer languages whose first "
+        "token is the prompt language's are left out).  Latent English peak: the layer where the "
+        "English answer's mean probability is highest, over the facts whose English first token "
+        "differs from the prompt language's (English distinct)."
+    )
+
+
 def _probe_verdict(verdict: tuple[bool | None, str | None]) -> str:
     """A probe's :func:`~probes.config.probe_signal` in a table cell."""
     signal, reason = verdict
@@ -105,6 +164,12 @@ def _probe_verdict(verdict: tuple[bool | None, str | None]) -> str:
 
 def _read(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _figure_index(out: Path) -> dict[str, Any]:
+    """The run folder's ``figures/index.json`` (empty before the figures stage)."""
+    path = out / "figures" / "index.json"
+    return _read(path) if path.is_file() else {}
 
 
 def _stage_runs(manifest: dict[str, Any], stage: str) -> dict[str, str]:
@@ -320,6 +385,27 @@ def build_report(out: str | os.PathLike[str]) -> str:
         ]
         lines += _list_matrix(tr.similarity["all"], tr.langs)
 
+    # Latent-language lens.
+    lens_dir = _stage_runs(manifest, "lens").get("lens")
+    if lens_dir and (Path(lens_dir) / "summary.json").is_file():
+        from analysis.lens import LensResult
+
+        lens = LensResult.from_dict(_read(Path(lens_dir) / "summary.json"))
+        lines += ["", "## Latent-language lens", "", lens_notes(lens.top_k), ""]
+        lines += _table(LENS_COLUMNS, [lens_cells(x) for x in lens.summaries])
+        if lens.skipped:
+            lines += [
+                "",
+                "Not looked at: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(lens.skipped.items()))
+                + ".",
+            ]
+        written = _figure_index(out).get("written", {})
+        for name in ("lens_last", "lens_subject_last"):
+            png = next((f for f in written.get(name, []) if f.endswith(".png")), None)
+            if png:
+                lines += ["", f"![{name}](figures/{png})"]
+
     # Neurons.
     n_dir = _stage_runs(manifest, "neurons").get("neurons")
     if n_dir and (Path(n_dir) / "summary.json").is_file():
@@ -501,9 +587,8 @@ def build_report(out: str | os.PathLike[str]) -> str:
         lines += ["", "## Probes", "", f"Not run: {probe_note}."]
 
     # Figures.
-    index_path = out / "figures" / "index.json"
-    if index_path.is_file():
-        index = _read(index_path)
+    index = _figure_index(out)
+    if index:
         lines += ["", "## Figures", ""]
         for name, files in index.get("written", {}).items():
             png = next((f for f in files if f.endswith(".png")), None)

@@ -174,6 +174,25 @@ def _stage_tracing(s: PipelineState) -> dict[str, str]:
     return {"tracing": str(run.path)}
 
 
+def _stage_lens(s: PipelineState) -> dict[str, str]:
+    from mlake.stages.lens import lens_stage
+
+    s.need("knowledge")
+    bar = s.bar("lens", _known_total(s), "fact")
+
+    def on_fact(info: dict[str, Any]) -> None:
+        bar.set_postfix_str(info["lang"], refresh=False)
+        bar.update(1)
+        s.item("lens", info)
+
+    try:
+        _, run = lens_stage(s.context, s.config.lens, knowledge=s.knowledge, on_fact=on_fact)
+    finally:
+        bar.close()
+    s.runs["lens"] = str(run.path)
+    return {"lens": str(run.path)}
+
+
 def _method_config(s: PipelineState, name: str) -> Any:
     """Method ``name``'s config, resolved as ``mlake edit transfer`` resolves it
     (:func:`mlake.method_settings.resolve_method`): what the config sets away from the
@@ -355,6 +374,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[PipelineState], dict[str, str] | None]] = {
     "model": _stage_model,
     "knowledge": _stage_knowledge,
     "tracing": _stage_tracing,
+    "lens": _stage_lens,
     "transfer": _stage_transfer,
     "neurons": _stage_neurons,
     "restricted": _stage_restricted,

@@ -23,22 +23,31 @@ def lens_stage(
     back without writing).
 
     Each view is scored on its fact's answer written in every language of the run (the
-    question form's original answer of each language's view): its first token with content
-    (:meth:`~mlake_core.editing.base.LocatedPrompt.answer_start`; a bare space before a
-    Chinese answer says nothing), read at the prompt's last position.  Facts the model does not know
+    question form's original answer of each language's view): its first token with content,
+    read where the prompt language's answer begins (:func:`~analysis.lens.reading_tokens`).  Facts the model does not know
     in the prompt language (``knowledge``), and views whose form or answers are not usable,
     are skipped and counted per reason.
 
     Returns:
         A :class:`~analysis.lens.LensResult` and the run folder.
     """
-    from analysis.lens import LENS_KEYS, FactLens, LensResult, lens_prompts, summarize_lens
+    from analysis.lens import (
+        LENS_KEYS,
+        FactLens,
+        LensResult,
+        lens_prompts,
+        reading_tokens,
+        summarize_lens,
+    )
     from mlake_core.editing.base import locate_prompt
     from mlake_core.errors import MlakeError
 
     adapter, dataset, fact_ids, langs = ctx.adapter, ctx.dataset, ctx.fact_ids, ctx.langs
     run = ctx.open_run(
-        "lens", config, known_from="knowledge stage, question form, greedy alias match"
+        "lens",
+        config,
+        known_from="knowledge stage, question form, greedy alias match",
+        reading="after the prompt language's leading answer whitespace; first content tokens",
     )
     facts = {f.fact_id: f for f in dataset.facts}
     ctx.say(f"lens: logit lens at {adapter.n_layers} layers, top {config.top_k}; {run.path}")
@@ -64,15 +73,14 @@ def lens_stage(
                 reason = str(err).split(": ", 1)[-1]
                 lang_skipped[reason] = lang_skipped.get(reason, 0) + 1
                 continue
-            answers = [
-                loc.answer_start(adapter, facts[fact_id].views[a].form(config.form).target.text)[1]
-                for a in langs
-            ]
+            texts = [facts[fact_id].views[a].form(config.form).target.text for a in langs]
+            lead, answers = reading_tokens(adapter, loc, texts[langs.index(lang)], texts)
             tokens = [a for a in answers if a is not None]
             if len(tokens) < len(answers):
                 lang_skipped["empty answer"] = lang_skipped.get("empty answer", 0) + 1
                 continue
-            todo.append((fact_id, (list(loc.prompt_ids), loc.subject_positions[-1], tokens)))
+            ids = [*loc.prompt_ids, *lead]
+            todo.append((fact_id, (ids, loc.subject_positions[-1], tokens)))
         batch_size = ctx.batch_size
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]

@@ -98,6 +98,15 @@ def subject_last_token(
     return subject_tokens(adapter, prompt, start, end, where=where)[-1]
 
 
+def content_start(adapter: ModelAdapter, ids: Sequence[int]) -> tuple[tuple[int, ...], int | None]:
+    """Split token ids at the first token with content: ``(the whitespace-only tokens before
+    it, that token)``; the token is ``None`` when no token has content."""
+    for i, token in enumerate(ids):
+        if adapter.tokenizer.decode([token]).strip():
+            return tuple(ids[:i]), int(token)
+    return tuple(ids), None
+
+
 @dataclass(frozen=True)
 class LocatedPrompt:
     """A fact view's prompt in one form, tokenized, with its subject's tokens located.
@@ -144,11 +153,7 @@ class LocatedPrompt:
             ``(leading whitespace-only token ids, the first token with content)``; the token is
             ``None`` when the answer has none.
         """
-        ids = self.answer_ids(adapter, answer)
-        for i, token in enumerate(ids):
-            if adapter.tokenizer.decode([token]).strip():
-                return ids[:i], token
-        return ids, None
+        return content_start(adapter, self.answer_ids(adapter, answer))
 
 
 def locate_prompt(

@@ -143,6 +143,12 @@ def test_the_stage_saves_resumes_and_reads_back(
         assert s.n_facts + skipped == len(ctx.fact_ids) and s.n_facts == known
         assert np.array(s.mean_prob["last"]).shape == (adapter.n_layers, 3)
     assert len(seen) == sum(s.n_facts for s in result.summaries)
+    # The model answers these facts: read where the answer starts (after a bare space in zh),
+    # each own-language answer is decodable by the last layer.  Read before the space, the
+    # Chinese answers were never decodable.
+    assert all(s.never == 0 for s in result.summaries), [
+        (s.lang, s.never) for s in result.summaries
+    ]
     # Every saved lens reads the model's own answer probability at its last layer.
     lang, fact_id = seen[0]
     saved = FactLens.load(run.arrays_path(f"lens_{lang}_{fact_id}"))
@@ -161,3 +167,39 @@ def test_the_stage_saves_resumes_and_reads_back(
     lens_stage(ctx, LensConfig(), knowledge=knowledge)
     assert writes == []
     assert LensResult.load(run.path).to_dict() == result.to_dict()
+
+
+_VOCAB = {0: " ", 1: "康", 2: "奈尔", 3: " Cornell", 4: "Cornell", 5: " University"}
+_ENCODE = {
+    " 康奈尔": [0, 1, 2],
+    "康奈尔": [1, 2],
+    " Cornell University": [3, 5],
+    "Cornell University": [4, 5],
+}
+
+
+class _Tokenizer:
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": _ENCODE[text]}
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(_VOCAB[i] for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("own", "lead", "tokens"),
+    [
+        ("康奈尔", (0,), [1, 4]),  # zh prompt: read after the space; English without one
+        ("Cornell University", (), [1, 3]),  # en prompt: read after "A:"; " Cornell"
+    ],
+)
+def test_where_the_lens_reads(own: str, lead: tuple, tokens: list) -> None:
+    from types import SimpleNamespace
+
+    from analysis.lens import reading_tokens
+    from mlake_core.editing.base import LocatedPrompt
+
+    adapter = SimpleNamespace(tokenizer=_Tokenizer())
+    located = LocatedPrompt("fact 0 [zh] question form", "Q: ?\nA:", " ", (9,), "s", (0,))
+    got = reading_tokens(adapter, located, own, ["康奈尔", "Cornell University"])  # type: ignore[arg-type]
+    assert got == (lead, tokens)

@@ -22,7 +22,7 @@ def _builder():
     return module
 
 
-def test_six_notebooks_stored_without_outputs():
+def test_the_notebooks_stored_without_outputs():
     assert NAMES == [
         "01_data_tour",
         "02_edit_transfer",
@@ -30,6 +30,7 @@ def test_six_notebooks_stored_without_outputs():
         "04_neurons",
         "05_sharing_vs_transfer",
         "06_probes",
+        "07_latent_lens",
     ]
     builder = _builder()
     for name in NAMES:

@@ -92,6 +92,9 @@ def test_partial_file_keeps_other_defaults(tmp_path):
         ),
         ("model:\n  backend: jax\n", "model: backend 'jax'"),
         ("tracing: 3\n", "tracing: expected a mapping"),
+        ("lens:\n  top_k: 0\n", "lens: --top-k 0: must be at least 1"),
+        ("lens:\n  form: essay\n", "lens: --form 'essay': choose question or cloze"),
+        ("lens:\n  depth: 3\n", "lens.depth: unknown key"),
         ("- a\n- b\n", "expected a mapping of sections"),
     ],
 )
@@ -102,6 +105,18 @@ def test_errors_name_the_file_and_key(tmp_path, text, expected):
     message = str(err.value)
     assert message.startswith(str(path)), message
     assert expected in message, message
+
+
+def test_the_lens_section(tmp_path):
+    """The lens stage runs after tracing and before editing; its section is LensConfig's."""
+    from analysis.lens import LensConfig
+
+    assert STAGES.index("tracing") + 1 == STAGES.index("lens") == STAGES.index("transfer") - 1
+    assert PipelineConfig().lens == LensConfig()
+    config = load_config(_write(tmp_path, "lens:\n  top_k: '3'\n"))
+    assert config.lens == LensConfig(top_k=3)
+    assert config.to_dict()["lens"] == {"form": "question", "top_k": 3}
+    assert load_config(_write(tmp_path, dump_config(config))) == config
 
 
 def test_values_validated_together(tmp_path):

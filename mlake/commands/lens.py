@@ -1,0 +1,146 @@
+"""``mlake lens``: the latent-language lens of MLaKE facts in each prompt language.
+
+For each fact the model answers correctly in a prompt language (question form, greedy alias
+match; measured first and cached), the residual stream leaving every layer is decoded through
+the model's final norm and unembedding (the logit lens) at the subject's last token and at
+the prompt's last position, and the fact's answer written in every language of the run is
+read there: the probability and rank of its first token with content (Wendler et al. 2024,
+arXiv 2402.10588).  Definitions (analysis/lens.py): an answer is decodable at a layer when
+its first token ranks among the --top-k most likely; the emergence layer is the first layer
+where the prompt language's answer is decodable at the last position; the first language is
+the answer language decodable there earliest (languages whose first token is the prompt
+language's are left out); the latent English curve is the English answer's mean probability
+by layer at the last position, over the facts whose English first token differs from the
+prompt language's.
+
+Prints, per prompt language, the facts looked at, the median emergence layer (and how many
+facts never emerge), how often each answer language is the first decodable one, and the
+latent English curve's peak (layer, mean probability) with the number of facts it is over;
+then the run folder.  Per-fact lenses go to the results store (resumable).  The figures
+(the answer in each language by layer, one panel per prompt language) are drawn by the
+pipeline's ``lens`` stage and ``mlake figures``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import textwrap
+import time
+from typing import Any
+
+from mlake.commands.common import (
+    add_data_args,
+    add_model_args,
+    add_run_args,
+    add_settings_args,
+    log,
+    open_session,
+    settings_from_args,
+)
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``lens`` command."""
+    from analysis.lens import LensConfig
+
+    parser = subparsers.add_parser(
+        "lens",
+        help="latent-language lens per prompt language (emergence, first language, latent English)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_args(parser)
+    add_settings_args(
+        parser.add_argument_group("lens"), LensConfig, choices={"form": ("question", "cloze")}
+    )
+    add_data_args(parser, facts_default="20", facts_help="N (the first N) or all (default: 20)")
+    add_run_args(parser)
+    parser.set_defaults(func=run_lens)
+
+
+def run_lens(args: argparse.Namespace) -> int:
+    """Entry point of ``mlake lens``."""
+    from analysis.lens import LensConfig
+    from mlake.progress import progress_bar
+    from mlake.stages.lens import lens_stage
+
+    config = settings_from_args(args, LensConfig)
+    session = open_session(args)
+    ctx, knowledge = session.ctx, session.measure_knowledge()
+    wanted = set(ctx.fact_ids)
+    total = sum(len(knowledge.known(lang) & wanted) for lang in ctx.langs)
+    bar = progress_bar("lens", total, "fact", log)
+
+    def on_fact(info: dict[str, Any]) -> None:
+        bar.set_postfix_str(info["lang"], refresh=False)
+        bar.update(1)
+
+    started = time.perf_counter()
+    try:
+        result, _ = lens_stage(ctx, config, knowledge=knowledge, on_fact=on_fact)
+    finally:
+        bar.close()
+    name, n_facts = session.loaded.name, len(ctx.fact_ids)
+    if args.json:
+        report = json_report(result, name, n_facts, config)
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+    else:
+        print(format_report(result, name, n_facts, config))
+    return 0
+
+
+def json_report(result: Any, model: str, n_facts: int, config: Any) -> dict[str, Any]:
+    """What ``mlake lens --json`` prints: the :class:`~analysis.lens.LensResult` (as it is
+    saved), the model, the facts asked for and the config, and per prompt language the
+    numbers of the human report (``median_emergence``: ``None`` when no fact emerges;
+    ``latent_english_peak``: ``{"layer", "prob"}``, ``None`` without a curve)."""
+    from mlake.pipeline.report import latent_english_peak
+
+    peaks = {s.lang: latent_english_peak(s) for s in result.summaries}
+    return {
+        "model": model,
+        "n_facts": n_facts,
+        "config": config.to_dict(),
+        **result.to_dict(),
+        "median_emergence": {
+            s.lang: None if math.isnan(s.median_emergence) else s.median_emergence
+            for s in result.summaries
+        },
+        "latent_english_peak": {
+            lang: None if peak is None else {"layer": peak[0], "prob": peak[1]}
+            for lang, peak in peaks.items()
+        },
+    }
+
+
+def format_report(result: Any, model: str, n_facts: int, config: Any) -> str:
+    """The human-readable summary ``mlake lens`` prints: one row per prompt language
+    (:data:`~mlake.pipeline.report.LENS_COLUMNS`), what the columns mean, what was skipped,
+    and the run folder."""
+    from mlake.pipeline.report import LENS_COLUMNS, lens_cells, lens_notes
+
+    rows = [list(LENS_COLUMNS), *(lens_cells(s, missing="-") for s in result.summaries)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(LENS_COLUMNS))]
+    lines = [
+        f"model {model}; {n_facts} facts; logit lens at {result.n_layers} layers, "
+        f"{config.form} form, top {result.top_k}",
+        "",
+    ]
+    for row in rows:
+        cells = [row[0].ljust(widths[0])]
+        cells += [
+            cell.rjust(w) if i < 4 else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row[1:], widths[1:], strict=True), start=1)
+        ]
+        lines.append(("  " + "  ".join(cells)).rstrip())
+    notes = textwrap.wrap(
+        lens_notes(result.top_k), width=96, initial_indent="  ", subsequent_indent="  "
+    )
+    lines += ["", *notes]
+    if result.skipped:
+        lines.append("skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())))
+    lines.append(f"run: {result.run_path}")
+    return "\n".join(lines)
