@@ -139,13 +139,19 @@ class LanguageSummary:
         return self.total_effect / self.p_clean if self.p_clean > 0 else math.nan
 
     def to_dict(self) -> dict[str, Any]:
+        # The effects are derived from the probabilities as saved (rounded), so a summary read
+        # back gives the same dict (its properties see only the rounded probabilities).
+        p_clean, p_corrupt = _round(self.p_clean), _round(self.p_corrupt)
+        saved = None if p_clean is None or p_corrupt is None else (p_clean, p_corrupt)
+        total = math.nan if saved is None else saved[0] - saved[1]
+        relative = total / saved[0] if saved is not None and saved[0] > 0 else math.nan
         return {
             "lang": self.lang,
             "n_facts": self.n_facts,
-            "p_clean": _round(self.p_clean),
-            "p_corrupt": _round(self.p_corrupt),
-            "total_effect": _round(self.total_effect),
-            "relative_effect": _round(self.relative_effect),
+            "p_clean": p_clean,
+            "p_corrupt": p_corrupt,
+            "total_effect": _round(total),
+            "relative_effect": _round(relative),
             "signal": self.signal,
             "no_signal_reason": self.no_signal_reason,
             "peak_mlp_layer": self.peak_mlp_layer,

@@ -22,17 +22,25 @@ def test_portability_prompts_carry_the_demonstrations(mlake_v2411, monkeypatch) 
         return [[] for _ in prompts]
 
     monkeypatch.setattr(transfer, "greedy_generate", fake_generate)
+    checked: list[tuple[int, str]] = []
     adapter = SimpleNamespace(
         encode=lambda text: list(text.encode()),
         tokenizer=SimpleNamespace(decode=lambda *a, **k: ""),
+        check_fits=lambda n, where: checked.append((n, where)),
     )
     questions = [
-        SimpleNamespace(kind="new", lang=lang, question=q, answer="x", aliases=())
+        SimpleNamespace(kind="new", lang=lang, index=0, question=q, answer="x", aliases=())
         for lang, q in (("en", "Who is it?"), ("zh", "是谁？"))
     ]
     config = SimpleNamespace(max_new_tokens=4, stop_when_decided=False)
     out = transfer._portability(adapter, questions, ["en", "zh"], template, config, 8)
     assert out == {"en": (0, 1), "zh": (0, 1)}
+    # Each question is checked to fit the model (prompt and generation), naming it.
+    assert [w for _, w in checked] == [
+        "multi-hop new question 0 [en]",
+        "multi-hop new question 0 [zh]",
+    ]
+    assert all(n == len(ids) + 4 for (n, _), ids in zip(checked, seen, strict=True))
     for (lang, question), ids in zip((("en", "Who is it?"), ("zh", "是谁？")), seen, strict=True):
         assert bytes(ids).decode() == template.question_prompt(question, lang)[0]
         assert bytes(ids).decode().count("Q: ") == 3  # two demonstrations, then the question

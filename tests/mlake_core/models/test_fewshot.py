@@ -243,7 +243,9 @@ def carl(mlake_v2411) -> Any:
 def test_subject_is_located_in_the_final_question_not_in_a_demonstration(
     get_adapter: Callable[[str, str], Any], carl: Any, backend: str
 ) -> None:
-    adapter = get_adapter("gpt2", backend)
+    # A rotary model: the few-shot prompt is longer than the tiny GPT-2's 64 learned
+    # positions, which locating now refuses (a prompt the model could not run).
+    adapter = get_adapter("llama", backend)
     question, cloze = carl.question.text, carl.cloze.text
     # Demonstrations holding the same subject and even the very same question and cloze.
     same = Demonstration(901, question, "Cornell", cloze, "Cornell")
