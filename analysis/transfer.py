@@ -225,7 +225,8 @@ def _portability(
     prompts = [adapter.encode(template.question_prompt(q.question, q.lang)[0]) for q in items]
     for q, ids in zip(items, prompts, strict=True):
         adapter.check_fits(
-            len(ids) + config.max_new_tokens, f"multi-hop {q.kind} question {q.index} [{q.lang}]"
+            len(ids) + config.max_new_tokens - 1,  # the last generated token is not fed back
+            f"multi-hop {q.kind} question {q.index} [{q.lang}]",
         )
     decided = None
     if config.stop_when_decided:

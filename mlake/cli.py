@@ -45,16 +45,18 @@ DEFAULT_THREADS = 1
 
 
 def pin_threads() -> int:
-    """Set torch's intra-op CPU threads from ``OMP_NUM_THREADS``, or to
-    :data:`DEFAULT_THREADS` when it is unset (it is then set, so that child processes such
-    as the pipeline's helpers inherit it).  Returns the number of threads.
+    """Set torch's intra-op CPU threads from ``OMP_NUM_THREADS`` (its first level in the
+    nested form ``4,1``), or to :data:`DEFAULT_THREADS` when it is unset or empty (it is then
+    set, so that child processes inherit it).  Returns the number of threads.
 
     Raises:
         ConfigError: ``OMP_NUM_THREADS`` is not a positive integer.
     """
-    value = os.environ.setdefault("OMP_NUM_THREADS", str(DEFAULT_THREADS))
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if not value:  # unset, or exported empty (some schedulers do)
+        value = os.environ["OMP_NUM_THREADS"] = str(DEFAULT_THREADS)
     try:
-        threads = int(value)
+        threads = int(value.split(",")[0])  # OpenMP's nested form "4,1": the outer level
     except ValueError:
         threads = 0
     if threads < 1:

@@ -55,8 +55,8 @@ def _what_results_depend_on(config: PipelineConfig) -> dict[str, Any]:
 def set_aside_other_run(out: Path, config: PipelineConfig, store: Path) -> Path | None:
     """Move what a run of another config left in the run folder ``out`` (its report,
     figures, records, ``config.yaml``) into ``out/replaced-<time>/``, so that nothing of it
-    stands beside the new config's results.  The results store (``<out>/store`` by default)
-    and earlier ``replaced-*`` folders stay.  A run of the same config, with other stages,
+    stands beside the new config's results.  The results store (``<out>/store`` by default,
+    and this config's wherever it is) and earlier ``replaced-*`` folders stay.  A run of the same config, with other stages,
     batch size or store, is a continuation: nothing moves.
 
     Returns:
@@ -69,8 +69,8 @@ def set_aside_other_run(out: Path, config: PipelineConfig, store: Path) -> Path 
         return None
     try:
         old = _what_results_depend_on(load_config(old_file))
-    except MlakeError:
-        old = None  # unreadable: not this config
+    except (MlakeError, ValueError):  # unreadable (bad YAML, not UTF-8): not this config
+        old = None
     if old == _what_results_depend_on(config):
         return None
     aside = out / time.strftime("replaced-%Y%m%dT%H%M%S")
@@ -83,6 +83,7 @@ def set_aside_other_run(out: Path, config: PipelineConfig, store: Path) -> Path 
         e
         for e in out.iterdir()
         if not e.name.startswith("replaced-")
+        and e.name != "store"  # the default store, which an earlier config may have used
         and e.resolve() != where
         and e.resolve() not in where.parents
     ]

@@ -47,7 +47,8 @@ def lens_stage(
         "lens",
         config,
         known_from="knowledge stage, question form, greedy alias match",
-        reading="after the prompt language's leading answer whitespace; first content tokens",
+        reading="after the prompt language's leading answer whitespace; first content tokens; "
+        "the prompt language's own as tracing reads it",
     )
     facts = {f.fact_id: f for f in dataset.facts}
     ctx.say(f"lens: logit lens at {adapter.n_layers} layers, top {config.top_k}; {run.path}")

@@ -169,9 +169,9 @@ def locate_prompt(
     Raises:
         ConfigError: an unknown form.
         DataError: when the form is not usable (no subject located; a cloze form that is not
-            well-posed), or its prompt is too long for the model
-            (:meth:`~mlake_core.models.adapter.BaseAdapter.check_fits`), naming the fact,
-            language and reason.
+            well-posed), or its prompt is longer than the model's learned positions
+            (:meth:`~mlake_core.models.adapter.BaseAdapter.check_fits`; the memory check is
+            the knowledge stage's), naming the fact, language and reason.
     """
     where = f"fact {view.fact_id} [{view.lang}] {form} form"
     if form not in ("question", "cloze"):
@@ -188,7 +188,7 @@ def locate_prompt(
             f"{pf.subject.text!r} where the text puts it"
         )
     ids = tuple(adapter.encode(prompt))
-    adapter.check_fits(len(ids), where)
+    adapter.check_fits(len(ids), where, memory=False)
     positions = subject_tokens(adapter, prompt, start, end, where=where)
     return LocatedPrompt(
         where=where,

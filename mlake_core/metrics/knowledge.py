@@ -617,8 +617,8 @@ def build_rows(
                     options = []
             ids = adapter.encode(prompt_text)
             longest = max(len(t) for t in (*targets, *edits, *options))
-            adapter.check_fits(
-                len(ids) + max(longest, config.max_new_tokens),
+            adapter.check_fits(  # the last answer or generated token is never fed back
+                len(ids) + max(longest, config.max_new_tokens) - 1,
                 f"fact {view.fact_id} [{view.lang}] {kind} form",
             )
             rows.append(_Row(view, form, prompt_text, ids, targets, edits, options))

@@ -518,9 +518,10 @@ def pass_bytes(info: ModelInfo, n_tokens: int, rows: int = 1) -> int:
 def free_bytes(device: torch.device) -> int | None:
     """Memory free for a pass on ``device``: the GPU's free memory (CUDA), the machine's
     available memory (CPU), ``None`` for other devices (not checked)."""
-    if device.type == "cuda":
+    if device.type == "cuda":  # what torch's allocator holds but does not use is free too
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + held)
     if device.type != "cpu":
         return None
     import psutil
@@ -711,7 +712,7 @@ class ModelAdapter(Protocol):
         """Token ids of one text, following the BOS policy."""
         ...
 
-    def check_fits(self, n_tokens: int, where: str) -> None:
+    def check_fits(self, n_tokens: int, where: str, *, memory: bool = True) -> None:
         """Refuse a prompt of ``n_tokens`` tokens that the model cannot run (see
         :meth:`BaseAdapter.check_fits`), naming ``where``."""
         ...
@@ -1315,7 +1316,7 @@ class BaseAdapter:
         """
         raise NotImplementedError
 
-    def check_fits(self, n_tokens: int, where: str) -> None:
+    def check_fits(self, n_tokens: int, where: str, *, memory: bool = True) -> None:
         """Refuse, before any pass, a sequence of ``n_tokens`` tokens (a prompt and what is
         scored or generated after it) that the model cannot run, naming ``where`` (the record).
 
@@ -1327,20 +1328,25 @@ class BaseAdapter:
         - memory: one pass of one such sequence (:func:`pass_bytes`) must fit in the memory
           free on the model's device (:func:`free_bytes`).  Without this check a prompt far
           longer than the context ended in an out-of-memory traceback, or in the kernel's
-          OOM killer, with nothing saying which record it was.
+          OOM killer, with nothing saying which record it was.  It depends on the memory
+          free at the moment, so it is made (``memory``) only where a refusal stops the
+          stage (the knowledge stage, which measures every prompt form first), never where
+          a refused record would be skipped and the run saved as complete without it.
 
         Raises:
-            DataError: naming ``where``, the length, the limit and what to do.
+            DataError: naming ``where``, the limit and what to do.
         """
         from mlake_core.errors import DataError
 
         limit = self.info.max_positions
         if self.info.positional == "learned" and limit is not None and n_tokens > limit:
-            raise DataError(
-                f"{where}: {n_tokens} tokens, more than the {limit} positions of "
-                f"{self.info.model_id} (learned position embeddings: there is none past "
-                f"{limit}); shorten the prompt (e.g. fewer in-context demonstrations)"
+            raise DataError(  # the same reason for every record (stages count skips by it)
+                f"{where}: longer than the model's {limit} learned positions (there is no "
+                "position embedding past them); shorten the prompt (e.g. fewer in-context "
+                "demonstrations)"
             )
+        if not memory:
+            return
         need = pass_bytes(self.info, n_tokens)
         free = free_bytes(self.device)
         if free is not None and need > free:

@@ -112,13 +112,19 @@ def hub_unreachable(timeout: float = HUB_CONNECT_TIMEOUT) -> str | None:
 
     from huggingface_hub import constants
 
-    hub = urlsplit(constants.ENDPOINT)
-    host = hub.hostname or ""
-    port = hub.port or (443 if hub.scheme == "https" else 80)
-    proxy = urllib.request.getproxies().get(hub.scheme or "https")
-    if proxy and not urllib.request.proxy_bypass(host):
-        target = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        host, port = target.hostname or "", target.port or 80
+    default_ports = {"http": 80, "https": 443, "socks5": 1080, "socks5h": 1080, "socks4": 1080}
+    try:
+        hub = urlsplit(constants.ENDPOINT)
+        host = hub.hostname or ""
+        port = hub.port or default_ports.get(hub.scheme, 443)
+        proxies = urllib.request.getproxies()
+        proxy = proxies.get(hub.scheme or "https") or proxies.get("all")
+        if proxy and not urllib.request.proxy_bypass(host):
+            target = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            host = target.hostname or ""
+            port = target.port or default_ports.get(target.scheme, 80)
+    except ValueError:  # a malformed endpoint or proxy: let the download itself report it
+        return None
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return None

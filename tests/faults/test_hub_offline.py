@@ -107,3 +107,17 @@ def test_a_reachable_hub_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="could not download it from the hub"):
         loading.load_adapter("nosuchorg/nosuchmodel", "tlens", device="cpu")
     assert asked == [False]
+
+
+def test_an_all_proxy_is_used_and_a_bad_one_is_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, listening: int
+) -> None:
+    from huggingface_hub import constants
+
+    _no_proxy(monkeypatch)
+    monkeypatch.setattr(constants, "ENDPOINT", f"https://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("NO_PROXY", "")
+    monkeypatch.setenv("ALL_PROXY", f"http://127.0.0.1:{listening}")
+    assert loading.hub_unreachable() is None
+    monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:notaport")
+    assert loading.hub_unreachable() is None  # not judged here: the download reports it

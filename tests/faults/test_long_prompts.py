@@ -34,9 +34,23 @@ def test_learned_positions_end_at_the_context(tiny_models: dict[str, Path]) -> N
     adapter.check_fits(n_ctx, WHERE)
     with pytest.raises(DataError) as err:
         adapter.check_fits(n_ctx + 1, WHERE)
-    assert str(err.value).startswith(
-        f"{WHERE}: {n_ctx + 1} tokens, more than the {n_ctx} positions of"
-    )
+    assert str(err.value).startswith(f"{WHERE}: longer than the model's {n_ctx} learned positions")
+    # The same reason for every record (stages count skipped records by it).
+    with pytest.raises(DataError) as other:
+        adapter.check_fits(3 * n_ctx, "fact 8 [zh] question form")
+    assert str(other.value).split(": ", 1)[1] == str(err.value).split(": ", 1)[1]
+
+
+def test_memory_is_checked_only_where_asked(tiny_models: dict[str, Path], monkeypatch) -> None:
+    """The memory check depends on the moment, so stages that skip a refused record (and
+    save the run as complete) do not make it: ``memory=False`` (``locate_prompt``)."""
+    from mlake_core.models import adapter as adapter_module
+
+    adapter = load_adapter(str(tiny_models["llama"]), "tlens", device="cpu")
+    monkeypatch.setattr(adapter_module, "free_bytes", lambda device: 1)
+    adapter.check_fits(50, WHERE, memory=False)
+    with pytest.raises(DataError, match="GiB free on cpu"):
+        adapter.check_fits(50, WHERE)
 
 
 def test_rotary_models_are_refused_when_a_pass_cannot_fit(tiny_models: dict[str, Path]) -> None:

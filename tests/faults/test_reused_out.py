@@ -66,7 +66,15 @@ def test_a_store_elsewhere_below_out_is_kept(tmp_path: Path) -> None:
     )
     assert aside is not None
     assert (out / "results" / "deep").is_dir()
-    assert (aside / "store").is_dir()  # not the store of this run: set aside with the rest
+    assert (out / "store").is_dir()  # the default store an earlier config used stays too
+
+
+def test_a_config_that_is_not_utf8_counts_as_another(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _old_run(out, PipelineConfig())
+    (out / "config.yaml").write_bytes(b"data: \xff\xfe\n")
+    aside = set_aside_other_run(out, PipelineConfig(), out / "store")
+    assert aside is not None and (aside / "config.yaml").is_file()
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ def test_the_tests_run_on_the_pinned_threads() -> None:
     assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])
 
 
-@pytest.mark.parametrize(("given", "expected"), [(None, 1), ("3", 3)])
+@pytest.mark.parametrize(("given", "expected"), [(None, 1), ("", 1), ("3", 3), ("2,1", 2)])
 def test_the_cli_pins_torch_threads(
     monkeypatch: pytest.MonkeyPatch, given: str | None, expected: int
 ) -> None:
@@ -30,7 +30,7 @@ def test_the_cli_pins_torch_threads(
     try:
         assert cli.pin_threads() == expected
         assert torch.get_num_threads() == expected
-        assert os.environ["OMP_NUM_THREADS"] == str(expected)
+        assert os.environ["OMP_NUM_THREADS"] == (given or str(expected))
     finally:
         torch.set_num_threads(before)
 
