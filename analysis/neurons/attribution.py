@@ -54,7 +54,7 @@ import torch
 
 from mlake_core.configs import coerce_fields
 from mlake_core.errors import ConfigError
-from mlake_core.models.adapter import ModelAdapter, Patch
+from mlake_core.models.adapter import ModelAdapter, Patch, free_bytes
 from mlake_core.registry import Registry
 from mlake_core.results.store import read_arrays
 
@@ -362,8 +362,8 @@ def grad_rows_per_pass(adapter: ModelAdapter, n_tokens: int, fraction: float = 0
     heads = max(1, adapter.info.n_heads)
     per_token_layer = bytes_per * (12 * adapter.d_model + 4 * adapter.d_mlp + 2 * heads * n_tokens)
     per_row = n_tokens * (adapter.n_layers * per_token_layer + 8 * adapter.info.d_vocab)
-    if adapter.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(adapter.device)
+    free = free_bytes(adapter.device) if adapter.device.type == "cuda" else None
+    if free is not None:
         budget = fraction * free
     else:
         budget = 256 << 20

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from mlake_core.errors import ConfigError
-from mlake_core.models.adapter import ModelAdapter, PastKeyValues, Patch
+from mlake_core.models.adapter import ModelAdapter, PastKeyValues, Patch, free_bytes
 from mlake_core.results.store import read_arrays
 
 #: Kinds of restoration, and the site restored for each.
@@ -336,16 +336,12 @@ def rows_per_pass(
     kv_row = 0
     if past_tokens > 0:
         kv_row = bytes_per * 2 * adapter.n_layers * adapter.d_model * (past_tokens + total)
+    free = free_bytes(adapter.device)
+    if free is None:  # a device whose free memory is not known: the CPU cap alone
+        free = 8 << 30
     if adapter.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(adapter.device)
         return max(1, int(fraction * free // (per_row + kv_row)))
-    try:
-        import psutil
-
-        available = psutil.virtual_memory().available
-    except ImportError:  # pragma: no cover - psutil comes with the dependencies
-        available = 8 << 30
-    rows = min((96 << 20) // per_row, fraction * available // (per_row + kv_row))
+    rows = min((96 << 20) // per_row, fraction * free // (per_row + kv_row))
     return max(1, int(rows))
 
 

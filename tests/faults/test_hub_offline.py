@@ -68,45 +68,38 @@ def test_the_proxy_is_what_must_be_reachable(
     assert loading.hub_unreachable() is None
 
 
-def test_an_unreachable_hub_means_the_local_cache_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The config is looked up with ``local_files_only=True`` (no download, no retries), and
-    the error says the hub is unreachable."""
+@pytest.mark.parametrize(
+    ("unreachable", "local_only", "says"),
+    [
+        # Unreachable: the local cache only (no download, no retries), and the error says so.
+        (
+            "huggingface.co:443: no route",
+            True,
+            "the hub is unreachable (huggingface.co:443: no route)",
+        ),
+        (None, False, "could not download it from the hub"),
+    ],
+)
+def test_the_hub_is_asked_only_when_reachable(
+    monkeypatch: pytest.MonkeyPatch, unreachable: str | None, local_only: bool, says: str
+) -> None:
     from transformers import AutoConfig
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(loading, "hub_unreachable", lambda: "huggingface.co:443: no route")
+    monkeypatch.setattr(loading, "hub_unreachable", lambda: unreachable)
     asked: list[bool] = []
 
     def from_pretrained(source: str, **kwargs: object) -> object:
         asked.append(bool(kwargs["local_files_only"]))
-        raise OSError("not in the cache")
+        raise OSError("not found")
 
     monkeypatch.setattr(AutoConfig, "from_pretrained", from_pretrained)
     with pytest.raises(ConfigError) as err:
         loading.load_adapter("nosuchorg/nosuchmodel", "tlens", device="cpu")
-    assert asked == [True]
-    message = str(err.value)
-    assert "'nosuchorg/nosuchmodel' is not a local folder" in message
-    assert "the hub is unreachable (huggingface.co:443: no route)" in message
-
-
-def test_a_reachable_hub_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    from transformers import AutoConfig
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(loading, "hub_unreachable", lambda: None)
-    asked: list[bool] = []
-
-    def from_pretrained(source: str, **kwargs: object) -> object:
-        asked.append(bool(kwargs["local_files_only"]))
-        raise OSError("no such repository")
-
-    monkeypatch.setattr(AutoConfig, "from_pretrained", from_pretrained)
-    with pytest.raises(ConfigError, match="could not download it from the hub"):
-        loading.load_adapter("nosuchorg/nosuchmodel", "tlens", device="cpu")
-    assert asked == [False]
+    assert asked == [local_only]
+    assert "'nosuchorg/nosuchmodel' is not a local folder" in str(err.value)
+    assert says in str(err.value)
 
 
 def test_an_all_proxy_is_used_and_a_bad_one_is_not_a_traceback(
