@@ -26,6 +26,8 @@ form and (where it is well-posed) the cloze form:
     Multiple choice (v2024-04 only, question form): every option is scored as a target after
     the question prompt; the prediction is the option with the highest summed log-probability
     (``mcqa_correct``) or per-token mean (``mcqa_correct_norm``, length-normalized).
+    :func:`score_mcqa` scores any multiple-choice question the same way, and also by the
+    letter chosen with the options in the prompt (edit evaluation, ``--protocol mlake``).
 
 A fact is **known** in a language when its question form is answered correctly by greedy alias
 match (``greedy_match == "original"``); :meth:`KnowledgeResult.known` gives those facts.
@@ -58,6 +60,7 @@ import torch
 
 from mlake_core.configs import coerce_fields
 from mlake_core.data.dataset import FactView, PromptForm
+from mlake_core.data.records import MCQA_LETTERS
 from mlake_core.data.text import is_cjk, normalize
 from mlake_core.errors import ConfigError, DataError
 from mlake_core.languages import LANGUAGES, UNSPACED
@@ -607,12 +610,7 @@ def build_rows(
                 continue
             options: list[list[int]] = []
             if kind == "question" and config.mcqa and view.mcqa is not None and view.mcqa.usable:
-                options = [
-                    list(
-                        adapter.tokenizer(prefix + o.strip(), add_special_tokens=False)["input_ids"]
-                    )
-                    for o in view.mcqa.options
-                ]
+                options = option_ids(adapter, prefix, view.mcqa.options)
                 if any(not o for o in options):
                     options = []
             ids = adapter.encode(prompt_text)
@@ -623,6 +621,123 @@ def build_rows(
             )
             rows.append(_Row(view, form, prompt_text, ids, targets, edits, options))
     return rows, skipped
+
+
+def option_ids(adapter: ModelAdapter, prefix: str, options: Sequence[str]) -> list[list[int]]:
+    """Token ids of each multiple-choice option as an answer after a prompt whose answers
+    start with ``prefix`` (one list per option, in order; empty where an option tokenizes to
+    nothing), joined to the prompt by ids as every answer is."""
+    return [
+        list(adapter.tokenizer(prefix + o.strip(), add_special_tokens=False)["input_ids"])
+        for o in options
+    ]
+
+
+def best_option(scores: Sequence[SequenceScore], *, per_token: bool = False) -> int:
+    """Index of the best-scored option: the highest summed log-probability, or with
+    ``per_token`` the highest per-token mean (length-normalized); the first on a tie."""
+    return max(range(len(scores)), key=lambda k: scores[k].mean if per_token else scores[k].logp)
+
+
+def lettered_question(question: str, options: Sequence[str]) -> str:
+    """The question followed by its options, one per line, each after its letter
+    (``A. …``): the question of the letter protocol (:func:`score_mcqa`), whose answer is the
+    option's letter."""
+    lines = [f"{MCQA_LETTERS[k]}. {o.strip()}" for k, o in enumerate(options)]
+    return "\n".join([question.strip(), *lines])
+
+
+@dataclass(frozen=True)
+class McqaItem:
+    """One multiple-choice question to score (:func:`score_mcqa`).
+
+    Attributes:
+        label: names the record in errors (e.g. ``fact 12 [zh] multiple choice``).
+        lang: the question's language (few-shot templates need it).
+        question: the question text.
+        options: the options, in letter order.
+    """
+
+    label: str
+    lang: str
+    question: str
+    options: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class McqaScore:
+    """A multiple-choice question scored both ways (:func:`score_mcqa`).
+
+    Attributes:
+        options: each option's text as the answer after the question prompt (the
+            log-likelihood protocol, what :func:`measure_knowledge`'s ``mcqa_correct`` reads).
+        letters: each option's letter as the answer after the prompt that lists the lettered
+            options (:func:`lettered_question`; the letter protocol).
+    """
+
+    options: tuple[SequenceScore, ...]
+    letters: tuple[SequenceScore, ...]
+
+    @property
+    def choice(self) -> int:
+        """The option with the highest summed log-probability."""
+        return best_option(self.options)
+
+    @property
+    def choice_norm(self) -> int:
+        """The option with the highest per-token log-probability."""
+        return best_option(self.options, per_token=True)
+
+    @property
+    def letter_choice(self) -> int:
+        """The option whose letter is the most probable answer with the options in the
+        prompt."""
+        return best_option(self.letters)
+
+
+def score_mcqa(
+    adapter: ModelAdapter,
+    items: Sequence[McqaItem],
+    template: PromptTemplate,
+    *,
+    batch_size: int = 32,
+    kv_cache: bool = True,
+) -> list[McqaScore]:
+    """Score multiple-choice questions both ways, in one batched :func:`score_sequences`.
+
+    - **Option log-likelihood**: each option as the answer after the question's own prompt
+      (``template.question_prompt``), tokenized as :func:`measure_knowledge` tokenizes options
+      (:func:`option_ids`).
+    - **Letter**: each option's letter (``A``, ``B``, …, after the template's answer prefix)
+      as the answer after the prompt of :func:`lettered_question`, which lists the options.
+
+    Raises:
+        DataError: an option that tokenizes to nothing, or a prompt the model cannot run
+            (:meth:`~mlake_core.models.adapter.BaseAdapter.check_fits`), naming the item.
+    """
+    pairs: list[tuple[list[int], list[int]]] = []
+    spans: list[tuple[int, int]] = []
+    for item in items:
+        prompt, prefix = template.question_prompt(item.question, item.lang)
+        ids = adapter.encode(prompt)
+        options = option_ids(adapter, prefix, item.options)
+        empty = [MCQA_LETTERS[k] for k, o in enumerate(options) if not o]
+        if empty:
+            raise DataError(f"{item.label}: option {', '.join(empty)} tokenizes to nothing")
+        lprompt, lprefix = template.question_prompt(
+            lettered_question(item.question, item.options), item.lang
+        )
+        lids = adapter.encode(lprompt)
+        letters = option_ids(adapter, lprefix, MCQA_LETTERS[: len(item.options)])
+        adapter.check_fits(len(ids) + max(map(len, options)) - 1, item.label)
+        adapter.check_fits(len(lids) + max(map(len, letters)) - 1, f"{item.label} (lettered)")
+        start = len(pairs)
+        pairs += [(ids, o) for o in options] + [(lids, t) for t in letters]
+        spans.append((start, len(options)))
+    if not pairs:
+        return []
+    scores = score_sequences(adapter, pairs, batch_size=batch_size, kv_cache=kv_cache)
+    return [McqaScore(tuple(scores[s : s + n]), tuple(scores[s + n : s + 2 * n])) for s, n in spans]
 
 
 def _logsumexp(values: Sequence[float]) -> float:
@@ -861,8 +976,8 @@ def measure_knowledge(
         mcqa_norm: bool | None = None
         if o_scores and row.view.mcqa is not None:
             answer = row.view.mcqa.answer_index
-            mcqa_correct = max(range(len(o_scores)), key=lambda k: o_scores[k].logp) == answer
-            mcqa_norm = max(range(len(o_scores)), key=lambda k: o_scores[k].mean) == answer
+            mcqa_correct = best_option(o_scores) == answer
+            mcqa_norm = best_option(o_scores, per_token=True) == answer
         records.append(
             {
                 "fact_id": row.view.fact_id,
