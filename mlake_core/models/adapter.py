@@ -47,6 +47,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -515,9 +516,29 @@ def pass_bytes(info: ModelInfo, n_tokens: int, rows: int = 1) -> int:
     return 4 * rows * per_row
 
 
+#: What :func:`free_bytes` answers inside :func:`assume_free_bytes` (``None``: measure).
+_ASSUMED_FREE: ContextVar[int | None] = ContextVar("mlake_assumed_free_bytes", default=None)
+
+
+@contextmanager
+def assume_free_bytes(n_bytes: int) -> Iterator[None]:
+    """Inside the block, :func:`free_bytes` answers ``n_bytes`` for every device instead of
+    measuring: the planner (:mod:`mlake_core.models.planner`) runs the stages' own batch-size
+    functions for a device that is not this machine's (an 80 GiB GPU, the weights loaded)."""
+    token = _ASSUMED_FREE.set(max(0, int(n_bytes)))
+    try:
+        yield
+    finally:
+        _ASSUMED_FREE.reset(token)
+
+
 def free_bytes(device: torch.device) -> int | None:
     """Memory free for a pass on ``device``: the GPU's free memory (CUDA), the machine's
-    available memory (CPU), ``None`` for other devices (not checked)."""
+    available memory (CPU), ``None`` for other devices (not checked); inside
+    :func:`assume_free_bytes`, the assumed amount."""
+    assumed = _ASSUMED_FREE.get()
+    if assumed is not None:
+        return assumed
     if device.type == "cuda":  # what torch's allocator holds but does not use is free too
         free, _total = torch.cuda.mem_get_info(device)
         held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
