@@ -100,6 +100,7 @@ def load_model(
         trust_remote_code=settings.trust_remote_code,
         revision=settings.revision,
     )
+    adapter.edit_apply = settings.edit_apply  # how EditResult.applied applies an edit
     meta = read_metadata(path) if Path(path).is_dir() else None
     trained = get_template(str(meta["config"]["template"])) if meta else None
     if settings.template is not None:

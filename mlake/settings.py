@@ -33,6 +33,11 @@ class ModelSettings:
             same for every prompt of the run; fewshot-K-seedS in a pipeline file: K examples,
             seed S); none given: the one a mlake-tiny was trained with, fewshot for every
             other model.
+        edit_apply: how every stage that evaluates an edited model applies a weight edit
+            (ROME, MEMIT, FT): weights (added to the parameters, restored bitwise after) or
+            intervention (added at the edited projection's output in every pass, no weight
+            written: what a read-only backend such as nnsight's remote execution needs; the
+            same outputs up to rounding).
     """
 
     name: str = TINY_NAME
@@ -42,10 +47,14 @@ class ModelSettings:
     revision: str | None = None
     trust_remote_code: bool = False
     template: str | None = None
+    edit_apply: str = "weights"
 
     def __post_init__(self) -> None:
+        from mlake_core.editing.intervention import check_edit_apply
         from mlake_core.models.loading import BACKENDS, DTYPES
         from mlake_core.models.prompting import TEMPLATES, get_template
+
+        check_edit_apply(self.edit_apply, "edit_apply")
 
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend {self.backend!r}: choose {', '.join(BACKENDS)}")

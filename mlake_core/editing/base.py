@@ -6,7 +6,9 @@ An edit never mutates a model silently (EasyEdit#363): a method computes an
 and leaves the model as it found it.  :meth:`EditResult.applied` applies the deltas for the
 duration of a ``with`` block and restores the original tensors exactly (bitwise) afterwards,
 so evaluating many edits applies each one to the unedited model; in-place editing is the
-explicit :meth:`EditResult.apply` call.
+explicit :meth:`EditResult.apply` call.  With ``apply="intervention"`` (``--edit-apply``) the
+deltas are instead added at the edited modules' outputs in every pass and no weight is written
+(:mod:`~mlake_core.editing.intervention`).
 
 Methods are registered by name (:func:`register_edit_method`, in each method's own module,
 which :mod:`mlake_core.editing` imports) with one signature,
@@ -287,8 +289,33 @@ class EditResult:
         return originals
 
     @contextmanager
-    def applied(self, adapter: Any) -> Iterator[None]:
-        """Apply the edit for the duration of a ``with`` block; restore exactly after."""
+    def applied(self, adapter: Any, apply: str | None = None) -> Iterator[None]:
+        """Apply the edit for the duration of a ``with`` block; leave the model as it was.
+
+        Args:
+            adapter: the model.
+            apply: how (:data:`~mlake_core.editing.intervention.EDIT_APPLY`): ``weights``
+                adds the deltas to the parameters and restores them exactly (bitwise) after;
+                ``intervention`` adds ``ΔW x + Δb`` at each edited module's output in every
+                pass inside the block and writes no parameter
+                (:mod:`~mlake_core.editing.intervention`; a read-only backend can evaluate
+                the edit).  ``None``: the adapter's ``edit_apply`` (set by the loader from
+                ``ModelSettings.edit_apply``, ``--edit-apply``), else ``weights``.
+        """
+        from mlake_core.editing.intervention import (
+            DEFAULT_EDIT_APPLY,
+            check_edit_apply,
+            output_deltas,
+        )
+
+        how = check_edit_apply(
+            apply if apply is not None else getattr(adapter, "edit_apply", DEFAULT_EDIT_APPLY),
+            "apply",
+        )
+        if how == "intervention":
+            with adapter.adding(output_deltas(adapter, self.deltas, f"{self.method} edit")):
+                yield
+            return
         originals = self.apply(adapter)
         try:
             yield

@@ -342,6 +342,56 @@ def apply_patches(activation: Activation, patches: Sequence[Patch | UnitPatch]) 
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class OutputDelta:
+    """A change of one linear module's weight (and bias) applied as a term added to the
+    module's output, instead of written into the weights: ``y = W x + b`` becomes
+    ``y + ΔW x + Δb``, exactly what ``(W + ΔW) x + (b + Δb)`` gives (up to rounding).
+
+    Weight edits (ROME, MEMIT, FT) can be evaluated this way without writing a parameter
+    (:meth:`BaseAdapter.adding`; :mod:`mlake_core.editing.intervention` builds these from an
+    edit): on a read-only backend (nnsight's remote execution) the term is part of the trace.
+
+    Attributes:
+        path: the module's Hugging Face path (an attention or MLP output projection: the
+            module whose input is the ``attn_z`` or ``mlp_post`` site).
+        weight: ``ΔW`` as ``[out, in]`` whatever the module stores (GPT-2's ``Conv1D``
+            stores ``[in, out]``; the caller transposes), or ``None``.
+        bias: ``Δb``, ``[out]``, or ``None``.
+    """
+
+    path: str
+    weight: Float[Tensor, "out inp"] | None = None
+    bias: Float[Tensor, " out"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight is None and self.bias is None:
+            raise ValueError(f"output delta of {self.path!r}: neither a weight nor a bias change")
+        if self.weight is not None and self.weight.ndim != 2:
+            raise ValueError(f"output delta of {self.path!r}: the weight change must be 2-D")
+        if (
+            self.weight is not None
+            and self.bias is not None
+            and self.bias.shape != self.weight.shape[:1]
+        ):
+            raise ValueError(
+                f"output delta of {self.path!r}: bias {tuple(self.bias.shape)} and weight "
+                f"{tuple(self.weight.shape)} do not match"
+            )
+
+    def added(self, inputs: Activation) -> Activation:
+        """The term added to the module's output for ``inputs`` (``[..., in]``), on the
+        inputs' device and in their dtype (so it follows a layer placed on another device)."""
+        out: Tensor | None = None
+        if self.weight is not None:
+            out = inputs @ self.weight.to(device=inputs.device, dtype=inputs.dtype).T
+        if self.bias is not None:
+            bias = self.bias.to(device=inputs.device, dtype=inputs.dtype)
+            out = bias.expand(*inputs.shape[:-1], -1) if out is None else out + bias
+        assert out is not None
+        return out
+
+
 @dataclass(frozen=True)
 class BosPolicy:
     """How sequences start, as decided by the tokenizer.
@@ -841,6 +891,11 @@ class BaseAdapter:
         self.pad_token_id: int = int(pad) if pad is not None else 0
         # Unit patches applied to every pass (see :meth:`intervening`).
         self._standing: tuple[UnitPatch, ...] = ()
+        # Output deltas added in every pass (see :meth:`adding`).
+        self._deltas: tuple[OutputDelta, ...] = ()
+        # How EditResult.applied applies an edit unless told (ModelSettings.edit_apply):
+        # ``weights`` or ``intervention`` (mlake_core.editing.intervention.EDIT_APPLY).
+        self.edit_apply: str = "weights"
 
     # -- shapes ----------------------------------------------------------------------------
 
@@ -1296,6 +1351,71 @@ class BaseAdapter:
             yield
         finally:
             self._standing = previous
+
+    @contextmanager
+    def adding(self, deltas: Sequence[OutputDelta]) -> Iterator[None]:
+        """Add the output deltas (:class:`OutputDelta`: a weight change applied as a term at
+        its module's output) to every forward pass inside the block: logits, caches,
+        gradients and generation alike.  No parameter is written.
+
+        The backends apply them through their own hooks (a TransformerLens hook pair on the
+        projection's input and output, or nnsight's ``.input``/``.output`` in the trace), read
+        after any patch of the module's input site and before any read or patch of its output
+        site.  Nested blocks add to the outer ones; leaving a block removes exactly its deltas,
+        even after an exception.
+
+        Raises:
+            ConfigError: a module that is not an attention or MLP output projection (the
+                modules whose input is the ``attn_z`` or ``mlp_post`` site).
+        """
+        for delta in deltas:
+            if not isinstance(delta, OutputDelta):
+                raise TypeError("adding takes OutputDelta objects")
+            self.delta_input_site(delta.path)
+        previous = self._deltas
+        self._deltas = (*previous, *deltas)
+        try:
+            yield
+        finally:
+            self._deltas = previous
+
+    def delta_input_site(self, path: str) -> Site:
+        """The site at the input of the module ``path`` that an :class:`OutputDelta` may
+        change: ``mlp_post.L`` (the MLP output projection) or ``attn_z.L`` (the attention
+        output projection).
+
+        Raises:
+            ConfigError: for any other module.
+        """
+        for layer in range(self.n_layers):
+            for kind in ("mlp_post", "attn_z"):
+                if self.spec.sites[kind].path(layer) == path:
+                    return parse_site(f"{kind}.{layer}", self.n_layers)
+        raise ConfigError(
+            f"{self.info.model_id}: {path!r} is not an MLP or attention output projection; "
+            "an edit applied as an intervention may change those only"
+        )
+
+    def _delta_plan(self) -> dict[str, tuple[Site, Site | None, tuple[OutputDelta, ...]]]:
+        """The standing output deltas by module path: ``(the module's input site, the site at
+        its output or None when no site is there (Gemma 3's projection, followed by a
+        post-norm), the deltas)``."""
+        plan: dict[str, tuple[Site, Site | None, tuple[OutputDelta, ...]]] = {}
+        for delta in self._deltas:
+            if delta.path in plan:
+                site_in, site_out, ds = plan[delta.path]
+                plan[delta.path] = (site_in, site_out, (*ds, delta))
+                continue
+            site_in = self.delta_input_site(delta.path)
+            out_kind = "mlp_out" if site_in.kind == "mlp_post" else "attn_out"
+            where = self.spec.sites[out_kind]
+            site_out = (
+                parse_site(f"{out_kind}.{site_in.layer}", self.n_layers)
+                if where.path(site_in.layer) == delta.path and where.port == "output"
+                else None
+            )
+            plan[delta.path] = (site_in, site_out, (delta,))
+        return plan
 
     def _group(self, patches: Sequence[Patch]) -> dict[Site, list[Patch | UnitPatch]]:
         grouped: dict[Site, list[Patch | UnitPatch]] = {}

@@ -78,11 +78,20 @@ class NNsightAdapter(BaseAdapter):
         cache: dict[str, Tensor] = {}
         wanted = set(read)
         last = max(wanted) if stop and wanted else None
+        # Output deltas (BaseAdapter.adding): visited at their projection's input site (read
+        # after its patches) and added at its output, before the output site's read or patch.
+        deltas = self._delta_plan()
+        by_in = {site_in: (path, site_out, ds) for path, (site_in, site_out, ds) in deltas.items()}
+        by_out = {out: (path, ds) for path, (_, out, ds) in deltas.items() if out is not None}
+        visit = set(by_in) | set(by_out)
+        if last is not None:
+            visit = {site for site in visit if site <= last}
         plan = []
-        for site in sorted(wanted | set(patches)):
+        for site in sorted(wanted | set(patches) | visit):
             where = self.spec.sites[site.kind]
             plan.append((site, where.path(site.layer), where.port, patches.get(site, [])))
         inputs = self._model_inputs(batch, last_only, past, keep_past=past_out is not None)
+        pending: dict[str, Tensor] = {}  # a projection's input, until its output is visited
         with self.model.trace(**inputs) as tracer:
             for site, path, port, site_patches in plan:
                 envoy = self.model.get(path)
@@ -95,13 +104,28 @@ class NNsightAdapter(BaseAdapter):
                     output = envoy.output
                     is_tuple = isinstance(output, tuple)
                     value = output[0] if is_tuple else output
+                    if site in by_out:
+                        delta_path, site_deltas = by_out[site]
+                        for delta in site_deltas:
+                            value = value + delta.added(pending[delta_path])
                     if site_patches:
                         value = apply_patches(value, site_patches)
+                    if site_patches or site in by_out:
                         envoy.output = (value, *output[1:]) if is_tuple else value
                 if site in wanted:
                     cache[site.name] = nnsight.save(value if keep_graph else value.detach())
                 if site == last:
                     tracer.stop()  # nothing after the last site read runs (``stop``)
+                if site in by_in:
+                    delta_path, site_out, site_deltas = by_in[site]
+                    if site_out is None:  # no site at the projection's output: add there now
+                        projection = self.model.get(delta_path)
+                        out_value = projection.output
+                        for delta in site_deltas:
+                            out_value = out_value + delta.added(value)
+                        projection.output = out_value
+                    else:
+                        pending[delta_path] = value
             if last is None:
                 logits = nnsight.save(self.model.output.logits)
                 if past_out is not None:

@@ -32,6 +32,7 @@ from mlake_core.models.adapter import (
     BaseAdapter,
     Logits,
     ModelInfo,
+    OutputDelta,
     PastKeyValues,
     Patch,
     TokenBatch,
@@ -103,6 +104,8 @@ class TLensAdapter(BaseAdapter):
                 original: Any = component.original_component
                 if original is not None:
                     by_module.setdefault(id(original), component)
+        # The bridge component wrapping each HF module (by identity), for output deltas.
+        self._wrappers = by_module
         self._hook_names: dict[str, str] = {}
         for name, (module, port) in targets.items():
             wrapper = by_module.get(id(module))
@@ -123,6 +126,43 @@ class TLensAdapter(BaseAdapter):
         parsed = parse_site(name, self.info.n_layers)
         module_site = self.spec.sites[parsed.kind]
         return module_site.path(parsed.layer), module_site.port
+
+    def _delta_hooks(
+        self,
+    ) -> tuple[list[tuple[str, Callable[..., Tensor]]], list[tuple[str, Callable[..., Tensor]]]]:
+        """Hooks applying the standing output deltas: ``(adders on the projections'
+        hook_out, capturers of their inputs on hook_in)``."""
+        adds: list[tuple[str, Callable[..., Tensor]]] = []
+        captures: list[tuple[str, Callable[..., Tensor]]] = []
+        for path, (_, _, deltas) in self._delta_plan().items():
+            wrapper = self._wrappers.get(id(self.hf_module(path)))
+            if wrapper is None:
+                raise ConfigError(
+                    f"TransformerLens bridge of {self.info.model_id!r} does not wrap {path}; "
+                    "use --backend nnsight to apply an edit as an intervention"
+                )
+            seen: list[Tensor] = []
+
+            def capture(activation: Tensor, hook: Any, seen: list[Tensor] = seen) -> Tensor:
+                seen.clear()
+                seen.append(activation.flatten(-2) if activation.ndim == 4 else activation)
+                return activation
+
+            def add(
+                activation: Tensor,
+                hook: Any,
+                seen: list[Tensor] = seen,
+                deltas: tuple[OutputDelta, ...] = deltas,
+            ) -> Tensor:
+                (inputs,) = seen
+                seen.clear()
+                for delta in deltas:
+                    activation = activation + delta.added(inputs)
+                return activation
+
+            captures.append((str(wrapper.hook_in.name), capture))
+            adds.append((str(wrapper.hook_out.name), add))
+        return adds, captures
 
     def _run(
         self,
@@ -163,6 +203,12 @@ class TLensAdapter(BaseAdapter):
         fwd_hooks = [
             (self._hook_names[site.name], make_hook(site)) for site in sorted(wanted | set(patches))
         ]
+        if self._deltas:
+            # Output deltas (BaseAdapter.adding): the projection's input is captured after any
+            # patch of its input site (hooks on one point run in the order added), and the
+            # term is added to its output before any read or patch of the output site.
+            adds, captures = self._delta_hooks()
+            fwd_hooks = [*adds, *fwd_hooks, *captures]
         inputs = self._model_inputs(batch, last_only, past, keep_past=past_out is not None)
         try:
             with self.bridge.hooks(fwd_hooks=fwd_hooks):
