@@ -21,6 +21,21 @@ Each row has the probability measures (``success_prob``: alias-aware p(new) > p(
 (``success_greedy``: greedy alias match gives the new answer), with ``known_before``: whether
 the model answered ``f`` in B correctly before the edit (transfer is only meaningful there).
 
+With ``protocol="mlake"`` (the benchmark's own protocols, MLaKE, arXiv 2404.04990), each
+edit is also measured by **multiple choice** (the v2024-04 ``mcqa`` records), in every test
+language, single-hop (``form`` ``question``) and multi-hop (``form`` ``multi_hop``, the
+"new" questions linked to ``f``), both ways (``mcqa_by``): ``loglik``, the option whose text
+is the most probable answer after the question, and ``letter``, the letter the model gives
+with the options listed in the prompt (:func:`~mlake_core.metrics.knowledge.score_mcqa`).
+Those rows are kind ``mcqa``.  Every measured row carries ``n`` (questions), ``chose_edit``
+(how many were answered with the edit: the edit's option, or the new answer) and, where the
+record gives one, ``chose_original``, and the same counts of the unedited model
+(``chose_edit_before``, ``chose_original_before``: the prior an edit effect is read
+against; measured once per run, :func:`protocol_baseline`).  A test language without a
+usable record gives a row with ``n`` 0 and the reason in ``missing`` (portability too), so
+nothing is dropped unseen.  :func:`protocol_cells` aggregates the rows into the paper's
+tables (edit language x test language, per hop and format).
+
 A transfer run's rows are read back as a :class:`TransferRun` (:meth:`TransferRun.load`).
 """
 
@@ -40,16 +55,25 @@ from mlake_core.editing.base import EditResult
 from mlake_core.errors import ConfigError, DataError
 from mlake_core.metrics.knowledge import (
     KnowledgeConfig,
+    McqaItem,
     answer_decided,
     greedy_generate,
     match_answer,
     measure_knowledge,
+    score_mcqa,
 )
 from mlake_core.models.prompting import PromptTemplate
 from mlake_core.results.store import read_run
 
 #: Row kinds, in report order.
 KINDS: tuple[str, ...] = ("efficacy", "generalization", "transfer", "locality", "portability")
+
+#: Evaluation protocols: ``free-form`` (every kind above) and ``mlake`` (those, plus multiple
+#: choice both ways, single-hop and multi-hop, with the unedited model's counts).
+PROTOCOLS: tuple[str, ...] = ("free-form", "mlake")
+
+#: The two ways multiple choice is read: the most probable option text, the letter chosen.
+MCQA_WAYS: tuple[str, ...] = ("loglik", "letter")
 
 
 @dataclass(frozen=True)
@@ -68,6 +92,9 @@ class TransferConfig:
             every success, locality and portability verdict is the same, the stored
             ``greedy_text`` ends where it was decided, and evaluation is faster (greedy
             decoding through a large vocabulary is most of it).  Off by default.
+        protocol: ``free-form`` (default) or ``mlake``: also multiple choice after every
+            edit in every test language, both ways, single-hop and multi-hop, with the
+            unedited model's counts (see the module docstring; needs the v2024-04 data).
     """
 
     edit_form: str = "question"
@@ -75,6 +102,7 @@ class TransferConfig:
     locality_seed: int = 0
     max_new_tokens: int = KnowledgeConfig().max_new_tokens
     stop_when_decided: bool = False
+    protocol: str = "free-form"
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -82,11 +110,18 @@ class TransferConfig:
             raise ConfigError(f"--edit-form {self.edit_form!r}: choose question or cloze")
         if self.n_locality < 0:
             raise ConfigError("--n-locality must be >= 0")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(
+                f"--protocol {self.protocol!r}: choose {' or '.join(PROTOCOLS)} (mlake adds "
+                "multiple choice, single-hop and multi-hop, to the free-form measures)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         if not self.stop_when_decided:  # added later: earlier runs' keys stay valid
             del out["stop_when_decided"]
+        if self.protocol == "free-form":  # likewise; an mlake run has its own key
+            del out["protocol"]
         return out
 
 
@@ -114,10 +149,16 @@ def evaluate_edit(
     locality_ids: Sequence[int],
     known_before: Mapping[tuple[int, str], bool],
     batch_size: int = 32,
+    new_before: Mapping[tuple[int, str, str], bool] | None = None,
+    before: Mapping[tuple[Any, ...], tuple[float, float]] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows (one per fact, test language, form and kind) for one edit (see the module
     docstring).  ``known_before`` says whether the unedited model answered each
-    (fact, language) correctly in the question form (greedy alias match)."""
+    (fact, language) correctly in the question form (greedy alias match); ``new_before``
+    whether it already gave the new answer, per (fact, language, form); ``before`` the
+    unedited model's ``(chose_edit, chose_original)`` counts of the multiple-choice and
+    portability rows, per ``(fact_id, test_lang, form, kind, mcqa_by)``
+    (:func:`protocol_baseline`)."""
     (request,) = result.requests[:1]
     fact = dataset.fact(request.fact_id)
     tpl = template.with_context(result.prefix) if result.prefix else template
@@ -126,6 +167,8 @@ def evaluate_edit(
         mcqa=False,
         stop_when_decided=config.stop_when_decided,
     )
+    new_before = new_before or {}
+    before = before or {}
     rows: list[dict[str, Any]] = []
     base = {
         "method": result.method,
@@ -134,6 +177,7 @@ def evaluate_edit(
         "edit_form": request.form,
         "edit_loss": result.loss,
     }
+    mlake = config.protocol == "mlake"
     with result.applied(adapter):
         measured = measure_knowledge(
             adapter, [fact.views[b] for b in langs], tpl, kcfg, batch_size=batch_size
@@ -148,6 +192,7 @@ def evaluate_edit(
             scored=False,  # locality reads only the greedy answer
         ).table
         port = _portability(adapter, fact.multi_hop, langs, tpl, config, batch_size)
+        mcqa = mcqa_measures(adapter, [fact], langs, tpl, batch_size) if mlake else []
     for rec in measured.to_dict(orient="records"):
         b, form = rec["lang"], rec["form"]
         if b == request.lang:
@@ -155,6 +200,8 @@ def evaluate_edit(
         else:
             kind = "transfer"
         noop = fact.views[b].edit_is_noop  # new answer == old one there: nothing to measure
+        hit = float(rec["greedy_match"] == "edit")
+        prior = new_before.get((request.fact_id, b, form))
         rows.append(
             {
                 **base,
@@ -166,9 +213,17 @@ def evaluate_edit(
                 if noop
                 else float(rec["edit_alias_logp"] > rec["target_alias_logp"]),
                 "p_new": math.nan if noop else math.exp(rec["edit_alias_logp"]),
-                "success_greedy": math.nan if noop else float(rec["greedy_match"] == "edit"),
+                "success_greedy": math.nan if noop else hit,
                 "known_before": bool(known_before.get((request.fact_id, b), False)),
                 "greedy_text": rec["greedy_text"],
+                **_counts(
+                    0 if noop else 1,
+                    0.0 if noop else hit,
+                    math.nan,
+                    math.nan if noop or prior is None else float(prior),
+                    math.nan,
+                    "edit is a no-op (new answer = original)" if noop else "",
+                ),
             }
         )
     for b in langs:
@@ -190,9 +245,14 @@ def evaluate_edit(
                 "success_greedy": sum(kept) / len(kept) if kept else math.nan,
                 "known_before": True,
                 "greedy_text": "",
+                **_counts(len(kept), sum(kept), math.nan, math.nan, math.nan, ""),
             }
         )
-    for b, (hits, n) in port.items():
+    for b in langs:
+        if b not in port and not mlake:
+            continue  # the free-form protocol's rows as before (its run keys are unchanged)
+        hits, n = port.get(b, (0, 0))
+        prior_hits = before.get((request.fact_id, b, "multi_hop", "portability", ""), (None,))[0]
         rows.append(
             {
                 **base,
@@ -205,9 +265,244 @@ def evaluate_edit(
                 "success_greedy": hits / n if n else math.nan,
                 "known_before": bool(known_before.get((request.fact_id, b), False)),
                 "greedy_text": "",
+                **_counts(
+                    n,
+                    hits,
+                    math.nan,
+                    math.nan if prior_hits is None else prior_hits,
+                    math.nan,
+                    "" if n else NO_MULTI_HOP,
+                ),
+            }
+        )
+    for m in mcqa:
+        key = (request.fact_id, m["test_lang"], m["form"], "mcqa", m["mcqa_by"])
+        prior_edit, prior_original = before.get(key, (math.nan, math.nan))
+        rows.append(
+            {
+                **base,
+                "test_lang": m["test_lang"],
+                "form": m["form"],
+                "kind": "mcqa",
+                "n": m["n"],
+                "success_prob": math.nan,
+                "p_new": math.nan,
+                "success_greedy": m["chose_edit"] / m["n"] if m["n"] else math.nan,
+                "known_before": bool(known_before.get((request.fact_id, m["test_lang"]), False)),
+                "greedy_text": "",
+                **_counts(
+                    m["n"],
+                    m["chose_edit"],
+                    m["chose_original"],
+                    prior_edit,
+                    prior_original,
+                    m["missing"],
+                ),
+                "mcqa_by": m["mcqa_by"],
             }
         )
     return rows
+
+
+#: ``missing`` of a portability row whose fact has no linked "new" multi-hop question there.
+NO_MULTI_HOP = "no linked multi-hop question"
+
+
+def _counts(
+    n: int,
+    chose_edit: float,
+    chose_original: float,
+    chose_edit_before: float,
+    chose_original_before: float,
+    missing: str,
+) -> dict[str, Any]:
+    """The count columns every row of an edit carries (see the module docstring)."""
+    return {
+        "chose_edit": float(chose_edit),
+        "chose_original": float(chose_original),
+        "chose_edit_before": float(chose_edit_before),
+        "chose_original_before": float(chose_original_before),
+        "missing": missing,
+        "mcqa_by": "",
+    }
+
+
+def mcqa_measures(
+    adapter: Any,
+    facts: Sequence[Any],
+    langs: Sequence[str],
+    template: PromptTemplate,
+    batch_size: int = 32,
+) -> list[dict[str, Any]]:
+    """Multiple choice of ``facts`` in every language of ``langs``, with the model as it is:
+    one dict per (fact, test language, form, way) with ``n`` (questions scored),
+    ``chose_edit`` (answered with the edit's option: single-hop, the record's edit letter;
+    multi-hop, the "new" record's letter, the answer of the edited chain), ``chose_original``
+    (single-hop: the original fact's option; NaN for multi-hop, whose "new" records give no
+    original option) and ``missing`` (why ``n`` is 0, else empty).  Both ways come from one
+    :func:`~mlake_core.metrics.knowledge.score_mcqa` call (``loglik``: the most probable
+    option text; ``letter``: the most probable letter with the options in the prompt)."""
+    items: list[McqaItem] = []
+    targets: list[tuple[int, str, str, int, int | None]] = []  # fact, lang, form, edit, orig
+    cells: dict[tuple[int, str, str], dict[str, Any]] = {}
+    for fact in facts:
+        for b in langs:
+            view = fact.views[b]
+            cell = cells.setdefault((fact.fact_id, b, "question"), {"n": 0, "missing": ""})
+            rec = view.mcqa
+            if rec is None:
+                cell["missing"] = "no multiple-choice record"
+            elif not rec.usable:
+                cell["missing"] = f"multiple-choice record unusable: {rec.problem}"
+            elif rec.edit_index is None or rec.edit_index == rec.answer_index:
+                cell["missing"] = "multiple-choice record gives no distinct edit option"
+            elif view.edit_is_noop:
+                cell["missing"] = "edit is a no-op (new answer = original)"
+            else:
+                items.append(
+                    McqaItem(
+                        f"fact {fact.fact_id} [{b}] multiple choice", b, rec.question, rec.options
+                    )
+                )
+                targets.append((fact.fact_id, b, "question", rec.edit_index, rec.answer_index))
+                cell["n"] = 1
+            cell = cells.setdefault((fact.fact_id, b, "multi_hop"), {"n": 0, "missing": ""})
+            linked = [q for q in fact.multi_hop if q.kind == "new" and q.lang == b]
+            usable = [
+                q
+                for q in linked
+                if q.options and q.answer_index is not None and q.mcqa_problem is None
+            ]
+            if not linked:
+                cell["missing"] = NO_MULTI_HOP
+            elif not usable:
+                cell["missing"] = "no usable multi-hop multiple-choice record"
+            for q in usable:
+                items.append(
+                    McqaItem(
+                        f"multi-hop new question {q.index} [{b}] (fact {fact.fact_id}) "
+                        "multiple choice",
+                        b,
+                        q.question,
+                        q.options,
+                    )
+                )
+                targets.append((fact.fact_id, b, "multi_hop", int(q.answer_index), None))
+                cell["n"] += 1
+    scores = score_mcqa(adapter, items, template, batch_size=batch_size)
+    counts: dict[tuple[int, str, str, str], list[float]] = {}
+    for (fid, b, form, edit, orig), score in zip(targets, scores, strict=True):
+        for way, choice in (("loglik", score.choice), ("letter", score.letter_choice)):
+            c = counts.setdefault((fid, b, form, way), [0.0, 0.0])
+            c[0] += float(choice == edit)
+            c[1] += float(orig is not None and choice == orig)
+    out = []
+    for (fid, b, form), cell in cells.items():
+        for way in MCQA_WAYS:
+            edit_n, orig_n = counts.get((fid, b, form, way), [0.0, 0.0])
+            out.append(
+                {
+                    "fact_id": fid,
+                    "test_lang": b,
+                    "form": form,
+                    "mcqa_by": way,
+                    "n": cell["n"],
+                    "chose_edit": edit_n,
+                    "chose_original": orig_n if form == "question" else math.nan,
+                    "missing": cell["missing"] if not cell["n"] else "",
+                }
+            )
+    return out
+
+
+def protocol_baseline(
+    adapter: Any,
+    dataset: MlakeDataset,
+    fact_ids: Sequence[int],
+    langs: Sequence[str],
+    template: PromptTemplate,
+    config: TransferConfig,
+    batch_size: int = 32,
+) -> Any:
+    """The unedited model's counts behind the ``mlake`` protocol's rows (a pandas DataFrame,
+    one row per fact, test language, form, kind and way): multiple choice
+    (:func:`mcqa_measures`) and multi-hop portability (the new answer of the edited chain,
+    given before any edit).
+
+    Raises:
+        ConfigError: the data has no multiple-choice record at all (v2024-11), naming the
+            release that has them.
+    """
+    import pandas as pd
+
+    facts = [dataset.fact(i) for i in fact_ids]
+    require_mcqa(dataset, langs)
+    records = [
+        {**m, "kind": "mcqa"} for m in mcqa_measures(adapter, facts, langs, template, batch_size)
+    ]
+    for fact in facts:
+        port = _portability(adapter, fact.multi_hop, langs, template, config, batch_size)
+        for b in langs:
+            hits, n = port.get(b, (0, 0))
+            records.append(
+                {
+                    "fact_id": fact.fact_id,
+                    "test_lang": b,
+                    "form": "multi_hop",
+                    "mcqa_by": "",
+                    "n": n,
+                    "chose_edit": float(hits),
+                    "chose_original": math.nan,
+                    "missing": "" if n else NO_MULTI_HOP,
+                    "kind": "portability",
+                }
+            )
+    return pd.DataFrame.from_records(records, columns=list(BASELINE_COLUMNS))
+
+
+#: Columns of :func:`protocol_baseline`'s table.
+BASELINE_COLUMNS: tuple[str, ...] = (
+    "fact_id",
+    "test_lang",
+    "form",
+    "kind",
+    "mcqa_by",
+    "n",
+    "chose_edit",
+    "chose_original",
+    "missing",
+)
+
+
+def baseline_map(table: Any) -> dict[tuple[Any, ...], tuple[float, float]]:
+    """:func:`protocol_baseline`'s table as :func:`evaluate_edit`'s ``before``."""
+    return {
+        (
+            int(r["fact_id"]),
+            str(r["test_lang"]),
+            str(r["form"]),
+            str(r["kind"]),
+            str(r["mcqa_by"]),
+        ): (
+            float(r["chose_edit"]),
+            float(r["chose_original"]),
+        )
+        for r in table.to_dict(orient="records")
+    }
+
+
+def require_mcqa(dataset: MlakeDataset, langs: Sequence[str]) -> None:
+    """Refuse the ``mlake`` protocol on data without multiple-choice records.
+
+    Raises:
+        ConfigError: no fact has a multiple-choice record in any of ``langs``.
+    """
+    if not any(f.views[b].mcqa is not None for f in dataset.facts for b in langs):
+        raise ConfigError(
+            f"--protocol mlake: MLaKE {dataset.version} has no multiple-choice records; use "
+            "--version v2024-04 (the same single-hop and multi-hop questions, with their "
+            "multiple-choice versions)"
+        )
 
 
 def _portability(
@@ -266,6 +561,147 @@ def transfer_matrix(
     if known_only:
         sel = sel[sel["known_before"]]
     return sel.pivot_table(index="edit_lang", columns="test_lang", values=metric, aggfunc="mean")
+
+
+#: The paper's tables, in order: (hop, format, how each cell is read).
+PROTOCOL_TABLES: tuple[tuple[str, str, str], ...] = (
+    ("single-hop", "free-form", "greedy alias match gives the new answer"),
+    ("single-hop", "mcqa-loglik", "the edit's option is the most probable option text"),
+    ("single-hop", "mcqa-letter", "the edit's letter is chosen, options in the prompt"),
+    ("multi-hop", "free-form", "greedy alias match gives the edited chain's answer"),
+    ("multi-hop", "mcqa-loglik", "the edited chain's option is the most probable text"),
+    ("multi-hop", "mcqa-letter", "the edited chain's letter is chosen, options in the prompt"),
+)
+
+#: Columns of :func:`protocol_cells` (and of the CSV ``mlake edit transfer --protocol mlake``
+#: writes, with ``method`` first).
+CELL_COLUMNS: tuple[str, ...] = (
+    "hop",
+    "format",
+    "edit_lang",
+    "test_lang",
+    "pct",
+    "before_pct",
+    "original_pct",
+    "n",
+    "chose_edit",
+    "facts",
+    "missing",
+    "edits",
+)
+
+
+def _table_rows(rows: Any, hop: str, fmt: str) -> Any:
+    """The rows of one of :data:`PROTOCOL_TABLES`' tables."""
+    kind, form = rows["kind"], rows["form"]
+    if fmt == "free-form":
+        if hop == "single-hop":
+            return rows[
+                (form == "question") & kind.isin(["efficacy", "generalization", "transfer"])
+            ]
+        return rows[kind == "portability"]
+    way = fmt.removeprefix("mcqa-")
+    return rows[
+        (kind == "mcqa")
+        & (form == ("question" if hop == "single-hop" else "multi_hop"))
+        & (rows["mcqa_by"] == way)
+    ]
+
+
+def protocol_cells(rows: Any, langs: Sequence[str]) -> Any:
+    """The ``mlake`` protocol's tables as one long table (a pandas DataFrame, columns
+    :data:`CELL_COLUMNS`), one row per table of :data:`PROTOCOL_TABLES` and (edit language,
+    test language).
+
+    In each cell: ``n`` questions (single-hop: one per fact; multi-hop: every linked "new"
+    question), ``chose_edit`` of them answered with the edit, ``pct`` = 100 ``chose_edit`` /
+    ``n``; ``before_pct`` the same of the unedited model on the same questions (the prior);
+    ``original_pct`` the share choosing the original fact's option (single-hop multiple
+    choice); ``facts`` the edited facts measured there, ``missing`` the edited facts with no
+    question there (no record, an unusable one, a no-op edit, or not measured: runs of the
+    free-form protocol have no multiple-choice rows), ``edits`` = ``facts`` + ``missing``
+    (the facts edited in the edit language).  Free-form cells count every edited fact (the
+    paper's protocol), not only those known before as :func:`transfer_matrix` does.  Values
+    are rounded to 0.1 (as printed).
+    """
+    import pandas as pd
+
+    rows = _with_counts(rows)
+    edits = rows[rows["kind"] == "efficacy"].groupby("edit_lang")["fact_id"].nunique()
+    records = []
+    for hop, fmt, _ in PROTOCOL_TABLES:
+        sel = _table_rows(rows, hop, fmt)
+        for a in langs:
+            for b in langs:
+                cell = sel[(sel["edit_lang"] == a) & (sel["test_lang"] == b)]
+                measured = cell[cell["n"] > 0]
+                n = int(measured["n"].sum())
+                hits = float(measured["chose_edit"].sum())
+                prior = measured["chose_edit_before"]
+                orig = measured["chose_original"]
+                facts = int(measured["fact_id"].nunique())
+                total = int(edits.get(a, 0))
+                records.append(
+                    {
+                        "hop": hop,
+                        "format": fmt,
+                        "edit_lang": a,
+                        "test_lang": b,
+                        "pct": _pct(hits, n),
+                        "before_pct": _pct(float(prior.sum()), n)
+                        if n and prior.notna().all()
+                        else math.nan,
+                        "original_pct": _pct(float(orig.sum()), n)
+                        if n and orig.notna().all()
+                        else math.nan,
+                        "n": n,
+                        "chose_edit": round(hits),
+                        "facts": facts,
+                        "missing": total - facts,
+                        "edits": total,
+                    }
+                )
+    return pd.DataFrame.from_records(records, columns=list(CELL_COLUMNS))
+
+
+def _pct(hits: float, n: int) -> float:
+    return round(100.0 * hits / n, 1) if n else math.nan
+
+
+def _with_counts(rows: Any) -> Any:
+    """``rows`` with the count columns (rows saved before they existed get them from
+    ``n`` and ``success_greedy``; their priors are unknown, NaN)."""
+    rows = rows.copy()
+    for col in ("chose_edit", "chose_original", "chose_edit_before", "chose_original_before"):
+        if col not in rows:
+            rows[col] = math.nan
+    if "mcqa_by" not in rows:
+        rows["mcqa_by"] = ""
+    if "missing" not in rows:
+        rows["missing"] = ""
+    derived = rows["success_greedy"].fillna(0.0) * rows["n"]
+    rows["chose_edit"] = rows["chose_edit"].fillna(derived)
+    return rows
+
+
+def missing_reasons(rows: Any) -> Any:
+    """Why facts have no multiple-choice or multi-hop question in a test language (a pandas
+    DataFrame: ``hop``, ``test_lang``, ``missing`` (the reason), ``facts``), counted once
+    per fact (the reason does not depend on the edit language)."""
+    import pandas as pd
+
+    rows = _with_counts(rows)
+    sel = rows[(rows["n"] == 0) & rows["kind"].isin(["mcqa", "portability"])]
+    if sel.empty:
+        return pd.DataFrame(columns=["hop", "test_lang", "missing", "facts"])
+    hop = sel["form"].map({"question": "single-hop", "multi_hop": "multi-hop"})
+    sel = sel.assign(hop=hop)[["hop", "test_lang", "missing", "fact_id"]].drop_duplicates()
+    return (
+        sel.groupby(["hop", "test_lang", "missing"], sort=True)["fact_id"]
+        .nunique()
+        .rename("facts")
+        .reset_index()
+    )
 
 
 @dataclass

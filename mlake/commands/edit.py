@@ -8,6 +8,22 @@ language) of each metric over the facts known before the edit in the test langua
 per-pair rows go to the results store, one table per method and edit language (resumable).
 Methods: ft, rome, memit, ike (see ``mlake_core/editing/``, one module per method).
 
+``--protocol mlake`` adds the MLaKE paper's protocols (arXiv 2404.04990; needs ``--version
+v2024-04``, the release with the multiple-choice files): after every edit, in every test
+language, multiple choice read two ways (``mcqa-loglik``: the option whose text is the most
+probable answer; ``mcqa-letter``: the letter the model gives with the options in the prompt),
+single-hop and multi-hop, beside the free-form measures, with the unedited model's answers
+to the same questions (measured once per run).  It then prints, for each method, six tables
+in the paper's layout (single-hop and multi-hop; free-form, mcqa-loglik and mcqa-letter; rows:
+edit language, columns: test language): the % of questions answered with the edit, the
+unedited model's % in brackets, and each cell's counts (questions n, facts measured, facts
+missing: no record there, an unusable one, or a no-op edit; the reasons are listed).  Free-form
+cells count every edited fact, as the paper does.  The same tables are written as CSV, one
+row per cell (method, hop, format, edit_lang, test_lang, pct, before_pct, original_pct, n,
+chose_edit, facts, missing, edits), to ``--csv`` (default
+``runs/edit_transfer/protocol_mlake_<model>_<N>facts.csv``); ``--json`` prints them as JSON
+(``protocol_mlake`` per method).
+
 Each method's settings are resolved once (:func:`mlake.method_settings.resolve_method`), in
 rising precedence: the method's defaults; for ``--layer auto``, the layer causal tracing
 recommended for this model (``mlake trace``), else the documented default per model size; the
@@ -26,7 +42,9 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import time
+from pathlib import Path
 from typing import Any
 
 from mlake.commands.common import (
@@ -34,6 +52,7 @@ from mlake.commands.common import (
     add_model_args,
     add_run_args,
     add_settings_args,
+    data_settings,
     log,
     open_session,
     parse_set,
@@ -44,12 +63,12 @@ from mlake.pipeline.config import TransferSettings
 from mlake_core.errors import ConfigError
 
 #: The :class:`~analysis.transfer.TransferConfig` fields that are options.
-TRANSFER_FIELDS: tuple[str, ...] = ("edit_form", "n_locality", "stop_when_decided")
+TRANSFER_FIELDS: tuple[str, ...] = ("edit_form", "n_locality", "stop_when_decided", "protocol")
 
 
 def register(subparsers: Any) -> None:
     """Add the ``edit`` command and its ``transfer`` sub-command."""
-    from analysis.transfer import TransferConfig
+    from analysis.transfer import PROTOCOLS, TransferConfig
 
     parser = subparsers.add_parser("edit", help="knowledge editing and cross-lingual transfer")
     sub = parser.add_subparsers(dest="edit_command", metavar="SUBCOMMAND")
@@ -102,11 +121,25 @@ def register(subparsers: Any) -> None:
         fields=["units_method"],
         helps={"units_method": "which attribution method's classes to take from --units-from"},
     )
+    evaluation = tr.add_argument_group("evaluation")
     add_settings_args(
-        tr.add_argument_group("evaluation"),
+        evaluation,
         TransferConfig,
         fields=TRANSFER_FIELDS,
-        choices={"edit_form": ("question", "cloze")},
+        choices={"edit_form": ("question", "cloze"), "protocol": PROTOCOLS},
+        helps={
+            "protocol": "free-form (default) or mlake: also multiple choice (option "
+            "log-likelihood and letter), single-hop and multi-hop, with the unedited model's "
+            "answers; prints the paper's tables and writes them as CSV (see --csv); needs "
+            "--version v2024-04"
+        },
+    )
+    evaluation.add_argument(
+        "--csv",
+        default=None,
+        metavar="PATH",
+        help="with --protocol mlake: where the tables go as CSV (default "
+        "runs/edit_transfer/protocol_mlake_<model>_<N>facts.csv, under the current folder)",
     )
     add_data_args(tr, facts_default="20", facts_help="N (the first N), trained or all")
     add_run_args(tr, seed=True)
@@ -128,7 +161,14 @@ def given_method_fields(
 
 def run_transfer(args: argparse.Namespace) -> int:
     """Entry point of ``mlake edit transfer``."""
-    from analysis.transfer import KINDS, TransferConfig, locality_facts, transfer_matrix
+    from analysis.transfer import (
+        KINDS,
+        TransferConfig,
+        locality_facts,
+        missing_reasons,
+        protocol_cells,
+        transfer_matrix,
+    )
     from mlake.method_settings import resolve_method
     from mlake.progress import progress_bar
     from mlake.stages.transfer import read_unit_sets, transfer_stage
@@ -147,6 +187,10 @@ def run_transfer(args: argparse.Namespace) -> int:
         among="--methods",
     )
     config = settings_from_args(args, TransferConfig, fields=TRANSFER_FIELDS)
+    if args.csv and config.protocol != "mlake":
+        raise ConfigError("--csv: the tables written as CSV are --protocol mlake's; add it")
+    if config.protocol == "mlake":  # before the model loads
+        check_protocol_data(data_settings(args).version)
     given = {e.name: given_method_fields(e, args.layer, overrides) for e in entries}
     for entry in entries:  # bad --layer and --set values fail before the model loads
         entry.config_cls(**given[entry.name])
@@ -227,11 +271,151 @@ def run_transfer(args: argparse.Namespace) -> int:
                 rows.drop_duplicates(["fact_id", "edit_lang"])["edit_loss"].mean()
             ),
         }
+        if config.protocol == "mlake":
+            report["methods"][entry.name]["protocol_mlake"] = {
+                "cells": _records(protocol_cells(rows, langs)),
+                "missing": _records(missing_reasons(rows)),
+            }
+    if config.protocol == "mlake":
+        path = Path(args.csv) if args.csv else default_csv(loaded.name, len(fact_ids))
+        write_protocol_csv(report, path)
+        report["protocol_csv"] = str(path)
+        log(f"the MLaKE protocol's tables: {path}")
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
+    elif config.protocol == "mlake":
+        print(format_protocol(report, langs))
     else:
         print(_format(report, langs))
     return 0
+
+
+def check_protocol_data(version: str) -> None:
+    """Refuse ``--protocol mlake`` on a release without multiple-choice files.
+
+    Raises:
+        ConfigError: naming the release that has them.
+    """
+    from mlake_core.data.paths import get_release
+
+    if get_release(version).single_hop_mcqa is None:
+        raise ConfigError(
+            f"--protocol mlake: MLaKE {version} has no multiple-choice files; use --version "
+            "v2024-04 (the same single-hop and multi-hop questions, with their multiple-choice "
+            "versions)"
+        )
+
+
+def default_csv(model: str, n_facts: int) -> Path:
+    """Where ``--protocol mlake`` writes its CSV without ``--csv``."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_") or "model"
+    return Path("runs") / "edit_transfer" / f"protocol_mlake_{slug}_{n_facts}facts.csv"
+
+
+def _records(frame: Any) -> list[dict[str, Any]]:
+    """A DataFrame as JSON-ready records (NaN as None, numpy scalars as Python's)."""
+    out = []
+    for rec in frame.to_dict(orient="records"):
+        out.append(
+            {
+                k: None
+                if isinstance(v, float) and math.isnan(v)
+                else (v.item() if hasattr(v, "item") else v)
+                for k, v in rec.items()
+            }
+        )
+    return out
+
+
+def protocol_table(report: dict[str, Any]) -> Any:
+    """Every method's protocol cells as one table (a pandas DataFrame: ``method`` then
+    :data:`analysis.transfer.CELL_COLUMNS`), in print order: what the CSV holds."""
+    import pandas as pd
+
+    from analysis.transfer import CELL_COLUMNS
+
+    frames = [
+        pd.DataFrame.from_records(m["protocol_mlake"]["cells"], columns=list(CELL_COLUMNS)).assign(
+            method=name
+        )
+        for name, m in report["methods"].items()
+        if "protocol_mlake" in m
+    ]
+    table = pd.concat(frames, ignore_index=True)
+    return table[["method", *CELL_COLUMNS]]
+
+
+def write_protocol_csv(report: dict[str, Any], path: Path) -> None:
+    """Write :func:`protocol_table` to ``path`` (its folder made if needed), atomically."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        protocol_table(report).to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _cell(value: Any, before: Any) -> str:
+    """A printed cell: ``after (before)`` in %, ``-`` where there is none."""
+
+    def pct(v: Any) -> str:
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
+
+    return f"{pct(value)} ({pct(before)})"
+
+
+def format_protocol(report: dict[str, Any], langs: Any) -> str:
+    """The ``--protocol mlake`` tables as text: per method, each of
+    :data:`analysis.transfer.PROTOCOL_TABLES` (rows: edit language; columns: test language;
+    cells: % answered with the edit, the unedited model's % in brackets), each followed by
+    its counts per cell (questions n / facts measured / facts missing), then why facts are
+    missing."""
+    from analysis.transfer import PROTOCOL_TABLES
+
+    lines = [
+        f"model {report['model']}; {report['n_facts']} facts per edit language; the MLaKE "
+        "protocol (rows: edit language, columns: test language; % of questions answered with "
+        "the edit, the unedited model's % in brackets; n/facts/missing: questions, edited "
+        "facts measured, edited facts with no question there)"
+    ]
+    width = 14
+    for name, m in report["methods"].items():
+        lines += ["", f"== {name}: {m['edits']} edits, {m['seconds']} s; {m['results']}"]
+        cells = m["protocol_mlake"]["cells"]
+        for hop, fmt, what in PROTOCOL_TABLES:
+            table = {
+                (c["edit_lang"], c["test_lang"]): c
+                for c in cells
+                if (c["hop"], c["format"]) == (hop, fmt)
+            }
+            lines += ["", f"{name} | {hop} | {fmt}: {what}"]
+            lines.append("      " + "".join(f"{b:>{width}}" for b in langs))
+            for a in langs:
+                row = "".join(
+                    f"{_cell(table[a, b]['pct'], table[a, b]['before_pct']):>{width}}"
+                    for b in langs
+                )
+                lines.append(f"  {a:<4}{row}")
+            lines.append("  n/facts/missing")
+            for a in langs:
+                row = "".join(
+                    f"{'{n}/{facts}/{missing}'.format(**table[a, b]):>{width}}" for b in langs
+                )
+                lines.append(f"  {a:<4}{row}")
+        missing = m["protocol_mlake"]["missing"]
+        if missing:
+            lines += ["", f"{name}: facts with no question in a test language, by reason:"]
+            lines += [
+                f"  {r['hop']} [{r['test_lang']}] {r['missing']}: {r['facts']}" for r in missing
+            ]
+    if report.get("protocol_csv"):
+        lines += ["", f"tables as CSV: {report['protocol_csv']}"]
+    return "\n".join(lines)
 
 
 def _timing(rows: Any) -> dict[str, Any]:

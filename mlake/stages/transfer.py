@@ -41,7 +41,11 @@ def transfer_stage(
     ``unit_source``, the neuron run they come from) are the neuron sets of restricted editing
     (:attr:`~mlake_core.editing.base.EditContext.unit_sets`); they enter the run key.
     ``knowledge_run`` (the folder ``knowledge`` was loaded from) is recorded in the run's meta
-    for the analyses that join pre-edit values (``mlake relate``).  Every row also carries its
+    for the analyses that join pre-edit values (``mlake relate``).  With ``config.protocol``
+    ``mlake`` the unedited model's multiple choice and multi-hop answers are measured once
+    first (table ``protocol_baseline``, :func:`analysis.transfer.protocol_baseline`) and
+    every edit's rows carry them; the protocol is part of the run key, so a run without those
+    measures is never read back for it.  Every row also carries its
     edit's ``edit_seconds`` (the method's own work), ``eval_seconds`` (the evaluation in every
     language) and ``setup_seconds`` (the run's shared statistics, ROME's and MEMIT's key second
     moments and subject means, measured or loaded on first use inside this edit and left out
@@ -62,7 +66,14 @@ def transfer_stage(
     import pandas as pd
     import torch
 
-    from analysis.transfer import evaluate_edit, locality_facts
+    from analysis.transfer import (
+        BASELINE_COLUMNS,
+        baseline_map,
+        evaluate_edit,
+        locality_facts,
+        protocol_baseline,
+        require_mcqa,
+    )
     from mlake_core.editing import EditContext, get_method, make_request
     from mlake_core.editing.contexts import ContextPrefixes
     from mlake_core.editing.covariance import cached_second_moment
@@ -87,6 +98,8 @@ def transfer_stage(
         extra["unit_sets"] = stable_hash(
             {k: sorted(int(u) for u in v) for k, v in unit_sets.items()}
         )
+    if config.protocol == "mlake":  # before any model work
+        require_mcqa(dataset, langs)
     run = ctx.open_run("transfer", config, **extra)
     run.write_meta(
         method=method,
@@ -95,12 +108,34 @@ def transfer_stage(
         unit_set_sizes={k: len(v) for k, v in (unit_sets or {}).items()},
         knowledge_run=str(knowledge_run) if knowledge_run else None,
     )
+    prior: dict[tuple[Any, ...], tuple[float, float]] = {}
+    if config.protocol == "mlake":
+        # The unedited model's multiple-choice and multi-hop answers: measured once per run
+        # (saved; read back on resume and by every shard), the prior of every edit's counts.
+        baseline, computed = run.load_or_compute_table(
+            "protocol_baseline",
+            lambda: protocol_baseline(
+                adapter, dataset, fact_ids, langs, template, config, batch_size
+            ),
+            columns=BASELINE_COLUMNS,
+        )
+        prior = baseline_map(baseline)
+        ctx.say(
+            f"transfer [{method}]: the unedited model's multiple choice and multi-hop "
+            f"{'measured' if computed else 'loaded'}"
+        )
     loc_ids = locality_facts(dataset, fact_ids, config, locality_pool)
     kt = knowledge.table
     q = kt[kt["form"] == "question"]
     known_before = {
         (int(f), str(lang)): m == "original"
         for f, lang, m in zip(q["fact_id"], q["lang"], q["greedy_match"], strict=True)
+    }
+    new_before = {
+        (int(f), str(lang), str(form)): m == "edit"
+        for f, lang, form, m in zip(
+            kt["fact_id"], kt["lang"], kt["form"], kt["greedy_match"], strict=True
+        )
     }
     moments: dict[int, Any] = {}
 
@@ -212,6 +247,8 @@ def transfer_stage(
                     locality_ids=loc_ids,
                     known_before=known_before,
                     batch_size=batch_size,
+                    new_before=new_before,
+                    before=prior,
                 )
                 timing = {
                     "edit_seconds": edit_seconds,
