@@ -101,6 +101,11 @@ def load_model(
         revision=settings.revision,
     )
     adapter.edit_apply = settings.edit_apply  # how EditResult.applied applies an edit
+    if settings.remote:  # every pass on NDIF (ModelSettings asks for the nnsight backend)
+        from mlake_core.models.nnsight_backend import NNsightAdapter
+
+        if isinstance(adapter, NNsightAdapter):
+            adapter.remote = True
     meta = read_metadata(path) if Path(path).is_dir() else None
     trained = get_template(str(meta["config"]["template"])) if meta else None
     if settings.template is not None:

@@ -38,6 +38,12 @@ class ModelSettings:
             intervention (added at the edited projection's output in every pass, no weight
             written: what a read-only backend such as nnsight's remote execution needs; the
             same outputs up to rounding).
+        remote: run every forward pass on NDIF (nnsight's ``remote=True``; nnsight backend,
+            a hub id NDIF hosts, network and an NDIF API key in ``NDIF_API_KEY``): the weights
+            are still loaded here (the logit lens, read-outs and editing methods use them);
+            passes that need gradients (attribution patching, integrated gradients, computing
+            an edit) are refused, and edits must be applied as interventions.  Not exercised
+            in mlake's tests (no network); nnsight's local dry run of it is.
     """
 
     name: str = TINY_NAME
@@ -48,6 +54,7 @@ class ModelSettings:
     trust_remote_code: bool = False
     template: str | None = None
     edit_apply: str = "weights"
+    remote: bool = False
 
     def __post_init__(self) -> None:
         from mlake_core.editing.intervention import check_edit_apply
@@ -55,6 +62,13 @@ class ModelSettings:
         from mlake_core.models.prompting import TEMPLATES, get_template
 
         check_edit_apply(self.edit_apply, "edit_apply")
+        if self.remote and self.backend != "nnsight":
+            raise ConfigError("remote: runs on NDIF through nnsight; add --backend nnsight")
+        if self.remote and self.edit_apply != "intervention":
+            raise ConfigError(
+                "remote: a weight written here is not the NDIF copy's weight, so an edit "
+                "would not be seen; add --edit-apply intervention"
+            )
 
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend {self.backend!r}: choose {', '.join(BACKENDS)}")

@@ -75,13 +75,18 @@ def output_deltas(adapter: Any, deltas: dict[str, torch.Tensor], what: str) -> l
             not a ``Linear`` or ``Conv1D`` output projection, a weight held by several modules
             (tied), or a delta whose shape is not its parameter's.
     """
-    from mlake_core.editing.base import edited_parameter
-
     weights: dict[str, torch.Tensor] = {}
     biases: dict[str, torch.Tensor] = {}
     order: list[str] = []
     for name, change in deltas.items():
-        param = edited_parameter(adapter, name, what)
+        try:  # the guard every edit goes through (editing.base.edited_parameter)
+            param = adapter.editable_parameter(name)
+        except ConfigError as err:
+            raise ConfigError(f"{what}: {err}") from None
+        except KeyError:
+            raise ConfigError(
+                f"{what}: {adapter.info.model_id} has no parameter {name!r} to edit"
+            ) from None
         path, _, attr = name.rpartition(".")
         if attr not in ("weight", "bias"):
             raise ConfigError(

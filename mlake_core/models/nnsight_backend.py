@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mlake_core.errors import ConfigError
 from mlake_core.models.adapter import (
     BaseAdapter,
     Logits,
@@ -60,6 +61,12 @@ class NNsightAdapter(BaseAdapter):
         self.model = TransformersModel(
             hf_model, task="text-generation", tokenizer=copy.deepcopy(tokenizer)
         )
+        #: nnsight's ``remote=`` of every trace: ``False`` (run here), ``True`` (send each pass
+        #: to the NDIF host, ``nnsight.CONFIG.API.HOST``, under the hub id the model was loaded
+        #: from; needs network and an NDIF API key) or ``"local"`` (serialize and deserialize
+        #: each pass as a remote one would be, then run it here: nnsight's dry run of the
+        #: remote path).  Only what the trace computes goes remote (see the README).
+        self.remote: bool | str = False
 
     def _run(
         self,
@@ -92,6 +99,16 @@ class NNsightAdapter(BaseAdapter):
             plan.append((site, where.path(site.layer), where.port, patches.get(site, [])))
         inputs = self._model_inputs(batch, last_only, past, keep_past=past_out is not None)
         pending: dict[str, Tensor] = {}  # a projection's input, until its output is visited
+        if self.remote is True and keep_graph:
+            # The values come back from the server as plain tensors: no graph to
+            # differentiate locally.
+            raise ConfigError(
+                f"{self.info.model_id}: gradients (attribution patching, integrated "
+                "gradients, computing an edit) cannot be taken from a remote (NDIF) pass; "
+                "run them without --remote"
+            )
+        if self.remote:
+            inputs["remote"] = self.remote
         with self.model.trace(**inputs) as tracer:
             for site, path, port, site_patches in plan:
                 envoy = self.model.get(path)

@@ -306,3 +306,49 @@ def test_refusals(paths, get_adapter) -> None:
     layers[1].mlp.down_proj.weight = layers[0].mlp.down_proj.weight
     with pytest.raises(ConfigError, match="tied"):
         output_deltas(tied, {name: torch.zeros(shape)}, "test")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3_text"])
+def test_the_intervention_survives_nnsights_remote_serialization(arch, paths, get_edit) -> None:
+    """With ``remote="local"`` (nnsight's dry run of ``remote=True``: each pass is serialized
+    and deserialized, with mlake's modules hidden, as an NDIF server would receive it, then run
+    here), MEMIT applied as an intervention gives the weight edit's logits and activations.
+    On GPT-2 the delta joins the ``mlp_out`` site (the projection's output); on Gemma 3 it is
+    added before the post-norm.  Real NDIF execution is not exercised (no network here)."""
+    adapter: Any = load_adapter(str(paths[arch]), "nnsight", device="cpu")
+    result = get_edit(arch, "memit")
+    batch = adapter.tokenize(list(TEXTS))
+    sites = [f"mlp_out.{layer}" for layer in result.info["layers"]]
+    with result.applied(adapter, "weights"):
+        wanted, w_cache = adapter.run_with_cache(batch, sites)
+    saved = _params(adapter)
+    adapter.remote = "local"
+    with result.applied(adapter, "intervention"):
+        got, g_cache = adapter.run_with_cache(batch, sites)
+        acts = adapter.activations(batch, sites[:1])
+    assert _same_bytes(adapter, saved)
+    torch.testing.assert_close(got, wanted, atol=ATOL, rtol=1e-4)
+    for site in sites:
+        torch.testing.assert_close(g_cache[site], w_cache[site], atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(acts[sites[0]], w_cache[sites[0]], atol=ATOL, rtol=1e-4)
+    assert float((wanted - adapter.forward(batch)).abs().max()) > 100 * ATOL
+
+
+def test_remote_settings_refuse_what_cannot_work(paths) -> None:
+    """``--remote`` needs the nnsight backend and edits applied as interventions (a weight
+    written here is not the NDIF copy's); a remote adapter refuses gradients before any
+    request is made (the values come back without a graph)."""
+    from mlake.settings import ModelSettings
+
+    with pytest.raises(ConfigError, match="--backend nnsight"):
+        ModelSettings(remote=True, edit_apply="intervention")
+    with pytest.raises(ConfigError, match="--edit-apply intervention"):
+        ModelSettings(remote=True, backend="nnsight")
+    assert ModelSettings(remote=True, backend="nnsight", edit_apply="intervention").remote
+    with pytest.raises(ConfigError, match="apply 'x'"):
+        ModelSettings(edit_apply="x")
+    adapter: Any = load_adapter(str(paths["qwen2"]), "nnsight", device="cpu")
+    adapter.remote = True
+    batch = adapter.tokenize(list(TEXTS))
+    with pytest.raises(ConfigError, match="cannot be taken from a remote"):
+        adapter.gradients(batch, ["mlp_out.0"], lambda logits: logits.sum())
