@@ -4,27 +4,35 @@ No MLaKE record names its subject, and the five languages phrase each fact diffe
 the subject is found by *evidence*, not by rule.  For one fact in one language:
 
 1. **Candidates**: every span of the question (at word boundaries; each CJK character is a
-   unit) that also occurs in ``o_prompt`` outside the answer.  The subject must be stated in
-   both, while the relation is usually paraphrased.
+   unit) that also occurs in ``o_prompt`` or ``e_prompt`` outside their answers.  The subject
+   must be stated in both, while the relation is usually paraphrased.  Where they share no
+   plausible span with the question (``o_prompt`` is the answer alone), the candidates are
+   the question's spans that occur in the fact's other texts: its multi-hop questions and
+   the other languages' questions (``method`` says which source gave the subject).
 2. **Evidence** for each candidate, each a number in [0, 1]:
 
    - *multi-hop*: the fraction of this fact's multi-hop questions in the same language that
      contain it.  They mention the same subject with other relations ("the institution where
      Carl Sagan was employed"), which separates subject from relation wording;
    - *cross-lingual*: the fraction of the other languages whose question or ``o_prompt`` of the
-     same fact contain it (names are often written identically in en, fr and de, and Latin or
-     shared-Han names appear in zh and ja);
+     same fact contain it (names are often written identically in en, fr and de).  A zh or
+     ja candidate counts through the alphabetic languages, and through the other of zh/ja
+     only where that language's analyzer reads it there as a whole proper name (菅原道真);
    - *name*: how much of it can be a name: the share of capitalized content words in
      alphabetic languages; in zh and ja the share of characters that the jieba and MeCab
      (fugashi/UniDic) analyzers do not put in verbs, particles, auxiliaries, adverbs,
-     pronouns, prepositions or conjunctions;
+     pronouns, prepositions or conjunctions, in the best of the fact's texts that contain it;
    - *rarity*: relation wording repeats across many facts, names rarely: 1 when at most
      three facts' questions contain the candidate, ``1 / (1 + log(df / 3))`` above;
-   - *boundary*: whether it starts and ends at word boundaries of the analyzer (zh, ja).
+   - *boundary*: whether it starts and ends at word boundaries of the analyzer (zh, ja), in
+     the best of the fact's texts that contain it.
 
-3. The best candidate by a weighted sum wins; ties go to the longer one.  Leading articles and
-   trailing particles are trimmed.  A record whose question and ``o_prompt`` share no
-   plausible candidate gets no subject, with the reason, rather than a forced one.
+3. The best candidate by a weighted sum wins; ties go to the longer one.  It grows over the
+   rest of a multi-part name (:func:`_extend`), and then the rules of :func:`_finish` apply:
+   a bracketed title is taken whole, a subject does not end in a predicate, particle or
+   honorific (zh/ja, by the analyzers' tags), parentheses are closed, abbreviations keep
+   their periods, French elisions are dropped.  A record whose texts share no plausible
+   candidate gets no subject, with the reason, rather than a forced one.
 
 Then the span is placed in each form: the question span is the winning candidate's first
 occurrence, and the cloze span is its first occurrence in ``o_prompt`` before the answer (or
@@ -43,9 +51,10 @@ from typing import Any
 
 from mlake_core.data.cloze import FILLER, AnswerLocation
 from mlake_core.data.records import SingleHopRecord
-from mlake_core.data.text import Unit, find_normalized, is_cjk, normalize, units
+from mlake_core.data.text import EDGE_PUNCT, Unit, find_normalized, is_cjk, normalize, units
 
-MAX_UNITS = 16
+MAX_UNITS = 16  # longest n-gram counted for rarity
+MAX_SPAN_UNITS = 32  # longest candidate (a katakana name is one unit per character)
 RARE_DF = 3
 WEIGHTS = {"multi_hop": 3.0, "cross_lingual": 2.0, "name": 1.5, "rarity": 1.0, "boundary": 1.0}
 
@@ -58,7 +67,9 @@ EDGE_STOP: dict[str, frozenset[str]] = {
 }
 # Characters that may not begin or end a zh/ja subject.
 CJK_EDGE_STOP: dict[str, str] = {
-    "zh": "的是在了曾也都于将就和与及被把由为从对向哪谁什么何",
+    # 什 and 么 are no stops alone: a name may end in 什 before the question word 什么
+    # (芭芭拉·布什么时候...); the candidate must occur in the other text anyway.
+    "zh": "的是在了曾也都于将就和与及被把由为从对向哪谁何",
     "ja": "はがのをにでともへやかな、。",
 }
 
@@ -108,7 +119,7 @@ def _candidates(question: str, other: str, lang: str) -> list[_Cand]:
     cjk = lang in ("zh", "ja")
     out: list[_Cand] = []
     for i in range(len(qu)):
-        for j in range(i, min(len(qu), i + MAX_UNITS)):
+        for j in range(i, min(len(qu), i + MAX_SPAN_UNITS)):
             start, end = qu[i].start, qu[j].end
             norm = normalize(question[start:end])
             if norm not in other_norm:
@@ -133,9 +144,10 @@ def _word_bounded(haystack: str, needle: str) -> bool:
 
 
 def _has_content(norm: str) -> bool:
-    """At least two letters or CJK characters: a lone digit, initial or character (国, 子)
-    is no subject."""
-    return sum(ch.isalpha() for ch in norm) >= 2
+    """At least two letters, digits or CJK characters, one of them a letter: a lone digit,
+    initial or character (国, 子) is no subject, but a model name with one letter is
+    (B-17, C96)."""
+    return sum(ch.isalnum() for ch in norm) >= 2 and any(ch.isalpha() for ch in norm)
 
 
 def _bad_edges(first: Unit, last: Unit, lang: str) -> bool:
@@ -171,6 +183,74 @@ ZH_NON_NAME = ("v", "p", "u", "r", "c", "d", "y", "e", "f", "q", "b")
 # unknown transliterated names into single characters, which are tagged unreliably).
 ZH_FUNCTION_CHARS = frozenset("的是在曾于被把由为从对向和与及了着过也都就将所哪谁")
 JA_NON_NAME = frozenset({"動詞", "助詞", "助動詞", "副詞", "代名詞", "接続詞", "形容詞"})
+# What may not end a subject (the predicate or a particle swallowed into the span; see
+# :func:`_trim_predicate`).  zh: single characters that begin a predicate (最 "most", 以
+# "by/with") besides ZH_FUNCTION_CHARS; words that jieba's dictionary tags as nouns but
+# MLaKE's questions use as the verb right after the subject (信仰 "believe in", the
+# religion relation).  ja: verbs, particles, auxiliaries, adverbs, adjectives, conjunctions,
+# and the honorific suffixes that UniDic tags 接尾辞 (トーマス・ティップ・オニール氏).
+ZH_PREDICATE_CHARS = frozenset("最以")
+ZH_PREDICATE_WORDS = frozenset({"信仰"})
+JA_PREDICATE = frozenset({"動詞", "助詞", "助動詞", "副詞", "接続詞", "形容詞"})
+JA_HONORIFICS = frozenset({"氏", "さん", "様", "さま", "殿", "君", "くん", "ちゃん"})
+
+
+@dataclass(frozen=True)
+class _Token:
+    start: int
+    end: int
+    surface: str
+    tag: str  # jieba flag (zh); UniDic "pos1,pos2" (ja)
+    non_name: bool  # a verb, particle, auxiliary, adverb, pronoun, ... (never in a name)
+    predicate: bool  # may not end a subject (see :func:`_is_predicate`)
+
+
+@lru_cache(maxsize=16384)
+def _tokens(text: str, lang: str) -> tuple[_Token, ...]:
+    """The analyzer's tokens of a zh or ja text with their character offsets.
+
+    zh: jieba in dictionary mode (HMM off: the HMM would merge a following function
+    character into an unknown name, 萨根曾); single-character tokens are judged by
+    :data:`ZH_FUNCTION_CHARS` (jieba splits unknown transliterated names into single
+    characters and tags them unreliably).  ja: MeCab with UniDic (fugashi).
+    """
+    raw: list[tuple[str, str, bool, bool]] = []
+    if lang == "zh":
+        for tok in _jieba().cut(text, HMM=False):
+            flag = tok.flag or ""
+            if len(tok.word) == 1:
+                fn = tok.word in ZH_FUNCTION_CHARS
+                raw.append((tok.word, flag, fn, fn or tok.word in ZH_PREDICATE_CHARS))
+            else:
+                non_name = flag.startswith(ZH_NON_NAME) and not flag.startswith("vn")
+                raw.append((tok.word, flag, non_name, _zh_predicate(tok.word, flag)))
+    else:
+        for tok in _mecab()(text):
+            pos1 = tok.feature.pos1 or ""
+            predicate = pos1 in JA_PREDICATE or (pos1 == "接尾辞" and tok.surface in JA_HONORIFICS)
+            tag = f"{pos1},{tok.feature.pos2 or ''}"
+            raw.append((tok.surface, tag, pos1 in JA_NON_NAME, predicate))
+    out = []
+    pos = 0
+    for surface, tag, non_name, predicate in raw:
+        at = text.find(surface, pos)
+        if at < 0:
+            continue
+        out.append(_Token(at, at + len(surface), surface, tag, non_name, predicate))
+        pos = at + len(surface)
+    return tuple(out)
+
+
+def _zh_predicate(word: str, flag: str) -> bool:
+    """Whether a multi-character zh word may not end a subject: verbs (also verbal nouns:
+    首播), adverbs, adjectives, prepositions, conjunctions, particles, and time words
+    (去世 and 最初 are tagged as time) except regnal numbers (一世, 十四世); plus
+    :data:`ZH_PREDICATE_WORDS`."""
+    if word in ZH_PREDICATE_WORDS:
+        return True
+    if flag.startswith("t"):
+        return not word.endswith("世")
+    return flag.startswith(("v", "d", "a", "p", "c", "u", "y"))
 
 
 @lru_cache(maxsize=8192)
@@ -183,54 +263,50 @@ def _analysis(text: str, lang: str) -> tuple[tuple[bool, ...], frozenset[int]]:
     """
     ok = [True] * len(text)
     bounds = {0, len(text)}
-    pos = 0
-    tokens: list[tuple[str, bool]] = []
-    if lang == "zh":
-        # Dictionary mode (HMM off): the HMM would merge a following function character into
-        # an unknown name (萨根曾).  Single-character tokens are judged by ZH_FUNCTION_CHARS.
-        for tok in _jieba().cut(text, HMM=False):
-            flag = tok.flag or ""
-            if len(tok.word) == 1:
-                tokens.append((tok.word, tok.word in ZH_FUNCTION_CHARS))
-            else:
-                tokens.append(
-                    (tok.word, flag.startswith(ZH_NON_NAME) and not flag.startswith("vn"))
-                )
-    else:
-        for tok in _mecab()(text):
-            tokens.append((tok.surface, tok.feature.pos1 in JA_NON_NAME))
-    for surface, non_name in tokens:
-        at = text.find(surface, pos)
-        if at < 0:
-            continue
-        for k in range(at, at + len(surface)):
+    for tok in _tokens(text, lang):
+        at, non_name = tok.start, tok.non_name
+        for k in range(at, tok.end):
             ch = text[k]
             latin_or_kana = (ch.isascii() and ch.isalnum()) or "\u30a0" <= ch <= "\u30ff"
             ok[k] = not non_name or latin_or_kana or ch in JOINERS
         bounds.add(at)
-        bounds.add(at + len(surface))
-        pos = at + len(surface)
+        bounds.add(tok.end)
     return tuple(ok), frozenset(bounds)
 
 
+def _cjk_scores(question: str, c: _Cand, lang: str, contexts: Sequence[str]) -> tuple[float, float]:
+    """zh/ja name and boundary scores of a candidate: the best over the question and every
+    other text of the fact that contains it (``o_prompt``, ``e_prompt``, multi-hop
+    questions).  The analyzers segment an unknown name differently in different contexts
+    (菅原道真是 is read 菅原/道/真是, 菅原道真的 as a name and 的); one context that reads the
+    span as a whole name is evidence that it is one."""
+    best_name = best_bound = 0.0
+    surface = question[c.start : c.end]
+    for text, span in [(question, (c.start, c.end))] + [
+        (t, find_normalized(t, surface)) for t in contexts
+    ]:
+        if span is None:
+            continue
+        name, bounds = _analysis(text, lang)
+        chars = [k for k in range(*span) if not text[k].isspace()]
+        best_name = max(best_name, sum(name[k] for k in chars) / max(1, len(chars)))
+        best_bound = max(best_bound, 0.5 * (span[0] in bounds) + 0.5 * (span[1] in bounds))
+    return best_name, best_bound
+
+
 def _name_score(question: str, c: _Cand, lang: str) -> float:
-    if lang in ("zh", "ja"):
-        name, _ = _analysis(question, lang)
-        chars = [k for k in range(c.start, c.end) if not question[k].isspace()]
-        return sum(name[k] for k in chars) / max(1, len(chars))
     words = re.findall(r"[^\W_]+", question[c.start : c.end])
     stop = EDGE_STOP.get(lang, frozenset())
     content = [w for w in words if w.casefold() not in stop]
     if not content:
         return 0.0
-    return sum(w[0].isupper() or w[0].isdigit() for w in content) / len(content)
+    return sum(_capitalized(w) for w in content) / len(content)
 
 
-def _boundary_score(question: str, c: _Cand, lang: str) -> float:
-    if lang not in ("zh", "ja"):
-        return 1.0
-    _, bounds = _analysis(question, lang)
-    return 0.5 * (c.start in bounds) + 0.5 * (c.end in bounds)
+def _capitalized(word: str) -> bool:
+    """Written as a name: a capital letter anywhere (iPhone, eBay, McCartney) or a digit
+    first (4S, 2000)."""
+    return word[:1].isdigit() or any(ch.isupper() for ch in word)
 
 
 def _contains(text: str, norm: str, lang: str) -> bool:
@@ -254,6 +330,49 @@ def _cjk_text(norm: str) -> bool:
 
 def _share(norm: str, texts: Sequence[str], lang: str) -> float:
     return sum(_contains(t, norm, lang) for t in texts) / len(texts) if texts else 0.0
+
+
+def _han_share(
+    norm: str,
+    latin_others: Sequence[str],
+    other_langs: Mapping[str, tuple[SingleHopRecord, AnswerLocation | None]],
+    lang: str,
+) -> float:
+    """Cross-lingual evidence for a zh/ja candidate: the share of the alphabetic languages'
+    texts containing it, and of the other of zh/ja whose question contains it *as a proper
+    name* (the same Han name in both: 菅原道真).  A Han span of the other language counts only
+    when that language's analyzer reads it as whole proper-noun tokens (jieba nr/ns/nt/nz,
+    UniDic 固有名詞), since zh and ja share Han characters for common words too (王国)."""
+    hits = [_contains(t, norm, lang) for t in latin_others]
+    for lg, (o, _) in other_langs.items():
+        if lg in ("zh", "ja"):
+            hits.append(_proper_name_in(o.question, norm, lg))
+    return sum(hits) / len(hits) if hits else 0.0
+
+
+def _proper_name_in(text: str, norm: str, lang: str) -> bool:
+    """Whether ``norm`` occurs in ``text`` as a whole run of analyzer tokens that are all
+    proper nouns (jieba nr/ns/nt/nz; UniDic 固有名詞)."""
+    hit = find_normalized(text, norm)
+    if hit is None:
+        return False
+    every = _tokens(text, lang)
+    inside = [k for k, t in enumerate(every) if t.start < hit[1] and t.end > hit[0]]
+    if not inside or every[inside[0]].start != hit[0] or every[inside[-1]].end != hit[1]:
+        return False
+    if not all(_proper(every[k], lang) for k in inside):
+        return False
+    # The whole run of proper-noun tokens, not a part of it (王国 of 匈牙利王国, 菅原 of 菅原道真).
+    before, after = inside[0] - 1, inside[-1] + 1
+    return not (before >= 0 and _proper(every[before], lang)) and not (
+        after < len(every) and _proper(every[after], lang)
+    )
+
+
+def _proper(tok: _Token, lang: str) -> bool:
+    if lang == "zh":
+        return tok.tag.startswith(("nr", "ns", "nt", "nz"))
+    return tok.tag.endswith(",固有名詞")
 
 
 class DocumentFrequency:
@@ -298,19 +417,45 @@ def locate_subject(
     cloze_text = _masked(rec.o_prompt, answer_span)
     # Answers can share words with the subject's question context; never take them.
     answer_norms = {normalize(f) for f in (rec.o_answer, *rec.o_answer_aliases)}
-    cands = [
-        c
-        for c in _candidates(rec.question, cloze_text, lang)
-        if c.norm not in answer_norms and _has_content(c.norm)
-    ]
-    if not cands:
-        return SubjectLocation(
-            None, None, None, "none", 0.0, {}, reason="no text shared by question and o_prompt"
-        )
     others = [
         o.question + " \u2588 " + _masked(o.o_prompt, (a.start, a.end) if a else None)
         for o, a in other_langs.values()
     ]
+    # Where the question shares nothing plausible with o_prompt and e_prompt (they state
+    # only the answer, or name the subject otherwise), the subject is sought in the fact's
+    # other texts: its multi-hop questions and the other languages' questions.
+    edit = find_normalized(rec.e_prompt, rec.e_answer) if rec.e_answer.strip() else None
+    # e_prompt states the subject as o_prompt does: a span shared with either counts, so an
+    # answer located inside the subject's name in one of them (足球 in 欧洲足球锦标赛) does not
+    # cut the subject.
+    sources = [
+        ("evidence", cloze_text + " \u2588 " + _masked(rec.e_prompt, edit)),
+        (
+            "evidence:other_texts",
+            " \u2588 ".join([*multi_hop, *(o.question for o, _ in other_langs.values())]),
+        ),
+    ]
+    method, cands = "evidence", []
+    for label, source in sources:
+        method = label
+        cands = [
+            c
+            for c in _candidates(rec.question, source, lang)
+            if c.norm not in answer_norms and _has_content(c.norm)
+        ]
+        if cands:
+            break
+    if not cands:
+        return SubjectLocation(
+            None,
+            None,
+            None,
+            "none",
+            0.0,
+            {},
+            reason="no text shared by the question and o_prompt, e_prompt or the fact's "
+            "other texts",
+        )
     # Han characters are shared by zh and ja for common words too (王国, 子), so zh/ja
     # candidates count as cross-lingual only through the alphabetic languages.
     latin_others = [
@@ -318,18 +463,27 @@ def locate_subject(
         for lg, (o, a) in other_langs.items()
         if lg not in ("zh", "ja")
     ]
+    contexts = [rec.o_prompt, rec.e_prompt, *multi_hop]
     best: tuple[float, int, _Cand, dict[str, float]] | None = None
     for c in cands:
+        if lang in ("zh", "ja"):
+            name, boundary = _cjk_scores(rec.question, c, lang, contexts)
+        else:
+            name, boundary = _name_score(rec.question, c, lang), 1.0
         ev = {
             "multi_hop": (
                 sum(_contains(m, c.norm, lang) for m in multi_hop) / len(multi_hop)
                 if multi_hop
                 else 0.0
             ),
-            "cross_lingual": _share(c.norm, latin_others if _cjk_text(c.norm) else others, lang),
-            "name": _name_score(rec.question, c, lang),
+            "cross_lingual": (
+                _han_share(c.norm, latin_others, other_langs, lang)
+                if _cjk_text(c.norm)
+                else _share(c.norm, others, lang)
+            ),
+            "name": name,
             "rarity": _rarity(df(lang, c.norm)),
-            "boundary": _boundary_score(rec.question, c, lang),
+            "boundary": boundary,
         }
         score = sum(WEIGHTS[k] * v for k, v in ev.items())
         key = (round(score, 6), c.end - c.start)
@@ -338,19 +492,70 @@ def locate_subject(
     assert best is not None
     score, _, cand, ev = best
     cand = _extend(rec.question, cand, cands, lang, others)
-    start = cand.start
-    if lang == "fr":  # elided article or preposition: l'Académie -> Académie
-        m = re.match(r"(?i)(?:l|d|qu)['’]", rec.question[start : cand.end])
-        if m and cand.end - start > m.end():
-            start += m.end()
-    q_span = (start, cand.end)
-    text = rec.question[start : cand.end]
+    start, end = _finish(rec.question, cand.start, cand.end, lang)
+    q_span = (start, end)
+    text = rec.question[start:end]
     cloze_span = _place(rec.o_prompt, text, answer_span)
-    return SubjectLocation(text, q_span, cloze_span, "evidence", score, ev)
+    return SubjectLocation(text, q_span, cloze_span, method, score, ev)
+
+
+def _finish(question: str, start: int, end: int, lang: str) -> tuple[int, int]:
+    """The rules applied to the winning span, in order (each tested on built cases):
+
+    1. a title in brackets is the subject whole: a span inside or across 《…》, 「…」 or
+       『…』 becomes the title (zh and ja write titles in them);
+    2. a subject does not end in a predicate, particle or honorific (:func:`_trim_predicate`);
+    3. an opening parenthesis in the span is closed (汉娜·蒙塔娜 (原聲帶));
+    4. abbreviations keep their periods: after initials (Varzim S.C.) and, in German, after
+       a Roman numeral, which is an ordinal there (Innozenz XII.);
+    5. fr: an elided article or preposition is dropped (l'Académie -> Académie).
+    """
+    for m in re.finditer(r"《([^》]+)》|「([^」]+)」|『([^』]+)』", question):
+        a, b = m.start() + 1, m.end() - 1
+        if start < b and end > a and (start, end) != (a, b):
+            start, end = a, b
+            break
+    if lang in ("zh", "ja"):
+        end = _trim_predicate(question, start, end, lang)
+    span = question[start:end]
+    if span.count("(") > span.count(")") or span.count("（") > span.count("）"):
+        closing = re.match(r"\s*[^()（）]*[)）]", question[end:])
+        if closing:
+            end += closing.end()
+    after = question[end : end + 1]
+    if after == "." and (
+        re.search(r"(?:^|[\s.])[^\W\d_]\.[^\W\d_]$", question[start:end])
+        or (lang == "de" and re.search(r"\b[IVXLC]+$", question[start:end]))
+    ):
+        end += 1
+    if lang == "fr":  # elided article or preposition: l'Académie -> Académie
+        elided = re.match(r"(?i)(?:l|d|qu)['’]", question[start:end])
+        if elided and end - start > elided.end():
+            start += elided.end()
+    return start, end
+
+
+def _trim_predicate(question: str, start: int, end: int, lang: str) -> int:
+    """Cut tokens that may not end a subject off the end of a zh/ja span: the predicate
+    swallowed with the subject when question and ``o_prompt`` share it (鹧鸪家庭首播,
+    约翰·拉岑贝格尔最, 维陶塔斯·兰茨贝吉斯通晓, 方济各信仰), and ja honorifics (オニール氏).  Only
+    whole analyzer tokens inside the span are cut, never the span's first token, and only
+    while some content remains."""
+    toks = _tokens(question, lang)
+    while True:
+        last = next((t for t in reversed(toks) if t.start < end), None)
+        if last is None or last.end != end or last.start <= start or not last.predicate:
+            return end
+        new_end = last.start
+        while new_end > start and question[new_end - 1] in EDGE_PUNCT + JOINERS:
+            new_end -= 1
+        if not _has_content(normalize(question[start:new_end])):
+            return end
+        end = new_end
 
 
 NAME_CONNECTORS = frozenset(
-    "of von van der den de del della di da du le la bin ibn al el y zu und & St. st".split()
+    "of von van der den de del della di da do dos du le la bin ibn al el y zu und & St. st".split()
 )
 JOINERS = "·・=＝-‐"
 
@@ -376,12 +581,18 @@ def _extend(
             if (
                 _name_extension(left, lang, side="left")
                 and _name_extension(right, lang, side="right")
-                and (lang != "de" or _shared_words(left, others))
+                and (lang != "de" or _shared_words(left, others) or _bare_numeral(cur, question))
             ):
                 if c.end - c.start > cur.end - cur.start:
                     cur = c
                     changed = True
     return cur
+
+
+def _bare_numeral(c: _Cand, question: str) -> bool:
+    """A span that is a Roman numeral alone (XII, III) is a regnal number: it always takes the
+    name before it (Innozenz XII), in German too."""
+    return re.fullmatch(r"[IVXLC]+", question[c.start : c.end]) is not None
 
 
 def _shared_words(extra: str, others: Sequence[str]) -> bool:
@@ -393,8 +604,13 @@ def _name_extension(extra: str, lang: str, side: str) -> bool:
     """Whether ``extra`` (text added on one side of a span) continues a name."""
     if not extra:
         return True
+    if re.fullmatch(r"\.[^\W_]+(?:\.[^\W_]+)*", extra if side == "right" else extra[::-1]):
+        return True  # parts joined by periods: JD.com, S.C
     if lang in ("zh", "ja"):
         core = extra.strip()
+        if re.fullmatch(r"[A-Za-z0-9][\w.\-]*(?: [A-Za-z0-9][\w.\-]*)*", core):
+            # Latin words of a name written in Latin letters (OS X Mavericks, UEFA EURO 2000)
+            return all(w[0].isupper() or w[0].isdigit() for w in core.split())
         if " " in core or not core:
             return False
         joined = core[-1] in JOINERS if side == "left" else core[0] in JOINERS
@@ -408,7 +624,7 @@ def _name_extension(extra: str, lang: str, side: str) -> bool:
         return False  # a name does not end with "of"
     if side == "left" and words[0] in NAME_CONNECTORS:
         return False
-    return all(w[0].isupper() or w[0].isdigit() or w in NAME_CONNECTORS for w in words)
+    return all(_capitalized(w) or w in NAME_CONNECTORS for w in words)
 
 
 def _place(sentence: str, subject: str, answer: tuple[int, int] | None) -> tuple[int, int] | None:
