@@ -319,7 +319,9 @@ def rows_per_pass(
 
     The passes run without gradients, so activations live one layer at a time: the estimate
     counts about 8 ``d_model`` and 3 ``d_mlp`` vectors per token (residual, attention and MLP
-    intermediates), the attention scores, and the last position's float32 logits.  Rows that
+    intermediates) and the attention scores; no logits (the answer's log-probability is read a
+    chunk of the vocabulary at a time, :data:`~mlake_core.models.readout.READOUT_BYTES` at
+    most).  Rows that
     continue ``past_tokens`` cached positions attend over those too, and hold the keys and
     values of every block for the whole pass (the cached ones, copied into the pass, and the
     extended ones).  It uses ``fraction`` of CUDA's free memory.  On CPU it uses ``fraction``
@@ -332,7 +334,7 @@ def rows_per_pass(
     n_tokens = max(1, n_tokens)
     total = n_tokens + max(0, past_tokens)
     per_token = bytes_per * (8 * adapter.d_model + 3 * adapter.d_mlp + 2 * n_heads * total)
-    per_row = n_tokens * per_token + 4 * adapter.info.d_vocab
+    per_row = n_tokens * per_token  # no logits: the readout holds a bounded chunk
     kv_row = 0
     if past_tokens > 0:
         kv_row = bytes_per * 2 * adapter.n_layers * adapter.d_model * (past_tokens + total)
@@ -356,6 +358,7 @@ def trace_prompt(
     noise_std: float,
     swap_embeddings: Sequence[torch.Tensor] = (),
     prefix_cache: bool = True,
+    skip_layers: bool = True,
 ) -> FactTrace:
     """Trace one prompt (see the module docstring).
 
@@ -374,6 +377,9 @@ def trace_prompt(
             run's keys and values of the tokens before it (same numbers, fewer tokens; see the
             module docstring).  ``False``, or a model whose cache cannot be continued from a
             prefix, runs the whole prompt in every row.
+        skip_layers: start each row at the lowest block it restores, from the corrupted
+            run's residual stream there (same numbers, fewer blocks; see the module
+            docstring).  ``False`` runs every block in every row.
 
     Returns:
         The restored probabilities of every cell of every kind.
@@ -389,8 +395,8 @@ def trace_prompt(
         f"{SITE_OF_KIND[k]}.{layer}" for k in config.kinds for layer in range(n_layers)
     ]
     clean_batch = adapter.batch([list(prompt_ids)])
-    logits, clean = adapter.run_with_cache(clean_batch, sites, last_only=True)
-    p_clean = float(logits[0, -1].float().softmax(-1)[answer_id])
+    final, clean, _ = adapter.final_states(clean_batch, sites=sites)
+    p_clean = float(_answer_probs(adapter, final, answer_id)[0])
     # Clean embedding at the subject, and the corrupted values per sample.
     base = clean["embed"][0, subject].float().cpu()
     if config.corruption == "noise":
@@ -408,7 +414,7 @@ def trace_prompt(
             ]
         )
     corrupted = corrupted.to(adapter.dtype)
-    width = {s: adapter.site_width(s) for s in sites}
+    width_of = {s: adapter.site_width(s) for s in sites}
 
     # Cells: (kind, token, layer) -> the sites restored.  The first "cell" is no restoration
     # (the corrupted run itself).  Two kinds of cell are not run because their effect is
@@ -432,59 +438,56 @@ def trace_prompt(
                 cells.append((kind, t, layer, [f"{site}.{lo}" for lo in layers]))
 
     probs = torch.empty(len(cells), n_samples)
-    passes, rows = 1, 1
-    # With a prefix cache, the corrupted runs are one pass of their own that keeps its keys
-    # and values; each restored token t then runs from t on.  Without, every cell (the
-    # corrupted run, cell 0, included) runs the whole prompt.
-    past = None
-    if prefix_cache:
-        try:
-            probs[0], past = _corrupted_run(adapter, prompt_ids, subject, answer_id, corrupted)
-        except NotImplementedError:
-            past = None
-    groups: list[tuple[int, list[int]]]
-    if past is not None:
-        passes, rows = passes + 1, rows + n_samples
-        by_token: dict[int, list[int]] = {}
-        for index, (_, t, _, _) in enumerate(cells[1:], start=1):
-            by_token.setdefault(t, []).append(index)
-        groups = sorted(by_token.items())
-    else:
-        groups = [(0, list(range(len(cells))))]
-    halvings = 0  # CUDA out-of-memory errors so far: each halves the rows per pass
-    for start, members in groups:
+    # The corrupted runs: one pass of their own, which keeps the residual stream entering every
+    # block (rows restoring at layer l start there, ``skip_layers``) and, with the prefix
+    # cache, the keys and values (rows restoring token t hold the tokens from t on).
+    probs[0], entering, past = _corrupted_run(
+        adapter, prompt_ids, subject, answer_id, corrupted, keep_past=prefix_cache
+    )
+    passes, rows = 2, 1 + n_samples
+    starts = {i: _start_layer(cells[i]) if skip_layers else 0 for i in range(1, len(cells))}
+    by_token: dict[int, list[int]] = {}
+    for index in range(1, len(cells)):
+        t = cells[index][1] if past is not None else 0
+        by_token.setdefault(t, []).append(index)
+    for start, members in sorted(by_token.items()):
         # Rows hold the prompt from token `start` on (0 without the prefix cache, or when the
         # subject starts the prompt: nothing to continue).
         prefix = past.crop(start) if past is not None and start > 0 else None
         budget = config.max_rows or rows_per_pass(adapter, n_tokens - start, past_tokens=start)
-        chunk_cells = max(1, (budget // n_samples) >> halvings)
-        done = 0
-        while done < len(members):
-            chunk = members[done : done + chunk_cells]
+        width = n_tokens - start
+        queue = plan_passes(
+            [(i, starts[i]) for i in members],
+            max(1, budget // n_samples),
+            n_layers,
+            pass_overhead_blocks(adapter, width),
+        )
+        while queue:
+            part = queue.pop(0)
             try:
                 p = _run_cells(
                     adapter,
                     prompt_ids,
                     subject,
                     answer_id,
-                    [cells[i] for i in chunk],
+                    [cells[i] for i in part],
                     corrupted,
                     clean,
-                    width,
+                    width_of,
                     start=start,
                     past=prefix,
+                    layer=min(starts[i] for i in part),
+                    entering=entering,
                 )
             except torch.cuda.OutOfMemoryError:
-                if chunk_cells == 1:
+                if len(part) == 1:
                     raise
-                chunk_cells = max(1, chunk_cells // 2)
-                halvings += 1
-                torch.cuda.empty_cache()
+                torch.cuda.empty_cache()  # halve the pass and retry both halves
+                queue[:0] = [part[: len(part) // 2], part[len(part) // 2 :]]
                 continue
-            probs[chunk] = p
+            probs[part] = p
             passes += 1
-            rows += len(chunk) * n_samples
-            done += len(chunk)
+            rows += len(part) * n_samples
     mean = probs.mean(-1).double().numpy()
     scores: dict[str, np.ndarray] = {}
     for kind in config.kinds:
@@ -531,20 +534,85 @@ def _noise_patch(
     ]
 
 
+def _answer_probs(adapter: ModelAdapter, final: torch.Tensor, answer_id: int) -> torch.Tensor:
+    """The answer's probability at the last position of each row ``[rows]`` (CPU, float32),
+    from the last block's outputs: the final norm, the answer's logit and the log-sum-exp over
+    the vocabulary a chunk at a time (no ``[rows, vocab]`` logits)."""
+    answer = torch.full((final.shape[0],), int(answer_id))
+    return adapter.readout_logprobs(final[:, -1], answer).exp().cpu()
+
+
+def _start_layer(cell: tuple[str, int, int, list[str]]) -> int:
+    """The lowest block a cell restores: nothing below it differs from the corrupted run."""
+    return min(int(site.rsplit(".", 1)[1]) for site in cell[3])
+
+
+#: The fixed cost of one forward pass (hooks, masks, cache set-up, kernel launches) in
+#: floating-point operations of block work it is worth, by device type.  It only decides which
+#: rows share a pass (:func:`plan_passes`), never a number.  CPU: a few milliseconds at the
+#: ~10-20 GFLOP/s of one core; CUDA: a few milliseconds of launch latency at tens of TFLOP/s
+#: (an estimate, not measured here).
+PASS_OVERHEAD_FLOPS: dict[str, float] = {"cpu": 1e8, "cuda": 2e11}
+
+
+def pass_overhead_blocks(adapter: ModelAdapter, n_tokens: int) -> float:
+    """A pass's fixed cost (:data:`PASS_OVERHEAD_FLOPS`) in blocks run by one row of
+    ``n_tokens`` tokens (a block: about ``2 (4 d_model^2 + 3 d_model d_mlp)`` operations per
+    token)."""
+    d, d_mlp = adapter.d_model, adapter.d_mlp
+    per_block = 2.0 * (4 * d * d + 3 * d * d_mlp) * max(1, n_tokens)
+    return PASS_OVERHEAD_FLOPS.get(adapter.device.type, PASS_OVERHEAD_FLOPS["cuda"]) / per_block
+
+
+def plan_passes(
+    items: Sequence[tuple[int, int]], max_cells: int, n_layers: int, overhead: float
+) -> list[list[int]]:
+    """Group cells into passes.  ``items`` are ``(cell, start layer)``; a pass runs from the
+    lowest start layer of its cells, so each of its rows costs ``n_layers`` minus that layer in
+    blocks, and a pass costs ``overhead`` blocks of one row besides (its fixed cost,
+    :func:`pass_overhead_blocks`).  Cells sorted by start layer are cut into runs of at most
+    ``max_cells`` cells that minimise the total (dynamic programming over the cut points).
+    Returns the cells of each pass, lowest start layer first."""
+    order = sorted(items, key=lambda item: item[1])
+    n = len(order)
+    best = [0.0] + [math.inf] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - max(1, max_cells)), j):
+            cost = best[i] + overhead + (j - i) * (n_layers - order[i][1])
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    out: list[list[int]] = []
+    j = n
+    while j > 0:
+        out.append([index for index, _ in order[cut[j] : j]])
+        j = cut[j]
+    return out[::-1]
+
+
 def _corrupted_run(
     adapter: ModelAdapter,
     prompt_ids: Sequence[int],
     subject: list[int],
     answer_id: int,
     corrupted: torch.Tensor,
-) -> tuple[torch.Tensor, PastKeyValues]:
-    """The corrupted runs (one row per sample): the answer's probability ``[n_samples]`` and
-    the keys and values of every position (raises ``NotImplementedError`` when the model's
-    cache cannot be continued from a prefix)."""
+    *,
+    keep_past: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], PastKeyValues | None]:
+    """The corrupted runs (one row per sample): the answer's probability ``[n_samples]``, the
+    residual stream entering every block (``resid_pre.L``, ``[n_samples, n_tokens, d_model]``)
+    and, with ``keep_past`` on a model whose cache can be continued from a prefix, the keys
+    and values of every position (else ``None``)."""
     n_samples = corrupted.shape[0]
     batch = adapter.batch([list(prompt_ids)] * n_samples)
-    logits, past = adapter.run_with_past(batch, _noise_patch(subject, corrupted, 1), last_only=True)
-    return logits[:, -1].float().softmax(-1)[:, answer_id].cpu(), past
+    sites = [f"resid_pre.{layer}" for layer in range(adapter.n_layers)]
+    noise = _noise_patch(subject, corrupted, 1)
+    past = None
+    try:
+        final, entering, past = adapter.final_states(batch, noise, sites=sites, keep_past=keep_past)
+    except NotImplementedError:
+        final, entering, _ = adapter.final_states(batch, noise, sites=sites)
+    return _answer_probs(adapter, final, answer_id), entering, past
 
 
 def _run_cells(
@@ -559,13 +627,18 @@ def _run_cells(
     *,
     start: int = 0,
     past: PastKeyValues | None = None,
+    layer: int = 0,
+    entering: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Probabilities ``[len(cells), n_samples]`` of the answer with each cell restored in
     each corrupted run: one forward pass, one row per (cell, sample).
 
     With ``past`` (the corrupted runs' keys and values of the first ``start`` tokens, one row
     per sample), the rows hold only the tokens from ``start`` on and continue the past row of
-    their sample; every cell must then restore tokens at or after ``start``.
+    their sample; every cell must then restore tokens at or after ``start``.  With ``layer``
+    above 0 and ``entering`` (the corrupted runs' ``resid_pre`` states), the rows start at
+    block ``layer`` from their sample's corrupted residual stream there (the blocks below do
+    not run); every cell must then restore at that block or above.
     """
     n_samples = corrupted.shape[0]
     n_rows = len(cells) * n_samples
@@ -574,11 +647,21 @@ def _run_cells(
     for c, (_, t, _, restored) in enumerate(cells):
         if restored and t < start:
             raise ValueError(f"cell at token {t} in rows that start at token {start}")
+        if restored and layer > 0 and _start_layer(cells[c]) < layer:
+            raise ValueError(f"cell restoring {restored} in rows that start at block {layer}")
         for site in restored:
             r, ts = by_site.setdefault(site, ([], []))
             r.extend(range(c * n_samples, (c + 1) * n_samples))
             ts.extend([t] * n_samples)
-    patches = _noise_patch(subject, corrupted, len(cells), start)
+    begin = None
+    patches: list[Patch] = []
+    if layer > 0 and entering is not None:
+        # Sample s's corrupted residual stream entering block `layer`, at the rows' tokens
+        # (the noise is in it already: no embedding patch).
+        resid = entering[f"resid_pre.{layer}"][:, start:]
+        begin = (layer, resid.repeat(len(cells), 1, 1))
+    else:
+        patches = _noise_patch(subject, corrupted, len(cells), start)
     for site, (r, ts) in by_site.items():
         values = clean[site][0, torch.tensor(ts)]
         patches.append(
@@ -587,9 +670,8 @@ def _run_cells(
     rows_past = None
     if past is not None:
         rows_past = past.select(torch.arange(n_rows) % n_samples)
-    logits = adapter.run_with_patches(batch, patches, last_only=True, past=rows_past)
-    last = logits[:, -1].float().softmax(-1)[:, answer_id].cpu()
-    return last.reshape(len(cells), n_samples)
+    final, _, _ = adapter.final_states(batch, patches, past=rows_past, start=begin)
+    return _answer_probs(adapter, final, answer_id).reshape(len(cells), n_samples)
 
 
 # -- aggregation --------------------------------------------------------------------------------

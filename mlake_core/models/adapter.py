@@ -554,14 +554,16 @@ def pass_bytes(info: ModelInfo, n_tokens: int, rows: int = 1) -> int:
     Eager attention (what mlake loads) holds a layer's scores, their float32 softmax and a
     copy (``3 * heads * n^2`` numbers), beside the causal mask (``n^2``); the residual stream,
     attention and MLP activations of a layer (``8 * d_model + 3 * d_mlp`` per position); and
-    the logits of every position (``d_vocab`` per position), which some passes ask for.
+    the logits of the last position (``d_vocab``): what is measured reads only the last
+    positions' log-probabilities, a chunk of the vocabulary at a time
+    (:mod:`~mlake_core.models.readout`), so no pass needs the logits of every position.
     Numbers are counted at 4 bytes (float32: softmax upcasts, and CPU runs are float32).
     """
     n = int(n_tokens)
     per_row = (
         (3 * max(info.n_heads, 1) + 1) * n * n
         + n * (8 * info.d_model + 3 * info.d_mlp)
-        + n * info.d_vocab
+        + info.d_vocab
     )
     return 4 * rows * per_row
 
@@ -859,9 +861,30 @@ class ModelAdapter(Protocol):
         activations: dict[str, Tensor] | None = None,
         keep_last: int = 0,
         past: PastKeyValues | None = None,
+        tokens: Tensor | None = None,
     ) -> tuple[Scalar, dict[str, Tensor]]:
-        """``metric(logits)`` and its gradient with respect to each site's activation
-        (``activations``, when given, receives the activations themselves)."""
+        """``metric(logits)`` (or of the log-probabilities of ``tokens``) and its gradient with
+        respect to each site's activation (``activations``, when given, receives the
+        activations themselves)."""
+        ...
+
+    def final_states(
+        self,
+        batch: TokenBatch,
+        patches: Sequence[Patch] = (),
+        *,
+        sites: Sequence[str] = (),
+        past: PastKeyValues | None = None,
+        keep_past: bool = False,
+        start: tuple[int, Activation] | None = None,
+    ) -> tuple[Activation, dict[str, Tensor], PastKeyValues | None]:
+        """A pass that stops after the last block: its output, activations at ``sites``, and
+        (``keep_past``) the keys and values (see :meth:`BaseAdapter.final_states`)."""
+        ...
+
+    def readout_logprobs(self, resid: Activation, tokens: Tensor) -> Tensor:
+        """Log-probabilities of ``tokens`` from last-block outputs, a chunk of the vocabulary
+        at a time (see :meth:`BaseAdapter.readout_logprobs`)."""
         ...
 
     def intervening(self, patches: Sequence[UnitPatch]) -> AbstractContextManager[None]:
@@ -1007,6 +1030,44 @@ class BaseAdapter:
                 logits = cap * torch.tanh(logits / cap)
         return logits
 
+    def readout_logprobs(self, resid: Activation, tokens: Tensor) -> Tensor:
+        """Log-probabilities of ``tokens`` given the last block's outputs: the final norm, then
+        :func:`~mlake_core.models.readout.token_logprobs` with the model's unembedding (bias
+        and tied weights as the model has them) and final logit soft-cap, the log-sum-exp over
+        the vocabulary a chunk at a time, so no ``[rows, vocab]`` logits are held at once.
+
+        Args:
+            resid: ``resid_post.{n_layers-1}`` states ``[..., d_model]`` (e.g. the last
+                positions of :meth:`final_states`).
+            tokens: the token measured at each state, ``[...]`` (broadcast to ``resid``'s
+                leading shape).
+
+        Returns:
+            ``[...]`` float32 log-probabilities, equal to ``log_softmax`` of the model's
+            logits there; differentiable with respect to ``resid`` when it requires grad.
+        """
+        from mlake_core.models.readout import token_logprobs
+
+        norm = self.hf_module(self.spec.final_norm)
+        head: Any = self.hf_module(self.spec.unembed)
+        weight = getattr(head, "weight", None)
+        if not isinstance(weight, Tensor) or weight.ndim != 2:
+            raise NotImplementedError(
+                f"{self.info.model_id}: the unembedding {self.spec.unembed} is not a linear map"
+            )
+        bias = getattr(head, "bias", None)
+        # Differentiable with respect to ``resid`` only: a detached ``resid`` gives a detached
+        # result (the weights' requires_grad does not make an analysis build a graph).
+        with torch.set_grad_enabled(torch.is_grad_enabled() and resid.requires_grad):
+            hidden = norm(resid.to(device=self.device, dtype=self.dtype))
+            return token_logprobs(
+                hidden,
+                weight,
+                torch.as_tensor(tokens, device=self.device),
+                bias=bias if isinstance(bias, Tensor) else None,
+                softcap=self.info.logit_softcap,
+            )
+
     def editable_parameter(self, name: str) -> torch.nn.Parameter:
         """The parameter ``name`` (``"<module path>.<attribute>"``, original HF paths), for
         writing in place (weight edits).
@@ -1120,6 +1181,158 @@ class BaseAdapter:
                 batch.to(self.device), order, self._group(patches), keep_graph=False, stop=True
             )
         return cache
+
+    def final_states(
+        self,
+        batch: TokenBatch,
+        patches: Sequence[Patch] = (),
+        *,
+        sites: Sequence[str] = (),
+        past: PastKeyValues | None = None,
+        keep_past: bool = False,
+        start: tuple[int, Activation] | None = None,
+    ) -> tuple[Activation, dict[str, Tensor], PastKeyValues | None]:
+        """One pass that stops after the last block: its output ``resid_post.{n_layers-1}``
+        ``[batch, pos, d_model]`` (for :meth:`readout_logprobs`; no logits are computed), the
+        activations at ``sites``, and with ``keep_past`` the keys and values of every position
+        (as :meth:`run_with_past` returns them).  No gradient.
+
+        Args:
+            batch: the tokens; with ``past``, row ``i`` continues the past's row ``i``.
+            patches: as in :meth:`run_with_patches` (positions index ``batch``).
+            sites: activations to return besides (detached).
+            past: keys and values this batch continues.
+            keep_past: also return the keys and values (raises ``NotImplementedError`` where
+                :meth:`run_with_past` would).
+            start: ``(layer, resid)``: start the pass at block ``layer``, whose input is
+                ``resid`` ``[batch, pos, d_model]`` (every position, e.g. a cached run's
+                ``resid_pre.{layer}``); the blocks below do not run (see
+                :meth:`_starting_at`).  Patches may then touch only sites from
+                ``resid_pre.{layer}`` on.
+        """
+        last = f"resid_post.{self.n_layers - 1}"
+        order = execution_order([*sites, last], self.n_layers)
+        batch = batch.to(self.device)
+        past = self._check_past(batch, past)
+        grouped = self._group(patches)
+        out: list[Any] | None = [] if keep_past else None
+        with torch.no_grad(), self._starting_at(start, batch, grouped):
+            _, cache = self._run(
+                batch, order, grouped, keep_graph=False, past=past, past_out=out, stop=True
+            )
+        new_past = None
+        if keep_past:
+            hf_cache = out[0] if out else self._pass_cache
+            if hf_cache is None:
+                raise NotImplementedError(f"{self.info.model_id}: the forward kept no cache")
+            mask = batch.attention_mask
+            if past is not None:
+                mask = torch.cat([past.attention_mask.to(mask.device), mask], dim=-1)
+            new_past = PastKeyValues.from_hf(hf_cache, mask)
+        wanted = {parse_site(s, self.n_layers).name for s in sites}
+        name = parse_site(last, self.n_layers).name
+        final = cache[name] if name in wanted else cache.pop(name)
+        return final, cache, new_past
+
+    @contextmanager
+    def _starting_at(
+        self,
+        start: tuple[int, Activation] | None,
+        batch: TokenBatch,
+        grouped: dict[Site, list[Patch | UnitPatch]],
+    ) -> Iterator[None]:
+        """Run the passes inside the block from block ``layer`` on (``start = (layer,
+        resid)``): ``resid`` is written into ``resid_pre.{layer}`` at every position (before
+        the caller's patches there, which win), and every block below ``layer`` returns its
+        input unchanged instead of computing (its keys and values are not extended: nothing
+        above reads them).  The embedding still runs (it costs one lookup per token).  A
+        restoration at layer ``l`` changes nothing below ``l``, so rows that start there from
+        the cached corrupted run's residual stream equal the whole-stack rows (tested on every
+        architecture and both backends).  Works through the Hugging Face blocks themselves, so
+        on both backends and every architecture alike.
+
+        Raises:
+            ValueError: a patch at a site below ``resid_pre.{layer}`` (it would be ignored), or
+                ``resid`` not ``[batch, pos, d_model]``.
+        """
+        if start is None:
+            yield
+            return
+        layer, resid = int(start[0]), start[1]
+        entry = parse_site(f"resid_pre.{layer}", self.n_layers)
+        n_rows, n_pos = batch.shape
+        if tuple(resid.shape) != (n_rows, n_pos, self.d_model):
+            raise ValueError(
+                f"start at block {layer}: resid must be {(n_rows, n_pos, self.d_model)}, got "
+                f"{tuple(resid.shape)}"
+            )
+        below = [
+            s.name
+            for s, ps in grouped.items()
+            if s < entry and any(isinstance(p, Patch) for p in ps)
+        ]
+        if below:
+            raise ValueError(
+                f"start at block {layer}: patches at {below} lie below it and would not apply"
+            )
+        rows = torch.arange(n_rows).repeat_interleave(n_pos)
+        positions = torch.arange(n_pos).repeat(n_rows)
+        feed = Patch(entry.name, rows, positions, resid.reshape(-1, self.d_model))
+        grouped[entry] = [feed, *grouped.get(entry, [])]
+        as_tuple = self._block_returns_tuple()
+        blocks = [self.hf_module(self.spec.sites["resid_pre"].path(lo)) for lo in range(layer)]
+        saved = [block.__dict__.get("forward") for block in blocks]
+
+        def skip(*args: Any, **kwargs: Any) -> Any:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            # The same structure as the block's own output (a wrapper may unwrap a 1-tuple).
+            return (hidden, *[None] * (as_tuple - 1)) if as_tuple else hidden
+
+        try:
+            for block in blocks:
+                block.forward = skip
+            yield
+        finally:
+            for block, before in zip(blocks, saved, strict=True):
+                if before is None:
+                    block.__dict__.pop("forward", None)
+                else:
+                    block.forward = before
+
+    def _block_returns_tuple(self) -> int:
+        """The length of the tuple the model's blocks return (BLOOM: hidden states and
+        attention weights), or 0 when they return the hidden states (the others, under
+        transformers 5); read once from a one-token pass."""
+        known = getattr(self, "_blocks_tuple", None)
+        if known is None:
+            # Wrapped as :meth:`_starting_at` wraps it (a bridge may call ``forward`` without
+            # the module's hooks).
+            block = self.hf_module(self.spec.sites["resid_pre"].path(0))
+            before = block.__dict__.get("forward")
+            inner = block.forward
+            seen: list[int] = []
+
+            def probe(*args: Any, **kwargs: Any) -> Any:
+                output = inner(*args, **kwargs)
+                seen.append(len(output) if isinstance(output, tuple) else 0)
+                return output
+
+            block.forward = probe
+            try:
+                self.forward(self.batch([[self.pad_token_id]]))
+            finally:
+                if before is None:
+                    block.__dict__.pop("forward", None)
+                else:
+                    block.forward = before
+            if not seen:
+                raise NotImplementedError(
+                    f"{self.info.model_id}: the blocks cannot be skipped (the pass does not call "
+                    "their forward)"
+                )
+            known = seen[0]
+            self._blocks_tuple = known
+        return known
 
     def run_with_patches(
         self,
@@ -1278,6 +1491,7 @@ class BaseAdapter:
         activations: dict[str, Tensor] | None = None,
         keep_last: int = 0,
         past: PastKeyValues | None = None,
+        tokens: Tensor | None = None,
     ) -> tuple[Scalar, dict[str, Tensor]]:
         """Gradient of ``metric(logits)`` with respect to the activations at ``sites``.
 
@@ -1298,24 +1512,39 @@ class BaseAdapter:
                 :meth:`run_with_patches`): ``batch`` holds only the following tokens, whose
                 activations (and gradients) are those of the whole sequence.  The prefix itself
                 is constant: nothing flows back into it.
+            tokens: when given (token ids ``[k]``, or ``[batch, k]``), ``metric`` receives the
+                log-probabilities ``[batch, k]`` of ``tokens[..., j]`` at the last ``k``
+                positions instead of logits (rows must end at the last index): the pass stops
+                after the last block and :meth:`readout_logprobs` reads them, a chunk of the
+                vocabulary at a time in the forward and the backward pass, so no logits are
+                held (``keep_last`` is then ignored).
 
         Returns:
             The metric's value (detached) and, per site, ``d metric / d activation``
             ``[batch, pos, width]``.
         """
         order = execution_order(list(sites), self.n_layers)
+        final = f"resid_post.{self.n_layers - 1}"
+        read = order if tokens is None else execution_order([*sites, final], self.n_layers)
         with torch.enable_grad():
             logits, acts = self._run(
                 batch.to(self.device),
-                order,
+                read,
                 self._group(patches),
                 keep_graph=True,
-                last_only=keep_last,
+                last_only=keep_last if tokens is None else False,
                 past=self._check_past(batch, past),
+                stop=tokens is not None,
             )
-            if keep_last:
-                logits = logits[:, -keep_last:]
-            value = metric(logits)
+            if tokens is not None:
+                ids = torch.as_tensor(tokens, device=self.device)
+                k = int(ids.shape[-1])
+                state = acts[parse_site(final, self.n_layers).name][:, -k:]
+                value = metric(self.readout_logprobs(state, ids))
+            else:
+                if keep_last:
+                    logits = logits[:, -keep_last:]
+                value = metric(logits)
             if value.numel() != 1:
                 raise ValueError(f"metric must return a scalar, got shape {tuple(value.shape)}")
             names = [s.name for s in order]
@@ -1496,7 +1725,7 @@ class BaseAdapter:
                 + (f" (the model is made for {limit})" if limit is not None else "")
                 + f"; one forward pass of it needs about {need / 2**30:.1f} GiB (attention "
                 f"over {n_tokens}x{n_tokens} positions in {self.info.n_heads} heads, and "
-                f"logits over {self.info.d_vocab} tokens), more than the "
+                f"the last position's logits over {self.info.d_vocab} tokens), more than the "
                 f"{free / 2**30:.1f} GiB free on {self.device}; shorten the prompt"
             )
 
@@ -1557,6 +1786,9 @@ class BaseAdapter:
             # layers for its sliding layers (Gemma 3), which drop keys beyond the window and
             # cannot be continued from a prefix.
             inputs["past_key_values"] = PastKeyValues.empty_hf()
+        # The cache this pass extends in place (read back by :meth:`final_states` when the pass
+        # stops after the last block, before the model returns it).
+        self._pass_cache = inputs.get("past_key_values")
         inputs["attention_mask"] = mask
         if self.spec.uses_position_ids:
             inputs["position_ids"] = positions
