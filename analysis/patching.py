@@ -14,8 +14,10 @@ replaced by A's ``resid_post.L`` at the matching position of A's prompt, at two 
   (:func:`~analysis.lens.reading_tokens`).
 
 One layer and one position are patched per run; every (position, layer) of one target prompt
-is one row of a batch, and the rows of one prompt go through the model together
-(:func:`patch_rows`; ``max_rows`` splits them, with the same numbers).  B's output is read at
+is one row of a batch: the rows patching one position go through the model together, each
+holding only the tokens from that position on and continuing the keys and values of the
+unpatched prompt before it (:func:`patch_rows`; ``max_rows`` splits a pass, with the same
+numbers).  B's output is read at
 its last position: the probability and rank of the first token with content of an answer
 *written in B's language* (MLaKE's answers are parallel).
 
@@ -136,50 +138,80 @@ def patch_rows(
     rows: Sequence[tuple[int, int, torch.Tensor] | None],
     tokens: Sequence[int],
     max_rows: int | None = None,
+    *,
+    prefix_cache: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run one target prompt once per row, each row with one patch, and read ``tokens`` at
     its last position.
+
+    Prefix cache: a patch at position ``p`` changes nothing before ``p`` (causal attention),
+    so the prompt is run once and its attention keys and values kept
+    (:meth:`~mlake_core.models.adapter.ModelAdapter.run_with_past`); a row patching ``p``
+    holds only the tokens from ``p`` on and continues the keys and values of the first ``p``
+    (the unpatched row: the last token alone).  Rows are grouped by position, one pass per
+    group (``max_rows`` splits it).  A model whose cache cannot be continued from a prefix
+    (sliding-window layers: ``NotImplementedError``), or ``prefix_cache=False``, runs the
+    whole prompt in every row, with the same numbers (tested).
 
     Args:
         ids: the target prompt.
         rows: per row, ``(layer, position, value)``: ``resid_post.{layer}`` at ``position``
             of ``ids`` is set to ``value`` (``[d_model]``); ``None``: the unpatched run.
         tokens: the tokens read.
-        max_rows: rows per forward pass (``None``: all in one).
+        max_rows: rows per forward pass (``None``: all of a group in one).
 
     Returns:
         ``(prob, rank)``, each ``[row, token]``: the probability of each token at the last
         position, and how many tokens of the vocabulary are more likely (0: the top token).
     """
-    step = max_rows or max(1, len(rows))
-    probs, ranks = [], []
+    n = len(ids)
+    past = None
+    if prefix_cache and n > 1:
+        try:
+            _, past = adapter.run_with_past(adapter.batch([list(ids)]), last_only=True)
+        except NotImplementedError:
+            past = None
+    groups: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        begin = 0 if past is None else (n - 1 if row is None else int(row[1]))
+        groups.setdefault(begin, []).append(i)
+    prob = np.zeros((len(rows), len(tokens)))
+    rank = np.zeros((len(rows), len(tokens)), dtype=np.int64)
     picked_ids = torch.tensor(list(tokens), dtype=torch.long)
-    for start in range(0, len(rows), step):
-        chunk = rows[start : start + step]
-        batch = adapter.batch([list(ids)] * len(chunk))
-        by_layer: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
-        for r, row in enumerate(chunk):
-            if row is not None:
-                layer, pos, value = row
-                by_layer.setdefault(int(layer), []).append(
-                    (r, int(batch.first_index[r]) + pos, value)
+    for begin, members in sorted(groups.items()):
+        prefix = past.crop(begin) if past is not None and begin > 0 else None
+        step = max_rows or len(members)
+        for first in range(0, len(members), step):
+            chunk = members[first : first + step]
+            batch = adapter.batch([list(ids[begin:])] * len(chunk))
+            by_layer: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
+            for r, i in enumerate(chunk):
+                row = rows[i]
+                if row is not None:
+                    layer, pos, value = row
+                    by_layer.setdefault(int(layer), []).append((r, int(pos) - begin, value))
+            patches = [
+                Patch(
+                    f"{SITE}.{layer}",
+                    torch.tensor([r for r, _, _ in entries], dtype=torch.long),
+                    torch.tensor([p for _, p, _ in entries], dtype=torch.long),
+                    torch.stack([v.reshape(-1) for _, _, v in entries]),
                 )
-        patches = [
-            Patch(
-                f"{SITE}.{layer}",
-                torch.tensor([r for r, _, _ in entries], dtype=torch.long),
-                torch.tensor([p for _, p, _ in entries], dtype=torch.long),
-                torch.stack([v.reshape(-1) for _, _, v in entries]),
+                for layer, entries in sorted(by_layer.items())
+            ]
+            rows_past = (
+                prefix.select(torch.zeros(len(chunk), dtype=torch.long))
+                if prefix is not None
+                else None
             )
-            for layer, entries in sorted(by_layer.items())
-        ]
-        logits = adapter.run_with_patches(batch, patches, last_only=True)[:, -1].float()
-        logp = logits.log_softmax(-1)
-        answer = picked_ids.to(logits.device)
-        picked = logits[:, answer]
-        probs.append(logp[:, answer].exp().double().cpu().numpy())
-        ranks.append((logits[:, None, :] > picked[:, :, None]).sum(-1).long().cpu().numpy())
-    return np.concatenate(probs), np.concatenate(ranks)
+            logits = adapter.run_with_patches(batch, patches, last_only=True, past=rows_past)
+            logits = logits[:, -1].float()
+            answer = picked_ids.to(logits.device)
+            picked = logits[:, answer]
+            where = torch.tensor(chunk)
+            prob[where] = logits.log_softmax(-1)[:, answer].exp().double().cpu().numpy()
+            rank[where] = (logits[:, None, :] > picked[:, :, None]).sum(-1).long().cpu().numpy()
+    return prob, rank
 
 
 def patch_all_layers(
@@ -189,6 +221,8 @@ def patch_all_layers(
     target_positions: Sequence[int],
     tokens: Sequence[int],
     max_rows: int | None = None,
+    *,
+    prefix_cache: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Patch ``source`` (``[position, layer, d]``, :func:`source_states`) into the target
     prompt at every position and layer, one at a time, and read ``tokens``.
@@ -203,7 +237,7 @@ def patch_all_layers(
     rows: list[tuple[int, int, torch.Tensor] | None] = [None]
     for i, pos in enumerate(target_positions):
         rows += [(layer, int(pos), source[i, layer]) for layer in range(n_layers)]
-    prob, rank = patch_rows(adapter, target_ids, rows, tokens, max_rows)
+    prob, rank = patch_rows(adapter, target_ids, rows, tokens, max_rows, prefix_cache=prefix_cache)
     shape = (n_pos, n_layers, len(tokens))
     return prob[1:].reshape(shape), rank[1:].reshape(shape), prob[0], rank[0]
 

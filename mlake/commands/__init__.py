@@ -12,6 +12,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mlake.commands.edit",
     "mlake.commands.trace",
     "mlake.commands.lens",
+    "mlake.commands.patch",
     "mlake.commands.neurons",
     "mlake.commands.probe",
     "mlake.commands.relate",

@@ -76,7 +76,9 @@ def test_batched_equals_unbatched_and_the_backends_agree(tiny: Path, tlens) -> N
     one_by_one = patch_all_layers(tlens, src_t, b, [2, len(b) - 1], tokens, max_rows=1)
     by_three = patch_all_layers(tlens, src_t, b, [2, len(b) - 1], tokens, max_rows=3)
     other = patch_all_layers(nn, src_n, b, [2, len(b) - 1], tokens)
-    for got in (one_by_one, by_three, other):
+    whole = patch_all_layers(tlens, src_t, b, [2, len(b) - 1], tokens, prefix_cache=False)
+    whole_nn = patch_all_layers(nn, src_n, b, [2, len(b) - 1], tokens, prefix_cache=False)
+    for got in (one_by_one, by_three, other, whole, whole_nn):
         np.testing.assert_allclose(got[0], together[0], rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(got[2], together[2], rtol=1e-4, atol=1e-7)
         assert np.abs(got[1] - together[1]).max() <= 1  # float ties
@@ -190,3 +192,79 @@ def test_pairing_is_seeded_prefers_the_relation_and_skips_unusable() -> None:
 def test_bad_settings(bad: dict) -> None:
     with pytest.raises(ConfigError):
         PatchConfig(**bad)
+
+
+@pytest.mark.slow
+def test_the_stage_saves_resumes_and_reads_back(
+    micro_tiny: Path, mlake_v2411, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from analysis.patching import PatchingResult
+    from mlake.stages.context import StageContext
+    from mlake.stages.knowledge import knowledge_stage
+    from mlake.stages.patching import patching_stage
+    from mlake_core.editing.ft import FtConfig
+    from mlake_core.metrics.knowledge import KnowledgeConfig
+    from mlake_core.models.mlake_tiny import read_metadata
+    from mlake_core.models.prompting import get_template
+    from mlake_core.results import store
+
+    adapter = load_adapter(str(micro_tiny), "tlens", device="cpu")
+    meta = read_metadata(micro_tiny)
+    assert meta is not None
+    langs = ("en", "zh", "fr")
+    ctx = StageContext(
+        adapter,
+        str(micro_tiny),
+        mlake_v2411,
+        tuple(meta["fact_ids"]),
+        langs,
+        get_template(meta["config"]["template"]),
+        results_dir=tmp_path,
+    )
+    knowledge, _ = knowledge_stage(ctx, KnowledgeConfig(mcqa=False))
+    config = PatchConfig(method="ft", edits=2)
+    ft = FtConfig(layer="0", lr=0.01, steps=100, max_rel_norm=0.3)
+    seen: list[dict] = []
+    result, run = patching_stage(
+        ctx, config, knowledge=knowledge, method_config=ft, on_item=seen.append
+    )
+    n = np.array(result.counterfactual["n"])
+    for ib, b in enumerate(langs):
+        assert (n[:, ib] <= len(knowledge.known(b) & set(ctx.fact_ids))).all()
+    assert n.sum() == sum(1 for i in seen if i["kind"] == "counterfactual") > 0
+    layers = adapter.n_layers
+    follows = np.array(result.counterfactual["last"]["follows"], dtype=float)
+    assert follows.shape == (layers, 3, 3)
+    # A saved pair re-measured by hand: the source fact's state patched at the last layer and
+    # position makes B's output the source prompt's own output.
+    item = next(i for i in seen if i["kind"] == "counterfactual")
+    a, b = item["lang"].split("-")
+    saved = CounterfactualPatch.load(run.arrays_path(f"cf_{a}_{b}_{item['fact_id']}"))
+    assert saved.facts[1] == item["fact_id"] and saved.facts[0] != saved.facts[1]
+    from analysis.lens import reading_tokens
+    from mlake_core.editing.base import locate_prompt
+
+    view = mlake_v2411.fact(saved.facts[0]).views[a]
+    loc = locate_prompt(adapter, view, ctx.template, "question")
+    lead, _ = reading_tokens(adapter, loc, view.question.target.text, [])
+    own = adapter.forward(adapter.batch([[*loc.prompt_ids, *lead]]))[0, -1].float().softmax(-1)
+    np.testing.assert_allclose(
+        saved.prob[1, -1], own[list(saved.tokens)].numpy(), rtol=1e-3, atol=1e-6
+    )
+    edits = [i for i in seen if i["kind"] == "edit"]
+    assert 0 < len(edits) <= 2 * len(langs)
+    assert sum(result.edits["n"].values()) + sum(result.edits["n_failed"].values()) == len(edits)
+    # Resumed after losing the summary: nothing recomputed, the same result.
+    run.json_path("summary").unlink()
+    again: list = []
+    resumed, _ = patching_stage(
+        ctx, config, knowledge=knowledge, method_config=ft, on_item=again.append
+    )
+    assert again == [] and resumed.to_dict() == result.to_dict()
+    # Read back: nothing written, and PatchingResult.load gives the same.
+    writes: list[Path] = []
+    real = store._atomic_write
+    monkeypatch.setattr(store, "_atomic_write", lambda p, w: (writes.append(p), real(p, w)))
+    patching_stage(ctx, config, knowledge=knowledge, method_config=ft)
+    assert writes == []
+    assert PatchingResult.load(run.path).to_dict() == result.to_dict()
