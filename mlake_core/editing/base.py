@@ -266,7 +266,7 @@ class EditResult:
     def _params(self, adapter: Any) -> dict[str, torch.nn.Parameter]:
         out = {}
         for name in self.deltas:
-            param = edited_parameter(adapter, name, f"{self.method} edit")
+            param = written_parameter(adapter, name, f"{self.method} edit")
             if param.shape != self.deltas[name].shape:
                 raise ValueError(
                     f"delta for {name} has shape {tuple(self.deltas[name].shape)}, "
@@ -325,7 +325,7 @@ class EditResult:
 
 def restore_weights(adapter: Any, originals: Mapping[str, torch.Tensor]) -> None:
     """Copy saved weights back (bitwise identical to before the edit)."""
-    params = {name: edited_parameter(adapter, name, "restore") for name in originals}
+    params = {name: written_parameter(adapter, name, "restore") for name in originals}
     with torch.no_grad():
         for name, saved in originals.items():
             params[name].copy_(saved)
@@ -350,6 +350,25 @@ def edited_parameter(adapter: Any, name: str, what: str) -> torch.nn.Parameter:
         ) from None
 
 
+def written_parameter(adapter: Any, name: str, what: str) -> torch.nn.Parameter:
+    """:func:`edited_parameter`, for writing: refused where accelerate keeps the weight
+    offloaded (a device map that puts a layer on CPU or disk holds its weights on ``meta``
+    between passes; writing there would change nothing).
+
+    Raises:
+        ConfigError: as :func:`edited_parameter`, or for an offloaded weight (the message
+            says to apply the edit as an intervention, which needs no writable weight).
+    """
+    param = edited_parameter(adapter, name, what)
+    if param.device.type == "meta":
+        raise ConfigError(
+            f"{what}: {name} is offloaded by the device map (no weights in memory between "
+            "passes), so it cannot be written; apply the edit with --edit-apply intervention, "
+            "or load the model onto devices that hold it"
+        )
+    return param
+
+
 def down_proj_name(adapter: Any, layer: int) -> str:
     """Parameter name of layer ``layer``'s MLP output-projection weight."""
     return adapter.spec.sites["mlp_post"].path(layer) + ".weight"
@@ -361,7 +380,7 @@ def down_proj(adapter: Any, layer: int, what: str) -> tuple[str, torch.nn.Parame
     (``Linear``) rather than ``[in, out]`` (GPT-2's ``Conv1D``)."""
     _, out_in = adapter.mlp_down(layer)
     name = down_proj_name(adapter, layer)
-    return name, edited_parameter(adapter, name, what), out_in
+    return name, written_parameter(adapter, name, what), out_in
 
 
 @dataclass

@@ -50,10 +50,12 @@ def has_post_norm(adapter: Any) -> bool:
 def projection_output(adapter: Any, layer: int, keys: Tensor) -> Tensor:
     """The output of layer ``layer``'s MLP output projection for ``keys`` (``[..., d_mlp]``,
     values of ``mlp_post.{layer}``), with the model's current weights, bias included; in the
-    model's dtype, on its device, without gradient."""
-    module = adapter.hf_module(adapter.spec.sites["mlp_post"].path(layer))
+    model's dtype, on the projection's device (its layer's, under a device map), without
+    gradient."""
+    path = adapter.spec.sites["mlp_post"].path(layer)
+    module = adapter.hf_module(path)
     with torch.no_grad():
-        return module(keys.to(device=adapter.device, dtype=adapter.dtype))
+        return module(keys.to(device=adapter.module_device(path), dtype=adapter.dtype))
 
 
 def pull_back_grad(adapter: Any, layer: int, projected: Tensor, grad: Tensor) -> Tensor:

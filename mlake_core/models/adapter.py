@@ -985,6 +985,22 @@ class BaseAdapter:
         except KeyError:
             raise KeyError(f"{self.info.model_id}: no module {path!r}") from None
 
+    def module_device(self, path: str) -> torch.device:
+        """Where the module at ``path`` computes: its parameters' device, or, for a module
+        whose weights accelerate keeps offloaded (``meta`` until its forward loads them), the
+        execution device of its hook.  With one device for the whole model this is
+        :attr:`device`; with a device map (``--device auto`` over several GPUs) each layer's
+        own, so patches, read-outs and edits of a layer are computed where the layer is."""
+        module: Any = self.hf_module(path)
+        hook = getattr(module, "_hf_hook", None)
+        execution = getattr(hook, "execution_device", None)
+        if execution is not None:
+            return torch.device(f"cuda:{execution}" if isinstance(execution, int) else execution)
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.device.type != "meta":
+                return tensor.device
+        return self.device
+
     def mlp_down(self, layer: int) -> tuple[torch.nn.Parameter, bool]:
         """The weight of layer ``layer``'s MLP output projection (input: ``mlp_post``,
         output: ``mlp_out`` minus its bias), and whether it is stored ``[out, in]`` (torch
@@ -1012,7 +1028,10 @@ class BaseAdapter:
         if norm is None:
             return projected
         block = self.spec.sites["resid_pre"].path(layer)
-        return self.hf_module(f"{block}.{norm}")(projected)
+        path = f"{block}.{norm}"
+        # Computed on the norm's device (a layer of a device map), returned on the input's.
+        out = self.hf_module(path)(projected.to(self.module_device(path)))
+        return out.to(projected.device)
 
     def logit_lens(self, resid: Activation) -> Logits:
         """The logit lens (nostalgebraist 2020): the logits residual-stream states
@@ -1024,7 +1043,11 @@ class BaseAdapter:
         norm = self.hf_module(self.spec.final_norm)
         head = self.hf_module(self.spec.unembed)
         with torch.no_grad():
-            logits = head(norm(resid.to(device=self.device, dtype=self.dtype))).float()
+            # The final norm and the unembedding may sit on the last device of a device map.
+            where = self.module_device(self.spec.final_norm)
+            normed = norm(resid.to(device=where, dtype=self.dtype))
+            logits = head(normed.to(self.module_device(self.spec.unembed))).float()
+            logits = logits.to(self.device)
             cap = self.info.logit_softcap
             if cap:
                 logits = cap * torch.tanh(logits / cap)
@@ -1551,12 +1574,13 @@ class BaseAdapter:
             grads = torch.autograd.grad(
                 value.reshape(()), [acts[n] for n in names], allow_unused=True
             )
+        # On the model's device whatever layer's device each was computed on (device map).
         out = {
-            name: (g if g is not None else torch.zeros_like(acts[name])).detach()
+            name: (g if g is not None else torch.zeros_like(acts[name])).detach().to(self.device)
             for name, g in zip(names, grads, strict=True)
         }
         if activations is not None:
-            activations.update({name: acts[name].detach() for name in names})
+            activations.update({name: acts[name].detach().to(self.device) for name in names})
         return value.detach().reshape(()), out
 
     # -- backend primitive -----------------------------------------------------------------

@@ -16,7 +16,7 @@ whose message names the option or file and what to do (a truncated GGUF file: a
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,52 @@ def resolve_dtype(dtype: str) -> torch.dtype:
         raise ConfigError(
             f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}"
         ) from None
+
+
+#: The share of the first GPU's free memory the weights may take before ``--device auto``
+#: spreads the model over several GPUs (the rest is left to activations).
+WEIGHTS_SHARE = 0.8
+
+
+def device_map_needed(
+    weight_bytes: int, gpu_free: Sequence[int], share: float = WEIGHTS_SHARE
+) -> bool:
+    """Whether ``--device auto`` loads the model with ``device_map="auto"`` (accelerate puts
+    consecutive layers on consecutive GPUs): there are several GPUs and the weights take more
+    than ``share`` of the first one's free memory (``gpu_free``: free bytes per GPU)."""
+    return len(gpu_free) >= 2 and weight_bytes > share * gpu_free[0]
+
+
+def weight_bytes(config: Any, dtype: torch.dtype) -> int:
+    """The bytes of a model's weights in ``dtype`` (a tied tensor counted once), from its
+    config: the model is built on the ``meta`` device, no weight is read."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    return int(n_params) * torch.empty((), dtype=dtype).element_size()
+
+
+def _auto_device_map(config: Any, dtype: torch.dtype) -> str | None:
+    """``"auto"`` when :func:`device_map_needed` says so for this machine's GPUs, else
+    ``None`` (one device)."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return None
+    from mlake_core.models.adapter import free_bytes
+
+    free = [free_bytes(torch.device("cuda", i)) or 0 for i in range(torch.cuda.device_count())]
+    return "auto" if device_map_needed(weight_bytes(config, dtype), free) else None
+
+
+def input_device(hf_model: Any) -> torch.device:
+    """Where a model's inputs go: the token embedding's device (the first device of a device
+    map; for an embedding accelerate keeps offloaded, its hook's execution device)."""
+    embed = hf_model.get_input_embeddings()
+    execution = getattr(getattr(embed, "_hf_hook", None), "execution_device", None)
+    if execution is not None:
+        return torch.device(f"cuda:{execution}" if isinstance(execution, int) else execution)
+    return embed.weight.device
 
 
 @contextmanager
@@ -278,6 +324,8 @@ def load_adapter(
     revision: str | None = None,
     local_files_only: bool | None = None,
     progress: Callable[[str], None] | None = None,
+    device_map: str | Mapping[str, Any] | None = None,
+    offload_folder: str | None = None,
 ) -> BaseAdapter:
     """Load a causal LM and wrap it in a backend.
 
@@ -295,6 +343,14 @@ def load_adapter(
         local_files_only: never touch the network; default: the ``HF_HUB_OFFLINE`` environment
             variable.
         progress: receives a line before a first (slow) GGUF conversion; default: stderr.
+        device_map: an accelerate device map (``"auto"``, or module path -> ``"cuda:N"``,
+            ``"cpu"`` or ``"disk"``) instead of one device.  ``device="auto"`` chooses
+            ``"auto"`` itself on a machine with several GPUs when the weights take more than
+            :data:`WEIGHTS_SHARE` of the first one's free memory
+            (:func:`device_map_needed`).  Each layer then computes on its own device;
+            patches, read-outs and edit terms follow it, and what the adapter returns is on
+            the inputs' device (:attr:`ModelInfo.device`).
+        offload_folder: where a device map's ``"disk"`` layers are kept.
 
     Returns:
         The adapter; ``adapter.info`` records model id, revision and commit hash, architecture,
@@ -345,6 +401,13 @@ def load_adapter(
         "local_files_only": offline,
         "trust_remote_code": trust_remote_code,
     }
+    if device_map is None and device == "auto":
+        device_map = _auto_device_map(config, torch_dtype)
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        placement = {"device_map": device_map}
+        if offload_folder is not None:
+            placement["offload_folder"] = offload_folder
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
     except (OSError, ValueError) as err:
@@ -358,6 +421,7 @@ def load_adapter(
                 dtype=torch_dtype,
                 attn_implementation="eager",
                 use_safetensors=True,
+                **placement,
                 **common,
             )
     except OSError as err:
@@ -375,7 +439,9 @@ def load_adapter(
             f"({type(err).__name__}: {err}); it is truncated or damaged: download or convert "
             "it again"
         ) from None
-    hf_model = hf_model.to(device_name).eval()
+    if device_map is None:
+        hf_model = hf_model.to(device_name)
+    hf_model = hf_model.eval()
     _check_finite(hf_model, tokenizer, model, source)
     info = ModelInfo(
         model_id=model,
@@ -384,7 +450,7 @@ def load_adapter(
         architecture=spec.model_type,
         backend=backend,
         dtype=dtype,
-        device=str(next(hf_model.parameters()).device),
+        device=str(input_device(hf_model)),
         n_layers=len(hf_model.get_submodule(spec.layers)),
         d_model=int(config.hidden_size),
         d_mlp=_d_mlp(hf_model, spec),
@@ -429,7 +495,7 @@ def _check_finite(hf_model: Any, tokenizer: Any, model: str, source: str) -> Non
     if ids.shape[1] == 0:
         return
     with torch.no_grad():
-        logits = hf_model(input_ids=ids.to(next(hf_model.parameters()).device)).logits
+        logits = hf_model(input_ids=ids.to(input_device(hf_model))).logits
     if bool(torch.isfinite(logits).all()):
         return
     bad = [n for n, p in hf_model.named_parameters() if not bool(torch.isfinite(p).all())]

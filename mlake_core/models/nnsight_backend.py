@@ -147,8 +147,10 @@ class NNsightAdapter(BaseAdapter):
                 logits = nnsight.save(self.model.output.logits)
                 if past_out is not None:
                     hf_cache = nnsight.save(self.model.output.past_key_values)
+        if not keep_graph:  # on the model's device, whatever layer's device (device map)
+            cache = {name: value.to(self.device) for name, value in cache.items()}
         if last is not None:
             return torch.empty(0), cache
         if past_out is not None:
             past_out.append(hf_cache)
-        return logits, cache
+        return logits.to(self.device), cache

@@ -221,7 +221,7 @@ class TLensAdapter(BaseAdapter):
                 )
         except _StopForward:
             # Raised by the hook of the last site read (``stop``); the hooks are removed.
-            return torch.empty(0), cache
+            return torch.empty(0), self._on_device(cache, keep_graph)
         if past_out is not None:
             logits, hf_cache = out
             past_out.append(hf_cache)
@@ -230,4 +230,11 @@ class TLensAdapter(BaseAdapter):
         missing = [site.name for site in read if site.name not in cache]
         if missing:
             raise RuntimeError(f"TransformerLens hooks did not fire for sites {missing}")
-        return logits, cache
+        return logits.to(self.device), self._on_device(cache, keep_graph)
+
+    def _on_device(self, cache: dict[str, Tensor], keep_graph: bool) -> dict[str, Tensor]:
+        """Read activations on the model's device, whatever layer's device they were read on
+        (a device map); live ones (``keep_graph``) stay where they are, in the graph."""
+        if keep_graph:
+            return cache
+        return {name: value.to(self.device) for name, value in cache.items()}
