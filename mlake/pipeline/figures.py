@@ -7,6 +7,8 @@ is drawn from the stage's saved result (nothing is recomputed):
 file (``figures/<name>``)       from
 =============================  ===========================================================
 ``transfer_matrices``          transfer runs (one panel per method, restricted FT included)
+``protocol_matrices_<label>``  transfer: one method's MLaKE-protocol tables, multi-hop (and
+                               multiple choice, where measured) beside free-form
 ``tracing_map_<kind>``         tracing: average indirect effect by position and layer, per
                                language (one file per traced kind)
 ``tracing_profiles``           tracing: effect by layer per language
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,14 @@ def _fact_trace_figure(path: Path, kinds: Any) -> Any:
     return trace_heatmap(trace, list(kinds), title=f"fact {fact} ({lang})")
 
 
+def _protocol_fig(rows: Any, langs: Sequence[str], label: str) -> Any:
+    """:func:`figures.editing.protocol_matrices` of one transfer run's rows."""
+    from analysis.transfer import protocol_cells
+    from figures import editing
+
+    return editing.protocol_matrices(protocol_cells(rows, langs), langs, title=label)
+
+
 def figure_makers(
     manifest: dict[str, Any], sweep: str | os.PathLike[str] | None = None
 ) -> list[tuple[str, Callable[[], Any] | str]]:
@@ -103,6 +113,15 @@ def figure_makers(
             return editing.transfer_matrices(matrices, langs, counts=counts)
 
         makers.append(("transfer_matrices", transfer_fig))
+        # The MLaKE protocol's tables: multi-hop (and multiple choice, where measured)
+        # beside the free-form matrix, one figure per method.
+        for label, tr_run in loaded.items():
+            makers.append(
+                (
+                    f"protocol_matrices_{label}",
+                    partial(_protocol_fig, tr_run.rows, langs, label),
+                )
+            )
     else:
         makers.append(("transfer_matrices", "no transfer stage in the run"))
 

@@ -61,6 +61,57 @@ def _matrix(frame: Any, langs: Sequence[str], *, pct: bool = False, digits: int 
     return _table(["", *langs], rows)
 
 
+def _protocol_lines(rows: Any, langs: Sequence[str]) -> list[str]:
+    """A transfer run's multi-hop and multiple-choice tables (the MLaKE protocol,
+    :func:`analysis.transfer.protocol_cells`): each cell the % answered with the edit, the
+    unedited model's % (``b``) and the questions (``n``), then the facts with no question
+    and why.  Multiple choice only where the run measured it (``--protocol mlake``)."""
+    from analysis.transfer import PROTOCOL_TABLES, missing_reasons, protocol_cells
+
+    cells = protocol_cells(rows, langs)
+    out: list[str] = []
+    unmeasured = not (rows["kind"] == "mcqa").any()
+    for hop, fmt, what in PROTOCOL_TABLES:
+        if (hop, fmt) == ("single-hop", "free-form"):
+            continue  # the matrix above
+        sel = cells[(cells["hop"] == hop) & (cells["format"] == fmt)]
+        if fmt != "free-form" and unmeasured:
+            continue
+        if not (sel["n"] > 0).any():
+            out += ["", f"{hop}, {fmt}: no question in any cell (see the facts missing below)."]
+            continue
+        by = {(c["edit_lang"], c["test_lang"]): c for c in sel.to_dict(orient="records")}
+        table = [
+            [
+                f"**{a}**",
+                *(
+                    "–"
+                    if not by[a, b]["n"]
+                    else f"{by[a, b]['pct']:.1f} (b {_f(by[a, b]['before_pct'] / 100, pct=True)}; "
+                    f"n {by[a, b]['n']})"
+                    for b in langs
+                ),
+            ]
+            for a in langs
+        ]
+        out += ["", f"{hop}, {fmt} ({what}; % of questions, all edited facts):", ""]
+        out += _table(["", *langs], table)
+    reasons = missing_reasons(rows)
+    if len(reasons):
+        listed = "; ".join(
+            f"{r['hop']} [{r['test_lang']}] {r['missing']}: {r['facts']}"
+            for r in reasons.to_dict(orient="records")
+        )
+        out += ["", f"Facts with no question in a test language: {listed}."]
+    if unmeasured:
+        out += [
+            "",
+            "Multiple choice: not measured (the transfer stage ran the free-form protocol; "
+            "`mlake edit transfer --protocol mlake --version v2024-04` measures it).",
+        ]
+    return out
+
+
 def _list_matrix(values: Any, langs: Sequence[str], *, pct: bool = False) -> list[str]:
     rows = [
         [f"**{a}**", *(_f(v, 2, pct) for v in row)] for a, row in zip(langs, values, strict=False)
@@ -299,6 +350,7 @@ def build_report(out: str | os.PathLike[str]) -> str:
             run = load_transfer(path)
             m = transfer_matrix(run.rows)
             lines += ["", f"**{label}**", "", *_matrix(m, langs, pct=True)]
+            lines += _protocol_lines(run.rows, langs)
             q = run.rows[run.rows["form"] == "question"]
             eff = q[(q["kind"] == "efficacy")]["success_greedy"].mean()
             tr = q[(q["kind"] == "transfer") & q["known_before"].astype(bool)][
