@@ -1081,15 +1081,23 @@ class BaseAdapter:
         bias = getattr(head, "bias", None)
         # Differentiable with respect to ``resid`` only: a detached ``resid`` gives a detached
         # result (the weights' requires_grad does not make an analysis build a graph).
+        if weight.device.type == "meta":
+            raise NotImplementedError(
+                f"{self.info.model_id}: the unembedding is offloaded by the device map; keep "
+                f"{self.spec.unembed} on a device"
+            )
         with torch.set_grad_enabled(torch.is_grad_enabled() and resid.requires_grad):
-            hidden = norm(resid.to(device=self.device, dtype=self.dtype))
+            # The final norm and the unembedding compute on their own devices (the last ones
+            # of a device map); the result is on the model's device.
+            where = self.module_device(self.spec.final_norm)
+            hidden = norm(resid.to(device=where, dtype=self.dtype)).to(weight.device)
             return token_logprobs(
                 hidden,
                 weight,
-                torch.as_tensor(tokens, device=self.device),
+                torch.as_tensor(tokens, device=weight.device),
                 bias=bias if isinstance(bias, Tensor) else None,
                 softcap=self.info.logit_softcap,
-            )
+            ).to(self.device)
 
     def editable_parameter(self, name: str) -> torch.nn.Parameter:
         """The parameter ``name`` (``"<module path>.<attribute>"``, original HF paths), for

@@ -186,6 +186,12 @@ def test_an_offloaded_layer_reads_patches_and_differentiates_as_on_one_device(
             "lens": a.logit_lens(a.run_with_cache(batch, ["resid_post.1"])[1]["resid_post.1"])
         },
         lambda a: a.gradients(batch, ["mlp_out.1"], lambda lg: lg[:, -1].logsumexp(-1).sum())[1],
+        lambda a: {
+            "readout": a.readout_logprobs(
+                a.run_with_cache(batch, ["resid_post.2"])[1]["resid_post.2"][:, -1],
+                torch.tensor([3, 4, 5]),
+            )
+        },
     ):
         want, got = adapter_pass(plain), adapter_pass(mapped)
         for key in want:
