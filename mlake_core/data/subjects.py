@@ -187,10 +187,10 @@ JA_NON_NAME = frozenset({"動詞", "助詞", "助動詞", "副詞", "代名詞",
 # :func:`_trim_predicate`).  zh: single characters that begin a predicate (最 "most", 以
 # "by/with") besides ZH_FUNCTION_CHARS; words that jieba's dictionary tags as nouns but
 # MLaKE's questions use as the verb right after the subject (信仰 "believe in", the
-# religion relation).  ja: verbs, particles, auxiliaries, adverbs, adjectives, conjunctions,
+# religion relation; 通晓 "be versed in", which the dictionary tags as a person's name).  ja: verbs, particles, auxiliaries, adverbs, adjectives, conjunctions,
 # and the honorific suffixes that UniDic tags 接尾辞 (トーマス・ティップ・オニール氏).
 ZH_PREDICATE_CHARS = frozenset("最以")
-ZH_PREDICATE_WORDS = frozenset({"信仰"})
+ZH_PREDICATE_WORDS = frozenset({"信仰", "通晓"})  # 通晓 "be versed in": tagged a person's name
 JA_PREDICATE = frozenset({"動詞", "助詞", "助動詞", "副詞", "接続詞", "形容詞"})
 JA_HONORIFICS = frozenset({"氏", "さん", "様", "さま", "殿", "君", "くん", "ちゃん"})
 
@@ -249,7 +249,7 @@ def _zh_predicate(word: str, flag: str) -> bool:
     if word in ZH_PREDICATE_WORDS:
         return True
     if flag.startswith("t"):
-        return not word.endswith("世")
+        return re.fullmatch(r"[一二三四五六七八九十百]+世", word) is None
     return flag.startswith(("v", "d", "a", "p", "c", "u", "y"))
 
 
@@ -274,20 +274,23 @@ def _analysis(text: str, lang: str) -> tuple[tuple[bool, ...], frozenset[int]]:
     return tuple(ok), frozenset(bounds)
 
 
-def _cjk_scores(question: str, c: _Cand, lang: str, contexts: Sequence[str]) -> tuple[float, float]:
+def _cjk_scores(
+    question: str, c: _Cand, lang: str, contexts: Sequence[tuple[str, str]]
+) -> tuple[float, float]:
     """zh/ja name and boundary scores of a candidate: the best over the question and every
-    other text of the fact that contains it (``o_prompt``, ``e_prompt``, multi-hop
-    questions).  The analyzers segment an unknown name differently in different contexts
-    (菅原道真是 is read 菅原/道/真是, 菅原道真的 as a name and 的); one context that reads the
-    span as a whole name is evidence that it is one."""
+    other text of the fact that contains it (``contexts``: ``o_prompt``, ``e_prompt``,
+    multi-hop questions, and the other of zh/ja's question where it reads the candidate as a
+    whole proper name; each with its language).  The analyzers segment an unknown name
+    differently in different contexts (zh 菅原道真是 is read 菅原/道/真是, ja 菅原道真の as
+    菅原/道真/の); one context that reads the span as a whole name is evidence that it is one."""
     best_name = best_bound = 0.0
     surface = question[c.start : c.end]
-    for text, span in [(question, (c.start, c.end))] + [
-        (t, find_normalized(t, surface)) for t in contexts
+    for text, text_lang, span in [(question, lang, (c.start, c.end))] + [
+        (t, lg, find_normalized(t, surface)) for t, lg in contexts
     ]:
         if span is None:
             continue
-        name, bounds = _analysis(text, lang)
+        name, bounds = _analysis(text, text_lang)
         chars = [k for k in range(*span) if not text[k].isspace()]
         best_name = max(best_name, sum(name[k] for k in chars) / max(1, len(chars)))
         best_bound = max(best_bound, 0.5 * (span[0] in bounds) + 0.5 * (span[1] in bounds))
@@ -463,11 +466,16 @@ def locate_subject(
         for lg, (o, a) in other_langs.items()
         if lg not in ("zh", "ja")
     ]
-    contexts = [rec.o_prompt, rec.e_prompt, *multi_hop]
+    contexts = [(t, lang) for t in (rec.o_prompt, rec.e_prompt, *multi_hop)]
     best: tuple[float, int, _Cand, dict[str, float]] | None = None
     for c in cands:
         if lang in ("zh", "ja"):
-            name, boundary = _cjk_scores(rec.question, c, lang, contexts)
+            han = [
+                (o.question, lg)
+                for lg, (o, _) in other_langs.items()
+                if lg in ("zh", "ja") and _proper_name_in(o.question, c.norm, lg)
+            ]
+            name, boundary = _cjk_scores(rec.question, c, lang, contexts + han)
         else:
             name, boundary = _name_score(rec.question, c, lang), 1.0
         ev = {
@@ -558,6 +566,7 @@ NAME_CONNECTORS = frozenset(
     "of von van der den de del della di da do dos du le la bin ibn al el y zu und & St. st".split()
 )
 JOINERS = "·・=＝-‐"
+_KATAKANA = re.compile(r"[\u30a0-\u30ff]+")
 
 
 def _extend(
@@ -568,25 +577,28 @@ def _extend(
     Freising") in alphabetic languages; parts joined by ``·``, ``・``, ``＝`` or ``-`` in zh
     and ja ("让-雅克·贝内").  German capitalizes every noun, so there a capitalized word added
     on the left must also occur in another language's text of the fact ("Band The Beatles"
-    stops at "The Beatles"); names grow to the right freely ("Boris" -> "Boris Johnson")."""
+    stops at "The Beatles"); names grow to the right freely ("Boris" -> "Boris Johnson").
+    Each step takes the longest span that continues the name."""
     cur = best
-    changed = True
-    while changed:
-        changed = False
-        for c in cands:
-            if not (c.start <= cur.start and c.end >= cur.end) or c == cur:
-                continue
-            left = question[c.start : cur.start]
-            right = question[cur.end : c.end]
-            if (
-                _name_extension(left, lang, side="left")
-                and _name_extension(right, lang, side="right")
-                and (lang != "de" or _shared_words(left, others) or _bare_numeral(cur, question))
-            ):
-                if c.end - c.start > cur.end - cur.start:
-                    cur = c
-                    changed = True
-    return cur
+    while True:
+        inner = question[cur.start : cur.end]
+        grown = [
+            c
+            for c in cands
+            if c.start <= cur.start
+            and c.end >= cur.end
+            and c.end - c.start > cur.end - cur.start
+            and _name_extension(question[c.start : cur.start], lang, "left", inner)
+            and _name_extension(question[cur.end : c.end], lang, "right", inner)
+            and (
+                lang != "de"
+                or _shared_words(question[c.start : cur.start], others)
+                or _bare_numeral(cur, question)
+            )
+        ]
+        if not grown:
+            return cur
+        cur = max(grown, key=lambda c: (c.end - c.start, -c.start))
 
 
 def _bare_numeral(c: _Cand, question: str) -> bool:
@@ -600,10 +612,15 @@ def _shared_words(extra: str, others: Sequence[str]) -> bool:
     return all(any(_contains(t, normalize(w), "en") for t in others) for w in words)
 
 
-def _name_extension(extra: str, lang: str, side: str) -> bool:
-    """Whether ``extra`` (text added on one side of a span) continues a name."""
+def _name_extension(extra: str, lang: str, side: str, inner: str = "") -> bool:
+    """Whether ``extra`` (text added on one side of the span ``inner``) continues a name."""
     if not extra:
         return True
+    touching = inner[:1] if side == "left" else inner[-1:]
+    if lang == "ja" and touching.isascii() and touching.isalnum() and _KATAKANA.fullmatch(extra):
+        return (
+            True  # a Latin abbreviation written against a katakana name: FCアンドラ, バーンリーFC
+        )
     if re.fullmatch(r"\.[^\W_]+(?:\.[^\W_]+)*", extra if side == "right" else extra[::-1]):
         return True  # parts joined by periods: JD.com, S.C
     if lang in ("zh", "ja"):
