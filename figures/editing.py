@@ -114,8 +114,8 @@ def transfer_matrices(
 #: Panel titles of :func:`protocol_matrices`, by table format.
 FORMAT_TITLES = {
     "free-form": "free-form",
-    "mcqa-loglik": "multiple choice (option log-lik.)",
-    "mcqa-letter": "multiple choice (letter)",
+    "mcqa-loglik": "MC, option text",
+    "mcqa-letter": "MC, letter",
 }
 
 
@@ -186,7 +186,8 @@ def protocol_matrices(cells: Any, langs: Sequence[str], *, title: str = "") -> A
         bar.set_label("answered with the edit (%)", fontsize=7)
         bar.ax.tick_params(labelsize=6)
     fig.suptitle(
-        f"{title + ': ' if title else ''}the MLaKE protocol (b: before the edit; n: questions)",
+        f"{title + ': ' if title else ''}the MLaKE protocol (MC: multiple choice by the most "
+        "probable option text or letter; b: % before the edit; n: questions)",
         fontsize=8,
     )
     return fig

@@ -64,8 +64,8 @@ def _matrix(frame: Any, langs: Sequence[str], *, pct: bool = False, digits: int 
 def _protocol_lines(rows: Any, langs: Sequence[str]) -> list[str]:
     """A transfer run's multi-hop and multiple-choice tables (the MLaKE protocol,
     :func:`analysis.transfer.protocol_cells`): each cell the % answered with the edit, the
-    unedited model's % (``b``) and the questions (``n``), then the facts with no question
-    and why.  Multiple choice only where the run measured it (``--protocol mlake``)."""
+    unedited model's % (``b``), the questions (``n``) and the edited facts they come from,
+    then the facts with no question and why.  Multiple choice only where the run measured it (``--protocol mlake``)."""
     from analysis.transfer import PROTOCOL_TABLES, missing_reasons, protocol_cells
 
     cells = protocol_cells(rows, langs)
@@ -88,7 +88,7 @@ def _protocol_lines(rows: Any, langs: Sequence[str]) -> list[str]:
                     "–"
                     if not by[a, b]["n"]
                     else f"{by[a, b]['pct']:.1f} (b {_f(by[a, b]['before_pct'] / 100, pct=True)}; "
-                    f"n {by[a, b]['n']})"
+                    f"n {by[a, b]['n']} in {by[a, b]['facts']} of {by[a, b]['edits']} facts)"
                     for b in langs
                 ),
             ]

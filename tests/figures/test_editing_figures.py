@@ -52,7 +52,8 @@ def test_six_panels_with_the_cells_values_and_counts() -> None:
     assert len(panels) == 6
     titles = [ax.get_title() for ax in panels]
     assert titles[0] == "single-hop, free-form"
-    assert titles[5] == "multi-hop, multiple choice (letter)"
+    assert titles[1] == "single-hop, MC, option text"
+    assert titles[5] == "multi-hop, MC, letter"
     for ax, (hop, fmt, _) in zip(panels, PROTOCOL_TABLES, strict=True):
         sel = cells[(cells["hop"] == hop) & (cells["format"] == fmt)]
         want = sel.pivot(index="edit_lang", columns="test_lang", values="pct")

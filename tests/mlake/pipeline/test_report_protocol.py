@@ -50,7 +50,9 @@ def _rows(mcqa: bool) -> pd.DataFrame:
 def test_multi_hop_matrix_with_counts_and_missing_reasons() -> None:
     text = "\n".join(_protocol_lines(_rows(mcqa=False), LANGS))
     assert "multi-hop, free-form" in text
-    assert "| **en** | – | 66.7 (b 33.3; n 3) |" in text  # 2 of 3 questions; 1 of 3 before
+    assert (
+        "| **en** | – | 66.7 (b 33.3; n 3 in 1 of 2 facts) |" in text
+    )  # 2 of 3 questions; 1 of 3 before
     assert f"multi-hop [zh] {NO_MULTI_HOP}: 1" in text
     assert "Multiple choice: not measured" in text
     assert "mcqa-loglik" not in text
@@ -59,5 +61,5 @@ def test_multi_hop_matrix_with_counts_and_missing_reasons() -> None:
 def test_multiple_choice_tables_where_measured() -> None:
     text = "\n".join(_protocol_lines(_rows(mcqa=True), LANGS))
     assert "single-hop, mcqa-loglik" in text and "single-hop, mcqa-letter" in text
-    assert "| **en** | – | 50.0 (b 50.0; n 2) |" in text
+    assert "| **en** | – | 50.0 (b 50.0; n 2 in 2 of 2 facts) |" in text
     assert "not measured" not in text
