@@ -24,9 +24,7 @@ class ModelSettings:
         name: ``mlake-tiny`` (trained first when not cached) or another of its variants
             (``mlake-tiny-editable``), a local checkpoint folder or a Hugging Face hub id.
         backend: ``tlens`` (TransformerLens) or ``nnsight``.
-        device: ``auto`` (CUDA when present; a model whose weights take more than 80% of
-            the first GPU's free memory is spread over all GPUs with accelerate's
-            ``device_map="auto"``), ``cpu``, ``cuda:N``.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda:N``.
         dtype: ``float32``, ``bfloat16`` or ``float16``.
         revision: hub branch, tag or commit.
         trust_remote_code: allow modelling code shipped with a checkpoint.
@@ -124,12 +122,38 @@ class RunSettings:
         batch_size: sequences per forward pass.
         results_dir: the results store (default: ``$MLAKE_RESULTS``, else ``./runs``; the
             pipeline's default is ``<out>/store``).
+        executor: where the per-fact stages run: local (this process, in order) or ray
+            (shards on the workers of a Ray cluster, one model each, into the one results
+            store, which must be a path every worker reaches).
+        address: the Ray cluster to join (ray executor; default: $RAY_ADDRESS, else a
+            cluster started on this machine).
+        gpus_per_worker: GPUs each Ray worker holds (0: CPU workers).
+        workers: Ray workers to start (default: as many as the cluster's GPUs allow, or its
+            CPUs for CPU workers).
+        shard_facts: facts per shard (ray executor).
     """
 
     seed: int = 0
     batch_size: int = 32
     results_dir: str | None = None
+    executor: str = "local"
+    address: str | None = None
+    gpus_per_worker: float = 1.0
+    workers: int | None = None
+    shard_facts: int = 32
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or self.batch_size < 1:
             raise ConfigError(f"batch_size {self.batch_size}: must be at least 1")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"executor {self.executor!r}: choose {', '.join(EXECUTORS)}")
+        if self.gpus_per_worker < 0:
+            raise ConfigError(f"gpus_per_worker {self.gpus_per_worker}: must be at least 0")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers {self.workers}: must be at least 1")
+        if self.shard_facts < 1:
+            raise ConfigError(f"shard_facts {self.shard_facts}: must be at least 1")
+
+
+#: The executors of :attr:`RunSettings.executor` (:mod:`mlake.executors`).
+EXECUTORS: tuple[str, ...] = ("local", "ray")

@@ -56,6 +56,33 @@ def model_identity(adapter: ModelAdapter, path: str | os.PathLike[str]) -> dict[
 
 
 @dataclass(frozen=True)
+class Shard:
+    """A part of a per-fact stage's pieces: the pieces of ``facts`` in ``langs`` (a transfer
+    run's edit languages; a knowledge run's languages, whose pieces are whole languages).  A
+    shard computes only its missing pieces into the stage's one run folder (the key is the
+    whole run's), so it is idempotent and resumable, and the stage run without a shard then
+    reads every piece back into the same tables as a run computed in one process
+    (:mod:`mlake.executors`).
+
+    Attributes:
+        facts: the facts whose pieces it computes.
+        langs: the languages whose pieces it computes.
+    """
+
+    facts: tuple[int, ...]
+    langs: tuple[str, ...]
+
+    def covers(self, lang: str, fact_id: int | None = None) -> bool:
+        """Whether the piece of ``fact_id`` (``None``: any) in ``lang`` is this shard's."""
+        return lang in self.langs and (fact_id is None or int(fact_id) in self.facts)
+
+    def describe(self) -> str:
+        """``en, facts 0-31`` (for logs)."""
+        span = f"{self.facts[0]}-{self.facts[-1]}" if self.facts else "none"
+        return f"{','.join(self.langs)}, facts {span} ({len(self.facts)})"
+
+
+@dataclass(frozen=True)
 class StageContext:
     """What every stage takes: the model, the data and where results go.
 
@@ -74,6 +101,11 @@ class StageContext:
         batch_size: sequences per forward pass.
         seed: the run seed (editing methods, restricted editing's random set).
         log: receives progress lines (``None``: silent).
+        executor: runs a sharded stage's shards before the stage reads them back
+            (:mod:`mlake.executors`; ``None``: the stage computes every piece itself, in this
+            process).  Not part of any result key.
+        shard: the part of the pieces to compute (``None``: all of them, then the stage's
+            tables and summary); set on the workers of an executor.
     """
 
     adapter: ModelAdapter
@@ -86,6 +118,8 @@ class StageContext:
     batch_size: int = 32
     seed: int = 0
     log: Callable[[str], None] | None = None
+    executor: Any = None
+    shard: Shard | None = None
 
     def say(self, message: str) -> None:
         """A progress line (to :attr:`log`, when set)."""
@@ -95,6 +129,15 @@ class StageContext:
     def with_facts(self, fact_ids: Sequence[int]) -> StageContext:
         """The same context for other facts."""
         return dataclasses.replace(self, fact_ids=tuple(int(f) for f in fact_ids))
+
+    def fill_shards(
+        self, stage: str, run: Run, fn: Callable[..., Any], *args: Any, **kw: Any
+    ) -> None:
+        """Have :attr:`executor` compute the missing pieces of ``run`` as shards, each a call
+        ``fn(ctx_with_shard, *args, **kw)`` on a worker, before the stage reads them back.
+        Nothing is done without an executor, inside a shard, or for a complete run."""
+        if self.executor is not None and self.shard is None and not run.complete:
+            self.executor.fill(stage, self, fn, *args, **kw)
 
     def identity(self) -> dict[str, Any]:
         """The model's identity in result keys (:func:`model_identity`)."""
@@ -152,11 +195,25 @@ def subject_noise_std(
 ) -> float:
     """The standard deviation of subject-token embeddings over (at most 1000 of) the facts'
     prompts, measured once per run and saved (``noise.json``)."""
+    if run.has_json("noise"):
+        return float(run.load_json("noise")["embedding_std"])
+    with run.claim("noise"):  # measured once, by one worker of a sharded run
+        if run.has_json("noise"):
+            return float(run.load_json("noise")["embedding_std"])
+        return _measure_noise(run, adapter, located, fact_ids, langs, noise_scale)
+
+
+def _measure_noise(
+    run: Run,
+    adapter: ModelAdapter,
+    located: Callable[[int, str], Any],
+    fact_ids: Sequence[int],
+    langs: Sequence[str],
+    noise_scale: float,
+) -> float:
     from analysis.tracing.causal import embedding_noise_std
     from mlake_core.errors import MlakeError
 
-    if run.has_json("noise"):
-        return float(run.load_json("noise")["embedding_std"])
     sample = []
     for fact_id in fact_ids:
         for lang in langs:

@@ -22,7 +22,9 @@ def knowledge_stage(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[KnowledgeResult, Run]:
     """Measure knowledge (:func:`~mlake_core.metrics.knowledge.measure_knowledge`) per language,
-    saving each language's table as it finishes and reusing saved ones.
+    saving each language's table as it finishes and reusing saved ones.  With an executor
+    (``ctx.executor``) the languages are computed as shards first (:mod:`mlake.executors`);
+    with ``ctx.shard``, only the shard's languages, and the result holds only those.
 
     Returns:
         The combined result and its run folder.
@@ -30,7 +32,11 @@ def knowledge_stage(
     import pandas as pd
 
     run = ctx.open_run("knowledge", config)
+    # Sharded (mlake.executors): each language's table is a piece.
+    ctx.fill_shards("knowledge", run, knowledge_stage, config)
     fact_ids, langs = ctx.fact_ids, ctx.langs
+    if ctx.shard is not None:  # a worker: its languages' tables, no summary
+        langs = tuple(lang for lang in langs if ctx.shard.covers(lang))
     wanted = set(fact_ids)
     tables, skipped = [], {}
     for lang in langs:
@@ -60,6 +66,8 @@ def knowledge_stage(
     result = KnowledgeResult(
         table=table, skipped=skipped, langs=tuple(langs), fact_ids=tuple(fact_ids)
     )
+    if ctx.shard is not None:
+        return result, run
     if not (run.complete and run.has_table("summary")):  # read back: nothing to write
         run.save_table("summary", result.summary().reset_index())
     run.write_meta(status="complete", skipped=skipped)

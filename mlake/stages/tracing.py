@@ -45,7 +45,11 @@ def tracing_stage(
     :func:`~analysis.tracing.summary.tracing_signal` with ``config.min_total_effect``), the
     profile similarity matrix and the recommended edit layer (from the languages with signal)
     are saved (``summary.json``), and the recommendation is registered for editing's
-    ``layer: auto`` (:func:`register_recommended_layer`).  With no language showing signal
+    ``layer: auto`` (:func:`register_recommended_layer`).  Each trace is computed under its
+    piece's claim (:meth:`~mlake_core.results.store.Run.claim`), so concurrent processes never
+    trace the same fact.  With an executor (``ctx.executor``) the traces are computed first as
+    shards, a chunk of facts in one language each (:mod:`mlake.executors`); with ``ctx.shard``
+    only the shard's traces are computed and ``(None, run)`` is returned.  With no language showing signal
     there is no recommendation: the entry registered for the model says so (replacing an
     earlier run's), ``layer: auto`` falls back to the documented default, and the log line
     says why.
@@ -83,6 +87,9 @@ def tracing_stage(
         known_from="knowledge stage, question form, greedy alias match",
         answer_token=ANSWER_TOKEN,
     )
+    # Sharded (mlake.executors): a shard is a chunk of facts in one language.
+    ctx.fill_shards("tracing", run, tracing_stage, config, knowledge=knowledge)
+    shard = ctx.shard
     facts = {f.fact_id: f for f in dataset.facts}
 
     def located(fact_id: int, lang: str) -> Any:
@@ -96,6 +103,8 @@ def tracing_stage(
 
     summaries, skipped, counts = [], {}, {}
     for lang in langs:
+        if shard is not None and not shard.covers(lang):
+            continue
         known = knowledge.known(lang)
         profiles: dict[str, list[Any]] = {k: [] for k in config.kinds}
         p_clean, p_corrupt, passes, rows = [], [], [], []
@@ -103,14 +112,13 @@ def tracing_stage(
         ordered = [fid for fid in fact_ids if fid in facts]
         for fact_id in ordered:
             name = f"trace_{lang}_{fact_id}"
+            if shard is not None and not shard.covers(lang, fact_id):
+                continue
             if fact_id not in known:
                 lang_skipped["not known before"] = lang_skipped.get("not known before", 0) + 1
                 continue
-            if run.has_arrays(name):
-                arrays = run.load_arrays(
-                    name, keys=TRACE_KEYS, what="a fact trace", finite=TRACE_FINITE
-                )
-            else:
+            arrays = None
+            if not run.has_arrays(name):
                 view = facts[fact_id].views[lang]
                 try:
                     loc = located(fact_id, lang)
@@ -122,24 +130,34 @@ def tracing_stage(
                 if answer is None:
                     lang_skipped["empty answer"] = lang_skipped.get("empty answer", 0) + 1
                     continue
-                generator = torch.Generator().manual_seed(_trace_seed(config.seed, fact_id, lang))
-                swaps = (
-                    _other_subjects(adapter, located, ordered, fact_id, lang, config, generator)
-                    if config.corruption == "subject"
-                    else []
+                with run.claim(name):  # one process traces it; the others read it
+                    if not run.has_arrays(name):
+                        generator = torch.Generator().manual_seed(
+                            _trace_seed(config.seed, fact_id, lang)
+                        )
+                        swaps = (
+                            _other_subjects(
+                                adapter, located, ordered, fact_id, lang, config, generator
+                            )
+                            if config.corruption == "subject"
+                            else []
+                        )
+                        trace = trace_prompt(
+                            adapter,
+                            (*loc.prompt_ids, *lead),
+                            loc.subject_positions,
+                            int(answer),
+                            config,
+                            generator,
+                            noise_std=noise_std,
+                            swap_embeddings=swaps,
+                        )
+                        arrays = trace.to_arrays()
+                        run.save_arrays(name, arrays)
+            if arrays is None:  # saved before, or by another process while this one waited
+                arrays = run.load_arrays(
+                    name, keys=TRACE_KEYS, what="a fact trace", finite=TRACE_FINITE
                 )
-                trace = trace_prompt(
-                    adapter,
-                    (*loc.prompt_ids, *lead),
-                    loc.subject_positions,
-                    int(answer),
-                    config,
-                    generator,
-                    noise_std=noise_std,
-                    swap_embeddings=swaps,
-                )
-                arrays = trace.to_arrays()
-                run.save_arrays(name, arrays)
             trace = FactTrace.from_arrays(arrays)
             for kind in config.kinds:
                 profiles[kind].append(class_profile(trace, kind))
@@ -161,6 +179,8 @@ def tracing_stage(
         }
         for reason, n in lang_skipped.items():
             skipped[f"{lang}:{reason}"] = n
+    if shard is not None:  # a worker: its pieces are saved; the summary is the whole run's
+        return None, run
     similarity = {kind: similarity_matrix(summaries, [kind]).tolist() for kind in config.kinds}
     similarity["all"] = similarity_matrix(summaries).tolist()
     result = TracingResult(

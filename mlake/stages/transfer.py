@@ -36,7 +36,12 @@ def transfer_stage(
 
     One table per edit language is saved as it finishes; inside a language, each edit's rows
     and the random generator's state after it are saved as they finish (and removed once the
-    language's table is saved), so an interrupted run resumes at the next edit.  Pre-edit values come from
+    language's table is saved), so an interrupted run resumes at the next edit; each edit is
+    computed under its piece's claim (:meth:`~mlake_core.results.store.Run.claim`), so
+    concurrent processes never compute the same edit.  With an executor (``ctx.executor``)
+    the edits are computed first as shards, chunks of facts in one edit language, a
+    language's chunks in order (:mod:`mlake.executors`); with ``ctx.shard`` only the edits up
+    to the shard's last fact are computed and ``(None, run)`` is returned.  Pre-edit values come from
     ``knowledge`` (the knowledge stage's result, itself cached).  ``unit_sets`` (with
     ``unit_source``, the neuron run they come from) are the neuron sets of restricted editing
     (:attr:`~mlake_core.editing.base.EditContext.unit_sets`); they enter the run key.
@@ -124,6 +129,22 @@ def transfer_stage(
             f"transfer [{method}]: the unedited model's multiple choice and multi-hop "
             f"{'measured' if computed else 'loaded'}"
         )
+    # Sharded (mlake.executors): a shard is a chunk of facts in one edit language.
+    ctx.fill_shards(
+        "transfer",
+        run,
+        transfer_stage,
+        method,
+        method_config,
+        config,
+        knowledge=knowledge,
+        locality_pool=locality_pool,
+        corpus=corpus,
+        unit_sets=unit_sets,
+        unit_source=unit_source,
+        knowledge_run=knowledge_run,
+    )
+    shard = ctx.shard
     loc_ids = locality_facts(dataset, fact_ids, config, locality_pool)
     kt = knowledge.table
     q = kt[kt["form"] == "question"]
@@ -188,6 +209,8 @@ def transfer_stage(
     skipped: dict[str, int] = {}
     empty = empty_unit_sets(adapter, method_config, unit_sets or {}, langs)
     for lang in langs:
+        if shard is not None and not shard.covers(lang):
+            continue
         if lang in empty:  # restricted editing that could change nothing
             skipped[f"{lang}:EmptyUnitSet"] = len(fact_ids)
             ctx.say(f"skipped: {method} edits in {lang}: {empty[lang]}")
@@ -196,73 +219,90 @@ def transfer_stage(
         def compute(lang: str = lang) -> Any:
             rows: list[dict[str, Any]] = []
             generator = torch.Generator().manual_seed(seed)
-            for fact_id in fact_ids:
+            # A shard computes the edits up to its last fact: each edit draws from the
+            # generator where the one before left it, so the facts before the shard's come
+            # first (loaded when saved, as the executor runs a language's shards in order).
+            last = fact_ids.index(max(shard.facts, key=fact_ids.index)) if shard else None
+            for i, fact_id in enumerate(fact_ids):
+                if last is not None and i > last:
+                    break
                 # Each edit is saved as it finishes, with the generator's state after it, so a
                 # run stopped inside a language resumes at the next fact with the same draws.
                 piece = f"edit_{lang}_{fact_id}"
-                if run.has_table(piece) and run.has_arrays(piece):
-                    done = run.load_table(piece)
-                    rows += done.to_dict(orient="records")
-                    state = run.load_arrays(piece, keys=("generator",), what="an edit's state")
-                    generator.set_state(torch.from_numpy(state["generator"]))
-                    if on_edit and len(done):
-                        loss = float(done["edit_loss"].iloc[0])
-                        on_edit({"lang": lang, "fact_id": fact_id, "loss": loss, "loaded": True})
-                    continue
-                view = dataset.fact(fact_id).views[lang]
-                try:
-                    request = make_request(adapter, view, template, config.edit_form)
-                except MlakeError as err:
-                    skipped[f"{lang}:{type(err).__name__}"] = (
-                        skipped.get(f"{lang}:{type(err).__name__}", 0) + 1
-                    )
-                    ctx.say(f"skipped: {err}")
-                    continue
-                context = EditContext(
-                    generator,
-                    second_moment,
-                    demos,
-                    dict(unit_sets or {}),
-                    subject_mean,
-                    context_prefixes,
-                )
-                setup[0] = 0.0
-                started = time.perf_counter()
-                result = entry.fn(adapter, [request], method_config, context)
-                edit_seconds = synced_seconds(adapter, started) - setup[0]
-                failed = edit_failure(result)
-                if failed:  # counted and reported, never evaluated or stored as a result
-                    key = f"{lang}:NonFiniteEdit"
-                    skipped[key] = skipped.get(key, 0) + 1
-                    ctx.say(f"skipped: {method} edit of fact {fact_id} [{lang}] failed: {failed}")
-                    continue
-                edited = time.perf_counter()
-                edit_rows = evaluate_edit(
-                    adapter,
-                    result,
-                    dataset,
-                    langs,
-                    template,
-                    config,
-                    locality_ids=loc_ids,
-                    known_before=known_before,
-                    batch_size=batch_size,
-                    new_before=new_before,
-                    before=prior,
-                )
-                timing = {
-                    "edit_seconds": edit_seconds,
-                    "eval_seconds": synced_seconds(adapter, edited),
-                    "setup_seconds": setup[0],
-                }
-                edit_rows = [{**row, **timing} for row in edit_rows]
-                rows += edit_rows
-                run.save_table(piece, pd.DataFrame.from_records(edit_rows))
-                run.save_arrays(piece, {"generator": generator.get_state().numpy()})
-                if on_edit:
-                    on_edit({"lang": lang, "fact_id": fact_id, "loss": result.loss})
+                if not (run.has_table(piece) and run.has_arrays(piece)):
+                    with run.claim(piece):  # one process edits it; another waits, then reads
+                        if not (run.has_table(piece) and run.has_arrays(piece)):
+                            rows += edit_one(lang, fact_id, piece, generator)
+                            continue
+                done = run.load_table(piece)
+                rows += done.to_dict(orient="records")
+                state = run.load_arrays(piece, keys=("generator",), what="an edit's state")
+                generator.set_state(torch.from_numpy(state["generator"]))
+                if on_edit and len(done):
+                    loss = float(done["edit_loss"].iloc[0])
+                    on_edit({"lang": lang, "fact_id": fact_id, "loss": loss, "loaded": True})
             return pd.DataFrame.from_records(rows)
 
+        def edit_one(lang: str, fact_id: int, piece: str, generator: Any) -> list[dict[str, Any]]:
+            """Edit ``fact_id`` in ``lang`` and evaluate it; its rows (none when skipped),
+            saved as the piece ``piece`` with the generator's state after it."""
+            view = dataset.fact(fact_id).views[lang]
+            try:
+                request = make_request(adapter, view, template, config.edit_form)
+            except MlakeError as err:
+                skipped[f"{lang}:{type(err).__name__}"] = (
+                    skipped.get(f"{lang}:{type(err).__name__}", 0) + 1
+                )
+                ctx.say(f"skipped: {err}")
+                return []
+            context = EditContext(
+                generator,
+                second_moment,
+                demos,
+                dict(unit_sets or {}),
+                subject_mean,
+                context_prefixes,
+            )
+            setup[0] = 0.0
+            started = time.perf_counter()
+            result = entry.fn(adapter, [request], method_config, context)
+            edit_seconds = synced_seconds(adapter, started) - setup[0]
+            failed = edit_failure(result)
+            if failed:  # counted and reported, never evaluated or stored as a result
+                key = f"{lang}:NonFiniteEdit"
+                skipped[key] = skipped.get(key, 0) + 1
+                ctx.say(f"skipped: {method} edit of fact {fact_id} [{lang}] failed: {failed}")
+                return []
+            edited = time.perf_counter()
+            edit_rows = evaluate_edit(
+                adapter,
+                result,
+                dataset,
+                langs,
+                template,
+                config,
+                locality_ids=loc_ids,
+                known_before=known_before,
+                batch_size=batch_size,
+                new_before=new_before,
+                before=prior,
+            )
+            timing = {
+                "edit_seconds": edit_seconds,
+                "eval_seconds": synced_seconds(adapter, edited),
+                "setup_seconds": setup[0],
+            }
+            edit_rows = [{**row, **timing} for row in edit_rows]
+            run.save_table(piece, pd.DataFrame.from_records(edit_rows))
+            run.save_arrays(piece, {"generator": generator.get_state().numpy()})
+            if on_edit:
+                on_edit({"lang": lang, "fact_id": fact_id, "loss": result.loss})
+            return edit_rows
+
+        if shard is not None:  # a worker: its edits are saved; the table is the whole run's
+            if not run.has_table(f"edits_{lang}"):
+                compute()
+            continue
         table, computed = run.load_or_compute_table(f"edits_{lang}", compute, columns=EDIT_COLUMNS)
         for fact_id in fact_ids:  # the language's table holds them now
             run.table_path(f"edit_{lang}_{fact_id}").unlink(missing_ok=True)
@@ -271,6 +311,8 @@ def transfer_stage(
             f"transfer [{method}, edits in {lang}]: {'computed' if computed else 'loaded from'} {run.path}"
         )
         tables.append(table)
+    if shard is not None:
+        return None, run
     rows = pd.concat(tables, ignore_index=True)
     # Languages read back keep what their computation recorded (a complete run read back
     # writes nothing).
@@ -348,13 +390,34 @@ def _subject_mean(
     """
     import torch
 
+    name = f"subject_mean_{lang}_{layer}"
+    if not run.has_arrays(name):
+        with run.claim(name):  # measured by one process; the others read it
+            if not run.has_arrays(name):
+                return _measure_subject_mean(
+                    run, name, adapter, dataset, fact_ids, lang, template, form, layer, batch_size
+                )
+    saved = run.load_arrays(name, keys=("mean",), what="a subject mean", finite=("mean",))
+    return torch.from_numpy(saved["mean"])
+
+
+def _measure_subject_mean(
+    run: Run,
+    name: str,
+    adapter: ModelAdapter,
+    dataset: MlakeDataset,
+    fact_ids: Sequence[int],
+    lang: str,
+    template: PromptTemplate,
+    form: str,
+    layer: int,
+    batch_size: int,
+) -> Any:
+    import torch
+
     from mlake_core.editing.base import make_request
     from mlake_core.errors import DataError, MlakeError
 
-    name = f"subject_mean_{lang}_{layer}"
-    if run.has_arrays(name):
-        saved = run.load_arrays(name, keys=("mean",), what="a subject mean", finite=("mean",))
-        return torch.from_numpy(saved["mean"])
     requests = []
     for fact_id in fact_ids[:1000]:
         try:

@@ -16,17 +16,20 @@ Layout::
         tables/*.parquet
         arrays/*.npz
         *.json          small named JSON documents (summaries, counts)
+        claims/*.lock   the claims on pieces being computed (:meth:`Run.claim`; empty files)
 
 The results root is ``--results-dir``, else ``$MLAKE_RESULTS``, else ``./runs``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import zipfile
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,19 +239,67 @@ class Run:
 
     # -- resumable pieces ----------------------------------------------------------------
 
+    def claim_path(self, name: str) -> Path:
+        """The lock file of the claim on piece ``name`` (``claims/<name>.lock``)."""
+        _check_name(name)
+        return self.path / "claims" / f"{name}.lock"
+
+    @contextmanager
+    def claim(self, name: str) -> Iterator[None]:
+        """Hold the claim on the piece ``name`` while computing it, so that two processes
+        (two workers of a sharded run, or two identical commands started together) never
+        compute the same piece: the second waits, then finds the piece saved.
+
+        Take it only when the piece is missing, and check again once it is held (the holder
+        before may have saved it); a piece already saved needs no claim, so a read-only
+        results folder can be read.  The claim is an OS file lock (``flock``) on
+        ``claims/<name>.lock``: the kernel releases it when its process dies, so the claim of
+        a killed worker is taken over by the next one that asks, with no timeout to guess.
+        The empty lock file stays after release (removing it would let two waiters lock
+        different files).
+
+        Raises:
+            DataError: the results folder's filesystem has no working file locks (naming the
+                lock file).
+        """
+        from filelock import FileLock
+
+        path = self.claim_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path, fallback_to_soft=False)
+        try:
+            lock.acquire()
+        except OSError as err:
+            if err.errno != errno.ENOSYS:
+                raise
+            # A filesystem without flock (Lustre mounted without -o flock): a soft lock would
+            # outlive a killed worker, so none is taken.
+            raise DataError(
+                f"{path}: no file locks on this filesystem ({err}); put the results store "
+                "on one with working locks (local disk, NFSv4, Lustre mounted with -o flock)"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+
     def load_or_compute_table(
         self, name: str, compute: Callable[[], Any], *, columns: Sequence[str] = ()
     ) -> tuple[Any, bool]:
         """The table ``name``: loaded if saved (and it has ``columns``), else computed and
-        saved.
+        saved, under the piece's claim (:meth:`claim`: another process computing it is waited
+        for, and its table read).
 
         Returns:
             ``(table, computed)`` where ``computed`` says whether ``compute`` ran.
         """
         if self.has_table(name):
             return self.load_table(name, columns=columns), False
-        table = compute()
-        self.save_table(name, table)
+        with self.claim(name):
+            if self.has_table(name):  # saved by the claim's holder before
+                return self.load_table(name, columns=columns), False
+            table = compute()
+            self.save_table(name, table)
         return table, True
 
 

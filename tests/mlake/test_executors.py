@@ -1,0 +1,244 @@
+"""Sharded runs (:mod:`mlake.executors`): the shards of knowledge, tracing and transfer,
+computed in this process or on a local Ray cluster of 2 CPU workers, give the same tables as
+the run computed in one process; a Ray worker killed mid-chain loses and duplicates nothing.
+
+Every test runs on the micro mlake-tiny (4 of its 6 training facts, en and zh)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from mlake.executors import plan_shards
+from mlake.executors.local import InProcessExecutor
+from mlake.settings import DataSettings, ModelSettings
+from mlake.stages.context import Shard, StageContext
+
+pytestmark = pytest.mark.slow
+
+LANGS = ("en", "zh")
+#: Columns that differ between two computations of the same rows (wall-clock times).
+TIMING = ("edit_seconds", "eval_seconds", "setup_seconds")
+
+
+@dataclass
+class World:
+    model: ModelSettings
+    data: DataSettings
+    ctx: StageContext
+    pool: tuple[int, ...]
+
+
+@pytest.fixture(scope="module")
+def world(micro_tiny: Path) -> World:
+    from mlake.loading import load_model
+    from mlake.session import load_dataset
+
+    model = ModelSettings(name=str(micro_tiny), device="cpu", template="qa")
+    data = DataSettings(langs=LANGS, version="v2024-11")
+    loaded = load_model(model, data_dir=data.data_dir)
+    dataset = load_dataset(data)
+    pool = tuple(loaded.trained_facts or ())
+    ctx = StageContext(
+        loaded.adapter,
+        loaded.path,
+        dataset,
+        pool[:4],
+        LANGS,
+        loaded.template,
+        batch_size=8,
+    )
+    return World(model, data, ctx, pool)
+
+
+def _stages(ctx: StageContext, pool: tuple[int, ...]) -> dict[str, Any]:
+    """Knowledge, tracing and IKE transfer (whose every edit draws from the run's generator)
+    on ``ctx``; their tables and summaries."""
+    from analysis.tracing.causal import TraceConfig
+    from analysis.transfer import TransferConfig
+    from mlake.stages.knowledge import knowledge_stage
+    from mlake.stages.tracing import tracing_stage
+    from mlake.stages.transfer import transfer_stage
+    from mlake_core.editing.ike import IkeConfig
+    from mlake_core.metrics.knowledge import KnowledgeConfig
+
+    knowledge, k_run = knowledge_stage(ctx, KnowledgeConfig(mcqa=False))
+    tracing, t_run = tracing_stage(
+        ctx, TraceConfig(kinds=("resid", "mlp"), n_samples=2), knowledge=knowledge
+    )
+    edits, e_run = transfer_stage(
+        ctx,
+        "ike",
+        IkeConfig(n_demonstrations=2),
+        TransferConfig(n_locality=2),
+        knowledge=knowledge,
+        locality_pool=pool,
+        corpus=(),
+    )
+    summary = tracing.to_dict()
+    summary.pop("run")
+    return {
+        "knowledge": knowledge.table,
+        "tracing": summary,
+        "edits": edits.drop(columns=list(TIMING)),
+        "runs": (k_run, t_run, e_run),
+    }
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
+    pd.testing.assert_frame_equal(a["knowledge"], b["knowledge"])
+    assert a["tracing"] == b["tracing"]
+    pd.testing.assert_frame_equal(a["edits"], b["edits"])
+    for x, y in zip(a["runs"], b["runs"], strict=True):  # the same run keys
+        assert x.key == y.key
+        assert y.complete
+
+
+@pytest.fixture(scope="module")
+def local(world: World, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The stages computed in one process, as without an executor."""
+    root = tmp_path_factory.mktemp("local")
+    ctx = dataclasses.replace(world.ctx, results_dir=str(root))
+    return _stages(ctx, world.pool)
+
+
+def test_plans_cut_facts_and_languages(world: World) -> None:
+    ctx = world.ctx
+    tracing = plan_shards("tracing", ctx, 3)
+    assert [c[0] for c in tracing] == [
+        Shard(ctx.fact_ids[:3], ("en",)),
+        Shard(ctx.fact_ids[3:], ("en",)),
+        Shard(ctx.fact_ids[:3], ("zh",)),
+        Shard(ctx.fact_ids[3:], ("zh",)),
+    ]
+    transfer = plan_shards("transfer", ctx, 3)  # one chain per edit language, in order
+    assert [[s.facts for s in c] for c in transfer] == [[ctx.fact_ids[:3], ctx.fact_ids[3:]]] * 2
+    assert plan_shards("knowledge", ctx, 3) == [[Shard(ctx.fact_ids, (lang,))] for lang in LANGS]
+
+
+def test_in_process_shards_give_the_local_tables(
+    world: World, local: dict[str, Any], tmp_path: Path
+) -> None:
+    executor = InProcessExecutor(shard_facts=3)
+    ctx = dataclasses.replace(world.ctx, results_dir=str(tmp_path), executor=executor)
+    sharded = _stages(ctx, world.pool)
+    _same(local, sharded)
+    assert [stage for stage, _ in executor.done] == ["knowledge"] * 2 + ["tracing"] * 4 + [
+        "transfer"
+    ] * 4
+    # Read back complete, nothing is sharded again.
+    _stages(ctx, world.pool)
+    assert len(executor.done) == 10
+
+
+def test_a_shard_computes_only_its_pieces(world: World, tmp_path: Path) -> None:
+    from analysis.tracing.causal import TraceConfig
+    from mlake.stages.knowledge import knowledge_stage
+    from mlake.stages.tracing import tracing_stage
+    from mlake_core.metrics.knowledge import KnowledgeConfig
+
+    ctx = dataclasses.replace(world.ctx, results_dir=str(tmp_path))
+    knowledge, _ = knowledge_stage(ctx, KnowledgeConfig(mcqa=False))
+    shard = Shard(ctx.fact_ids[:2], ("zh",))
+    result, run = tracing_stage(
+        dataclasses.replace(ctx, shard=shard), TraceConfig(n_samples=2), knowledge=knowledge
+    )
+    assert result is None and not run.complete and not run.has_json("summary")
+    traced = sorted(p.stem for p in (run.path / "arrays").glob("trace_*.npz"))
+    known = knowledge.known("zh")
+    assert traced == sorted(f"trace_zh_{f}" for f in ctx.fact_ids[:2] if f in known)
+    assert traced  # the micro model knows some of them
+
+
+# -- Ray ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_executor(world: World) -> Iterator[Any]:
+    """Two CPU workers on a local Ray cluster of 2 CPUs, started once for the module."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'mlake[ray]')")
+    from mlake.executors.ray import RayExecutor
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    executor = RayExecutor(world.model, world.data, gpus_per_worker=0, shard_facts=2)
+    try:
+        executor.start()
+        yield executor
+    finally:
+        executor.close()
+        ray.shutdown()
+
+
+def test_ray_workers_give_the_local_tables(
+    world: World, local: dict[str, Any], ray_executor: Any, tmp_path: Path
+) -> None:
+    import ray
+
+    where = ray.get([a.ready.remote() for a in ray_executor.actors])
+    assert len({w["pid"] for w in where} | {os.getpid()}) == 3  # two worker processes
+    ctx = dataclasses.replace(world.ctx, results_dir=str(tmp_path), executor=ray_executor)
+    _same(local, _stages(ctx, world.pool))
+
+
+def test_a_ray_worker_killed_mid_chain_loses_and_duplicates_nothing(
+    world: World, local: dict[str, Any], ray_executor: Any, tmp_path: Path
+) -> None:
+    import ray
+
+    from analysis.transfer import TransferConfig
+    from mlake.stages.knowledge import knowledge_stage
+    from mlake.stages.transfer import transfer_stage
+    from mlake_core.editing.ike import IkeConfig
+    from mlake_core.metrics.knowledge import KnowledgeConfig
+
+    ctx = dataclasses.replace(world.ctx, results_dir=str(tmp_path))
+    knowledge, _ = knowledge_stage(ctx, KnowledgeConfig(mcqa=False))
+    victim = ray.get(ray_executor.actors[0].ready.remote())["pid"]
+    # Shards of 2 facts: a chain of 2 per edit language, one language per worker; killed
+    # once the first edit is saved, the worker dies inside its first shard.
+    ctx = dataclasses.replace(ctx, executor=ray_executor)
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["edits"], outcome["run"] = transfer_stage(
+                ctx,
+                "ike",
+                IkeConfig(n_demonstrations=2),
+                TransferConfig(n_locality=2),
+                knowledge=knowledge,
+                locality_pool=world.pool,
+                corpus=(),
+            )
+        except BaseException as err:  # reported below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    pieces: list[Path] = []
+    while time.monotonic() < deadline and not pieces:  # the first edit saved: mid-chain
+        pieces = list(tmp_path.glob("transfer/*/tables/edit_*.parquet"))
+        time.sleep(0.02)
+    assert pieces, "no edit was saved"
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    # Ray restarted the worker, which ran its chain again: the saved edits read back, the rest
+    # computed (the one the killed worker was computing, its claim gone with it, included).
+    assert ray.get(ray_executor.actors[0].ready.remote())["pid"] != victim
+    edits = outcome["edits"].drop(columns=list(TIMING))
+    pd.testing.assert_frame_equal(edits, local["edits"])
+    assert not edits.duplicated().any()
+    assert outcome["run"].complete
