@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from mlake_core.errors import ConfigError
-from mlake_core.models.adapter import ModelAdapter, Patch
+from mlake_core.models.adapter import ModelAdapter, PastKeyValues, Patch
 from mlake_core.results.store import read_arrays, read_run
 
 #: The positions patched, in the order of the arrays' position axis.
@@ -132,6 +132,18 @@ def source_states(
     return torch.stack([cache[s][0, list(positions)] for s in sites], dim=1).detach()
 
 
+def prompt_past(adapter: ModelAdapter, ids: Sequence[int]) -> PastKeyValues | bool:
+    """The attention keys and values of one unpatched prompt (for :func:`patch_rows`'s
+    ``prefix``), or ``False`` where the model's cache cannot be continued from a prefix."""
+    if len(ids) < 2:
+        return False
+    try:
+        _, past = adapter.run_with_past(adapter.batch([list(ids)]), last_only=True)
+    except NotImplementedError:
+        return False
+    return past
+
+
 def patch_rows(
     adapter: ModelAdapter,
     ids: Sequence[int],
@@ -140,6 +152,7 @@ def patch_rows(
     max_rows: int | None = None,
     *,
     prefix_cache: bool = True,
+    prefix: PastKeyValues | bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run one target prompt once per row, each row with one patch, and read ``tokens`` at
     its last position.
@@ -159,18 +172,17 @@ def patch_rows(
             of ``ids`` is set to ``value`` (``[d_model]``); ``None``: the unpatched run.
         tokens: the tokens read.
         max_rows: rows per forward pass (``None``: all of a group in one).
+        prefix: the prompt's keys and values, when the caller runs several patch sets on one
+            prompt (:func:`prompt_past`; ``False``: the model has none); ``None``: computed
+            here.
 
     Returns:
         ``(prob, rank)``, each ``[row, token]``: the probability of each token at the last
         position, and how many tokens of the vocabulary are more likely (0: the top token).
     """
     n = len(ids)
-    past = None
-    if prefix_cache and n > 1:
-        try:
-            _, past = adapter.run_with_past(adapter.batch([list(ids)]), last_only=True)
-        except NotImplementedError:
-            past = None
+    given = prompt_past(adapter, ids) if prefix_cache and prefix is None else prefix
+    past = given if prefix_cache and isinstance(given, PastKeyValues) else None
     groups: dict[int, list[int]] = {}
     for i, row in enumerate(rows):
         begin = 0 if past is None else (n - 1 if row is None else int(row[1]))
@@ -179,7 +191,7 @@ def patch_rows(
     rank = np.zeros((len(rows), len(tokens)), dtype=np.int64)
     picked_ids = torch.tensor(list(tokens), dtype=torch.long)
     for begin, members in sorted(groups.items()):
-        prefix = past.crop(begin) if past is not None and begin > 0 else None
+        kept = past.crop(begin) if past is not None and begin > 0 else None
         step = max_rows or len(members)
         for first in range(0, len(members), step):
             chunk = members[first : first + step]
@@ -200,9 +212,7 @@ def patch_rows(
                 for layer, entries in sorted(by_layer.items())
             ]
             rows_past = (
-                prefix.select(torch.zeros(len(chunk), dtype=torch.long))
-                if prefix is not None
-                else None
+                kept.select(torch.zeros(len(chunk), dtype=torch.long)) if kept is not None else None
             )
             logits = adapter.run_with_patches(batch, patches, last_only=True, past=rows_past)
             logits = logits[:, -1].float()
@@ -223,6 +233,7 @@ def patch_all_layers(
     max_rows: int | None = None,
     *,
     prefix_cache: bool = True,
+    prefix: PastKeyValues | bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Patch ``source`` (``[position, layer, d]``, :func:`source_states`) into the target
     prompt at every position and layer, one at a time, and read ``tokens``.
@@ -237,7 +248,9 @@ def patch_all_layers(
     rows: list[tuple[int, int, torch.Tensor] | None] = [None]
     for i, pos in enumerate(target_positions):
         rows += [(layer, int(pos), source[i, layer]) for layer in range(n_layers)]
-    prob, rank = patch_rows(adapter, target_ids, rows, tokens, max_rows, prefix_cache=prefix_cache)
+    prob, rank = patch_rows(
+        adapter, target_ids, rows, tokens, max_rows, prefix_cache=prefix_cache, prefix=prefix
+    )
     shape = (n_pos, n_layers, len(tokens))
     return prob[1:].reshape(shape), rank[1:].reshape(shape), prob[0], rank[0]
 

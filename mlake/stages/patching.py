@@ -52,6 +52,7 @@ def patching_stage(
         pair_facts,
         patch_all_layers,
         patch_edit,
+        prompt_past,
         relation_key,
         source_states,
         summarize_counterfactual,
@@ -143,19 +144,20 @@ def patching_stage(
             if form.text and form.subject
             else f"fact {f}"
         )
+    chosen: dict[tuple[str, str], dict[int, int]] = {}
+    tokens_of: dict[tuple[str, int, int], tuple[int | None, int | None]] = {}
     for a in langs:
         sources = [f for f in known[a] if locate(a, f) is not None]
         for b in langs:
             targets = [f for f in known[b] if locate(b, f) is not None]
-            token_cache: dict[tuple[int, int], tuple[int | None, int | None]] = {}
 
-            def usable(s: int, t: int, b: str = b, cache: dict = token_cache) -> bool:
-                if (s, t) not in cache:
-                    cache[s, t] = first_token(b, t, s)
-                src, tgt = cache[s, t]
+            def usable(s: int, t: int, b: str = b) -> bool:
+                if (b, s, t) not in tokens_of:
+                    tokens_of[b, s, t] = first_token(b, t, s)
+                src, tgt = tokens_of[b, s, t]
                 return src is not None and tgt is not None and src != tgt
 
-            chosen = pair_facts(
+            chosen[a, b] = pair_facts(
                 targets,
                 sources,
                 seed=config.seed,
@@ -164,10 +166,17 @@ def patching_stage(
                 usable=usable,
             )
             for t in targets:
-                if t not in chosen:
+                if t not in chosen[a, b]:
                     skip("counterfactual", f"{a}-{b}", "no other known fact to pair")
-            done = pairs.setdefault((a, b), [])
-            for t, s in chosen.items():
+    # Target by target (its prompt's keys and values serve every source language).
+    for b in langs:
+        for t in known[b]:
+            prefix = None
+            for a in langs:
+                if t not in chosen[a, b]:
+                    continue
+                s = chosen[a, b][t]
+                done = pairs.setdefault((a, b), [])
                 name = f"cf_{a}_{b}_{t}"
                 if run.has_arrays(name):
                     done.append(
@@ -177,15 +186,19 @@ def patching_stage(
                     )
                     continue
                 ids, pos, _ = reading(b, t, [answer(b, t)])
-                tokens = (int(token_cache[s, t][0]), int(token_cache[s, t][1]))  # type: ignore[arg-type]
+                if prefix is None:
+                    prefix = prompt_past(adapter, ids)
+                src_token, tgt_token = tokens_of[b, s, t]
+                tokens = (int(src_token or 0), int(tgt_token or 0))
                 prob, rank, clean_prob, clean_rank = patch_all_layers(
-                    adapter, state(a, s), ids, pos, tokens, config.max_rows
+                    adapter, state(a, s), ids, pos, tokens, config.max_rows, prefix=prefix
                 )
                 patch = CounterfactualPatch(prob, rank, clean_prob, clean_rank, (s, t), tokens)
                 run.save_arrays(name, patch.to_arrays())
                 done.append(patch)
                 if on_item:
                     on_item({"kind": "counterfactual", "lang": f"{a}-{b}", "fact_id": t})
+    pairs = {(a, b): pairs.get((a, b), []) for a in langs for b in langs}
     counterfactual = summarize_counterfactual(langs, pairs, adapter.n_layers)
 
     # -- edit carried -------------------------------------------------------------------------

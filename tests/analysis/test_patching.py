@@ -22,6 +22,7 @@ from analysis.patching import (
     patch_all_layers,
     patch_edit,
     patch_rows,
+    prompt_past,
     relation_key,
     source_states,
     summarize_counterfactual,
@@ -78,7 +79,8 @@ def test_batched_equals_unbatched_and_the_backends_agree(tiny: Path, tlens) -> N
     other = patch_all_layers(nn, src_n, b, [2, len(b) - 1], tokens)
     whole = patch_all_layers(tlens, src_t, b, [2, len(b) - 1], tokens, prefix_cache=False)
     whole_nn = patch_all_layers(nn, src_n, b, [2, len(b) - 1], tokens, prefix_cache=False)
-    for got in (one_by_one, by_three, other, whole, whole_nn):
+    given = patch_all_layers(tlens, src_t, b, [2, len(b) - 1], tokens, prefix=prompt_past(tlens, b))
+    for got in (one_by_one, by_three, other, whole, whole_nn, given):
         np.testing.assert_allclose(got[0], together[0], rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(got[2], together[2], rtol=1e-4, atol=1e-7)
         assert np.abs(got[1] - together[1]).max() <= 1  # float ties
