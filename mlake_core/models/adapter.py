@@ -916,6 +916,8 @@ class BaseAdapter:
         self._standing: tuple[UnitPatch, ...] = ()
         # Output deltas added in every pass (see :meth:`adding`).
         self._deltas: tuple[OutputDelta, ...] = ()
+        # Blocks below this one do not run (see :meth:`_starting_at`).
+        self._skipped_below = 0
         # How EditResult.applied applies an edit unless told (ModelSettings.edit_apply):
         # ``weights`` or ``intervention`` (mlake_core.editing.intervention.EDIT_APPLY).
         self.edit_apply: str = "weights"
@@ -1319,11 +1321,14 @@ class BaseAdapter:
             # The same structure as the block's own output (a wrapper may unwrap a 1-tuple).
             return (hidden, *[None] * (as_tuple - 1)) if as_tuple else hidden
 
+        skipped_before = self._skipped_below
+        self._skipped_below = layer  # output deltas below are not visited (_delta_plan)
         try:
             for block in blocks:
                 block.forward = skip
             yield
         finally:
+            self._skipped_below = skipped_before
             for block, before in zip(blocks, saved, strict=True):
                 if before is None:
                     block.__dict__.pop("forward", None)
@@ -1660,9 +1665,11 @@ class BaseAdapter:
     def _delta_plan(self) -> dict[str, tuple[Site, Site | None, tuple[OutputDelta, ...]]]:
         """The standing output deltas by module path: ``(the module's input site, the site at
         its output or None when no site is there (Gemma 3's projection, followed by a
-        post-norm), the deltas)``."""
+        post-norm), the deltas)``; none of blocks a pass skips (:meth:`_starting_at`)."""
         plan: dict[str, tuple[Site, Site | None, tuple[OutputDelta, ...]]] = {}
         for delta in self._deltas:
+            if self.delta_input_site(delta.path).layer < self._skipped_below:
+                continue  # a skipped block: its change is in the residual the pass starts from
             if delta.path in plan:
                 site_in, site_out, ds = plan[delta.path]
                 plan[delta.path] = (site_in, site_out, (*ds, delta))

@@ -352,3 +352,21 @@ def test_remote_settings_refuse_what_cannot_work(paths) -> None:
     batch = adapter.tokenize(list(TEXTS))
     with pytest.raises(ConfigError, match="cannot be taken from a remote"):
         adapter.gradients(batch, ["mlp_out.0"], lambda logits: logits.sum())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pass_started_above_an_edited_layer(backend, get_adapter, get_edit) -> None:
+    """A pass that starts at block 2 from a cached residual (``final_states(start=...)``, as
+    causal tracing's restorations do) skips MEMIT's edited blocks 0-1: their change is in the
+    residual it starts from, and the pass equals the whole one."""
+    adapter = get_adapter("llama", backend)
+    result = get_edit("llama", "memit")
+    batch = adapter.tokenize(list(TEXTS))
+    with result.applied(adapter, "intervention"):
+        _, cache = adapter.run_with_cache(batch, ["resid_pre.2"])
+        whole, _, _ = adapter.final_states(batch)
+        started, _, _ = adapter.final_states(batch, start=(2, cache["resid_pre.2"]))
+    with result.applied(adapter, "weights"):
+        weights, _, _ = adapter.final_states(batch)
+    torch.testing.assert_close(started, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(whole, weights, atol=ATOL, rtol=1e-4)
