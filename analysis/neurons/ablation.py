@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from analysis.neurons.attribution import UNIT_SITES, AttributionPrompt, answer_probability
+from analysis.neurons.attribution import UNIT_SITES, AttributionPrompt, answer_probabilities
 from mlake_core.errors import ConfigError
 from mlake_core.models.adapter import ModelAdapter, UnitPatch
 
@@ -90,8 +90,8 @@ def ablated_probability(
     """The answer's probability with ``patches`` applied."""
     seq = [*prompt.prompt_ids, *prompt.answer_ids[:-1]]
     with adapter.intervening(patches):
-        logits = adapter.forward(adapter.batch([seq]))
-    return float(answer_probability(logits, prompt)[0])
+        probs, _ = answer_probabilities(adapter, adapter.batch([seq]), prompt)
+    return float(probs[0])
 
 
 def ablation_check(

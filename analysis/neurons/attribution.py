@@ -345,6 +345,27 @@ def answer_probability(logits: torch.Tensor, prompt: AttributionPrompt) -> torch
     return picked.sum(-1).exp()
 
 
+def answer_logprob_metric(logprobs: torch.Tensor) -> torch.Tensor:
+    """The summed probability of the whole answer over the rows, from the log-probabilities
+    ``[rows, n]`` of its tokens (``ModelAdapter.gradients(..., tokens=answer_ids)``): the metric
+    the methods differentiate, equal to ``answer_probability(logits, prompt).sum()`` without
+    computing logits."""
+    return logprobs.sum(-1).exp().sum()
+
+
+def answer_probabilities(
+    adapter: ModelAdapter, batch: Any, prompt: AttributionPrompt, **kwargs: Any
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The probability of the whole answer in each row ``[rows]`` of ``batch`` (rows holding
+    :func:`_sequence`, unpadded), read from the last block's outputs a chunk of the
+    vocabulary at a time (:meth:`ModelAdapter.readout_logprobs`: no logits), and the
+    activations ``final_states`` returns (``kwargs`` go to it: ``sites``, patches...)."""
+    final, cache, _ = adapter.final_states(batch, **kwargs)
+    n = len(prompt.answer_ids)
+    ids = torch.as_tensor(prompt.answer_ids)
+    return adapter.readout_logprobs(final[:, -n:], ids).sum(-1).exp(), cache
+
+
 def attributed_positions(prompt: AttributionPrompt, positions: str) -> list[int]:
     """Indices of the prompt tokens whose units are attributed."""
     n = len(prompt.prompt_ids)
@@ -355,13 +376,15 @@ def grad_rows_per_pass(adapter: ModelAdapter, n_tokens: int, fraction: float = 0
     """Rows of ``n_tokens`` tokens that fit in one forward-and-backward pass.
 
     Every layer's activations stay alive for the backward pass: about 12 ``d_model`` and 4
-    ``d_mlp`` values per token and layer, the attention scores, and the float32 logits (twice,
-    for the softmax).  Uses ``fraction`` of CUDA's free memory, or on CPU 256 MiB.
+    ``d_mlp`` values per token and layer, and the attention scores.  No logits: the answer's
+    log-probabilities are read a chunk of the vocabulary at a time, recomputed in the backward
+    pass (:mod:`~mlake_core.models.readout`, a bounded chunk whatever the rows).  Uses
+    ``fraction`` of CUDA's free memory, or on CPU 256 MiB.
     """
     bytes_per = max(1, torch.finfo(adapter.dtype).bits // 8)
     heads = max(1, adapter.info.n_heads)
     per_token_layer = bytes_per * (12 * adapter.d_model + 4 * adapter.d_mlp + 2 * heads * n_tokens)
-    per_row = n_tokens * (adapter.n_layers * per_token_layer + 8 * adapter.info.d_vocab)
+    per_row = n_tokens * adapter.n_layers * per_token_layer
     free = free_bytes(adapter.device) if adapter.device.type == "cuda" else None
     if free is not None:
         budget = fraction * free
@@ -408,8 +431,8 @@ def integrated_gradients(
     seq = _sequence(prompt)
     positions = attributed_positions(prompt, config.positions)
     sites = [f"mlp_post.{layer}" for layer in layers]
-    logits, clean = adapter.run_with_cache(adapter.batch([seq]), sites)
-    p_answer = float(answer_probability(logits, prompt)[0])
+    probs, clean = answer_probabilities(adapter, adapter.batch([seq]), prompt, sites=sites)
+    p_answer = float(probs[0])
     passes = 1
     value = {layer: clean[f"mlp_post.{layer}"][0, positions].float() for layer in layers}
     if config.baseline == "mean":
@@ -465,10 +488,10 @@ def integrated_gradients(
             _, grads = adapter.gradients(
                 batch,
                 [f"mlp_post.{layer}" for layer in by_layer],
-                lambda lg: answer_probability(lg, prompt).sum(),
+                answer_logprob_metric,
                 patches=patches,
-                keep_last=len(prompt.answer_ids),
                 past=rows_past,
+                tokens=torch.as_tensor(prompt.answer_ids),
             )
         except torch.cuda.OutOfMemoryError:
             if chunk == 1:
@@ -509,9 +532,9 @@ def attribution_patching(
     value, grads = adapter.gradients(
         adapter.batch([seq]),
         sites,
-        lambda lg: answer_probability(lg, prompt).sum(),
+        answer_logprob_metric,
         activations=clean,
-        keep_last=len(prompt.answer_ids),
+        tokens=torch.as_tensor(prompt.answer_ids),
     )
     noise = corrupted_embeddings(
         adapter, clean["embed"][0], prompt.subject_positions, config, context

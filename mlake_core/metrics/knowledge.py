@@ -350,7 +350,7 @@ def _score_cached(
             rows_past = past.select(torch.tensor([row for _, row in members]))
             # Target tokens but the last, right-padded: position k predicts token k + 1.
             batch = adapter.batch([pairs[i][1][:-1] for i, _ in members], padding_side="right")
-            logits = adapter.run_with_patches(batch, [], past=rows_past)
+            final, _, _ = adapter.final_states(batch, past=rows_past)
             rows, cols, ids, owner = [], [], [], []
             for r, (i, _) in enumerate(members):
                 for k, token in enumerate(pairs[i][1][1:]):
@@ -358,17 +358,21 @@ def _score_cached(
                     cols.append(k)
                     ids.append(token)
                     owner.append(i)
-            sums.index_add_(0, torch.tensor(owner), _token_logp(logits, rows, cols, ids))
+            sums.index_add_(0, torch.tensor(owner), _token_logp(adapter, final, rows, cols, ids))
         if progress:
             progress(sum(len(by_prompt[p]) for p in chunk))
     return [SequenceScore(float(sums[i]), len(target)) for i, (_, target) in enumerate(pairs)]
 
 
-def _token_logp(logits: Any, rows: list[int], cols: list[int], ids: list[int]) -> Any:
-    """Log-probability of token ``ids[j]`` at ``logits[rows[j], cols[j]]`` for every ``j``
-    (float64, on the CPU)."""
-    picked = logits[torch.tensor(rows), torch.tensor(cols)].float().log_softmax(-1)
-    return picked[torch.arange(len(ids)), torch.tensor(ids, device=picked.device)].double().cpu()
+def _token_logp(
+    adapter: ModelAdapter, final: Any, rows: list[int], cols: list[int], ids: list[int]
+) -> Any:
+    """Log-probability of token ``ids[j]`` after the last block's output
+    ``final[rows[j], cols[j]]`` for every ``j`` (float64, on the CPU): only those positions
+    are read, a chunk of the vocabulary at a time (``adapter.readout_logprobs``), so no
+    ``[rows, pos, vocab]`` logits are computed."""
+    states = final[torch.tensor(rows, device=final.device), torch.tensor(cols, device=final.device)]
+    return adapter.readout_logprobs(states, torch.tensor(ids)).double().cpu()
 
 
 def _score_full(
@@ -387,7 +391,7 @@ def _score_full(
             prompt, target = pairs[i]
             seqs.append([*prompt, *target])
         batch = adapter.batch(seqs, padding_side="right")
-        logits = adapter.forward(batch)
+        final, _, _ = adapter.final_states(batch)
         rows, cols, ids, owner = [], [], [], []
         for row, i in enumerate(chunk):
             prompt, target = pairs[i]
@@ -397,7 +401,7 @@ def _score_full(
                 ids.append(token)
                 owner.append(row)
         sums = torch.zeros(len(chunk), dtype=torch.float64).index_add_(
-            0, torch.tensor(owner), _token_logp(logits, rows, cols, ids)
+            0, torch.tensor(owner), _token_logp(adapter, final, rows, cols, ids)
         )
         for row, i in enumerate(chunk):
             out[i] = SequenceScore(float(sums[row]), len(pairs[i][1]))

@@ -44,10 +44,21 @@ def _capped(z: Tensor, softcap: float | None) -> Tensor:
     return softcap * torch.tanh(z / softcap) if softcap else z
 
 
-def _chunk_lse(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> Tensor:
-    """Log-sum-exp over one chunk's columns (float32), ``[n]``."""
-    z = torch.nn.functional.linear(h, weight, bias).float()
-    return torch.logsumexp(_capped(z, softcap), dim=-1)
+def _chunk(
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    softcap: float | None,
+    local: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """One chunk of columns: the log-sum-exp over them ``[n]`` (float32), and each row's
+    measured logit where its token is in the chunk (``local`` is the token's column in the
+    chunk, out of range elsewhere), 0 elsewhere -- read from the same logits, so the two agree
+    to the bit with what the full unembedding gives."""
+    z = _capped(torch.nn.functional.linear(h, weight, bias).float(), softcap)
+    inside = (local >= 0) & (local < z.shape[-1])
+    picked = z.gather(-1, local.clamp(0, z.shape[-1] - 1)[:, None])[:, 0]
+    return torch.logsumexp(z, dim=-1), torch.where(inside, picked, torch.zeros_like(picked))
 
 
 def token_logprobs(
@@ -89,17 +100,15 @@ def token_logprobs(
     if width < 1:
         raise ValueError(f"chunk of {width} columns: must be at least 1")
     grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    parts = []
+    parts, picked = [], torch.zeros(h.shape[0], device=h.device)
     for lo in range(0, vocab, width):
         w = weight[lo : lo + width]
         b = bias[lo : lo + width] if bias is not None else None
         if grad:  # recompute the chunk's logits in the backward pass instead of keeping them
-            parts.append(checkpoint(_chunk_lse, h, w, b, softcap, use_reentrant=False))
+            lse, mine = checkpoint(_chunk, h, w, b, softcap, ids - lo, use_reentrant=False)
         else:
-            parts.append(_chunk_lse(h, w, b, softcap))
+            lse, mine = _chunk(h, w, b, softcap, ids - lo)
+        parts.append(lse)
+        picked = picked + mine
     lse = torch.logsumexp(torch.stack(parts, dim=-1), dim=-1)
-    # The measured token's logit, through the same linear map (one row of W per row of h).
-    picked = (h * weight[ids]).sum(-1, dtype=torch.float32)
-    if bias is not None:
-        picked = picked + bias[ids].float()
-    return (_capped(picked, softcap) - lse).reshape(lead)
+    return (picked - lse).reshape(lead)
