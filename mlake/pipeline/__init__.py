@@ -11,13 +11,16 @@
    layer ``auto`` can take the layer tracing recommends);
 5. ``lens``: the latent-language lens of the selected facts the model knows (per prompt
    language, the answer written in every language, layer by layer: :mod:`analysis.lens`);
-6. ``transfer``: edit transfer, one run per editing method;
-7. ``neurons``: neuron attribution, language-specific and shared units, ablation matrix;
-8. ``restricted``: FT restricted to the shared / random neurons found in step 7;
-9. ``probes``: language-identity and cross-lingual probes (skipped, with a note, when the
+6. ``patching``: cross-lingual activation patching of the known facts (5x5 follow matrices per
+   layer and position, and whether an edit's state carries it into another language:
+   :mod:`analysis.patching`);
+7. ``transfer``: edit transfer, one run per editing method;
+8. ``neurons``: neuron attribution, language-specific and shared units, ablation matrix;
+9. ``restricted``: FT restricted to the shared / random neurons found in step 8;
+10. ``probes``: language-identity and cross-lingual probes (skipped, with a note, when the
    ``probes`` package is not installed);
-10. ``relate``: sharing against transfer, for each transfer method;
-11. ``figures`` and ``report``: every figure (PDF and PNG) and ``report.md``.
+11. ``relate``: sharing against transfer, for each transfer method;
+12. ``figures`` and ``report``: every figure (PDF and PNG) and ``report.md``.
 
 Every stage is one of :mod:`mlake.stages`' stage functions (or
 :func:`mlake.stages.relate.relate_stage`), which cache their result in the results store keyed by

@@ -19,6 +19,7 @@ from typing import Any
 from analysis.lens import LensConfig
 from analysis.neurons.attribution import AttributionConfig
 from analysis.neurons.config import NeuronConfig
+from analysis.patching import PatchConfig
 from analysis.tracing.causal import TraceConfig
 from mlake.settings import DataSettings, ModelSettings, RunSettings
 from mlake_core.configs import build_dataclass, to_plain, where
@@ -32,6 +33,7 @@ STAGES: tuple[str, ...] = (
     "knowledge",
     "tracing",
     "lens",
+    "patching",
     "transfer",
     "neurons",
     "restricted",
@@ -205,6 +207,12 @@ def _default_tracing() -> TraceConfig:
     return TraceConfig(n_samples=5)
 
 
+def _default_patching() -> PatchConfig:
+    """FT edits for the edit-carried measurement: ROME and MEMIT cannot edit the default
+    mlake-tiny (0% efficacy); a model's own FT settings apply (``transfer.model_settings``)."""
+    return PatchConfig(method="ft", edits=3)
+
+
 def _default_neurons() -> NeuronConfig:
     return NeuronConfig(
         methods=("ig", "atp", "lape"),
@@ -242,6 +250,7 @@ class PipelineConfig:
     knowledge: KnowledgeConfig = field(default_factory=_default_knowledge)
     tracing: TraceConfig = field(default_factory=_default_tracing)
     lens: LensConfig = field(default_factory=LensConfig)
+    patching: PatchConfig = field(default_factory=_default_patching)
     transfer: TransferSettings = field(default_factory=TransferSettings)
     neurons: NeuronConfig = field(default_factory=_default_neurons)
     probes: Any = field(default_factory=_default_probes)
@@ -272,6 +281,7 @@ class PipelineConfig:
         seeds: dict[str, Any] = {
             "run": self.run.seed,
             "tracing": self.tracing.seed,
+            "patching": self.patching.seed,
             "neurons": self.neurons.attribution.seed,
             "transfer_locality": self.transfer.locality_seed,
             "relate": self.relate.stats.seed,
@@ -301,7 +311,7 @@ def config_from_dict(data: Any, source: str | None = None) -> PipelineConfig:
             f"{where(source, unknown[0])}: unknown section (known: {', '.join(sorted(sections))})"
         )
     kwargs: dict[str, Any] = {}
-    for name in ("model", "data", "run", "knowledge", "tracing", "lens", "neurons"):
+    for name in ("model", "data", "run", "knowledge", "tracing", "lens", "patching", "neurons"):
         current = getattr(defaults, name)
         kwargs[name] = build_dataclass(
             type(current), data.get(name), path=name, source=source, base=current

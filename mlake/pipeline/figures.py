@@ -17,6 +17,9 @@ file (``figures/<name>``)       from
 ``lens_last``                  lens: per prompt language, the answer in each language by
                                layer at the last position (and the latent English curve)
 ``lens_subject_last``          lens: the same at the subject's last token
+``patching_matrices``          patching: 5x5 B-follows-A and edit-carried matrices at the
+                               best layer, per patched position
+``patching_layers``            patching: follow and edit-carried rates by layer
 ``neuron_overlap_<unit>``      neurons: same-fact overlap matrices per attribution method
 ``unit_counts_<method>``       neurons: language-specific and shared units per layer
 ``ablation_<method>``          neurons: the ablation matrix (specific vs random units)
@@ -156,6 +159,18 @@ def figure_makers(
             makers.append((f"lens_{position}", partial(lens.answer_probabilities, lres, position)))
     else:
         makers.append(("lens_last", "no lens stage in the run"))
+
+    # Cross-lingual patching.
+    patch_dir = _runs(manifest, "patching").get("patching")
+    if patch_dir and (Path(patch_dir) / "summary.json").is_file():
+        from analysis.patching import PatchingResult
+        from figures import patching
+
+        patched = PatchingResult.from_dict(_read_json(Path(patch_dir) / "summary.json"))
+        makers.append(("patching_matrices", partial(patching.matrices, patched)))
+        makers.append(("patching_layers", partial(patching.layer_curves, patched)))
+    else:
+        makers.append(("patching_matrices", "no patching stage in the run"))
 
     # Neurons.
     neuron_dir = _runs(manifest, "neurons").get("neurons")

@@ -5,7 +5,8 @@ took, the key tables of every stage read back from the results store, and the fi
 Tables: knowledge per language; the edit-transfer matrix of each method with efficacy,
 transfer and locality; causal tracing's peak layers and recommended edit layer; the
 latent-language lens per prompt language (emergence layer, first language, latent English
-peak: :data:`LENS_COLUMNS`, also what ``mlake lens`` prints) and its figure; the neuron
+peak: :data:`LENS_COLUMNS`, also what ``mlake lens`` prints) and its figure; cross-lingual
+patching's 5x5 matrices at the best layer (what ``mlake patch`` prints) and figures; the neuron
 overlap matrix and ablation check; the relation analysis (pair-level Mantel tests, the
 fact-level overlap coefficient, restricted editing); probes (best layers).  A stage that did
 not run is named with the reason.
@@ -454,6 +455,20 @@ def build_report(out: str | os.PathLike[str]) -> str:
             ]
         written = _figure_index(out).get("written", {})
         for name in ("lens_last", "lens_subject_last"):
+            png = next((f for f in written.get(name, []) if f.endswith(".png")), None)
+            if png:
+                lines += ["", f"![{name}](figures/{png})"]
+
+    # Cross-lingual patching.
+    patch_dir = _stage_runs(manifest, "patching").get("patching")
+    if patch_dir and (Path(patch_dir) / "summary.json").is_file():
+        from analysis.patching import PatchingResult
+        from mlake.stages.patching import report_lines
+
+        patched = PatchingResult.from_dict(_read(Path(patch_dir) / "summary.json"))
+        lines += ["", "## Cross-lingual patching", "", *report_lines(patched, markdown=True)]
+        written = _figure_index(out).get("written", {})
+        for name in ("patching_matrices", "patching_layers"):
             png = next((f for f in written.get(name, []) if f.endswith(".png")), None)
             if png:
                 lines += ["", f"![{name}](figures/{png})"]

@@ -193,6 +193,38 @@ def _stage_lens(s: PipelineState) -> dict[str, str]:
     return {"lens": str(run.path)}
 
 
+def _stage_patching(s: PipelineState) -> dict[str, str]:
+    from mlake.stages.patching import patching_stage, patching_total
+    from mlake_core.editing.covariance import mlake_corpus, read_corpus
+
+    s.need("knowledge")
+    c, ctx = s.config, s.context
+    method_config, corpus = None, []
+    if c.patching.measures_edits:
+        method_config = _method_config(s, c.patching.method)
+        corpus = read_corpus(c.transfer.corpus) if c.transfer.corpus else mlake_corpus(ctx.dataset)
+    bar = s.bar("patching", patching_total(ctx, c.patching, s.knowledge), "item")
+
+    def on_item(info: dict[str, Any]) -> None:
+        bar.set_postfix_str(f"{info['kind']} {info['lang']}", refresh=False)
+        bar.update(1)
+        s.item("patching", info)
+
+    try:
+        _, run = patching_stage(
+            ctx,
+            c.patching,
+            knowledge=s.knowledge,
+            method_config=method_config,
+            corpus=corpus,
+            on_item=on_item,
+        )
+    finally:
+        bar.close()
+    s.runs["patching"] = str(run.path)
+    return {"patching": str(run.path)}
+
+
 def _method_config(s: PipelineState, name: str) -> Any:
     """Method ``name``'s config, resolved as ``mlake edit transfer`` resolves it
     (:func:`mlake.method_settings.resolve_method`): what the config sets away from the
@@ -375,6 +407,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[PipelineState], dict[str, str] | None]] = {
     "knowledge": _stage_knowledge,
     "tracing": _stage_tracing,
     "lens": _stage_lens,
+    "patching": _stage_patching,
     "transfer": _stage_transfer,
     "neurons": _stage_neurons,
     "restricted": _stage_restricted,

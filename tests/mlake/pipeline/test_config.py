@@ -111,7 +111,7 @@ def test_the_lens_section(tmp_path):
     """The lens stage runs after tracing and before editing; its section is LensConfig's."""
     from analysis.lens import LensConfig
 
-    assert STAGES.index("tracing") + 1 == STAGES.index("lens") == STAGES.index("transfer") - 1
+    assert STAGES.index("tracing") + 1 == STAGES.index("lens") == STAGES.index("transfer") - 2
     assert PipelineConfig().lens == LensConfig()
     config = load_config(_write(tmp_path, "lens:\n  top_k: '3'\n"))
     assert config.lens == LensConfig(top_k=3)
