@@ -254,6 +254,12 @@ class EditResult:
         loss: the method's final optimization loss (NLL of the new target, nats), for
             reporting edits that quietly fail (EasyEdit#163).
         info: method-specific diagnostics (layer, norms, steps).
+        factors: for a delta whose low rank the method knows (ROME: rank one; MEMIT: at most
+            the number of edits), parameter name -> ``(left [out, r], right [r, in])`` with
+            ``left @ right`` the change of the linear map (``deltas[name]``, transposed where
+            the weight is stored ``[in, out]``: GPT-2's ``Conv1D``).  Applied as an
+            intervention the edit then adds ``(x right^T) left^T``: cheaper than the dense
+            delta, and a far smaller request to a remote server.
     """
 
     method: str
@@ -262,6 +268,7 @@ class EditResult:
     prefix: str = ""
     loss: float = float("nan")
     info: dict[str, Any] = field(default_factory=dict)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def _params(self, adapter: Any) -> dict[str, torch.nn.Parameter]:
         out = {}
@@ -313,7 +320,8 @@ class EditResult:
             "apply",
         )
         if how == "intervention":
-            with adapter.adding(output_deltas(adapter, self.deltas, f"{self.method} edit")):
+            changes = output_deltas(adapter, self.deltas, f"{self.method} edit", self.factors)
+            with adapter.adding(changes):
                 yield
             return
         originals = self.apply(adapter)

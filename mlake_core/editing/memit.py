@@ -149,6 +149,7 @@ def edit_memit(
     target = torch.empty(0)  # set from the first layer's pass (no update applied yet)
 
     deltas: dict[str, torch.Tensor] = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     originals: dict[str, torch.Tensor] = {}
     residual_norms: list[float] = []
     missed_norms: list[float] = []
@@ -183,6 +184,7 @@ def edit_memit(
             with torch.no_grad():
                 weight.add_(change)
             deltas[name] = change
+            factors[name] = (missing.T.float(), solved.T.float())  # rank <= len(requests)
         cache = adapter.activations(batch, [resid])
         final = cache[resid][rows, positions].double().cpu()
         residual_norms.append(float((target - final).norm(dim=-1).mean()))
@@ -192,6 +194,7 @@ def edit_memit(
         method="memit",
         requests=tuple(requests),
         deltas=deltas,
+        factors=factors,
         loss=loss,
         info={
             "layers": list(layers),

@@ -23,8 +23,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-
 from mlake_core.configs import coerce_fields
 from mlake_core.editing.base import (
     EditContext,
@@ -116,13 +114,15 @@ def edit_rome(
         generator=context.generator,
     )
     u = ridge_inverse_apply(context.second_moment(layer), k_star, config.ridge)
-    update = torch.outer(delta[0].double().cpu(), u) / float(u @ k_here)  # [out, in]
+    left = (delta[0].double().cpu() / float(u @ k_here))[:, None]  # [out, 1]
+    update = left @ u[None, :]  # [out, in]
     if not out_in:
         update = update.T
     return EditResult(
         method="rome",
         requests=tuple(requests),
         deltas={name: update.to(dtype=weight.dtype, device=weight.device)},
+        factors={name: (left.float(), u[None, :].float())},  # rank one, as the map acts
         loss=loss,
         info={
             "layer": layer,

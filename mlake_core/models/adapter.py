@@ -358,25 +358,42 @@ class OutputDelta:
         weight: ``ΔW`` as ``[out, in]`` whatever the module stores (GPT-2's ``Conv1D``
             stores ``[in, out]``; the caller transposes), or ``None``.
         bias: ``Δb``, ``[out]``, or ``None``.
+        factors: ``ΔW = left @ right`` (``[out, r]``, ``[r, in]``) in place of ``weight`` for
+            a low-rank change (ROME, MEMIT): ``(x right^T) left^T`` is added, which costs
+            ``r (in + out)`` per position instead of ``in * out`` and is what a remote
+            request carries.
     """
 
     path: str
     weight: Float[Tensor, "out inp"] | None = None
     bias: Float[Tensor, " out"] | None = None
+    factors: tuple[Float[Tensor, "out r"], Float[Tensor, "r inp"]] | None = None
 
     def __post_init__(self) -> None:
-        if self.weight is None and self.bias is None:
+        if self.weight is None and self.bias is None and self.factors is None:
             raise ValueError(f"output delta of {self.path!r}: neither a weight nor a bias change")
+        if self.weight is not None and self.factors is not None:
+            raise ValueError(f"output delta of {self.path!r}: a weight change or factors, not both")
         if self.weight is not None and self.weight.ndim != 2:
             raise ValueError(f"output delta of {self.path!r}: the weight change must be 2-D")
-        if (
-            self.weight is not None
-            and self.bias is not None
-            and self.bias.shape != self.weight.shape[:1]
-        ):
+        if self.factors is not None:
+            left, right = self.factors
+            if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[0]:
+                raise ValueError(
+                    f"output delta of {self.path!r}: factors must be [out, r] and [r, in]; got "
+                    f"{tuple(left.shape)} and {tuple(right.shape)}"
+                )
+        out_width = (
+            self.weight.shape[0]
+            if self.weight is not None
+            else self.factors[0].shape[0]
+            if self.factors is not None
+            else None
+        )
+        if self.bias is not None and out_width is not None and self.bias.shape != (out_width,):
             raise ValueError(
-                f"output delta of {self.path!r}: bias {tuple(self.bias.shape)} and weight "
-                f"{tuple(self.weight.shape)} do not match"
+                f"output delta of {self.path!r}: bias {tuple(self.bias.shape)} does not match "
+                f"the output width {out_width}"
             )
 
     def added(self, inputs: Activation) -> Activation:
@@ -385,6 +402,9 @@ class OutputDelta:
         out: Tensor | None = None
         if self.weight is not None:
             out = inputs @ self.weight.to(device=inputs.device, dtype=inputs.dtype).T
+        if self.factors is not None:
+            left, right = (f.to(device=inputs.device, dtype=inputs.dtype) for f in self.factors)
+            out = (inputs @ right.T) @ left.T
         if self.bias is not None:
             bias = self.bias.to(device=inputs.device, dtype=inputs.dtype)
             out = bias.expand(*inputs.shape[:-1], -1) if out is None else out + bias

@@ -155,6 +155,17 @@ def test_intervention_equals_the_weight_edit(arch, method, backend, get_adapter,
     result = get_edit(arch, method)
     layers = result.info.get("layers", [result.info.get("layer")])
     assert result.deltas and all(float(d.abs().max()) > 0 for d in result.deltas.values())
+    changes = output_deltas(adapter, result.deltas, "test", result.factors)
+    assert len(changes) == len(layers)
+    for change, delta in zip(changes, result.deltas.values(), strict=True):
+        if method == "ft":  # dense
+            assert change.factors is None and change.weight is not None
+            continue
+        assert change.factors is not None and change.weight is None  # low rank
+        left, right = change.factors
+        assert left.shape[1] == 1  # one request: rank one, on every edited layer
+        dense = delta.T if arch == "gpt2" else delta  # GPT-2's Conv1D stores [in, out]
+        torch.testing.assert_close((left @ right).to(dense.dtype), dense, atol=1e-6, rtol=1e-4)
     sites = [f"mlp_out.{layer}" for layer in layers] + [f"resid_post.{adapter.n_layers - 1}"]
     batch = adapter.tokenize([*TEXTS, result.requests[0].prompt])
     saved = _params(adapter)
