@@ -16,12 +16,14 @@ aliases, and the subject's character span inside that form's text.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mlake_core.data.cache import cache_key, cache_path, read_cached, write_cached
 from mlake_core.data.cloze import AnswerLocation, assess_cloze, locate_answer
 from mlake_core.data.multihop import MultiHopQuestion, link_multi_hop, link_old_by_subject
 from mlake_core.data.paths import (
@@ -219,13 +221,31 @@ class MlakeDataset:
 
     @property
     def content_key(self) -> dict[str, str]:
-        """What run keys add for the data's content: nothing for the release as published
-        (earlier runs keep their keys), its hash for a copy that differs (an edited answer
-        never reuses results computed on other data)."""
+        """What run keys add for the data's content: the located subjects
+        (:attr:`subjects_sha256`: results read at the subject's tokens are never reused
+        once the subject locator places a subject differently), and the data's hash for a
+        copy that differs from the release as published (an edited answer never reuses
+        results computed on other data)."""
+        key = {"subjects": self.subjects_sha256[:16]}
         published = get_release(self.version).published_sha256
-        if not self.content_sha256 or self.content_sha256 == published:
-            return {}
-        return {"data_content": self.content_sha256}
+        if self.content_sha256 and self.content_sha256 != published:
+            key["data_content"] = self.content_sha256
+        return key
+
+    @property
+    def subjects_sha256(self) -> str:
+        """SHA-256 over every loaded view's subject spans (question and cloze form), in fact
+        and language order."""
+        digest = hashlib.sha256()
+        for fact in self.facts:
+            for lang in self.langs:
+                view = fact.views[lang]
+                spans = [
+                    (s.start, s.end) if s else None
+                    for s in (view.question.subject, view.cloze.subject)
+                ]
+                digest.update(f"{fact.fact_id}\0{lang}\0{spans}\0".encode())
+        return digest.hexdigest()
 
     def __len__(self) -> int:
         return len(self.facts)
@@ -294,6 +314,8 @@ def load_mlake(
     data_dir: str | os.PathLike[str] | None = None,
     version: str = DEFAULT_VERSION,
     langs: str | Iterable[str] | None = None,
+    *,
+    cache: bool = True,
 ) -> MlakeDataset:
     """Load MLaKE single-hop facts (and multi-hop questions) in the given languages.
 
@@ -304,6 +326,9 @@ def load_mlake(
         langs: languages to load (default all five).  Subjects are located with the help of
             all five languages whatever is asked, because names shared across languages are
             part of the evidence.
+        cache: read the located dataset from mlake's cache folder, and write it there when
+            it is missing (:mod:`mlake_core.data.cache`: keyed by the data files' hash and
+            the code version).
 
     Raises:
         DataError: for missing or malformed files, or language files of different lengths.
@@ -312,6 +337,28 @@ def load_mlake(
     release = get_release(version)
     wanted = parse_langs(langs)
     root = resolve_data_dir(data_dir)
+    base = release_dir(root, version)
+    for lang in LANGUAGES:  # the same error as reading them would give, before hashing
+        path = base / release.single_hop_qa.format(lang=lang)
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+    content = content_sha256(base, release)
+    if not cache:
+        return _build(root, version, wanted, content)
+    key = cache_key(version, wanted, content)
+    path = cache_path(key)
+    dataset = read_cached(path, key)
+    if isinstance(dataset, MlakeDataset):
+        dataset.root = root  # the same content may be read from another folder
+        return dataset
+    dataset = _build(root, version, wanted, content)
+    write_cached(path, key, dataset)
+    return dataset
+
+
+def _build(root: Path, version: str, wanted: tuple[str, ...], content: str) -> MlakeDataset:
+    """Read, validate and locate the dataset (what :func:`load_mlake` caches)."""
+    release = get_release(version)
     base = release_dir(root, version)
     records: dict[str, list[SingleHopRecord]] = {}
     for lang in LANGUAGES:
@@ -387,5 +434,5 @@ def load_mlake(
         langs=wanted,
         facts=facts,
         multi_hop={lang: multi_hop[lang] for lang in wanted},
-        content_sha256=content_sha256(base, release),
+        content_sha256=content,
     )

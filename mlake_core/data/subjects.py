@@ -467,38 +467,57 @@ def locate_subject(
         if lg not in ("zh", "ja")
     ]
     contexts = [(t, lang) for t in (rec.o_prompt, rec.e_prompt, *multi_hop)]
-    best: tuple[float, int, _Cand, dict[str, float]] | None = None
-    for c in cands:
-        if lang in ("zh", "ja"):
-            han = [
-                (o.question, lg)
-                for lg, (o, _) in other_langs.items()
-                if lg in ("zh", "ja") and _proper_name_in(o.question, c.norm, lg)
-            ]
+    cjk = lang in ("zh", "ja")
+    han_others = [(o.question, lg) for lg, (o, _) in other_langs.items() if lg in ("zh", "ja")]
+
+    def evidence(c: _Cand, full: bool) -> dict[str, float]:
+        """The candidate's evidence; with ``full=False`` the zh/ja analyzer evidence
+        (name, boundary, the other of zh/ja) is its most optimistic value, an upper bound
+        that is cheap to compute."""
+        han = [(t, lg) for t, lg in han_others if not full or _proper_name_in(t, c.norm, lg)]
+        if cjk and _cjk_text(c.norm):
+            hits = [_contains(t, c.norm, lang) for t in latin_others]
+            cross = (sum(hits) + len(han)) / (len(hits) + len(han_others) or 1)
+        else:
+            cross = _share(c.norm, others, lang)
+        if not cjk:
+            name, boundary = _name_score(rec.question, c, lang), 1.0
+        elif full:
             name, boundary = _cjk_scores(rec.question, c, lang, contexts + han)
         else:
-            name, boundary = _name_score(rec.question, c, lang), 1.0
-        ev = {
+            name = boundary = 1.0
+        return {
             "multi_hop": (
                 sum(_contains(m, c.norm, lang) for m in multi_hop) / len(multi_hop)
                 if multi_hop
                 else 0.0
             ),
-            "cross_lingual": (
-                _han_share(c.norm, latin_others, other_langs, lang)
-                if _cjk_text(c.norm)
-                else _share(c.norm, others, lang)
-            ),
+            "cross_lingual": cross,
             "name": name,
             "rarity": _rarity(df(lang, c.norm)),
             "boundary": boundary,
         }
-        score = sum(WEIGHTS[k] * v for k, v in ev.items())
-        key = (round(score, 6), c.end - c.start)
-        if best is None or key > (round(best[0], 6), best[1]):
-            best = (score, c.end - c.start, c, ev)
+
+    def total(ev: Mapping[str, float]) -> float:
+        return round(sum(WEIGHTS[k] * v for k, v in ev.items()), 6)
+
+    # Best first by the upper bound; a candidate whose bound is below the best full score
+    # cannot win (ties go to the longer span, then the earlier candidate).
+    bounds = sorted(
+        ((total(evidence(c, False)), c.end - c.start, -i, c) for i, c in enumerate(cands)),
+        key=lambda b: b[:3],
+        reverse=True,
+    )
+    best: tuple[float, int, int, _Cand, dict[str, float]] | None = None
+    for upper, length, order, c in bounds:
+        if best is not None and (upper, length, order) < best[:3]:
+            break
+        ev = evidence(c, True)
+        key = (total(ev), length, order)
+        if best is None or key > best[:3]:
+            best = (*key, c, ev)
     assert best is not None
-    score, _, cand, ev = best
+    score, _, _, cand, ev = best
     cand = _extend(rec.question, cand, cands, lang, others)
     start, end = _finish(rec.question, cand.start, cand.end, lang)
     q_span = (start, end)

@@ -1,7 +1,7 @@
 """Results never outlive the data they were computed on: a copy of the data with one answer
-changed gets its own runs (the content enters the run key), while the release as published
-keeps the keys runs always had; a trained mlake-tiny is named after the data it was trained
-on in the same way."""
+changed gets its own runs (the content enters the run key), while runs on the release as
+published are keyed by its located subjects alone; a trained mlake-tiny is named after the
+data it was trained on in the same way."""
 
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def edited(tmp_path_factory) -> Path:
 def test_the_shared_data_is_the_release_as_published(mlake_v2411) -> None:
     release = RELEASES["v2024-11"]
     assert mlake_v2411.content_sha256 == release.published_sha256
-    assert mlake_v2411.content_key == {}  # runs on the published data keep their keys
+    # Runs on the published data name no data content, only the located subjects (issue 22).
+    assert set(mlake_v2411.content_key) == {"subjects"}
     assert data_suffix(None, "v2024-11") == ""
 
 
@@ -51,7 +52,7 @@ def test_an_edited_copy_has_its_own_key(edited: Path, mlake_v2411) -> None:
     assert digest != release.published_sha256
     assert data_suffix(edited, "v2024-11") == f"-data{digest[:8]}"
     dataset = load_mlake(edited, langs="en")
-    assert dataset.content_key == {"data_content": digest}
+    assert dataset.content_key["data_content"] == digest
     assert dataset.fact(0).views["en"].record.o_answer == "Harvard University"
 
 
