@@ -381,3 +381,16 @@ def test_a_pass_started_above_an_edited_layer(backend, get_adapter, get_edit) ->
         weights, _, _ = adapter.final_states(batch)
     torch.testing.assert_close(started, whole, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(whole, weights, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("command", [["trace"], ["edit", "transfer"], ["eval", "knowledge"]])
+def test_the_model_options_help_renders(command, capsys) -> None:
+    """``--edit-apply``, ``--remote`` and ``--device`` are described in every model command's
+    help (their text comes from ModelSettings' docstring; a ``%`` there broke argparse)."""
+    from mlake.cli import build_parser
+
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args([*command, "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--edit-apply" in text and "--remote" in text and "device_map" in text
