@@ -65,6 +65,10 @@ EDGE_STOP: dict[str, frozenset[str]] = {
     | frozenset("qui que quel quelle quels quelles où quand est-ce l d qu".split()),
     "de": FILLER["de"] | frozenset("wer was welche welcher welches wo wann wem wen wessen".split()),
 }
+# English function words: never in the noun phrase a name modifies (_noun_phrase_head).
+EN_FUNCTION_WORDS = EDGE_STOP["en"] | frozenset(
+    "their his her its our my your this that these those".split()
+)
 # Characters that may not begin or end a zh/ja subject.
 CJK_EDGE_STOP: dict[str, str] = {
     # 什 and 么 are no stops alone: a name may end in 什 before the question word 什么
@@ -519,6 +523,8 @@ def locate_subject(
     assert best is not None
     score, _, _, cand, ev = best
     cand = _extend(rec.question, cand, cands, lang, others)
+    if lang == "en":
+        cand = _noun_phrase_head(rec.question, cand, cands, others)
     start, end = _finish(rec.question, cand.start, cand.end, lang)
     q_span = (start, end)
     text = rec.question[start:end]
@@ -618,6 +624,34 @@ def _extend(
         if not grown:
             return cur
         cur = max(grown, key=lambda c: (c.end - c.start, -c.start))
+
+
+def _noun_phrase_head(
+    question: str, cur: _Cand, cands: Sequence[_Cand], others: Sequence[str]
+) -> _Cand:
+    """English: a one-word name after a lower-case "the" that the other languages do not
+    write the same way (at most a quarter of them) modifies the lower-case noun phrase after
+    it, which the subject then includes: "the Afghanistan national football team" (a country
+    takes no article; the other languages name the team, not the country).  Names of more
+    words take the article themselves ("the Golden State Warriors participate" stops at the
+    name), and a name the other languages write alike keeps its descriptor out ("the
+    RC-135 aircraft").  The phrase is at most three lower-case content words
+    (none of :data:`EN_FUNCTION_WORDS`: "the San Antonio Spurs as their head coach" stops at
+    the name), and the longer span must be shared with ``o_prompt`` or ``e_prompt`` like any
+    candidate."""
+    if not re.search(r"\bthe\s+$", question[: cur.start]) or " " in question[cur.start : cur.end]:
+        return cur
+    if _share(cur.norm, others, "en") > 0.25:
+        return cur
+    longer = [
+        c
+        for c in cands
+        if c.start == cur.start
+        and c.end > cur.end
+        and re.fullmatch(r"(?:\s+[a-z][a-z\-]*){1,3}", question[cur.end : c.end])
+        and not set(question[cur.end : c.end].split()) & EN_FUNCTION_WORDS
+    ]
+    return max(longer, key=lambda c: c.end) if longer else cur
 
 
 def _bare_numeral(c: _Cand, question: str) -> bool:

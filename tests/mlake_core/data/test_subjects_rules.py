@@ -284,3 +284,57 @@ def test_ja_latin_abbreviation_against_a_katakana_name(question, o_prompt, subje
     en = record("What sport does FC Andorra play?", "FC Andorra plays football.", "football")
     rec = record(question, o_prompt, "サッカー", "テニス")
     assert locate("ja", rec, others={"en": en}).text == subject
+
+
+def test_en_name_after_the_takes_the_noun_phrase_it_modifies():
+    """A country after "the", which the other languages do not write alike (they name the
+    team), is part of "the Afghanistan national football team"."""
+    rec = record(
+        "In what sport does the Afghanistan national football team participate?",
+        "The Afghanistan national football team participates in association football.",
+        "association football",
+        "rugby union",
+    )
+    de = record(
+        "Welche Sportart betreibt die afghanische Fußballnationalmannschaft?",
+        "Die afghanische Fußballnationalmannschaft betreibt Fußball.",
+        "Fußball",
+        "Rugby",
+    )
+    assert locate("en", rec, others={"de": de}).text == "Afghanistan national football team"
+
+
+def test_en_name_written_alike_elsewhere_keeps_its_descriptor_out():
+    rec = record(
+        "Which company produced the RC-135 aircraft?",
+        "The RC-135 aircraft is produced by Boeing.",
+        "Boeing",
+        "Airbus",
+    )
+    de = record(
+        "Welches Unternehmen stellt die RC-135 her?",
+        "Die RC-135 wird von Boeing hergestellt.",
+        "Boeing",
+        "Airbus",
+    )
+    assert locate("en", rec, others={"de": de}).text == "RC-135"
+
+
+def test_en_names_of_several_words_take_the_article_themselves():
+    rec = record(
+        "In what sport do the Golden State Warriors participate?",
+        "The Golden State Warriors participate in basketball.",
+        "basketball",
+        "baseball",
+    )
+    assert locate("en", rec).text == "Golden State Warriors"
+
+
+def test_en_noun_phrase_stops_at_function_words():
+    rec = record(
+        "Who is currently leading the San Antonio Spurs as their head coach?",
+        "Gregg Popovich is currently leading the San Antonio Spurs as their head coach.",
+        "Gregg Popovich",
+        "Phil Jackson",
+    )
+    assert locate("en", rec).text == "San Antonio Spurs"
