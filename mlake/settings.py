@@ -24,9 +24,7 @@ class ModelSettings:
         name: ``mlake-tiny`` (trained first when not cached) or another of its variants
             (``mlake-tiny-editable``), a local checkpoint folder or a Hugging Face hub id.
         backend: ``tlens`` (TransformerLens) or ``nnsight``.
-        device: ``auto`` (CUDA when present; a model whose weights take more than 80 percent of
-            the first GPU's free memory is spread over all GPUs with accelerate's
-            ``device_map="auto"``), ``cpu``, ``cuda:N``.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda:N``.
         dtype: ``float32``, ``bfloat16`` or ``float16``.
         revision: hub branch, tag or commit.
         trust_remote_code: allow modelling code shipped with a checkpoint.
@@ -127,12 +125,12 @@ class RunSettings:
         executor: where the per-fact stages run: local (this process, in order) or ray
             (shards on the workers of a Ray cluster, one model each, into the one results
             store, which must be a path every worker reaches).
-        address: the Ray cluster to join (ray executor; default: $RAY_ADDRESS, else a
-            cluster started on this machine).
+        address: the Ray cluster to join, e.g. auto or HOST:6379 (ray executor; none given:
+            $RAY_ADDRESS, else a new cluster on this machine).
         gpus_per_worker: GPUs each Ray worker holds (0: CPU workers).
-        workers: Ray workers to start (default: as many as the cluster's GPUs allow, or its
-            CPUs for CPU workers).
-        shard_facts: facts per shard (ray executor).
+        workers: Ray workers to start (none given: the cluster's GPUs over gpus_per_worker,
+            or its CPUs for CPU workers).
+        shard_facts: facts per shard (ray executor); every shard is saved piece by piece.
     """
 
     seed: int = 0

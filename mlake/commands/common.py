@@ -283,6 +283,37 @@ def add_run_args(parser: argparse.ArgumentParser, *, seed: bool = False) -> None
     group.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+#: The :class:`~mlake.settings.RunSettings` fields of the executor options
+#: (:func:`add_executor_args`).
+EXECUTOR_FIELDS: tuple[str, ...] = (
+    "executor",
+    "address",
+    "gpus_per_worker",
+    "workers",
+    "shard_facts",
+)
+
+
+def add_executor_args(parser: argparse.ArgumentParser) -> None:
+    """Add the executor options of :class:`~mlake.settings.RunSettings` (``--executor``,
+    ``--address``, ``--gpus-per-worker``, ``--workers``, ``--shard-facts``;
+    :mod:`mlake.executors`)."""
+    from mlake.settings import EXECUTORS, RunSettings
+
+    add_settings_args(
+        parser.add_argument_group("executor (sharded runs)"),
+        RunSettings,
+        fields=EXECUTOR_FIELDS,
+        choices={"executor": EXECUTORS},
+    )
+
+
+def executor_settings(args: argparse.Namespace, base: Any) -> Any:
+    """``base`` (a :class:`~mlake.settings.RunSettings`, or a subclass such as the pipeline's)
+    with the executor options given (:func:`add_executor_args`)."""
+    return settings_from_args(args, type(base), fields=EXECUTOR_FIELDS, base=base)
+
+
 def run_settings(args: argparse.Namespace) -> Any:
     """The :class:`~mlake.settings.RunSettings` of :func:`add_run_args`' options."""
     from mlake.settings import RunSettings

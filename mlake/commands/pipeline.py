@@ -16,10 +16,11 @@ as it finishes: a stopped pipeline run again with the same settings resumes wher
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
-from mlake.commands.common import log
+from mlake.commands.common import add_executor_args, executor_settings, log
 
 
 def register(subparsers: Any) -> None:
@@ -51,6 +52,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--no-bars", action="store_true", help="progress as log lines (every 10%%) instead of bars"
     )
+    add_executor_args(parser)  # overrides run.executor etc.
     parser.set_defaults(func=run_pipeline_command)
 
 
@@ -77,6 +79,7 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
         results_dir=args.results_dir,
         stages=[s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None,
     )
+    config = dataclasses.replace(config, run=executor_settings(args, config.run))
     if args.print_config:
         print(dump_config(config), end="")
         return 0

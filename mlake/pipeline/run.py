@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlake.executors import make_executor
 from mlake.pipeline.config import (
     STAGES,
     PipelineConfig,
@@ -166,30 +168,39 @@ def run_pipeline(
             },
         )
 
-    for name in STAGES:
-        if name not in config.run.stages:
-            continue
-        record = StageRecord(status="running")
-        records[name] = record
-        save_manifest()
-        t0, c0 = time.perf_counter(), time.process_time()
-        say(f"stage {name}")
-        try:
-            record.runs = STAGE_FUNCTIONS[name](state) or {}
-            record.status = "complete"
-        except StageSkipped as why:
-            record.status, record.note = "skipped", str(why)
-            say(f"stage {name} skipped: {why}")
-        except BaseException as err:
-            record.status = "failed" if isinstance(err, Exception) else "interrupted"
-            record.note = f"{type(err).__name__}: {err}"
+    # --executor ray: the sharded stages' pieces are computed on Ray workers, then read back
+    # here (mlake.executors); local: None, every stage computes in this process.
+    executor = make_executor(config.run, config.model, config.data, log=say)
+    try:
+        for name in STAGES:
+            if name not in config.run.stages:
+                continue
+            record = StageRecord(status="running")
+            records[name] = record
+            save_manifest()
+            t0, c0 = time.perf_counter(), time.process_time()
+            say(f"stage {name}")
+            try:
+                record.runs = STAGE_FUNCTIONS[name](state) or {}
+                record.status = "complete"
+            except StageSkipped as why:
+                record.status, record.note = "skipped", str(why)
+                say(f"stage {name} skipped: {why}")
+            except BaseException as err:
+                record.status = "failed" if isinstance(err, Exception) else "interrupted"
+                record.note = f"{type(err).__name__}: {err}"
+                record.seconds = round(time.perf_counter() - t0, 1)
+                record.cpu_seconds = round(time.process_time() - c0, 1)
+                save_manifest()
+                raise
+            if name == "model" and executor is not None and state.ctx is not None:
+                state.ctx = dataclasses.replace(state.ctx, executor=executor)
             record.seconds = round(time.perf_counter() - t0, 1)
             record.cpu_seconds = round(time.process_time() - c0, 1)
             save_manifest()
-            raise
-        record.seconds = round(time.perf_counter() - t0, 1)
-        record.cpu_seconds = round(time.process_time() - c0, 1)
-        save_manifest()
+    finally:
+        if executor is not None:
+            executor.close()
     return PipelineResult(out, records, round(time.perf_counter() - started, 1))
 
 

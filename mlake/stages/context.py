@@ -77,9 +77,14 @@ class Shard:
         return lang in self.langs and (fact_id is None or int(fact_id) in self.facts)
 
     def describe(self) -> str:
-        """``en, facts 0-31`` (for logs)."""
-        span = f"{self.facts[0]}-{self.facts[-1]}" if self.facts else "none"
-        return f"{','.join(self.langs)}, facts {span} ({len(self.facts)})"
+        """``en, facts 3, 7, 12`` or ``en, 32 facts 3 ... 97`` (for logs)."""
+        ids = [str(f) for f in self.facts]
+        facts = (
+            f"facts {', '.join(ids)}"
+            if len(ids) <= 4
+            else f"{len(ids)} facts {ids[0]} ... {ids[-1]}"
+        )
+        return f"{','.join(self.langs)}, {facts}"
 
 
 @dataclass(frozen=True)
