@@ -79,7 +79,9 @@ def _rows() -> pd.DataFrame:
         rows.append(_row(1, "en", "zh", "mcqa", "question", 1, hits[0], by=by, before=0, orig=0))
         rows.append(_row(2, "en", "zh", "mcqa", "question", 1, hits[1], by=by, before=1, orig=0))
         rows.append(
-            _row(3, "en", "zh", "mcqa", "question", 0, 0, by=by, missing="no multiple-choice record")
+            _row(
+                3, "en", "zh", "mcqa", "question", 0, 0, by=by, missing="no multiple-choice record"
+            )
         )
     # Multi-hop portability: fact 1 has 3 questions in zh (2 answered), fact 2 one (0), fact
     # 3 none.
@@ -197,7 +199,9 @@ def test_mcqa_both_ways_hand_computed(adapter, hf, micro_tiny: Path, mlake_v2411
     scores = score_mcqa(adapter, items, QA, batch_size=3)
     assert len(scores) == len(items)
     for item, score in zip(items, scores, strict=True):
-        opt_ref = [_reference_logp(hf, tok, f"Q: {item.question}\nA:", " " + o) for o in item.options]
+        opt_ref = [
+            _reference_logp(hf, tok, f"Q: {item.question}\nA:", " " + o) for o in item.options
+        ]
         lettered = (
             f"Q: {item.question}\nA. {item.options[0]}\nB. {item.options[1]}\n"
             f"C. {item.options[2]}\nD. {item.options[3]}\nA:"
