@@ -17,7 +17,8 @@ to the same questions (measured once per run).  It then prints, for each method,
 in the paper's layout (single-hop and multi-hop; free-form, mcqa-loglik and mcqa-letter; rows:
 edit language, columns: test language): the % of questions answered with the edit, the
 unedited model's % in brackets, and each cell's counts (questions n, facts measured, facts
-missing: no record there, an unusable one, or a no-op edit; the reasons are listed).  Free-form
+missing: no record there, an unusable one, a no-op edit, or no linked multi-hop question;
+the reasons are listed).  Free-form
 cells count every edited fact, as the paper does.  The same tables are written as CSV, one
 row per cell (method, hop, format, edit_lang, test_lang, pct, before_pct, original_pct, n,
 chose_edit, facts, missing, edits), to ``--csv`` (default
