@@ -17,8 +17,9 @@ The plan is what runs because it calls the stages' own batch-size functions
 (:class:`PlannedModel`: the same ``info``, ``dtype``, ``device`` and widths), with
 :func:`~mlake_core.models.adapter.free_bytes` answering the memory the device would have free
 once the weights are loaded (:func:`~mlake_core.models.adapter.assume_free_bytes`).  The two
-analysis functions live above this package, so the caller passes them in (``batchers``;
-``mlake models plan`` and ``benchmarks/gpu_check.py`` do).  The activation memory of one row
+analysis functions live above this package and editing beside it, so the caller passes them
+in (``batchers``, ``key_statistics``; ``mlake models plan`` and ``benchmarks/gpu_check.py``
+do).  The activation memory of one row
 is the amount those functions charge per row: with a budget of ``B`` bytes they choose
 ``floor(fraction * B / row)`` rows, so at a huge budget ``row = fraction * B / rows``.
 
@@ -312,19 +313,11 @@ def row_bytes(batcher: BatchFn, model: PlannedModel, n_tokens: int) -> int:
     return max(1, round(frac * _HUGE / rows))
 
 
-def key_statistics_batch() -> tuple[int, int]:
-    """``(documents per pass, tokens per document)`` of the key statistics ROME and MEMIT
-    need (:func:`~mlake_core.editing.covariance.key_second_moment`'s defaults)."""
-    from mlake_core.editing.covariance import key_second_moment
-
-    params = inspect.signature(key_second_moment).parameters
-    return int(params["batch_size"].default), int(params["max_len"].default)
-
-
 def plan_model(
     shape: ModelShape,
     *,
     batchers: Mapping[str, BatchFn],
+    key_statistics: tuple[int, int],
     dtype: str = "bfloat16",
     device: str = "cuda",
     device_memory: int = 80 * GIB,
@@ -342,6 +335,9 @@ def plan_model(
         device_memory: memory of one device, bytes.
         n_tokens: tokens per prompt.
         forward_rows: rows per plain forward pass (the run's ``--batch-size``).
+        key_statistics: ``(documents per pass, tokens per document)`` of the key statistics
+            (:func:`~mlake_core.editing.covariance.key_second_moment`'s ``batch_size`` and
+            ``max_len``; the caller reads them, as editing sits beside this package).
 
     Raises:
         ConfigError: a non-positive memory or token count, an unknown dtype.
@@ -351,7 +347,7 @@ def plan_model(
     model = PlannedModel(shape, dtype, device)
     bytes_per = max(1, torch.finfo(model.dtype).bits // 8)
     weights = shape.n_params * bytes_per
-    docs, doc_tokens = key_statistics_batch()
+    docs, doc_tokens = key_statistics
     # The least a device must hold beyond the weights: one row of the hungriest stage.
     one_row = max(
         [pass_bytes(model.info, n_tokens), pass_bytes(model.info, doc_tokens)]
