@@ -206,22 +206,46 @@ def tracer_cells(
 def token_blocks(
     n_tokens: int, n_layers: int, subject: list[int], config: TraceConfig, prefix_cache: bool
 ) -> dict[str, float]:
-    """The batched tracer's work in token-blocks, now and at the floor (module docstring)."""
+    """The batched tracer's work in token-blocks: with the prefix cache but every block (the
+    tracer before issue 25's item 1), at the floor (every row from its restored block), and
+    without the prefix cache (module docstring)."""
     n, big_l, s = n_tokens, n_layers, config.n_samples
     cells = tracer_cells(n, big_l, subject, config)
     base = n * big_l + s * n * big_l  # the clean run and the corrupted runs
     full = sum(s * n * big_l for _ in cells)
     now = sum(s * (n - t) * big_l for _, t, _, _ in cells) if prefix_cache else full
-    low = sum(s * (n - t) * (big_l - lo) for _, t, _, lo in cells)
+    low = sum(s * ((n - t) if prefix_cache else n) * (big_l - lo) for _, t, _, lo in cells)
     return {
         "cells": len(cells),
         "rows": 1 + s * (len(cells) + 1),
-        "current": base + now,
+        "every_block": base + now,
         "minimum": base + low,
         "full_prompt": base + full,
-        "restorations_current": now,
+        "restorations_every_block": now,
         "restorations_minimum": low,
     }
+
+
+class BlockCounter:
+    """Counts the token-blocks an adapter's ``final_states`` passes run (rows x tokens x
+    blocks from the pass's start block), by wrapping the method on the instance."""
+
+    def __init__(self, adapter: Any) -> None:
+        self.adapter, self.count = adapter, 0
+        inner = adapter.final_states
+
+        def counting(batch, *args, **kwargs):
+            start = kwargs.get("start")
+            first = int(start[0]) if start is not None else 0
+            rows, width = batch.shape
+            self.count += rows * width * (adapter.n_layers - first)
+            return inner(batch, *args, **kwargs)
+
+        adapter.final_states = counting
+
+    def take(self) -> int:
+        value, self.count = self.count, 0
+        return value
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -310,10 +334,21 @@ def loop_sample(
 # -- one model, one language --------------------------------------------------------------------
 
 
-def bench_language(adapter, items, config, noise_std, loop_cells, full_prompt=False):
+def bench_language(
+    adapter,
+    items,
+    config,
+    noise_std,
+    loop_cells,
+    full_prompt=False,
+    every_block=False,
+    counter=None,
+):
     """Time both tracers on ``items`` (one language's prompts) and count their work."""
     n_layers = adapter.n_layers
-    batched_s = loop_s = loop_measured_s = full_s = 0.0
+    counter = counter or BlockCounter(adapter)
+    batched_s = loop_s = loop_measured_s = full_s = every_s = 0.0
+    every_diffs, passes_e, counted = [], [], 0
     diffs, passes_b, passes_l, rows_b, cells_run, cell_pass_s = [], [], [], [], [], []
     rel_diffs, p_clean, p_corrupt_b = [], [], []
     full_diffs, passes_f = [], []
@@ -332,6 +367,25 @@ def bench_language(adapter, items, config, noise_std, loop_cells, full_prompt=Fa
             noise_std=noise_std,
         )
         batched_s += time.perf_counter() - t
+        counted += counter.take()
+        if every_block:
+            t = time.perf_counter()
+            every = trace_prompt(
+                adapter,
+                ids,
+                subject,
+                answer,
+                config,
+                torch.Generator().manual_seed(seed),
+                noise_std=noise_std,
+                skip_layers=False,
+            )
+            every_s += time.perf_counter() - t
+            counter.take()
+            every_diffs.append(abs(every.p_corrupt - tr.p_corrupt))
+            for kind in config.kinds:
+                every_diffs.append(float(np.abs(every.scores[kind] - tr.scores[kind]).max()))
+            passes_e.append(every.forward_passes)
         if full_prompt:
             t = time.perf_counter()
             full = trace_prompt(
@@ -345,6 +399,7 @@ def bench_language(adapter, items, config, noise_std, loop_cells, full_prompt=Fa
                 prefix_cache=False,
             )
             full_s += time.perf_counter() - t
+            counter.take()
             full_diffs.append(abs(full.p_corrupt - tr.p_corrupt))
             for kind in config.kinds:
                 full_diffs.append(float(np.abs(full.scores[kind] - tr.scores[kind]).max()))
@@ -422,16 +477,24 @@ def bench_language(adapter, items, config, noise_std, loop_cells, full_prompt=Fa
         "p_clean": float(np.mean(p_clean)),
         "p_corrupt": float(np.mean(p_corrupt_b)),
         "floor": {
-            "current_token_blocks_per_fact": work["current"] / n,
+            "current_token_blocks_per_fact": counted / n,
+            "every_block_token_blocks_per_fact": work["every_block"] / n,
             "minimum_token_blocks_per_fact": work["minimum"] / n,
             "full_prompt_token_blocks_per_fact": work["full_prompt"] / n,
-            "floor": round(work["minimum"] / work["current"], 4),
-            "headroom": round(work["current"] / work["minimum"], 3),
-            "restorations_floor": round(
-                work["restorations_minimum"] / work["restorations_current"], 4
-            ),
+            "work_vs_every_block": round(counted / work["every_block"], 4),
+            "floor": round(work["minimum"] / counted, 4),
+            "headroom": round(counted / work["minimum"], 3),
+            "every_block_floor": round(work["minimum"] / work["every_block"], 4),
         },
     }
+    if every_block:
+        out["batched_every_block"] = {
+            "seconds": round(every_s, 2),
+            "facts_per_minute": round(60 * n / every_s, 3),
+            "forward_passes_per_fact": float(np.mean(passes_e)),
+            "skip_speedup": round(every_s / batched_s, 2),
+            "max_abs_difference_to_batched": float(max(every_diffs)),
+        }
     if full_prompt:
         out["batched_full_prompt"] = {
             "seconds": round(full_s, 2),
@@ -555,6 +618,7 @@ def bench_model(name, spec, args, dataset, fact_ids, langs):
         if hasattr(adapter.tokenizer, "model_max_length"):
             adapter.tokenizer.model_max_length = int(1e9)  # the tiny tokenizer says 64
         template = get_template(template_name)
+        counter = BlockCounter(adapter)
         by_lang, skipped = {}, {}
         for lang in langs:
             by_lang[lang], skipped[lang] = prompts(
@@ -582,7 +646,16 @@ def bench_model(name, spec, args, dataset, fact_ids, langs):
             if items:
                 t = time.perf_counter()
                 entry.update(
-                    bench_language(adapter, items, config, std, spec.loop_cells, args.full_prompt)
+                    bench_language(
+                        adapter,
+                        items,
+                        config,
+                        std,
+                        spec.loop_cells,
+                        args.full_prompt,
+                        args.every_block,
+                        counter,
+                    )
                 )
                 entry["wall_seconds"] = round(time.perf_counter() - t, 1)
             else:
@@ -617,8 +690,9 @@ def table(result: dict[str, Any]) -> str:
         ("rows/fact", 9),
         ("max |diff|", 10),
         ("(relative)", 10),
+        ("work", 6),
         ("floor", 6),
-        ("headroom", 8),
+        ("skip gain", 9),
     ]
     lines = [
         head,
@@ -644,8 +718,11 @@ def table(result: dict[str, Any]) -> str:
             f"{e['batched']['rows_per_fact']:.0f}",
             f"{e['max_abs_difference']:.1e}",
             f"{e['max_rel_difference']:.1e}",
+            f"{e['floor']['work_vs_every_block']:.3f}",
             f"{e['floor']['floor']:.3f}",
-            f"{e['floor']['headroom']:.2f}x",
+            f"{e['batched_every_block']['skip_speedup']:.2f}x"
+            if "batched_every_block" in e
+            else "-",
         ]
         lines.append(
             "  ".join(
@@ -697,6 +774,12 @@ def main() -> None:
         "--full-prompt",
         action="store_true",
         help="also time the batched tracer without the prefix cache",
+    )
+    parser.add_argument(
+        "--every-block",
+        action="store_true",
+        help="also time the batched tracer running every block in every row (skip_layers=False:"
+        " the tracer before issue 25's item 1)",
     )
     args = parser.parse_args()
     names = [m.strip() for m in args.models.split(",") if m.strip()]

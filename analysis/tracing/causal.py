@@ -615,6 +615,24 @@ def _corrupted_run(
     return _answer_probs(adapter, final, answer_id), entering, past
 
 
+def _rows_past(past: PastKeyValues, rows: torch.Tensor, layer: int) -> PastKeyValues:
+    """``past.select(rows)`` for rows that start at block ``layer``: the blocks below never
+    run, so their keys and values are not copied: placeholders one value wide that keep the
+    prefix's length, which the model reads off the first block's cache (a zero-width one
+    would read as an empty cache)."""
+    keys, values = [], []
+    for block, (k, v) in enumerate(zip(past.keys, past.values, strict=True)):
+        if block < layer:
+            shape = (len(rows), k.shape[1], k.shape[2], 1)
+            keys.append(k.new_zeros(shape))
+            values.append(v.new_zeros(shape))
+        else:
+            keys.append(k.index_select(0, rows.to(k.device)))
+            values.append(v.index_select(0, rows.to(v.device)))
+    mask = past.attention_mask.index_select(0, rows.to(past.attention_mask.device))
+    return PastKeyValues(tuple(keys), tuple(values), mask)
+
+
 def _run_cells(
     adapter: ModelAdapter,
     prompt_ids: Sequence[int],
@@ -669,7 +687,7 @@ def _run_cells(
         )
     rows_past = None
     if past is not None:
-        rows_past = past.select(torch.arange(n_rows) % n_samples)
+        rows_past = _rows_past(past, torch.arange(n_rows) % n_samples, layer if begin else 0)
     final, _, _ = adapter.final_states(batch, patches, past=rows_past, start=begin)
     return _answer_probs(adapter, final, answer_id).reshape(len(cells), n_samples)
 
