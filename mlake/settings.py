@@ -24,7 +24,9 @@ class ModelSettings:
         name: ``mlake-tiny`` (trained first when not cached) or another of its variants
             (``mlake-tiny-editable``), a local checkpoint folder or a Hugging Face hub id.
         backend: ``tlens`` (TransformerLens) or ``nnsight``.
-        device: ``auto`` (CUDA when present), ``cpu``, ``cuda:N``.
+        device: ``auto`` (CUDA when present; a model whose weights take more than 80 percent of
+            the first GPU's free memory is spread over all GPUs with accelerate's
+            ``device_map="auto"``), ``cpu``, ``cuda:N``.
         dtype: ``float32``, ``bfloat16`` or ``float16``.
         revision: hub branch, tag or commit.
         trust_remote_code: allow modelling code shipped with a checkpoint.
