@@ -161,6 +161,28 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
         ("md", "The same at the subject's last token."),
         ("code", 'answer_probabilities(result, "subject_last")'),
     ],
+    "08_crosslingual_patching": [
+        (
+            "md",
+            "# Cross-lingual patching\n\nDoes a hidden state from a prompt in language A make the model's run on a prompt in language B follow A's content?  The residual stream leaving each layer is patched, one layer at a time, at the subject's last token or at the last position (Dumas et al. 2025; Fierro et al. 2025).  Counterfactual pairs (another known fact's state) on the unedited model, and whether an edit's state carries the edit into another language.",
+        ),
+        ("code", SETUP),
+        ("code", 'run = notebook_run(["patching"], log=log)\nprint(run.summary())'),
+        (
+            "md",
+            "The 5x5 matrices at each position's best layer (the layer where B follows A most often off the diagonal): rows are the source (or edit) language A, columns the target language B.",
+        ),
+        (
+            "code",
+            'from analysis.patching import PatchingResult\nfrom mlake.stages.patching import report_lines\n\nresult = PatchingResult.load(run.stages["patching"].runs["patching"])\nprint("\\n".join(report_lines(result)))',
+        ),
+        ("code", "from figures.patching import layer_curves, matrices\nmatrices(result)"),
+        (
+            "md",
+            "By layer: how often B follows A, per target language (the mean over the other source languages), the diagonal dashed, and the edit-carried rate dotted.",
+        ),
+        ("code", "layer_curves(result)"),
+    ],
 }
 
 

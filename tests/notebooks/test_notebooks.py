@@ -31,6 +31,7 @@ def test_the_notebooks_stored_without_outputs():
         "05_sharing_vs_transfer",
         "06_probes",
         "07_latent_lens",
+        "08_crosslingual_patching",
     ]
     builder = _builder()
     for name in NAMES:
