@@ -186,3 +186,18 @@ def test_subject_digest_enters_the_run_key_and_follows_every_subject(root, cache
         ds.facts[0], views={**ds.facts[0].views, "en": dataclasses.replace(view, question=moved)}
     )
     assert ds.content_key["subjects"] != key["subjects"]
+
+
+def test_reading_leaves_garbage_collection_as_it_was(root, cache_root):
+    import gc
+
+    load_mlake(root)
+    assert gc.isenabled()
+    load_mlake(root)  # read back
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        load_mlake(root)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
