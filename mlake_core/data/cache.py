@@ -13,7 +13,8 @@ A cached :class:`~mlake_core.data.dataset.MlakeDataset` is one pickle file in
 - the version and the languages asked for.
 
 A file is written atomically (:func:`mlake_core.files.atomic_write`), so concurrent loads
-never read a partial one.  A cache file that cannot be read back (truncated, corrupt,
+never read a partial one; writing one removes the same data's entries of other code
+versions left unwritten for a week.  A cache file that cannot be read back (truncated, corrupt,
 another key inside) is rebuilt with a warning; a cache folder that cannot be written
 (read-only) is used for reading only, and the dataset is built in memory.  The cache
 folder is ``$MLAKE_CACHE``, else ``$XDG_CACHE_HOME/mlake``, else ``~/.cache/mlake``, as
@@ -28,6 +29,7 @@ import importlib.metadata
 import os
 import pickle
 import sys
+import time
 import warnings
 from functools import cache
 from pathlib import Path
@@ -39,6 +41,8 @@ from mlake_core.files import atomic_write
 CACHE_FORMAT = 1
 #: Environment variable naming mlake's cache folder (the same one models use).
 CACHE_ENV = "MLAKE_CACHE"
+#: Entries of the same data for another code version are removed after this long unwritten.
+PRUNE_AFTER_S = 7 * 24 * 3600
 #: Distributions whose versions change located subjects.
 ANALYZERS = ("jieba", "fugashi", "unidic-lite")
 
@@ -116,6 +120,20 @@ def read_cached(path: Path, key: str) -> Any | None:
     return dataset
 
 
+def _prune(path: Path) -> None:
+    """Remove the same data's entries of other code versions that were not written for
+    :data:`PRUNE_AFTER_S` (each edit of the data layer would otherwise leave one behind);
+    a recent one may belong to another checkout sharing the cache folder."""
+    stem = path.name.rsplit("-", 1)[0]
+    now = time.time()
+    for old in path.parent.glob(f"{stem}-*.pkl"):
+        try:
+            if old != path and now - old.stat().st_mtime > PRUNE_AFTER_S:
+                old.unlink()
+        except OSError:
+            continue  # gone already, or not ours to remove
+
+
 def write_cached(path: Path, key: str, dataset: Any) -> bool:
     """Cache ``dataset`` at ``path`` (atomically); ``False`` with a warning when the folder
     cannot be written (read-only, full)."""
@@ -126,6 +144,7 @@ def write_cached(path: Path, key: str, dataset: Any) -> bool:
 
     try:
         atomic_write(path, dump)
+        _prune(path)
     except OSError as err:
         warnings.warn(
             f"{path}: cannot cache the located dataset ({err.strerror or err}); "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import time
 import warnings
 from pathlib import Path
 
@@ -201,3 +202,22 @@ def test_reading_leaves_garbage_collection_as_it_was(root, cache_root):
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_entries_of_other_code_versions_are_pruned_after_a_week(root, cache_root, monkeypatch):
+    load_mlake(root)
+    (current,) = cached_files(cache_root)
+    stem = current.name.rsplit("-", 1)[0]
+    stale = current.with_name(f"{stem}-{'a' * 16}.pkl")
+    recent = current.with_name(f"{stem}-{'b' * 16}.pkl")
+    other_data = current.with_name(f"located-v2024-11-en-{'c' * 16}-{'a' * 16}.pkl")
+    for p in (stale, recent, other_data):
+        p.write_bytes(b"x")
+    week_ago = time.time() - data_cache.PRUNE_AFTER_S - 60
+    os.utime(stale, (week_ago, week_ago))
+    os.utime(other_data, (week_ago, week_ago))
+    monkeypatch.setattr(data_cache, "code_version", lambda: "d" * 64)
+    load_mlake(root)  # a new code version writes its entry and prunes
+    names = {p.name for p in cached_files(cache_root)}
+    assert stale.name not in names
+    assert {current.name, recent.name, other_data.name} <= names
