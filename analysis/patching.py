@@ -242,17 +242,61 @@ def patch_all_layers(
         ``(prob, rank, clean_prob, clean_rank)``: ``[position, layer, token]`` after each
         patch, and ``[token]`` of the unpatched run.
     """
-    n_pos, n_layers = source.shape[0], source.shape[1]
-    if len(target_positions) != n_pos:
-        raise ValueError("patch_all_layers: one target position per source position")
+    return patch_sources(
+        adapter,
+        [(source, tokens)],
+        target_ids,
+        target_positions,
+        max_rows,
+        prefix_cache=prefix_cache,
+        prefix=prefix,
+    )[0]
+
+
+def patch_sources(
+    adapter: ModelAdapter,
+    sources: Sequence[tuple[torch.Tensor, Sequence[int]]],
+    target_ids: Sequence[int],
+    target_positions: Sequence[int],
+    max_rows: int | None = None,
+    *,
+    prefix_cache: bool = True,
+    prefix: PastKeyValues | bool | None = None,
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """:func:`patch_all_layers` for several sources into one target prompt at once: each
+    ``(states, tokens)`` gets its rows, and the rows of every source that patch one position
+    share a pass.
+
+    Returns:
+        Per source, ``(prob, rank, clean_prob, clean_rank)`` as :func:`patch_all_layers`.
+    """
+    union = sorted({int(t) for _, tokens in sources for t in tokens})
     rows: list[tuple[int, int, torch.Tensor] | None] = [None]
-    for i, pos in enumerate(target_positions):
-        rows += [(layer, int(pos), source[i, layer]) for layer in range(n_layers)]
+    for source, _ in sources:
+        n_pos, n_layers = source.shape[0], source.shape[1]
+        if len(target_positions) != n_pos:
+            raise ValueError("patch_all_layers: one target position per source position")
+        for i, pos in enumerate(target_positions):
+            rows += [(layer, int(pos), source[i, layer]) for layer in range(n_layers)]
     prob, rank = patch_rows(
-        adapter, target_ids, rows, tokens, max_rows, prefix_cache=prefix_cache, prefix=prefix
+        adapter, target_ids, rows, union, max_rows, prefix_cache=prefix_cache, prefix=prefix
     )
-    shape = (n_pos, n_layers, len(tokens))
-    return prob[1:].reshape(shape), rank[1:].reshape(shape), prob[0], rank[0]
+    out, start = [], 1
+    for source, tokens in sources:
+        n_pos, n_layers = source.shape[0], source.shape[1]
+        cols = [union.index(int(t)) for t in tokens]
+        end = start + n_pos * n_layers
+        shape = (n_pos, n_layers, len(cols))
+        out.append(
+            (
+                prob[start:end][:, cols].reshape(shape),
+                rank[start:end][:, cols].reshape(shape),
+                prob[0, cols],
+                rank[0, cols],
+            )
+        )
+        start = end
+    return out
 
 
 # -- fact pairing -------------------------------------------------------------------------------
@@ -278,12 +322,18 @@ def pair_facts(
     out: dict[int, int] = {}
     ordered = sorted(set(sources))
     for target in targets:
-        candidates = [s for s in ordered if s != target and usable(s, target)]
-        if not candidates:
-            continue
-        same = [s for s in candidates if relation(s) == relation(target)]
+        others = [s for s in ordered if s != target]
+        same = [s for s in others if relation(s) == relation(target)]
+        rest = [s for s in others if relation(s) != relation(target)]
         rng = random.Random(f"{seed}:{key}:{target}")
-        out[target] = rng.choice(same or candidates)
+        # Uniform among the usable ones of a group: the first usable one of the group in a
+        # seeded order (``usable`` is asked about as few sources as that takes).
+        for group in (same, rest):
+            rng.shuffle(group)
+            picked = next((s for s in group if usable(s, target)), None)
+            if picked is not None:
+                out[target] = picked
+                break
     return out
 
 

@@ -50,9 +50,8 @@ def patching_stage(
         EditPatch,
         PatchingResult,
         pair_facts,
-        patch_all_layers,
         patch_edit,
-        prompt_past,
+        patch_sources,
         relation_key,
         source_states,
         summarize_counterfactual,
@@ -168,34 +167,40 @@ def patching_stage(
             for t in targets:
                 if t not in chosen[a, b]:
                     skip("counterfactual", f"{a}-{b}", "no other known fact to pair")
-    # Target by target (its prompt's keys and values serve every source language).
+    # Target by target: the rows of every source language share its passes.
     for b in langs:
         for t in known[b]:
-            prefix = None
+            todo = []
             for a in langs:
                 if t not in chosen[a, b]:
                     continue
-                s = chosen[a, b][t]
-                done = pairs.setdefault((a, b), [])
                 name = f"cf_{a}_{b}_{t}"
                 if run.has_arrays(name):
-                    done.append(
+                    pairs.setdefault((a, b), []).append(
                         CounterfactualPatch.from_arrays(
                             run.load_arrays(name, keys=CF_KEYS, what="a counterfactual patch")
                         )
                     )
                     continue
-                ids, pos, _ = reading(b, t, [answer(b, t)])
-                if prefix is None:
-                    prefix = prompt_past(adapter, ids)
+                s = chosen[a, b][t]
                 src_token, tgt_token = tokens_of[b, s, t]
-                tokens = (int(src_token or 0), int(tgt_token or 0))
-                prob, rank, clean_prob, clean_rank = patch_all_layers(
-                    adapter, state(a, s), ids, pos, tokens, config.max_rows, prefix=prefix
-                )
+                todo.append((a, s, (int(src_token or 0), int(tgt_token or 0))))
+            if not todo:
+                continue
+            ids, pos, _ = reading(b, t, [answer(b, t)])
+            measured = patch_sources(
+                adapter,
+                [(state(a, s), tokens) for a, s, tokens in todo],
+                ids,
+                pos,
+                config.max_rows,
+            )
+            for (a, s, tokens), (prob, rank, clean_prob, clean_rank) in zip(
+                todo, measured, strict=True
+            ):
                 patch = CounterfactualPatch(prob, rank, clean_prob, clean_rank, (s, t), tokens)
-                run.save_arrays(name, patch.to_arrays())
-                done.append(patch)
+                run.save_arrays(f"cf_{a}_{b}_{t}", patch.to_arrays())
+                pairs.setdefault((a, b), []).append(patch)
                 if on_item:
                     on_item({"kind": "counterfactual", "lang": f"{a}-{b}", "fact_id": t})
     pairs = {(a, b): pairs.get((a, b), []) for a in langs for b in langs}

@@ -22,6 +22,7 @@ from analysis.patching import (
     patch_all_layers,
     patch_edit,
     patch_rows,
+    patch_sources,
     prompt_past,
     relation_key,
     source_states,
@@ -84,6 +85,23 @@ def test_batched_equals_unbatched_and_the_backends_agree(tiny: Path, tlens) -> N
         np.testing.assert_allclose(got[0], together[0], rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(got[2], together[2], rtol=1e-4, atol=1e-7)
         assert np.abs(got[1] - together[1]).max() <= 1  # float ties
+
+
+def test_several_sources_in_one_pass_equal_each_alone(tlens) -> None:
+    a, b = _prompts(tlens)
+    c = tlens.encode("Berlin is the capital of")
+    first = source_states(tlens, a, [1, len(a) - 1])
+    second = source_states(tlens, c, [0, len(c) - 1])
+    where = [2, len(b) - 1]
+    together = patch_sources(tlens, [(first, [5, 9]), (second, [9, 40, 5])], b, where)
+    alone = [
+        patch_all_layers(tlens, first, b, where, [5, 9]),
+        patch_all_layers(tlens, second, b, where, [9, 40, 5]),
+    ]
+    for got, want in zip(together, alone, strict=True):
+        assert got[0].shape == want[0].shape
+        for x, y in zip(got, want, strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
 
 
 def test_each_row_patches_only_its_own_layer(tlens) -> None:
@@ -188,6 +206,11 @@ def test_pairing_is_seeded_prefers_the_relation_and_skips_unusable() -> None:
     }
     assert len(drawn) > 1  # the seed draws
     assert relation_key("Where is Paris located?", (9, 14)) == "where is {} located?"
+    # Only as many sources are checked as it takes to find a usable one.
+    asked: list[int] = []
+    counted = lambda s, t: asked.append(s) or True  # noqa: E731
+    pair_facts(list(range(50)), list(range(1000)), seed=0, key="k", relation=str, usable=counted)
+    assert len(asked) == 50
 
 
 @pytest.mark.parametrize("bad", [{"form": "essay"}, {"edits": -1}, {"max_rows": 0}])

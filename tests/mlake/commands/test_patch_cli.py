@@ -100,7 +100,7 @@ def test_resume_uses_saved_pairs(patched, capsys, monkeypatch) -> None:
     def boom(*a, **k):
         raise AssertionError("a saved pair or edit was recomputed")
 
-    monkeypatch.setattr(patching_module, "patch_all_layers", boom)
+    monkeypatch.setattr(patching_module, "patch_rows", boom)
     code, again, err = _run(capsys, *args, "--json")
     assert code == 0, err
     a, b = json.loads(first), json.loads(again)
