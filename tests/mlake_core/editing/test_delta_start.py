@@ -492,6 +492,7 @@ def test_transfer_run_key_leaves_out_default_new_fields(monkeypatch) -> None:
     """``init: zero``, ``restarts: 0`` and ``contexts: none`` stay out of the run key (earlier
     runs stay valid); other values enter it, so the context-averaged keys that are now ROME's
     default never reuse a run made with the edit prompt's key."""
+    from analysis.transfer import TransferConfig
     from mlake.stages.context import StageContext
     from mlake.stages.transfer import transfer_stage
 
@@ -521,7 +522,7 @@ def test_transfer_run_key_leaves_out_default_new_fields(monkeypatch) -> None:
                 ctx,
                 method,
                 config,
-                None,
+                TransferConfig(),
                 knowledge=None,  # type: ignore[arg-type]
                 locality_pool=[],
                 corpus=["text"],
