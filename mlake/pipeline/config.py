@@ -117,6 +117,9 @@ class TransferSettings:
             (:func:`mlake.method_settings.resolve_method`); a field set to another value keeps
             it, one set to the default value itself counts as left at it (the config as
             dumped and reloaded resolves the same way).  What was applied is logged.
+        protocol: ``free-form`` or ``mlake`` (also multiple choice after every edit in every
+            test language, both ways; needs data version v2024-04), as
+            ``mlake edit transfer --protocol`` (:class:`~analysis.transfer.TransferConfig`).
     """
 
     # IKE is left out by default: on mlake-tiny it reaches 0% efficacy (the model does not
@@ -132,6 +135,7 @@ class TransferSettings:
     units_method: str = "ig"
     model_settings: bool = True
     stop_when_decided: bool = False
+    protocol: str = "free-form"
 
     def __post_init__(self) -> None:
         from mlake_core.editing import get_method
@@ -149,7 +153,7 @@ class TransferSettings:
             raise ConfigError(
                 "restricted editing restricts FT: add ft to methods or set restricted: []"
             )
-        self.transfer_config(24)  # validates edit_form and n_locality
+        self.transfer_config(24)  # validates edit_form, n_locality and protocol
         if "ike" in self.methods:
             wanted = self.method_config("ike").n_demonstrations
             if wanted > self.n_locality:
@@ -175,6 +179,7 @@ class TransferSettings:
             locality_seed=self.locality_seed,
             max_new_tokens=max_new_tokens,
             stop_when_decided=self.stop_when_decided,
+            protocol=self.protocol,
         )
 
 

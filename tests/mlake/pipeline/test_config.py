@@ -119,6 +119,19 @@ def test_the_lens_section(tmp_path):
     assert load_config(_write(tmp_path, dump_config(config))) == config
 
 
+def test_the_transfer_protocol(tmp_path):
+    """``transfer.protocol`` reaches the TransferConfig the stage runs with; a bad value is
+    one error naming the file and the key."""
+    assert PipelineConfig().transfer.transfer_config(24).protocol == "free-form"
+    config = load_config(_write(tmp_path, "transfer:\n  protocol: mlake\n"))
+    assert config.transfer.transfer_config(24).protocol == "mlake"
+    assert load_config(_write(tmp_path, dump_config(config))) == config
+    path = _write(tmp_path, "transfer:\n  protocol: paper\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(str(path)) and "protocol" in str(err.value)
+
+
 def test_values_validated_together(tmp_path):
     """IKE's demonstrations and the locality sample are checked with the file's values."""
     config = load_config(
