@@ -154,6 +154,16 @@ def _has_content(norm: str) -> bool:
     return sum(ch.isalnum() for ch in norm) >= 2 and any(ch.isalpha() for ch in norm)
 
 
+def _may_name(question: str, c: _Cand, lang: str) -> bool:
+    """zh/ja: a span the analyzer reads as verbs, particles, adverbs and the like only (信奉,
+    奉仰 "believe in") is the relation, never the subject, even where the fact's multi-hop
+    questions repeat it."""
+    if lang not in ("zh", "ja"):
+        return True
+    name, _ = _analysis(question, lang)
+    return any(name[k] for k in range(c.start, c.end) if not question[k].isspace())
+
+
 def _bad_edges(first: Unit, last: Unit, lang: str) -> bool:
     if lang in CJK_EDGE_STOP:
         chars = CJK_EDGE_STOP[lang]
@@ -448,7 +458,9 @@ def locate_subject(
         cands = [
             c
             for c in _candidates(rec.question, source, lang)
-            if c.norm not in answer_norms and _has_content(c.norm)
+            if c.norm not in answer_norms
+            and _has_content(c.norm)
+            and _may_name(rec.question, c, lang)
         ]
         if cands:
             break

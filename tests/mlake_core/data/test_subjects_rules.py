@@ -338,3 +338,9 @@ def test_en_noun_phrase_stops_at_function_words():
         "Phil Jackson",
     )
     assert locate("en", rec).text == "San Antonio Spurs"
+
+
+def test_a_verb_is_never_the_subject_even_where_multi_hop_questions_repeat_it():
+    rec = record("凱倫·岩士唐信奉哪个宗教？", "凱倫·岩士唐信奉天主教会。", "天主教会", "苏格兰教会")
+    loc = locate("zh", rec, multi_hop=["凯伦·阿姆斯特朗信奉的宗教的创始人是谁？"] * 3)
+    assert loc.text == "凱倫·岩士唐"
