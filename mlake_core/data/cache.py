@@ -14,7 +14,7 @@ A cached :class:`~mlake_core.data.dataset.MlakeDataset` is one pickle file in
 
 A file is written atomically (:func:`mlake_core.files.atomic_write`), so concurrent loads
 never read a partial one; writing one removes the same data's entries of other code
-versions left unwritten for a week.  A cache file that cannot be read back (truncated, corrupt,
+versions left unwritten for a day.  A cache file that cannot be read back (truncated, corrupt,
 another key inside) is rebuilt with a warning; a cache folder that cannot be written
 (read-only) is used for reading only, and the dataset is built in memory.  The cache
 folder is ``$MLAKE_CACHE``, else ``$XDG_CACHE_HOME/mlake``, else ``~/.cache/mlake``, as
@@ -42,7 +42,7 @@ CACHE_FORMAT = 1
 #: Environment variable naming mlake's cache folder (the same one models use).
 CACHE_ENV = "MLAKE_CACHE"
 #: Entries of the same data for another code version are removed after this long unwritten.
-PRUNE_AFTER_S = 7 * 24 * 3600
+PRUNE_AFTER_S = 24 * 3600
 #: Distributions whose versions change located subjects.
 ANALYZERS = ("jieba", "fugashi", "unidic-lite")
 

@@ -204,7 +204,7 @@ def test_reading_leaves_garbage_collection_as_it_was(root, cache_root):
         gc.enable()
 
 
-def test_entries_of_other_code_versions_are_pruned_after_a_week(root, cache_root, monkeypatch):
+def test_entries_of_other_code_versions_are_pruned_after_a_day(root, cache_root, monkeypatch):
     load_mlake(root)
     (current,) = cached_files(cache_root)
     stem = current.name.rsplit("-", 1)[0]
