@@ -11,6 +11,7 @@ YAML file.  ``--set FIELD=VALUE`` (:func:`parse_set`) reaches any field by name.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import inspect
 import re
@@ -274,13 +275,15 @@ def data_settings(args: argparse.Namespace) -> Any:
 
 def add_run_args(parser: argparse.ArgumentParser, *, seed: bool = False) -> None:
     """Add the :class:`~mlake.settings.RunSettings` options (``--batch-size``,
-    ``--results-dir``; ``--seed`` where the command has one) and ``--json``."""
+    ``--results-dir``; ``--seed`` where the command has one), ``--json`` and the executor
+    options (:func:`add_executor_args`)."""
     from mlake.settings import RunSettings
 
     group = parser.add_argument_group("run")
     fields = ["batch_size", "results_dir", *(["seed"] if seed else [])]
     add_settings_args(group, RunSettings, fields=fields)
     group.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_executor_args(parser)
 
 
 #: The :class:`~mlake.settings.RunSettings` fields of the executor options
@@ -324,7 +327,14 @@ def run_settings(args: argparse.Namespace) -> Any:
 def open_session(args: argparse.Namespace, *, log: Callable[[str], None] = log) -> Any:
     """Check the model, data and run options, then load the model and the data and select
     the facts (:func:`mlake.session.open_session`)."""
+    from mlake.executors import make_executor
     from mlake.session import open_session as open_
 
     model, data, run = model_settings(args), data_settings(args), run_settings(args)
-    return open_(model, data, run, log=log)
+    session = open_(model, data, run, log=log)
+    # --executor ray: the sharded stages (knowledge, tracing, transfer) run on Ray workers.
+    executor = make_executor(run, model, data, log=log)
+    if executor is not None:
+        session.ctx = dataclasses.replace(session.ctx, executor=executor)
+        atexit.register(executor.close)
+    return session

@@ -34,6 +34,15 @@ def test_executor_options_override_the_run_settings() -> None:
     assert executor_settings(parser.parse_args([]), base) == base
 
 
+def test_model_commands_take_the_executor_options() -> None:
+    from mlake.cli import build_parser
+    from mlake.commands.common import run_settings
+
+    args = build_parser().parse_args(["trace", "--executor", "ray", "--shard-facts", "4"])
+    run = run_settings(args)
+    assert (run.executor, run.shard_facts, run.gpus_per_worker) == ("ray", 4, 1.0)
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
