@@ -126,6 +126,7 @@ def shape_config(name: str, n_layers: int | None) -> tuple[Any, str, Any]:
     atexit.register(shutil.rmtree, folder, True)
     config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    config._name_or_path = folder  # what the backends name the model by, as after loading
     return config, config.model_type, AutoTokenizer.from_pretrained(folder)
 
 

@@ -37,7 +37,9 @@ def register(subparsers: Any) -> None:
     from mlake.settings import DataSettings
 
     parser = subparsers.add_parser(
-        "models", aliases=["model"], help="inspect model adapters; train mlake-tiny"
+        "models",
+        aliases=["model"],
+        help="inspect model adapters; list real model shapes and plan memory; train mlake-tiny",
     )
     sub = parser.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
     sub.required = True

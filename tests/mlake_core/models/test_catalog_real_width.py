@@ -91,10 +91,11 @@ def test_tracing_rome_and_ig_run_at_real_width(entry, gpu_check, mlake_v2411) ->
     assert report["d_vocab"] == config.vocab_size
     # The plan's weights are the model's: parameters x 4 bytes, tied embeddings once.
     assert report["weights_bytes_model"] == report["weights_bytes_planned"]
-    # TransformerLens keeps split Q/K/V copies of BLOOM's fused projection beside it.
+    # TransformerLens keeps split Q/K/V copies of a fused projection (BLOOM's
+    # query_key_value, GPT-2's c_attn) beside it: 3 d^2 + 3 d numbers per layer.
     extra = report["weights_bytes_measured"] - report["weights_bytes_model"]
     qkv = 2 * 4 * (3 * config.hidden_size * config.hidden_size + 3 * config.hidden_size)
-    assert extra == (qkv if entry.model_type == "bloom" else 0)
+    assert extra == (qkv if entry.model_type in ("bloom", "gpt2") else 0)
     n_tokens = report["trace_tokens"][0]
     assert report["trace_cells"] == [n_tokens * 2]  # resid restorations: tokens x layers
     assert report["ig_units"][0] >= 2 * report["d_mlp"]
