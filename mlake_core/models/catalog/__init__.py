@@ -214,8 +214,8 @@ CATALOG: tuple[CatalogEntry, ...] = (
         "google/gemma-3-1b-pt",
         "Gemma 3",
         1.0e9,
-        "vendored Gemma 3 1B shape (hidden 1152, 26 layers, 4 heads, 1 kv head, head_dim 256); "
-        "parameter count",
+        "parameter count only (hidden 1152, 26 layers, 4 heads, 1 kv head, head_dim 256; not "
+        "confirmed against a vendored copy in this session)",
     ),
     CatalogEntry(
         "gemma-3-4b",
