@@ -690,7 +690,7 @@ def _name_extension(extra: str, lang: str, side: str, inner: str = "") -> bool:
         return True  # parts joined by periods: JD.com, S.C
     if lang in ("zh", "ja"):
         core = extra.strip()
-        if re.fullmatch(r"[A-Za-z0-9][\w.\-]*(?: [A-Za-z0-9][\w.\-]*)*", core):
+        if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.\-]*(?: [A-Za-z0-9][A-Za-z0-9.\-]*)*", core):
             # Latin words of a name written in Latin letters (OS X Mavericks, UEFA EURO 2000)
             return all(w[0].isupper() or w[0].isdigit() for w in core.split())
         if " " in core or not core:

@@ -344,3 +344,16 @@ def test_a_verb_is_never_the_subject_even_where_multi_hop_questions_repeat_it():
     rec = record("凱倫·岩士唐信奉哪个宗教？", "凱倫·岩士唐信奉天主教会。", "天主教会", "苏格兰教会")
     loc = locate("zh", rec, multi_hop=["凯伦·阿姆斯特朗信奉的宗教的创始人是谁？"] * 3)
     assert loc.text == "凱倫·岩士唐"
+
+
+def test_latin_name_in_ja_does_not_grow_over_the_japanese_after_it():
+    """Only Latin words continue a Latin name in zh/ja text: OS X Mavericks, not
+    OS X Mavericksの開発を担当した組織."""
+    rec = record(
+        "OS X Mavericksの開発を担当した組織は何ですか？",
+        "OS X Mavericksの開発を担当した組織は、「Apple」です。",
+        "Apple",
+        "ソニー",
+    )
+    en = record("Who developed OS X?", "OS X was developed by Apple Inc.", "Apple Inc.", "Sony")
+    assert locate("ja", rec, others={"en": en}).text == "OS X Mavericks"
