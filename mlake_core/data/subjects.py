@@ -630,7 +630,9 @@ def _extend(
             and (
                 lang != "de"
                 or _shared_words(question[c.start : cur.start], others)
-                or _bare_numeral(cur, question)
+                or (
+                    _bare_numeral(cur, question) and len(question[c.start : cur.start].split()) == 1
+                )
             )
         ]
         if not grown:
@@ -668,7 +670,8 @@ def _noun_phrase_head(
 
 def _bare_numeral(c: _Cand, question: str) -> bool:
     """A span that is a Roman numeral alone (XII, III) is a regnal number: it always takes the
-    name before it (Innozenz XII), in German too."""
+    one word before it (Innozenz XII), in German too (never more: "Partnerin von Ludwig
+    VIII." stops at "Ludwig VIII.")."""
     return re.fullmatch(r"[IVXLC]+", question[c.start : c.end]) is not None
 
 

@@ -357,3 +357,18 @@ def test_latin_name_in_ja_does_not_grow_over_the_japanese_after_it():
     )
     en = record("Who developed OS X?", "OS X was developed by Apple Inc.", "Apple Inc.", "Sony")
     assert locate("ja", rec, others={"en": en}).text == "OS X Mavericks"
+
+
+def test_de_regnal_number_takes_one_name_only():
+    rec = record(
+        "Welcher Kirche gehörte die Partnerin von Ludwig VIII. an?",
+        "Die Partnerin von Ludwig VIII. gehörte der katholischen Kirche an.",
+        "katholischen Kirche",
+        "Tennis",
+    )
+    en = record(
+        "Which church did the partner of Louis VIII belong to?",
+        "The partner of Louis VIII belonged to the Catholic Church.",
+        "Catholic Church",
+    )
+    assert locate("de", rec, others={"en": en}).text == "Ludwig VIII."
