@@ -3,8 +3,11 @@ prompt language, saved fact by fact."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
+
+import numpy as np
 
 from mlake.stages.context import StageContext
 from mlake_core.metrics.knowledge import KnowledgeResult
@@ -17,6 +20,7 @@ def lens_stage(
     *,
     knowledge: KnowledgeResult,
     on_fact: Callable[[dict[str, Any]], None] | None = None,
+    tuned: Any = None,
 ) -> tuple[Any, Run]:
     """The latent-language lens of every fact the model knows, per prompt language, each
     fact's lens saved as it finishes (an interrupted run resumes there; a complete run is read
@@ -27,6 +31,9 @@ def lens_stage(
     read where the prompt language's answer begins (:func:`~analysis.lens.reading_tokens`).  Facts the model does not know
     in the prompt language (``knowledge``), and views whose form or answers are not usable,
     are skipped and counted per reason.
+
+    ``tuned``: with ``config.lens`` ``tuned``, the :class:`~analysis.tuned_lens.TunedLens`
+    that decodes (:func:`tuned_lens_for`); its key enters the run key.
 
     Returns:
         A :class:`~analysis.lens.LensResult` and the run folder.
@@ -43,15 +50,19 @@ def lens_stage(
     from mlake_core.errors import MlakeError
 
     adapter, dataset, fact_ids, langs = ctx.adapter, ctx.dataset, ctx.fact_ids, ctx.langs
+    decode = _decoder(adapter, config, tuned)
     run = ctx.open_run(
         "lens",
-        config,
+        _Keyed(config.fact_key()),
         known_from="knowledge stage, question form, greedy alias match",
         reading="after the prompt language's leading answer whitespace; first content tokens; "
         "the prompt language's own as tracing reads it",
+        **({"tuned": tuned.key} if tuned is not None else {}),
     )
     facts = {f.fact_id: f for f in dataset.facts}
-    ctx.say(f"lens: logit lens at {adapter.n_layers} layers, top {config.top_k}; {run.path}")
+    ctx.say(
+        f"lens: {config.lens} lens at {adapter.n_layers} layers, top {config.top_k}; {run.path}"
+    )
     summaries, skipped = [], {}
     for lang in langs:
         known = knowledge.known(lang)
@@ -86,7 +97,9 @@ def lens_stage(
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             for (fact_id, (ids, subject_last, answer_ids)), (prob, rank) in zip(
-                chunk, lens_prompts(adapter, [item for _, item in chunk], batch_size), strict=True
+                chunk,
+                lens_prompts(adapter, [item for _, item in chunk], batch_size, decode),
+                strict=True,
             ):
                 lens = FactLens(
                     prob=prob,
@@ -109,7 +122,287 @@ def lens_stage(
         summaries=summaries,
         skipped=skipped,
         run_path=str(run.path),
+        lens=config.lens,
+        tuned=tuned.report() if tuned is not None else {},
     )
     run.save_json("summary", result.to_dict())
     run.write_meta(status="complete", skipped=skipped)
     return result, run
+
+
+class _Keyed:
+    """A run-key config that is a plain dict (:meth:`StageContext.open_run` reads
+    ``to_dict``)."""
+
+    def __init__(self, key: dict[str, Any]) -> None:
+        self._key = key
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._key)
+
+
+def _decoder(adapter: Any, config: Any, tuned: Any) -> Any:
+    """The lens's decoder: ``None`` (the logit lens) or the tuned lens's."""
+    from mlake_core.errors import ConfigError
+
+    if config.lens == "tuned":
+        if tuned is None:
+            raise ConfigError("--lens tuned: no tuned lens given (fit it with tuned_lens_for)")
+        return tuned.decoder(adapter)
+    return None
+
+
+def tuned_lens_for(ctx: StageContext, settings: Any = None, log: Any = None) -> Any:
+    """The tuned lens of the context's model (:mod:`analysis.tuned_lens`), fitted on the MLaKE
+    texts of the facts *not* selected (``ctx.fact_ids`` are evaluated, so never fitted on),
+    in every language of the run, or read from the mlake cache when fitted before with the
+    same model, data and settings."""
+    from analysis.tuned_lens import TunedLensConfig, fit_texts, load_or_fit
+
+    settings = settings or TunedLensConfig()
+    chosen = set(ctx.fact_ids)
+    others = [f.fact_id for f in ctx.dataset.facts if f.fact_id not in chosen]
+    fit, held = fit_texts(ctx.dataset, others, ctx.langs, settings)
+    return load_or_fit(
+        ctx.adapter,
+        ctx.identity(),
+        fit,
+        held,
+        settings,
+        data_key=ctx.dataset.content_sha256,
+        log=log or ctx.say,
+    )
+
+
+def edit_fact(
+    adapter: Any,
+    entry: Any,
+    request: Any,
+    method_config: Any,
+    seed: int,
+    second_moment: Callable[[int], Any],
+) -> tuple[Any, str | None]:
+    """One edit as the patching stage makes it: ``entry``'s method on ``request`` with a
+    generator seeded ``seed`` and the run's key second moments; returns the
+    :class:`~mlake_core.editing.base.EditResult` and why it cannot be used (``None``: it can;
+    :func:`mlake.stages.transfer.edit_failure`).
+
+    Raises:
+        ConfigError: a method whose edits change no weights (nothing for a lens to read).
+    """
+    import torch
+
+    from mlake.stages.transfer import edit_failure
+    from mlake_core.editing import EditContext
+    from mlake_core.errors import ConfigError
+
+    context = EditContext(torch.Generator().manual_seed(seed), second_moment)
+    edited = entry.fn(adapter, [request], method_config, context)
+    if not edited.deltas:
+        raise ConfigError(
+            f"lens --method {entry.name}: its edits change no weights (a prompt prefix), so "
+            "the lens reads the same states after it; choose rome, memit or ft"
+        )
+    return edited, edit_failure(edited)
+
+
+def lens_edits_stage(
+    ctx: StageContext,
+    config: Any,
+    *,
+    knowledge: KnowledgeResult,
+    method_config: Any = None,
+    corpus: Sequence[str] = (),
+    on_item: Callable[[dict[str, Any]], None] | None = None,
+    tuned: Any = None,
+) -> tuple[Any, Run]:
+    """The lens before and after edits (:class:`~analysis.lens.EditLens`): the first
+    ``config.edits`` facts known in each edit language A (whose view there can be edited) are
+    edited with ``config.method`` (``method_config``: its resolved config; ``corpus``: the
+    text of ROME's and MEMIT's key statistics), and each is read in every test language B on
+    B's prompt of the same fact, before and inside the edit
+    (:meth:`~mlake_core.editing.base.EditResult.applied`, which restores the model): the new
+    and the old answer, each written in every language, at every layer and both positions.
+
+    Each edit is saved as it finishes (an interrupted run resumes there; a complete run is
+    read back without writing).  Edits that cannot be made (no subject, a non-finite change)
+    and test languages whose prompt is not usable or whose new and old answers begin with the
+    same token are skipped and counted per reason.
+
+    Returns:
+        A :class:`~analysis.lens.EditLensResult` and the run folder.
+    """
+    from analysis.lens import (
+        EDIT_LENS_KEYS,
+        EditLens,
+        EditLensResult,
+        edit_lens_arrays,
+        lens_edit,
+        reading_tokens,
+        summarize_edit_lens,
+    )
+    from mlake_core.editing import get_method, make_request
+    from mlake_core.editing.base import LocatedPrompt, locate_prompt
+    from mlake_core.editing.covariance import cached_second_moment
+    from mlake_core.errors import ConfigError, MlakeError
+    from mlake_core.provenance import stable_hash
+
+    if not config.measures_edits:
+        raise ConfigError("lens: --method none or --edits 0 measures no edits")
+    adapter, dataset, fact_ids, langs = ctx.adapter, ctx.dataset, ctx.fact_ids, ctx.langs
+    entry = get_method(config.method)
+    if method_config is None:
+        method_config = entry.config_cls()
+    decode = _decoder(adapter, config, tuned)
+    run = ctx.open_run(
+        "lens_edits",
+        config,
+        method_config={k: str(v) for k, v in vars(method_config).items()},
+        corpus=stable_hash(list(corpus)),
+        known_from="knowledge stage, question form, greedy alias match",
+        reading="as the lens reads; new answers then old, each in every language",
+        **({"tuned": tuned.key} if tuned is not None else {}),
+    )
+    facts = {f.fact_id: f for f in dataset.facts}
+    ids_in = [f for f in fact_ids if f in facts]
+    skipped: dict[str, int] = {}
+
+    def skip(what: str, lang: str, reason: str) -> None:
+        key = f"{what}:{lang}:{reason}"
+        skipped[key] = skipped.get(key, 0) + 1
+
+    located: dict[tuple[str, int], LocatedPrompt | None] = {}
+
+    def locate(lang: str, fact_id: int) -> LocatedPrompt | None:
+        if (lang, fact_id) not in located:
+            try:
+                located[lang, fact_id] = locate_prompt(
+                    adapter, facts[fact_id].views[lang], ctx.template, config.form
+                )
+            except MlakeError as err:
+                skip("view", lang, str(err).split(": ", 1)[-1])
+                located[lang, fact_id] = None
+        return located[lang, fact_id]
+
+    def answer(lang: str, fact_id: int, new: bool) -> str:
+        form = facts[fact_id].views[lang].form(config.form)
+        return (form.edit_target if new else form.target).text
+
+    items_of: dict[int, list[tuple[str, tuple[list[int], int, list[int]]]]] = {}
+
+    def items(fact_id: int) -> list[tuple[str, tuple[list[int], int, list[int]]]]:
+        """Per usable test language: (B, (ids, subject_last, new then old answer tokens))."""
+        if fact_id not in items_of:
+            out = []
+            for b in langs:
+                loc = locate(b, fact_id)
+                if loc is None:
+                    continue
+                texts = [answer(x, fact_id, True) for x in langs]
+                texts += [answer(x, fact_id, False) for x in langs]
+                lead, tokens = reading_tokens(adapter, loc, answer(b, fact_id, False), texts)
+                if any(t is None for t in tokens):
+                    skip("test", b, "an answer without a token with content")
+                    continue
+                j = langs.index(b)
+                if tokens[j] == tokens[len(langs) + j]:
+                    skip("test", b, "new and old answer not told apart")
+                    continue
+                ids = [*loc.prompt_ids, *lead]
+                out.append((b, (ids, loc.subject_positions[-1], [int(t or 0) for t in tokens])))
+            items_of[fact_id] = out
+        return items_of[fact_id]
+
+    before_of: dict[int, Any] = {}
+    moments: dict[int, Any] = {}
+
+    def second_moment(layer: int) -> Any:
+        if layer not in moments:
+            moments[layer] = cached_second_moment(
+                adapter, ctx.identity(), layer, corpus, results_dir=ctx.results_dir
+            )
+        return moments[layer]
+
+    ctx.say(
+        f"lens: {config.lens} lens before and after {config.method} edits, {config.edits} per "
+        f"edit language; {run.path}"
+    )
+    known = {lang: knowledge.known(lang) for lang in langs}
+    lenses: dict[str, list[EditLens]] = {a: [] for a in langs}
+    edited_ids: dict[str, list[int]] = {a: [] for a in langs}
+    for a in langs:
+        for f in [f for f in ids_in if f in known[a] and locate(a, f) is not None][: config.edits]:
+            name = f"edit_{a}_{f}"
+            if run.has_arrays(name):
+                lenses[a].append(
+                    EditLens.from_arrays(
+                        run.load_arrays(name, keys=EDIT_LENS_KEYS, what="an edit lens")
+                    )
+                )
+                edited_ids[a].append(f)
+                continue
+            try:
+                request = make_request(adapter, facts[f].views[a], ctx.template, config.form)
+            except MlakeError as err:
+                skip("edit", a, str(err).split(": ", 1)[-1])
+                continue
+            tests = items(f)
+            if not tests:
+                skip("edit", a, "no usable test language")
+                continue
+            edited, failed = edit_fact(
+                adapter, entry, request, method_config, config.seed, second_moment
+            )
+            if failed:
+                skip("edit", a, "non-finite edit")
+                continue
+            before, after = lens_edit(
+                adapter,
+                partial(edited.applied, adapter),
+                [item for _, item in tests],
+                ctx.batch_size,
+                decode,
+                before_of.get(f),
+            )
+            before_of[f] = before
+            prob, rank = edit_lens_arrays(before, after, len(langs))
+            lens = EditLens(
+                prob=prob,
+                rank=rank,
+                answer_ids=np.array([item[2] for _, item in tests]).reshape(
+                    len(tests), 2, len(langs)
+                ),
+                answer_langs=list(langs),
+                test_langs=[b for b, _ in tests],
+                positions=np.array([[item[1], len(item[0]) - 1] for _, item in tests]),
+                known_before=[f in known[b] for b, _ in tests],
+                edit_lang=a,
+                fact_id=f,
+            )
+            run.save_arrays(name, lens.to_arrays())
+            lenses[a].append(lens)
+            edited_ids[a].append(f)
+            if on_item:
+                on_item({"lang": a, "fact_id": f})
+    result = EditLensResult(
+        langs=tuple(langs),
+        method=config.method,
+        n_layers=adapter.n_layers,
+        top_k=config.top_k,
+        lens=config.lens,
+        pairs={
+            a: {b: summarize_edit_lens(a, b, lenses[a], config.top_k) for b in langs} for a in langs
+        },
+        edits=edited_ids,
+        skipped=dict(sorted(skipped.items())),
+        run_path=str(run.path),
+    )
+    run.save_json("summary", result.to_dict())
+    run.write_meta(status="complete", skipped=result.skipped)
+    return result, run
+
+
+def lens_edits_total(ctx: StageContext, config: Any, knowledge: KnowledgeResult) -> int:
+    """About how many edits :func:`lens_edits_stage` makes (for progress bars)."""
+    wanted = set(ctx.fact_ids)
+    return sum(min(config.edits, len(knowledge.known(lang) & wanted)) for lang in ctx.langs)
