@@ -810,7 +810,7 @@ class ModelAdapter(Protocol):
         :meth:`BaseAdapter.check_fits`), naming ``where``."""
         ...
 
-    def logit_lens(self, resid: Activation) -> Logits:
+    def logit_lens(self, resid: Activation, *, grad: bool = False) -> Logits:
         """Logits that residual-stream states ``[..., d_model]`` would give if they left the
         last block (see :meth:`BaseAdapter.logit_lens`)."""
         ...
@@ -1055,16 +1055,18 @@ class BaseAdapter:
         out = self.hf_module(path)(projected.to(self.module_device(path)))
         return out.to(projected.device)
 
-    def logit_lens(self, resid: Activation) -> Logits:
+    def logit_lens(self, resid: Activation, *, grad: bool = False) -> Logits:
         """The logit lens (nostalgebraist 2020): the logits residual-stream states
         ``[..., d_model]`` (``resid_post.L`` read at any layer) would give if they left the last
         block: the final norm, the unembedding and, where the model has one, the final logit
         soft-cap (Gemma 3 270M has none).  Applied to ``resid_post.{n_layers-1}`` it gives the
-        model's own logits.  No gradient; float32 on the model's device.
+        model's own logits.  No gradient unless ``grad`` (then differentiable in ``resid``:
+        a tuned lens fits its translators through it, :mod:`analysis.tuned_lens`); float32 on
+        the model's device.
         """
         norm = self.hf_module(self.spec.final_norm)
         head = self.hf_module(self.spec.unembed)
-        with torch.no_grad():
+        with torch.enable_grad() if grad else torch.no_grad():
             # The final norm and the unembedding may sit on the last device of a device map.
             where = self.module_device(self.spec.final_norm)
             normed = norm(resid.to(device=where, dtype=self.dtype))
