@@ -549,18 +549,20 @@ def _finish(question: str, start: int, end: int, lang: str) -> tuple[int, int]:
 
     1. a title in brackets is the subject whole: a span inside or across 《…》, 「…」 or
        『…』 becomes the title (zh and ja write titles in them);
-    2. a subject does not end in a predicate, particle or honorific (:func:`_trim_predicate`);
+    2. a subject other than a title does not end in a predicate, particle or honorific
+       (:func:`_trim_predicate`);
     3. an opening parenthesis in the span is closed (汉娜·蒙塔娜 (原聲帶));
     4. abbreviations keep their periods: after initials (Varzim S.C.) and, in German, after
        a Roman numeral, which is an ordinal there (Innozenz XII.);
     5. fr: an elided article or preposition is dropped (l'Académie -> Académie).
     """
+    title = False
     for m in re.finditer(r"《([^》]+)》|「([^」]+)」|『([^』]+)』", question):
         a, b = m.start() + 1, m.end() - 1
-        if start < b and end > a and (start, end) != (a, b):
-            start, end = a, b
+        if start < b and end > a:
+            start, end, title = a, b, True
             break
-    if lang in ("zh", "ja"):
+    if lang in ("zh", "ja") and not title:  # a title may end in anything (夜はやさし)
         end = _trim_predicate(question, start, end, lang)
     span = question[start:end]
     if span.count("(") > span.count(")") or span.count("（") > span.count("）"):
@@ -584,13 +586,16 @@ def _trim_predicate(question: str, start: int, end: int, lang: str) -> int:
     """Cut tokens that may not end a subject off the end of a zh/ja span: the predicate
     swallowed with the subject when question and ``o_prompt`` share it (鹧鸪家庭首播,
     约翰·拉岑贝格尔最, 维陶塔斯·兰茨贝吉斯通晓, 方济各信仰), and ja honorifics (オニール氏).  Only
-    whole analyzer tokens inside the span are cut, never the span's first token, and only
+    whole analyzer tokens inside the span are cut, never the span's first token nor a token
+    right after a joiner (佩姬·安·加纳: jieba tags the transliterated 加纳 a verb), and only
     while some content remains."""
     toks = _tokens(question, lang)
     while True:
         last = next((t for t in reversed(toks) if t.start < end), None)
         if last is None or last.end != end or last.start <= start or not last.predicate:
             return end
+        if question[last.start - 1] in JOINERS:
+            return end  # a part after · or ・ is the name's (加纳, 甘迺迪 are tagged verbs)
         new_end = last.start
         while new_end > start and question[new_end - 1] in EDGE_PUNCT + JOINERS:
             new_end -= 1

@@ -372,3 +372,19 @@ def test_de_regnal_number_takes_one_name_only():
         "Catholic Church",
     )
     assert locate("de", rec, others={"en": en}).text == "Ludwig VIII."
+
+
+def test_name_part_after_a_joiner_is_never_cut_as_a_predicate():
+    """jieba tags the transliterated 加纳 a verb; after · it is the name's last part."""
+    rec = record("佩姬·安·加纳是哪个国家的公民？", "佩姬·安·加纳是美国的公民。", "美国")
+    assert locate("zh", rec).text == "佩姬·安·加纳"
+
+
+def test_a_bracketed_title_keeps_its_last_word():
+    rec = record(
+        "小説『夜はやさし』の作者は誰ですか？",
+        "小説『夜はやさし』の作者は、F・スコット・フィッツジェラルドです。",
+        "F・スコット・フィッツジェラルド",
+        "ヘミングウェイ",
+    )
+    assert locate("ja", rec).text == "夜はやさし"
