@@ -4,8 +4,10 @@ The plain loop is how ROME's reference code traces: for every (kind, token, laye
 forward pass whose rows are the corrupted samples, with that cell restored, computing the
 logits of every position.  The batched tracer (:func:`analysis.tracing.causal.trace_prompt`)
 puts many cells' rows in one pass, skips the cells whose effect is zero by construction,
-computes the last position's logits only, and runs each restoration from the restored token on
-after the corrupted run's cached keys and values (the prefix cache).  Both use the same noise
+computes no logits (the answer's log-probability at the last position, the log-sum-exp over
+the vocabulary a chunk at a time), runs each restoration from the restored token on after the
+corrupted run's cached keys and values (the prefix cache), and from its lowest restored block
+on, from the corrupted run's residual stream there (block skipping).  Both use the same noise
 (same generator seed), and the benchmark checks they give the same numbers.  With
 ``--full-prompt`` the batched tracer is also timed without the prefix cache (every row the
 whole prompt), to show what each part gains.
@@ -53,28 +55,29 @@ the measured clean and corrupted passes plus the mean cell pass times the number
 runs every cell (the default on mlake-tiny).  The JSON has the measured seconds, the cells run,
 and the mean and spread of a cell pass's seconds.
 
-**The floor** (work of the batched tracer that no restoration could skip; counted, not
-timed).  The unit is a *token-block*: one transformer block evaluated at one position of one
-batch row.  The tracer's cells are reproduced exactly (:func:`tracer_cells`: the same skip
-rules as ``trace_prompt``: no cell at a token before the subject, none confined to the last
-block at a token other than the last), and the batch rows this gives are checked against the
-tracer's own count.  With ``n`` prompt tokens, ``L`` blocks, ``S`` noise samples:
+**The work and the floor** (counted, not timed).  The unit is a *token-block*: one
+transformer block evaluated at one position of one batch row.  The tracer's cells are
+reproduced exactly (:func:`tracer_cells`: the same skip rules as ``trace_prompt``: no cell at a
+token before the subject, none confined to the last block at a token other than the last), and
+the batch rows this gives are checked against the tracer's own count.  With ``n`` prompt
+tokens, ``L`` blocks, ``S`` noise samples:
 
-* *current* = the clean run (``n L``) + the corrupted runs (``S n L``) + for every computed
-  cell at token ``t``, ``S (n - t) L`` (its rows hold the tokens from ``t`` on, every block);
-  without the prefix cache (a model whose cache cannot be continued, or ``--full-prompt``'s
-  variant, reported as ``full_prompt_token_blocks``) every cell is ``S n L``;
+* *current*: what the tracer ran, counted pass by pass (:class:`BlockCounter`: rows x padded
+  width x the blocks from the pass's start block);
+* *every block* = the clean run (``n L``) + the corrupted runs (``S n L``) + for every computed
+  cell at token ``t``, ``S (n - t) L`` (rows from ``t`` on, every block: the tracer before
+  issue 25's item 1); without the prefix cache every cell is ``S n L`` (``full_prompt``);
 * *minimum* = the same clean and corrupted runs + for every computed cell at token ``t`` whose
-  lowest restored layer is ``l``, ``S (n - t) (L - l)``: the row starts at block ``l``
-  (the restored block is counted whole), since below it every activation at every position
-  from ``t`` on equals the corrupted run's (restoring block ``l``'s output changes nothing
-  before it, and causal attention nothing before ``t``), which is computed once per sample.
-  ``l`` is the layer for ``resid`` cells and the window's first layer for ``mlp`` and ``attn``;
-* ``floor`` = minimum / current, the fraction of today's work that would remain if every row
-  started at its restored layer; ``headroom`` = current / minimum, the most that skipping the
-  blocks below the restored layer could gain (issue 25, item 1, not implemented yet).  Also
-  given over the restoration rows alone (``restorations_floor``), without the clean and
-  corrupted runs.
+  lowest restored layer is ``l``, ``S (n - t) (L - l)``: the row starts at block ``l``, since
+  below it every activation from ``t`` on equals the corrupted run's;
+* ``work`` = current / every block (what block skipping left of the old tracer's work) and
+  ``floor`` = minimum / current (1 when every row starts at its own block; below 1 where
+  :func:`~analysis.tracing.causal.plan_passes` let rows of neighbouring start blocks share a
+  pass because a pass's fixed cost outweighed the extra blocks, as on mlake-tiny);
+  ``every_block_floor`` = minimum / every block is the old table's floor.
+
+``--every-block`` also times ``trace_prompt(..., skip_layers=False)`` in the same process
+(``skip gain`` = its seconds / the batched tracer's).
 
 Run (one torch thread; ``OMP_NUM_THREADS=1``)::
 

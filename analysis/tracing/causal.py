@@ -19,12 +19,28 @@ Speed: the clean run and the corrupted runs are computed once; every restoration
 noise sample is one row of a batch, and as many rows go into one forward pass as the memory
 budget allows (:func:`rows_per_pass`; halved and retried on a CUDA out-of-memory error).  Each
 row carries two patches through the adapter's generic patching (:class:`Patch`): the
-corrupted embeddings, and the clean values at the restored sites.  Only the last position's
-logits are kept.
+corrupted embeddings, and the clean values at the restored sites.
+
+Read only what is measured: no pass computes logits.  Each pass stops after the last block
+(:meth:`~mlake_core.models.adapter.BaseAdapter.final_states`), and the answer's probability is
+read at the last position from the final norm, the answer's logit and the log-sum-exp over the
+vocabulary, a chunk at a time (:meth:`~mlake_core.models.adapter.BaseAdapter.readout_logprobs`),
+so a batch's logits over Gemma 3's 262,144 tokens are never held.
+
+Block skipping: restoring a cell whose lowest restored block is ``l`` changes nothing below
+``l``, where every row equals its noise sample's corrupted run.  The corrupted runs therefore
+keep the residual stream entering every block, and a row starts at block ``l`` from its
+sample's ``resid_pre.l`` (``final_states(..., start=(l, resid))``: the blocks below return
+their input without computing, on both backends and every architecture); the embedding patch
+is then not needed (the noise is in the cached stream).  Rows of one restored token are cut
+into passes by start block (:func:`plan_passes`: a pass starts at its lowest row's block, and
+the fixed cost of a pass, :data:`PASS_OVERHEAD_FLOPS`, decides when rows of neighbouring
+start blocks share one); ``skip_layers=False`` runs every block in every row, with the same
+numbers.
 
 Prefix cache: restoring a cell at token ``t`` changes nothing at the positions before ``t``
 (causal attention), so there every restored run equals its corrupted run.  The corrupted runs
-therefore keep their attention keys and values (:meth:`ModelAdapter.run_with_past`), and the
+therefore keep their attention keys and values (``final_states(..., keep_past=True)``), and the
 rows restoring token ``t`` hold only the tokens from ``t`` on, continuing the keys and values
 of their noise sample's first ``t`` tokens (``run_with_patches(..., past=...)``; positions and
 the attention mask count on from the prefix, and the patch positions are shifted by ``-t``:

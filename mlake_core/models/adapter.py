@@ -1276,8 +1276,9 @@ class BaseAdapter:
                 batch, order, grouped, keep_graph=False, past=past, past_out=out, stop=True
             )
         new_past = None
+        kept, self._pass_cache = self._pass_cache, None  # hold no cache between passes
         if keep_past:
-            hf_cache = out[0] if out else self._pass_cache
+            hf_cache = out[0] if out else kept
             if hf_cache is None:
                 raise NotImplementedError(f"{self.info.model_id}: the forward kept no cache")
             mask = batch.attention_mask
