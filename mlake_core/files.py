@@ -1,4 +1,5 @@
-"""Files mlake writes for others to read: atomic writes, and the modes the umask gives.
+"""Files mlake writes for others to read: atomic writes, the modes the umask gives, and where
+mlake's cache folder is.
 
 Results, shared registries and cached models are written through temporary files or folders
 (:func:`tempfile.mkstemp` creates files 0600, :func:`tempfile.mkdtemp` folders 0700, and the
@@ -13,6 +14,20 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+#: Environment variable naming mlake's cache folder (models, located datasets, tuned lenses).
+CACHE_ENV = "MLAKE_CACHE"
+
+
+def cache_dir() -> Path:
+    """mlake's cache folder: ``$MLAKE_CACHE``, else ``$XDG_CACHE_HOME/mlake``, else
+    ``~/.cache/mlake`` (an empty variable counts as unset)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "mlake"
 
 
 def _umask() -> int:

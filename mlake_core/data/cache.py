@@ -26,7 +26,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import importlib.metadata
-import os
 import pickle
 import sys
 import time
@@ -35,12 +34,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from mlake_core.files import atomic_write
+from mlake_core.files import CACHE_ENV as CACHE_ENV  # re-exported
+from mlake_core.files import atomic_write, cache_dir
 
 #: Bumped when the cache file's layout changes.
 CACHE_FORMAT = 1
-#: Environment variable naming mlake's cache folder (the same one models use).
-CACHE_ENV = "MLAKE_CACHE"
 #: Entries of the same data for another code version are removed after this long unwritten.
 PRUNE_AFTER_S = 24 * 3600
 #: Distributions whose versions change located subjects.
@@ -49,17 +47,6 @@ ANALYZERS = ("jieba", "fugashi", "unidic-lite")
 
 class CacheWarning(UserWarning):
     """A cached dataset could not be read back or written; the load goes on without it."""
-
-
-def cache_dir() -> Path:
-    """mlake's cache folder: ``$MLAKE_CACHE``, else ``$XDG_CACHE_HOME/mlake``, else
-    ``~/.cache/mlake``."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "mlake"
 
 
 @cache

@@ -43,11 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from mlake_core.errors import ConfigError, DataError
-from mlake_core.files import follow_umask
+from mlake_core.files import CACHE_ENV as CACHE_ENV  # re-exported
+from mlake_core.files import cache_dir, follow_umask
 from mlake_core.registry import Registry
-
-#: Environment variable naming mlake's cache folder.
-CACHE_ENV = "MLAKE_CACHE"
 
 #: The record of a converted folder (see the module docstring).
 METADATA_FILE = "mlake_gguf.json"
@@ -68,17 +66,6 @@ GGUF_ARCHITECTURES: dict[str, str] = {
 
 _MAGIC = b"GGUF"
 _BLOCK = 1 << 20
-
-
-def cache_dir() -> Path:
-    """mlake's cache folder: ``$MLAKE_CACHE``, else ``$XDG_CACHE_HOME/mlake``, else
-    ``~/.cache/mlake`` (the folder mlake-tiny is trained into too)."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "mlake"
 
 
 def _say(message: str) -> None:

@@ -9,23 +9,11 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from mlake_core.files import CACHE_ENV as CACHE_ENV  # re-exported
+from mlake_core.files import cache_dir
 from mlake_core.models.mlake_tiny.config import TINY_NAME, TinyTrainConfig, describe_config
 from mlake_core.models.mlake_tiny.train import train_tiny
 from mlake_core.models.mlake_tiny_metadata import METADATA_FILE
-
-#: Environment variable naming the cache folder.
-CACHE_ENV = "MLAKE_CACHE"
-
-
-def cache_dir() -> Path:
-    """mlake's cache folder: ``$MLAKE_CACHE``, else ``$XDG_CACHE_HOME/mlake``, else
-    ``~/.cache/mlake``."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "mlake"
 
 
 def model_dir(config: TinyTrainConfig, root: Path | None = None, data: str = "") -> Path:
