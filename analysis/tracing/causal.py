@@ -466,6 +466,10 @@ def trace_prompt(
     for index in range(1, len(cells)):
         t = cells[index][1] if past is not None else 0
         by_token.setdefault(t, []).append(index)
+    # The last block's outputs at the last position, read out together (below): one readout
+    # streams the unembedding once for many passes' rows (a pass of few rows would stream it
+    # for those few).
+    pending: list[tuple[list[int], torch.Tensor]] = []
     for start, members in sorted(by_token.items()):
         # Rows hold the prompt from token `start` on (0 without the prefix cache, or when the
         # subject starts the prompt: nothing to continue).
@@ -481,7 +485,7 @@ def trace_prompt(
         while queue:
             part = queue.pop(0)
             try:
-                p = _run_cells(
+                states = _run_cells(
                     adapter,
                     prompt_ids,
                     subject,
@@ -501,9 +505,12 @@ def trace_prompt(
                 torch.cuda.empty_cache()  # halve the pass and retry both halves
                 queue[:0] = [part[: len(part) // 2], part[len(part) // 2 :]]
                 continue
-            probs[part] = p
+            pending.append((part, states))
             passes += 1
             rows += len(part) * n_samples
+            if sum(len(c) for c, _ in pending) * n_samples >= READOUT_ROWS:
+                _read_pending(adapter, pending, answer_id, probs)
+    _read_pending(adapter, pending, answer_id, probs)
     mean = probs.mean(-1).double().numpy()
     scores: dict[str, np.ndarray] = {}
     for kind in config.kinds:
@@ -556,6 +563,30 @@ def _answer_probs(adapter: ModelAdapter, final: torch.Tensor, answer_id: int) ->
     the vocabulary a chunk at a time (no ``[rows, vocab]`` logits)."""
     answer = torch.full((final.shape[0],), int(answer_id))
     return adapter.readout_logprobs(final[:, -1], answer).exp().cpu()
+
+
+#: Rows of last-position states read out together (:func:`_read_pending`).
+READOUT_ROWS: int = 4096
+
+
+def _read_pending(
+    adapter: ModelAdapter,
+    pending: list[tuple[list[int], torch.Tensor]],
+    answer_id: int,
+    probs: torch.Tensor,
+) -> None:
+    """Read out the answer's probability for the passes in ``pending`` (``(cells, last-position
+    states [cells x samples, d_model])``) in one readout, into ``probs[cells]``; empties it."""
+    if not pending:
+        return
+    states = torch.cat([s for _, s in pending])
+    p = _answer_probs(adapter, states[:, None], answer_id)
+    n_samples = probs.shape[1]
+    at = 0
+    for cells, s in pending:
+        probs[cells] = p[at : at + s.shape[0]].reshape(len(cells), n_samples)
+        at += s.shape[0]
+    pending.clear()
 
 
 def _start_layer(cell: tuple[str, int, int, list[str]]) -> int:
@@ -664,8 +695,10 @@ def _run_cells(
     layer: int = 0,
     entering: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Probabilities ``[len(cells), n_samples]`` of the answer with each cell restored in
-    each corrupted run: one forward pass, one row per (cell, sample).
+    """The last block's output at the last position ``[len(cells) * n_samples, d_model]``
+    (row ``c * n_samples + s``: cell ``c`` restored in sample ``s``'s corrupted run), for the
+    answer's probability (:func:`_read_pending`): one forward pass, one row per (cell,
+    sample).
 
     With ``past`` (the corrupted runs' keys and values of the first ``start`` tokens, one row
     per sample), the rows hold only the tokens from ``start`` on and continue the past row of
@@ -705,7 +738,7 @@ def _run_cells(
     if past is not None:
         rows_past = _rows_past(past, torch.arange(n_rows) % n_samples, layer if begin else 0)
     final, _, _ = adapter.final_states(batch, patches, past=rows_past, start=begin)
-    return _answer_probs(adapter, final, answer_id).reshape(len(cells), n_samples)
+    return final[:, -1]
 
 
 # -- aggregation --------------------------------------------------------------------------------
