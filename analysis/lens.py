@@ -77,7 +77,8 @@ class LensConfig:
         top_k: an answer is decodable at a layer when its first token ranks below this
             (Wendler et al. read the top token; 10 tolerates the near-synonyms and
             tokenization variants a single first token cannot cover).
-        lens: ``logit`` or ``tuned`` (:data:`LENSES`).
+        lens: ``logit`` (the final norm and unembedding) or ``tuned`` (a fitted affine
+            translator per layer before them, :mod:`analysis.tuned_lens`).
         method: the editing method of the lens before and after an edit (a registered
             method that changes weights), or ``none``: the fact lens alone.
         edits: edits per edit language (the first facts known there; 0: none).

@@ -19,6 +19,22 @@ latent English curve's peak (layer, mean probability) with the number of facts i
 then the run folder.  Per-fact lenses go to the results store (resumable).  The figures
 (the answer in each language by layer, one panel per prompt language) are drawn by the
 pipeline's ``lens`` stage and ``mlake figures``.
+
+--lens tuned decodes through a tuned lens (Belrose et al. 2023, analysis/tuned_lens.py): one
+affine translator per layer, fitted by KL to the last layer on the question and cloze texts
+of the facts not selected (--facts), in every language, 20% of them held out; cached in
+mlake's cache folder and reused.  It prints the held-out KL to the last layer per layer,
+tuned against the logit lens.  Settings: --tuned-steps, --tuned-tokens-per-step, ...
+
+Before and after an edit (--method ft|rome|memit, --edits N per edit language; settings
+resolved as `mlake edit transfer` resolves them, --layer and --set METHOD.FIELD=VALUE): the
+first N facts known in each edit language are edited there, and each edit is read in every
+test language, before and inside the edit: per layer and position, the probability and rank
+of the new and the old answer, each written in every language (saved per edit, a run of
+kind lens_edits; analysis/lens.py EditLens).  Prints per edit and test language the edits,
+how many succeed in the test language, the new answer's median emergence layer after the
+edit (the same rule), how often it never emerges, and how often another language's form of
+the new answer is decodable first.
 """
 
 from __future__ import annotations
@@ -37,13 +53,15 @@ from mlake.commands.common import (
     add_settings_args,
     log,
     open_session,
+    parse_set,
     settings_from_args,
 )
 
 
 def register(subparsers: Any) -> None:
     """Add the ``lens`` command."""
-    from analysis.lens import LensConfig
+    from analysis.lens import LENSES, LensConfig
+    from analysis.tuned_lens import TunedLensConfig
 
     parser = subparsers.add_parser(
         "lens",
@@ -52,8 +70,34 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_args(parser)
+    group = parser.add_argument_group("lens")
     add_settings_args(
-        parser.add_argument_group("lens"), LensConfig, choices={"form": ("question", "cloze")}
+        group,
+        LensConfig,
+        choices={"form": ("question", "cloze"), "lens": LENSES},
+        helps={
+            "method": "the editing method of the lens before and after an edit (ft, rome, "
+            "memit), or none (default): the fact lens alone",
+            "seed": "the seed of the edits' random draws",
+        },
+    )
+    group.add_argument(
+        "--layer",
+        default="auto",
+        help="the edit layer (as `mlake edit transfer --layer`; default auto)",
+    )
+    group.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="METHOD.FIELD=VALUE",
+        help="an editing method's setting, e.g. ft.steps=20 (repeatable)",
+    )
+    add_settings_args(
+        parser.add_argument_group("tuned lens (with --lens tuned)"),
+        TunedLensConfig,
+        prefix="tuned-",
     )
     add_data_args(parser, facts_default="20", facts_help="N (the first N) or all (default: 20)")
     add_run_args(parser)
@@ -63,12 +107,27 @@ def register(subparsers: Any) -> None:
 def run_lens(args: argparse.Namespace) -> int:
     """Entry point of ``mlake lens``."""
     from analysis.lens import LensConfig
+    from analysis.tuned_lens import TunedLensConfig
+    from mlake.commands.edit import given_method_fields
+    from mlake.method_settings import resolve_method
     from mlake.progress import progress_bar
-    from mlake.stages.lens import lens_stage
+    from mlake.stages.lens import lens_edits_stage, lens_edits_total, lens_stage, tuned_lens_for
+    from mlake_core.editing import get_method
+    from mlake_core.editing.covariance import mlake_corpus
 
     config = settings_from_args(args, LensConfig)
+    tuned_settings = settings_from_args(args, TunedLensConfig, prefix="tuned-")
+    entry = None
+    if config.measures_edits:
+        entry = get_method(config.method)
+        overrides = parse_set(
+            args.overrides, {entry.name: entry.config_cls}, kind="METHOD", among="--method"
+        )
+        given = given_method_fields(entry, args.layer, overrides)
+        entry.config_cls(**given)  # bad values fail before the model loads
     session = open_session(args)
     ctx, knowledge = session.ctx, session.measure_knowledge()
+    tuned = tuned_lens_for(ctx, tuned_settings, log) if config.lens == "tuned" else None
     wanted = set(ctx.fact_ids)
     total = sum(len(knowledge.known(lang) & wanted) for lang in ctx.langs)
     bar = progress_bar("lens", total, "fact", log)
@@ -79,16 +138,52 @@ def run_lens(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     try:
-        result, _ = lens_stage(ctx, config, knowledge=knowledge, on_fact=on_fact)
+        result, _ = lens_stage(ctx, config, knowledge=knowledge, on_fact=on_fact, tuned=tuned)
     finally:
         bar.close()
+    edited = None
+    if entry is not None:
+        method_config = resolve_method(
+            entry.name,
+            ctx.adapter,
+            session.loaded.path,
+            given=given,
+            results_dir=ctx.results_dir,
+            log=log,
+        ).config
+        bar = progress_bar("lens edits", lens_edits_total(ctx, config, knowledge), "edit", log)
+
+        def on_item(info: dict[str, Any]) -> None:
+            bar.set_postfix_str(info["lang"], refresh=False)
+            bar.update(1)
+
+        try:
+            edited, _ = lens_edits_stage(
+                ctx,
+                config,
+                knowledge=knowledge,
+                method_config=method_config,
+                corpus=mlake_corpus(ctx.dataset),
+                on_item=on_item,
+                tuned=tuned,
+            )
+        finally:
+            bar.close()
     name, n_facts = session.loaded.name, len(ctx.fact_ids)
     if args.json:
         report = json_report(result, name, n_facts, config)
+        if edited is not None:
+            report["edits"] = edited.to_dict()
         report["seconds"] = round(time.perf_counter() - started, 1)
         print(json.dumps(report, ensure_ascii=False, indent=2))
     else:
         print(format_report(result, name, n_facts, config))
+        if edited is not None:
+            from mlake.stages.lens import edit_lens_lines
+
+            print(f"\nbefore and after {edited.method} edits:")
+            print("\n".join(edit_lens_lines(edited)))
+            print(f"run: {edited.run_path}")
     return 0
 
 
@@ -124,11 +219,15 @@ def format_report(result: Any, model: str, n_facts: int, config: Any) -> str:
 
     rows = [list(LENS_COLUMNS), *(lens_cells(s, missing="-") for s in result.summaries)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(LENS_COLUMNS))]
+    from mlake.stages.lens import tuned_lines
+
     lines = [
-        f"model {model}; {n_facts} facts; logit lens at {result.n_layers} layers, "
+        f"model {model}; {n_facts} facts; {result.lens} lens at {result.n_layers} layers, "
         f"{config.form} form, top {result.top_k}",
         "",
     ]
+    if result.tuned:
+        lines += [*tuned_lines(result.tuned), ""]
     for row in rows:
         cells = [row[0].ljust(widths[0])]
         cells += [

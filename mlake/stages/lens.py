@@ -406,3 +406,112 @@ def lens_edits_total(ctx: StageContext, config: Any, knowledge: KnowledgeResult)
     """About how many edits :func:`lens_edits_stage` makes (for progress bars)."""
     wanted = set(ctx.fact_ids)
     return sum(min(config.edits, len(knowledge.known(lang) & wanted)) for lang in ctx.langs)
+
+
+def tuned_lines(report: dict[str, Any]) -> list[str]:
+    """The tuned lens's fit and validation (:meth:`~analysis.tuned_lens.TunedLens.report`)
+    as text: the split, and per layer the held-out KL to the last layer, tuned against the
+    logit lens."""
+    if not report:
+        return []
+    v = report.get("validation", {})
+    cfg = report.get("config", {})
+    lines = [
+        f"Tuned lens: fitted on {report.get('fit_facts')} facts ({report.get('fit_texts')} texts,"
+        f" {report.get('fit_tokens')} tokens) not evaluated, validated on "
+        f"{report.get('held_facts')} held-out facts ({report.get('held_tokens')} tokens); "
+        f"{cfg.get('steps')} steps of {cfg.get('tokens_per_step')} tokens, "
+        f"{report.get('seconds')} s.",
+        "Held-out KL to the last layer (nats), per layer: tuned / logit lens:",
+        "  "
+        + ", ".join(
+            f"{i}: {t:.3f}/{g:.3f}"
+            for i, (t, g) in enumerate(zip(v.get("tuned", []), v.get("logit", []), strict=True))
+        ),
+    ]
+    return lines
+
+
+#: The edit lens table's columns (one row per edit language and test language).
+EDIT_LENS_COLUMNS: tuple[str, ...] = (
+    "edit",
+    "test",
+    "edits",
+    "success",
+    "known before",
+    "median emergence",
+    "never",
+    "other form first",
+    "first form",
+)
+
+
+def edit_lens_rows(result: Any) -> list[list[str]]:
+    """The rows of the edit lens table (:data:`EDIT_LENS_COLUMNS`) of an
+    :class:`~analysis.lens.EditLensResult`."""
+    rows = []
+    for a in result.langs:
+        for b in result.langs:
+            s = result.pair(a, b)
+            if not s.n_edits:
+                continue
+            med = s.median_emergence
+            first = ", ".join(
+                f"{k} {v}" for k, v in sorted(s.first_language.items(), key=lambda kv: -kv[1])
+            )
+            rows.append(
+                [
+                    a,
+                    b,
+                    str(s.n_edits),
+                    str(s.n_success),
+                    str(s.n_known_before),
+                    "-" if med != med else f"{med:g}",
+                    str(s.never),
+                    str(s.other_form_first),
+                    first or "-",
+                ]
+            )
+    return rows
+
+
+def edit_lens_notes(result: Any) -> str:
+    """What the edit lens table's columns mean."""
+    return (
+        f"{result.method} edits, read through the {result.lens} lens at the last position of "
+        "the test language's prompt after the edit. success: the new answer's test-language "
+        "form is the top token at the last layer; known before: the unedited model answered "
+        "the fact in the test language; median emergence: the first layer (of "
+        f"{result.n_layers}) where the new answer's test-language form ranks below "
+        f"{result.top_k} (the fact lens's rule); never: edits where it never does; other form "
+        "first: edits where another language's form of the new answer is decodable earlier; "
+        "first form: how often each language's form comes first."
+    )
+
+
+def edit_lens_lines(result: Any, *, markdown: bool = False) -> list[str]:
+    """The edit lens table with its notes, as text (``mlake lens``) or Markdown (the
+    pipeline report)."""
+    import textwrap
+
+    header, rows = list(EDIT_LENS_COLUMNS), edit_lens_rows(result)
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines += ["", edit_lens_notes(result)]
+    else:
+        table = [header, *rows]
+        widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+        lines = [
+            ("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))).rstrip()
+            for r in table
+        ]
+        lines += [
+            "",
+            *textwrap.wrap(
+                edit_lens_notes(result), width=96, initial_indent="  ", subsequent_indent="  "
+            ),
+        ]
+    if result.skipped:
+        lines += ["", "Skipped: " + ", ".join(f"{k} {v}" for k, v in result.skipped.items())]
+    return lines

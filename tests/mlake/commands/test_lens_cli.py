@@ -57,7 +57,15 @@ def test_report_and_store(lensed, capsys) -> None:
     report = json.loads(out)
     assert report["n_facts"] == N_FACTS and report["langs"] == LANGS
     assert report["n_layers"] == 2 and report["top_k"] == 10
-    assert report["config"] == {"form": "question", "top_k": 10}
+    assert report["config"] == {
+        "form": "question",
+        "top_k": 10,
+        "lens": "logit",
+        "method": "none",
+        "edits": 10,
+        "seed": 0,
+    }
+    assert "edits" not in report and report["lens"] == "logit" and report["tuned"] == {}
     run = Path(report["run_path"])
     assert json.loads((run / "meta.json").read_text())["status"] == "complete"
     # summary.json is the result, and LensResult reads it back.
@@ -148,9 +156,9 @@ def test_resume_uses_saved_lenses(lensed, capsys, monkeypatch) -> None:
     real = lens_module.lens_prompts
     computed: list[int] = []
 
-    def counting(adapter, items, batch_size=16):
+    def counting(adapter, items, batch_size=16, decode=None):
         computed.append(len(items))
-        return real(adapter, items, batch_size)
+        return real(adapter, items, batch_size, decode)
 
     monkeypatch.setattr(lens_module, "lens_prompts", counting)
     run = Path(json.loads(first)["run_path"])
@@ -172,6 +180,11 @@ def test_resume_uses_saved_lenses(lensed, capsys, monkeypatch) -> None:
         (("--langs", "en,xx"), "'xx'"),
         (("--facts", "some"), "--facts 'some'"),
         (("--batch-size", "0"), "--batch-size 0: must be at least 1"),
+        (("--lens", "magic"), "argument --lens: invalid choice: 'magic'"),
+        (("--edits", "-1"), "--edits -1: must be 0 or more"),
+        (("--method", "nosuch"), "nosuch"),
+        (("--method", "ft", "--set", "ft.nosuch=1"), "nosuch"),
+        (("--tuned-holdout", "1.5"), "holdout"),
     ],
 )
 def test_bad_options(micro_tiny: Path, tmp_path: Path, capsys, extra, message) -> None:
@@ -184,6 +197,65 @@ def test_bad_options(micro_tiny: Path, tmp_path: Path, capsys, extra, message) -
     assert code == 2
     assert message in err
     assert not list(tmp_path.iterdir())  # refused before anything was measured
+
+
+def test_the_lens_before_and_after_edits(lensed, capsys) -> None:
+    """``--method ft --edits 1``: a lens_edits run beside the fact lens, its per-edit arrays,
+    the JSON and the text table; the fact lens's run is the same as without edits."""
+    from analysis.lens import EditLens, EditLensResult
+
+    _root, args = lensed
+    _, plain, _ = _run(capsys, *args, "--json")
+    edit_args = (*args, "--method", "ft", "--edits", "1", "--layer", "0")
+    edit_args += ("--set", "ft.lr=0.01", "--set", "ft.steps=100", "--set", "ft.max_rel_norm=0.3")
+    code, out, err = _run(capsys, *edit_args, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert (
+        report["run_path"] == json.loads(plain)["run_path"]
+    )  # the fact lens is not keyed on edits
+    edits = report["edits"]
+    assert edits["method"] == "ft" and edits["langs"] == LANGS
+    result = EditLensResult.load(edits["run_path"])
+    assert result.to_dict() == edits
+    n = 0
+    for a in LANGS:
+        assert len(edits["edits"][a]) <= 1
+        for lens in result.lenses(a):
+            n += 1
+            assert isinstance(lens, EditLens) and lens.edit_lang == a
+            assert lens.prob.shape == (len(lens.test_langs), 2, 2, 2, 2, len(LANGS))
+            for b in lens.test_langs:
+                assert result.pair(a, b).n_edits >= 1
+    assert n >= 1
+    code, text, err = _run(capsys, *edit_args)
+    assert code == 0, err
+    assert "before and after ft edits:" in text and "median emergence" in text
+    assert f"run: {edits['run_path']}" in text.splitlines()
+
+
+def test_the_tuned_lens(lensed, capsys, monkeypatch, tmp_path: Path) -> None:
+    """``--lens tuned``: fitted on the facts not selected, cached (a second call reads it
+    back: the same run), and the held-out KL reported per layer."""
+    monkeypatch.setenv("MLAKE_CACHE", str(tmp_path / "cache"))
+    _root, args = lensed
+    tuned_args = (*args, "--lens", "tuned", "--tuned-steps", "20", "--tuned-max-facts", "40")
+    code, out, err = _run(capsys, *tuned_args, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["lens"] == "tuned" and report["config"]["lens"] == "tuned"
+    tuned = report["tuned"]
+    assert tuned["fit_facts"] == 32 and tuned["held_facts"] == 8
+    assert len(tuned["validation"]["tuned"]) == 2 == len(tuned["validation"]["logit"])
+    assert tuned["validation"]["tuned"][-1] == pytest.approx(0.0, abs=1e-5)
+    assert list((tmp_path / "cache" / "lens").glob("tuned-*.npz"))
+    _, plain, _ = _run(capsys, *args, "--json")
+    assert json.loads(plain)["run_path"] != report["run_path"]  # another lens, another run
+    code, again, err = _run(capsys, *tuned_args, "--json")
+    assert code == 0 and "tuned lens: read from" in err
+    _same(report, json.loads(again))
+    code, text, err = _run(capsys, *tuned_args)
+    assert "Held-out KL to the last layer" in text and "tuned lens at 2 layers" in text
 
 
 def test_the_pipeline_draws_the_lens_figures(micro_tiny: Path, tmp_path: Path) -> None:
