@@ -1276,7 +1276,8 @@ class BaseAdapter:
                 batch, order, grouped, keep_graph=False, past=past, past_out=out, stop=True
             )
         new_past = None
-        kept, self._pass_cache = self._pass_cache, None  # hold no cache between passes
+        kept = getattr(self, "_pass_cache", None)
+        self._pass_cache: Any = None  # hold no cache between passes
         if keep_past:
             hf_cache = out[0] if out else kept
             if hf_cache is None:
