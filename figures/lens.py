@@ -138,5 +138,100 @@ def answer_probabilities(
         handles.append(Line2D([], [], color=SHARED_COLOR, lw=OWN_WIDTH, marker="o", ms=2.5))
         labels.append("thick: the prompt's own language")
         fig.legend(handles, labels, loc="outside lower center", ncol=4, frameon=False)
-    fig.suptitle(f"logit lens at {POSITION_LABELS[position]}: the answer written in each language")
+    lens = getattr(result, "lens", "logit")
+    fig.suptitle(f"{lens} lens at {POSITION_LABELS[position]}: the answer written in each language")
+    return fig
+
+
+#: Line styles of the edit lens curves: (kind, phase) -> (line style, label).
+EDIT_STYLES = {
+    ("new", "after"): ("-", "new answer, after the edit"),
+    ("new", "before"): ("--", "new answer, before"),
+    ("old", "after"): ("-", "old answer, after the edit"),
+    ("old", "before"): ("--", "old answer, before"),
+}
+#: The colors of the new and the old answer in the edit lens figure.
+NEW_COLOR, OLD_COLOR = "#c0392b", "#7f8c8d"
+
+
+def edit_curves(
+    result: Any, edit_lang: str, position: str = "last", *, langs: Sequence[str] | None = None
+) -> Any:
+    """The lens before and after the edits of one edit language (``result``: an
+    :class:`~analysis.lens.EditLensResult`): one panel per test language, the mean
+    probability by layer of the new answer (red) and the old answer (grey), each written in
+    the test language, before the edit (dashed) and after it (solid), at ``position``.  Each
+    panel's title gives the edits read there and how many succeed there; a panel without
+    edits says so.
+
+    Returns:
+        A matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    use_style()
+    if position not in POSITION_LABELS:
+        raise ValueError(f"position {position!r}: choose {', '.join(POSITION_LABELS)}")
+    if edit_lang not in result.pairs:
+        raise ValueError(f"edit language {edit_lang!r}: the run has {', '.join(result.pairs)}")
+    tests = [b for b in result.langs if langs is None or b in langs]
+    fig, axes = plt.subplots(
+        1,
+        max(1, len(tests)),
+        figsize=(PAGE_WIDTH, 2.0),
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+    )
+    layers = np.arange(result.n_layers)
+    top = 0.0
+    for ax, b in zip(axes[0], tests, strict=False):
+        s = result.pair(edit_lang, b)
+        ax.set_title(f"read in {b}: {s.n_success}/{s.n_edits} succeed", fontsize=7)
+        ax.set_xticks(layer_ticks(result.n_layers, max_labels=6))
+        ax.set_xlim(-0.3, result.n_layers - 0.7)
+        ax.set_xlabel("layer")
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+        curves = s.mean_prob.get(position) or {}
+        if not s.n_edits or not curves:
+            ax.text(
+                0.5,
+                0.5,
+                "no edit\nread here",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="#666666",
+            )
+            continue
+        for (kind, phase), (ls, label) in EDIT_STYLES.items():
+            values = np.asarray(curves[f"{kind}_{phase}"], dtype=float)
+            ax.plot(
+                layers,
+                values,
+                ls=ls,
+                lw=2.0 if phase == "after" else 1.2,
+                marker="o" if phase == "after" else None,
+                ms=2.5,
+                color=NEW_COLOR if kind == "new" else OLD_COLOR,
+                label=label,
+            )
+            top = max(top, float(values.max()))
+    for ax in axes[0][len(tests) :]:
+        ax.set_visible(False)
+    axes[0][0].set_ylim(0, min(1.0, max(0.05, 1.08 * top)))
+    axes[0][0].set_ylabel("mean probability\n(test language's form)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=4, frameon=False)
+    fig.suptitle(
+        f"{result.method} edits in {edit_lang} (n={len(result.edits.get(edit_lang, []))}), "
+        f"{result.lens} lens at {POSITION_LABELS[position]}"
+    )
     return fig
