@@ -589,7 +589,9 @@ def summarize_edits(
 ) -> dict[str, Any]:
     """The edit-carried rates over the edits that succeed in their edit language: per
     direction and position, ``carried`` (B's top token is the new answer's) and
-    ``restored`` (the old answer's) as ``[layer][A][B]``; ``clean_carried`` per direction
+    ``restored`` (the old answer's) as ``[layer][A][B]``; ``n_cells`` ``[A][B]`` the edits
+    behind each cell (a target whose new and old answer begin with the same token is left
+    out); ``clean_carried`` per direction
     ``[A][B]`` (the unpatched target run: the edit's own transfer for ``unedited_to_edited``);
     ``n`` (edits counted) and ``n_failed`` (edits that fail in A) per edit language; the best
     layer per position (the highest mean forward carried rate off the diagonal)."""
@@ -599,6 +601,7 @@ def summarize_edits(
     out: dict[str, Any] = {
         "n": {a: len(good[a]) for a in langs},
         "n_failed": {a: len(edits.get(a, ())) - len(good[a]) for a in langs},
+        "n_cells": [[sum(b in e.target_langs for e in good[a]) for b in langs] for a in langs],
     }
     clean: dict[str, list[list[float | None]]] = {}
     for d, direction in enumerate(DIRECTIONS):

@@ -66,8 +66,10 @@ def matrices(result: Any) -> Any:
         axes[r][0].set_ylabel("source language A")
         if with_edits:
             section = result.edits[DIRECTIONS[0]][pos]
-            n_edits = result.edits["n"]
-            edit_notes = np.array([[f"n={n_edits[a]}" for _ in langs] for a in langs], dtype=object)
+            cells = result.edits.get("n_cells") or [
+                [result.edits["n"][a] for _ in langs] for a in langs
+            ]
+            edit_notes = np.array([[f"n={int(v)}" for v in row] for row in cells], dtype=object)
             _heatmap(
                 axes[r][1],
                 100 * result.matrix("carried", pos),

@@ -357,6 +357,14 @@ def report_lines(result: Any, *, markdown: bool = False) -> list[str]:
             + "; failed in A: "
             + ", ".join(f"{a} {ed['n_failed'][a]}" for a in langs),
         ]
+        if "n_cells" in ed:
+            lines.append(
+                "Edits per cell (rows: edit language A, columns: target B): "
+                + "; ".join(
+                    f"{a}: " + ",".join(str(x) for x in row)
+                    for a, row in zip(langs, ed["n_cells"], strict=True)
+                )
+            )
         for pos in POSITIONS:
             layer = ed[DIRECTIONS[0]][pos]["best_layer"]
             lines += [

@@ -91,6 +91,7 @@ def test_the_summary_and_its_matrices() -> None:
     assert result.matrix("follows", "last", layer=2)[0, 0] == 1.0
     assert result.edits["n"] == {"en": 1, "zh": 1, "fr": 0}
     assert result.edits["n_failed"]["en"] == 1
+    assert result.edits["n_cells"] == [[1, 1, 1], [1, 1, 1], [0, 0, 0]]
     assert result.edits["edited_to_unedited"]["last"]["best_layer"] == 1
     carried = result.matrix("carried", "last")
     assert carried[0, 1] == 1.0 and carried[1, 1] == 0.0 and np.isnan(carried[2, 0])
@@ -126,6 +127,9 @@ def test_the_report_section(tmp_path: Path) -> None:
     assert "Edit carried (edited A state into the unedited B run), at last, best layer 1" in section
     assert "Edits counted (successful in A): en 1, zh 1, fr 0; failed in A: en 1" in section
     assert "no other known fact to pair 1" in section
+    assert (
+        "Edits per cell (rows: edit language A, columns: target B): en: 1,1,1; zh: 1,1,1" in section
+    )
     assert "![patching_matrices](figures/patching_matrices.png)" in section
 
 
