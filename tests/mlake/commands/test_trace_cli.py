@@ -19,6 +19,9 @@ from mlake_core.results.store import Run
 matplotlib.use("Agg")
 pytestmark = pytest.mark.slow
 
+#: A threshold above both languages' measured relative effect on the micro model (fixture).
+NO_SIGNAL_THRESHOLD = 0.3
+
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
@@ -31,6 +34,11 @@ def traced(micro_tiny: Path, tmp_path_factory):
     root = tmp_path_factory.mktemp("trace_runs")
     args = ("trace", "--model", str(micro_tiny), "--langs", "en,zh", "--facts", "4")
     args += ("--samples", "3", "--results-dir", str(root), "--device", "cpu")
+    # Measured on this micro model (subjects as located since session 14): corrupting the
+    # subject moves p(answer) 0.86 -> 0.82 in en (4.5% of p_clean) and 0.61 -> 0.49 in zh
+    # (20%).  With the threshold at 30% of p_clean neither language has signal, so the
+    # fixture exercises the no-signal path; the tests below lower it to reach the other.
+    args += ("--min-total-effect", str(NO_SIGNAL_THRESHOLD))
     code = main([*args, "--json"])
     assert code == 0
     return root, args
@@ -59,14 +67,13 @@ def test_report_and_store(traced, capsys) -> None:
     sim = np.array(report["similarity"]["all"], dtype=float)
     assert sim.shape == (2, 2)
     assert np.allclose(np.diag(sim)[~np.isnan(np.diag(sim))], 1.0)
-    # The micro model answers from the question's wording: corrupting the subject barely
-    # moves p(answer) (about 0.90 -> 0.86 in en and 0.97 -> 0.94 in zh, a drop of 3-5% of
-    # p_clean), so tracing has no signal in either language and recommends no layer.
-    assert report["min_total_effect"] == 0.1
+    # Below the fixture's threshold in both languages: tracing has no signal in either and
+    # recommends no layer.
+    assert report["min_total_effect"] == NO_SIGNAL_THRESHOLD
     for s in report["summaries"]:
         assert (s["signal"], s["no_signal_reason"]) == (False, "small_total_effect")
         assert s["total_effect"] == pytest.approx(s["p_clean"] - s["p_corrupt"], abs=2e-5)
-        assert s["relative_effect"] < 0.1
+        assert s["relative_effect"] < NO_SIGNAL_THRESHOLD
     assert report["signal"] == {"en": False, "zh": False}
     assert report["recommended_layer"] is None
     assert report["recommended_by_lang"] == {"en": None, "zh": None}
@@ -222,6 +229,8 @@ def test_figures(traced, capsys) -> None:
                     for k, m in s["maps"].items()
                 },
                 peak_mlp_layer=s["peak_mlp_layer"],
+                signal=s["signal"],  # judged at the run's threshold
+                no_signal_reason=s["no_signal_reason"],
             )
             for s in report["summaries"]
         ],
