@@ -17,6 +17,8 @@ file (``figures/<name>``)       from
 ``lens_last``                  lens: per prompt language, the answer in each language by
                                layer at the last position (and the latent English curve)
 ``lens_subject_last``          lens: the same at the subject's last token
+``lens_edits_<lang>``          lens (with ``lens.method``): before and after the edits in
+                               one edit language, a panel per test language
 ``patching_matrices``          patching: 5x5 B-follows-A and edit-carried matrices at the
                                best layer, per patched position
 ``patching_layers``            patching: follow and edit-carried rates by layer
@@ -159,6 +161,14 @@ def figure_makers(
             makers.append((f"lens_{position}", partial(lens.answer_probabilities, lres, position)))
     else:
         makers.append(("lens_last", "no lens stage in the run"))
+    edits_dir = _runs(manifest, "lens").get("lens_edits")
+    if edits_dir and (Path(edits_dir) / "summary.json").is_file():
+        from analysis.lens import EditLensResult
+
+        eres = EditLensResult.from_dict(_read_json(Path(edits_dir) / "summary.json"))
+        for lang in eres.langs:  # one figure per edit language
+            if eres.edits.get(lang):
+                makers.append((f"lens_edits_{lang}", partial(lens.edit_curves, eres, lang)))
 
     # Cross-lingual patching.
     patch_dir = _runs(manifest, "patching").get("patching")

@@ -458,6 +458,24 @@ def build_report(out: str | os.PathLike[str]) -> str:
             png = next((f for f in written.get(name, []) if f.endswith(".png")), None)
             if png:
                 lines += ["", f"![{name}](figures/{png})"]
+        if lens.tuned:
+            from mlake.stages.lens import tuned_lines
+
+            lines += ["", *tuned_lines(lens.tuned)]
+        edits_dir = _stage_runs(manifest, "lens").get("lens_edits")
+        if edits_dir and (Path(edits_dir) / "summary.json").is_file():
+            from analysis.lens import EditLensResult
+            from mlake.stages.lens import edit_lens_lines
+
+            eres = EditLensResult.from_dict(_read(Path(edits_dir) / "summary.json"))
+            lines += ["", "### The lens before and after edits", ""]
+            lines += edit_lens_lines(eres, markdown=True)
+            for lang in eres.langs:
+                png = next(
+                    (f for f in written.get(f"lens_edits_{lang}", []) if f.endswith(".png")), None
+                )
+                if png:
+                    lines += ["", f"![lens_edits_{lang}](figures/{png})"]
 
     # Cross-lingual patching.
     patch_dir = _stage_runs(manifest, "patching").get("patching")

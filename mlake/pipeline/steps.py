@@ -175,9 +175,16 @@ def _stage_tracing(s: PipelineState) -> dict[str, str]:
 
 
 def _stage_lens(s: PipelineState) -> dict[str, str]:
-    from mlake.stages.lens import lens_stage
+    """The fact lens; with ``lens.lens: tuned`` through a tuned lens (default fit settings,
+    :class:`~analysis.tuned_lens.TunedLensConfig`); with ``lens.method`` and ``lens.edits``
+    also the lens before and after edits (run ``lens_edits``; the method's settings resolved
+    as the transfer stage resolves them)."""
+    from mlake.stages.lens import lens_edits_stage, lens_edits_total, lens_stage, tuned_lens_for
+    from mlake_core.editing.covariance import mlake_corpus, read_corpus
 
     s.need("knowledge")
+    c, ctx = s.config, s.context
+    tuned = tuned_lens_for(ctx) if c.lens.lens == "tuned" else None
     bar = s.bar("lens", _known_total(s), "fact")
 
     def on_fact(info: dict[str, Any]) -> None:
@@ -186,11 +193,35 @@ def _stage_lens(s: PipelineState) -> dict[str, str]:
         s.item("lens", info)
 
     try:
-        _, run = lens_stage(s.context, s.config.lens, knowledge=s.knowledge, on_fact=on_fact)
+        _, run = lens_stage(ctx, c.lens, knowledge=s.knowledge, on_fact=on_fact, tuned=tuned)
     finally:
         bar.close()
     s.runs["lens"] = str(run.path)
-    return {"lens": str(run.path)}
+    runs = {"lens": str(run.path)}
+    if c.lens.measures_edits:
+        method_config = _method_config(s, c.lens.method)
+        corpus = read_corpus(c.transfer.corpus) if c.transfer.corpus else mlake_corpus(ctx.dataset)
+        bar = s.bar("lens edits", lens_edits_total(ctx, c.lens, s.knowledge), "edit")
+
+        def on_item(info: dict[str, Any]) -> None:
+            bar.set_postfix_str(info["lang"], refresh=False)
+            bar.update(1)
+            s.item("lens", {"kind": "edit", **info})
+
+        try:
+            _, edits_run = lens_edits_stage(
+                ctx,
+                c.lens,
+                knowledge=s.knowledge,
+                method_config=method_config,
+                corpus=corpus,
+                on_item=on_item,
+                tuned=tuned,
+            )
+        finally:
+            bar.close()
+        s.runs["lens_edits"] = runs["lens_edits"] = str(edits_run.path)
+    return runs
 
 
 def _stage_patching(s: PipelineState) -> dict[str, str]:

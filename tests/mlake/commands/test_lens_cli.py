@@ -211,9 +211,8 @@ def test_the_lens_before_and_after_edits(lensed, capsys) -> None:
     code, out, err = _run(capsys, *edit_args, "--json")
     assert code == 0, err
     report = json.loads(out)
-    assert (
-        report["run_path"] == json.loads(plain)["run_path"]
-    )  # the fact lens is not keyed on edits
+    # The fact lens is not keyed on edits.
+    assert report["run_path"] == json.loads(plain)["run_path"]
     edits = report["edits"]
     assert edits["method"] == "ft" and edits["langs"] == LANGS
     result = EditLensResult.load(edits["run_path"])
@@ -274,7 +273,7 @@ def test_the_pipeline_draws_the_lens_figures(micro_tiny: Path, tmp_path: Path) -
                 "model": {"name": str(micro_tiny), "device": "cpu"},
                 "data": {"langs": LANGS, "facts": 3},
                 "run": {"stages": ["data", "model", "knowledge", "lens", "figures", "report"]},
-                "lens": {"top_k": 5},
+                "lens": {"top_k": 5, "method": "ft", "edits": 1},
             }
         )
     )
@@ -303,6 +302,24 @@ def test_the_pipeline_draws_the_lens_figures(micro_tiny: Path, tmp_path: Path) -
         median = "–" if math.isnan(s.median_emergence) else f"{s.median_emergence:g}"
         assert f"| {s.lang} | {s.n_facts} | {median} | {s.never} |" in section
     assert "in the top 5" in section and "![lens_last](figures/lens_last.png)" in section
+    # The lens before and after edits: its run, a figure per edit language, its table.
+    from analysis.lens import EditLensResult
+
+    edits = EditLensResult.load(manifest["stages"]["lens"]["runs"]["lens_edits"])
+    assert edits.method == "ft" and edits.top_k == 5
+    edited = [a for a in LANGS if edits.edits.get(a)]
+    assert edited
+    for a in edited:
+        assert index["written"][f"lens_edits_{a}"] == [f"lens_edits_{a}.pdf", f"lens_edits_{a}.png"]
+        assert f"![lens_edits_{a}](figures/lens_edits_{a}.png)" in section
+    assert "### The lens before and after edits" in section
+    for a in edited:
+        for b in LANGS:
+            p = edits.pair(a, b)
+            if p.n_edits:
+                assert (
+                    f"| {a} | {b} | {p.n_edits} | {p.n_success} | {p.n_known_before} |" in section
+                )
     # `mlake figures` draws them again.
     for png in (out / "figures").glob("lens_*.png"):
         png.unlink()

@@ -115,7 +115,17 @@ def test_the_lens_section(tmp_path):
     assert PipelineConfig().lens == LensConfig()
     config = load_config(_write(tmp_path, "lens:\n  top_k: '3'\n"))
     assert config.lens == LensConfig(top_k=3)
-    assert config.to_dict()["lens"] == {"form": "question", "top_k": 3}
+    assert config.to_dict()["lens"] == {
+        "form": "question",
+        "top_k": 3,
+        "lens": "logit",
+        "method": "none",
+        "edits": 10,
+        "seed": 0,
+    }
+    edits = load_config(_write(tmp_path, "lens:\n  method: ft\n  edits: 2\n  lens: tuned\n"))
+    assert edits.lens == LensConfig(method="ft", edits=2, lens="tuned")
+    assert edits.lens.measures_edits
     assert load_config(_write(tmp_path, dump_config(config))) == config
 
 
