@@ -17,8 +17,10 @@ on Gemma 3 and mlake-tiny), the space is joined to the prompt and the lens reads
 after it; every language's answer is then the token that would follow there
 (:func:`reading_tokens`).  Without this the "last position" predicts the space, and every
 content token looks improbable there.
-A tuned lens (Belrose et al. 2023) is not implemented yet; the logit lens is exact at the last
-layer (the model's own output) and biased towards the output space before it.
+The logit lens is exact at the last layer (the model's own output) and biased towards the
+output space before it; ``LensConfig.lens = "tuned"`` decodes through a tuned lens instead
+(Belrose et al. 2023: an affine translator per layer before the final norm,
+:mod:`analysis.tuned_lens`).
 
 Definitions (per fact view; :class:`LensSummary` averages them per prompt language):
 

@@ -160,6 +160,27 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
         ),
         ("md", "The same at the subject's last token."),
         ("code", 'answer_probabilities(result, "subject_last")'),
+        (
+            "md",
+            "## Before and after an edit\n\nThe notebook settings edit the first 3 facts known in each language with FT (`lens.method`, `lens.edits`) and read each edit in every test language, before and inside the edit: the new and the old answer, each written in every language, at every layer.  Per edit and test language: how many edits succeed there, the new answer's median emergence layer after the edit (the rule above), and how often another language's form of it is decodable first.",
+        ),
+        (
+            "code",
+            'from analysis.lens import EditLensResult\nfrom mlake.stages.lens import edit_lens_lines\n\nedits = EditLensResult.load(run.stages["lens"].runs["lens_edits"])\nprint("\\n".join(edit_lens_lines(edits)))',
+        ),
+        (
+            "md",
+            "The edits made in English, read in each test language: the new answer (red) and the old one (grey), each in the test language's form, before the edit (dashed) and after it (solid).",
+        ),
+        ("code", 'from figures.lens import edit_curves\nedit_curves(edits, "en")'),
+        (
+            "md",
+            "One edit's arrays, as the failure classification reads them: `prob` and `rank` are `[test language, phase (before, after), position (subject_last, last), layer, kind (new, old), answer language]`.",
+        ),
+        (
+            "code",
+            'one = next(edits.lenses("en"))\nprint(one.fact_id, one.test_langs, one.prob.shape)\n{b: (one.emergence_layer(b, edits.top_k), one.first_language(b, edits.top_k), one.success(b)) for b in one.test_langs}',
+        ),
     ],
     "08_crosslingual_patching": [
         (

@@ -206,6 +206,7 @@ def run_pipeline(
 
 NOTEBOOK_SETTINGS: dict[str, Any] = {
     "tracing": {"n_samples": 3},
+    "lens": {"method": "ft", "edits": 3},  # the lens before and after 3 FT edits per language
     "transfer": {"n_locality": 4, "ike": {"n_demonstrations": 2}},
     "neurons": {
         "attribution": {"steps": 5, "samples": 2},
