@@ -663,6 +663,8 @@ class EditLensSummary:
         other_form_first: edits whose first decodable form of the new answer is not B's.
         new_forms_after: the new answer's mean probability by layer at B's last position
             after the edit, per answer language (``[layer][answer language]``).
+        emerged_before: edits whose new answer (B form) was already decodable at some layer
+            before the edit (its emergence is then not the edit's doing).
     """
 
     edit_lang: str
@@ -677,6 +679,7 @@ class EditLensSummary:
     first_language: dict[str, int]
     other_form_first: int
     new_forms_after: list[list[float]] = field(default_factory=list)
+    emerged_before: int = 0
 
     @property
     def median_emergence(self) -> float:
@@ -738,6 +741,9 @@ def summarize_edit_lens(
         first_language=first,
         other_form_first=sum(n for lang, n in first.items() if lang != test_lang),
         new_forms_after=forms,
+        emerged_before=sum(
+            e.emergence_layer(test_lang, top_k, phase="before") is not None for e in rows
+        ),
     )
 
 

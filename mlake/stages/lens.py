@@ -441,6 +441,7 @@ EDIT_LENS_COLUMNS: tuple[str, ...] = (
     "known before",
     "median emergence",
     "never",
+    "decodable before",
     "other form first",
     "first form",
 )
@@ -468,6 +469,7 @@ def edit_lens_rows(result: Any) -> list[list[str]]:
                     str(s.n_known_before),
                     "-" if med != med else f"{med:g}",
                     str(s.never),
+                    str(s.emerged_before),
                     str(s.other_form_first),
                     first or "-",
                 ]
@@ -483,9 +485,10 @@ def edit_lens_notes(result: Any) -> str:
         "form is the top token at the last layer; known before: the unedited model answered "
         "the fact in the test language; median emergence: the first layer (of "
         f"{result.n_layers}) where the new answer's test-language form ranks below "
-        f"{result.top_k} (the fact lens's rule); never: edits where it never does; other form "
-        "first: edits where another language's form of the new answer is decodable earlier; "
-        "first form: how often each language's form comes first."
+        f"{result.top_k} (the fact lens's rule); never: edits where it never does; decodable "
+        "before: edits where it was already decodable at some layer before the edit; other "
+        "form first: edits where another language's form of the new answer is decodable "
+        "earlier; first form: how often each language's form comes first."
     )
 
 

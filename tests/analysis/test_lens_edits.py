@@ -143,6 +143,9 @@ def test_the_new_answer_in_another_form_first() -> None:
     assert (summary.n_edits, summary.n_success, summary.n_known_before) == (3, 2, 3)
     assert summary.emergence == [3, 2] and summary.never == 1
     assert summary.first_language == {"en": 2, "zh": 1} and summary.other_form_first == 2
+    assert summary.emerged_before == 0  # the built lenses: never decodable before the edit
+    lost.rank[0, 0, 1, 2, 0, 1] = 3  # decodable at layer 2 before the edit
+    assert summarize_edit_lens("en", "zh", [lens, lost], top_k=10).emerged_before == 1
     assert summary.decodable["last"]["new_after"] == pytest.approx([0, 0, 1 / 3, 2 / 3])
     assert summary.decodable["last"]["old_before"] == [1, 1, 1, 1]
     assert np.array(summary.new_forms_after).shape == (4, 2)
