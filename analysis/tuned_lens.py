@@ -267,7 +267,7 @@ def fit_tuned_lens(
             bias.mul_(frozen_last[:, 0])
         losses.append(float(loss.detach()))
         if log and (step + 1) % 50 == 0:
-            log(f"tuned lens: step {step + 1}/{config.steps}, summed KL {float(loss):.3f}")
+            log(f"tuned lens: step {step + 1}/{config.steps}, summed KL {losses[-1]:.3f}")
     lens = TunedLens(weight.detach().clone(), bias.detach().clone())
     held_states = collect_states(adapter, held)
     with torch.no_grad():
