@@ -310,7 +310,7 @@ def tuned_key(
 
 def cache_path(key: str, root: Path | None = None) -> Path:
     """Where the tuned lens of ``key`` is cached (mlake's cache folder)."""
-    from mlake_core.data.cache import cache_dir
+    from mlake_core.files import cache_dir
 
     return (root or cache_dir()) / "lens" / f"tuned-{key[:24]}.npz"
 
