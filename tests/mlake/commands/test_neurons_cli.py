@@ -106,7 +106,13 @@ def test_report_sections(first):
     assert positions == sorted(positions)  # in this order
     assert text.count("same-fact overlap of important sets (mean Jaccard)") == 3
     assert text.count("units per layer: specific to each language, shared, neither") == 4
-    assert text.count("ablation check (3 facts)") == 3
+    # One check per per-fact method and unit, over its views with a random control (the
+    # count is the summary's).
+    checks = [m["check"] for m in first.summary["methods"] if m.get("check", {}).get("n")]
+    assert len(checks) == 3
+    assert text.count("ablation check (") == 3
+    for c in checks:
+        assert f"ablation check ({c['n']} facts)" in text
     # The ablation matrix of neurons only (ig, atp, lape), with its random control.
     assert text.count("ablation matrix: knowledge-accuracy drop") == 3
     assert text.count("same with random units") == 3
