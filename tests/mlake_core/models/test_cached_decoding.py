@@ -222,12 +222,12 @@ def test_models_whose_cache_cannot_be_continued_fall_back(
     expected_scores = score_sequences(adapter, pairs)
     expected_text = greedy_generate(adapter, prompts, max_new_tokens=5, stop=())
 
-    forwards: list[int] = []
-    original = adapter.forward
+    forwards: list[int] = []  # whole runs: scoring reads the last block's states
+    original = adapter.final_states
 
-    def counting(batch):
+    def counting(batch, *args, **kwargs):
         forwards.append(batch.shape[0])
-        return original(batch)
+        return original(batch, *args, **kwargs)
 
     tried: list[int] = []
 
@@ -237,7 +237,7 @@ def test_models_whose_cache_cannot_be_continued_fall_back(
 
     monkeypatch.setattr(adapter, "_no_kv_cache", False, raising=False)  # restored afterwards
     monkeypatch.setattr(adapter, "run_with_past", refuse)
-    monkeypatch.setattr(adapter, "forward", counting)
+    monkeypatch.setattr(adapter, "final_states", counting)
     done: list[int] = []
     scores = score_sequences(adapter, pairs, batch_size=8, progress=done.append)
     assert len(forwards) == -(-len(pairs) // 8)  # full runs, 8 sequences each
