@@ -44,7 +44,11 @@ Rules, applied in order to each (edit, test language) (:func:`classify_failure`)
    cannot be told apart from it and is not counted as another form).
 
 Each failure also records whether the edit failed in its own language A (``own failed``): a
-failure to transfer an edit that did not take in A says little about the crossing.
+failure to transfer an edit that did not take in A says little about the crossing.  Each
+applicable edit records whether the *old* answer (any form) was decodable at B's subject
+position before the edit (``old at subject``): how often the lens reads a known answer at
+the subject at all, the baseline against which "not enriched" is read (a lens that never
+decodes answers at the subject makes every failure look not enriched).
 """
 
 from __future__ import annotations
@@ -105,11 +109,14 @@ class Classified:
         other_form_at_output: (lost at the output) the final top token is another
             language's form of the new answer.
         own_failed: (a failure) the edit does not succeed in its own language either.
+        old_at_subject: (applicable) the old answer, in any form, was decodable at the test
+            language's subject position before the edit, at some layer.
     """
 
     outcome: str
     other_form_at_output: bool = False
     own_failed: bool = False
+    old_at_subject: bool = False
 
 
 def classify_failure(lens: EditLens, test: str, top_k: int) -> Classified:
@@ -124,25 +131,28 @@ def classify_failure(lens: EditLens, test: str, top_k: int) -> Classified:
     new, old = EDIT_KINDS.index("new"), EDIT_KINDS.index("old")
     if int(lens.answer_ids[t, new, j]) == int(lens.answer_ids[t, old, j]):
         return Classified(SAME_TOKEN)
+    before, after = PHASES.index("before"), PHASES.index("after")
+    subject, last = POSITIONS.index("subject_last"), POSITIONS.index("last")
+    readable = emergence(lens.rank[t, before, subject, :, old, :].min(axis=-1), top_k) is not None
     if lens.success(test):
-        return Classified(TRANSFERRED)
+        return Classified(TRANSFERRED, old_at_subject=readable)
     own_failed = lens.edit_lang in lens.test_langs and not lens.success(lens.edit_lang)
-    after = PHASES.index("after")
     # [position, layer, answer language]: every form of the new answer after the edit
     ranks = lens.rank[t, after, :, :, new, :]
-    subject, last = POSITIONS.index("subject_last"), POSITIONS.index("last")
     if emergence(ranks[subject].min(axis=-1), top_k) is None:
-        return Classified(NOT_ENRICHED, own_failed=own_failed)
+        return Classified(NOT_ENRICHED, own_failed=own_failed, old_at_subject=readable)
     latent = list(latent_layers(ranks.shape[1]))
     if emergence(ranks[last, latent].min(axis=-1), top_k) is None:
-        return Classified(NOT_EXTRACTED, own_failed=own_failed)
+        return Classified(NOT_EXTRACTED, own_failed=own_failed, old_at_subject=readable)
     distinct = lens.distinct(test, "new")
     final = ranks[last, -1]
     other = any(
         ok and lang != test and int(final[i]) == 0
         for i, (lang, ok) in enumerate(zip(lens.answer_langs, distinct, strict=True))
     )
-    return Classified(LOST_AT_OUTPUT, other_form_at_output=other, own_failed=own_failed)
+    return Classified(
+        LOST_AT_OUTPUT, other_form_at_output=other, own_failed=own_failed, old_at_subject=readable
+    )
 
 
 @dataclass
@@ -159,6 +169,8 @@ class FailureSummary:
         other_form_at_output: of the lost at the output, those whose final top token is
             another language's form of the new answer.
         own_failed: of the failures, those whose edit fails in A too.
+        old_at_subject: of the applicable edits, those whose old answer was decodable at B's
+            subject position before the edit (the enrichment rule's baseline).
     """
 
     method: str
@@ -168,6 +180,7 @@ class FailureSummary:
     counts: dict[str, int]
     other_form_at_output: int = 0
     own_failed: int = 0
+    old_at_subject: int = 0
 
     @property
     def n_applicable(self) -> int:
@@ -194,14 +207,15 @@ def summarize_failures(
 ) -> FailureSummary:
     """Classify the edits ``lenses`` (made in ``edit_lang``) in ``test_lang`` and count."""
     counts = dict.fromkeys(OUTCOMES, 0)
-    other = own = n = 0
+    other = own = readable = n = 0
     for lens in lenses:
         c = classify_failure(lens, test_lang, top_k)
         n += 1
         counts[c.outcome] += 1
         other += c.other_form_at_output
         own += c.own_failed
-    return FailureSummary(method, edit_lang, test_lang, n, counts, other, own)
+        readable += c.old_at_subject
+    return FailureSummary(method, edit_lang, test_lang, n, counts, other, own, readable)
 
 
 @dataclass

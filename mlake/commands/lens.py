@@ -34,7 +34,10 @@ of the new and the old answer, each written in every language (saved per edit, a
 kind lens_edits; analysis/lens.py EditLens).  Prints per edit and test language the edits,
 how many succeed in the test language, the new answer's median emergence layer after the
 edit (the same rule), how often it never emerges, and how often another language's form of
-the new answer is decodable first.
+the new answer is decodable first.  --failures adds, per edit and test language, where each
+failed transfer is lost (analysis/failures.py: not enriched at the subject, not extracted at
+the last position in the latent layers, or lost at the output), read from the saved edit
+lenses; --json carries it as "failures".
 """
 
 from __future__ import annotations
@@ -94,6 +97,13 @@ def register(subparsers: Any) -> None:
         metavar="METHOD.FIELD=VALUE",
         help="an editing method's setting, e.g. ft.steps=20 (repeatable)",
     )
+    group.add_argument(
+        "--failures",
+        action="store_true",
+        help="with --method: classify where each edit fails to transfer to each test language "
+        "(not enriched, not extracted, lost at the output; analysis/failures.py), read from "
+        "the saved edit lenses",
+    )
     add_settings_args(
         parser.add_argument_group("tuned lens (with --lens tuned)"),
         TunedLensConfig,
@@ -118,6 +128,10 @@ def run_lens(args: argparse.Namespace) -> int:
     config = settings_from_args(args, LensConfig)
     tuned_settings = settings_from_args(args, TunedLensConfig, prefix="tuned-")
     entry = None
+    if args.failures and not config.measures_edits:
+        from mlake_core.errors import ConfigError
+
+        raise ConfigError("lens --failures: needs --method ft|rome|memit and --edits above 0")
     if config.measures_edits:
         entry = get_method(config.method)
         overrides = parse_set(
@@ -170,10 +184,17 @@ def run_lens(args: argparse.Namespace) -> int:
         finally:
             bar.close()
     name, n_facts = session.loaded.name, len(ctx.fact_ids)
+    failures = None
+    if edited is not None and args.failures:
+        from mlake.stages.lens import edit_failures
+
+        failures = edit_failures(edited)
     if args.json:
         report = json_report(result, name, n_facts, config)
         if edited is not None:
             report["edits"] = edited.to_dict()
+        if failures is not None:
+            report["failures"] = failures.to_dict()
         report["seconds"] = round(time.perf_counter() - started, 1)
         print(json.dumps(report, ensure_ascii=False, indent=2))
     else:
@@ -184,6 +205,11 @@ def run_lens(args: argparse.Namespace) -> int:
             print(f"\nbefore and after {edited.method} edits:")
             print("\n".join(edit_lens_lines(edited)))
             print(f"run: {edited.run_path}")
+        if failures is not None:
+            from mlake.stages.lens import failure_lines
+
+            print("\nwhere transfer fails:")
+            print("\n".join(failure_lines(failures)))
     return 0
 
 

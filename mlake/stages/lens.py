@@ -518,3 +518,115 @@ def edit_lens_lines(result: Any, *, markdown: bool = False) -> list[str]:
     if result.skipped:
         lines += ["", "Skipped: " + ", ".join(f"{k} {v}" for k, v in result.skipped.items())]
     return lines
+
+
+def edit_failures(result: Any) -> Any:
+    """Where each edit of a lens-edit run (an :class:`~analysis.lens.EditLensResult`) fails to
+    transfer (:mod:`analysis.failures`), read from the run's saved edit lenses (nothing is
+    recomputed)."""
+    from analysis.failures import classify_edits
+
+    lenses = {a: list(result.lenses(a)) for a in result.langs}
+    return classify_edits(
+        result.method, lenses, result.langs, result.n_layers, result.top_k, result.run_path
+    )
+
+
+#: The failure table's columns (one row per method, edit language and test language).
+FAILURE_COLUMNS: tuple[str, ...] = (
+    "method",
+    "edit",
+    "test",
+    "edits",
+    "not applicable",
+    "transferred",
+    "not enriched",
+    "not extracted",
+    "lost at output",
+    "other form",
+    "own failed",
+    "old at subject",
+)
+
+
+def failure_rows(failures: Any) -> list[list[str]]:
+    """The failure table's rows (:data:`FAILURE_COLUMNS`) of an
+    :class:`~analysis.failures.FailureResult`: counts, and after each outcome its share of
+    the applicable edits; a last row per method sums its pairs."""
+    from analysis.failures import FAILURES, NOT_APPLICABLE, TRANSFERRED, FailureSummary
+
+    def cells(s: FailureSummary) -> list[str]:
+        def with_rate(outcome: str) -> str:
+            n, r = s.counts.get(outcome, 0), s.rate(outcome)
+            return str(n) if r != r else f"{n} ({r:.0%})"
+
+        return [
+            str(s.n_edits),
+            str(sum(s.counts.get(o, 0) for o in NOT_APPLICABLE)),
+            *(with_rate(o) for o in (TRANSFERRED, *FAILURES)),
+            str(s.other_form_at_output),
+            str(s.own_failed),
+            str(s.old_at_subject),
+        ]
+
+    rows = []
+    for method in failures.methods:
+        pairs = [s for s in failures.summaries if s.method == method and s.n_edits]
+        rows += [[method, s.edit_lang, s.test_lang, *cells(s)] for s in pairs]
+        total = FailureSummary(
+            method,
+            "all",
+            "all",
+            sum(s.n_edits for s in pairs),
+            failures.totals(method),
+            sum(s.other_form_at_output for s in pairs),
+            sum(s.own_failed for s in pairs),
+            sum(s.old_at_subject for s in pairs),
+        )
+        rows.append([method, "all", "all", *cells(total)])
+    return rows
+
+
+def failure_notes(failures: Any) -> str:
+    """What the failure table's columns mean."""
+    latent = failures.latent
+    return (
+        "Where transfer fails (analysis/failures.py), per edit and test language, rules in "
+        "order: not applicable (the test language not read, the fact not known there before "
+        "the edit, or new and old answers sharing a first token); transferred (the new "
+        "answer's test-language form is the top token at the last layer); not enriched (no "
+        "language's form of the new answer ranks below "
+        f"{failures.top_k} at the test prompt's subject position after the edit, at any "
+        "layer); not extracted (it does there, but at no latent layer "
+        f"({latent[0]}-{latent[-1]} of {failures.n_layers}) at the last position); lost at "
+        "output (it does, but the output is not the test-language form). Percentages are of "
+        "the applicable edits. other form: lost at output with another language's form of "
+        "the new answer as the output; own failed: failures whose edit fails in its own "
+        "language too; old at subject: applicable edits whose old answer was decodable at the "
+        "subject position before the edit (how often the lens reads a known answer there at "
+        "all: the baseline of not enriched)."
+    )
+
+
+def failure_lines(failures: Any, *, markdown: bool = False) -> list[str]:
+    """The failure table with its notes, as text (``mlake lens --failures``) or Markdown."""
+    import textwrap
+
+    header, rows = list(FAILURE_COLUMNS), failure_rows(failures)
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return [*lines, "", failure_notes(failures)]
+    table = [header, *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = [
+        ("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))).rstrip()
+        for r in table
+    ]
+    return [
+        *lines,
+        "",
+        *textwrap.wrap(
+            failure_notes(failures), width=96, initial_indent="  ", subsequent_indent="  "
+        ),
+    ]

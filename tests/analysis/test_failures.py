@@ -132,6 +132,25 @@ def test_a_failure_records_that_the_edit_failed_in_its_own_language() -> None:
     assert not classify_failure(built(), "zh", TOP_K).own_failed
 
 
+def test_old_at_subject_reads_the_old_answer_before_the_edit() -> None:
+    lens = built()
+    assert not classify_failure(lens, "zh", TOP_K).old_at_subject
+    lens.rank[1, 0, 0, 2, 1, 0] = TOP_K - 1  # zh prompt, before, subject, layer 2, old, en form
+    c = classify_failure(lens, "zh", TOP_K)
+    assert (c.outcome, c.old_at_subject) == (NOT_ENRICHED, True)
+    lens.rank[1, 1, 0, 2, 1, 0] = 0  # the old answer after the edit does not count
+    lens.rank[1, 0, 0, 2, 1, 0] = TOP_K
+    assert not classify_failure(lens, "zh", TOP_K).old_at_subject
+    s = summarize_failures("ft", "en", "zh", [built(), lens, _readable()], TOP_K)
+    assert s.old_at_subject == 1
+
+
+def _readable() -> EditLens:
+    lens = built()
+    lens.rank[1, 0, 0, 0, 1, 1] = 0
+    return lens
+
+
 def test_not_applicable_cases_come_first() -> None:
     good = {"subject": {(0, "zh"): 0}, "last": {(3, "zh"): 0}}
     assert outcome(built(**good, tests=("en",))) == NOT_READ  # type: ignore[arg-type]

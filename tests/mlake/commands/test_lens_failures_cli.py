@@ -1,0 +1,46 @@
+"""``mlake lens --failures`` end to end on the micro mlake-tiny: where each edit's transfer
+fails, in the JSON and the text report, equal to the classification of the saved edit lenses,
+and refused without edits before the model loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from analysis.failures import OUTCOMES, FailureResult, classify_edits
+from analysis.lens import EditLensResult
+from mlake.cli import main
+
+pytestmark = pytest.mark.slow
+
+LANGS = ["en", "zh", "fr"]
+
+
+def test_failures_from_the_saved_edit_lenses(micro_tiny: Path, tmp_path: Path, capsys) -> None:
+    args = ["lens", "--model", str(micro_tiny), "--langs", ",".join(LANGS), "--facts", "4"]
+    args += ["--results-dir", str(tmp_path), "--device", "cpu", "--failures"]
+    args += ["--method", "ft", "--edits", "1", "--layer", "0", "--set", "ft.steps=20"]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    failures = FailureResult.from_dict(report["failures"])
+    edited = EditLensResult.load(report["edits"]["run_path"])
+    lenses = {a: list(edited.lenses(a)) for a in LANGS}
+    expected = classify_edits("ft", lenses, LANGS, edited.n_layers, edited.top_k, edited.run_path)
+    assert failures == expected
+    n_edits = sum(len(v) for v in lenses.values())
+    assert n_edits >= 1
+    assert sum(failures.totals("ft").values()) == n_edits * len(LANGS)
+    assert set(failures.totals("ft")) == set(OUTCOMES)
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "where transfer fails:" in text and "not enriched" in text
+    assert any(line.split()[:3] == ["ft", "all", "all"] for line in text.splitlines())
+
+
+def test_failures_needs_edits(micro_tiny: Path, tmp_path: Path, capsys) -> None:
+    args = ["lens", "--model", str(micro_tiny), "--results-dir", str(tmp_path), "--failures"]
+    assert main(args) == 2
+    assert "--failures: needs --method" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
