@@ -476,6 +476,10 @@ def build_report(out: str | os.PathLike[str]) -> str:
                 )
                 if png:
                     lines += ["", f"![lens_edits_{lang}](figures/{png})"]
+            from mlake.stages.lens import edit_failures, failure_lines
+
+            lines += ["", "### Where transfer fails", ""]
+            lines += failure_lines(edit_failures(EditLensResult.load(edits_dir)), markdown=True)
 
     # Cross-lingual patching.
     patch_dir = _stage_runs(manifest, "patching").get("patching")

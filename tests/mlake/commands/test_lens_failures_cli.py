@@ -44,3 +44,38 @@ def test_failures_needs_edits(micro_tiny: Path, tmp_path: Path, capsys) -> None:
     assert main(args) == 2
     assert "--failures: needs --method" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_the_pipeline_report_has_the_failure_table(micro_tiny: Path, tmp_path: Path) -> None:
+    import contextlib
+    import io
+
+    import yaml
+
+    from mlake.pipeline import read_manifest
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": str(micro_tiny), "device": "cpu"},
+                "data": {"langs": LANGS, "facts": 3},
+                "run": {"stages": ["data", "model", "knowledge", "lens", "report"]},
+                "lens": {"method": "ft", "edits": 1},
+            }
+        )
+    )
+    out = tmp_path / "run"
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main(["pipeline", "--config", str(config), "--out", str(out), "--no-bars"])
+    assert code == 0, err.getvalue()
+    edited = EditLensResult.load(read_manifest(out)["stages"]["lens"]["runs"]["lens_edits"])
+    lenses = {a: list(edited.lenses(a)) for a in LANGS}
+    failures = classify_edits("ft", lenses, LANGS, edited.n_layers, edited.top_k)
+    section = (out / "report.md").read_text().split("### Where transfer fails")[1]
+    total = failures.totals("ft")
+    assert f"| ft | all | all | {sum(total.values())} |" in section
+    for s in failures.summaries:
+        if s.n_edits:
+            assert f"| ft | {s.edit_lang} | {s.test_lang} | {s.n_edits} |" in section
