@@ -503,6 +503,8 @@ class ModelInfo:
         sliding_window: the sliding-window width of the sliding layers (``None``: none).
         sliding_layers: the layers that attend through the sliding window.
         logit_softcap: the final logit soft-cap (``None``: logits are not capped).
+        logit_scale: the factor the logits are multiplied by after the unembedding (Cohere's
+            ``logit_scale``; 1 elsewhere).
         gguf_sha256: when the weights were dequantized from a GGUF file (a packaged model
             such as ``gemma-3-270m``, or ``--model FILE.gguf``;
             :mod:`~mlake_core.models.gguf_weights`), that file's SHA256; else ``None``.
@@ -534,6 +536,7 @@ class ModelInfo:
     sliding_window: int | None = None
     sliding_layers: tuple[int, ...] = ()
     logit_softcap: float | None = None
+    logit_scale: float = 1.0
     gguf_sha256: str | None = None
     quantization: str | None = None
 
@@ -564,6 +567,7 @@ def architecture_facts(spec: ArchitectureSpec, config: Any, hf_model: Any) -> di
         "sliding_window": window,
         "sliding_layers": spec.sliding_layers(config) if window is not None else (),
         "logit_softcap": spec.logit_softcap(config),
+        "logit_scale": spec.logit_scale(config),
     }
 
 
@@ -1058,11 +1062,11 @@ class BaseAdapter:
     def logit_lens(self, resid: Activation, *, grad: bool = False) -> Logits:
         """The logit lens (nostalgebraist 2020): the logits residual-stream states
         ``[..., d_model]`` (``resid_post.L`` read at any layer) would give if they left the last
-        block: the final norm, the unembedding and, where the model has one, the final logit
-        soft-cap (Gemma 3 270M has none).  Applied to ``resid_post.{n_layers-1}`` it gives the
-        model's own logits.  No gradient unless ``grad`` (then differentiable in ``resid``:
-        a tuned lens fits its translators through it, :mod:`analysis.tuned_lens`); float32 on
-        the model's device.
+        block: the final norm, the unembedding, the logit scale (Cohere) and, where the model
+        has one, the final logit soft-cap (Gemma 3 270M has none).  Applied to
+        ``resid_post.{n_layers-1}`` it gives the model's own logits.  No gradient unless
+        ``grad`` (then differentiable in ``resid``: a tuned lens fits its translators through
+        it, :mod:`analysis.tuned_lens`); float32 on the model's device.
         """
         norm = self.hf_module(self.spec.final_norm)
         head = self.hf_module(self.spec.unembed)
@@ -1072,6 +1076,8 @@ class BaseAdapter:
             normed = norm(resid.to(device=where, dtype=self.dtype))
             logits = head(normed.to(self.module_device(self.spec.unembed))).float()
             logits = logits.to(self.device)
+            if self.info.logit_scale != 1.0:
+                logits = logits * self.info.logit_scale
             cap = self.info.logit_softcap
             if cap:
                 logits = cap * torch.tanh(logits / cap)
@@ -1115,6 +1121,11 @@ class BaseAdapter:
             # of a device map); the result is on the model's device.
             where = self.module_device(self.spec.final_norm)
             hidden = norm(resid.to(device=where, dtype=self.dtype)).to(weight.device)
+            scale = self.info.logit_scale
+            if scale != 1.0:
+                # s * (W h + b) == W (s h) + s b: the scaled logits without a scaled weight.
+                hidden = hidden * scale
+                bias = bias * scale if isinstance(bias, Tensor) else bias
             return token_logprobs(
                 hidden,
                 weight,

@@ -61,9 +61,10 @@ Identities the tests check on every architecture
 (``tests/mlake_core/models/test_model_semantics.py``):
 
 * ``resid_pre.{L} + attn_out.{L} + mlp_out.{L} == resid_post.{L}``.  This holds for the
-  sequential blocks (GPT-2, Llama, Qwen2, BLOOM, and Gemma 3 because its ``attn_out`` and
+  sequential blocks (GPT-2, Llama, Qwen2, BLOOM, and Gemma 2 and 3 because their ``attn_out`` and
   ``mlp_out`` are taken after the post-norms) *and* for GPT-NeoX's parallel blocks
-  (``use_parallel_residual=True``: ``x + attn(ln1(x)) + mlp(ln2(x))``).  What differs in a
+  (``use_parallel_residual=True``: ``x + attn(ln1(x)) + mlp(ln2(x))``) and for Cohere's (always
+  parallel, one shared norm: ``x + attn(ln(x)) + mlp(ln(x))``).  What differs in a
   parallel block is the MLP's input: it reads ``ln2(resid_pre.{L})``, not
   ``ln2(resid_pre.{L} + attn_out.{L})``, so patching ``attn_out.{L}`` leaves ``mlp_post.{L}``
   unchanged there.  Parallel blocks have no "resid_mid".
@@ -80,7 +81,8 @@ the rest of mlake needs (so no other module tests model names): whether the embe
 scales its output (:meth:`ArchitectureSpec.embed_scale`), the sublayer post-norms, which
 layers attend through a sliding window and how wide it is
 (:meth:`ArchitectureSpec.sliding_layers`, :meth:`ArchitectureSpec.sliding_window`), and a
-final logit soft-cap (:meth:`ArchitectureSpec.logit_softcap`).  The loader copies the values
+final logit soft-cap (:meth:`ArchitectureSpec.logit_softcap`) and a logit scale
+(:meth:`ArchitectureSpec.logit_scale`, Cohere).  The loader copies the values
 of a loaded checkpoint into :class:`~mlake_core.models.adapter.ModelInfo`.
 
 Dropout is identity because models are always run in eval mode.
@@ -190,6 +192,11 @@ class ArchitectureSpec:
             when a window is set.
         logit_softcap_attr: config attribute of the final logit soft-cap ``c``: logits are
             ``c * tanh(lm_head(x) / c)`` when it is set.
+        always_parallel: whether attention and MLP always read the same residual, whatever
+            the config says (Cohere, whose one ``input_layernorm`` feeds both: ``ln1`` and
+            ``ln2`` then name the same norm).
+        logit_scale_attr: config attribute of a factor the logits are multiplied by after the
+            unembedding (Cohere's ``logit_scale``), ``None`` when logits are not scaled.
     """
 
     model_type: str
@@ -212,6 +219,8 @@ class ArchitectureSpec:
     sliding_window_attr: str | None = None
     layer_types_attr: str | None = None
     logit_softcap_attr: str | None = None
+    always_parallel: bool = False
+    logit_scale_attr: str | None = None
 
     def __post_init__(self) -> None:
         # With a post-norm, the sublayer's contribution is that norm's output.
@@ -224,6 +233,8 @@ class ArchitectureSpec:
 
     def is_parallel(self, config: Any) -> bool:
         """Whether attention and MLP read the same residual in this checkpoint."""
+        if self.always_parallel:
+            return True
         return bool(self.parallel_flag and getattr(config, self.parallel_flag, False))
 
     @property
@@ -265,6 +276,11 @@ class ArchitectureSpec:
         """The final logit soft-cap of this checkpoint, ``None`` when logits are not capped."""
         value = getattr(config, self.logit_softcap_attr, None) if self.logit_softcap_attr else None
         return float(value) if value else None
+
+    def logit_scale(self, config: Any) -> float:
+        """The factor the logits are multiplied by after the unembedding (1 when unscaled)."""
+        value = getattr(config, self.logit_scale_attr, None) if self.logit_scale_attr else None
+        return float(value) if value is not None else 1.0
 
 
 def _sites(
@@ -399,9 +415,61 @@ GEMMA3 = ArchitectureSpec(
     },
 )
 
+GEMMA2 = ArchitectureSpec(
+    # Gemma2ForCausalLM: Gemma 3's module layout (sandwich norms, scaled embeddings, sliding
+    # layers, final logit soft-cap).  Its attention logit soft-cap is applied inside the HF
+    # attention, before the softmax, so no site sees it.
+    model_type="gemma2",
+    sites=_sites(
+        "model.embed_tokens",
+        "model.layers.{L}",
+        "self_attn.o_proj",
+        "mlp.down_proj",
+        attn_post_norm="post_attention_layernorm",
+        mlp_post_norm="post_feedforward_layernorm",
+    ),
+    layers="model.layers",
+    ln1="input_layernorm",
+    ln2="pre_feedforward_layernorm",
+    final_norm="model.norm",
+    unembed="lm_head",
+    positional="rotary",
+    attn_post_norm="post_attention_layernorm",
+    mlp_post_norm="post_feedforward_layernorm",
+    scaled_embed=True,
+    sliding_window_attr="sliding_window",
+    layer_types_attr="layer_types",
+    logit_softcap_attr="final_logit_softcapping",
+    unsupported_config={
+        "use_bidirectional_attention": (
+            True,
+            "bidirectional attention: not a causal language model",
+        )
+    },
+)
+
+COHERE = ArchitectureSpec(
+    # CohereForCausalLM (Command R, Aya 23): one LayerNorm (no bias) feeds attention and the
+    # MLP in parallel, ``resid_post = resid_pre + attn_out + mlp_out``; the logits are
+    # ``logit_scale * lm_head(norm(x))``.
+    model_type="cohere",
+    sites=_sites("model.embed_tokens", "model.layers.{L}", "self_attn.o_proj", "mlp.down_proj"),
+    layers="model.layers",
+    ln1="input_layernorm",
+    ln2="input_layernorm",
+    final_norm="model.norm",
+    unembed="lm_head",
+    positional="rotary",
+    always_parallel=True,
+    logit_scale_attr="logit_scale",
+)
+
 #: Supported architectures, by ``config.model_type``.
 ARCHITECTURES: Mapping[str, ArchitectureSpec] = MappingProxyType(
-    {spec.model_type: spec for spec in (GPT2, LLAMA, QWEN2, BLOOM, GPT_NEOX, GEMMA3)}
+    {
+        spec.model_type: spec
+        for spec in (GPT2, LLAMA, QWEN2, BLOOM, GPT_NEOX, GEMMA3, GEMMA2, COHERE)
+    }
 )
 
 

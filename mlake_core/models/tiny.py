@@ -21,6 +21,8 @@ qwen2        none               no                         ``<|endoftext|>``
 bloom        ``<s>``            no                         ``<pad>``
 gpt_neox     ``<|endoftext|>``  no                         none (EOS is used)
 gemma3_text  ``<s>``            yes                        ``<pad>``
+gemma2       ``<s>``            yes                        ``<pad>``
+cohere       ``<s>``            yes                        ``<pad>``
 ===========  =================  =========================  ===================
 
 The tiny Gemma 3 (``gemma3_text``, ``Gemma3ForCausalLM``) keeps what sets the architecture
@@ -28,7 +30,13 @@ apart: sandwich norms around attention and the MLP, embeddings scaled by ``sqrt(
 inside the embedding module, grouped-query attention with a head width that is not
 ``d_model / n_heads`` (so ``attn_z`` is wider than ``d_model``), tied embeddings, and
 sliding-window layers with a window (:data:`GEMMA3_SLIDING_WINDOW`) shorter than most test
-prompts, alternating with full-attention layers.
+prompts, alternating with full-attention layers.  The tiny Gemma 2 (``gemma2``) has the same
+layout, plus attention logit soft-capping (set low, so that it bites on the random weights)
+and a final logit soft-cap.
+
+The tiny Cohere (``cohere``, Aya 23 / Command R) keeps its parallel blocks (one
+``input_layernorm``, a LayerNorm without bias, feeding attention and the MLP), grouped-query
+attention, tied embeddings and a ``logit_scale`` that is not 1.
 
 After the architecture's own initialisation every parameter gets seeded Gaussian noise
 (layer-norm gains and biases included), so a backend that silently drops a bias or a norm
@@ -51,6 +59,8 @@ TINY_ARCHITECTURES: tuple[str, ...] = (
     "bloom",
     "gpt_neox",
     "gemma3_text",
+    "gemma2",
+    "cohere",
 )
 
 #: Special tokens, at ids 0..3 of every tiny vocabulary.
@@ -76,6 +86,15 @@ TRAINING_TEXT: tuple[str, ...] = (
 #: Sliding window of the tiny Gemma 3's sliding layers (tokens): short enough that the test
 #: prompts reach beyond it.
 GEMMA3_SLIDING_WINDOW = 6
+
+#: The tiny Gemma 2's attention and final logit soft-caps: low enough to change the random
+#: model's scores and logits (Gemma 2's real ones are 50 and 30).
+GEMMA2_SOFTCAPS = (2.0, 3.0)
+
+#: The tiny Cohere's logit scale (Aya 23 8B's is 0.0625, against its large logits): far enough
+#: from 1 that a logit lens without it gives visibly different log-probabilities, not so far
+#: that the random model's next-token distribution is flat (or one-hot).
+COHERE_LOGIT_SCALE = 0.5
 
 
 @dataclass(frozen=True)
@@ -133,7 +152,7 @@ def build_tiny_tokenizer(architecture: str, vocab_size: int = 512) -> Any:
     )
     core.train_from_iterator(list(TRAINING_TEXT), trainer=trainer)
     endoftext, bos, eos, pad = SPECIAL_TOKENS
-    if architecture in ("llama", "gemma3_text"):
+    if architecture in ("llama", "gemma3_text", "gemma2", "cohere"):
         # Llama and Gemma tokenizers prepend BOS to every sequence by themselves.
         core.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A",
@@ -149,6 +168,8 @@ def build_tiny_tokenizer(architecture: str, vocab_size: int = 512) -> Any:
         "bloom": {"bos_token": bos, "eos_token": eos, "pad_token": pad},
         "gpt_neox": {"bos_token": endoftext, "eos_token": endoftext, "pad_token": None},
         "gemma3_text": {"bos_token": bos, "eos_token": eos, "pad_token": pad},
+        "gemma2": {"bos_token": bos, "eos_token": eos, "pad_token": pad},
+        "cohere": {"bos_token": bos, "eos_token": eos, "pad_token": pad},
     }
     special = {k: v for k, v in conventions[architecture].items() if v is not None}
     return PreTrainedTokenizerFast(
@@ -172,6 +193,8 @@ def tiny_config(architecture: str, vocab_size: int, size: TinySize | None = None
     """
     from transformers import (
         BloomConfig,
+        CohereConfig,
+        Gemma2Config,
         Gemma3TextConfig,
         GPT2Config,
         GPTNeoXConfig,
@@ -254,6 +277,46 @@ def tiny_config(architecture: str, vocab_size: int, size: TinySize | None = None
             sliding_window=GEMMA3_SLIDING_WINDOW,
             layer_types=["sliding_attention", "full_attention"] * (s.n_layers // 2)
             + ["sliding_attention"] * (s.n_layers % 2),
+            initializer_range=s.init_std,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+        )
+    if architecture == "gemma2":
+        # Gemma 3's layout at the same size, with Gemma 2's soft-caps.
+        attn_cap, final_cap = GEMMA2_SOFTCAPS
+        return Gemma2Config(
+            vocab_size=vocab_size,
+            hidden_size=s.d_model,
+            intermediate_size=s.d_mlp,
+            num_hidden_layers=s.n_layers,
+            num_attention_heads=s.n_heads,
+            num_key_value_heads=s.n_kv_heads,
+            head_dim=2 * s.d_model // s.n_heads,
+            query_pre_attn_scalar=2 * s.d_model // s.n_heads,
+            max_position_embeddings=s.n_ctx,
+            sliding_window=GEMMA3_SLIDING_WINDOW,
+            layer_types=["sliding_attention", "full_attention"] * (s.n_layers // 2)
+            + ["sliding_attention"] * (s.n_layers % 2),
+            attn_logit_softcapping=attn_cap,
+            final_logit_softcapping=final_cap,
+            initializer_range=s.init_std,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+        )
+    if architecture == "cohere":
+        return CohereConfig(
+            vocab_size=vocab_size,
+            hidden_size=s.d_model,
+            intermediate_size=s.d_mlp,
+            num_hidden_layers=s.n_layers,
+            num_attention_heads=s.n_heads,
+            num_key_value_heads=s.n_kv_heads,
+            max_position_embeddings=s.n_ctx,
+            logit_scale=COHERE_LOGIT_SCALE,
             initializer_range=s.init_std,
             tie_word_embeddings=True,
             bos_token_id=1,

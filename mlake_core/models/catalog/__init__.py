@@ -190,8 +190,6 @@ CATALOG: tuple[CatalogEntry, ...] = (
         2.61e9,
         "full config.json of google/gemma-2-2b(-it) vendored in two public repositories; "
         "parameter count",
-        unsupported="no gemma2 site table yet (Gemma 2 has Gemma 3's module layout, plus "
-        "attention logit soft-capping; adding it needs the tiny-model suite extended to it)",
     ),
     CatalogEntry(
         "gemma-2-9b",
@@ -199,7 +197,6 @@ CATALOG: tuple[CatalogEntry, ...] = (
         "Gemma 2",
         9.24e9,
         "parameter count only (not confirmed against a vendored copy in this session)",
-        unsupported="no gemma2 site table yet (see gemma-2-2b)",
     ),
     CatalogEntry(
         "gemma-3-270m",
@@ -247,9 +244,6 @@ CATALOG: tuple[CatalogEntry, ...] = (
         "Aya 23",
         8.03e9,
         "parameter count only (not confirmed against a vendored copy in this session)",
-        unsupported="cohere architecture: attention and MLP read one shared LayerNorm in "
-        "parallel and the logits are scaled (logit_scale), neither of which mlake's site "
-        "tables or logit lens model",
     ),
 )
 

@@ -31,6 +31,9 @@ EXPECTED = {
     "gemma-3-4b": (34, 2560, 10240, 8, 4, 256, 262208, True),
     "gemma-3-12b": (48, 3840, 15360, 16, 8, 256, 262208, True),
     "gemma-3-27b": (62, 5376, 21504, 32, 16, 128, 262208, True),
+    "gemma-2-2b": (26, 2304, 9216, 8, 4, 256, 256000, True),
+    "gemma-2-9b": (42, 3584, 14336, 16, 8, 256, 256000, True),
+    "aya-23-8b": (32, 4096, 14336, 32, 8, 128, 256000, True),
 }
 
 #: Rope scaling per row (the full-attention layers' on Gemma 3): (type, factor).
@@ -96,7 +99,7 @@ def test_every_site_resolves_with_the_real_shape(entry) -> None:
     for name, width in widths.items():
         assert width == want[name.split(".")[0]], name
     assert model.get_output_embeddings().weight.shape == (vocab, d_model)
-    if spec.model_type in ("llama", "qwen2", "gemma3_text"):  # grouped-query attention
+    if kv < heads:  # grouped-query attention
         attn = model.get_submodule(f"{spec.layers}.{layers - 1}.self_attn")
         assert attn.k_proj.out_features == attn.v_proj.out_features == kv * d_head
 
@@ -109,6 +112,10 @@ def test_rope_scaling_and_layer_types(entry) -> None:
         rope = rope["full_attention"]
         assert shape.sliding_layers == tuple(i for i in range(shape.n_layers) if (i + 1) % 6 != 0)
         assert shape.sliding_window == WINDOW.get(entry.name, 1024)
+    elif shape.architecture == "gemma2":
+        # Gemma 2 alternates sliding and full layers, with a 4096-token window.
+        assert shape.sliding_layers == tuple(range(0, shape.n_layers, 2))
+        assert shape.sliding_window == 4096
     else:
         assert shape.sliding_layers == () and shape.sliding_window is None
     if entry.name in ROPE:
@@ -119,11 +126,27 @@ def test_rope_scaling_and_layer_types(entry) -> None:
         assert shape.positional in ("learned", "alibi")
 
 
-@pytest.mark.parametrize("entry", [e for e in CATALOG if e.unsupported], ids=lambda e: e.name)
-def test_unsupported_rows_are_refused(entry) -> None:
-    assert entry.checks == "not supported"
-    with pytest.raises(ConfigError, match="unsupported architecture"):
-        shape_from_config(entry.hf_config(), entry.name)
+def test_every_row_is_supported_and_an_unsupported_architecture_is_refused() -> None:
+    assert [e.name for e in CATALOG if e.checks == "not supported"] == []
+    from transformers import AutoConfig
+
+    with pytest.raises(ConfigError, match="unsupported architecture 'opt'"):
+        shape_from_config(AutoConfig.for_model("opt"), "opt")
+
+
+def test_gemma2_and_aya_rows_carry_their_architecture_facts() -> None:
+    """Gemma 2's soft-caps and scaled embeddings, Aya 23's parallel blocks and logit scale."""
+    gemma2 = get_entry("gemma-2-2b").hf_config()
+    spec = get_spec(gemma2.model_type)
+    assert spec.logit_softcap(gemma2) == 30.0 and gemma2.attn_logit_softcapping == 50.0
+    assert spec.embed_scale(gemma2) == pytest.approx(2304**0.5) and spec.post_norms
+    aya = get_entry("aya-23-8b").hf_config()
+    spec = get_spec(aya.model_type)
+    assert spec.is_parallel(aya) and spec.logit_scale(aya) == 0.0625
+    assert spec.ln1 == spec.ln2 == "input_layernorm"
+    model = meta_model(aya)
+    assert not hasattr(model.model.layers[0], "post_attention_layernorm")
+    assert model.get_submodule(f"{spec.layers}.0.{spec.ln1}").weight.shape == (4096,)
 
 
 def test_multimodal_gemma_rows_say_so() -> None:

@@ -24,6 +24,8 @@ EXPECTED_D_MLP = {
     "bloom": 128,
     "gpt_neox": 64,
     "gemma3_text": 64,
+    "gemma2": 64,
+    "cohere": 64,
 }
 POSITIONAL = {
     "gpt2": "learned",
@@ -32,9 +34,11 @@ POSITIONAL = {
     "bloom": "alibi",
     "gpt_neox": "rotary",
     "gemma3_text": "rotary",
+    "gemma2": "rotary",
+    "cohere": "rotary",
 }
 #: Tokenizers that prepend BOS themselves (the tiny ones follow the real ones).
-ADDS_BOS = ("llama", "gemma3_text")
+ADDS_BOS = ("llama", "gemma3_text", "gemma2", "cohere")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -53,7 +57,7 @@ def test_info_records_provenance_shapes_and_bos_policy(
     assert (info["n_layers"], info["d_model"], info["d_vocab"]) == (2, 32, 512)
     assert info["d_mlp"] == EXPECTED_D_MLP[arch]
     assert info["positional"] == POSITIONAL[arch]
-    assert info["parallel_attn_mlp"] == (arch == "gpt_neox")
+    assert info["parallel_attn_mlp"] == (arch in ("gpt_neox", "cohere"))
     assert info["revision"] is None and info["commit_hash"] is None
     assert info["bos"]["prepend_bos"] == (arch in ADDS_BOS)
     assert ("transformer-lens" if backend == "tlens" else "nnsight") in info["versions"]
@@ -79,22 +83,24 @@ def test_encode_prepends_bos_exactly_when_the_tokenizer_does(arch, get_adapter) 
 def test_info_records_the_architecture_facts(arch, backend, get_adapter, get_hf) -> None:
     """Tied embeddings, embedding scale, post-norms, sliding layers and logit soft-cap, read
     off the loaded checkpoint (Gemma 3 has all but the soft-cap)."""
-    from mlake_core.models.tiny import GEMMA3_SLIDING_WINDOW
+    from mlake_core.models.tiny import COHERE_LOGIT_SCALE, GEMMA2_SOFTCAPS, GEMMA3_SLIDING_WINDOW
 
     info = get_adapter(arch, backend).info
     hf = get_hf(arch)
     tied = hf.get_output_embeddings().weight is hf.get_input_embeddings().weight
     assert info.tied_embeddings == tied
-    if arch in ("gemma3_text", "qwen2"):
+    if arch in ("gemma3_text", "gemma2", "qwen2", "cohere"):
         assert info.tied_embeddings
     if arch in ("llama", "gpt_neox"):
         assert not info.tied_embeddings
-    gemma = arch == "gemma3_text"
+    gemma = arch in ("gemma3_text", "gemma2")
     assert info.embed_scale == pytest.approx(32**0.5 if gemma else 1.0)
     assert info.post_norms == gemma
     assert info.sliding_window == (GEMMA3_SLIDING_WINDOW if gemma else None)
     assert info.sliding_layers == ((0,) if gemma else ())
-    assert info.logit_softcap is None
+    assert info.logit_softcap == (GEMMA2_SOFTCAPS[1] if arch == "gemma2" else None)
+    assert info.logit_scale == (COHERE_LOGIT_SCALE if arch == "cohere" else 1.0)
+    assert info.parallel_attn_mlp == (arch in ("gpt_neox", "cohere"))
     assert json.loads(json.dumps(info.to_dict()))["sliding_layers"] == list(info.sliding_layers)
 
 

@@ -40,7 +40,8 @@ def test_resid_pre_plus_attn_out_plus_mlp_out_is_resid_post(
 def test_mlp_reads_attention_output_only_in_sequential_blocks(
     arch, backend, get_adapter, texts
 ) -> None:
-    """Parallel GPT-NeoX: the MLP reads ln2(resid_pre), so patching attn_out leaves mlp_post."""
+    """Parallel GPT-NeoX and Cohere: the MLP reads ln2(resid_pre), so patching attn_out leaves
+    mlp_post."""
     adapter = get_adapter(arch, backend)
     batch = adapter.tokenize(list(texts))
     _, clean = adapter.run_with_cache(batch, ["mlp_post.0"])
@@ -49,7 +50,7 @@ def test_mlp_reads_attention_output_only_in_sequential_blocks(
     _, patched = adapter.run_with_cache(
         batch, ["mlp_post.0"], patches=[Patch.per_row("attn_out.0", every, zeros)]
     )
-    assert adapter.info.parallel_attn_mlp == (arch == "gpt_neox")
+    assert adapter.info.parallel_attn_mlp == (arch in ("gpt_neox", "cohere"))
     if adapter.info.parallel_attn_mlp:
         assert torch.equal(patched["mlp_post.0"], clean["mlp_post.0"])
     else:
@@ -136,14 +137,18 @@ def test_attn_z_is_the_attention_output_projection_input(
             assert (projected - cache[f"attn_out.{layer}"]).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text", "gemma2", "cohere"])
 def test_gated_mlp_post_is_act_gate_times_up(arch, get_adapter, get_hf, texts) -> None:
+    """Cohere's parallel MLP reads the one shared input_layernorm of resid_pre."""
     adapter = get_adapter(arch, "tlens")
     batch = adapter.tokenize(list(texts))
     _, cache = adapter.run_with_cache(batch, ["resid_pre.0", "attn_out.0", "mlp_post.0"])
     block = get_hf(arch).get_submodule(adapter.spec.sites["resid_pre"].path(0))
+    mlp_in = cache["resid_pre.0"]
+    if not adapter.info.parallel_attn_mlp:
+        mlp_in = mlp_in + cache["attn_out.0"]
     with torch.no_grad():
-        x = block.get_submodule(adapter.spec.ln2)(cache["resid_pre.0"] + cache["attn_out.0"])
+        x = block.get_submodule(adapter.spec.ln2)(mlp_in)
         neurons = block.mlp.act_fn(block.mlp.gate_proj(x)) * block.mlp.up_proj(x)
     torch.testing.assert_close(neurons, cache["mlp_post.0"], atol=ATOL, rtol=0)
 
@@ -233,7 +238,7 @@ def test_last_resid_post_is_before_the_final_norm(
     with torch.no_grad():
         relogits = hf.get_submodule(adapter.spec.unembed)(
             hf.get_submodule(adapter.spec.final_norm)(cache[last])
-        )
+        ) * getattr(hf.config, "logit_scale", 1.0)  # Cohere scales its logits
         cap = adapter.info.logit_softcap
         if cap is not None:
             relogits = cap * torch.tanh(relogits / cap)

@@ -107,7 +107,7 @@ def test_architecture_facts_read_from_the_config() -> None:
 def test_unsupported_architecture_lists_supported_ones() -> None:
     with pytest.raises(ConfigError) as err:
         get_spec("opt", source="my-model")
-    for arch in ("gpt2", "llama", "qwen2", "bloom", "gpt_neox", "gemma3_text"):
+    for arch in ("gpt2", "llama", "qwen2", "bloom", "gpt_neox", "gemma3_text", "gemma2", "cohere"):
         assert arch in str(err.value)
     assert "'opt'" in str(err.value)
 
@@ -184,6 +184,8 @@ def test_apply_patches_rejects_wrong_width_and_out_of_range() -> None:
         ("bloom", True, False, False),
         ("gpt_neox", True, False, True),
         ("gemma3_text", True, True, False),
+        ("gemma2", True, True, False),
+        ("cohere", True, True, False),
     ],
 )
 def test_bos_policy_is_read_from_the_tokenizer(

@@ -255,7 +255,8 @@ def test_tracing_with_the_prefix_cache_equals_tracing_without(arch, backend, get
         assert trace.p_clean == ref.p_clean
         for kind in config.kinds:
             np.testing.assert_allclose(trace.scores[kind], ref.scores[kind], atol=1e-6, rtol=0)
-    assert ref.p_clean != pytest.approx(ref.p_corrupt, abs=1e-4)  # the noise does something
+    # The noise does something (relative: the tiny Cohere's p is near 1/vocab, and moves ~2%).
+    assert ref.p_clean != pytest.approx(ref.p_corrupt, rel=1e-2)
     # Restoring the last block's residual at the last token gives back the clean run.
     assert ref.scores["resid"][-1, -1] == pytest.approx(ref.p_clean, abs=1e-6)
 
