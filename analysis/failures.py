@@ -49,6 +49,14 @@ applicable edit records whether the *old* answer (any form) was decodable at B's
 position before the edit (``old at subject``): how often the lens reads a known answer at
 the subject at all, the baseline against which "not enriched" is read (a lens that never
 decodes answers at the subject makes every failure look not enriched).
+
+With a cross-lingual patching run of the same edits (:class:`analysis.patching.EditPatch`,
+matched by edit language and fact), each failure also records whether the *edit is carried*
+(:func:`carried_at_subject`): the edited model's subject state from A, patched into the
+unedited model's run in B at some layer, makes B's top token the new answer.  A failure
+marked not enriched whose edit is carried has the edit in a state B could use, but B's own
+subject state after the edit does not get it; patches are read only for edits that succeed
+in A (the patching rates' rule).
 """
 
 from __future__ import annotations
@@ -62,6 +70,8 @@ from pathlib import Path
 from typing import Any
 
 from analysis.lens import EDIT_KINDS, PHASES, POSITIONS, EditLens, emergence
+from analysis.patching import DIRECTIONS, EditPatch
+from analysis.patching import POSITIONS as PATCH_POSITIONS
 from mlake_core.errors import ConfigError, DataError
 from mlake_core.results.store import write_text
 
@@ -100,6 +110,21 @@ def latent_layers(n_layers: int) -> range:
     return range(n_layers - n_output)
 
 
+def carried_at_subject(patch: EditPatch, test: str) -> bool | None:
+    """Whether an edit is carried into ``test`` (module docstring): the edited model's subject
+    state, patched into the unedited model's run in ``test`` at some layer, makes the new
+    answer its top token; ``None`` when the patch does not say (``test`` not patched, or the
+    edit did not succeed in its own language)."""
+    if not patch.source_success or test not in patch.target_langs:
+        return None
+    carried = patch.carried()[
+        patch.target_langs.index(test),
+        DIRECTIONS.index("edited_to_unedited"),
+        PATCH_POSITIONS.index("subject_last"),
+    ]
+    return bool(carried.any())
+
+
 @dataclass(frozen=True)
 class Classified:
     """The outcome of one edit in one test language.
@@ -111,17 +136,23 @@ class Classified:
         own_failed: (a failure) the edit does not succeed in its own language either.
         old_at_subject: (applicable) the old answer, in any form, was decodable at the test
             language's subject position before the edit, at some layer.
+        carried: (a failure, given a patch) whether the edit is carried into the test
+            language (:func:`carried_at_subject`); ``None``: no patch says.
     """
 
     outcome: str
     other_form_at_output: bool = False
     own_failed: bool = False
     old_at_subject: bool = False
+    carried: bool | None = None
 
 
-def classify_failure(lens: EditLens, test: str, top_k: int) -> Classified:
+def classify_failure(
+    lens: EditLens, test: str, top_k: int, patch: EditPatch | None = None
+) -> Classified:
     """Classify edit ``lens`` in test language ``test`` by the rules of the module docstring
-    (``top_k``: the lens run's decodability threshold)."""
+    (``top_k``: the lens run's decodability threshold; ``patch``: the same edit's
+    cross-lingual patches, when measured)."""
     if test not in lens.test_langs:
         return Classified(NOT_READ)
     t = lens.test_langs.index(test)
@@ -137,22 +168,21 @@ def classify_failure(lens: EditLens, test: str, top_k: int) -> Classified:
     if lens.success(test):
         return Classified(TRANSFERRED, old_at_subject=readable)
     own_failed = lens.edit_lang in lens.test_langs and not lens.success(lens.edit_lang)
+    carried = None if patch is None else carried_at_subject(patch, test)
     # [position, layer, answer language]: every form of the new answer after the edit
     ranks = lens.rank[t, after, :, :, new, :]
     if emergence(ranks[subject].min(axis=-1), top_k) is None:
-        return Classified(NOT_ENRICHED, own_failed=own_failed, old_at_subject=readable)
+        return Classified(NOT_ENRICHED, False, own_failed, readable, carried)
     latent = list(latent_layers(ranks.shape[1]))
     if emergence(ranks[last, latent].min(axis=-1), top_k) is None:
-        return Classified(NOT_EXTRACTED, own_failed=own_failed, old_at_subject=readable)
+        return Classified(NOT_EXTRACTED, False, own_failed, readable, carried)
     distinct = lens.distinct(test, "new")
     final = ranks[last, -1]
     other = any(
         ok and lang != test and int(final[i]) == 0
         for i, (lang, ok) in enumerate(zip(lens.answer_langs, distinct, strict=True))
     )
-    return Classified(
-        LOST_AT_OUTPUT, other_form_at_output=other, own_failed=own_failed, old_at_subject=readable
-    )
+    return Classified(LOST_AT_OUTPUT, other, own_failed, readable, carried)
 
 
 @dataclass
@@ -171,6 +201,8 @@ class FailureSummary:
         own_failed: of the failures, those whose edit fails in A too.
         old_at_subject: of the applicable edits, those whose old answer was decodable at B's
             subject position before the edit (the enrichment rule's baseline).
+        patched: per failure category, the failures a patch says something about.
+        carried: per failure category, of those, the failures whose edit is carried.
     """
 
     method: str
@@ -181,6 +213,8 @@ class FailureSummary:
     other_form_at_output: int = 0
     own_failed: int = 0
     old_at_subject: int = 0
+    patched: dict[str, int] = field(default_factory=dict)
+    carried: dict[str, int] = field(default_factory=dict)
 
     @property
     def n_applicable(self) -> int:
@@ -203,19 +237,33 @@ class FailureSummary:
 
 
 def summarize_failures(
-    method: str, edit_lang: str, test_lang: str, lenses: Iterable[EditLens], top_k: int
+    method: str,
+    edit_lang: str,
+    test_lang: str,
+    lenses: Iterable[EditLens],
+    top_k: int,
+    patches: Mapping[int, EditPatch] | None = None,
 ) -> FailureSummary:
-    """Classify the edits ``lenses`` (made in ``edit_lang``) in ``test_lang`` and count."""
+    """Classify the edits ``lenses`` (made in ``edit_lang``) in ``test_lang`` and count
+    (``patches``: the same edits' cross-lingual patches by fact, when measured)."""
     counts = dict.fromkeys(OUTCOMES, 0)
+    patched = dict.fromkeys(FAILURES, 0)
+    carried = dict.fromkeys(FAILURES, 0)
     other = own = readable = n = 0
     for lens in lenses:
-        c = classify_failure(lens, test_lang, top_k)
+        patch = (patches or {}).get(lens.fact_id)
+        c = classify_failure(lens, test_lang, top_k, patch)
+        if c.carried is not None:
+            patched[c.outcome] += 1
+            carried[c.outcome] += c.carried
         n += 1
         counts[c.outcome] += 1
         other += c.other_form_at_output
         own += c.own_failed
         readable += c.old_at_subject
-    return FailureSummary(method, edit_lang, test_lang, n, counts, other, own, readable)
+    return FailureSummary(
+        method, edit_lang, test_lang, n, counts, other, own, readable, patched, carried
+    )
 
 
 @dataclass
@@ -298,11 +346,15 @@ def classify_edits(
     n_layers: int,
     top_k: int,
     source: str = "",
+    patches: Mapping[str, Mapping[int, EditPatch]] | None = None,
 ) -> FailureResult:
     """Classify every edit of one method (``lenses``: per edit language, its edits' lenses) in
-    every test language of ``langs``."""
+    every test language of ``langs`` (``patches``: per edit language, the same edits'
+    cross-lingual patches by fact, when measured)."""
     summaries = [
-        summarize_failures(method, a, b, lenses.get(a, ()), top_k) for a in langs for b in langs
+        summarize_failures(method, a, b, lenses.get(a, ()), top_k, (patches or {}).get(a))
+        for a in langs
+        for b in langs
     ]
     return FailureResult(
         langs=tuple(langs),

@@ -19,6 +19,7 @@ from analysis.failures import (
     SAME_TOKEN,
     TRANSFERRED,
     FailureResult,
+    carried_at_subject,
     classify_edits,
     classify_failure,
     combine,
@@ -26,6 +27,7 @@ from analysis.failures import (
     summarize_failures,
 )
 from analysis.lens import EditLens
+from analysis.patching import EditPatch
 from mlake_core.errors import ConfigError, DataError
 
 LANGS = ["en", "zh"]
@@ -202,3 +204,46 @@ def test_result_per_pair_totals_round_trip_and_combine(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{}", encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.json"):
         FailureResult.load(tmp_path / "bad.json")
+
+
+def patch_of(carried_layer: int | None, *, success: bool = True, position: int = 0) -> EditPatch:
+    """A built edit patch into zh and en: B's top token is the new answer only where the
+    edited subject state (``position`` 0) is patched at ``carried_layer``."""
+    rank = np.full((2, 2, 2, N_LAYERS, 2), FAR, dtype=np.int64)
+    if carried_layer is not None:
+        rank[0, 0, position, carried_layer, 0] = 0
+    rank[0, 1, 0, :, 0] = 0  # the other direction never counts
+    return EditPatch(
+        prob=np.zeros(rank.shape),
+        rank=rank,
+        clean_prob=np.zeros((2, 2, 2)),
+        clean_rank=np.full((2, 2, 2), FAR),
+        target_langs=["zh", "en"],
+        tokens=np.array([[10, 11], [20, 21]]),
+        source_success=success,
+    )
+
+
+def test_carried_at_subject_reads_the_edited_subject_state_only() -> None:
+    assert carried_at_subject(patch_of(2), "zh") is True
+    assert carried_at_subject(patch_of(None), "zh") is False
+    assert carried_at_subject(patch_of(2, position=1), "zh") is False  # the last position
+    assert carried_at_subject(patch_of(2, success=False), "zh") is None
+    assert carried_at_subject(patch_of(2), "ja") is None
+
+
+def test_failures_count_the_carried_edits() -> None:
+    lens = built()  # not enriched in zh
+    assert classify_failure(lens, "zh", TOP_K).carried is None
+    assert classify_failure(lens, "zh", TOP_K, patch_of(3)).carried is True
+    assert classify_failure(built(last={(3, "zh"): 0}), "zh", TOP_K, patch_of(3)).carried is None
+    other = built()
+    other.fact_id = 8
+    s = summarize_failures("ft", "en", "zh", [lens, other, built()], TOP_K, {7: patch_of(1)})
+    assert s.counts[NOT_ENRICHED] == 3
+    assert s.patched[NOT_ENRICHED] == 2 and s.carried[NOT_ENRICHED] == 2  # facts 7, 7; not 8
+    r = classify_edits(
+        "ft", {"en": [lens]}, LANGS, N_LAYERS, TOP_K, patches={"en": {7: patch_of(0)}}
+    )
+    assert r.summary("ft", "en", "zh").carried[NOT_ENRICHED] == 1
+    assert FailureResult.from_dict(r.to_dict()) == r
