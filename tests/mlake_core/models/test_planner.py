@@ -132,8 +132,9 @@ def test_models_list_json(capsys) -> None:
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["qwen2.5-7b"]["checks"] == "meta"
     assert rows["qwen2.5-0.5b"]["checks"] == "meta + real-width"
-    assert rows["aya-23-8b"]["checks"] == "not supported"
-    assert "cohere" in rows["aya-23-8b"]["unsupported"]
+    # Every row has a site table (Gemma 2 and Aya 23's Cohere included).
+    assert rows["aya-23-8b"]["checks"] == rows["gemma-2-9b"]["checks"] == "meta"
+    assert not any(r["unsupported"] for r in rows.values())
     assert rows["llama-3.1-70b"]["n_layers"] == 80
 
 
@@ -158,7 +159,8 @@ def test_models_plan_text_and_refusals(capsys) -> None:
     assert _run(["models", "plan", "llama-3.1-70b"]) == 0
     out = capsys.readouterr().out
     assert "needs several devices: at least 2" in out
-    with pytest.raises(ConfigError, match="not supported: cohere"):
-        _run(["models", "plan", "aya-23-8b"])
+    assert _run(["models", "plan", "aya-23-8b"]) == 0
+    out = capsys.readouterr().out
+    assert "aya-23-8b (CohereForAI/aya-23-8B): cohere" in out and "fits one device" in out
     with pytest.raises(ConfigError, match="not in the catalog"):
         _run(["models", "plan", "nobody/no-such-model-here"])
