@@ -293,3 +293,28 @@ def test_edits_leave_tied_embeddings_bitwise_intact(backend, get_adapter, texts)
         with pytest.raises(ConfigError, match="tied"):
             adapter.editable_parameter(name)
     assert adapter.editable_parameter(down_proj_name(adapter, 0)) is weight
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gemma2_soft_caps_are_the_models_own(backend, get_adapter, tiny_models, texts) -> None:
+    """Gemma 2 caps attention scores inside HF attention and the logits at the end: both
+    backends give the capped model's logits (the tiny caps are low enough to bite)."""
+    from transformers import AutoModelForCausalLM
+
+    from mlake_core.models.tiny import GEMMA2_SOFTCAPS
+
+    adapter = get_adapter("gemma2", backend)
+    batch = adapter.tokenize(list(texts))
+    logits = adapter.forward(batch).float()
+    real = batch.attention_mask.bool()
+    assert float(logits[real].abs().max()) <= GEMMA2_SOFTCAPS[1]
+    uncapped = AutoModelForCausalLM.from_pretrained(
+        tiny_models["gemma2"], attn_implementation="eager", attn_logit_softcapping=None
+    ).eval()
+    with torch.no_grad():
+        plain = uncapped(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+        ).logits
+    assert (plain[real] - logits[real]).abs().max() > 1e-2
