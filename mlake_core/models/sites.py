@@ -14,15 +14,15 @@ Meaning of each site (all tensors are ``[batch, pos, width]``):
 site               width      value
 =================  =========  =============================================================
 ``embed``          d_model    Token embeddings: the output of the token embedding module,
-                              ``W_E[token]`` times the scale that module applies (Gemma 3
-                              multiplies by ``sqrt(d_model)`` inside
-                              ``Gemma3TextScaledWordEmbedding``; every other architecture
+                              ``W_E[token]`` times the scale that module applies (Gemma 2
+                              and 3 multiply by ``sqrt(d_model)`` inside their
+                              ``*ScaledWordEmbedding``; every other architecture
                               by 1), *before* anything else is added or applied.
                               Positional embeddings are not included: GPT-2 adds its
                               learned ``W_pos[position]`` afterwards
                               (``resid_pre.0 = embed + W_pos``); BLOOM normalises it
                               (``resid_pre.0 = LayerNorm(embed)``); rotary (Llama, Qwen2,
-                              GPT-NeoX, Gemma 3) and ALiBi (BLOOM) models inject position
+                              GPT-NeoX, Gemma, Cohere) and ALiBi (BLOOM) models inject position
                               inside attention, so there ``resid_pre.0 = embed`` (BLOOM
                               aside): what the first block receives, scale included.
                               This is where ROME-style causal tracing adds its noise, and
