@@ -37,7 +37,8 @@ edit (the same rule), how often it never emerges, and how often another language
 the new answer is decodable first.  --failures adds, per edit and test language, where each
 failed transfer is lost (analysis/failures.py: not enriched at the subject, not extracted at
 the last position in the latent layers, or lost at the output), read from the saved edit
-lenses; --json carries it as "failures".
+lenses; --json carries it as "failures".  --patching-run DIR adds, per failure category,
+how many failed edits a patching run of the same edits finds carried across languages.
 """
 
 from __future__ import annotations
@@ -104,6 +105,13 @@ def register(subparsers: Any) -> None:
         "(not enriched, not extracted, lost at the output; analysis/failures.py), read from "
         "the saved edit lenses",
     )
+    group.add_argument(
+        "--patching-run",
+        default=None,
+        metavar="DIR",
+        help="with --failures: a patching run (mlake patch) of the same method and model; "
+        "each failure then records whether its edit is carried across languages",
+    )
     add_settings_args(
         parser.add_argument_group("tuned lens (with --lens tuned)"),
         TunedLensConfig,
@@ -132,6 +140,10 @@ def run_lens(args: argparse.Namespace) -> int:
         from mlake_core.errors import ConfigError
 
         raise ConfigError("lens --failures: needs --method ft|rome|memit and --edits above 0")
+    if args.patching_run and not args.failures:
+        from mlake_core.errors import ConfigError
+
+        raise ConfigError("lens --patching-run: only with --failures")
     if config.measures_edits:
         entry = get_method(config.method)
         overrides = parse_set(
@@ -188,7 +200,7 @@ def run_lens(args: argparse.Namespace) -> int:
     if edited is not None and args.failures:
         from mlake.stages.lens import edit_failures
 
-        failures = edit_failures(edited)
+        failures = edit_failures(edited, args.patching_run)
     if args.json:
         report = json_report(result, name, n_facts, config)
         if edited is not None:

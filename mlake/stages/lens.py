@@ -520,15 +520,49 @@ def edit_lens_lines(result: Any, *, markdown: bool = False) -> list[str]:
     return lines
 
 
-def edit_failures(result: Any) -> Any:
+def edit_failures(result: Any, patching: str | None = None) -> Any:
     """Where each edit of a lens-edit run (an :class:`~analysis.lens.EditLensResult`) fails to
     transfer (:mod:`analysis.failures`), read from the run's saved edit lenses (nothing is
-    recomputed)."""
+    recomputed).  ``patching``: the folder of a patching run of the same method whose edit
+    patches (matched by edit language and fact) say whether each failed edit is carried (the
+    method and the model are checked; the method's settings are the caller's to match).
+
+    Raises:
+        ConfigError: a patching run of another method or model.
+        DataError: not a complete patching run (naming it).
+    """
+    from pathlib import Path
+
     from analysis.failures import classify_edits
+    from analysis.patching import EditPatch
+    from mlake_core.errors import ConfigError
+    from mlake_core.results.store import read_run
 
     lenses = {a: list(result.lenses(a)) for a in result.langs}
+    patches: dict[str, dict[int, Any]] = {}
+    if patching is not None:
+        run = read_run(patching, "patching")
+        mine = read_run(result.run_path, "lens_edits").meta
+        method = run.meta.get("config", {}).get("method")
+        model = (run.meta.get("model") or {}).get("model_id")
+        if method != result.method or model != (mine.get("model") or {}).get("model_id"):
+            raise ConfigError(
+                f"--patching-run {patching}: a patching run of {method} edits on another "
+                f"model or method than the lens's ({result.method})"
+            )
+        for a, facts in result.edits.items():
+            for f in facts:
+                path = Path(run.path) / "arrays" / f"edit_{a}_{f}.npz"
+                if path.is_file():
+                    patches.setdefault(a, {})[f] = EditPatch.load(path)
     return classify_edits(
-        result.method, lenses, result.langs, result.n_layers, result.top_k, result.run_path
+        result.method,
+        lenses,
+        result.langs,
+        result.n_layers,
+        result.top_k,
+        result.run_path,
+        patches if patching is not None else None,
     )
 
 
@@ -546,6 +580,7 @@ FAILURE_COLUMNS: tuple[str, ...] = (
     "other form",
     "own failed",
     "old at subject",
+    "carried",
 )
 
 
@@ -567,6 +602,11 @@ def failure_rows(failures: Any) -> list[list[str]]:
             str(s.other_form_at_output),
             str(s.own_failed),
             str(s.old_at_subject),
+            (
+                "/".join(str(s.carried.get(o, 0)) for o in FAILURES)
+                if sum(s.patched.values())
+                else "-"
+            ),
         ]
 
     rows = []
@@ -582,6 +622,8 @@ def failure_rows(failures: Any) -> list[list[str]]:
             sum(s.other_form_at_output for s in pairs),
             sum(s.own_failed for s in pairs),
             sum(s.old_at_subject for s in pairs),
+            {o: sum(s.patched.get(o, 0) for s in pairs) for o in FAILURES},
+            {o: sum(s.carried.get(o, 0) for s in pairs) for o in FAILURES},
         )
         rows.append([method, "all", "all", *cells(total)])
     return rows
@@ -604,7 +646,11 @@ def failure_notes(failures: Any) -> str:
         "the new answer as the output; own failed: failures whose edit fails in its own "
         "language too; old at subject: applicable edits whose old answer was decodable at the "
         "subject position before the edit (how often the lens reads a known answer there at "
-        "all: the baseline of not enriched)."
+        "all: the baseline of not enriched); carried (with --patching-run): per failure "
+        "category (not enriched/not extracted/lost at output), the failures whose edit, "
+        "successful in its own language, is carried: the edited subject state patched into "
+        "the test language's unedited run makes the new answer its top token at some layer "
+        "(- : no patch of these edits)."
     )
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from analysis.failures import OUTCOMES, FailureResult, classify_edits
 from analysis.lens import EditLensResult
+from analysis.patching import EditPatch
 from mlake.cli import main
 
 pytestmark = pytest.mark.slow
@@ -39,10 +40,48 @@ def test_failures_from_the_saved_edit_lenses(micro_tiny: Path, tmp_path: Path, c
     assert any(line.split()[:3] == ["ft", "all", "all"] for line in text.splitlines())
 
 
+def test_failures_with_a_patching_run(micro_tiny: Path, tmp_path: Path, capsys) -> None:
+    """``--patching-run``: each failure's edit looked up in a patching run of the same edits
+    (the first fact of each language, FT with the same settings); a run of another method is
+    refused."""
+    from analysis.failures import FAILURES
+
+    common = ["--model", str(micro_tiny), "--langs", ",".join(LANGS), "--facts", "4"]
+    common += ["--results-dir", str(tmp_path), "--device", "cpu"]
+    edit = ["--method", "ft", "--edits", "1", "--layer", "0", "--set", "ft.steps=20"]
+    assert main(["patch", *common, *edit, "--json"]) == 0
+    patching = json.loads(capsys.readouterr().out)["run_path"]
+    args = ["lens", *common, *edit, "--failures", "--patching-run", patching, "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    failures = FailureResult.from_dict(report["failures"])
+    edited = EditLensResult.load(report["edits"]["run_path"])
+    lenses = {a: list(edited.lenses(a)) for a in LANGS}
+    patches = {
+        a: {f: EditPatch.load(Path(patching) / "arrays" / f"edit_{a}_{f}.npz") for f in facts}
+        for a, facts in edited.edits.items()
+    }
+    expected = classify_edits(
+        "ft", lenses, LANGS, edited.n_layers, edited.top_k, edited.run_path, patches
+    )
+    assert failures == expected
+    patched = sum(s.patched[o] for s in failures.summaries for o in FAILURES)
+    n_failed = sum(s.n_failed for s in failures.summaries)
+    own_ok = sum(s.n_failed - s.own_failed for s in failures.summaries)
+    assert n_failed >= 1
+    assert patched == own_ok  # every failure of an edit that took in A is patched
+    rome = [*args[: args.index("--method")], "--method", "rome", "--edits", "1"]
+    rome += ["--failures", "--patching-run", patching]
+    assert main(rome) == 2
+    assert "a patching run of ft edits" in capsys.readouterr().err
+
+
 def test_failures_needs_edits(micro_tiny: Path, tmp_path: Path, capsys) -> None:
     args = ["lens", "--model", str(micro_tiny), "--results-dir", str(tmp_path), "--failures"]
     assert main(args) == 2
     assert "--failures: needs --method" in capsys.readouterr().err
+    assert main([*args[:-1], "--patching-run", str(tmp_path)]) == 2
+    assert "--patching-run: only with --failures" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
