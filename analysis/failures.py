@@ -306,8 +306,16 @@ class FailureResult:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready data; each summary also carries ``rates``: per transferred
+        and failure outcome, its share of the applicable edits (``None``: none applicable),
+        which :meth:`from_dict` recomputes rather than reads."""
         out = asdict(self)
         out["langs"] = list(self.langs)
+        for row, s in zip(out["summaries"], self.summaries, strict=True):
+            row["rates"] = {
+                o: None if math.isnan(r := s.rate(o)) else round(r, 6)
+                for o in (TRANSFERRED, *FAILURES)
+            }
         return out
 
     @classmethod
@@ -317,7 +325,10 @@ class FailureResult:
             n_layers=int(data["n_layers"]),
             top_k=int(data["top_k"]),
             latent=[int(x) for x in data["latent"]],
-            summaries=[FailureSummary(**s) for s in data["summaries"]],
+            summaries=[
+                FailureSummary(**{k: v for k, v in s.items() if k != "rates"})
+                for s in data["summaries"]
+            ],
             sources=dict(data.get("sources") or {}),
         )
 

@@ -199,6 +199,9 @@ def test_result_per_pair_totals_round_trip_and_combine(tmp_path: Path) -> None:
     both.save(path)
     back = FailureResult.load(path)
     assert back == both and set(back.totals("ft")) == set(OUTCOMES)
+    rates = both.to_dict()["summaries"][1]["rates"]  # ft, en edits read in zh: 1 of 2 fail
+    assert rates == {TRANSFERRED: 0.5, NOT_ENRICHED: 0.5, NOT_EXTRACTED: 0.0, LOST_AT_OUTPUT: 0.0}
+    assert both.to_dict()["summaries"][6]["rates"][TRANSFERRED] is None  # rome: no zh edits
     with pytest.raises(ConfigError, match="twice"):
         combine([ft, ft])
     (tmp_path / "bad.json").write_text("{}", encoding="utf-8")
