@@ -372,19 +372,41 @@ def attributed_positions(prompt: AttributionPrompt, positions: str) -> list[int]
     return [n - 1] if positions == "last" else list(range(n))
 
 
-def grad_rows_per_pass(adapter: ModelAdapter, n_tokens: int, fraction: float = 0.25) -> int:
-    """Rows of ``n_tokens`` tokens that fit in one forward-and-backward pass.
+def grad_rows_per_pass(
+    adapter: ModelAdapter,
+    n_tokens: int,
+    fraction: float = 0.25,
+    *,
+    past_tokens: int | None = None,
+) -> int:
+    """Rows of a prompt of ``n_tokens`` tokens that fit in one forward-and-backward pass.
 
-    Every layer's activations stay alive for the backward pass: about 12 ``d_model`` and 4
-    ``d_mlp`` values per token and layer, and the attention scores.  No logits: the answer's
-    log-probabilities are read a chunk of the vocabulary at a time, recomputed in the backward
-    pass (:mod:`~mlake_core.models.readout`, a bounded chunk whatever the rows).  Uses
+    A row runs the prompt's last ``n_tokens - past_tokens`` tokens, continuing the keys and
+    values of the first ``past_tokens`` (:func:`integrated_gradients` scales neurons from the
+    first attributed position on; by default, ``positions="last"``, it runs one token after a
+    cache of all the others: ``past_tokens=None`` means ``n_tokens - 1``, what the planner
+    plans).  Every layer's activations stay alive for the backward pass: per run token and
+    layer about 12 ``d_model``, 4 ``d_mlp`` and 4 attention-width (``n_heads * d_head``) values
+    and 3 scores per attended position; per row and layer the keys and values of every
+    attended position at full attention width (grouped-query keys are repeated per head
+    before the product, and that copy is saved) and the row's own copy of the cached ones.
+    Counted against the tensors autograd saves on every tiny architecture (tests).  No full
+    logits: the answer's log-probabilities are read a chunk of the vocabulary at a time and
+    recomputed in the backward pass (:mod:`~mlake_core.models.readout`); a row's share of a
+    chunk (its float32 logits, their exponentials and their gradient) is charged at the whole
+    vocabulary, ``12 * d_vocab`` bytes: an upper bound, as the chunk is capped.  Uses
     ``fraction`` of CUDA's free memory, or on CPU 256 MiB.
     """
+    n_tokens = max(1, int(n_tokens))
+    past = n_tokens - 1 if past_tokens is None else min(max(0, int(past_tokens)), n_tokens - 1)
+    run = n_tokens - past
     bytes_per = max(1, torch.finfo(adapter.dtype).bits // 8)
     heads = max(1, adapter.info.n_heads)
-    per_token_layer = bytes_per * (12 * adapter.d_model + 4 * adapter.d_mlp + 2 * heads * n_tokens)
-    per_row = n_tokens * adapter.n_layers * per_token_layer
+    attn = heads * (adapter.info.d_head or max(1, adapter.d_model // heads))
+    per_token_layer = 12 * adapter.d_model + 4 * adapter.d_mlp + 4 * attn + 3 * heads * n_tokens
+    kv_layer = 2 * attn * (n_tokens + past)  # attended keys and values, and the cached copy
+    per_row = bytes_per * adapter.n_layers * (run * per_token_layer + kv_layer)
+    per_row += 3 * 4 * adapter.info.d_vocab  # the readout: float32 logits, exp, gradient
     free = free_bytes(adapter.device) if adapter.device.type == "cuda" else None
     if free is not None:
         budget = fraction * free
@@ -460,7 +482,7 @@ def integrated_gradients(
         except NotImplementedError:
             pass
     local = [p - shift for p in positions]
-    chunk = config.max_rows or grad_rows_per_pass(adapter, len(rows_seq))
+    chunk = config.max_rows or grad_rows_per_pass(adapter, len(seq), past_tokens=shift)
     start = 0
     while start < len(work):
         part = work[start : start + chunk]
