@@ -22,6 +22,9 @@ in (``batchers``, ``key_statistics``; ``mlake models plan`` and ``benchmarks/gpu
 do).  The activation memory of one row
 is the amount those functions charge per row: with a budget of ``B`` bytes they choose
 ``floor(fraction * B / row)`` rows, so at a huge budget ``row = fraction * B / rows``.
+Integrated gradients' rows are planned as they run at its default ``positions="last"``: the
+last token, continuing the cached keys and values of the others (``grad_rows_per_pass``'s
+default ``past_tokens``).
 
 What the plan leaves out: CUDA's own context (about 0.5 GiB per device), the allocator's
 fragmentation, and the optimiser state of an edit (ROME's delta is one ``d_model`` vector).

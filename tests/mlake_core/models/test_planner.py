@@ -59,6 +59,9 @@ def test_the_plan_is_what_the_stages_choose(qwen7b) -> None:
     with assume_free_bytes(plan.free_bytes):
         assert stages["causal tracing"].rows == rows_per_pass(model, 32)
         assert stages["attribution (IG)"].rows == grad_rows_per_pass(model, 32)
+        # ... which is IG as it runs at positions="last": one token after a cache of 31.
+        assert stages["attribution (IG)"].rows == grad_rows_per_pass(model, 32, past_tokens=31)
+        assert stages["attribution (IG)"].rows > grad_rows_per_pass(model, 32, past_tokens=0)
     # The charge per row is the function's own: rows = fraction x free // row.
     ig = stages["attribution (IG)"]
     assert ig.rows == int(0.25 * plan.free_bytes // ig.row_bytes)
