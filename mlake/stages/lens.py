@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from mlake.stages.context import StageContext
+from mlake.stages.transfer import edit_fact, stage_second_moment
 from mlake_core.metrics.knowledge import KnowledgeResult
 from mlake_core.results.store import Run
 
@@ -174,38 +175,6 @@ def tuned_lens_for(ctx: StageContext, settings: Any = None, log: Any = None) -> 
     )
 
 
-def edit_fact(
-    adapter: Any,
-    entry: Any,
-    request: Any,
-    method_config: Any,
-    seed: int,
-    second_moment: Callable[[int], Any],
-) -> tuple[Any, str | None]:
-    """One edit as the patching stage makes it: ``entry``'s method on ``request`` with a
-    generator seeded ``seed`` and the run's key second moments; returns the
-    :class:`~mlake_core.editing.base.EditResult` and why it cannot be used (``None``: it can;
-    :func:`mlake.stages.transfer.edit_failure`).
-
-    Raises:
-        ConfigError: a method whose edits change no weights (nothing for a lens to read).
-    """
-    import torch
-
-    from mlake.stages.transfer import edit_failure
-    from mlake_core.editing import EditContext
-    from mlake_core.errors import ConfigError
-
-    context = EditContext(torch.Generator().manual_seed(seed), second_moment)
-    edited = entry.fn(adapter, [request], method_config, context)
-    if not edited.deltas:
-        raise ConfigError(
-            f"lens --method {entry.name}: its edits change no weights (a prompt prefix), so "
-            "the lens reads the same states after it; choose rome, memit or ft"
-        )
-    return edited, edit_failure(edited)
-
-
 def lens_edits_stage(
     ctx: StageContext,
     config: Any,
@@ -243,7 +212,6 @@ def lens_edits_stage(
     )
     from mlake_core.editing import get_method, make_request
     from mlake_core.editing.base import LocatedPrompt, locate_prompt
-    from mlake_core.editing.covariance import cached_second_moment
     from mlake_core.errors import ConfigError, MlakeError
     from mlake_core.provenance import stable_hash
 
@@ -314,14 +282,7 @@ def lens_edits_stage(
         return items_of[fact_id]
 
     before_of: dict[int, Any] = {}
-    moments: dict[int, Any] = {}
-
-    def second_moment(layer: int) -> Any:
-        if layer not in moments:
-            moments[layer] = cached_second_moment(
-                adapter, ctx.identity(), layer, corpus, results_dir=ctx.results_dir
-            )
-        return moments[layer]
+    second_moment = stage_second_moment(ctx, corpus)
 
     ctx.say(
         f"lens: {config.lens} lens before and after {config.method} edits, {config.edits} per "
@@ -351,7 +312,7 @@ def lens_edits_stage(
                 skip("edit", a, "no usable test language")
                 continue
             edited, failed = edit_fact(
-                adapter, entry, request, method_config, config.seed, second_moment
+                adapter, entry, request, method_config, config.seed, second_moment, "lens"
             )
             if failed:
                 skip("edit", a, "non-finite edit")

@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any
 
 from mlake.stages.context import StageContext
+from mlake.stages.transfer import edit_fact, stage_second_moment
 from mlake_core.metrics.knowledge import KnowledgeResult
 from mlake_core.provenance import stable_hash
 from mlake_core.results.store import Run
@@ -40,7 +41,6 @@ def patching_stage(
     Raises:
         ConfigError: a method whose edits change no weights (no edited state to patch).
     """
-    import torch
 
     from analysis.lens import reading_tokens
     from analysis.patching import (
@@ -57,10 +57,9 @@ def patching_stage(
         summarize_counterfactual,
         summarize_edits,
     )
-    from mlake_core.editing import EditContext, get_method, make_request
+    from mlake_core.editing import get_method, make_request
     from mlake_core.editing.base import LocatedPrompt, locate_prompt
-    from mlake_core.editing.covariance import cached_second_moment
-    from mlake_core.errors import ConfigError, MlakeError
+    from mlake_core.errors import MlakeError
 
     adapter, dataset, fact_ids, langs = ctx.adapter, ctx.dataset, ctx.fact_ids, ctx.langs
     edits_on = config.measures_edits
@@ -210,14 +209,7 @@ def patching_stage(
     edits: dict[str, list[EditPatch]] = {}
     if edits_on:
         entry = get_method(config.method)
-        moments: dict[int, Any] = {}
-
-        def second_moment(layer: int) -> Any:
-            if layer not in moments:
-                moments[layer] = cached_second_moment(
-                    adapter, ctx.identity(), layer, corpus, results_dir=ctx.results_dir
-                )
-            return moments[layer]
+        second_moment = stage_second_moment(ctx, corpus)
 
         for a in langs:
             done_edits = edits.setdefault(a, [])
@@ -246,16 +238,10 @@ def patching_stage(
                 if src is None or src[2][0] is None or not edit_targets:
                     skip("edit", a, "no usable target")
                     continue
-                context = EditContext(torch.Generator().manual_seed(config.seed), second_moment)
-                edited = entry.fn(adapter, [request], method_config, context)
-                if not edited.deltas:
-                    raise ConfigError(
-                        f"patching --method {config.method}: its edits change no weights (a "
-                        "prompt prefix), so there is no edited state to patch; choose rome, "
-                        "memit or ft"
-                    )
-                bad = [n for n, d in edited.deltas.items() if not bool(torch.isfinite(d).all())]
-                if bad:
+                edited, failed = edit_fact(
+                    adapter, entry, request, method_config, config.seed, second_moment, "patching"
+                )
+                if failed:
                     skip("edit", a, "non-finite edit")
                     continue
                 carried = patch_edit(

@@ -355,6 +355,57 @@ def empty_unit_sets(
     return out
 
 
+def stage_second_moment(ctx: StageContext, corpus: Sequence[str]) -> Callable[[int], Any]:
+    """The key second moment of a layer for a stage's edits
+    (:func:`~mlake_core.editing.covariance.cached_second_moment` on ``corpus``, in the run's
+    results store), computed once per layer and kept for the stage's later edits."""
+    from mlake_core.editing.covariance import cached_second_moment
+
+    moments: dict[int, Any] = {}
+
+    def second_moment(layer: int) -> Any:
+        if layer not in moments:
+            moments[layer] = cached_second_moment(
+                ctx.adapter, ctx.identity(), layer, corpus, results_dir=ctx.results_dir
+            )
+        return moments[layer]
+
+    return second_moment
+
+
+def edit_fact(
+    adapter: Any,
+    entry: Any,
+    request: Any,
+    method_config: Any,
+    seed: int,
+    second_moment: Callable[[int], Any],
+    command: str,
+) -> tuple[Any, str | None]:
+    """One edit for a stage that reads the edited model's states (the lens, cross-lingual
+    patching): ``entry``'s method on ``request`` with a generator seeded ``seed`` and the
+    run's key second moments; returns the :class:`~mlake_core.editing.base.EditResult` and
+    why it cannot be used (:func:`edit_failure`; ``None``: it can).
+
+    Raises:
+        ConfigError: a method whose edits change no weights (a prompt prefix: no edited
+            state to read), naming ``command``.
+    """
+    import torch
+
+    from mlake_core.editing import EditContext
+    from mlake_core.errors import ConfigError
+
+    context = EditContext(torch.Generator().manual_seed(seed), second_moment)
+    edited = entry.fn(adapter, [request], method_config, context)
+    if not edited.deltas:
+        raise ConfigError(
+            f"{command} --method {entry.name}: its edits change no weights (a prompt prefix), "
+            "so there is no edited state to read; choose rome, memit or ft"
+        )
+    return edited, edit_failure(edited)
+
+
 def edit_failure(result: Any) -> str | None:
     """Why an edit cannot be evaluated: a non-finite loss or weight change (an unstable
     optimisation), else ``None``."""
