@@ -10,7 +10,7 @@ A cached :class:`~mlake_core.data.dataset.MlakeDataset` is one pickle file in
 - the code version: a SHA-256 over the source of every module of :mod:`mlake_core.data`
   and of :mod:`mlake_core.languages`, the versions of the analyzers (jieba, fugashi,
   unidic-lite) and of Python, and :data:`CACHE_FORMAT`;
-- the version and the languages asked for.
+- the version, the languages asked for, and the languages present in the data folder.
 
 A file is written atomically (:func:`mlake_core.files.atomic_write`), so concurrent loads
 never read a partial one; writing one removes the same data's entries of other code
@@ -36,6 +36,7 @@ from typing import Any
 
 from mlake_core.files import CACHE_ENV as CACHE_ENV  # re-exported
 from mlake_core.files import atomic_write, cache_dir
+from mlake_core.languages import LANGUAGES
 
 #: Bumped when the cache file's layout changes.
 CACHE_FORMAT = 1
@@ -67,9 +68,17 @@ def code_version() -> str:
     return digest.hexdigest()
 
 
-def cache_key(version: str, langs: tuple[str, ...], content_sha256: str) -> str:
-    """The file name stem of a located dataset."""
-    return f"{version}-{'-'.join(langs)}-{content_sha256[:16]}-{code_version()[:16]}"
+def cache_key(
+    version: str,
+    langs: tuple[str, ...],
+    content_sha256: str,
+    present: tuple[str, ...] = LANGUAGES,
+) -> str:
+    """The file name stem of a located dataset: the languages asked for and, when the data
+    folder holds other languages than MLaKE's five, the languages present (``-of-...``:
+    subjects are located with all of them)."""
+    of = "" if present == LANGUAGES else f"-of-{'-'.join(present)}"
+    return f"{version}-{'-'.join(langs)}{of}-{content_sha256[:16]}-{code_version()[:16]}"
 
 
 def cache_path(key: str, root: Path | None = None) -> Path:

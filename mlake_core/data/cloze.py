@@ -68,6 +68,10 @@ FILLER: dict[str, frozenset[str]] = {
         "der die das den dem des ein eine einen einem eines und in im an am zu zum zur von".split()
         + "ist war hat".split()
     ),
+    "es": frozenset(
+        "el la los las lo un una unos unas de del a al en y e es son fue fueron era ha han".split()
+        + "por para con sobre".split()
+    ),
     "zh": frozenset(["的", "是", "在", "了", "曾", "也", "都", "于", "将", "就"]),
     "ja": frozenset(
         "は が の を に で と も へ や 通常 現在 主に かつて 一般的 一般的に もともと 元々 当初 最初".split()

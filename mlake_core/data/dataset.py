@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +41,15 @@ from mlake_core.data.records import (
     read_mcqa,
     read_single_hop,
 )
-from mlake_core.data.subjects import DocumentFrequency, SubjectLocation, locate_subject
+from mlake_core.data.subjects import (
+    DocumentFrequency,
+    SubjectLocation,
+    has_subject_rules,
+    locate_subject,
+)
 from mlake_core.data.text import normalize
 from mlake_core.errors import DataError
-from mlake_core.languages import LANGUAGES, parse_langs
+from mlake_core.languages import LANGUAGES, UnknownLanguageWarning, language, parse_langs
 
 FormKind = Literal["question", "cloze"]
 
@@ -218,6 +224,9 @@ class MlakeDataset:
     facts: list[Fact]
     multi_hop: dict[str, list[MultiHopQuestion]] = field(default_factory=dict)
     content_sha256: str = ""
+    #: Every language of the data folder (its matrices' full order); ``langs`` are the
+    #: loaded ones.
+    available: tuple[str, ...] = LANGUAGES
 
     @property
     def content_key(self) -> dict[str, str]:
@@ -310,6 +319,23 @@ def _cloze_form(
     return form, assessment.answer_at_end, assessment.prefix_is_question_start
 
 
+_GENERIC_WARNED: set[str] = set()
+
+
+def _warn_generic_subjects(lang: str) -> None:
+    """One :class:`~mlake_core.languages.UnknownLanguageWarning` per process for a language
+    whose subjects are located by the generic rules: an unknown code warns through
+    :func:`~mlake_core.languages.language`, a known one without subject rules here."""
+    if language(lang).known and not has_subject_rules(lang) and lang not in _GENERIC_WARNED:
+        _GENERIC_WARNED.add(lang)
+        warnings.warn(
+            f"language {lang!r}: the subject locator has no rules of its own for it; "
+            "using the generic ones (spans at word boundaries, names by capitalization)",
+            UnknownLanguageWarning,
+            stacklevel=4,
+        )
+
+
 def load_mlake(
     data_dir: str | os.PathLike[str] | None = None,
     version: str = DEFAULT_VERSION,
@@ -323,45 +349,62 @@ def load_mlake(
         data_dir: the data directory (``None``: ``$MLAKE_DATA`` or the default, see
             :mod:`mlake_core.data.paths`).
         version: ``v2024-11`` (default, canonical) or ``v2024-04``.
-        langs: languages to load (default all five).  Subjects are located with the help of
-            all five languages whatever is asked, because names shared across languages are
-            part of the evidence.
+        langs: languages to load (default: every language of the data folder, MLaKE's
+            five first, see :meth:`~mlake_core.data.paths.Release.languages`).  Subjects
+            are located with the help of all the folder's languages whatever is asked,
+            because names shared across languages are part of the evidence.
         cache: read the located dataset from mlake's cache folder, and write it there when
             it is missing (:mod:`mlake_core.data.cache`: keyed by the data files' hash and
             the code version).
 
     Raises:
-        DataError: for missing or malformed files, or language files of different lengths.
-        ConfigError: for an unknown version or language code.
+        DataError: for missing or malformed files (a language with any file present must
+            have all of them), or language files of different lengths.
+        ConfigError: for an unknown version, or a language the folder does not hold (the
+            error lists those it holds).
     """
     release = get_release(version)
-    wanted = parse_langs(langs)
     root = resolve_data_dir(data_dir)
     base = release_dir(root, version)
-    for lang in LANGUAGES:  # the same error as reading them would give, before hashing
+    present = release.languages(base)
+    if not present:
+        raise DataError(
+            f"{base}: no language files (expected {release.single_hop_qa.format(lang='<lang>')}"
+            ", e.g. en)"
+        )
+    wanted = parse_langs(langs, present)
+    for lang in present:  # the same error as reading them would give, before hashing
         path = base / release.single_hop_qa.format(lang=lang)
         if not path.is_file():
             raise DataError(f"{path}: file not found")
     content = content_sha256(base, release)
     if not cache:
-        return _build(root, version, wanted, content)
-    key = cache_key(version, wanted, content)
+        return _build(root, version, wanted, content, present)
+    key = cache_key(version, wanted, content, present)
     path = cache_path(key)
     dataset = read_cached(path, key)
     if isinstance(dataset, MlakeDataset):
         dataset.root = root  # the same content may be read from another folder
         return dataset
-    dataset = _build(root, version, wanted, content)
+    dataset = _build(root, version, wanted, content, present)
     write_cached(path, key, dataset)
     return dataset
 
 
-def _build(root: Path, version: str, wanted: tuple[str, ...], content: str) -> MlakeDataset:
+def _build(
+    root: Path,
+    version: str,
+    wanted: tuple[str, ...],
+    content: str,
+    present: tuple[str, ...] = LANGUAGES,
+) -> MlakeDataset:
     """Read, validate and locate the dataset (what :func:`load_mlake` caches)."""
     release = get_release(version)
     base = release_dir(root, version)
+    for lang in present:
+        _warn_generic_subjects(lang)
     records: dict[str, list[SingleHopRecord]] = {}
-    for lang in LANGUAGES:
+    for lang in present:
         records[lang] = read_single_hop(base / release.single_hop_qa.format(lang=lang))
     lengths = {lang: len(r) for lang, r in records.items()}
     if len(set(lengths.values())) != 1:
@@ -369,7 +412,7 @@ def _build(root: Path, version: str, wanted: tuple[str, ...], content: str) -> M
             f"{base / release.single_hop_qa.format(lang=lang)}: {n}" for lang, n in lengths.items()
         )
         raise DataError(f"single-hop files are not parallel (record counts differ): {detail}")
-    n_facts = lengths[LANGUAGES[0]]
+    n_facts = lengths[present[0]]
     mcqa: dict[str, list[McqaRecord]] = {}
     if release.single_hop_mcqa:
         for lang in wanted:
@@ -379,9 +422,10 @@ def _build(root: Path, version: str, wanted: tuple[str, ...], content: str) -> M
                 raise DataError(
                     f"{path}: {len(mcqa[lang])} records, but the single-hop files have {n_facts}"
                 )
-    answers = {lang: [locate_answer(r) for r in records[lang]] for lang in LANGUAGES}
+    answers = {lang: [locate_answer(r) for r in records[lang]] for lang in present}
     # Multi-hop questions and n-gram statistics are evidence only for the languages asked for.
-    multi_hop = link_multi_hop(base, release, wanted, records["en"])
+    # New multi-hop records link through the English edit sentence: without English, none do.
+    multi_hop = link_multi_hop(base, release, wanted, records.get("en", []))
     mh_text: dict[str, dict[int, list[str]]] = {lang: {} for lang in wanted}
     for lang, questions in multi_hop.items():
         for q in questions:
@@ -397,7 +441,7 @@ def _build(root: Path, version: str, wanted: tuple[str, ...], content: str) -> M
                 records[lang][i],
                 answers[lang][i],
                 mh_text[lang].get(i, []),
-                {o: (records[o][i], answers[o][i]) for o in LANGUAGES if o != lang},
+                {o: (records[o][i], answers[o][i]) for o in present if o != lang},
                 df,
             )
             for i in range(n_facts)
@@ -435,4 +479,5 @@ def _build(root: Path, version: str, wanted: tuple[str, ...], content: str) -> M
         facts=facts,
         multi_hop={lang: multi_hop[lang] for lang in wanted},
         content_sha256=content,
+        available=present,
     )

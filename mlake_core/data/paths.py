@@ -10,6 +10,11 @@ The data directory is resolved in this order:
 
 The data directory holds one sub-folder per release (``v2024-11``, ``v2024-04``), each with the
 upstream ``dataset/`` tree of the public repository Hi-archers/MLaKE at a fixed commit.
+
+A folder in a release's layout may hold other languages too (``single_hop/es_qa.json`` and
+``multi_hop/{old,new}_es_qa.json``): the languages are those whose files are present
+(:meth:`Release.languages`).  Such a folder is other data than the release as published
+(its content hash differs), which :func:`data_suffix` and run keys then name.
 """
 
 from __future__ import annotations
@@ -18,15 +23,18 @@ import hashlib
 import http.client
 import io
 import os
+import re
 import shutil
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlake_core.errors import ConfigError, DataError
+from mlake_core.languages import LANGUAGES
 
 ENV_VAR = "MLAKE_DATA"
 UPSTREAM_REPO = "Hi-archers/MLaKE"
@@ -47,9 +55,45 @@ class Release:
     multi_hop_mcqa: str | None
     published_sha256: str = ""
 
-    def files(self, base: Path) -> list[Path]:
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        """The release's file patterns (with ``{lang}``, and ``{kind}`` for multi-hop)."""
+        return tuple(
+            p
+            for p in (
+                self.single_hop_qa,
+                self.single_hop_mcqa,
+                self.multi_hop_qa,
+                self.multi_hop_mcqa,
+            )
+            if p
+        )
+
+    def languages(self, base: Path) -> tuple[str, ...]:
+        """The languages with at least one file of the release's layout under ``base``
+        (its ``dataset/`` folder): MLaKE's five first, in matrix order, then any other
+        well-formed code (:data:`~mlake_core.languages.CODE_PATTERN`) in alphabetical
+        order.  A language present must have all its files; loading checks that."""
+        found: set[str] = set()
+        for pattern in self.patterns:
+            glob = pattern.replace("{kind}", "*").replace("{lang}", "*")
+            regex = re.compile(
+                re.escape(pattern)
+                .replace(r"\{kind\}", "(?:old|new)")
+                .replace(r"\{lang\}", r"(?P<lang>[a-z]{2,3}(?:-[A-Za-z0-9]+)?)")
+            )
+            for path in base.glob(glob):
+                m = regex.fullmatch(path.relative_to(base).as_posix())
+                if m and path.is_file():
+                    found.add(m["lang"])
+        five = [lang for lang in LANGUAGES if lang in found]
+        return (*five, *sorted(found - set(five)))
+
+    def files(self, base: Path, langs: Sequence[str] | None = None) -> list[Path]:
         """The release's files under ``base`` (its ``dataset/`` folder) that exist, in a
-        fixed order: every language's single-hop and multi-hop files."""
+        fixed order: every language's single-hop and multi-hop files, pattern by pattern,
+        language by language (``langs``; default the languages present,
+        :meth:`languages`), so the published releases hash as published."""
         out: list[Path] = []
         for pattern in (
             self.single_hop_qa,
@@ -57,7 +101,7 @@ class Release:
             self.multi_hop_qa,
             self.multi_hop_mcqa,
         ):
-            for lang in ("en", "zh", "ja", "fr", "de"):
+            for lang in self.languages(base) if langs is None else langs:
                 for kind in ("old", "new"):
                     path = base / pattern.format(lang=lang, kind=kind) if pattern else None
                     if path is not None and path.is_file() and path not in out:

@@ -64,6 +64,10 @@ EDGE_STOP: dict[str, frozenset[str]] = {
     "fr": FILLER["fr"]
     | frozenset("qui que quel quelle quels quelles où quand est-ce l d qu".split()),
     "de": FILLER["de"] | frozenset("wer was welche welcher welches wo wann wem wen wessen".split()),
+    "es": FILLER["es"]
+    | frozenset(
+        "qué quién quiénes cuál cuáles dónde adónde cuándo cómo cuánto cuánta cuántos cuántas".split()
+    ),
 }
 # English function words: never in the noun phrase a name modifies (_noun_phrase_head).
 EN_FUNCTION_WORDS = EDGE_STOP["en"] | frozenset(
@@ -76,6 +80,14 @@ CJK_EDGE_STOP: dict[str, str] = {
     "zh": "的是在了曾也都于将就和与及被把由为从对向哪谁何",
     "ja": "はがのをにでともへやかな、。",
 }
+
+
+def has_subject_rules(lang: str) -> bool:
+    """Whether the subject locator has rules of its own for ``lang`` (edge words for an
+    alphabetic language, edge characters and an analyzer for zh/ja).  Any other language is
+    located by the generic rules: the same evidence, spans at word boundaries, names by
+    capitalization, no stop words at the edges."""
+    return lang in EDGE_STOP or lang in CJK_EDGE_STOP
 
 
 @dataclass(frozen=True)
