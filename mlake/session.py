@@ -72,10 +72,12 @@ def knowledge_facts(*groups: Sequence[int]) -> list[int]:
 
 
 def load_dataset(data: DataSettings) -> MlakeDataset:
-    """MLaKE in the run's languages (:func:`~mlake_core.data.dataset.load_mlake`)."""
-    from mlake_core.data.dataset import load_mlake
+    """The run's dataset in the run's languages: MLaKE
+    (:func:`~mlake_core.data.dataset.load_mlake`), or the one ``data.dataset`` names
+    (:mod:`mlake_core.data.sources`)."""
+    from mlake_core.data.sources import load_dataset as load_source
 
-    return load_mlake(data.data_dir, version=data.version, langs=data.langs)
+    return load_source(getattr(data, "dataset", "mlake"), data.data_dir, data.version, data.langs)
 
 
 def prepare_template(

@@ -31,6 +31,9 @@ def knowledge_stage(
     """
     import pandas as pd
 
+    from mlake_core.data.external import require_original_answers
+
+    require_original_answers(ctx.dataset, "the knowledge stage")
     run = ctx.open_run("knowledge", config)
     # Sharded (mlake.executors): each language's table is a piece.
     ctx.fill_shards("knowledge", run, knowledge_stage, config)

@@ -57,7 +57,10 @@ def tracing_stage(
     Returns:
         A :class:`~analysis.tracing.summary.TracingResult` and the run folder.
     """
+    from mlake_core.data.external import require_subjects
+
     adapter, dataset, fact_ids, langs = ctx.adapter, ctx.dataset, ctx.fact_ids, ctx.langs
+    require_subjects(dataset, "causal tracing")
     template, results_dir = ctx.template, ctx.results_dir
 
     import numpy as np

@@ -60,7 +60,11 @@ def transfer_stage(
     Returns:
         The per-fact, per-pair rows (a pandas DataFrame) and the run folder.
     """
+    from mlake_core.data.external import require_subjects
+
     adapter, dataset, fact_ids, langs = ctx.adapter, ctx.dataset, ctx.fact_ids, ctx.langs
+    if method in ("rome", "memit"):  # they write at the subject's last token
+        require_subjects(dataset, f"{method.upper()} edits")
     template, seed, batch_size, results_dir = (
         ctx.template,
         ctx.seed,
