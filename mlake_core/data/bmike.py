@@ -250,4 +250,5 @@ def load_bmike(
         files=read,
         with_subjects=True,
         with_original_answers=spec.has_old,
+        english=dict(enumerate(english[1])),
     )

@@ -22,8 +22,12 @@ unchanged.  What the other datasets have and MLaKE has not, and the other way ro
   (the new fact, which IKE shows in context) is the question followed by the new answer, as
   the datasets' own in-context editing code writes a new fact.
 - **The subject is given**, not located: the question form's subject span is where the
-  given subject occurs in the question (exactly, else ignoring case).  Where it does not
-  occur (an inflected form in Slavic languages, a transliteration) the view keeps no span,
+  given subject occurs in the question (exactly, else ignoring case).  Where it does not,
+  but the English side's subject does (MzsRE translated the subject apart from the question,
+  which often keeps the English name: ``Ruf den Arzt`` for "Welcher Künstler hat Call the
+  Doctor geschaffen?"), the span is the English subject's (method ``given_english``,
+  counted in :attr:`ExternalDataset.subject_from_english`).  Where neither occurs (an
+  inflected form in Slavic languages, a transliteration) the view keeps no span,
   its question form is not usable (reason ``subject_not_in_prompt``; the subject stages skip
   it and count it) and :attr:`ExternalDataset.subject_not_in_prompt` counts it per language.
 - **No original answer** in zsRE-based data (MzsRE, BMIKE-53's zsRE task): the target is
@@ -122,7 +126,9 @@ class ExternalDataset(MlakeDataset):
         with_subjects: whether the dataset gives subjects (:attr:`has_subjects`).
         with_original_answers: whether it gives original answers.
         subject_not_in_prompt: per language, the fact ids whose given subject does not occur
-            in the question (their question form is not usable).
+            in the question, nor the English side's (their question form is not usable).
+        subject_from_english: per language, the fact ids whose span is the English side's
+            subject (the given one does not occur in the question).
         skipped: per language, the record indices left out because the file has no side in
             that language for them (counted, never silently).
         files: the files read, relative to ``root``.
@@ -133,6 +139,7 @@ class ExternalDataset(MlakeDataset):
     with_subjects: bool = True
     with_original_answers: bool = True
     subject_not_in_prompt: dict[str, list[int]] = field(default_factory=dict)
+    subject_from_english: dict[str, list[int]] = field(default_factory=dict)
     skipped: dict[str, list[int]] = field(default_factory=dict)
     files: tuple[str, ...] = ()
 
@@ -184,6 +191,7 @@ class ExternalDataset(MlakeDataset):
             "has_subjects": self.has_subjects,
             "has_original_answers": self.has_original_answers,
             "subject_not_in_prompt": {k: len(v) for k, v in self.subject_not_in_prompt.items()},
+            "subject_from_english": {k: len(v) for k, v in self.subject_from_english.items()},
             "skipped_records": {k: len(v) for k, v in self.skipped.items()},
         }
 
@@ -249,11 +257,21 @@ def new_fact_statement(lang: str, prompt: str, answer: str) -> str:
     return f"{prompt.rstrip()}{sep}{answer}"
 
 
-def build_view(fact_id: int, lang: str, rec: EditRecord, title: str) -> tuple[ExternalView, bool]:
-    """The view of one record side; also whether its given subject occurs in the question."""
+def build_view(
+    fact_id: int, lang: str, rec: EditRecord, title: str, english_subject: str | None = None
+) -> tuple[ExternalView, str]:
+    """The view of one record side, and how its subject span was found: ``given``,
+    ``given_english`` (``english_subject`` occurs in the question, the given one does not),
+    ``none`` (neither) or ``no_subject`` (the dataset gives none)."""
     old = Target(rec.old_answer or "")
     new = Target(rec.new_answer)
     span = subject_span(rec.prompt, rec.subject)
+    method = "given"
+    if span is None and english_subject and english_subject != rec.subject:
+        span = subject_span(rec.prompt, english_subject)
+        method = "given_english"
+    if span is None:
+        method = "none" if rec.subject is not None else "no_subject"
     if rec.subject is None:
         reason: str | None = f"no_subject: {title} gives no subject"
     elif span is None:
@@ -280,7 +298,9 @@ def build_view(fact_id: int, lang: str, rec: EditRecord, title: str) -> tuple[Ex
     )
     rephrase = None
     if rec.rephrase is not None:
-        r_span = subject_span(rec.rephrase, rec.subject)
+        r_span = subject_span(rec.rephrase, rec.subject) or subject_span(
+            rec.rephrase, english_subject if method == "given_english" else None
+        )
         rephrase = PromptForm(
             kind="question",
             text=rec.rephrase,
@@ -300,10 +320,10 @@ def build_view(fact_id: int, lang: str, rec: EditRecord, title: str) -> tuple[Ex
         e_answer_aliases=(),
     )
     located = SubjectLocation(
-        text=rec.subject,
+        text=span.text if span else rec.subject,
         question=(span.start, span.end) if span else None,
         cloze=None,
-        method="given" if span else "none",
+        method=method,
         score=1.0 if span else 0.0,
         evidence={},
         reason=None if span else reason,
@@ -334,7 +354,7 @@ def build_view(fact_id: int, lang: str, rec: EditRecord, title: str) -> tuple[Ex
         locality=loc,
         portability=port,
     )
-    return view, rec.subject is None or span is not None
+    return view, method
 
 
 def build_dataset(
@@ -350,20 +370,27 @@ def build_dataset(
     files: Sequence[Path],
     with_subjects: bool,
     with_original_answers: bool,
+    english: Mapping[int, EditRecord] | None = None,
 ) -> ExternalDataset:
     """Facts from per-language records keyed by record index: a fact for every index that
-    has a record in every language asked for (the others are in ``skipped``)."""
+    has a record in every language asked for (the others are in ``skipped``).  ``english``:
+    the English sides, whose subject is the fallback of the other languages' spans."""
     not_in_prompt: dict[str, list[int]] = {lang: [] for lang in langs}
+    from_english: dict[str, list[int]] = {lang: [] for lang in langs}
     facts = []
     for i in range(n_records):
         if any(i not in records[lang] for lang in langs):
             continue
         views = {}
+        en = english.get(i) if english is not None else None
         for lang in langs:
-            view, found = build_view(i, lang, records[lang][i], title)
+            fallback = en.subject if en is not None and lang != "en" else None
+            view, method = build_view(i, lang, records[lang][i], title, fallback)
             views[lang] = view
-            if not found:
+            if method == "none":
                 not_in_prompt[lang].append(i)
+            elif method == "given_english":
+                from_english[lang].append(i)
         facts.append(Fact(i, views))
     if not facts:
         raise DataError(
@@ -380,6 +407,7 @@ def build_dataset(
         with_subjects=with_subjects,
         with_original_answers=with_original_answers,
         subject_not_in_prompt=not_in_prompt,
+        subject_from_english=from_english,
         skipped={k: list(v) for k, v in skipped.items()},
         files=tuple(str(p.relative_to(root)) for p in files),
     )

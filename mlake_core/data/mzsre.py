@@ -219,4 +219,5 @@ def load_mzsre(
         files=read,
         with_subjects=True,
         with_original_answers=False,
+        english=dict(enumerate(english[1])) if english is not None else None,
     )

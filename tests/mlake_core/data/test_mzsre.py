@@ -60,6 +60,18 @@ def test_fields_map_field_by_field(ds: ExternalDataset) -> None:
     assert cs.subject.method == "given"
 
 
+def test_english_subject_where_the_given_one_is_not_in_the_question(
+    ds: ExternalDataset,
+) -> None:
+    # German record 2 gives "Karls-Universität"; its question keeps "Charles University".
+    view = ds.view(2, "de")
+    assert view.question.subject is not None and view.question.subject.text == "Charles University"
+    assert view.question.usable and view.subject.method == "given_english"
+    assert view.rephrase is not None and view.rephrase.subject_text == "Charles University"
+    assert ds.subject_from_english == {"en": [], "zh": [], "de": [2], "cs": []}
+    assert view.source is not None and view.source.subject == "Karls-Universität"
+
+
 def test_subject_not_in_prompt_is_counted_not_dropped(ds: ExternalDataset) -> None:
     # Czech record 2 uses the genitive "Univerzity Karlovy" for "Univerzita Karlova".
     assert ds.subject_not_in_prompt == {"en": [], "zh": [], "de": [], "cs": [2]}
