@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -212,9 +212,9 @@ class FactTrace:
         p_corrupt: its mean probability over the corrupted runs.
         scores: per kind, ``[n_tokens, n_layers]`` mean probability with the cell restored.
         window: the window used for ``mlp`` and ``attn``.
-        forward_passes: forward passes spent (the clean run included; with the prefix cache
-            the corrupted runs are a pass of their own, without it they share the first
-            restoration pass).
+        forward_passes: forward passes spent (the clean run and the corrupted runs
+            included; a pass shared with other facts' rows, :func:`trace_prompts`, counts as
+            this fact's share of its rows).
         rows: batch rows run in total (the clean run and the corrupted runs included; with
             the prefix cache most rows are shorter than the prompt).
     """
@@ -227,7 +227,7 @@ class FactTrace:
     p_corrupt: float
     scores: dict[str, np.ndarray]
     window: int
-    forward_passes: int = 0
+    forward_passes: float = 0
     rows: int = 0
     classes: list[str] = field(default_factory=list)
 
@@ -274,10 +274,16 @@ class FactTrace:
             p_corrupt=float(arrays["p_corrupt"]),
             scores={k[len("scores_") :]: v for k, v in arrays.items() if k.startswith("scores_")},
             window=int(arrays["window"]),
-            forward_passes=int(arrays["forward_passes"]),
+            forward_passes=_count(arrays["forward_passes"]),
             rows=int(arrays["rows"]),
             classes=[str(x) for x in arrays["classes"]],
         )
+
+
+def _count(value: Any) -> float:
+    """A saved pass count: an int when whole (a shared pass counts as a fraction)."""
+    number = float(value)
+    return int(number) if number.is_integer() else number
 
 
 #: The arrays every saved :class:`FactTrace` has (the ``scores_<kind>`` ones besides).
@@ -328,39 +334,84 @@ def embedding_noise_std(
     return float(torch.cat(values).double().std())
 
 
-def rows_per_pass(
-    adapter: ModelAdapter, n_tokens: int, fraction: float = 0.25, *, past_tokens: int = 0
-) -> int:
-    """How many rows of ``n_tokens`` tokens fit in one patched forward pass.
+#: On CPU, the most bytes one tracing pass may hold, its activations and its rows' copies of
+#: the cached keys and values together (:func:`tracing_row_bytes`), whatever memory is free:
+#: throughput per row falls when passes outgrow the caches (measured on mlake-tiny, 256-row
+#: passes beat 1,400-row ones by 25%).
+CPU_PASS_BYTES: int = 96 << 20
 
-    The passes run without gradients, so activations live one layer at a time: the estimate
-    counts about 8 ``d_model`` and 3 ``d_mlp`` vectors per token (residual, attention and MLP
-    intermediates) and the attention scores; no logits (the answer's log-probability is read a
-    chunk of the vocabulary at a time, :data:`~mlake_core.models.readout.READOUT_BYTES` at
-    most).  Rows that
-    continue ``past_tokens`` cached positions attend over those too, and hold the keys and
-    values of every block for the whole pass (the cached ones, copied into the pass, and the
-    extended ones).  It uses ``fraction`` of CUDA's free memory.  On CPU it uses ``fraction``
-    of the available memory, and caps the activations (not the keys and values, which each
-    layer reads once) at 96 MiB: throughput per row falls when passes outgrow the caches
-    (measured on mlake-tiny, 256-row passes beat 1,400-row ones by 25%).
+
+def tracing_row_bytes(
+    adapter: ModelAdapter, n_run: int, past_tokens: int = 0, layer: int = 0
+) -> int:
+    """What one tracing row holds during its pass, in bytes: a row that runs ``n_run``
+    tokens, continuing ``past_tokens`` cached positions, from block ``layer`` on.
+
+    * Activations (no gradients: they live one layer at a time): about 8 ``d_model`` and 3
+      ``d_mlp`` values per run token, 3 attention scores per head and attended position
+      (scores, their softmax, a copy), and the keys and values of every attended position at
+      full attention width (``n_heads * d_head``: grouped-query keys are repeated per head).
+    * With a cached prefix, for every block from ``layer`` on: the row's own copy of the
+      cached keys and values (the rows of a noise sample index-select its prefix) and the
+      extended cache (the copy with the run tokens' keys and values appended), both at full
+      attention width (an upper bound under grouped-query attention).  The blocks below
+      ``layer`` do not run and hold a one-value-wide placeholder (not counted).
+
+    No logits: the readout holds a bounded chunk (:data:`~mlake_core.models.readout.READOUT_BYTES`).
     """
+    info = getattr(adapter, "info", None)
+    heads = int(getattr(info, "n_heads", 0) or max(1, adapter.d_model // 64))
+    attn = heads * int(getattr(info, "d_head", 0) or max(1, adapter.d_model // heads))
     bytes_per = max(1, torch.finfo(adapter.dtype).bits // 8)
-    n_heads = max(1, adapter.d_model // 64)
-    n_tokens = max(1, n_tokens)
-    total = n_tokens + max(0, past_tokens)
-    per_token = bytes_per * (8 * adapter.d_model + 3 * adapter.d_mlp + 2 * n_heads * total)
-    per_row = n_tokens * per_token  # no logits: the readout holds a bounded chunk
-    kv_row = 0
-    if past_tokens > 0:
-        kv_row = bytes_per * 2 * adapter.n_layers * adapter.d_model * (past_tokens + total)
+    n_run, past = max(1, int(n_run)), max(0, int(past_tokens))
+    total = past + n_run
+    act = n_run * (8 * adapter.d_model + 3 * adapter.d_mlp + 3 * heads * total) + 2 * attn * total
+    kv = 2 * attn * (adapter.n_layers - max(0, layer)) * (past + total) if past else 0
+    return bytes_per * (act + kv)
+
+
+def pass_budget(adapter: ModelAdapter, fraction: float = 0.25) -> int:
+    """Bytes one tracing pass may hold: ``fraction`` of CUDA's free memory; on CPU
+    ``fraction`` of the available memory, at most :data:`CPU_PASS_BYTES`."""
     free = free_bytes(adapter.device)
     if free is None:  # a device whose free memory is not known: the CPU cap alone
         free = 8 << 30
     if adapter.device.type == "cuda":
-        return max(1, int(fraction * free // (per_row + kv_row)))
-    rows = min((96 << 20) // per_row, fraction * free // (per_row + kv_row))
-    return max(1, int(rows))
+        return int(fraction * free)
+    return int(min(CPU_PASS_BYTES, fraction * free))
+
+
+def rows_per_pass(
+    adapter: ModelAdapter, n_tokens: int, fraction: float = 0.25, *, past_tokens: int | None = None
+) -> int:
+    """How many rows of a prompt of ``n_tokens`` tokens fit in one patched forward pass of
+    :func:`pass_budget` bytes, each row charged :func:`tracing_row_bytes` (activations, and
+    its copies of the cached keys and values, every block counted).
+
+    A row runs the prompt's last ``n_tokens - past_tokens`` tokens, continuing the keys and
+    values of the first ``past_tokens`` (a restoration at token ``t`` continues ``t``).
+    ``past_tokens=None`` (what the planner plans) is the worst case over the restorations a
+    prompt of ``n_tokens`` tokens can have, wherever its subject is: the fewest rows over
+    ``past_tokens`` from 0 to ``n_tokens - 1``.  The tracer itself sizes each pass from the
+    rows it holds (:func:`trace_prompts`: their widths, longest cached prefix and lowest
+    block), so its passes stay within this budget.
+    """
+    n = max(1, int(n_tokens))
+    pasts = range(n) if past_tokens is None else [min(max(0, int(past_tokens)), n - 1)]
+    charge = max(tracing_row_bytes(adapter, n - p, p) for p in pasts)
+    return max(1, int(pass_budget(adapter, fraction) // charge))
+
+
+@dataclass(frozen=True)
+class PromptToTrace:
+    """One prompt for :func:`trace_prompts` (the arguments of :func:`trace_prompt` that
+    differ between facts)."""
+
+    prompt_ids: Sequence[int]
+    subject_positions: Sequence[int]
+    answer_id: int
+    generator: torch.Generator
+    swap_embeddings: Sequence[torch.Tensor] = ()
 
 
 def trace_prompt(
@@ -400,37 +451,158 @@ def trace_prompt(
     Returns:
         The restored probabilities of every cell of every kind.
     """
+    prompt = PromptToTrace(prompt_ids, subject_positions, answer_id, generator, swap_embeddings)
+    return trace_prompts(
+        adapter,
+        [prompt],
+        config,
+        noise_std=noise_std,
+        prefix_cache=prefix_cache,
+        skip_layers=skip_layers,
+    )[0]
+
+
+@dataclass
+class _Fact:
+    """One prompt being traced: its cells, the clean and corrupted runs' caches, and the
+    restored probabilities as they are read."""
+
+    ids: list[int]
+    subject: list[int]
+    answer_id: int
+    cells: list[tuple[str, int, int, list[str]]]
+    skipped: list[tuple[str, int, int]]
+    probs: torch.Tensor
+    clean: dict[str, torch.Tensor]
+    corrupted: torch.Tensor
+    entering: dict[str, torch.Tensor]
+    past: PastKeyValues | None
+    p_clean: float
+    passes: float = 2.0
+    rows: int = 0
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.ids)
+
+
+def trace_prompts(
+    adapter: ModelAdapter,
+    prompts: Sequence[PromptToTrace],
+    config: TraceConfig,
+    *,
+    noise_std: float,
+    prefix_cache: bool = True,
+    skip_layers: bool = True,
+) -> list[FactTrace]:
+    """Trace several prompts, their restorations sharing forward passes (issue 25's item 3):
+    one :class:`FactTrace` per prompt, each equal to :func:`trace_prompt` of that prompt alone
+    (float rounding; tested on every architecture and both backends).
+
+    Each prompt's clean and corrupted runs are its own passes.  Its restoration rows are then
+    pooled with the other prompts' rows of the same width (a restoration at token ``t`` of a
+    prompt of ``n`` tokens runs ``n - t`` tokens with the prefix cache, ``n`` without), so no
+    row is padded; in a pass, rows continuing shorter cached prefixes than the longest are
+    left-padded in the cache, with their padding masked.  The pooled rows of one width are cut
+    into passes by start block (:func:`plan_passes`), each pass within :func:`pass_budget`
+    (rows charged :func:`tracing_row_bytes` at the width, the longest prefix and the pass's
+    start block).  A fact's ``forward_passes`` counts a shared pass as its share of the pass's
+    rows; its ``rows`` are its own.  Arguments as :func:`trace_prompt`.
+    """
+    facts = [
+        _prepare(adapter, p, config, noise_std=noise_std, prefix_cache=prefix_cache)
+        for p in prompts
+    ]
+    n_layers, n_samples = adapter.n_layers, config.n_samples
+    # Rows of every fact, by width: (fact, cell, restored token, start block).
+    by_width: dict[int, list[tuple[int, int, int, int]]] = {}
+    for f, fact in enumerate(facts):
+        for index in range(1, len(fact.cells)):
+            t = fact.cells[index][1] if fact.past is not None else 0
+            layer = _start_layer(fact.cells[index]) if skip_layers else 0
+            by_width.setdefault(fact.n_tokens - t, []).append((f, index, t, layer))
+    budget = pass_budget(adapter)
+    # The last block's outputs at the last position, read out together (below): one readout
+    # streams the unembedding once for many passes' rows (a pass of few rows would stream it
+    # for those few).
+    pending: list[tuple[list[tuple[int, int]], torch.Tensor]] = []
+    for width in sorted(by_width, reverse=True):
+        units = by_width[width]
+        longest = max(t for _, _, t, _ in units)
+
+        def cap(layer: int, width: int = width, longest: int = longest) -> int:
+            if config.max_rows:
+                return max(1, int(config.max_rows) // n_samples)
+            charge = tracing_row_bytes(adapter, width, longest, layer)
+            return max(1, int(budget // (n_samples * charge)))
+
+        queue = plan_passes(
+            [(k, u[3]) for k, u in enumerate(units)],
+            cap,
+            n_layers,
+            pass_overhead_blocks(adapter, width),
+        )
+        while queue:
+            part = queue.pop(0)
+            members = [(units[k][0], units[k][1]) for k in part]
+            layer = min(units[k][3] for k in part)
+            try:
+                states = _run_rows(adapter, facts, members, width, layer, n_samples)
+            except torch.cuda.OutOfMemoryError:
+                if len(part) == 1:
+                    raise
+                torch.cuda.empty_cache()  # halve the pass and retry both halves
+                queue[:0] = [part[: len(part) // 2], part[len(part) // 2 :]]
+                continue
+            pending.append((members, states))
+            for f, _ in members:
+                facts[f].rows += n_samples
+                facts[f].passes += 1 / len(members)
+            if sum(len(m) for m, _ in pending) * n_samples >= READOUT_ROWS:
+                _read_pending(adapter, pending, facts)
+    _read_pending(adapter, pending, facts)
+    return [_finish(adapter, fact, config) for fact in facts]
+
+
+def _prepare(
+    adapter: ModelAdapter,
+    prompt: PromptToTrace,
+    config: TraceConfig,
+    *,
+    noise_std: float,
+    prefix_cache: bool,
+) -> _Fact:
+    """One prompt's cells, its clean run and its corrupted runs (see :func:`trace_prompt`)."""
+    prompt_ids = [int(i) for i in prompt.prompt_ids]
     n_layers, n_tokens = adapter.n_layers, len(prompt_ids)
-    subject = sorted(int(p) for p in subject_positions)
+    subject = sorted(int(p) for p in prompt.subject_positions)
     if not subject or subject[0] < 0 or subject[-1] >= n_tokens:
         raise ConfigError(f"subject positions {subject} outside a prompt of {n_tokens} tokens")
     window = config.resolved_window(n_layers)
     n_samples = config.n_samples
+    answer_id = int(prompt.answer_id)
     # Sites whose clean values are restored, in execution order.
     sites = ["embed"] + [
         f"{SITE_OF_KIND[k]}.{layer}" for k in config.kinds for layer in range(n_layers)
     ]
-    clean_batch = adapter.batch([list(prompt_ids)])
+    clean_batch = adapter.batch([prompt_ids])
     final, clean, _ = adapter.final_states(clean_batch, sites=sites)
     p_clean = float(_answer_probs(adapter, final, answer_id)[0])
     # Clean embedding at the subject, and the corrupted values per sample.
     base = clean["embed"][0, subject].float().cpu()
     if config.corruption == "noise":
-        noise = torch.randn(n_samples, len(subject), base.shape[-1], generator=generator)
+        noise = torch.randn(n_samples, len(subject), base.shape[-1], generator=prompt.generator)
         corrupted = base[None] + config.noise_scale * noise_std * noise
     else:
-        if len(swap_embeddings) < n_samples:
+        swaps = prompt.swap_embeddings
+        if len(swaps) < n_samples:
             raise ConfigError(
-                f"subject corruption needs {n_samples} other subjects, got {len(swap_embeddings)}"
+                f"subject corruption needs {n_samples} other subjects, got {len(swaps)}"
             )
         corrupted = torch.stack(
-            [
-                e.float().cpu()[torch.arange(len(subject)) % e.shape[0]]
-                for e in swap_embeddings[:n_samples]
-            ]
+            [e.float().cpu()[torch.arange(len(subject)) % e.shape[0]] for e in swaps[:n_samples]]
         )
     corrupted = corrupted.to(adapter.dtype)
-    width_of = {s: adapter.site_width(s) for s in sites}
 
     # Cells: (kind, token, layer) -> the sites restored.  The first "cell" is no restoration
     # (the corrupted run itself).  Two kinds of cell are not run because their effect is
@@ -460,78 +632,47 @@ def trace_prompt(
     probs[0], entering, past = _corrupted_run(
         adapter, prompt_ids, subject, answer_id, corrupted, keep_past=prefix_cache
     )
-    passes, rows = 2, 1 + n_samples
-    starts = {i: _start_layer(cells[i]) if skip_layers else 0 for i in range(1, len(cells))}
-    by_token: dict[int, list[int]] = {}
-    for index in range(1, len(cells)):
-        t = cells[index][1] if past is not None else 0
-        by_token.setdefault(t, []).append(index)
-    # The last block's outputs at the last position, read out together (below): one readout
-    # streams the unembedding once for many passes' rows (a pass of few rows would stream it
-    # for those few).
-    pending: list[tuple[list[int], torch.Tensor]] = []
-    for start, members in sorted(by_token.items()):
-        # Rows hold the prompt from token `start` on (0 without the prefix cache, or when the
-        # subject starts the prompt: nothing to continue).
-        prefix = past.crop(start) if past is not None and start > 0 else None
-        budget = config.max_rows or rows_per_pass(adapter, n_tokens - start, past_tokens=start)
-        width = n_tokens - start
-        queue = plan_passes(
-            [(i, starts[i]) for i in members],
-            max(1, budget // n_samples),
-            n_layers,
-            pass_overhead_blocks(adapter, width),
-        )
-        while queue:
-            part = queue.pop(0)
-            try:
-                states = _run_cells(
-                    adapter,
-                    prompt_ids,
-                    subject,
-                    answer_id,
-                    [cells[i] for i in part],
-                    corrupted,
-                    clean,
-                    width_of,
-                    start=start,
-                    past=prefix,
-                    layer=min(starts[i] for i in part),
-                    entering=entering,
-                )
-            except torch.cuda.OutOfMemoryError:
-                if len(part) == 1:
-                    raise
-                torch.cuda.empty_cache()  # halve the pass and retry both halves
-                queue[:0] = [part[: len(part) // 2], part[len(part) // 2 :]]
-                continue
-            pending.append((part, states))
-            passes += 1
-            rows += len(part) * n_samples
-            if sum(len(c) for c, _ in pending) * n_samples >= READOUT_ROWS:
-                _read_pending(adapter, pending, answer_id, probs)
-    _read_pending(adapter, pending, answer_id, probs)
-    mean = probs.mean(-1).double().numpy()
+    return _Fact(
+        ids=prompt_ids,
+        subject=subject,
+        answer_id=answer_id,
+        cells=cells,
+        skipped=skipped,
+        probs=probs,
+        clean=clean,
+        corrupted=corrupted,
+        entering=entering,
+        past=past,
+        p_clean=p_clean,
+        rows=1 + n_samples,
+    )
+
+
+def _finish(adapter: ModelAdapter, fact: _Fact, config: TraceConfig) -> FactTrace:
+    """A prepared fact's trace, once every restoration is read."""
+    n_layers, n_tokens = adapter.n_layers, fact.n_tokens
+    mean = fact.probs.mean(-1).double().numpy()
     scores: dict[str, np.ndarray] = {}
     for kind in config.kinds:
         scores[kind] = np.zeros((n_tokens, n_layers))
-    for (kind, t, layer, _), value in zip(cells[1:], mean[1:], strict=True):
+    for (kind, t, layer, _), value in zip(fact.cells[1:], mean[1:], strict=True):
         scores[kind][t, layer] = value
-    for kind, t, layer in skipped:
+    for kind, t, layer in fact.skipped:
         scores[kind][t, layer] = mean[0]
     tok = adapter.tokenizer
+    passes = round(fact.passes, 6)
     return FactTrace(
-        prompt_ids=list(prompt_ids),
-        tokens=[tok.decode([i]) for i in prompt_ids],
-        subject_positions=subject,
-        answer_id=int(answer_id),
-        p_clean=p_clean,
+        prompt_ids=list(fact.ids),
+        tokens=[tok.decode([i]) for i in fact.ids],
+        subject_positions=fact.subject,
+        answer_id=fact.answer_id,
+        p_clean=fact.p_clean,
         p_corrupt=float(mean[0]),
         scores=scores,
-        window=window,
-        forward_passes=passes,
-        rows=rows,
-        classes=position_classes(n_tokens, subject),
+        window=config.resolved_window(n_layers),
+        forward_passes=int(passes) if passes == int(passes) else passes,
+        rows=fact.rows,
+        classes=position_classes(n_tokens, fact.subject),
     )
 
 
@@ -571,21 +712,25 @@ READOUT_ROWS: int = 4096
 
 def _read_pending(
     adapter: ModelAdapter,
-    pending: list[tuple[list[int], torch.Tensor]],
-    answer_id: int,
-    probs: torch.Tensor,
+    pending: list[tuple[list[tuple[int, int]], torch.Tensor]],
+    facts: Sequence[_Fact],
 ) -> None:
-    """Read out the answer's probability for the passes in ``pending`` (``(cells, last-position
-    states [cells x samples, d_model])``) in one readout, into ``probs[cells]``; empties it."""
+    """Read out the answer's probability for the passes in ``pending`` (``((fact, cell) of
+    each row group, last-position states [groups x samples, d_model])``) in one readout, into
+    each fact's ``probs[cell]``; empties it."""
     if not pending:
         return
     states = torch.cat([s for _, s in pending])
-    p = _answer_probs(adapter, states[:, None], answer_id)
-    n_samples = probs.shape[1]
+    n_samples = facts[0].probs.shape[1]
+    answers = torch.tensor(
+        [facts[f].answer_id for members, _ in pending for f, _ in members]
+    ).repeat_interleave(n_samples)
+    p = adapter.readout_logprobs(states, answers).exp().cpu()
     at = 0
-    for cells, s in pending:
-        probs[cells] = p[at : at + s.shape[0]].reshape(len(cells), n_samples)
-        at += s.shape[0]
+    for members, _ in pending:
+        for f, cell in members:
+            facts[f].probs[cell] = p[at : at + n_samples]
+            at += n_samples
     pending.clear()
 
 
@@ -612,22 +757,34 @@ def pass_overhead_blocks(adapter: ModelAdapter, n_tokens: int) -> float:
 
 
 def plan_passes(
-    items: Sequence[tuple[int, int]], max_cells: int, n_layers: int, overhead: float
+    items: Sequence[tuple[int, int]],
+    max_cells: int | Callable[[int], int],
+    n_layers: int,
+    overhead: float,
 ) -> list[list[int]]:
     """Group cells into passes.  ``items`` are ``(cell, start layer)``; a pass runs from the
     lowest start layer of its cells, so each of its rows costs ``n_layers`` minus that layer in
     blocks, and a pass costs ``overhead`` blocks of one row besides (its fixed cost,
     :func:`pass_overhead_blocks`).  Cells sorted by start layer are cut into runs of at most
-    ``max_cells`` cells that minimise the total (dynamic programming over the cut points).
-    Returns the cells of each pass, lowest start layer first."""
+    ``max_cells`` cells (a number, or a function of the run's start layer: rows starting
+    higher hold fewer blocks' keys and values, so more fit) that minimise the total (dynamic
+    programming over the cut points).  Returns the cells of each pass, lowest start layer
+    first."""
     order = sorted(items, key=lambda item: item[1])
+    limit = max_cells if callable(max_cells) else (lambda _layer: int(max_cells))
+    caps: dict[int, int] = {}
     n = len(order)
     best = [0.0] + [math.inf] * n
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
-        for i in range(max(0, j - max(1, max_cells)), j):
-            cost = best[i] + overhead + (j - i) * (n_layers - order[i][1])
-            if cost < best[j]:
+        for i in range(j - 1, -1, -1):
+            layer = order[i][1]
+            if layer not in caps:
+                caps[layer] = max(1, int(limit(layer)))
+            if j - i > caps[layer]:
+                break  # lower start layers allow no more cells
+            cost = best[i] + overhead + (j - i) * (n_layers - layer)
+            if cost <= best[j]:  # ties: the longer pass
                 best[j], cut[j] = cost, i
     out: list[list[int]] = []
     j = n
@@ -680,63 +837,129 @@ def _rows_past(past: PastKeyValues, rows: torch.Tensor, layer: int) -> PastKeyVa
     return PastKeyValues(tuple(keys), tuple(values), mask)
 
 
-def _run_cells(
-    adapter: ModelAdapter,
-    prompt_ids: Sequence[int],
-    subject: list[int],
-    answer_id: int,
-    cells: Sequence[tuple[str, int, int, list[str]]],
-    corrupted: torch.Tensor,
-    clean: dict[str, torch.Tensor],
-    width: dict[str, int],
-    *,
-    start: int = 0,
-    past: PastKeyValues | None = None,
-    layer: int = 0,
-    entering: dict[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """The last block's output at the last position ``[len(cells) * n_samples, d_model]``
-    (row ``c * n_samples + s``: cell ``c`` restored in sample ``s``'s corrupted run), for the
-    answer's probability (:func:`_read_pending`): one forward pass, one row per (cell,
-    sample).
+def _left_pad(past: PastKeyValues, length: int) -> PastKeyValues:
+    """``past`` with masked zero positions prepended up to ``length`` positions."""
+    extra = length - past.length
+    if extra <= 0:
+        return past
 
-    With ``past`` (the corrupted runs' keys and values of the first ``start`` tokens, one row
-    per sample), the rows hold only the tokens from ``start`` on and continue the past row of
-    their sample; every cell must then restore tokens at or after ``start``.  With ``layer``
-    above 0 and ``entering`` (the corrupted runs' ``resid_pre`` states), the rows start at
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t.new_zeros((t.shape[0], t.shape[1], extra, t.shape[3])), t], dim=2)
+
+    mask = past.attention_mask
+    return PastKeyValues(
+        tuple(pad(k) for k in past.keys),
+        tuple(pad(v) for v in past.values),
+        torch.cat([mask.new_zeros((mask.shape[0], extra)), mask], dim=1),
+    )
+
+
+def _empty_past(like: PastKeyValues, n_rows: int, length: int) -> PastKeyValues:
+    """A past of ``n_rows`` rows and ``length`` masked positions, shaped like ``like``'s
+    blocks (for rows with nothing cached in a pass whose other rows continue a prefix)."""
+
+    def zeros(t: torch.Tensor) -> torch.Tensor:
+        return t.new_zeros((n_rows, t.shape[1], length, t.shape[3]))
+
+    mask = like.attention_mask
+    return PastKeyValues(
+        tuple(zeros(k) for k in like.keys),
+        tuple(zeros(v) for v in like.values),
+        mask.new_zeros((n_rows, length)),
+    )
+
+
+def _cat_pasts(pasts: Sequence[PastKeyValues]) -> PastKeyValues:
+    """Rows of several pasts of one length, stacked."""
+    if len(pasts) == 1:
+        return pasts[0]
+    n_blocks = len(pasts[0].keys)
+    return PastKeyValues(
+        tuple(torch.cat([p.keys[b] for p in pasts]) for b in range(n_blocks)),
+        tuple(torch.cat([p.values[b] for p in pasts]) for b in range(n_blocks)),
+        torch.cat([p.attention_mask for p in pasts]),
+    )
+
+
+def _run_rows(
+    adapter: ModelAdapter,
+    facts: Sequence[_Fact],
+    members: Sequence[tuple[int, int]],
+    width: int,
+    layer: int,
+    n_samples: int,
+) -> torch.Tensor:
+    """The last block's output at the last position ``[len(members) * n_samples, d_model]``
+    (row ``m * n_samples + s``: member ``m = (fact, cell)``, the cell restored in sample
+    ``s``'s corrupted run of that fact), for the answer's probability (:func:`_read_pending`):
+    one forward pass.
+
+    Every row holds its prompt's last ``width`` tokens (a fact whose rows continue a cached
+    prefix restores tokens at ``n_tokens - width``: its rows continue that many positions of
+    its noise sample's corrupted keys and values, left-padded to the pass's longest prefix;
+    a fact without a cache holds its whole prompt).  With ``layer`` above 0 the rows start at
     block ``layer`` from their sample's corrupted residual stream there (the blocks below do
-    not run); every cell must then restore at that block or above.
+    not run; every cell must restore at that block or above); else the subject's corrupted
+    embeddings are patched in.
     """
-    n_samples = corrupted.shape[0]
-    n_rows = len(cells) * n_samples
-    batch = adapter.batch([list(prompt_ids[start:])] * n_rows)
-    by_site: dict[str, tuple[list[int], list[int]]] = {}
-    for c, (_, t, _, restored) in enumerate(cells):
-        if restored and t < start:
+    seqs: list[list[int]] = []
+    resid_parts: list[torch.Tensor] = []
+    noise: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    by_site: dict[str, tuple[list[int], list[int], list[torch.Tensor]]] = {}
+    pasts: list[tuple[PastKeyValues | None, int]] = []
+    row = 0
+    for f, index in members:
+        fact = facts[f]
+        _, t, _, restored = fact.cells[index]
+        start = fact.n_tokens - width
+        if start < 0 or (fact.past is None and start > 0):
+            raise ValueError(f"a row of {width} tokens in a prompt of {fact.n_tokens}")
+        if t < start:
             raise ValueError(f"cell at token {t} in rows that start at token {start}")
-        if restored and layer > 0 and _start_layer(cells[c]) < layer:
+        if layer > 0 and _start_layer(fact.cells[index]) < layer:
             raise ValueError(f"cell restoring {restored} in rows that start at block {layer}")
+        seqs.extend([fact.ids[start:]] * n_samples)
         for site in restored:
-            r, ts = by_site.setdefault(site, ([], []))
-            r.extend(range(c * n_samples, (c + 1) * n_samples))
-            ts.extend([t] * n_samples)
-    begin = None
+            r, ts, vals = by_site.setdefault(site, ([], [], []))
+            r.extend(range(row, row + n_samples))
+            ts.extend([t - start] * n_samples)
+            vals.append(fact.clean[site][0, t][None].expand(n_samples, -1))
+        if layer > 0:
+            # Sample s's corrupted residual stream entering block `layer`, at the rows' tokens
+            # (the noise is in it already: no embedding patch).
+            resid_parts.append(fact.entering[f"resid_pre.{layer}"][:, start:])
+        else:
+            for patch in _noise_patch(fact.subject, fact.corrupted, 1, start):
+                noise.append((patch.rows + row, patch.positions, patch.values))
+        prefix = None
+        if fact.past is not None and start > 0:
+            prefix = _rows_past(fact.past.crop(start), torch.arange(n_samples), layer)
+        pasts.append((prefix, n_samples))
+        row += n_samples
+    batch = adapter.batch(seqs)
     patches: list[Patch] = []
-    if layer > 0 and entering is not None:
-        # Sample s's corrupted residual stream entering block `layer`, at the rows' tokens
-        # (the noise is in it already: no embedding patch).
-        resid = entering[f"resid_pre.{layer}"][:, start:]
-        begin = (layer, resid.repeat(len(cells), 1, 1))
-    else:
-        patches = _noise_patch(subject, corrupted, len(cells), start)
-    for site, (r, ts) in by_site.items():
-        values = clean[site][0, torch.tensor(ts)]
+    if noise:
         patches.append(
-            Patch(site, torch.tensor(r), torch.tensor(ts) - start, values.reshape(-1, width[site]))
+            Patch(
+                "embed",
+                torch.cat([r for r, _, _ in noise]),
+                torch.cat([p for _, p, _ in noise]),
+                torch.cat([v for _, _, v in noise]),
+            )
         )
+    for site, (r, ts, vals) in by_site.items():
+        patches.append(Patch(site, torch.tensor(r), torch.tensor(ts), torch.cat(vals)))
     rows_past = None
-    if past is not None:
-        rows_past = _rows_past(past, torch.arange(n_rows) % n_samples, layer if begin else 0)
+    known = [p for p, _ in pasts if p is not None]
+    if known:
+        length = max(p.length for p in known)
+        rows_past = _cat_pasts(
+            [
+                _left_pad(p, length) if p is not None else _empty_past(known[0], n, length)
+                for p, n in pasts
+            ]
+        )
+    begin = (layer, torch.cat(resid_parts)) if layer > 0 else None
     final, _, _ = adapter.final_states(batch, patches, past=rows_past, start=begin)
     return final[:, -1]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,12 @@ from mlake_core.results.store import Run
 ANSWER_TOKEN = "first with content; leading whitespace tokens joined to the prompt"
 
 
+#: Facts traced together, their restorations sharing forward passes
+#: (:func:`~analysis.tracing.causal.trace_prompts`: the same numbers as one at a time).  Each
+#: is saved when its group finishes, so an interrupted run loses at most one group's work.
+FACTS_PER_GROUP = 8
+
+
 def _trace_seed(seed: int, fact_id: int, lang: str) -> int:
     """The noise seed of one fact and language (independent of which others are traced)."""
     return int(stable_hash({"seed": seed, "fact": fact_id, "lang": lang}, length=12), 16)
@@ -36,7 +43,9 @@ def tracing_stage(
     on_fact: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[Any, Run]:
     """Causal tracing (:mod:`analysis.tracing.causal`) of every fact the model knows, per
-    language, saving each fact's trace as it finishes (an interrupted run resumes there).
+    language, :data:`FACTS_PER_GROUP` facts at a time sharing forward passes (the same numbers
+    as one at a time), saving each fact's trace as its group finishes (an interrupted run
+    resumes there; the run's key does not depend on the grouping).
 
     Facts the model does not know in a language (``knowledge``), and views whose form is not
     usable, are skipped and counted per reason.  The noise level (the standard deviation of
@@ -46,8 +55,8 @@ def tracing_stage(
     profile similarity matrix and the recommended edit layer (from the languages with signal)
     are saved (``summary.json``), and the recommendation is registered for editing's
     ``layer: auto`` (:func:`register_recommended_layer`).  Each trace is computed under its
-    piece's claim (:meth:`~mlake_core.results.store.Run.claim`), so concurrent processes never
-    trace the same fact.  With an executor (``ctx.executor``) the traces are computed first as
+    piece's claim (:meth:`~mlake_core.results.store.Run.claim`, a group's claims taken in fact
+    order), so concurrent processes never trace the same fact.  With an executor (``ctx.executor``) the traces are computed first as
     shards, a chunk of facts in one language each (:mod:`mlake.executors`); with ``ctx.shard``
     only the shard's traces are computed and ``(None, run)`` is returned.  With no language showing signal
     there is no recommendation: the entry registered for the model says so (replacing an
@@ -71,8 +80,9 @@ def tracing_stage(
         TRACE_FINITE,
         TRACE_KEYS,
         FactTrace,
+        PromptToTrace,
         class_profile,
-        trace_prompt,
+        trace_prompts,
     )
     from analysis.tracing.summary import (
         TracingResult,
@@ -113,6 +123,11 @@ def tracing_stage(
         p_clean, p_corrupt, passes, rows = [], [], [], []
         lang_skipped: dict[str, int] = {}
         ordered = [fid for fid in fact_ids if fid in facts]
+        # The facts to trace (not saved yet), with their prompts; traced FACTS_PER_GROUP at a
+        # time, their restorations sharing passes (trace_prompts), each saved as its group
+        # finishes (an interrupted run loses at most the group in progress).
+        mine: list[int] = []
+        todo: list[tuple[int, Any, tuple[int, ...], int]] = []
         for fact_id in ordered:
             name = f"trace_{lang}_{fact_id}"
             if shard is not None and not shard.covers(lang, fact_id):
@@ -120,7 +135,6 @@ def tracing_stage(
             if fact_id not in known:
                 lang_skipped["not known before"] = lang_skipped.get("not known before", 0) + 1
                 continue
-            arrays = None
             if not run.has_arrays(name):
                 view = facts[fact_id].views[lang]
                 try:
@@ -133,35 +147,47 @@ def tracing_stage(
                 if answer is None:
                     lang_skipped["empty answer"] = lang_skipped.get("empty answer", 0) + 1
                     continue
-                with run.claim(name):  # one process traces it; the others read it
-                    if not run.has_arrays(name):
-                        generator = torch.Generator().manual_seed(
-                            _trace_seed(config.seed, fact_id, lang)
-                        )
-                        swaps = (
-                            _other_subjects(
-                                adapter, located, ordered, fact_id, lang, config, generator
-                            )
-                            if config.corruption == "subject"
-                            else []
-                        )
-                        trace = trace_prompt(
-                            adapter,
+                todo.append((fact_id, loc, tuple(lead), int(answer)))
+            mine.append(fact_id)
+        for at in range(0, len(todo), FACTS_PER_GROUP):
+            group = todo[at : at + FACTS_PER_GROUP]
+            with ExitStack() as held:
+                for fact_id, *_ in group:  # one process traces a fact; the others read it
+                    held.enter_context(run.claim(f"trace_{lang}_{fact_id}"))
+                group = [g for g in group if not run.has_arrays(f"trace_{lang}_{g[0]}")]
+                prompts = []
+                for fact_id, loc, lead, answer in group:
+                    generator = torch.Generator().manual_seed(
+                        _trace_seed(config.seed, fact_id, lang)
+                    )
+                    swaps = (
+                        _other_subjects(adapter, located, ordered, fact_id, lang, config, generator)
+                        if config.corruption == "subject"
+                        else []
+                    )
+                    prompts.append(
+                        PromptToTrace(
                             (*loc.prompt_ids, *lead),
                             loc.subject_positions,
-                            int(answer),
-                            config,
+                            answer,
                             generator,
-                            noise_std=noise_std,
-                            swap_embeddings=swaps,
+                            swaps,
                         )
-                        arrays = trace.to_arrays()
-                        run.save_arrays(name, arrays)
-            if arrays is None:  # saved before, or by another process while this one waited
-                arrays = run.load_arrays(
-                    name, keys=TRACE_KEYS, what="a fact trace", finite=TRACE_FINITE
+                    )
+                traces = (
+                    trace_prompts(adapter, prompts, config, noise_std=noise_std) if prompts else []
                 )
-            trace = FactTrace.from_arrays(arrays)
+                for (fact_id, *_), trace in zip(group, traces, strict=True):
+                    run.save_arrays(f"trace_{lang}_{fact_id}", trace.to_arrays())
+        for fact_id in mine:
+            trace = FactTrace.from_arrays(
+                run.load_arrays(
+                    f"trace_{lang}_{fact_id}",
+                    keys=TRACE_KEYS,
+                    what="a fact trace",
+                    finite=TRACE_FINITE,
+                )
+            )
             for kind in config.kinds:
                 profiles[kind].append(class_profile(trace, kind))
             p_clean.append(trace.p_clean)

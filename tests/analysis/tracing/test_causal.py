@@ -94,18 +94,31 @@ def test_noise_patch_keeps_the_subject_tokens_from_the_rows_start_on():
 def test_rows_per_pass_counts_the_cached_prefix():
     from types import SimpleNamespace
 
+    from analysis.tracing.causal import CPU_PASS_BYTES, tracing_row_bytes
+
     adapter = SimpleNamespace(
         dtype=torch.float32,
         d_model=256,
         d_mlp=1024,
         n_layers=4,
         device=torch.device("cpu"),
-        info=SimpleNamespace(d_vocab=8000),
+        info=SimpleNamespace(d_vocab=8000, n_heads=4, d_head=64),
     )
-    plain = rows_per_pass(adapter, 10)
-    assert plain >= rows_per_pass(adapter, 10, past_tokens=10) >= 1
-    assert rows_per_pass(adapter, 10, past_tokens=10) >= rows_per_pass(adapter, 10, past_tokens=500)
-    assert rows_per_pass(adapter, 5) > rows_per_pass(adapter, 20)
+    # A row continuing a cached prefix holds its copy of the prefix's keys and values and the
+    # extended cache, in every block it runs (ISSUE 23 section 2: once only the activations).
+    plain = tracing_row_bytes(adapter, 1)
+    cached = tracing_row_bytes(adapter, 1, past_tokens=9)
+    assert cached - plain >= 4 * 2 * 256 * 4 * (9 + 10)  # float32, keys+values, 4 blocks
+    assert tracing_row_bytes(adapter, 1, 9, layer=2) < cached  # blocks 0-1 do not run
+    # A pass of the chosen rows stays within the CPU budget, whatever the prefix.
+    for past in (0, 3, 9):
+        rows = rows_per_pass(adapter, 10, past_tokens=past)
+        assert rows * tracing_row_bytes(adapter, 10 - past, past) <= CPU_PASS_BYTES
+    # The planner's worst case (past_tokens=None) is the fewest rows over every prefix.
+    worst = rows_per_pass(adapter, 10)
+    assert worst == min(rows_per_pass(adapter, 10, past_tokens=p) for p in range(10))
+    assert rows_per_pass(adapter, 10, past_tokens=9) >= worst >= 1
+    assert rows_per_pass(adapter, 500, past_tokens=490) < rows_per_pass(adapter, 20, past_tokens=10)
 
 
 def test_profile_similarity():
