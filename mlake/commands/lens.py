@@ -39,6 +39,11 @@ failed transfer is lost (analysis/failures.py: not enriched at the subject, not 
 the last position in the latent layers, or lost at the output), read from the saved edit
 lenses; --json carries it as "failures".  --patching-run DIR adds, per failure category,
 how many failed edits a patching run of the same edits finds carried across languages.
+
+With --executor ray the lens runs as shards on Ray workers: chunks of whole batches of one
+prompt language (--batch-size facts per pass, so every fact is read in the same pass as in
+one process), and the edits as chunks of edits in one edit language; the tables are the
+local run's (README: Running on a cluster).
 """
 
 from __future__ import annotations

@@ -23,6 +23,11 @@ for at least --min-rate and --min-facts of its facts); and the ablation matrix: 
 knowledge accuracy in each measured language (columns) when the units specific to the ablated
 language (rows) are ablated, next to the drop with random sets of the same sizes.  Results go
 to the results store (each fact's attribution saved as it finishes: resumable).
+
+With --executor ray the per-fact attributions (IG, AtP, each with its ablation check) run as
+shards on Ray workers, chunks of known facts in one language; the activation statistics,
+LAPE, the classes and the ablation matrices are computed in the calling process (README:
+Running on a cluster).
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ Prints, per position, the 5x5 follow matrix at the best layer, the unpatched bas
 the edit-carried matrices; then the run folder.  Each pair and edit goes to the results store
 as it finishes (resumable).  The figures (the matrices at the best layer, and the per-layer
 curves) are drawn by the pipeline's ``patching`` stage and ``mlake figures``.
+
+With --executor ray the pairs and edits are computed as shards on Ray workers, chunks of
+facts in one language: the counterfactual targets in it (with every source language) and the
+edits made in it; the matrices are the local run's (README: Running on a cluster).
 """
 
 from __future__ import annotations

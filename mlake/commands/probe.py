@@ -26,6 +26,10 @@ same way in two languages has the same vector there); then, at the layer after t
 embeddings where the answer probe transfers best, the 5x5 transfer,
 selectivity and retrieval matrices and the 5x5 similarity matrices.  --json prints everything
 (every layer's matrices).  Activations and results go to the results store; reruns load them.
+
+With --executor ray the activations are read as shards on Ray workers, chunks of whole
+batches of one language's prompts (read in the same passes as in one process); the probes
+are fit on all facts at once in the calling process (README: Running on a cluster).
 """
 
 from __future__ import annotations

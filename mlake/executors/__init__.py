@@ -22,13 +22,30 @@ Which stages are sharded and how (:data:`SHARDED`):
 - ``tracing``: chunks of ``shard_facts`` facts in one language, in any order;
 - ``transfer``: chunks of facts in one edit language, a language's chunks in order on one
   worker (each edit draws from the random generator where the edit before left it, as in a
-  run in one process), the languages in parallel; each method is its own run.
+  run in one process), the languages in parallel; each method is its own run;
+- ``lens``: chunks of whole batches of the facts read in one prompt language (the lens reads
+  ``batch_size`` facts per pass; a shard of whole batches reads them in the same passes as a
+  run in one process, so its numbers are bit-identical);
+- ``lens_edits``, ``patching``: chunks of facts in one language (an edit's language; for
+  patching's counterfactual matrix, a target's language: all its source languages share its
+  passes), in any order (every edit seeds its own generator);
+- ``neurons``: chunks of facts in one language (each fact's attribution in every per-fact
+  method, with its own seeds), in any order;
+- ``probe_activations``: chunks of whole batches of one language's question prompts (read in
+  batches sorted by length; the probes themselves are fit on all facts at once, in the
+  calling process).
+
+A stage declares its unit of work when it asks for shards
+(:meth:`~mlake.stages.context.StageContext.fill_shards`, ``units``): per language, the groups
+of facts that one shard computes together (a batch), in order; a shard is as many whole groups
+as fit ``shard_facts`` facts (at least one).  Without ``units`` every fact is its own group.
+How the shards' pieces merge is the stage's own: run without a shard, it reads them back.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,48 +57,78 @@ from mlake_core.errors import ConfigError
 #: in any order, in parallel.
 Chains = list[list[Shard]]
 
+#: A stage's units of work, per language: the groups of facts one shard computes together
+#: (a batch read in one pass), in order (module docstring).
+Units = Mapping[str, Sequence[Sequence[int]]]
+
 
 def _chunks(fact_ids: Sequence[int], size: int) -> list[tuple[int, ...]]:
     return [tuple(fact_ids[i : i + size]) for i in range(0, len(fact_ids), size)]
 
 
-def _by_language(ctx: StageContext, size: int) -> Chains:
+def _by_language(ctx: StageContext, size: int, units: Units | None) -> Chains:
     return [[Shard(facts=tuple(ctx.fact_ids), langs=(lang,))] for lang in ctx.langs]
 
 
-def _independent_chunks(ctx: StageContext, size: int) -> Chains:
-    return [
-        [Shard(facts=chunk, langs=(lang,))]
-        for lang in ctx.langs
-        for chunk in _chunks(ctx.fact_ids, size)
-    ]
+def _independent_chunks(ctx: StageContext, size: int, units: Units | None) -> Chains:
+    return [[shard] for shard in _unit_shards(ctx, size, units)]
 
 
-def _chunks_in_order(ctx: StageContext, size: int) -> Chains:
+def _chunks_in_order(ctx: StageContext, size: int, units: Units | None) -> Chains:
     return [
         [Shard(facts=chunk, langs=(lang,)) for chunk in _chunks(ctx.fact_ids, size)]
         for lang in ctx.langs
     ]
 
 
+def _unit_shards(ctx: StageContext, size: int, units: Units | None) -> list[Shard]:
+    """Per language (in the run's order), its units packed in order into shards of at most
+    ``size`` facts (a unit larger than ``size`` is one shard); without ``units``, chunks of
+    ``size`` facts.  Languages without units get no shard."""
+    out = []
+    for lang in ctx.langs:
+        groups = (
+            [(int(f),) for f in ctx.fact_ids]
+            if units is None
+            else [tuple(int(f) for f in g) for g in units.get(lang, ()) if len(g)]
+        )
+        facts: list[int] = []
+        for group in groups:
+            if facts and len(facts) + len(group) > size:
+                out.append(Shard(facts=tuple(facts), langs=(lang,)))
+                facts = []
+            facts += group
+        if facts:
+            out.append(Shard(facts=tuple(facts), langs=(lang,)))
+    return out
+
+
 #: How each sharded stage is cut into shards (module docstring).  A stage missing here is
 #: not sharded: it computes its pieces itself, in the calling process.
-SHARDED: dict[str, Callable[[StageContext, int], Chains]] = {
+SHARDED: dict[str, Callable[[StageContext, int, Units | None], Chains]] = {
     "knowledge": _by_language,
     "tracing": _independent_chunks,
     "transfer": _chunks_in_order,
+    "lens": _independent_chunks,
+    "lens_edits": _independent_chunks,
+    "neurons": _independent_chunks,
+    "patching": _independent_chunks,
+    "probe_activations": _independent_chunks,
 }
 
 
-def plan_shards(stage: str, ctx: StageContext, shard_facts: int) -> Chains:
-    """The shards of ``stage`` on ``ctx``'s facts and languages, as chains (:data:`Chains`).
+def plan_shards(
+    stage: str, ctx: StageContext, shard_facts: int, units: Units | None = None
+) -> Chains:
+    """The shards of ``stage`` on ``ctx``'s facts and languages, as chains (:data:`Chains`);
+    ``units``: the stage's units of work (:data:`Units`; ``None``: every fact its own).
 
     Raises:
         ConfigError: a stage that is not sharded (naming the ones that are).
     """
     if stage not in SHARDED:
         raise ConfigError(f"stage {stage!r} is not sharded (sharded: {', '.join(SHARDED)})")
-    return SHARDED[stage](ctx, shard_facts)
+    return SHARDED[stage](ctx, shard_facts, units)
 
 
 @dataclass(frozen=True)
@@ -210,6 +257,7 @@ __all__ = [
     "SHARDED",
     "Chains",
     "ContextSpec",
+    "Units",
     "make_executor",
     "plan_shards",
     "run_chain",

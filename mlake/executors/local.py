@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from mlake.executors import plan_shards, run_chain
+from mlake.executors import Units, plan_shards, run_chain
 from mlake.stages.context import StageContext
 
 
@@ -26,10 +26,17 @@ class InProcessExecutor:
         self.done: list[tuple[str, Any]] = []
 
     def fill(
-        self, stage: str, ctx: StageContext, fn: Callable[..., Any], *args: Any, **kw: Any
+        self,
+        stage: str,
+        ctx: StageContext,
+        fn: Callable[..., Any],
+        *args: Any,
+        units: Units | None = None,
+        **kw: Any,
     ) -> None:
-        """Compute ``stage``'s missing pieces shard by shard (:func:`mlake.executors.run_chain`)."""
-        for chain in plan_shards(stage, ctx, self.shard_facts):
+        """Compute ``stage``'s missing pieces shard by shard (:func:`mlake.executors.run_chain`;
+        ``units``: the stage's units of work, :data:`mlake.executors.Units`)."""
+        for chain in plan_shards(stage, ctx, self.shard_facts, units):
             run_chain(ctx, fn, args, kw, chain)
             self.done += [(stage, shard) for shard in chain]
 

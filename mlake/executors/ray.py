@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mlake.executors import ContextSpec, plan_shards, run_chain, worker_settings
+from mlake.executors import ContextSpec, Units, plan_shards, run_chain, worker_settings
 from mlake.stages.context import StageContext
 from mlake_core.errors import ConfigError
 
@@ -166,14 +166,23 @@ class RayExecutor:
         return self.actors
 
     def fill(
-        self, stage: str, ctx: StageContext, fn: Callable[..., Any], *args: Any, **kw: Any
+        self,
+        stage: str,
+        ctx: StageContext,
+        fn: Callable[..., Any],
+        *args: Any,
+        units: Units | None = None,
+        **kw: Any,
     ) -> None:
         """Compute ``stage``'s missing pieces on the workers, one chain of shards per task
-        (:func:`mlake.executors.plan_shards`), and return when every chain is done."""
+        (:func:`mlake.executors.plan_shards`, with the stage's ``units``), and return when
+        every chain is done."""
         ray = _ray()
         from ray.util import ActorPool
 
-        chains = plan_shards(stage, ctx, self.shard_facts)
+        chains = plan_shards(stage, ctx, self.shard_facts, units)
+        if not chains:
+            return
         actors = self.start()
         payload = ray.put((ContextSpec.of(ctx), fn, tuple(args), dict(kw)))
         started = time.perf_counter()

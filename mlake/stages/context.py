@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,13 +136,28 @@ class StageContext:
         return dataclasses.replace(self, fact_ids=tuple(int(f) for f in fact_ids))
 
     def fill_shards(
-        self, stage: str, run: Run, fn: Callable[..., Any], *args: Any, **kw: Any
+        self,
+        stage: str,
+        run: Run,
+        fn: Callable[..., Any],
+        *args: Any,
+        units: Mapping[str, Sequence[Sequence[int]]] | None = None,
+        **kw: Any,
     ) -> None:
         """Have :attr:`executor` compute the missing pieces of ``run`` as shards, each a call
         ``fn(ctx_with_shard, *args, **kw)`` on a worker, before the stage reads them back.
-        Nothing is done without an executor, inside a shard, or for a complete run."""
+        ``units``: the stage's units of work, per language the groups of facts one shard
+        computes together (a batch), in order (:data:`mlake.executors.Units`; ``None``:
+        every fact of the run on its own).  Nothing is done without an executor, inside a
+        shard, or for a complete run."""
         if self.executor is not None and self.shard is None and not run.complete:
-            self.executor.fill(stage, self, fn, *args, **kw)
+            self.executor.fill(stage, self, fn, *args, units=units, **kw)
+
+    def mine(self, lang: str, fact_id: int | None = None) -> bool:
+        """Whether this process computes the piece of ``fact_id`` (``None``: any) in
+        ``lang``: always without a shard (the stage computes, or reads back, every piece),
+        else when the shard covers it (:meth:`Shard.covers`)."""
+        return self.shard is None or self.shard.covers(lang, fact_id)
 
     def identity(self) -> dict[str, Any]:
         """The model's identity in result keys (:func:`model_identity`)."""

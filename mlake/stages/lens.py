@@ -36,6 +36,15 @@ def lens_stage(
     ``tuned``: with ``config.lens`` ``tuned``, the :class:`~analysis.tuned_lens.TunedLens`
     that decodes (:func:`tuned_lens_for`); its key enters the run key.
 
+    The facts read in a language are read ``ctx.batch_size`` per pass, in fixed batches of
+    the facts read (known, usable), each under its first piece's claim
+    (:meth:`~mlake_core.results.store.Run.claim`); of a batch, only the facts not saved are
+    read (a saved lens is never recomputed).  With an executor (``ctx.executor``) the batches
+    are computed first as shards, chunks of whole batches in one prompt language
+    (:mod:`mlake.executors`), so every fact is read in the same pass as in one process and
+    the tables are bit-identical; with ``ctx.shard`` only the shard's batches are computed
+    and ``(None, run)`` is returned.
+
     Returns:
         A :class:`~analysis.lens.LensResult` and the run folder.
     """
@@ -61,24 +70,19 @@ def lens_stage(
         **({"tuned": tuned.key} if tuned is not None else {}),
     )
     facts = {f.fact_id: f for f in dataset.facts}
-    ctx.say(
-        f"lens: {config.lens} lens at {adapter.n_layers} layers, top {config.top_k}; {run.path}"
-    )
-    summaries, skipped = [], {}
+    # Per prompt language: the facts read (known, usable; located on every run, tokenization
+    # only, so a resumed run reports the same skips) in batches of batch_size, each batch one
+    # pass whichever of its facts are saved, so a resumed or sharded run reads every fact in
+    # the same pass as a run in one process.
+    batches: dict[str, list[list[tuple[int, tuple[list[int], int, list[int]]]]]] = {}
+    skipped_by_lang: dict[str, dict[str, int]] = {}
     for lang in langs:
         known = knowledge.known(lang)
         lang_skipped: dict[str, int] = {}
-        lenses: list[FactLens] = []
         todo: list[tuple[int, tuple[list[int], int, list[int]]]] = []
         for fact_id in (f for f in fact_ids if f in facts):
-            name = f"lens_{lang}_{fact_id}"
             if fact_id not in known:
                 lang_skipped["not known before"] = lang_skipped.get("not known before", 0) + 1
-                continue
-            if run.has_arrays(name):
-                lenses.append(
-                    FactLens.from_arrays(run.load_arrays(name, keys=LENS_KEYS, what="a fact lens"))
-                )
                 continue
             try:
                 loc = locate_prompt(adapter, facts[fact_id].views[lang], ctx.template, config.form)
@@ -94,28 +98,68 @@ def lens_stage(
                 continue
             ids = [*loc.prompt_ids, *lead]
             todo.append((fact_id, (ids, loc.subject_positions[-1], tokens)))
-        batch_size = ctx.batch_size
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            for (fact_id, (ids, subject_last, answer_ids)), (prob, rank) in zip(
-                chunk,
-                lens_prompts(adapter, [item for _, item in chunk], batch_size, decode),
-                strict=True,
-            ):
-                lens = FactLens(
-                    prob=prob,
-                    rank=rank,
-                    answer_ids=answer_ids,
-                    answer_langs=list(langs),
-                    positions=[subject_last, len(ids) - 1],
-                )
-                run.save_arrays(f"lens_{lang}_{fact_id}", lens.to_arrays())
-                lenses.append(lens)
-                if on_fact:
-                    on_fact({"lang": lang, "fact_id": fact_id})
+        batches[lang] = [todo[i : i + ctx.batch_size] for i in range(0, len(todo), ctx.batch_size)]
+        skipped_by_lang[lang] = lang_skipped
+    # Sharded (mlake.executors): a shard is a chunk of whole batches in one prompt language.
+    ctx.fill_shards(
+        "lens",
+        run,
+        lens_stage,
+        config,
+        knowledge=knowledge,
+        tuned=tuned,
+        units={lang: [[f for f, _ in b] for b in batches[lang]] for lang in langs},
+    )
+    ctx.say(
+        f"lens: {config.lens} lens at {adapter.n_layers} layers, top {config.top_k}; {run.path}"
+    )
+    summaries, skipped = [], {}
+    for lang in langs:
+        lenses: list[FactLens] = []
+        for chunk in batches[lang]:
+            if not ctx.mine(lang, chunk[0][0]):  # another shard's batch
+                continue
+            names = [f"lens_{lang}_{fact_id}" for fact_id, _ in chunk]
+            if not all(run.has_arrays(n) for n in names):
+                with run.claim(names[0]):  # one process reads the batch; another waits
+                    # The batch's facts not saved (all of them but after an interruption
+                    # inside the batch): saved lenses are never recomputed.
+                    missing = [
+                        (item, n)
+                        for item, n in zip(chunk, names, strict=True)
+                        if not run.has_arrays(n)
+                    ]
+                    measured = (
+                        lens_prompts(
+                            adapter, [item for (_, item), _ in missing], ctx.batch_size, decode
+                        )
+                        if missing
+                        else []
+                    )
+                    for ((fact_id, (ids, subject_last, answer_ids)), name), (prob, rank) in zip(
+                        missing, measured, strict=True
+                    ):
+                        lens = FactLens(
+                            prob=prob,
+                            rank=rank,
+                            answer_ids=answer_ids,
+                            answer_langs=list(langs),
+                            positions=[subject_last, len(ids) - 1],
+                        )
+                        run.save_arrays(name, lens.to_arrays())
+                        if on_fact:
+                            on_fact({"lang": lang, "fact_id": fact_id})
+            lenses += [
+                FactLens.from_arrays(run.load_arrays(n, keys=LENS_KEYS, what="a fact lens"))
+                for n in names
+            ]
+        if ctx.shard is not None:
+            continue
         summaries.append(summarize_lens(lang, lenses, langs, config.top_k))
-        for reason, n in lang_skipped.items():
+        for reason, n in skipped_by_lang[lang].items():
             skipped[f"{lang}:{reason}"] = n
+    if ctx.shard is not None:  # a worker: its pieces are saved; the summary is the whole run's
+        return None, run
     result = LensResult(
         langs=tuple(langs),
         n_layers=adapter.n_layers,
@@ -194,7 +238,11 @@ def lens_edits_stage(
     and the old answer, each written in every language, at every layer and both positions.
 
     Each edit is saved as it finishes (an interrupted run resumes there; a complete run is
-    read back without writing).  Edits that cannot be made (no subject, a non-finite change)
+    read back without writing), computed under its piece's claim
+    (:meth:`~mlake_core.results.store.Run.claim`).  With an executor (``ctx.executor``) the
+    edits are computed first as shards, chunks of edits in one edit language
+    (:mod:`mlake.executors`); with ``ctx.shard`` only the shard's edits are computed and
+    ``(None, run)`` is returned.  Edits that cannot be made (no subject, a non-finite change)
     and test languages whose prompt is not usable or whose new and old answers begin with the
     same token are skipped and counted per reason.
 
@@ -289,62 +337,82 @@ def lens_edits_stage(
         f"edit language; {run.path}"
     )
     known = {lang: knowledge.known(lang) for lang in langs}
+    # The edits: per edit language, the first config.edits known facts whose view there can be
+    # located; each edit seeds its own generator, so they are computed in any order.
+    chosen = {
+        a: [f for f in ids_in if f in known[a] and locate(a, f) is not None][: config.edits]
+        for a in langs
+    }
+    # Sharded (mlake.executors): a shard is a chunk of edits in one edit language.
+    ctx.fill_shards(
+        "lens_edits",
+        run,
+        lens_edits_stage,
+        config,
+        knowledge=knowledge,
+        method_config=method_config,
+        corpus=corpus,
+        tuned=tuned,
+        units={a: [[f] for f in chosen[a]] for a in langs},
+    )
+
+    def edit_one(a: str, f: int) -> dict[str, Any] | None:
+        """The edit lens of fact ``f`` edited in ``a`` (``None``: skipped, counted)."""
+        try:
+            request = make_request(adapter, facts[f].views[a], ctx.template, config.form)
+        except MlakeError as err:
+            skip("edit", a, str(err).split(": ", 1)[-1])
+            return None
+        tests = items(f)
+        if not tests:
+            skip("edit", a, "no usable test language")
+            return None
+        edited, failed = edit_fact(
+            adapter, entry, request, method_config, config.seed, second_moment, "lens"
+        )
+        if failed:
+            skip("edit", a, "non-finite edit")
+            return None
+        before, after = lens_edit(
+            adapter,
+            partial(edited.applied, adapter),
+            [item for _, item in tests],
+            ctx.batch_size,
+            decode,
+            before_of.get(f),
+        )
+        before_of[f] = before
+        prob, rank = edit_lens_arrays(before, after, len(langs))
+        lens = EditLens(
+            prob=prob,
+            rank=rank,
+            answer_ids=np.array([item[2] for _, item in tests]).reshape(len(tests), 2, len(langs)),
+            answer_langs=list(langs),
+            test_langs=[b for b, _ in tests],
+            positions=np.array([[item[1], len(item[0]) - 1] for _, item in tests]),
+            known_before=[f in known[b] for b, _ in tests],
+            edit_lang=a,
+            fact_id=f,
+        )
+        if on_item:
+            on_item({"lang": a, "fact_id": f})
+        return lens.to_arrays()
+
     lenses: dict[str, list[EditLens]] = {a: [] for a in langs}
     edited_ids: dict[str, list[int]] = {a: [] for a in langs}
     for a in langs:
-        for f in [f for f in ids_in if f in known[a] and locate(a, f) is not None][: config.edits]:
-            name = f"edit_{a}_{f}"
-            if run.has_arrays(name):
-                lenses[a].append(
-                    EditLens.from_arrays(
-                        run.load_arrays(name, keys=EDIT_LENS_KEYS, what="an edit lens")
-                    )
-                )
-                edited_ids[a].append(f)
+        for f in chosen[a]:
+            if not ctx.mine(a, f):  # another shard's edit
                 continue
-            try:
-                request = make_request(adapter, facts[f].views[a], ctx.template, config.form)
-            except MlakeError as err:
-                skip("edit", a, str(err).split(": ", 1)[-1])
-                continue
-            tests = items(f)
-            if not tests:
-                skip("edit", a, "no usable test language")
-                continue
-            edited, failed = edit_fact(
-                adapter, entry, request, method_config, config.seed, second_moment, "lens"
+            arrays, _ = run.load_or_compute_arrays(
+                f"edit_{a}_{f}", partial(edit_one, a, f), keys=EDIT_LENS_KEYS, what="an edit lens"
             )
-            if failed:
-                skip("edit", a, "non-finite edit")
+            if arrays is None:
                 continue
-            before, after = lens_edit(
-                adapter,
-                partial(edited.applied, adapter),
-                [item for _, item in tests],
-                ctx.batch_size,
-                decode,
-                before_of.get(f),
-            )
-            before_of[f] = before
-            prob, rank = edit_lens_arrays(before, after, len(langs))
-            lens = EditLens(
-                prob=prob,
-                rank=rank,
-                answer_ids=np.array([item[2] for _, item in tests]).reshape(
-                    len(tests), 2, len(langs)
-                ),
-                answer_langs=list(langs),
-                test_langs=[b for b, _ in tests],
-                positions=np.array([[item[1], len(item[0]) - 1] for _, item in tests]),
-                known_before=[f in known[b] for b, _ in tests],
-                edit_lang=a,
-                fact_id=f,
-            )
-            run.save_arrays(name, lens.to_arrays())
-            lenses[a].append(lens)
+            lenses[a].append(EditLens.from_arrays(arrays))
             edited_ids[a].append(f)
-            if on_item:
-                on_item({"lang": a, "fact_id": f})
+    if ctx.shard is not None:  # a worker: its edits are saved; the summary is the whole run's
+        return None, run
     result = EditLensResult(
         langs=tuple(langs),
         method=config.method,

@@ -64,7 +64,15 @@ def neurons_stage(
     attribution and the ablation matrix; and LAPE's language-specific neurons from text.
 
     Everything is saved as it is computed: activation statistics, each fact's attribution (with
-    its ablation check), each method's tables; an interrupted run resumes.
+    its ablation check), each method's tables; an interrupted run resumes.  Each attribution is
+    computed under its piece's claim (:meth:`~mlake_core.results.store.Run.claim`).  With an
+    executor (``ctx.executor``) the attributions are computed first as shards, chunks of known
+    facts in one language, every per-fact method each (:mod:`mlake.executors`), after the
+    activation statistics and the noise level, which the calling process measures once and
+    the shards read; with ``ctx.shard`` only the shard's attributions are computed and
+    ``(None, run)`` is returned.  The classes, overlaps, ablation matrices and LAPE's
+    selection (from the whole run's attributions or statistics) are computed in the calling
+    process.
 
     Args:
         config: a :class:`~analysis.neurons.config.NeuronConfig`.
@@ -127,18 +135,20 @@ def neurons_stage(
 
     # Activation statistics, measured on every run: the methods that need them (LAPE, the
     # mean baseline), mean ablation and the run's record of the text read use them.
-    if run.has_arrays("activations"):
-        stats = ActivationStats.from_arrays(run.load_arrays("activations"))
-    else:
+    def measure_stats() -> dict[str, Any]:
         texts_by_lang = (
             folder_texts(text_folder, langs) if text_folder else mlake_texts(dataset, langs)
         )
-        stats = activation_stats(
+        return activation_stats(
             adapter, texts_by_lang, max_tokens=config.text_tokens, batch_size=8 * batch_size
-        )
-        run.save_arrays("activations", stats.to_arrays())
+        ).to_arrays()
+
+    # Measured once (by the calling process of a sharded run, before its shards), and read.
+    saved_stats, _ = run.load_or_compute_arrays("activations", measure_stats)
+    assert saved_stats is not None
+    stats = ActivationStats.from_arrays(saved_stats)
     mean = stats.mean()
-    if log:
+    if log and ctx.shard is None:
         log(
             "neurons: activation statistics on "
             + ", ".join(
@@ -159,6 +169,18 @@ def neurons_stage(
     context_mean = {layer: torch.as_tensor(mean[layer]) for layer in range(adapter.n_layers)}
     known = {lang: knowledge.known(lang) for lang in langs}
     ordered = [fid for fid in fact_ids if fid in facts]
+    # Sharded (mlake.executors): a shard is a chunk of known facts in one language, each
+    # attributed by every per-fact method (with its own seeds: in any order).
+    if any(e.per_fact for e in entries):
+        ctx.fill_shards(
+            "neurons",
+            run,
+            neurons_stage,
+            config,
+            knowledge=knowledge,
+            text_folder=text_folder,
+            units={lang: [[f] for f in ordered if f in known[lang]] for lang in langs},
+        )
     skipped: dict[str, int] = {}
     summaries: list[MethodSummary] = []
     rng_seed = int(stable_hash({"seed": attr_cfg.seed, "what": "ablation"}, length=8), 16)
@@ -208,6 +230,8 @@ def neurons_stage(
         seconds, passes = [], []
         for lang in langs:
             for fact_id in ordered:
+                if not ctx.mine(lang, fact_id):  # another shard's fact
+                    continue
                 if fact_id not in known[lang]:
                     key = f"{method}:{lang}:not known before"
                     skipped[key] = skipped.get(key, 0) + 1
@@ -223,9 +247,14 @@ def neurons_stage(
                     )
                 if not prompts:
                     continue
-                if run.has_arrays(name):
-                    arrays = run.load_arrays(name)
-                else:
+
+                def attribute(
+                    lang: str = lang,
+                    fact_id: int = fact_id,
+                    prompts: Any = prompts,
+                    entry: Any = entry,
+                    method: str = method,
+                ) -> Any:
                     seed = int(
                         stable_hash(
                             {"seed": attr_cfg.seed, "fact": fact_id, "lang": lang}, length=12
@@ -257,7 +286,12 @@ def neurons_stage(
                         arrays[f"check_{unit}"] = np.array(
                             [check["p_clean"], check["p_ablated"], check["p_random"]]
                         )
-                    run.save_arrays(name, arrays)
+                    return arrays
+
+                arrays, _ = run.load_or_compute_arrays(name, attribute)
+                assert arrays is not None
+                if ctx.shard is not None:  # a worker: the tables are the whole run's
+                    continue
                 fa = FactAttribution.from_arrays(arrays)
                 seconds.append(float(arrays["seconds"]))
                 passes.append(fa.passes)
@@ -267,6 +301,8 @@ def neurons_stage(
                     checks[unit].append({"p_clean": c[0], "p_ablated": c[1], "p_random": c[2]})
                 if on_fact:
                     on_fact({"method": method, "lang": lang, "fact_id": fact_id})
+        if ctx.shard is not None:
+            continue
         for unit in entry.units:
             n_units = _n_units(adapter, unit)
             rows = []
@@ -335,6 +371,8 @@ def neurons_stage(
                 f"neurons [{method}]: {sum(len(v) for v in sets[entry.units[0]].values())} fact attributions; {run.path}"
             )
 
+    if ctx.shard is not None:  # a worker: its attributions are saved; the rest is the run's
+        return None, run
     # Methods of scope "language" select units per language from the activation statistics
     # (LAPE), with no per-fact sets: no overlap and no ablation check, only the classes and
     # the ablation matrix.

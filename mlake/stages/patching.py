@@ -31,7 +31,12 @@ def patching_stage(
     resolved config; ``corpus``: the text of ROME's and MEMIT's key statistics).
 
     Each pair and each edit is saved as it finishes (an interrupted run resumes there; a
-    complete run is read back without writing).  Views whose form is not usable, whose
+    complete run is read back without writing), each target (with every source language: they
+    share its passes) and each edit under its claim
+    (:meth:`~mlake_core.results.store.Run.claim`).  With an executor (``ctx.executor``) they
+    are computed first as shards, chunks of facts in one language: the targets in it and the
+    edits made in it (:mod:`mlake.executors`); with ``ctx.shard`` only the shard's are
+    computed and ``(None, run)`` is returned.  Views whose form is not usable, whose
     answers have no token with content, or (counterfactual) without another known fact whose
     answer in B begins with a different token are skipped and counted per reason.
 
@@ -166,42 +171,72 @@ def patching_stage(
             for t in targets:
                 if t not in chosen[a, b]:
                     skip("counterfactual", f"{a}-{b}", "no other known fact to pair")
-    # Target by target: the rows of every source language share its passes.
+    # The edits: per edit language, the first config.edits known facts whose view there can be
+    # located; each edit seeds its own generator, so they are computed in any order.
+    chosen_edits = {
+        a: [f for f in known[a] if locate(a, f) is not None][: config.edits] if edits_on else []
+        for a in langs
+    }
+    # Sharded (mlake.executors): a shard is a chunk of facts in one language, the targets of
+    # the counterfactual matrix in that language (with every source language) and the edits
+    # made in it.
+    ctx.fill_shards(
+        "patching",
+        run,
+        patching_stage,
+        config,
+        knowledge=knowledge,
+        method_config=method_config,
+        corpus=corpus,
+        units={x: [[f] for f in known[x]] for x in langs},
+    )
+
+    def measure_target(b: str, t: int) -> None:
+        """Patch every source language's pair of target ``t`` in ``b`` missing from the run:
+        the rows of every source language share the target's passes."""
+        todo = []
+        for a in langs:
+            if t not in chosen[a, b] or run.has_arrays(f"cf_{a}_{b}_{t}"):
+                continue
+            s = chosen[a, b][t]
+            src_token, tgt_token = tokens_of[b, s, t]
+            todo.append((a, s, (int(src_token or 0), int(tgt_token or 0))))
+        if not todo:
+            return
+        ids, pos, _ = reading(b, t, [answer(b, t)])
+        measured = patch_sources(
+            adapter,
+            [(state(a, s), tokens) for a, s, tokens in todo],
+            ids,
+            pos,
+            config.max_rows,
+        )
+        for (a, s, tokens), (prob, rank, clean_prob, clean_rank) in zip(
+            todo, measured, strict=True
+        ):
+            patch = CounterfactualPatch(prob, rank, clean_prob, clean_rank, (s, t), tokens)
+            run.save_arrays(f"cf_{a}_{b}_{t}", patch.to_arrays())
+            if on_item:
+                on_item({"kind": "counterfactual", "lang": f"{a}-{b}", "fact_id": t})
+
+    # Target by target, each under its claim (one process patches a target; another waits).
     for b in langs:
         for t in known[b]:
-            todo = []
+            if not ctx.mine(b, t):  # another shard's target
+                continue
+            names = [f"cf_{a}_{b}_{t}" for a in langs if t in chosen[a, b]]
+            if not all(run.has_arrays(n) for n in names):
+                with run.claim(f"cf_{b}_{t}"):
+                    measure_target(b, t)
             for a in langs:
-                if t not in chosen[a, b]:
-                    continue
-                name = f"cf_{a}_{b}_{t}"
-                if run.has_arrays(name):
+                if t in chosen[a, b]:
                     pairs.setdefault((a, b), []).append(
                         CounterfactualPatch.from_arrays(
-                            run.load_arrays(name, keys=CF_KEYS, what="a counterfactual patch")
+                            run.load_arrays(
+                                f"cf_{a}_{b}_{t}", keys=CF_KEYS, what="a counterfactual patch"
+                            )
                         )
                     )
-                    continue
-                s = chosen[a, b][t]
-                src_token, tgt_token = tokens_of[b, s, t]
-                todo.append((a, s, (int(src_token or 0), int(tgt_token or 0))))
-            if not todo:
-                continue
-            ids, pos, _ = reading(b, t, [answer(b, t)])
-            measured = patch_sources(
-                adapter,
-                [(state(a, s), tokens) for a, s, tokens in todo],
-                ids,
-                pos,
-                config.max_rows,
-            )
-            for (a, s, tokens), (prob, rank, clean_prob, clean_rank) in zip(
-                todo, measured, strict=True
-            ):
-                patch = CounterfactualPatch(prob, rank, clean_prob, clean_rank, (s, t), tokens)
-                run.save_arrays(f"cf_{a}_{b}_{t}", patch.to_arrays())
-                pairs.setdefault((a, b), []).append(patch)
-                if on_item:
-                    on_item({"kind": "counterfactual", "lang": f"{a}-{b}", "fact_id": t})
     pairs = {(a, b): pairs.get((a, b), []) for a in langs for b in langs}
     counterfactual = summarize_counterfactual(langs, pairs, adapter.n_layers)
 
@@ -211,51 +246,54 @@ def patching_stage(
         entry = get_method(config.method)
         second_moment = stage_second_moment(ctx, corpus)
 
+        def edit_one(a: str, f: int) -> dict[str, Any] | None:
+            """The edit patch of fact ``f`` edited in ``a`` (``None``: skipped, counted)."""
+            try:
+                request = make_request(adapter, facts[f].views[a], ctx.template, config.form)
+            except MlakeError as err:
+                skip("edit", a, str(err).split(": ", 1)[-1])
+                return None
+            src = reading(a, f, [answer(a, f, new=True)])
+            edit_targets: list[Any] = []
+            for b in langs:
+                got = reading(b, f, [answer(b, f, new=True), answer(b, f)])
+                if got is None or None in got[2] or got[2][0] == got[2][1]:
+                    skip("edit", f"{a}-{b}", "new and old answer not told apart in B")
+                    continue
+                edit_targets.append((b, got[0], got[1], (int(got[2][0]), int(got[2][1]))))
+            if src is None or src[2][0] is None or not edit_targets:
+                skip("edit", a, "no usable target")
+                return None
+            edited, failed = edit_fact(
+                adapter, entry, request, method_config, config.seed, second_moment, "patching"
+            )
+            if failed:
+                skip("edit", a, "non-finite edit")
+                return None
+            carried = patch_edit(
+                adapter,
+                partial(edited.applied, adapter),
+                (src[0], src[1]),
+                edit_targets,
+                int(src[2][0]),
+                config.max_rows,
+            )
+            if on_item:
+                on_item({"kind": "edit", "lang": a, "fact_id": f})
+            return carried.to_arrays()
+
         for a in langs:
             done_edits = edits.setdefault(a, [])
-            for f in [f for f in known[a] if locate(a, f) is not None][: config.edits]:
-                name = f"edit_{a}_{f}"
-                if run.has_arrays(name):
-                    done_edits.append(
-                        EditPatch.from_arrays(
-                            run.load_arrays(name, keys=EDIT_KEYS, what="an edit patch")
-                        )
-                    )
+            for f in chosen_edits[a]:
+                if not ctx.mine(a, f):  # another shard's edit
                     continue
-                try:
-                    request = make_request(adapter, facts[f].views[a], ctx.template, config.form)
-                except MlakeError as err:
-                    skip("edit", a, str(err).split(": ", 1)[-1])
-                    continue
-                src = reading(a, f, [answer(a, f, new=True)])
-                edit_targets: list[Any] = []
-                for b in langs:
-                    got = reading(b, f, [answer(b, f, new=True), answer(b, f)])
-                    if got is None or None in got[2] or got[2][0] == got[2][1]:
-                        skip("edit", f"{a}-{b}", "new and old answer not told apart in B")
-                        continue
-                    edit_targets.append((b, got[0], got[1], (int(got[2][0]), int(got[2][1]))))
-                if src is None or src[2][0] is None or not edit_targets:
-                    skip("edit", a, "no usable target")
-                    continue
-                edited, failed = edit_fact(
-                    adapter, entry, request, method_config, config.seed, second_moment, "patching"
+                arrays, _ = run.load_or_compute_arrays(
+                    f"edit_{a}_{f}", partial(edit_one, a, f), keys=EDIT_KEYS, what="an edit patch"
                 )
-                if failed:
-                    skip("edit", a, "non-finite edit")
-                    continue
-                carried = patch_edit(
-                    adapter,
-                    partial(edited.applied, adapter),
-                    (src[0], src[1]),
-                    edit_targets,
-                    int(src[2][0]),
-                    config.max_rows,
-                )
-                run.save_arrays(name, carried.to_arrays())
-                done_edits.append(carried)
-                if on_item:
-                    on_item({"kind": "edit", "lang": a, "fact_id": f})
+                if arrays is not None:
+                    done_edits.append(EditPatch.from_arrays(arrays))
+    if ctx.shard is not None:  # a worker: its pieces are saved; the summary is the whole run's
+        return None, run
     edit_summary = summarize_edits(langs, edits, adapter.n_layers) if edits_on else {}
     result = PatchingResult(
         langs=tuple(langs),

@@ -52,12 +52,78 @@ def activations_stage(
 ) -> tuple[Activations, dict[str, int], dict[str, int], Run]:
     """Read (or load) the probed activations of every usable (fact, language) question prompt.
 
+    A language's prompts are read in batches of ``ctx.batch_size`` sorted by length
+    (:func:`~probes.activations.collect_activations`); each batch is saved as it finishes
+    (``acts_<lang>_<start>_<stop>``, rows ``start:stop`` of that order), under its claim
+    (:meth:`~mlake_core.results.store.Run.claim`), then the language's batches are joined into
+    its one array file (``acts_<lang>``) and removed.  With an executor (``ctx.executor``) the
+    batches are read first as shards, chunks of whole batches in one language
+    (:mod:`mlake.executors`; every prompt is read in the same pass as in one process, so the
+    activations are bit-identical); with ``ctx.shard`` only the shard's batches are read
+    (:func:`activations_shard`).
+
     Returns:
         The activations (languages in order, facts in order within each), the usable views per
         language, the views left out (``"lang:reason"`` -> count) and the run folder.
     """
-    adapter, dataset, fact_ids, langs = ctx.adapter, ctx.dataset, ctx.fact_ids, ctx.langs
-    template, batch_size = ctx.template, ctx.batch_size
+    run, prompts, batches, usable, skipped = _activation_plan(ctx)
+    # Sharded (mlake.executors): a shard is a chunk of whole batches of one language.
+    ctx.fill_shards(
+        "probe_activations",
+        run,
+        activations_shard,
+        units={
+            lang: [[prompts[lang][i].fact_id for i in rows] for rows in batches[lang]]
+            for lang in ctx.langs
+        },
+    )
+    parts = []
+    for lang in ctx.langs:
+        name = f"acts_{lang}"
+        if run.has_arrays(name):
+            acts = Activations.from_arrays(run.load_arrays(name))
+            ctx.say(f"probe activations [{lang}]: loaded from {run.path}")
+        else:
+            with run.claim(name):
+                if not run.has_arrays(name):
+                    pieces = [
+                        _read_batch(ctx, run, lang, prompts[lang], rows, progress)
+                        for rows in batches[lang]
+                    ]
+                    run.save_arrays(name, _join_batches(ctx, batches[lang], pieces))
+                    for rows in batches[lang]:
+                        run.arrays_path(_batch_name(lang, rows)).unlink(missing_ok=True)
+                    ctx.say(
+                        f"probe activations [{lang}]: {len(prompts[lang])} prompts read; {run.path}"
+                    )
+            acts = Activations.from_arrays(run.load_arrays(name))
+        parts.append(acts)
+    acts = Activations.concat(parts)
+    run.write_meta(status="complete", usable=usable, skipped=skipped)
+    return acts, usable, skipped, run
+
+
+def activations_shard(ctx: StageContext) -> None:
+    """Read and save the batches of :func:`activations_stage` that ``ctx.shard`` covers (a
+    shard of whole batches: those whose first fact it covers); the probes are fit on all facts
+    at once, in the calling process, once every batch is read."""
+    run, prompts, batches, _, _ = _activation_plan(ctx)
+    for lang in ctx.langs:
+        if run.has_arrays(f"acts_{lang}"):
+            continue
+        for rows in batches[lang]:
+            if ctx.mine(lang, prompts[lang][rows[0]].fact_id):
+                _read_batch(ctx, run, lang, prompts[lang], rows, None)
+
+
+def _activation_plan(
+    ctx: StageContext,
+) -> tuple[Run, dict[str, list[Any]], dict[str, list[list[int]]], dict[str, int], dict[str, int]]:
+    """The activation run, each language's usable prompts (located on every run:
+    tokenization only, so a resumed run reports the same counts) and their batches (indices
+    into the prompts, in :func:`~probes.activations.collect_activations`' order: by length,
+    ``ctx.batch_size`` each), the usable views per language and the views left out."""
+    adapter, dataset, fact_ids = ctx.adapter, ctx.dataset, ctx.fact_ids
     sites = probe_sites(adapter.n_layers)
     run = ctx.open_run(
         "probe_activations",
@@ -67,28 +133,64 @@ def activations_stage(
         version=ACTIVATIONS_VERSION,
     )
     run.write_meta(sites=list(sites))
-    parts, usable, skipped = [], {}, {}
-    for lang in langs:
+    prompts, batches, usable, skipped = {}, {}, {}, {}
+    for lang in ctx.langs:
         views = [dataset.fact(f).views[lang] for f in fact_ids]
-        # Located on every run (tokenization only): a resumed run reports the same counts.
-        prompts, why = question_prompts(adapter, views, template)
-        usable[lang] = len(prompts)
+        found, why = question_prompts(adapter, views, ctx.template)
+        usable[lang] = len(found)
         for reason, n in why.items():
             skipped[f"{lang}:{reason}"] = n
-        name = f"acts_{lang}"
-        if run.has_arrays(name):
-            acts = Activations.from_arrays(run.load_arrays(name))
-            ctx.say(f"probe activations [{lang}]: loaded from {run.path}")
-        else:
-            acts = collect_activations(
-                adapter, prompts, sites, batch_size=batch_size, progress=progress
-            )
-            run.save_arrays(name, acts.to_arrays())
-            ctx.say(f"probe activations [{lang}]: {len(prompts)} prompts read; {run.path}")
-        parts.append(acts)
-    acts = Activations.concat(parts)
-    run.write_meta(status="complete", usable=usable, skipped=skipped)
-    return acts, usable, skipped, run
+        order = sorted(range(len(found)), key=lambda i: (len(found[i].prompt_ids), i))
+        prompts[lang] = found
+        batches[lang] = [
+            order[i : i + ctx.batch_size] for i in range(0, len(order), ctx.batch_size)
+        ]
+    return run, prompts, batches, usable, skipped
+
+
+def _batch_name(lang: str, rows: list[int]) -> str:
+    """A batch's piece: ``acts_<lang>_<first row>_<rows>`` (rows in the length order)."""
+    return f"acts_{lang}_{min(rows)}_{len(rows)}"
+
+
+def _read_batch(
+    ctx: StageContext,
+    run: Run,
+    lang: str,
+    prompts: list[Any],
+    rows: list[int],
+    progress: Callable[[int], None] | None,
+) -> Activations:
+    """One batch of a language's prompts (indices ``rows``), read and saved, or loaded."""
+    sites = probe_sites(ctx.adapter.n_layers)
+    chosen = sorted(rows)  # the prompts' own order: collect_activations sorts them as the run
+
+    def read() -> dict[str, Any]:
+        acts = collect_activations(
+            ctx.adapter,
+            [prompts[i] for i in chosen],
+            sites,
+            batch_size=ctx.batch_size,
+            progress=progress,
+        )
+        return acts.to_arrays()
+
+    arrays, _ = run.load_or_compute_arrays(_batch_name(lang, rows), read, what="probe activations")
+    assert arrays is not None
+    return Activations.from_arrays(arrays)
+
+
+def _join_batches(
+    ctx: StageContext, batches: list[list[int]], pieces: list[Activations]
+) -> dict[str, Any]:
+    """A language's batches joined in the order of its prompts (as one
+    :func:`~probes.activations.collect_activations` call returns them)."""
+    if not pieces:  # no usable prompt: no rows
+        sites = probe_sites(ctx.adapter.n_layers)
+        return collect_activations(ctx.adapter, [], sites, batch_size=ctx.batch_size).to_arrays()
+    index = np.concatenate([np.array(sorted(rows), dtype=np.int64) for rows in batches])
+    joined = Activations.concat(pieces)
+    return joined.select(np.argsort(index, kind="stable")).to_arrays()
 
 
 def probe_stage(

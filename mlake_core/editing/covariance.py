@@ -144,16 +144,25 @@ def cached_second_moment(
     n_tokens: int = 100_000,
     results_dir: str | os.PathLike[str] | None = None,
 ) -> torch.Tensor:
-    """:func:`key_second_moment`, cached in the results store (kind ``covariance``)."""
+    """:func:`key_second_moment`, cached in the results store (kind ``covariance``).
+
+    Computed once: under the claim of the piece ``moment``
+    (:meth:`~mlake_core.results.store.Run.claim`, a file lock in the run folder), so of the
+    processes that need it at once (the workers of a sharded run, each with its own model) one
+    computes and saves it while the others wait and read it; a killed holder's claim is taken
+    over, and its saved partial sums are read back.
+    """
     from mlake_core.results.store import open_run
 
     run = open_run("covariance", covariance_key(model_ident, layer, docs, n_tokens), results_dir)
-    if run.has_arrays("moment"):
-        return torch.from_numpy(run.load_arrays("moment")["C"])
-    moment, count = key_second_moment(adapter, layer, docs, n_tokens=n_tokens, run=run)
-    run.save_arrays("moment", {"C": moment.numpy(), "count": count})
-    run.write_meta(status="complete", tokens=count, layer=layer)
-    return moment
+    if not run.has_arrays("moment"):
+        with run.claim("moment"):
+            if not run.has_arrays("moment"):  # not saved by the claim's holder before
+                moment, count = key_second_moment(adapter, layer, docs, n_tokens=n_tokens, run=run)
+                run.save_arrays("moment", {"C": moment.numpy(), "count": count})
+                run.write_meta(status="complete", tokens=count, layer=layer)
+                return moment
+    return torch.from_numpy(run.load_arrays("moment")["C"])
 
 
 def ridge_inverse_apply(moment: torch.Tensor, vectors: torch.Tensor, ridge: float) -> torch.Tensor:

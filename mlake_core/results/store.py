@@ -302,6 +302,35 @@ class Run:
             self.save_table(name, table)
         return table, True
 
+    def load_or_compute_arrays(
+        self,
+        name: str,
+        compute: Callable[[], Mapping[str, Any] | None],
+        *,
+        keys: Sequence[str] = (),
+        what: str = "result arrays",
+        finite: Sequence[str] = (),
+    ) -> tuple[dict[str, Any] | None, bool]:
+        """The arrays ``name``: loaded if saved (:meth:`load_arrays` with ``keys``, ``what``
+        and ``finite``), else computed and saved, under the piece's claim (:meth:`claim`:
+        another process computing it is waited for, and its arrays read).  ``compute`` may
+        return ``None`` (nothing to save: a piece that cannot be computed, such as a skipped
+        edit); then nothing is saved and ``(None, True)`` is returned.
+
+        Returns:
+            ``(arrays, computed)`` where ``computed`` says whether ``compute`` ran.
+        """
+        if self.has_arrays(name):
+            return self.load_arrays(name, keys=keys, what=what, finite=finite), False
+        with self.claim(name):
+            if self.has_arrays(name):  # saved by the claim's holder before
+                return self.load_arrays(name, keys=keys, what=what, finite=finite), False
+            arrays = compute()
+            if arrays is None:
+                return None, True
+            self.save_arrays(name, arrays)
+        return dict(arrays), True
+
 
 def read_arrays(
     path: str | os.PathLike[str],

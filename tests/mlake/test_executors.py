@@ -242,3 +242,168 @@ def test_a_ray_worker_killed_mid_chain_loses_and_duplicates_nothing(
     pd.testing.assert_frame_equal(edits, local["edits"])
     assert not edits.duplicated().any()
     assert outcome["run"].complete
+
+
+# -- lens, edit lens, neurons, probes, patching ----------------------------------------------
+
+#: Sequences per pass in the per-fact stages below: 2, so that the lens and the probe
+#: activations read each language's facts in several batches, and a shard of 3 facts holds one
+#: whole batch (the units are batches: a shard never splits one).
+BATCH = 2
+#: Keys of the results that differ between two computations of the same pieces (wall-clock
+#: times, the run folder).
+VARYING = ("run", "run_path", "seconds_per_fact")
+
+
+def _plain(value: Any) -> str:
+    """A result as exact text (floats as ``repr``; NaN equal to NaN), its varying keys left
+    out."""
+    import json
+
+    def strip(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items() if k not in VARYING}
+        if isinstance(v, list | tuple):
+            return [strip(x) for x in v]
+        return v
+
+    return json.dumps(strip(value), sort_keys=True, default=str)
+
+
+def _per_fact_stages(ctx: StageContext, pool: tuple[int, ...]) -> dict[str, Any]:
+    """The lens, the edit lens (ROME), neurons (AtP and LAPE), probes and patching (ROME edits)
+    on ``ctx``; their summaries (as exact text), the probe tables and the runs."""
+    from analysis.lens import LensConfig
+    from analysis.neurons.attribution import AttributionConfig
+    from analysis.neurons.config import NeuronConfig
+    from analysis.patching import PatchConfig
+    from mlake.stages.knowledge import knowledge_stage
+    from mlake.stages.lens import lens_edits_stage, lens_stage
+    from mlake.stages.neurons import neurons_stage
+    from mlake.stages.patching import patching_stage
+    from mlake.stages.probes import probe_stage
+    from mlake_core.editing.rome import RomeConfig
+    from mlake_core.metrics.knowledge import KnowledgeConfig
+    from probes.config import ProbeConfig
+
+    rome = RomeConfig(steps=8, contexts="none")
+    # ROME's key statistics on a small corpus: the pool's statements in the run's languages.
+    corpus = [ctx.dataset.fact(f).views[lang].record.o_prompt for f in pool for lang in LANGS]
+    knowledge, _ = knowledge_stage(ctx, KnowledgeConfig(mcqa=False))
+    lens, l_run = lens_stage(ctx, LensConfig(), knowledge=knowledge)
+    edit_lens, e_run = lens_edits_stage(
+        ctx,
+        LensConfig(method="rome", edits=2),
+        knowledge=knowledge,
+        method_config=rome,
+        corpus=corpus,
+    )
+    neurons, n_run = neurons_stage(
+        ctx,
+        NeuronConfig(
+            methods=("atp", "lape"),
+            attribution=AttributionConfig(forms=("question",)),
+            text_tokens=2000,
+            n_random=1,
+            ablation_facts=2,
+            min_facts=1,
+        ),
+        knowledge=knowledge,
+    )
+    probes, p_run = probe_stage(
+        ctx, ProbeConfig(folds=2, inner_folds=2, cs=(0.1,), min_class_facts=2), knowledge=knowledge
+    )
+    patching, pa_run = patching_stage(
+        ctx,
+        PatchConfig(method="rome", edits=1),
+        knowledge=knowledge,
+        method_config=rome,
+        corpus=corpus,
+    )
+    return {
+        "lens": _plain(lens.to_dict()),
+        "lens_edits": _plain(edit_lens.to_dict()),
+        "neurons": _plain(neurons.to_dict()),
+        "probes": _plain(probes.to_dict()),
+        "probe_tables": (probes.language_id, probes.transfer, probes.similarity),
+        "patching": _plain(patching.to_dict()),
+        "runs": (l_run, e_run, n_run, p_run, pa_run),
+    }
+
+
+def _same_per_fact(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """The same summaries and tables, bit for bit, and the same pieces, array by array."""
+    import numpy as np
+
+    for stage in ("lens", "lens_edits", "neurons", "probes", "patching"):
+        assert a[stage] == b[stage], stage
+    for x, y in zip(a["probe_tables"], b["probe_tables"], strict=True):
+        pd.testing.assert_frame_equal(x, y, check_exact=True)
+    for x, y in zip(a["runs"], b["runs"], strict=True):
+        assert x.key == y.key
+        assert y.complete
+        pieces = sorted(p.name for p in (x.path / "arrays").glob("*.npz"))
+        assert pieces == sorted(p.name for p in (y.path / "arrays").glob("*.npz")), x.kind
+        for name in pieces:
+            left, right = np.load(x.path / "arrays" / name), np.load(y.path / "arrays" / name)
+            assert sorted(left.files) == sorted(right.files)
+            for key in left.files:
+                if key != "seconds":  # an attribution's wall-clock time
+                    np.testing.assert_array_equal(left[key], right[key], err_msg=f"{name}:{key}")
+
+
+@pytest.fixture(scope="module")
+def local_per_fact(world: World, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The per-fact stages computed in one process, as without an executor."""
+    root = tmp_path_factory.mktemp("local_per_fact")
+    ctx = dataclasses.replace(world.ctx, results_dir=str(root), batch_size=BATCH)
+    return _per_fact_stages(ctx, world.pool)
+
+
+def test_per_fact_stages_in_process_shards_give_the_local_tables(
+    world: World, local_per_fact: dict[str, Any], tmp_path: Path
+) -> None:
+    executor = InProcessExecutor(shard_facts=3)
+    ctx = dataclasses.replace(
+        world.ctx, results_dir=str(tmp_path), batch_size=BATCH, executor=executor
+    )
+    _same_per_fact(local_per_fact, _per_fact_stages(ctx, world.pool))
+    stages = [stage for stage, _ in executor.done]
+    for stage in ("lens", "lens_edits", "neurons", "probe_activations", "patching"):
+        assert stage in stages, stage
+    # The lens's shards are whole batches: a shard of 3 facts holds one batch of 2.
+    lens_shards = [shard for stage, shard in executor.done if stage == "lens"]
+    assert lens_shards and all(len(s.facts) <= BATCH for s in lens_shards)
+    assert sum(len(s.facts) for s in lens_shards) > BATCH  # several batches, several shards
+    # Read back complete, nothing is sharded again.
+    done = len(executor.done)
+    _same_per_fact(local_per_fact, _per_fact_stages(ctx, world.pool))
+    assert len(executor.done) == done
+
+
+def test_a_lens_shard_reads_only_its_batches(world: World, tmp_path: Path) -> None:
+    from analysis.lens import LensConfig
+    from mlake.stages.knowledge import knowledge_stage
+    from mlake.stages.lens import lens_stage
+    from mlake_core.metrics.knowledge import KnowledgeConfig
+
+    ctx = dataclasses.replace(world.ctx, results_dir=str(tmp_path), batch_size=BATCH)
+    knowledge, _ = knowledge_stage(ctx, KnowledgeConfig(mcqa=False))
+    known = [f for f in ctx.fact_ids if f in knowledge.known("en")]
+    assert len(known) > BATCH  # the micro model knows several
+    shard = Shard(tuple(known[BATCH : 2 * BATCH]), ("en",))  # the second batch of en
+    result, run = lens_stage(
+        dataclasses.replace(ctx, shard=shard), LensConfig(), knowledge=knowledge
+    )
+    assert result is None and not run.complete and not run.has_json("summary")
+    read = sorted(p.stem for p in (run.path / "arrays").glob("lens_*.npz"))
+    assert read == sorted(f"lens_en_{f}" for f in known[BATCH : 2 * BATCH])
+
+
+def test_per_fact_stages_on_ray_workers_give_the_local_tables(
+    world: World, local_per_fact: dict[str, Any], ray_executor: Any, tmp_path: Path
+) -> None:
+    ctx = dataclasses.replace(
+        world.ctx, results_dir=str(tmp_path), batch_size=BATCH, executor=ray_executor
+    )
+    _same_per_fact(local_per_fact, _per_fact_stages(ctx, world.pool))
