@@ -125,6 +125,30 @@ def carried_at_subject(patch: EditPatch, test: str) -> bool | None:
     return bool(carried.any())
 
 
+def new_answer_decodable(lens: EditLens, test: str, top_k: int) -> tuple[bool, bool] | None:
+    """After the edit, whether the new answer (any form) is decodable (``top_k``: the lens
+    run's threshold) at ``test``'s subject position at some layer, and at ``test``'s last
+    position in the latent layers: what rules 3 and 4 (module docstring) read, as measures of
+    their own (the relation analysis uses them as predictors).  ``None`` where rule 1 does
+    not read the pair for a reason of the lens (``test`` not read, or its new and old answers
+    sharing a first token); whether the fact was known in ``test`` before is the caller's."""
+    if test not in lens.test_langs:
+        return None
+    t = lens.test_langs.index(test)
+    j = lens.answer_langs.index(test)
+    new, old = EDIT_KINDS.index("new"), EDIT_KINDS.index("old")
+    if int(lens.answer_ids[t, new, j]) == int(lens.answer_ids[t, old, j]):
+        return None
+    after = PHASES.index("after")
+    subject, last = POSITIONS.index("subject_last"), POSITIONS.index("last")
+    # [position, layer, answer language]: every form of the new answer after the edit
+    ranks = lens.rank[t, after, :, :, new, :]
+    at_subject = emergence(ranks[subject].min(axis=-1), top_k) is not None
+    latent = list(latent_layers(ranks.shape[1]))
+    at_last = emergence(ranks[last, latent].min(axis=-1), top_k) is not None
+    return at_subject, at_last
+
+
 @dataclass(frozen=True)
 class Classified:
     """The outcome of one edit in one test language.
@@ -169,15 +193,15 @@ def classify_failure(
         return Classified(TRANSFERRED, old_at_subject=readable)
     own_failed = lens.edit_lang in lens.test_langs and not lens.success(lens.edit_lang)
     carried = None if patch is None else carried_at_subject(patch, test)
-    # [position, layer, answer language]: every form of the new answer after the edit
-    ranks = lens.rank[t, after, :, :, new, :]
-    if emergence(ranks[subject].min(axis=-1), top_k) is None:
+    decodable = new_answer_decodable(lens, test, top_k)
+    assert decodable is not None  # read, and the first tokens differ (checked above)
+    at_subject, at_last = decodable
+    if not at_subject:
         return Classified(NOT_ENRICHED, False, own_failed, readable, carried)
-    latent = list(latent_layers(ranks.shape[1]))
-    if emergence(ranks[last, latent].min(axis=-1), top_k) is None:
+    if not at_last:
         return Classified(NOT_EXTRACTED, False, own_failed, readable, carried)
     distinct = lens.distinct(test, "new")
-    final = ranks[last, -1]
+    final = lens.rank[t, after, last, -1, new, :]
     other = any(
         ok and lang != test and int(final[i]) == 0
         for i, (lang, ok) in enumerate(zip(lens.answer_langs, distinct, strict=True))

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -284,10 +284,25 @@ class FactTable:
         rows: one row per (fact, edit language, test language): ``success``, ``gain``,
             ``overlap`` and the controls.
         dropped: reason -> number of rows left out.
+        base: the rows before the overlap's drop (``overlap`` NaN where the fact has none),
+            with a column per other predictor (``extra`` of :func:`fact_table`; NaN where its
+            run does not measure the row): each other predictor's model is fitted on the
+            rows that have it (:meth:`with_predictor`).
     """
 
     rows: pd.DataFrame
     dropped: dict[str, int] = field(default_factory=dict)
+    base: pd.DataFrame | None = None
+
+    def with_predictor(self, name: str) -> tuple[pd.DataFrame, int]:
+        """The rows that have predictor ``name`` (``overlap``: :attr:`rows`) and the number
+        of rows of :attr:`base` without it (counted, reported, not fitted)."""
+        if name == "overlap" or self.base is None:
+            return self.rows, 0
+        if name not in self.base.columns:
+            raise KeyError(name)
+        have = self.base[name].notna()
+        return self.base[have].reset_index(drop=True), int((~have).sum())
 
 
 def fact_table(
@@ -296,9 +311,10 @@ def fact_table(
     overlap: pd.DataFrame,
     controls: pd.DataFrame,
     config: RelateConfig,
+    extra: pd.DataFrame | None = None,
 ) -> FactTable:
     """Join the transfer rows, the pre-edit log-probabilities, the fact's overlap and the
-    string controls (see the module docstring).
+    string controls (see the module docstring), and other per-row predictors.
 
     Args:
         transfer: the transfer stage's rows (``kind``, ``form``, ``fact_id``, ``edit_lang``,
@@ -310,6 +326,9 @@ def fact_table(
             overlap columns; unordered pairs).
         controls: :func:`string_controls`.
         config: which outcome, form and overlap measure.
+        extra: other predictors by ordered pair (``fact_id``, ``edit_lang``, ``test_lang``
+            and one column each, e.g. :func:`intervention_measures`'s); they go into
+            :attr:`FactTable.base`, never into the overlap's rows.
     """
     need = {"kind", "form", "fact_id", "edit_lang", "test_lang", "n", "p_new", "known_before"}
     need.add(config.outcome)
@@ -351,14 +370,185 @@ def fact_table(
         on=["fact_id", "edit_lang", "test_lang"],
         how="left",
     )
-    no_overlap = sel["overlap"].isna()
-    dropped["no overlap (fact not attributed, or both sets empty)"] = int(no_overlap.sum())
-    sel = sel[~no_overlap]
     sel = sel.merge(controls, on=["fact_id", "edit_lang", "test_lang"], how="left")
     sel["known_before"] = sel["known_before"].astype(float)
     sel["pair"] = sel["edit_lang"] + "->" + sel["test_lang"]
     cols = ["fact_id", "edit_lang", "test_lang", "pair", "success", "gain", "overlap", *CONTROLS]
-    return FactTable(sel[cols].reset_index(drop=True), {k: v for k, v in dropped.items() if v})
+    names: list[str] = []
+    if extra is not None:
+        keys = ["fact_id", "edit_lang", "test_lang"]
+        names = [c for c in extra.columns if c not in keys]
+        clash = set(names) & set(sel.columns)
+        if clash:
+            raise DataError(f"extra predictors {sorted(clash)} clash with the fact table's columns")
+        if extra.duplicated(keys).any():
+            raise DataError("extra predictors: more than one row per fact and ordered pair")
+        sel = sel.merge(extra, on=keys, how="left")
+    base = sel[cols + names].reset_index(drop=True)
+    no_overlap = sel["overlap"].isna()
+    dropped["no overlap (fact not attributed, or both sets empty)"] = int(no_overlap.sum())
+    sel = sel[~no_overlap]
+    return FactTable(
+        sel[cols].reset_index(drop=True), {k: v for k, v in dropped.items() if v}, base
+    )
+
+
+# -- predictors from the lens and from patching (issue 21 part 4) ----------------------------
+
+#: The predictors read from a cross-lingual patching run (:mod:`analysis.patching`) and a lens
+#: run before and after edits (:mod:`analysis.lens`), per (fact, edit language A, test language
+#: B), in report order.  Each is the source module's own definition; a pair-level matrix is the
+#: mean over the run's rows of (A, B).  The layer of the follow rates is the patching run's best
+#: layer of the position (:func:`analysis.patching.best_layer`: the highest mean off-diagonal
+#: follow rate of the unedited model's counterfactual patches), chosen before, and without,
+#: any transfer outcome.
+INTERVENTION_PREDICTORS: dict[str, str] = {
+    "patch_follow_subject": (
+        "patching, unedited model: B's run on the fact follows another fact's state from A "
+        "patched in at the subject's last token, at that position's best layer"
+    ),
+    "patch_follow_last": (
+        "patching, unedited model: the same, patched in at the last position, at its best layer"
+    ),
+    "patch_carried": (
+        "patching, the edit made in A: its edited subject state, patched into B's unedited run "
+        "at some layer, makes the new answer B's top token (analysis.failures."
+        "carried_at_subject; edits that succeed in A)"
+    ),
+    "lens_new_at_subject": (
+        "lens after the edit in A: the new answer (any form) decodable at B's subject position "
+        "at some layer (the failure rules' 'enriched'; facts known in B)"
+    ),
+    "lens_new_at_last_latent": (
+        "lens after the edit in A: the new answer (any form) decodable at B's last position in "
+        "the latent layers (the failure rules' 'extracted'; facts known in B)"
+    ),
+}
+
+#: The predictors of each run kind (the names of :data:`INTERVENTION_PREDICTORS`).
+INTERVENTION_PREDICTORS_PATCHING: tuple[str, ...] = (
+    "patch_follow_subject",
+    "patch_follow_last",
+    "patch_carried",
+)
+INTERVENTION_PREDICTORS_LENS: tuple[str, ...] = ("lens_new_at_subject", "lens_new_at_last_latent")
+
+
+_KEYS = ["fact_id", "edit_lang", "test_lang"]
+
+
+def patching_measures(
+    counterfactual: Iterable[tuple[str, str, Any]],
+    edits: Iterable[tuple[str, int, Any]],
+    best_layers: Mapping[str, int | None],
+) -> pd.DataFrame:
+    """The patching predictors (:data:`INTERVENTION_PREDICTORS`) per (fact, A, B).
+
+    Args:
+        counterfactual: ``(A, B, patch)`` per saved
+            :class:`~analysis.patching.CounterfactualPatch`; the row's fact is the patch's
+            target fact (the fact B's prompt asks about).
+        edits: ``(A, fact, patch)`` per saved :class:`~analysis.patching.EditPatch`.
+        best_layers: per position (:data:`analysis.patching.POSITIONS`), the run's best layer
+            of the counterfactual follow rate (``None``: no pair, the column stays NaN).
+
+    Returns:
+        ``fact_id``, ``edit_lang``, ``test_lang``, ``patch_follow_subject``,
+        ``patch_follow_last``, ``patch_carried`` (1.0 / 0.0; NaN where the run does not say).
+    """
+    from analysis.failures import carried_at_subject
+    from analysis.patching import POSITIONS as PATCH_POSITIONS
+
+    columns = {"subject_last": "patch_follow_subject", "last": "patch_follow_last"}
+    recs: dict[tuple[int, str, str], dict[str, Any]] = {}
+
+    def row(fact: int, a: str, b: str) -> dict[str, Any]:
+        return recs.setdefault(
+            (int(fact), a, b),
+            {
+                "fact_id": int(fact),
+                "edit_lang": a,
+                "test_lang": b,
+                **dict.fromkeys(INTERVENTION_PREDICTORS_PATCHING, math.nan),
+            },
+        )
+
+    for a, b, patch in counterfactual:
+        follows = patch.follows()
+        r = row(patch.facts[1], a, b)
+        for i, pos in enumerate(PATCH_POSITIONS):
+            layer = best_layers.get(pos)
+            if layer is not None:
+                r[columns[pos]] = float(follows[i, int(layer)])
+    for a, fact, patch in edits:
+        for b in patch.target_langs:
+            carried = carried_at_subject(patch, b)
+            if carried is not None:
+                row(fact, a, b)["patch_carried"] = float(carried)
+    frame = pd.DataFrame.from_records(
+        list(recs.values()), columns=[*_KEYS, *INTERVENTION_PREDICTORS_PATCHING]
+    )
+    return frame.astype({"fact_id": "int64"})
+
+
+def lens_measures(lenses: Iterable[Any], top_k: int) -> pd.DataFrame:
+    """The lens predictors (:data:`INTERVENTION_PREDICTORS`) per (fact, A, B), from the
+    :class:`~analysis.lens.EditLens` of each edit (``top_k``: the lens run's threshold), by
+    :func:`analysis.failures.new_answer_decodable`; only where the failure rules apply (B read,
+    the fact known in B before the edit, new and old answers not sharing a first token).
+
+    Returns:
+        ``fact_id``, ``edit_lang``, ``test_lang``, ``lens_new_at_subject``,
+        ``lens_new_at_last_latent`` (1.0 / 0.0).
+    """
+    from analysis.failures import new_answer_decodable
+
+    recs = []
+    for lens in lenses:
+        for t, b in enumerate(lens.test_langs):
+            if not lens.known_before[t]:
+                continue
+            decodable = new_answer_decodable(lens, b, top_k)
+            if decodable is None:
+                continue
+            recs.append(
+                {
+                    "fact_id": int(lens.fact_id),
+                    "edit_lang": lens.edit_lang,
+                    "test_lang": b,
+                    "lens_new_at_subject": float(decodable[0]),
+                    "lens_new_at_last_latent": float(decodable[1]),
+                }
+            )
+    frame = pd.DataFrame.from_records(recs, columns=[*_KEYS, *INTERVENTION_PREDICTORS_LENS])
+    return frame.astype({"fact_id": "int64"})
+
+
+def join_measures(*tables: pd.DataFrame) -> pd.DataFrame:
+    """Measure tables (:func:`patching_measures`, :func:`lens_measures`) joined by (fact, A,
+    B); a row one table lacks is NaN in its columns."""
+    out: pd.DataFrame | None = None
+    for table in tables:
+        if table is None:
+            continue
+        out = table if out is None else out.merge(table, on=_KEYS, how="outer")
+    if out is None:
+        return pd.DataFrame(columns=_KEYS)
+    return out.sort_values(_KEYS).reset_index(drop=True)
+
+
+def measure_matrices(table: pd.DataFrame, langs: Sequence[str]) -> dict[str, pd.DataFrame]:
+    """Per measure column of ``table`` (:func:`join_measures`), the languages x languages
+    matrix of its mean over the rows that have it (rows: A, columns: B; NaN: no row);
+    a measure no row has is left out."""
+    out = {}
+    for name in [c for c in table.columns if c not in _KEYS]:
+        have = table[table[name].notna()]
+        if have.empty:
+            continue
+        m = have.pivot_table(index="edit_lang", columns="test_lang", values=name, aggfunc="mean")
+        out[name] = m.reindex(index=list(langs), columns=list(langs)).astype(float)
+    return out
 
 
 # -- fact level: the models -------------------------------------------------------------------
@@ -375,13 +565,20 @@ class Design:
     scales: np.ndarray
 
 
-def design(rows: pd.DataFrame, *, with_overlap: bool = True, pairs: Sequence[str] = ()) -> Design:
-    """Standardised continuous predictors (overlap, controls that vary) and indicators of the
+def design(
+    rows: pd.DataFrame,
+    *,
+    with_overlap: bool = True,
+    pairs: Sequence[str] = (),
+    predictor: str = "overlap",
+) -> Design:
+    """Standardised continuous predictors (the predictor of interest, ``overlap`` unless
+    ``predictor`` names another column, and the controls that vary) and indicators of the
     ordered pairs but the first (``pairs`` gives their order; the rows' own otherwise).
     Constant columns are left out (they carry no information and break the fit)."""
     names: list[str] = []
     cols: list[np.ndarray] = []
-    for name in (("overlap",) if with_overlap else ()) + CONTROLS:
+    for name in ((predictor,) if with_overlap else ()) + CONTROLS:
         v = rows[name].to_numpy(dtype=float)
         if np.isnan(v).all() or np.nanmax(v) == np.nanmin(v):  # std of a constant is ~1e-17
             continue
@@ -503,33 +700,40 @@ def _permutation_p(
     n_perm: int,
     rng: np.random.Generator,
     pairs: Sequence[str],
+    predictor: str = "overlap",
 ) -> float:
-    """Two-sided p-value of the overlap coefficient: overlap permuted within each ordered
-    pair (so the pair effects stay), model refitted."""
+    """Two-sided p-value of the predictor's coefficient: the predictor permuted within each
+    ordered pair (so the pair effects stay), model refitted."""
     if n_perm == 0 or not math.isfinite(observed):
         return math.nan
     index = [np.flatnonzero(rows["pair"].to_numpy() == p) for p in pairs]
-    overlap = rows["overlap"].to_numpy(dtype=float)
+    overlap = rows[predictor].to_numpy(dtype=float)
     count = 1
     for _ in range(n_perm):
         shuffled = overlap.copy()
         for idx in index:
             shuffled[idx] = overlap[rng.permutation(idx)]
-        perm_rows = rows.assign(overlap=shuffled)
-        d = design(perm_rows, pairs=pairs)
+        perm_rows = rows.assign(**{predictor: shuffled})
+        d = design(perm_rows, pairs=pairs, predictor=predictor)
+        if predictor not in d.names:  # a within-pair shuffle cannot make it constant
+            continue
         coef = fit(d.x, y)
-        count += int(abs(coef[1 + d.names.index("overlap")]) >= abs(observed) - 1e-12)
+        count += int(abs(coef[1 + d.names.index(predictor)]) >= abs(observed) - 1e-12)
     return count / (n_perm + 1)
 
 
-def fact_level(rows: pd.DataFrame, config: RelateConfig) -> dict[str, ModelFit]:
+def fact_level(
+    rows: pd.DataFrame, config: RelateConfig, predictor: str = "overlap"
+) -> dict[str, ModelFit]:
     """Fit the logistic model of transfer success and the linear model of the probability
-    gain on the fact table (module docstring).
+    gain on the fact table (module docstring), on ``predictor`` (the overlap, or another
+    column of the rows, e.g. one of :data:`INTERVENTION_PREDICTORS`) with the controls.
 
     Returns:
-        ``{"logistic": ModelFit, "linear": ModelFit}``.  A model that cannot be estimated
-        (no rows, no variation in the outcome, or no variation in the overlap) comes back with
-        an empty ``terms`` table and a ``note`` saying why.
+        ``{"logistic": ModelFit, "linear": ModelFit}`` (the predictor's coefficient is the
+        term named ``predictor``).  A model that cannot be estimated (no rows, no variation in
+        the outcome, or no variation in the predictor) comes back with an empty ``terms``
+        table and a ``note`` saying why.
     """
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import GroupKFold
@@ -551,10 +755,10 @@ def fact_level(rows: pd.DataFrame, config: RelateConfig) -> dict[str, ModelFit]:
             note = f"only {len(rows)} rows"
         elif kind == "logistic" and (events < 5 or len(rows) - events < 5):
             note = f"{events} successes of {len(rows)} rows: too few events to estimate"
-        elif np.nanmax(rows["overlap"].to_numpy(dtype=float)) == np.nanmin(
-            rows["overlap"].to_numpy(dtype=float)
+        elif np.nanmax(rows[predictor].to_numpy(dtype=float)) == np.nanmin(
+            rows[predictor].to_numpy(dtype=float)
         ):
-            note = "the overlap does not vary"
+            note = f"the {predictor} does not vary"
         if note:
             out[kind] = ModelFit(kind, empty.copy(), len(rows), n_facts, events, note=note)
             continue
@@ -566,7 +770,7 @@ def fact_level(rows: pd.DataFrame, config: RelateConfig) -> dict[str, ModelFit]:
                 return _fit_logit(x, yy, config.C)
             return _fit_ols(x, yy)
 
-        d = design(rows, pairs=pairs)
+        d = design(rows, pairs=pairs, predictor=predictor)
         estimate = fit(d.x, y)
         boots = []
         clusters = _Clusters(d.groups)
@@ -574,15 +778,15 @@ def fact_level(rows: pd.DataFrame, config: RelateConfig) -> dict[str, ModelFit]:
             idx = clusters.sample(rng)
             boots.append(fit(d.x[idx], y[idx]))
         terms = _terms(d.names, estimate, np.asarray(boots), config.level)
-        observed = float(estimate[1 + d.names.index("overlap")])
-        p = _permutation_p(rows, fit, y, observed, config.n_perm, rng, pairs)
-        terms["p"] = [p if t == "overlap" else math.nan for t in terms["term"]]
+        observed = float(estimate[1 + d.names.index(predictor)])
+        p = _permutation_p(rows, fit, y, observed, config.n_perm, rng, pairs, predictor)
+        terms["p"] = [p if t == predictor else math.nan for t in terms["term"]]
         mf = ModelFit(kind, terms, len(rows), n_facts, events)
         if kind == "logistic":
             folds = min(config.folds, n_facts)
             full = np.full(len(rows), math.nan)
             ctrl = np.full(len(rows), math.nan)
-            dc = design(rows, with_overlap=False, pairs=pairs)
+            dc = design(rows, with_overlap=False, pairs=pairs, predictor=predictor)
             for train, test in GroupKFold(n_splits=folds).split(d.x, y, d.groups):
                 if len(np.unique(y[train])) < 2:
                     continue

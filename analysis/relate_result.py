@@ -65,9 +65,9 @@ class RelateResult:
         inputs: the run folders used, by role.
         method: the transfer run's editing method (with its unit restriction).
         unit: the neuron overlap used at fact level (``<method>_<unit>``).
-        predictors: name -> 5x5 matrix (pair level).
-        outcomes: name -> 5x5 matrix: ``transfer`` (the outcome rate, facts known in B) and
-            ``gain`` (mean log-probability gain of the new answer in B).
+        predictors: name -> languages x languages matrix (pair level).
+        outcomes: name -> languages x languages matrix: ``transfer`` (the outcome rate,
+            facts known in B) and ``gain`` (mean log-probability gain of the new answer in B).
         pair_level: the Mantel table (records).
         fits: ``logistic`` and ``linear`` fact-level models.
         n_rows, n_facts: fact-level sample.
@@ -75,6 +75,12 @@ class RelateResult:
         by_pair: per ordered pair: rows, mean overlap, transfer rate, mean gain.
         interventions: per restricted run: label and per-metric paired differences.
         notes: warnings (e.g. no tokenizer for the token controls).
+        predictor_fits: per predictor read from the lens and patching runs
+            (:data:`analysis.relate.INTERVENTION_PREDICTORS` that a run measured), its
+            ``logistic`` and ``linear`` fact-level models, fitted as the overlap's are on the
+            rows that have it.
+        missing: per such predictor, the fact-level rows (of those before the overlap's drop)
+            its run does not measure: counted, not fitted.
     """
 
     config: dict[str, Any]
@@ -92,6 +98,8 @@ class RelateResult:
     by_pair: pd.DataFrame
     interventions: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    predictor_fits: dict[str, dict[str, ModelFit]] = field(default_factory=dict)
+    missing: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -110,6 +118,11 @@ class RelateResult:
             "by_pair": _records(self.by_pair),
             "interventions": self.interventions,
             "notes": self.notes,
+            "predictor_fits": {
+                name: {k: v.to_dict() for k, v in fits.items()}
+                for name, fits in self.predictor_fits.items()
+            },
+            "missing": self.missing,
         }
 
     @classmethod
@@ -130,6 +143,11 @@ class RelateResult:
             by_pair=pd.DataFrame.from_records(data["by_pair"]),
             interventions=list(data.get("interventions", [])),
             notes=list(data.get("notes", [])),
+            predictor_fits={
+                name: {k: ModelFit.from_dict(v) for k, v in fits.items()}
+                for name, fits in (data.get("predictor_fits") or {}).items()
+            },
+            missing={k: int(v) for k, v in (data.get("missing") or {}).items()},
         )
 
     @classmethod

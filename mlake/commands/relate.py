@@ -4,15 +4,28 @@ whether an edit made in one reaches the other?
 RUN_DIR is a transfer run folder (``mlake edit transfer`` prints it).  The other runs it
 needs are looked up in the same results root by model (the newest complete one covering the
 facts) unless given: ``--neurons`` (required: ``mlake neurons``), ``--knowledge`` (recorded by
-the transfer run), ``--tracing`` and ``--probes`` (optional pair-level views).
+the transfer run), ``--tracing`` and ``--probes`` (optional pair-level views), ``--lens-run``
+(``mlake lens --method M --edits N`` with the transfer run's method) and ``--patching-run``
+(``mlake patch``; its edits, if any, with the transfer run's method).
 
 Prints:
 
-* pair level: each 5x5 predictor matrix (same-fact neuron overlap per attribution method,
-  tracing-profile similarity, probe transfer, representation similarity) against the 5x5
-  edit-transfer matrix and the mean log-probability gain matrix: Spearman rho over the
-  off-diagonal cells with an exact Mantel permutation p-value (5! = 120 label permutations,
-  so p >= 1/120);
+* pair level: each languages x languages predictor matrix (same-fact neuron overlap per
+  attribution method, tracing-profile similarity, probe transfer, representation similarity)
+  against the edit-transfer matrix and the mean log-probability gain matrix: Spearman rho over
+  the off-diagonal cells with a Mantel permutation p-value, exact when every label
+  permutation is enumerated (five languages: 5! = 120, so p >= 1/120);
+* lens and patching predictors (with ``--lens-run`` / ``--patching-run``, or found): per
+  pair and per fact, ``patch_follow_subject`` and ``patch_follow_last`` (B's run on the fact
+  follows another fact's state from A, patched at the subject's last token or the last
+  position, at the patching run's best layer of that position: the highest mean off-diagonal
+  follow rate, chosen without the transfer outcome), ``patch_carried`` (the edit's subject
+  state from A, patched into B's unedited run at some layer, makes the new answer B's top
+  token), ``lens_new_at_subject`` and ``lens_new_at_last_latent`` (after the edit in A, the
+  new answer in any form is decodable at B's subject position at some layer, or at B's last
+  position in the latent layers: the failure rules' measures).  Each enters the pair-level
+  table as a matrix and gets its own fact-level models on the rows its run measures (the
+  others are counted as missing);
 * fact level: transfer success (logistic) and the gain (linear) on the fact's overlap with
   controls (same subject / answer string, subject / answer token Jaccard, known before, the
   language pair): coefficients per standard deviation with cluster-bootstrap intervals over
@@ -60,6 +73,19 @@ def register(subparsers: Any) -> None:
     group.add_argument("--knowledge", default=None, metavar="RUN_DIR", help="knowledge run")
     group.add_argument("--tracing", default=None, metavar="RUN_DIR", help="tracing run")
     group.add_argument("--probes", default=None, metavar="RUN_DIR", help="probe run")
+    group.add_argument(
+        "--lens-run",
+        default=None,
+        metavar="RUN_DIR",
+        help="lens run before and after edits (mlake lens --method M --edits N; the transfer "
+        "run's method): the lens predictors",
+    )
+    group.add_argument(
+        "--patching-run",
+        default=None,
+        metavar="RUN_DIR",
+        help="patching run (mlake patch): the follow and edit-carried predictors",
+    )
     group.add_argument(
         "--restricted",
         action="append",
@@ -118,6 +144,8 @@ def run_relate(args: argparse.Namespace) -> int:
         unit=args.unit or RelateSettings().unit,
         results_dir=args.results_dir,
         log=log,
+        lens_dir=args.lens_run,
+        patching_dir=args.patching_run,
     )
     if args.json:
         report = _json_safe({**result.to_dict(), "run": str(run.path)})
@@ -145,6 +173,17 @@ def _f(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def _coef(fit: Any, name: str) -> str:
+    """``estimate [low, high] p=..`` of ``name`` in ``fit``, or why it was not estimated."""
+    if fit.note:
+        return "not estimated"
+    try:
+        rec = fit.term(name)
+    except KeyError:
+        return "-"
+    return f"{_f(rec['estimate'], 2)} [{_f(rec['ci_low'], 2)}, {_f(rec['ci_high'], 2)}] p={_f(rec.get('p'), 3)}"
+
+
 def format_result(result: Any, path: str) -> str:
     """The printed report of :func:`run_relate`."""
     lines = [
@@ -155,7 +194,17 @@ def format_result(result: Any, path: str) -> str:
         lines.append(f"note: {note}")
     if result.dropped:
         lines.append("rows left out: " + ", ".join(f"{k}: {v}" for k, v in result.dropped.items()))
-    lines += ["", "pair level (off-diagonal cells; Spearman rho, exact Mantel p, one-sided)"]
+    for role in ("lens_edits", "patching"):
+        if result.inputs.get(role):
+            read = result.inputs.get(f"{role}_read") or {}
+            lines.append(
+                f"{role} run: {result.inputs[role]}"
+                + (f" ({', '.join(f'{k} {v}' for k, v in read.items())})" if read else "")
+            )
+    lines += [
+        "",
+        "pair level (off-diagonal cells; Spearman rho, Mantel p one-sided, exact to 7 languages)",
+    ]
     lines.append(f"  {'predictor':<34}{'outcome':<10}{'rho':>7}{'p':>8}{'cells':>7}")
     for rec in result.pair_level.to_dict(orient="records"):
         lines.append(
@@ -201,6 +250,25 @@ def format_result(result: Any, path: str) -> str:
                 f"{_f(fit.auc_controls)} controls only; gain {_f(fit.auc_gain)} "
                 f"[{_f(fit.auc_gain_ci[0])}, {_f(fit.auc_gain_ci[1])}]"
             )
+    if result.predictor_fits:
+        lines += [
+            "",
+            "fact level, lens and patching predictors beside the overlap (each its own models, "
+            "same controls; per SD; p: within-pair permutation)",
+            f"  {'predictor':<26}{'rows':>6}{'facts':>6}{'missing':>8}  "
+            f"{'logistic':<30}{'linear':<30}AUC gain",
+        ]
+        every = {"overlap": result.fits, **result.predictor_fits}
+        for name, fits in every.items():
+            lines.append(
+                f"  {name:<26}{fits['logistic'].n_rows:>6}{fits['logistic'].n_facts:>6}"
+                f"{result.missing.get(name, 0):>8}  {_coef(fits['logistic'], name):<30}"
+                f"{_coef(fits['linear'], name):<30}{_f(fits['logistic'].auc_gain)}"
+            )
+        for name, fits in every.items():
+            for kind, fit in fits.items():
+                if fit.note:
+                    lines.append(f"  {name}, {kind}: not estimated: {fit.note}")
     for item in result.interventions:
         lines += [
             "",

@@ -11,7 +11,12 @@ Inputs are run folders of the results store (:mod:`mlake_core.results.store`):
 * optionally a **probes** run (``mlake probe``): 5x5 probe transfer and representation
   similarity;
 * optionally **restricted** transfer runs (FT restricted to shared / random neurons): each is
-  compared with the main transfer run on the same facts.
+  compared with the main transfer run on the same facts;
+* optionally a **lens-edit** run (``mlake lens --method M --edits N``, the transfer run's
+  method) and a **patching** run (``mlake patch``): the predictors
+  :data:`analysis.relate.INTERVENTION_PREDICTORS` (B follows A at the best layer, edit
+  carried, the new answer decodable at B's subject / last position after the edit), per fact
+  and per pair, beside the neuron overlap with the same statistics.
 
 Runs not given are looked up in the transfer run's results root by model identity (the
 newest complete one that covers the facts); what was used is recorded in the result.  The
@@ -33,12 +38,17 @@ import pandas as pd
 
 from analysis.relate import (
     CONTROLS,
+    INTERVENTION_PREDICTORS,
     Difference,
     RelateConfig,
     fact_level,
     fact_table,
+    join_measures,
+    lens_measures,
+    measure_matrices,
     pair_level,
     paired_difference,
+    patching_measures,
     string_controls,
 )
 from analysis.relate_result import RelateResult, load_relate_result
@@ -80,6 +90,11 @@ def _kind_of(folder: Path) -> str:
 
 
 def _check_kind(folder: Path, kind: str, option: str) -> Path:
+    if not (folder / "meta.json").is_file():
+        raise DataError(
+            f"{option} {folder}: not a run folder of the results store (no meta.json); "
+            f"expected a {kind} run"
+        )
     found = _kind_of(folder)
     if found != kind:
         raise DataError(f"{option} {folder}: a {found or 'unknown'} run, expected a {kind} run")
@@ -87,11 +102,16 @@ def _check_kind(folder: Path, kind: str, option: str) -> Path:
 
 
 def find_run(
-    root: Path, kind: str, model: Mapping[str, Any], *, covers: Sequence[int] = ()
+    root: Path,
+    kind: str,
+    model: Mapping[str, Any],
+    *,
+    covers: Sequence[int] = (),
+    accept: Callable[[Mapping[str, Any]], bool] | None = None,
 ) -> Path | None:
     """The complete run of ``kind`` under ``root`` made on the same model (same weights hash
-    and backend) whose facts include ``covers``: the one with the most facts, then the newest;
-    None if there is none."""
+    and backend) whose facts include ``covers`` (and whose key ``accept`` takes, when given):
+    the one with the most facts, then the newest; None if there is none."""
     folder = root / kind
     if not folder.is_dir():
         return None
@@ -108,6 +128,8 @@ def find_run(
         if km.get("weights") != model.get("weights") or km.get("backend") != model.get("backend"):
             continue
         if meta.get("status") != "complete":
+            continue
+        if accept is not None and not accept(key):
             continue
         facts = set(meta.get("fact_ids") or [])
         if covers and facts and not set(covers) <= facts:
@@ -167,6 +189,86 @@ def probe_matrices(folder: Path) -> dict[str, pd.DataFrame]:
         return dict(probe_stage.pair_matrices(result))
     except KeyError as err:  # no cross-lingual accuracy to choose a layer by (too few facts)
         raise DataError(f"{folder}: {err.args[0] if err.args else err}") from None
+
+
+def _run_method(folder: Path) -> tuple[str, int]:
+    """The editing method and edits per language of a lens-edit or patching run's key."""
+    config = _read_json(folder / "key.json").get("config") or {}
+    return str(config.get("method", "none")), int(config.get("edits", 0) or 0)
+
+
+def _split_name(stem: str, prefix: str, langs: Sequence[str], parts: int) -> list[str] | None:
+    """``<prefix><lang>_[<lang>_]<fact>`` split into its languages and fact (languages may
+    hold underscores: they are matched against ``langs``)."""
+    rest = stem.removeprefix(prefix)
+    out: list[str] = []
+    for _ in range(parts):
+        hit = next((lang for lang in langs if rest.startswith(f"{lang}_")), None)
+        if hit is None:
+            return None
+        out.append(hit)
+        rest = rest[len(hit) + 1 :]
+    return [*out, rest] if rest.isdigit() else None
+
+
+def patching_table(folder: Path, method: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The patching predictors per (fact, A, B) of a patching run
+    (:func:`analysis.relate.patching_measures`), read from its saved patches; the edit patches
+    only when the run's edits are ``method``'s.  Also what was read (best layers, counts).
+
+    Raises:
+        DataError: not a complete patching run (naming the folder).
+    """
+    from analysis.patching import POSITIONS as PATCH_POSITIONS
+    from analysis.patching import CounterfactualPatch, EditPatch, PatchingResult
+
+    result = PatchingResult.load(folder)
+    langs = list(result.langs)
+    best = {
+        pos: (result.counterfactual.get(pos) or {}).get("best_layer") for pos in PATCH_POSITIONS
+    }
+    cf = []
+    for path in sorted((folder / "arrays").glob("cf_*.npz")):
+        parts = _split_name(path.stem, "cf_", langs, 2)
+        if parts is not None:
+            cf.append((parts[0], parts[1], CounterfactualPatch.load(path)))
+    edits = []
+    run_method, n_edits = _run_method(folder)
+    if run_method == method and n_edits > 0:
+        for path in sorted((folder / "arrays").glob("edit_*.npz")):
+            parts = _split_name(path.stem, "edit_", langs, 1)
+            if parts is not None:
+                edits.append((parts[0], int(parts[1]), EditPatch.load(path)))
+    info = {
+        "best_layer": best,
+        "counterfactual_patches": len(cf),
+        "edit_patches": len(edits),
+        "method": run_method,
+    }
+    return patching_measures(cf, edits, best), info
+
+
+def lens_table(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The lens predictors per (fact, A, B) of a lens-edit run
+    (:func:`analysis.relate.lens_measures`), read from its saved edit lenses, and what was
+    read.
+
+    Raises:
+        DataError: not a complete lens-edit run (naming the folder).
+    """
+    from analysis.failures import latent_layers
+    from analysis.lens import EditLensResult
+
+    result = EditLensResult.load(folder)
+    lenses = [lens for a in result.langs for lens in result.lenses(a)]
+    info = {
+        "method": result.method,
+        "top_k": result.top_k,
+        "lens": result.lens,
+        "edits": len(lenses),
+        "latent_layers": list(latent_layers(result.n_layers)),
+    }
+    return lens_measures(lenses, result.top_k), info
 
 
 # -- the stage --------------------------------------------------------------------------------
@@ -244,13 +346,17 @@ def relate_stage(
     unit: str = "ig_neuron",
     results_dir: str | os.PathLike[str] | None = None,
     log: Callable[[str], None] | None = None,
+    lens_dir: str | os.PathLike[str] | None = None,
+    patching_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[RelateResult, Run]:
-    """Relate the neuron overlap (and the other pair-level views) to the transfer of one
-    transfer run (module docstring).  The result is cached keyed by the input runs (their
-    keys and contents) and ``config``.
+    """Relate the neuron overlap (and the other pair-level views, and the lens and patching
+    predictors) to the transfer of one transfer run (module docstring).  The result is cached
+    keyed by the input runs (their keys and contents) and ``config``.
 
     Raises:
-        DataError: a missing or wrong-kind run, or a neuron run without the ``unit`` table.
+        DataError: a missing or wrong-kind run, a neuron run without the ``unit`` table, or a
+            lens-edit or patching run of another editing method than the transfer run's
+            (naming the option).
     """
     main = load_transfer(transfer_dir)
     root = main.path.parent.parent
@@ -261,10 +367,35 @@ def relate_stage(
         raise DataError(f"{main.path}: the run records no languages")
     notes: list[str] = []
 
+    def same_method(key: Mapping[str, Any]) -> bool:
+        config = key.get("config") or {}
+        return str(config.get("method")) == main.method and int(config.get("edits") or 0) > 0
+
+    accepts = {"lens_edits": same_method, "patching": same_method}
+
     def pick(given: Any, kind: str, option: str, required: bool) -> Path | None:
         if given:
-            return _check_kind(Path(given), kind, option)
-        found = find_run(root, kind, model, covers=fact_ids if kind != "tracing" else ())
+            folder = _check_kind(Path(given), kind, option)
+            if kind in accepts:
+                method, n_edits = _run_method(folder)
+                if kind == "lens_edits" and method != main.method:
+                    raise DataError(
+                        f"{option} {folder}: a lens run of {method} edits; the transfer run "
+                        f"{main.path} edits with {main.method}"
+                    )
+                if kind == "patching" and n_edits > 0 and method != main.method:
+                    raise DataError(
+                        f"{option} {folder}: a patching run of {method} edits; the transfer "
+                        f"run {main.path} edits with {main.method}"
+                    )
+            return folder
+        found = find_run(
+            root,
+            kind,
+            model,
+            covers=fact_ids if kind != "tracing" else (),
+            accept=accepts.get(kind),
+        )
         if found is None and required:
             raise DataError(
                 f"no complete {kind} run for this model under {root}; run `mlake {kind}` on "
@@ -286,6 +417,8 @@ def relate_stage(
     probes = pick(probes_dir, "probes", "--probes", False) if probes_dir else None
     if probes is None and not probes_dir:
         probes = find_run(root, "probes", model)
+    lens_run = pick(lens_dir, "lens_edits", "--lens-run", False)
+    patching_run = pick(patching_dir, "patching", "--patching-run", False)
     others = [load_transfer(p) for p in restricted]
     assert knowledge is not None and neurons is not None
     overlap_table = neurons / "tables" / f"overlap_{unit}.parquet"
@@ -307,13 +440,15 @@ def relate_stage(
             [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
         )
 
-    inputs = {
+    inputs: dict[str, Any] = {
         "transfer": str(main.path),
         "knowledge": str(knowledge),
         "neurons": str(neurons),
         "tracing": str(tracing) if tracing else None,
         "probes": str(probes) if probes else None,
         "restricted": [str(o.path) for o in others],
+        "lens_edits": str(lens_run) if lens_run else None,
+        "patching": str(patching_run) if patching_run else None,
     }
     key = {
         "inputs": inputs,
@@ -349,8 +484,30 @@ def relate_stage(
     if note:
         notes.append(note)
     controls = string_controls(texts, tokenize)
-    table = fact_table(main.rows, before, overlap, controls, config)
+    measures = []
+    if patching_run:
+        ptable, pinfo = patching_table(patching_run, main.method)
+        inputs["patching_read"] = pinfo
+        if not pinfo["edit_patches"]:
+            notes.append(
+                f"the patching run {patching_run} has no {main.method} edit patches: "
+                "patch_carried left out"
+            )
+        measures.append(ptable)
+    if lens_run:
+        ltable, linfo = lens_table(lens_run)
+        inputs["lens_edits_read"] = linfo
+        measures.append(ltable)
+    extra = join_measures(*measures) if measures else None
+    table = fact_table(main.rows, before, overlap, controls, config, extra)
     fits = fact_level(table.rows, config)
+    predictor_fits: dict[str, Any] = {}
+    missing: dict[str, int] = {}
+    for name in INTERVENTION_PREDICTORS:
+        if extra is None or name not in extra.columns or extra[name].notna().sum() == 0:
+            continue
+        rows, missing[name] = table.with_predictor(name)
+        predictor_fits[name] = fact_level(rows, config, predictor=name)
 
     predictors = neuron_matrices(neurons, langs)
     if tracing:
@@ -360,6 +517,8 @@ def relate_stage(
             predictors.update(probe_matrices(probes))
         except DataError as err:
             notes.append(f"probes left out: {err}")
+    if extra is not None:
+        predictors.update(measure_matrices(extra, langs))
     sel = main.rows[
         (main.rows["kind"] == "transfer")
         & (main.rows["form"] == config.form)
@@ -423,6 +582,8 @@ def relate_stage(
         by_pair=by_pair,
         interventions=interventions,
         notes=notes,
+        predictor_fits=predictor_fits,
+        missing=missing,
     )
     run.save_table("facts", table.rows)
     run.save_json("summary", result.to_dict())

@@ -320,7 +320,7 @@ def _overlap_records(rng: np.random.Generator) -> tuple[pd.DataFrame, dict]:
             pair = frozenset({a, b})
             if (f, pair) == NO_OVERLAP_ROW:
                 continue
-            centre = OVERLAP_CENTRE.get((a, b), OVERLAP_CENTRE.get((b, a)))
+            centre = OVERLAP_CENTRE.get((a, b)) or OVERLAP_CENTRE[(b, a)]
             jac = float(np.clip(centre + rng.uniform(-0.3, 0.3), 0.0, 1.0))
             if (f, pair) == NAN_OVERLAP:
                 jac = math.nan
@@ -584,6 +584,8 @@ def test_inputs_are_the_matching_runs(world, related) -> None:
         "tracing": str(world.tracing),
         "probes": None,
         "restricted": [str(world.restricted)],
+        "lens_edits": None,  # none in the world: looked up, not found, left out
+        "patching": None,
     }
     assert run.path.parent == world.root / "relate" and run.complete
     assert f"relate: knowledge run {world.knowledge}" in logged
@@ -591,8 +593,12 @@ def test_inputs_are_the_matching_runs(world, related) -> None:
     assert result.method == "ft" and result.unit == "ig_neuron" and result.langs == LANGS
     assert result.config == CONFIG.to_dict()
     # The model path does not exist: no tokenizer, so no token controls.
-    assert len(result.notes) == 1
-    assert "not loadable" in result.notes[0] and "token controls left out" in result.notes[0]
+    # No lens-edit or patching run of this model: looked up, left out, said.
+    assert len(result.notes) == 3
+    assert result.notes[0].startswith("no lens_edits run found for this model")
+    assert result.notes[1].startswith("no patching run found for this model")
+    assert "not loadable" in result.notes[2] and "token controls left out" in result.notes[2]
+    assert result.predictor_fits == {} and result.missing == {}
 
 
 def test_dropped_rows_are_counted_by_reason(related) -> None:
@@ -912,10 +918,12 @@ def test_cli_prints_the_tables_and_json(world, monkeypatch, capsys) -> None:
     )
     run_path = header.rsplit("; ", 1)[1]
     assert Path(run_path).parent == world.root / "relate"
-    assert lines[1].startswith("note: tokenizer of ") and lines[1].endswith(
+    assert lines[1].startswith("note: no lens_edits run found for this model")
+    assert lines[2].startswith("note: no patching run found for this model")
+    assert lines[3].startswith("note: tokenizer of ") and lines[3].endswith(
         "token controls left out"
     )
-    assert lines[2] == "rows left out: " + ", ".join(
+    assert lines[4] == "rows left out: " + ", ".join(
         f"{k}: {v}" for k, v in EXPECTED_DROPPED.items()
     )
 
