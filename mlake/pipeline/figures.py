@@ -19,6 +19,8 @@ file (``figures/<name>``)       from
 ``lens_subject_last``          lens: the same at the subject's last token
 ``lens_edits_<lang>``          lens (with ``lens.method``): before and after the edits in
                                one edit language, a panel per test language
+``lens_failures``              lens (with ``lens.method``): where the edits' transfer fails,
+                               a matrix per outcome (``mlake lens --failures``)
 ``patching_matrices``          patching: 5x5 B-follows-A and edit-carried matrices at the
                                best layer, per patched position
 ``patching_layers``            patching: follow and edit-carried rates by layer
@@ -91,6 +93,17 @@ def _protocol_fig(rows: Any, langs: Sequence[str], label: str) -> Any:
     from figures import editing
 
     return editing.protocol_matrices(protocol_cells(rows, langs), langs, title=label)
+
+
+def _failure_figure(edits_dir: str) -> Any:
+    """The failure matrices of a lens-edit run (classified from its saved edit lenses, as the
+    report's 'Where transfer fails' table is)."""
+    from analysis.lens import EditLensResult
+    from figures.failures import failure_matrices
+    from mlake.stages.lens import edit_failures
+
+    result = edit_failures(EditLensResult.load(edits_dir))
+    return failure_matrices(result, result.methods[0])
 
 
 def figure_makers(
@@ -169,6 +182,8 @@ def figure_makers(
         for lang in eres.langs:  # one figure per edit language
             if eres.edits.get(lang):
                 makers.append((f"lens_edits_{lang}", partial(lens.edit_curves, eres, lang)))
+        if any(eres.edits.values()):
+            makers.append(("lens_failures", partial(_failure_figure, edits_dir)))
 
     # Cross-lingual patching.
     patch_dir = _runs(manifest, "patching").get("patching")

@@ -412,6 +412,10 @@ def _stage_relate(s: PipelineState) -> dict[str, str]:
             unit=s.config.relate.unit,
             results_dir=s.store,
             log=s.log,
+            # The lens and patching predictors, from this run's stages when they edited with
+            # this method (else looked up in the store, as tracing is).
+            lens_dir=s.runs.get("lens_edits") if s.config.lens.method == label else None,
+            patching_dir=s.runs.get("patching") if s.config.patching.method == label else None,
         )
         out[label] = str(run.path)
         s.item("relate", {"method": label})

@@ -517,3 +517,43 @@ def test_cli_prints_the_predictors_beside_the_overlap(world2, related2, capsys, 
     got = data["predictor_fits"]["lens_new_at_subject"]["logistic"]
     assert got["n_rows"] == fit.n_rows
     assert {r["predictor"] for r in data["pair_level"]} >= set(INTERVENTION_PREDICTORS)
+
+
+@pytest.mark.parametrize(("lens_method", "patch_method"), [("ft", "ft"), ("none", "rome")])
+def test_the_pipeline_passes_its_lens_and_patching_runs(monkeypatch, lens_method, patch_method):
+    """The pipeline's relate stage hands relate_stage the lens-edit and patching runs it made,
+    when they edited with the transfer run's method (else None: looked up, or left out)."""
+    from types import SimpleNamespace
+
+    import mlake.stages.relate as relate_module
+    from mlake.pipeline import steps
+
+    seen: dict[str, Any] = {}
+
+    def fake(transfer, dataset, config, **kw):
+        seen.update(kw, transfer=transfer)
+        return None, SimpleNamespace(path=Path("store/relate/x"))
+
+    monkeypatch.setattr(relate_module, "relate_stage", fake)
+    state = SimpleNamespace(
+        need=lambda *a: None,
+        runs={
+            "transfer:ft": "store/transfer/t",
+            "neurons": "store/neurons/n",
+            "lens_edits": "store/lens_edits/l",
+            "patching": "store/patching/p",
+        },
+        dataset=None,
+        config=SimpleNamespace(
+            relate=SimpleNamespace(stats=CONFIG, unit="ig_neuron"),
+            lens=SimpleNamespace(method=lens_method),
+            patching=SimpleNamespace(method=patch_method),
+        ),
+        store="store",
+        log=None,
+        item=lambda *a: None,
+    )
+    assert steps._stage_relate(state) == {"ft": "store/relate/x"}
+    assert seen["transfer"] == "store/transfer/t"
+    assert seen["lens_dir"] == ("store/lens_edits/l" if lens_method == "ft" else None)
+    assert seen["patching_dir"] == ("store/patching/p" if patch_method == "ft" else None)
