@@ -24,7 +24,13 @@ is the amount those functions charge per row: with a budget of ``B`` bytes they 
 ``floor(fraction * B / row)`` rows, so at a huge budget ``row = fraction * B / rows``.
 Integrated gradients' rows are planned as they run at its default ``positions="last"``: the
 last token, continuing the cached keys and values of the others (``grad_rows_per_pass``'s
-default ``past_tokens``).
+default ``past_tokens``).  Causal tracing's rows continue the corrupted run's keys and values
+of the tokens before the restored one, so what a row holds depends on where the subject is,
+which a plan does not know: the plan takes the worst case over every restored token of a
+prompt of ``n_tokens`` tokens (``rows_per_pass``'s default ``past_tokens=None``: the row
+charged most, its copy of the cached keys and values and the extended cache in every block
+counted, ``analysis.tracing.causal.tracing_row_bytes``); the tracer sizes each real pass from
+the rows it holds, within the same budget.  :class:`TensorPeak` measures what a pass holds.
 
 What the plan leaves out: CUDA's own context (about 0.5 GiB per device), the allocator's
 fragmentation, and the optimiser state of an edit (ROME's delta is one ``d_model`` vector).
@@ -395,6 +401,64 @@ def plan_model(
         free_bytes=free,
         stages=tuple(stages),
     )
+
+
+class TensorPeak:
+    """The peak bytes of tensor storage that work inside the block allocates and holds at
+    once, counted exactly (not sampled): every tensor an operator returns is recorded by its
+    storage (a ``TorchDispatchMode``) and forgotten when the storage is freed.  Storage that
+    existed before the block (weights, caches passed in) is not counted; a view counts once.
+    For checking a plan's memory against what a pass holds (tests, ``benchmarks``), on any
+    device, in the same process.
+
+    Attributes:
+        peak: the most bytes held at once since the block began.
+        live: bytes held now (allocated in the block and not yet freed).
+    """
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self.live = 0
+        self._sizes: dict[tuple[str, int], int] = {}
+        self._mode: Any = None
+
+    def _freed(self, key: tuple[str, int]) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def _record(self, out: Any) -> None:
+        import weakref
+
+        from torch.utils._pytree import tree_flatten
+
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.is_meta:
+                continue
+            storage = t.untyped_storage()
+            key = (str(t.device), storage.data_ptr())
+            if key[1] == 0 or key in self._sizes:
+                continue
+            self._sizes[key] = storage.nbytes()
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, key)
+
+    def __enter__(self) -> TensorPeak:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                out = func(*args, **(kwargs or {}))
+                counter._record(out)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
 
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
