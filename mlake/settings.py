@@ -91,27 +91,44 @@ class DataSettings:
     """Which data.
 
     Attributes:
-        langs: languages.
+        langs: languages (comma-separated codes), or all: every language of the data
+            folder (MLaKE's five, en,zh,ja,fr,de, in the published releases; a folder in
+            MLaKE's format may hold others, see :mod:`mlake_core.data.paths`).
         facts: the first N facts of the default selection (mlake-tiny's training facts, else
             all facts), ``trained`` (the training facts), ``all`` (every fact), or ``None``
             (the whole default selection); see :mod:`mlake_core.data.selection`.
         version: MLaKE release (v2024-11, or v2024-04 with the multiple-choice files).
-        data_dir: MLaKE data directory (default: ``$MLAKE_DATA``, then ``../shared/mlake``).
+        data_dir: MLaKE data directory (default: ``$MLAKE_DATA``, then ``../shared/mlake``);
+            for another dataset, the folder holding its files (required).
+        dataset: mlake, or another multilingual editing dataset: mzsre, bmike53-zsre,
+            bmike53-counterfact, bmike53-wfd (README, Other datasets); its name enters run
+            keys as the data version.
     """
 
-    langs: tuple[str, ...] = ("en", "zh", "ja", "fr", "de")
+    langs: tuple[str, ...] = ("all",)
     facts: int | str | None = None
     version: str = DEFAULT_VERSION
     data_dir: str | None = None
+    dataset: str = "mlake"
 
     def __post_init__(self) -> None:
-        from mlake_core.data.paths import get_release
+        from mlake_core.data.paths import folder_languages, get_release
         from mlake_core.data.selection import parse_facts
-        from mlake_core.languages import parse_langs
+        from mlake_core.data.sources import get_source
+        from mlake_core.languages import LANGUAGES, parse_codes, parse_langs
 
-        object.__setattr__(self, "langs", parse_langs(self.langs))
-        object.__setattr__(self, "facts", parse_facts(self.facts, option="facts"))
         get_release(self.version)  # an unknown version: one error listing the known ones
+        codes = parse_codes(self.langs)  # malformed codes fail before the data is looked for
+        source = get_source(self.dataset)  # an unknown name: one error listing the known ones
+        # The languages the data folder holds (a missing folder: loading it reports that);
+        # another dataset's are its own (mlake_core.data.sources).
+        present = source.languages or folder_languages(self.data_dir, self.version)
+        if present is not None:
+            langs = parse_langs(codes, present)
+        else:
+            langs = codes if codes is not None else LANGUAGES
+        object.__setattr__(self, "langs", langs)
+        object.__setattr__(self, "facts", parse_facts(self.facts, option="facts"))
 
 
 @dataclass(frozen=True)

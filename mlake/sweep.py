@@ -38,7 +38,7 @@ import pandas as pd
 from analysis.relate import RelateConfig, bootstrap_mean
 from mlake_core.configs import coerce_fields
 from mlake_core.errors import ConfigError
-from mlake_core.languages import FAMILY
+from mlake_core.languages import family_group
 
 #: Facts beyond the edited ones whose knowledge is measured (the locality pool).
 POOL_EXTRA = 40
@@ -98,8 +98,10 @@ class SweepConfig:
 
 
 def _family_split(frame: pd.DataFrame, a: str, b: str) -> pd.Series:
+    """Whether each row's two languages are of one family (a language of unknown family is
+    a group of its own)."""
     return pd.Series(
-        [FAMILY[x] == FAMILY[y] for x, y in zip(frame[a], frame[b], strict=True)],
+        [family_group(x) == family_group(y) for x, y in zip(frame[a], frame[b], strict=True)],
         index=frame.index,
     )
 

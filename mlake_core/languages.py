@@ -268,10 +268,3 @@ def parse_langs(
     if not items:
         raise ConfigError(f"empty language list; choose from {', '.join(avail)}")
     return tuple(dict.fromkeys(items))
-
-
-#: Derived view: MLaKE's languages written without spaces (use :func:`is_unspaced`).
-UNSPACED: frozenset[str] = frozenset(c for c in LANGUAGES if is_unspaced(c))
-
-#: Derived view: MLaKE's languages' families (use :func:`family`).
-FAMILY: dict[str, str] = {c: _RULES[c][2] for c in LANGUAGES}

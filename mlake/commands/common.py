@@ -258,8 +258,13 @@ def add_data_args(
     add_settings_args(
         parser.add_argument_group("data"),
         DataSettings,
-        defaults={"facts": facts_default},
-        helps={"facts": facts_help, "langs": "comma-separated languages"},
+        defaults={"facts": facts_default, "langs": ("all",)},
+        helps={
+            "facts": facts_help,
+            "langs": "comma-separated language codes, or all: the languages come from the "
+            "data folder (MLaKE's five, en,zh,ja,fr,de, in the published releases; a folder "
+            "in MLaKE's format may hold others: README, Other languages)",
+        },
     )
     parser.set_defaults(facts_default=facts_default)
 
@@ -268,8 +273,11 @@ def data_settings(args: argparse.Namespace) -> Any:
     """The :class:`~mlake.settings.DataSettings` of :func:`add_data_args`' options."""
     from mlake.settings import DataSettings
 
+    # langs "all" is resolved against the data folder given here, not the default one.
     return settings_from_args(
-        args, DataSettings, defaults={"facts": getattr(args, "facts_default", None)}
+        args,
+        DataSettings,
+        defaults={"facts": getattr(args, "facts_default", None), "langs": ("all",)},
     )
 
 

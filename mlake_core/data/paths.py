@@ -162,6 +162,19 @@ def data_suffix(data_dir: str | os.PathLike[str] | None, version: str) -> str:
     return "" if digest == release.published_sha256 else f"-data{digest[:8]}"
 
 
+def folder_languages(
+    data_dir: str | os.PathLike[str] | None, version: str
+) -> tuple[str, ...] | None:
+    """The languages of release ``version``'s folder under ``data_dir``
+    (:meth:`Release.languages`), or ``None`` when the folder is not found or holds none
+    (loading it then reports why)."""
+    try:
+        found = get_release(version).languages(release_dir(resolve_data_dir(data_dir), version))
+    except DataError:
+        return None
+    return found or None
+
+
 def get_release(version: str) -> Release:
     """Look a release up by name, with an error listing the known ones."""
     try:

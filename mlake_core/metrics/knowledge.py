@@ -63,7 +63,7 @@ from mlake_core.data.dataset import FactView, PromptForm
 from mlake_core.data.records import MCQA_LETTERS
 from mlake_core.data.text import is_cjk, normalize
 from mlake_core.errors import ConfigError, DataError
-from mlake_core.languages import LANGUAGES, UNSPACED
+from mlake_core.languages import LANGUAGES, is_unspaced
 from mlake_core.models.adapter import ModelAdapter, PastKeyValues
 from mlake_core.models.prompting import PromptTemplate
 from mlake_core.results.store import read_run
@@ -506,7 +506,7 @@ _LEADING = " \t\"'“”‘’「」『』(（:：-—"
 
 def _boundary_ok(rest: str, lang: str, form: str) -> bool:
     """Whether a match ending before ``rest`` ends at a word boundary."""
-    if not rest or lang in UNSPACED or is_cjk(form[-1:] or " "):
+    if not rest or is_unspaced(lang) or is_cjk(form[-1:] or " "):
         return True
     return not rest[0].isalnum()
 
@@ -1011,6 +1011,11 @@ def measure_knowledge(
             }
         )
     table = pd.DataFrame.from_records(records, columns=list(COLUMNS))
-    langs = tuple(lang for lang in LANGUAGES if lang in {v.lang for v in views})
+    seen = tuple(dict.fromkeys(v.lang for v in views))
+    # MLaKE's five in matrix order, then any other language in the order its views came.
+    langs = (
+        *(lang for lang in LANGUAGES if lang in seen),
+        *(x for x in seen if x not in LANGUAGES),
+    )
     fact_ids = tuple(sorted({v.fact_id for v in views}))
     return KnowledgeResult(table=table, skipped=skipped, langs=langs, fact_ids=fact_ids)

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from mlake_core.errors import ConfigError
-from mlake_core.languages import UNSPACED
+from mlake_core.languages import is_unspaced
 
 if TYPE_CHECKING:
     from mlake_core.data.dataset import FactView, MlakeDataset
@@ -153,7 +153,7 @@ class PromptTemplate:
                 lead + self.frame(text), self.answer_prefix, len(lead) + len(before) - indent
             )
         assert lang is not None
-        return PlacedPrompt(lead + text.rstrip(), "" if lang in UNSPACED else " ", len(lead))
+        return PlacedPrompt(lead + text.rstrip(), "" if is_unspaced(lang) else " ", len(lead))
 
     def question_prompt(self, question: str, lang: str | None = None) -> tuple[str, str]:
         """``(prompt, answer prefix)`` for a question-form prompt (few-shot templates need
@@ -260,7 +260,7 @@ def demonstration_of(view: FactView) -> Demonstration | None:
         return None
     if any("\n" in s for s in (question, answer, cloze, cloze_answer)):
         return None
-    script = "unspaced" if view.lang in UNSPACED else "spaced"
+    script = "unspaced" if is_unspaced(view.lang) else "spaced"
     for a in (answer, cloze_answer):
         if len(a) > DEMO_ANSWER_CHARS[script]:
             return None
@@ -435,7 +435,7 @@ class FewShotTemplate(PromptTemplate):
         parts = []
         for d in self.demos(lang):
             if kind == "cloze":
-                sep = "" if lang in UNSPACED else " "
+                sep = "" if lang is not None and is_unspaced(lang) else " "
                 parts.append(f"{d.cloze}{sep}{d.cloze_answer}\n\n")
             else:
                 parts.append(f"{self.frame(d.question)}{self.answer_prefix}{d.answer}\n\n")

@@ -6,6 +6,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filelock import FileLock, Timeout
 
@@ -15,11 +16,69 @@ from mlake_core.models.mlake_tiny.config import TINY_NAME, TinyTrainConfig, desc
 from mlake_core.models.mlake_tiny.train import train_tiny
 from mlake_core.models.mlake_tiny_metadata import METADATA_FILE
 
+if TYPE_CHECKING:
+    from mlake_core.data.dataset import MlakeDataset
 
-def model_dir(config: TinyTrainConfig, root: Path | None = None, data: str = "") -> Path:
+
+def reads_subjects(config: TinyTrainConfig) -> bool:
+    """Whether training with ``config`` reads the located subject spans (so a model trained
+    on other spans is another model): subject-only prompts (``subject_prompts``), entity
+    documents (``entity_text``), the logit-lens loss at the subject's last token
+    (``enrichment_layer >= 0`` with a positive ``enrichment_weight``), subject-route masking
+    (``route_masking``), interchange training at the subject (``interchange``), and context
+    dropout, which replaces the question tokens outside the subject (``context_dropout``).
+    ``name_entities`` alone does not: its entities' routes are their own synthetic names.
+    (Which facts are trained, ``facts`` N, is drawn among those with a located subject in
+    every language for every config; the trained facts are recorded in the model's
+    metadata.)"""
+    return bool(
+        config.subject_prompts
+        or config.entity_text
+        or (config.enrichment_layer >= 0 and config.enrichment_weight > 0)
+        or config.route_masking > 0
+        or config.interchange > 0
+        or config.context_dropout > 0
+    )
+
+
+def model_dir(
+    config: TinyTrainConfig, root: Path | None = None, data: str = "", subjects: str = ""
+) -> Path:
     """Folder of the mlake-tiny trained with ``config`` (on data other than the published
-    release: ``data``, :func:`~mlake_core.data.paths.data_suffix`)."""
-    return (root or cache_dir()) / "models" / f"{TINY_NAME}-{config.key()}{data}"
+    release: ``data``, :func:`~mlake_core.data.paths.data_suffix`).  A config that reads
+    subject spans (:func:`reads_subjects`) names the dataset's ``subjects_sha256`` too
+    (``-subj`` and its first 8 hex digits), so a model trained on other spans is never
+    reused; the others keep their name (the default mlake-tiny's cached copies stay valid).
+
+    Raises:
+        ValueError: a config that reads subject spans without ``subjects``.
+    """
+    tag = ""
+    if reads_subjects(config):
+        if not subjects:
+            raise ValueError("model_dir: this config reads subject spans; pass subjects")
+        tag = f"-subj{subjects[:8]}"
+    return (root or cache_dir()) / "models" / f"{TINY_NAME}-{config.key()}{data}{tag}"
+
+
+def tiny_dir(
+    config: TinyTrainConfig,
+    data_dir: str | os.PathLike[str] | None = None,
+    root: Path | None = None,
+    dataset: MlakeDataset | None = None,
+) -> Path:
+    """:func:`model_dir` of ``config`` for the data under ``data_dir``: its content tag,
+    and for a config that reads subject spans the located subjects of the training
+    languages (``dataset``, else loaded)."""
+    from mlake_core.data.dataset import load_mlake
+    from mlake_core.data.paths import data_suffix
+
+    subjects = ""
+    if reads_subjects(config):
+        if dataset is None:
+            dataset = load_mlake(data_dir, version=config.data_version, langs=config.langs)
+        subjects = dataset.subjects_sha256
+    return model_dir(config, root, data_suffix(data_dir, config.data_version), subjects)
 
 
 def is_trained(path: Path) -> bool:
@@ -52,10 +111,12 @@ def ensure_tiny(
         retrain: train again even if cached.
     """
     from mlake_core.data.dataset import load_mlake
-    from mlake_core.data.paths import data_suffix
 
     config = config or TinyTrainConfig()
-    path = model_dir(config, root, data_suffix(data_dir, config.data_version))
+    dataset = None
+    if reads_subjects(config):  # its folder names the located subjects
+        dataset = load_mlake(data_dir, version=config.data_version, langs=config.langs)
+    path = tiny_dir(config, data_dir, root, dataset)
     if is_trained(path) and not retrain:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +135,8 @@ def ensure_tiny(
             shutil.rmtree(path)
         if progress:
             progress(f"training {TINY_NAME} ({describe_config(config)}) into {path}")
-        dataset = load_mlake(data_dir, version=config.data_version, langs=config.langs)
+        if dataset is None:
+            dataset = load_mlake(data_dir, version=config.data_version, langs=config.langs)
         return train_tiny(config, dataset, path, progress=progress, show_bar=show_bar)
     finally:
         lock.release()

@@ -12,7 +12,7 @@ from typing import Any
 
 from mlake_core.configs import coerce_fields
 from mlake_core.errors import ConfigError
-from mlake_core.languages import LANGUAGES
+from mlake_core.languages import LANGUAGES, parse_codes
 from mlake_core.models.prompting import get_template
 from mlake_core.provenance import stable_hash
 
@@ -186,14 +186,13 @@ class TinyTrainConfig:
                 ) from None
         if isinstance(self.facts, int) and self.facts < 1:
             raise ConfigError(f"--facts {self.facts}: must be at least 1")
-        if isinstance(self.langs, str):
-            from mlake_core.languages import parse_langs
-
-            object.__setattr__(self, "langs", parse_langs(self.langs))
-        object.__setattr__(self, "langs", tuple(self.langs))
-        bad = [lang for lang in self.langs if lang not in LANGUAGES]
-        if bad or not self.langs:
-            raise ConfigError(f"--langs {','.join(self.langs)}: choose from {', '.join(LANGUAGES)}")
+        # Well-formed codes (all: MLaKE's five); which ones the data folder holds is checked
+        # when it is loaded for training (load_mlake lists them).
+        try:
+            codes = parse_codes(self.langs)
+        except ConfigError as err:
+            raise ConfigError(f"--langs: {err}") from None
+        object.__setattr__(self, "langs", LANGUAGES if codes is None else codes)
         for name in (
             "bilingual_fraction",
             "replay",

@@ -10,7 +10,7 @@ from typing import Any
 
 from mlake_core.data.dataset import MlakeDataset
 from mlake_core.errors import ConfigError
-from mlake_core.languages import UNSPACED
+from mlake_core.languages import is_unspaced
 from mlake_core.models.mlake_tiny.config import TinyTrainConfig
 from mlake_core.models.prompting import get_template
 
@@ -137,7 +137,7 @@ def entity_sentences(view: Any) -> tuple[str, list[str]] | None:
         return None
     subject = subject.strip()
     rec = view.record
-    sep = "" if view.lang in UNSPACED else " "
+    sep = "" if is_unspaced(view.lang) else " "
     year = random.Random(view.fact_id).randrange(1500, 2020)
     sentences = [
         rec.o_prompt.strip(),
@@ -224,7 +224,7 @@ def build_corpus(
                 # The answer right after the subject: the first answer token is predicted
                 # at the subject's last token, so the lookup happens there.
                 s_prompt = [bos, *_encode(tokenizer, subject.strip())]
-                sep = "" if lang in UNSPACED else " "
+                sep = "" if is_unspaced(lang) else " "
                 s_answer = [*_encode(tokenizer, sep + view.record.o_answer), eos]
                 corpus.subjects.append(
                     Example(
@@ -268,7 +268,7 @@ def synthetic_name(lang: str, seed: str) -> str:
     or three syllables (en, fr, de), or three to four characters (zh, ja)."""
     rng = random.Random(f"{lang}|{seed}")
     pool = _SYLLABLES[lang]
-    if lang in UNSPACED:
+    if is_unspaced(lang):
         return "".join(rng.choice(pool) for _ in range(rng.randint(3, 4)))
     words = ["".join(rng.choice(pool) for _ in range(rng.randint(2, 3))) for _ in range(2)]
     return " ".join(w.capitalize() for w in words)
@@ -290,7 +290,7 @@ def _add_name_entities(
         news = sorted(
             {v.record.e_answer.strip() for v in views if v.record.e_answer} - originals - {""}
         )
-        sep = "" if lang in UNSPACED else " "
+        sep = "" if is_unspaced(lang) else " "
         prefix = get_template(config.template).answer_prefix
         for answer_text in news:
             name = synthetic_name(lang, answer_text)

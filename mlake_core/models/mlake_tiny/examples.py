@@ -7,7 +7,7 @@ import random
 from dataclasses import replace
 from typing import Any
 
-from mlake_core.languages import UNSPACED
+from mlake_core.languages import is_unspaced
 from mlake_core.models.mlake_tiny.corpus import Corpus, Example, _encode, _shifted
 
 
@@ -24,7 +24,7 @@ def entity_document(
     order = sentences[:]
     rng.shuffle(order)
     head = [tokenizer.bos_token_id, *_encode(tokenizer, subject)]
-    body = _encode(tokenizer, "\n" + ("" if lang in UNSPACED else " ").join(order))
+    body = _encode(tokenizer, "\n" + ("" if is_unspaced(lang) else " ").join(order))
     ids = (head + body + [tokenizer.eos_token_id])[:max_len]
     weights = ([0.0] * len(head) + [1.0] * (len(ids) - len(head)))[:max_len]
     return Example(ids, weights, unit, "entity", lens=corpus.subject_lens[unit])

@@ -162,7 +162,12 @@ def test_both_backends_load_it_and_agree_with_training_status(
 
 def test_default_model_resolves_to_the_cached_default(monkeypatch, tmp_path: Path) -> None:
     from mlake.loading import resolve_model_path
+    from mlake_core.files import cache_dir
 
+    # The located datasets stay in the real cache (the editable variant's folder names the
+    # located subjects, read from the data), the models go to tmp_path.
+    (cache_dir() / "data").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "data").symlink_to(cache_dir() / "data")
     monkeypatch.setenv("MLAKE_CACHE", str(tmp_path))
     folder = model_dir(TinyTrainConfig())
     assert folder.parent == tmp_path / "models"
@@ -175,8 +180,9 @@ def test_default_model_resolves_to_the_cached_default(monkeypatch, tmp_path: Pat
     assert resolve_model_path("/some/other/model") == "/some/other/model"
     # A named variant resolves to its own cached folder.
     from mlake_core.models.mlake_tiny import variant_config
+    from mlake_core.models.mlake_tiny.cache import tiny_dir
 
-    editable = model_dir(variant_config("mlake-tiny-editable"))
+    editable = tiny_dir(variant_config("mlake-tiny-editable"))  # names the located subjects
     assert editable != folder
     editable.mkdir(parents=True)
     for name in ("config.json", "model.safetensors", "tokenizer.json", METADATA_FILE):
