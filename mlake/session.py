@@ -77,7 +77,7 @@ def load_dataset(data: DataSettings) -> MlakeDataset:
     (:mod:`mlake_core.data.sources`)."""
     from mlake_core.data.sources import load_dataset as load_source
 
-    return load_source(getattr(data, "dataset", "mlake"), data.data_dir, data.version, data.langs)
+    return load_source(data.dataset, data.data_dir, data.version, data.langs)
 
 
 def prepare_template(
