@@ -92,9 +92,11 @@ def test_the_pipeline_draws_it_from_a_lens_edit_run(tmp_path) -> None:
     )
     run.save_json("summary", result.to_dict())
     run.write_meta(status="complete")
-    manifest = {"stages": {"lens": {"status": "complete", "runs": {"lens_edits": str(run.path)}}}}
-    makers = dict(pipeline_figures.figure_makers(manifest))
-    fig = makers["lens_failures"]()
+    runs = {"lens_edits": str(run.path)}
+    manifest = {"stages": {"lens": {"status": "complete", "runs": runs}}}
+    maker = dict(pipeline_figures.figure_makers(manifest))["lens_failures"]
+    assert callable(maker)
+    fig = maker()
     panels = {ax.get_title(): [t.get_text() for t in ax.texts] for ax in fig.axes if ax.get_title()}
     # cells in row order: en->en, en->zh, zh->en, zh->zh
     assert panels[TRANSFERRED] == ["1.00", "2/2", "0.00", "0/2", "0.00", "0/2", "1.00", "2/2"]
@@ -104,5 +106,5 @@ def test_the_pipeline_draws_it_from_a_lens_edit_run(tmp_path) -> None:
     assert "Where ft edits fail" in fig._suptitle.get_text()
     plt.close(fig)
     # Without edits in the lens stage: no such figure.
-    del manifest["stages"]["lens"]["runs"]["lens_edits"]
+    del runs["lens_edits"]
     assert "lens_failures" not in dict(pipeline_figures.figure_makers(manifest))

@@ -553,7 +553,7 @@ def test_the_pipeline_passes_its_lens_and_patching_runs(monkeypatch, lens_method
         log=None,
         item=lambda *a: None,
     )
-    assert steps._stage_relate(state) == {"ft": "store/relate/x"}
+    assert steps._stage_relate(state) == {"ft": "store/relate/x"}  # type: ignore[arg-type]
     assert seen["transfer"] == "store/transfer/t"
     assert seen["lens_dir"] == ("store/lens_edits/l" if lens_method == "ft" else None)
     assert seen["patching_dir"] == ("store/patching/p" if patch_method == "ft" else None)
