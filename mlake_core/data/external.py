@@ -34,7 +34,12 @@ unchanged.  What the other datasets have and MLaKE has not, and the other way ro
   empty and :attr:`ExternalDataset.has_original_answers` is false; the stages that measure
   the original answer refuse (:func:`require_original_answers`).
 - **Generalization, locality and portability** come per view
-  (:class:`ExternalView`: ``rephrase``, ``locality``, ``portability``).
+  (:class:`ExternalView`: ``rephrase``, ``locality``, ``portability``).  The portability
+  question is also the fact's multi-hop "new" question in that language
+  (:attr:`~mlake_core.data.dataset.Fact.multi_hop`, ``link`` ``record``: the record gives
+  it), which is what the transfer analysis scores as portability.  The transfer analysis's
+  generalization (the other prompt form) and locality (other facts of the dataset) do not
+  read ``rephrase`` and ``locality``.
 - A dataset without subjects would set :attr:`ExternalDataset.has_subjects` false; the
   stages that need the subject refuse it (:func:`require_subjects`).  Both datasets read
   here give a subject in every record.
@@ -50,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from mlake_core.data.dataset import Fact, FactView, MlakeDataset, PromptForm, Span, Target
+from mlake_core.data.multihop import MultiHopQuestion
 from mlake_core.data.records import SingleHopRecord
 from mlake_core.data.subjects import SubjectLocation
 from mlake_core.errors import ConfigError, DataError
@@ -391,7 +397,22 @@ def build_dataset(
                 not_in_prompt[lang].append(i)
             elif method == "given_english":
                 from_english[lang].append(i)
-        facts.append(Fact(i, views))
+        portability = tuple(
+            MultiHopQuestion(
+                lang=lang,
+                kind="new",
+                index=i,
+                question=view.portability[0],
+                answer=view.portability[1],
+                aliases=(),
+                e_prompt=None,
+                fact_ids=(i,),
+                link="record",
+            )
+            for lang, view in views.items()
+            if view.portability is not None
+        )
+        facts.append(Fact(i, views, portability))
     if not facts:
         raise DataError(
             f"{root}: no record of {title} has every language asked for ({', '.join(langs)})"
@@ -401,6 +422,9 @@ def build_dataset(
         root=root,
         langs=tuple(langs),
         facts=facts,
+        multi_hop={
+            lang: [q for f in facts for q in f.multi_hop if q.lang == lang] for lang in langs
+        },
         content_sha256=files_sha256(root, files),
         title=title,
         provenance=provenance,

@@ -43,6 +43,11 @@ def test_counterfact_fields(cf: ExternalDataset) -> None:
         "Which country's official language is the native language of Pierre Boulez?",
         "Italy",
     )
+    # The portability question is the fact's multi-hop "new" question (scored as portability).
+    ports = [q for q in cf.fact(0).multi_hop if q.lang == "en"]
+    assert len(ports) == 1 and ports[0].kind == "new" and ports[0].answer == "Italy"
+    assert ports[0].fact_ids == (0,) and ports[0].link == "record"
+    assert [q.fact_ids for q in cf.multi_hop["de"]] == [(0,), (1,), (2,)]
     zh = cf.view(2, "zh")
     assert zh.question.target.text == "俄罗斯" and zh.question.edit_target.text == "蒙古"
     assert zh.question.subject is not None and zh.question.subject.text == "贝加尔湖"
