@@ -204,6 +204,57 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
         ),
         ("code", "layer_curves(result)"),
     ],
+    "09_where_transfer_fails": [
+        (
+            "md",
+            "# Where transfer fails\n\nFor each edit and each language pair, where is the transfer lost?  The lens before and after an edit, the cross-lingual patching matrices, the failure classes read from them (not enriched at B's subject, not extracted to B's last position, lost at the output), and these measures as predictors of transfer in the relation analysis, beside the neuron overlap (issue 21).",
+        ),
+        ("code", SETUP),
+        (
+            "code",
+            'run = notebook_run(["lens", "patching", "transfer", "neurons", "relate"], log=log)\nprint(run.summary())',
+        ),
+        (
+            "md",
+            "## The lens before and after an edit\n\nThe notebook settings edit the first 3 facts known in each language with FT.  The edits made in English, read in each test language: the new answer (red) and the old one (grey), in the test language's form, before the edit (dashed) and after it (solid).",
+        ),
+        (
+            "code",
+            'from analysis.lens import EditLensResult\nfrom figures.lens import edit_curves\n\nedits = EditLensResult.load(run.stages["lens"].runs["lens_edits"])\nedit_curves(edits, "en")',
+        ),
+        (
+            "md",
+            "## Cross-lingual patching\n\nThe matrices at each position's best layer (the layer where B follows A most often off the diagonal, on the unedited model): rows are the source (or edit) language A, columns the target language B; the edit-carried rate patches the edited model's state into B's unedited run.",
+        ),
+        (
+            "code",
+            'from analysis.patching import PatchingResult\nfrom figures.patching import matrices\n\npatched = PatchingResult.load(run.stages["patching"].runs["patching"])\nmatrices(patched)',
+        ),
+        (
+            "md",
+            "## The failure classes\n\nEvery edit made in A and read in B, by the rules of `analysis/failures.py` in order: not applicable (counted), transferred, not enriched (the new answer, in any language's form, is decodable at B's subject position at no layer after the edit), not extracted (decodable there, but at B's last position in no latent layer), lost at the output.  With the patching run of the same FT edits, `carried` counts the failures whose edited subject state, patched into B, makes B give the new answer.",
+        ),
+        (
+            "code",
+            'from mlake.stages.lens import edit_failures, failure_lines\n\nfailures = edit_failures(edits, patching=run.stages["patching"].runs["patching"])\nprint("\\n".join(failure_lines(failures)))',
+        ),
+        (
+            "code",
+            "from figures.failures import failure_matrices\nfailure_matrices(failures, edits.method)",
+        ),
+        (
+            "md",
+            "## The lens and patching measures as predictors of transfer\n\n`mlake relate` takes the patching run and the lens run of the transfer run's method (here the pipeline's own) and adds, per language pair and per fact: B follows A at the best layer (subject, last position), the edit carried, and the new answer decodable at B's subject / last latent position after the edit.  Pair level: each matrix against the transfer matrix (Spearman, Mantel test).  Fact level: the same logistic and linear models as the neuron overlap's, each on the rows its run measures; the rows it does not measure are counted.  On a few facts most models are not estimable, and the table says why.",
+        ),
+        (
+            "code",
+            'from analysis.relate import INTERVENTION_PREDICTORS\nfrom mlake.stages.relate import load_relate_result\n\nrelated = load_relate_result(run.stages["relate"].runs["ft"])\nprint({k: v for k, v in related.inputs.items() if k in ("lens_edits", "patching")})\nrelated.pair_level[related.pair_level["predictor"].isin(["neuron_jaccard_ig_neuron", *INTERVENTION_PREDICTORS])]',
+        ),
+        (
+            "code",
+            'import pandas as pd\n\npd.DataFrame(\n    [\n        {"predictor": name, "model": kind, "rows": fit.n_rows, "facts": fit.n_facts,\n         "missing": related.missing.get(name, 0), "not estimated": fit.note,\n         **({} if fit.note else fit.term(name))}\n        for name, fits in {"overlap": related.fits, **related.predictor_fits}.items()\n        for kind, fit in fits.items()\n    ]\n)',
+        ),
+    ],
 }
 
 

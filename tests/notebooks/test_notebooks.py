@@ -32,6 +32,7 @@ def test_the_notebooks_stored_without_outputs():
         "06_probes",
         "07_latent_lens",
         "08_crosslingual_patching",
+        "09_where_transfer_fails",
     ]
     builder = _builder()
     for name in NAMES:
