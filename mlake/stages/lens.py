@@ -356,8 +356,10 @@ def lens_edits_stage(
         units={a: [[f] for f in chosen[a]] for a in langs},
     )
 
-    def edit_one(a: str, f: int) -> dict[str, Any] | None:
-        """The edit lens of fact ``f`` edited in ``a`` (``None``: skipped, counted)."""
+    def edit_plan(a: str, f: int) -> tuple[Any, Any] | None:
+        """The request and the test items of fact ``f`` edited in ``a`` (``None``: skipped),
+        with their skips counted: tokenization only, done for every edit, computed or read
+        back, so a run read back from shards counts what a run in one process counts."""
         try:
             request = make_request(adapter, facts[f].views[a], ctx.template, config.form)
         except MlakeError as err:
@@ -367,6 +369,10 @@ def lens_edits_stage(
         if not tests:
             skip("edit", a, "no usable test language")
             return None
+        return request, tests
+
+    def edit_one(a: str, f: int, request: Any, tests: Any) -> dict[str, Any] | None:
+        """The edit lens of fact ``f`` edited in ``a`` (``None``: a failed edit, counted)."""
         edited, failed = edit_fact(
             adapter, entry, request, method_config, config.seed, second_moment, "lens"
         )
@@ -404,8 +410,14 @@ def lens_edits_stage(
         for f in chosen[a]:
             if not ctx.mine(a, f):  # another shard's edit
                 continue
+            plan = edit_plan(a, f)
+            if plan is None:
+                continue
             arrays, _ = run.load_or_compute_arrays(
-                f"edit_{a}_{f}", partial(edit_one, a, f), keys=EDIT_LENS_KEYS, what="an edit lens"
+                f"edit_{a}_{f}",
+                partial(edit_one, a, f, *plan),
+                keys=EDIT_LENS_KEYS,
+                what="an edit lens",
             )
             if arrays is None:
                 continue

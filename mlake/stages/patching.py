@@ -246,8 +246,11 @@ def patching_stage(
         entry = get_method(config.method)
         second_moment = stage_second_moment(ctx, corpus)
 
-        def edit_one(a: str, f: int) -> dict[str, Any] | None:
-            """The edit patch of fact ``f`` edited in ``a`` (``None``: skipped, counted)."""
+        def edit_plan(a: str, f: int) -> tuple[Any, Any, list[Any]] | None:
+            """The request, source reading and targets of fact ``f`` edited in ``a``
+            (``None``: skipped), with their skips counted: tokenization only, done for every
+            edit, computed or read back, so a run read back from shards counts what a run in
+            one process counts."""
             try:
                 request = make_request(adapter, facts[f].views[a], ctx.template, config.form)
             except MlakeError as err:
@@ -264,6 +267,13 @@ def patching_stage(
             if src is None or src[2][0] is None or not edit_targets:
                 skip("edit", a, "no usable target")
                 return None
+            return request, src, edit_targets
+
+        def edit_one(
+            a: str, f: int, request: Any, src: Any, edit_targets: list[Any]
+        ) -> dict[str, Any] | None:
+            """The edit patch of fact ``f`` edited in ``a`` (``None``: a failed edit,
+            counted)."""
             edited, failed = edit_fact(
                 adapter, entry, request, method_config, config.seed, second_moment, "patching"
             )
@@ -287,8 +297,14 @@ def patching_stage(
             for f in chosen_edits[a]:
                 if not ctx.mine(a, f):  # another shard's edit
                     continue
+                plan = edit_plan(a, f)
+                if plan is None:
+                    continue
                 arrays, _ = run.load_or_compute_arrays(
-                    f"edit_{a}_{f}", partial(edit_one, a, f), keys=EDIT_KEYS, what="an edit patch"
+                    f"edit_{a}_{f}",
+                    partial(edit_one, a, f, *plan),
+                    keys=EDIT_KEYS,
+                    what="an edit patch",
                 )
                 if arrays is not None:
                     done_edits.append(EditPatch.from_arrays(arrays))

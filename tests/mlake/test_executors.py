@@ -407,3 +407,39 @@ def test_per_fact_stages_on_ray_workers_give_the_local_tables(
         world.ctx, results_dir=str(tmp_path), batch_size=BATCH, executor=ray_executor
     )
     _same_per_fact(local_per_fact, _per_fact_stages(ctx, world.pool))
+
+
+def test_a_finished_shard_is_not_recomputed_and_the_rest_is_filled(
+    world: World, local_per_fact: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard of edit-lens edits finished (the rest of its run lost with a killed worker):
+    the run afterwards edits only the missing facts, and its table is the local run's."""
+    import mlake.stages.lens as lens_stage_module
+    from analysis.lens import LensConfig
+    from mlake.stages.knowledge import knowledge_stage
+    from mlake_core.editing.rome import RomeConfig
+    from mlake_core.metrics.knowledge import KnowledgeConfig
+
+    ctx = dataclasses.replace(world.ctx, results_dir=str(tmp_path), batch_size=BATCH)
+    corpus = [ctx.dataset.fact(f).views[lang].record.o_prompt for f in world.pool for lang in LANGS]
+    knowledge, _ = knowledge_stage(ctx, KnowledgeConfig(mcqa=False))
+    config, rome = LensConfig(method="rome", edits=2), RomeConfig(steps=8, contexts="none")
+    kw = {"knowledge": knowledge, "method_config": rome, "corpus": corpus}
+    done_facts = tuple(f for f in ctx.fact_ids if f in knowledge.known("zh"))[:1]
+    shard = Shard(done_facts, ("zh",))
+    result, run = lens_stage_module.lens_edits_stage(
+        dataclasses.replace(ctx, shard=shard), config, **kw
+    )
+    assert result is None and [p.stem for p in (run.path / "arrays").glob("edit_*.npz")] == [
+        f"edit_zh_{done_facts[0]}"
+    ]
+    real, edited = lens_stage_module.edit_fact, []
+
+    def counting(adapter: Any, entry: Any, request: Any, *a: Any) -> Any:
+        edited.append(request)
+        return real(adapter, entry, request, *a)
+
+    monkeypatch.setattr(lens_stage_module, "edit_fact", counting)
+    result, run = lens_stage_module.lens_edits_stage(ctx, config, **kw)
+    assert _plain(result.to_dict()) == local_per_fact["lens_edits"]
+    assert len(edited) == sum(len(v) for v in result.edits.values()) - 1  # the saved one read
