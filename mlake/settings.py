@@ -10,6 +10,7 @@ built from them (:mod:`mlake.pipeline.config`), both through the one coercion of
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from mlake_core.data.paths import DEFAULT_VERSION
 from mlake_core.errors import ConfigError
@@ -106,6 +107,9 @@ class DataSettings:
     """
 
     langs: tuple[str, ...] = ("all",)
+    #: Field defaults resolved on construction against the other fields (langs all: the
+    #: data folder's languages), given again wherever settings are built on a base.
+    UNRESOLVED_DEFAULTS: ClassVar[dict[str, Any]] = {"langs": ("all",)}
     facts: int | str | None = None
     version: str = DEFAULT_VERSION
     data_dir: str | None = None

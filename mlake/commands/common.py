@@ -148,7 +148,9 @@ def settings_from_args(
             option.
     """
     given = given_settings(args, cls, prefix=prefix, fields=fields, rename=rename)
-    data = {**(defaults or {}), **given}
+    # Defaults resolved against the other options (DataSettings' langs "all": the languages
+    # of the --data-dir given), not carried over resolved from the base's.
+    data = {**getattr(cls, "UNRESOLVED_DEFAULTS", {}), **(defaults or {}), **given}
     try:
         return build_dataclass(cls, data, path="options", base=base)
     except ConfigError as err:
@@ -273,11 +275,8 @@ def data_settings(args: argparse.Namespace) -> Any:
     """The :class:`~mlake.settings.DataSettings` of :func:`add_data_args`' options."""
     from mlake.settings import DataSettings
 
-    # langs "all" is resolved against the data folder given here, not the default one.
     return settings_from_args(
-        args,
-        DataSettings,
-        defaults={"facts": getattr(args, "facts_default", None), "langs": ("all",)},
+        args, DataSettings, defaults={"facts": getattr(args, "facts_default", None)}
     )
 
 
