@@ -95,3 +95,15 @@ def test_guards_pass_datasets_with_subjects_and_answers() -> None:
     require_subjects(mz, "ROME edits")
     with pytest.raises(ConfigError, match="MzsRE gives none"):
         require_original_answers(mz, "the knowledge stage")
+
+
+def test_default_dataset_is_mlake_as_before(mlake_v2411) -> None:
+    """``--dataset`` left at ``mlake``: the same dataset, version and run-key content as
+    load_mlake (run keys unchanged)."""
+    from mlake.settings import DataSettings
+
+    assert DataSettings().dataset == "mlake"
+    ds = load_dataset("mlake", mlake_v2411.root, "v2024-11", None)
+    assert type(ds) is type(mlake_v2411) and ds.version == "v2024-11"
+    assert ds.langs == mlake_v2411.langs and ds.content_key == mlake_v2411.content_key
+    assert len(ds.facts) == len(mlake_v2411.facts)
