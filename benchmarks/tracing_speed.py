@@ -112,9 +112,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.tracing.causal import (
     SITE_OF_KIND,
+    PromptToTrace,
     TraceConfig,
     embedding_noise_std,
     trace_prompt,
+    trace_prompts,
     window_layers,
 )
 from mlake_core.data import load_mlake
@@ -346,8 +348,11 @@ def bench_language(
     full_prompt=False,
     every_block=False,
     counter=None,
+    cross_fact=False,
 ):
-    """Time both tracers on ``items`` (one language's prompts) and count their work."""
+    """Time both tracers on ``items`` (one language's prompts) and count their work; with
+    ``cross_fact``, also the batched tracer on all the items at once (``trace_prompts``: their
+    restorations sharing passes, as the tracing stage runs a group of facts)."""
     n_layers = adapter.n_layers
     counter = counter or BlockCounter(adapter)
     batched_s = loop_s = loop_measured_s = full_s = every_s = 0.0
@@ -357,6 +362,7 @@ def bench_language(
     full_diffs, passes_f = [], []
     work: dict[str, float] = {}
     prefix_used = []
+    singles = []
     for fact_id, lang, ids, subject, answer in items:
         seed = fact_id * 10 + LANGS.index(lang)
         t = time.perf_counter()
@@ -371,6 +377,7 @@ def bench_language(
         )
         batched_s += time.perf_counter() - t
         counted += counter.take()
+        singles.append(tr)
         if every_block:
             t = time.perf_counter()
             every = trace_prompt(
@@ -451,6 +458,32 @@ def bench_language(
         for key, value in w.items():
             work[key] = work.get(key, 0) + value
     n = len(items)
+    cross: dict[str, Any] | None = None
+    if cross_fact:
+        group = [
+            PromptToTrace(
+                ids, subject, answer, torch.Generator().manual_seed(fact_id * 10 + LANGS.index(lg))
+            )
+            for fact_id, lg, ids, subject, answer in items
+        ]
+        t = time.perf_counter()
+        together = trace_prompts(adapter, group, config, noise_std=noise_std)
+        cross_s = time.perf_counter() - t
+        cross_counted = counter.take()
+        gaps = [abs(a.p_corrupt - b.p_corrupt) for a, b in zip(together, singles, strict=True)]
+        for a, b in zip(together, singles, strict=True):
+            gaps.extend(float(np.abs(a.scores[k] - b.scores[k]).max()) for k in config.kinds)
+        cross = {
+            "seconds": round(cross_s, 2),
+            "facts_per_minute": round(60 * n / cross_s, 3),
+            "forward_passes_per_fact": float(np.mean([x.forward_passes for x in together])),
+            "rows_per_fact": float(np.mean([x.rows for x in together])),
+            "speedup": round(loop_s / cross_s, 2),
+            "gain_over_one_fact": round(batched_s / cross_s, 2),
+            "max_abs_difference_to_one_fact": float(max(gaps)),
+            "token_blocks_per_fact": cross_counted / n,
+            "floor": round(work["minimum"] / cross_counted, 4),
+        }
     out: dict[str, Any] = {
         "facts": n,
         "fact_ids": [i[0] for i in items],
@@ -490,6 +523,8 @@ def bench_language(
             "every_block_floor": round(work["minimum"] / work["every_block"], 4),
         },
     }
+    if cross is not None:
+        out["batched_cross_fact"] = cross
     if every_block:
         out["batched_every_block"] = {
             "seconds": round(every_s, 2),
@@ -612,7 +647,7 @@ def _gemma_folder() -> Path | None:
 
 
 def bench_model(name, spec, args, dataset, fact_ids, langs):
-    config = TraceConfig(n_samples=spec.samples)
+    config = TraceConfig(n_samples=spec.samples, kinds=args.kinds or TraceConfig.kinds)
     with tempfile.TemporaryDirectory(prefix="tracing-speed-") as tmp:
         t = time.perf_counter()
         path, template_name, about = build_model(name, Path(tmp) / name)
@@ -643,6 +678,18 @@ def bench_model(name, spec, args, dataset, fact_ids, langs):
             "build_and_load_seconds": round(build_s, 1),
             "languages": {},
         }
+        if args.memory:
+            result["memory"] = {}
+            for lang in langs:
+                if by_lang[lang]:
+                    result["memory"][lang] = measure_memory(adapter, by_lang[lang], config, std)
+                    print(f"[{name} {lang}] {json.dumps(result['memory'][lang])}", flush=True)
+            langs = []
+        if args.calibrate:
+            first = next(items[0] for items in by_lang.values() if items)
+            result["pass_overhead"] = calibrate_overhead(adapter, first, config)
+            print(f"[{name}] {json.dumps(result['pass_overhead'])}", flush=True)
+            langs = []
         for lang in langs:
             items = by_lang[lang]
             entry: dict[str, Any] = {"skipped": skipped[lang]}
@@ -658,6 +705,7 @@ def bench_model(name, spec, args, dataset, fact_ids, langs):
                         args.full_prompt,
                         args.every_block,
                         counter,
+                        args.cross_fact,
                     )
                 )
                 entry["wall_seconds"] = round(time.perf_counter() - t, 1)
@@ -669,6 +717,120 @@ def bench_model(name, spec, args, dataset, fact_ids, langs):
         result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         del adapter
     return result
+
+
+# -- memory: what passes hold against what they were charged ----------------------------------
+
+
+def measure_memory(adapter, items, config, noise_std):
+    """Trace ``items`` together (``trace_prompts``), measuring what each forward pass holds at
+    once (:class:`~mlake_core.models.planner.TensorPeak`: the tensor storage it allocates,
+    counted exactly) against what the tracer charged it (rows x ``tracing_row_bytes`` at the
+    pass's width, longest cached prefix and start block) and the pass budget, and the plan's
+    tracing row (``rows_per_pass``'s worst case over the restored tokens, at the longest
+    prompt)."""
+    from analysis.tracing.causal import pass_budget, rows_per_pass, tracing_row_bytes
+    from mlake_core.models.planner import TensorPeak
+
+    passes, setup = [], []
+    inner = adapter.final_states
+
+    def measuring(batch, *args, **kwargs):
+        with TensorPeak() as peak:
+            out = inner(batch, *args, **kwargs)
+        past, start = kwargs.get("past"), kwargs.get("start")
+        rows, width = batch.shape
+        if past is None and start is None and kwargs.get("sites"):
+            setup.append(peak.peak)  # a clean or corrupted run (keeps per-fact caches)
+            return out
+        layer = int(start[0]) if start is not None else 0
+        length = past.length if past is not None else 0
+        passes.append((peak.peak, rows * tracing_row_bytes(adapter, width, length, layer), rows))
+        return out
+
+    group = [
+        PromptToTrace(ids, subject, answer, torch.Generator().manual_seed(fact_id))
+        for fact_id, _, ids, subject, answer in items
+    ]
+    adapter.final_states = measuring
+    try:
+        with TensorPeak() as whole:
+            trace_prompts(adapter, group, config, noise_std=noise_std)
+    finally:
+        del adapter.final_states
+    n = max(len(i[2]) for i in items)
+    plan_rows = rows_per_pass(adapter, n)
+    plan_row = max(tracing_row_bytes(adapter, n - p, p) for p in range(n))
+    ratios = [peak / charge for peak, charge, _ in passes]
+    mib = 2**20
+    return {
+        "facts": len(items),
+        "tokens": [len(i[2]) for i in items],
+        "passes": len(passes),
+        "budget_mib": round(pass_budget(adapter) / mib, 2),
+        "plan_rows_per_pass": plan_rows,
+        "plan_row_kib": round(plan_row / 1024, 1),
+        "plan_pass_mib": round(plan_rows * plan_row / mib, 2),
+        "max_pass_charge_mib": round(max(c for _, c, _ in passes) / mib, 2),
+        "max_pass_peak_mib": round(max(p for p, _, _ in passes) / mib, 2),
+        "peak_over_charge_min": round(min(ratios), 3),
+        "peak_over_charge_median": round(float(np.median(ratios)), 3),
+        "peak_over_charge_max": round(max(ratios), 3),
+        "clean_and_corrupted_runs_peak_mib": round(max(setup) / mib, 2),
+        "whole_trace_peak_mib": round(whole.peak / mib, 2),
+    }
+
+
+# -- the fixed cost of a pass ----------------------------------------------------------------
+
+
+def calibrate_overhead(adapter, item, config, sizes=(1, 2, 4, 8, 16, 32), repeats=5):
+    """Time the tracer's own restoration passes (``_run_rows``: one fact's cells at one token,
+    rows from block 0) of ``k`` cells for each ``k`` in ``sizes``, and fit ``seconds = a + b *
+    token_blocks`` by least squares on each size's median: ``a / b`` token-blocks is the fixed
+    cost of a pass (the fit weighted by ``1 / seconds``), ``a / b`` times a token-block's operations (``2 (4 d^2 + 3 d d_mlp)``) the
+    value of :data:`~analysis.tracing.causal.PASS_OVERHEAD_FLOPS` on this device."""
+    from analysis.tracing.causal import _prepare, _run_rows
+
+    fact_id, lang, ids, subject, answer = item
+    fact = _prepare(
+        adapter,
+        PromptToTrace(ids, subject, answer, torch.Generator().manual_seed(0)),
+        config,
+        noise_std=0.02,
+        prefix_cache=True,
+    )
+    t = fact.cells[-1][1]  # the last token: the cells there, from block 0
+    cells = [i for i, c in enumerate(fact.cells) if i and c[1] == t]
+    width = len(ids) - (t if fact.past is not None else 0)
+    seconds, work = [], []
+    for k in sizes:
+        members = [(0, cells[i % len(cells)]) for i in range(k)]
+        runs = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            _run_rows(adapter, [fact], members, width, 0, config.n_samples)
+            runs.append(time.perf_counter() - start)
+        seconds.append(float(np.median(runs[1:])))  # the first warms up
+        work.append(k * config.n_samples * width * adapter.n_layers)
+    # Weighted by 1 / seconds: relative errors, so the big passes do not decide the intercept.
+    y = np.asarray(seconds, float)
+    b, a = np.polyfit(np.asarray(work, float), y, 1, w=1 / y)
+    per_block = 2.0 * (4 * adapter.d_model**2 + 3 * adapter.d_model * adapter.d_mlp)
+    return {
+        "fact_id": fact_id,
+        "lang": lang,
+        "width": width,
+        "samples": config.n_samples,
+        "cells": list(sizes),
+        "seconds": [round(x, 5) for x in seconds],
+        "token_blocks": work,
+        "fixed_seconds": float(a),
+        "seconds_per_token_block": float(b),
+        "overhead_token_blocks": float(a / b),
+        "overhead_flops": float(a / b * per_block),
+        "flops_per_second": float(per_block / b),
+    }
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -696,6 +858,10 @@ def table(result: dict[str, Any]) -> str:
         ("work", 6),
         ("floor", 6),
         ("skip gain", 9),
+        ("x-fact f/min", 12),
+        ("x-fact speed-up", 15),
+        ("x-fact passes", 13),
+        ("x-fact floor", 12),
     ]
     lines = [
         head,
@@ -727,6 +893,17 @@ def table(result: dict[str, Any]) -> str:
             if "batched_every_block" in e
             else "-",
         ]
+        x = e.get("batched_cross_fact")
+        values += (
+            [
+                f"{x['facts_per_minute']:.3g}",
+                f"{x['speedup']:.2f}x",
+                f"{x['forward_passes_per_fact']:.1f}",
+                f"{x['floor']:.3f}",
+            ]
+            if x
+            else ["-"] * 4
+        )
         lines.append(
             "  ".join(
                 f"{v:<{w}}" if i == 0 else f"{v:>{w}}"
@@ -784,6 +961,29 @@ def main() -> None:
         help="also time the batched tracer running every block in every row (skip_layers=False:"
         " the tracer before issue 25's item 1)",
     )
+    parser.add_argument(
+        "--cross-fact",
+        action="store_true",
+        help="also time the batched tracer on each language's facts at once (trace_prompts: "
+        "restorations of several facts sharing passes, issue 25's item 3)",
+    )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="only fit the fixed cost of a pass (pass seconds against rows, one process): "
+        "the value of PASS_OVERHEAD_FLOPS on this device",
+    )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="only measure what each tracing pass holds (exact tensor bytes) against what it "
+        "was charged, the pass budget and the plan (issue 23 section 2)",
+    )
+    parser.add_argument(
+        "--kinds",
+        default=None,
+        help="restorations traced, e.g. resid (default: all three)",
+    )
     args = parser.parse_args()
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     langs = [x.strip() for x in args.langs.split(",") if x.strip()]
@@ -810,7 +1010,8 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwall time {time.perf_counter() - started:.0f} s\n")
     for result in results:
-        print(table(result) + f"\n  wall {result['wall_seconds']:.0f} s\n")
+        if result["languages"]:
+            print(table(result) + f"\n  wall {result['wall_seconds']:.0f} s\n")
 
 
 if __name__ == "__main__":

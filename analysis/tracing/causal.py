@@ -17,7 +17,13 @@ The window is ``[L - w // 2, L + w - w // 2)`` clipped to the model (ROME's conv
 
 Speed: the clean run and the corrupted runs are computed once; every restoration of every
 noise sample is one row of a batch, and as many rows go into one forward pass as the memory
-budget allows (:func:`rows_per_pass`; halved and retried on a CUDA out-of-memory error).  Each
+budget allows (:func:`pass_budget`, each row charged what it holds, :func:`tracing_row_bytes`:
+its activations and, when it continues a cached prefix, its copy of the cached keys and values
+and the extended cache in every block it runs; halved and retried on a CUDA out-of-memory
+error).  Several prompts traced together (:func:`trace_prompts`, as the tracing stage does)
+pool their restoration rows, so a pass that one fact's rows cannot fill takes other facts'
+rows of the same width (shorter cached prefixes left-padded and masked), with the same
+numbers as one fact at a time.  Each
 row carries two patches through the adapter's generic patching (:class:`Patch`): the
 corrupted embeddings, and the clean values at the restored sites.
 
@@ -353,9 +359,10 @@ def tracing_row_bytes(
       full attention width (``n_heads * d_head``: grouped-query keys are repeated per head).
     * With a cached prefix, for every block from ``layer`` on: the row's own copy of the
       cached keys and values (the rows of a noise sample index-select its prefix) and the
-      extended cache (the copy with the run tokens' keys and values appended), both at full
-      attention width (an upper bound under grouped-query attention).  The blocks below
-      ``layer`` do not run and hold a one-value-wide placeholder (not counted).
+      extended cache (the copy with the run tokens' keys and values appended), at the
+      cache's width (``kv_width``: key/value heads times head width; the attention width when
+      the model does not say).  The blocks below ``layer`` do not run and hold a
+      one-value-wide placeholder (not counted).
 
     No logits: the readout holds a bounded chunk (:data:`~mlake_core.models.readout.READOUT_BYTES`).
     """
@@ -366,7 +373,8 @@ def tracing_row_bytes(
     n_run, past = max(1, int(n_run)), max(0, int(past_tokens))
     total = past + n_run
     act = n_run * (8 * adapter.d_model + 3 * adapter.d_mlp + 3 * heads * total) + 2 * attn * total
-    kv = 2 * attn * (adapter.n_layers - max(0, layer)) * (past + total) if past else 0
+    cache = int(getattr(adapter, "kv_width", 0) or attn)
+    kv = 2 * cache * (adapter.n_layers - max(0, layer)) * (past + total) if past else 0
     return bytes_per * (act + kv)
 
 

@@ -980,6 +980,16 @@ class BaseAdapter:
         """Every site name of this model, in execution order."""
         return all_sites(self.n_layers)
 
+    @property
+    def kv_width(self) -> int:
+        """Numbers per position in one block's key cache (the same for values):
+        ``num_key_value_heads * d_head`` from the model's config (fewer heads than ``n_heads``
+        under grouped-query attention), ``n_heads * d_head`` when the config does not say."""
+        root = getattr(self, "_hf_modules", {}).get("")
+        kv_heads = getattr(getattr(root, "config", None), "num_key_value_heads", None)
+        heads = int(kv_heads or self.info.n_heads or 1)
+        return heads * int(self.info.d_head or max(1, self.d_model // max(1, self.info.n_heads)))
+
     def site_width(self, site: str) -> int:
         """Last-dimension width of a site's activation."""
         kind = parse_site(site, self.n_layers).kind

@@ -215,6 +215,8 @@ class PlannedModel:
         self.d_mlp = shape.d_mlp
         self.n_layers = shape.n_layers
         self.spec = get_spec(shape.architecture)
+        #: Numbers per position in one block's key cache (as the adapter's ``kv_width``).
+        self.kv_width = shape.n_kv_heads * shape.d_head
         self.info = ModelInfo(
             model_id=shape.name,
             revision=None,
@@ -448,7 +450,7 @@ class TensorPeak:
         counter = self
 
         class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
                 counter._record(out)
                 return out
