@@ -662,7 +662,7 @@ class PatchingResult:
     run_path: str
 
     def matrix(self, what: str, position: str, layer: int | None = None) -> np.ndarray:
-        """A 5×5 matrix ``[A][B]`` (NaN where empty): ``what`` is ``follows`` or ``shift``
+        """A language × language matrix ``[A][B]`` (NaN where empty): ``what`` is ``follows`` or ``shift``
         (counterfactual) or ``carried`` (forward edit-carried rate); ``layer`` defaults to
         the position's best layer."""
         if what in ("follows", "shift"):

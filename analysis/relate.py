@@ -11,6 +11,8 @@ and the p-value comes from a Mantel test: the language labels of the predictor a
 correlation recomputed.  With five languages there are only ``5! = 120`` permutations, so the
 test is *exact* (every permutation enumerated) and its smallest possible p-value is 1/120:
 twenty dependent cells cannot give more evidence than that, and we do not pretend they do.
+(Up to seven languages, 7! = 5040, the test stays exact; with eight or more, sampled
+permutations with a fixed seed are used and each result says ``exact`` False.)
 The outcome matrix may be asymmetric; symmetric predictors are compared cell by cell.
 
 **Fact level** (:func:`fact_level`).  One row per (fact, edit language A, test language B,
@@ -198,8 +200,10 @@ def pair_level(
     outcomes: Mapping[str, pd.DataFrame],
     langs: Sequence[str],
 ) -> pd.DataFrame:
-    """Every predictor matrix against every outcome matrix (Mantel, exact for five
-    languages).  Matrices are DataFrames indexed and columned by language; missing languages
+    """Every predictor matrix against every outcome matrix (Mantel, exact for up to seven
+    languages: 7! = 5040 permutations; with more, :func:`mantel` draws 9,999 random
+    permutations plus the identity with seed 0, and the row's ``exact`` is False).  Matrices
+    are DataFrames indexed and columned by language, in ``langs``' order; missing languages
     become NaN cells.
 
     Returns:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from figures.style import LANG_COLORS, PAGE_WIDTH, SHARED_COLOR, layer_ticks, use_style
+from figures.style import PAGE_WIDTH, SHARED_COLOR, lang_color, layer_ticks, use_style
 
 #: What each lens position is called in titles.
 POSITION_LABELS = {
@@ -33,7 +33,7 @@ def answer_probabilities(
 ) -> Any:
     """Per prompt language (one panel each, ``n`` facts in its title), the mean probability
     by layer of the answer written in each answer language (one line each,
-    :data:`figures.style.LANG_COLORS`; the prompt language's own answer drawn thick, the others
+    :func:`figures.style.lang_color`; the prompt language's own answer drawn thick, the others
     thin), at ``position`` (``last`` or ``subject_last``).  At ``last`` a non-English prompt
     language's latent English curve is drawn dotted (module docstring).  A prompt language
     with no fact looked at says so in its panel.
@@ -89,7 +89,7 @@ def answer_probabilities(
                 ms=2.5,
                 lw=OWN_WIDTH if own else OTHER_WIDTH,
                 alpha=1.0 if own else 0.8,
-                color=LANG_COLORS.get(lang, SHARED_COLOR),
+                color=lang_color(lang),
                 label=f"{lang} answer",
                 zorder=3 if own else 2,
             )
@@ -126,7 +126,7 @@ def answer_probabilities(
 
     drawn = {label for ax in axes[0] for label in ax.get_legend_handles_labels()[1]}
     handles = [
-        Line2D([], [], color=LANG_COLORS.get(lang, SHARED_COLOR), lw=OTHER_WIDTH)
+        Line2D([], [], color=lang_color(lang), lw=OTHER_WIDTH)
         for lang in result.langs
         if f"{lang} answer" in drawn
     ]

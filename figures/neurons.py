@@ -17,9 +17,9 @@ import numpy as np
 
 from figures.style import (
     COLUMN_WIDTH,
-    LANG_COLORS,
     PAGE_WIDTH,
     SHARED_COLOR,
+    lang_color,
     layer_ticks,
     use_style,
 )
@@ -134,7 +134,7 @@ def _summaries(result: Any, unit: str, measure: str | None = None) -> list[Any]:
 
 
 def overlap_matrices(result: Any, unit: str = "neuron", measure: str = "jaccard") -> Any:
-    """The 5x5 mean overlap between languages of the same fact's important units, one panel
+    """The language x language mean overlap between languages of the same fact's important units, one panel
     per per-fact attribution method (``ig``, ``atp``; LAPE has none), on one scale [0, 1].
 
     Each cell holds the mean over the facts attributed in both languages, and their number
@@ -199,7 +199,7 @@ def overlap_matrices(result: Any, unit: str = "neuron", measure: str = "jaccard"
 
 def unit_counts(result: Any, method: str, unit: str = "neuron") -> Any:
     """Per layer, the units specific to each language (one colour per language,
-    :data:`figures.style.LANG_COLORS`) stacked under the units shared by two or more.
+    :func:`figures.style.lang_color`) stacked under the units shared by two or more.
 
     The units used by no language (most of them) are not drawn; their number is written in
     the panel.
@@ -220,7 +220,7 @@ def unit_counts(result: Any, method: str, unit: str = "neuron") -> Any:
     layers = [int(row["layer"]) for row in counts]
     fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.2), layout="constrained")
     bottom = np.zeros(len(layers))
-    series = [(f"specific_{lang}", lang, LANG_COLORS.get(lang, "#999999")) for lang in langs]
+    series = [(f"specific_{lang}", lang, lang_color(lang)) for lang in langs]
     series.append(("shared", "shared", SHARED_COLOR))
     for key, label, color in series:
         values = np.array([float(row.get(key, 0) or 0) for row in counts])

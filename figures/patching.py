@@ -1,6 +1,6 @@
 """Cross-lingual patching figures (``result``: a :class:`~analysis.patching.PatchingResult`).
 
-* :func:`matrices`: per patched position (a row of panels), the 5x5 matrix of how often B
+* :func:`matrices`: per patched position (a row of panels), the language x language matrix of how often B
   follows A (counterfactual pairs) at the position's best layer, and, when edits were
   measured, the forward edit-carried rate at its own best layer; rows are the source (or
   edit) language A, columns the target language B, each cell with its count.
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from figures.neurons import _heatmap
-from figures.style import LANG_COLORS, PAGE_WIDTH, SHARED_COLOR, layer_ticks, use_style
+from figures.style import PAGE_WIDTH, SHARED_COLOR, lang_color, layer_ticks, use_style
 
 #: What each patched position is called in titles.
 POSITION_LABELS = {"subject_last": "subject's last token", "last": "last position"}
@@ -27,7 +27,7 @@ def _grid(rows: Any) -> np.ndarray:
 
 
 def matrices(result: Any) -> Any:
-    """The 5x5 matrices at each position's best layer (module docstring).
+    """The language x language matrices at each position's best layer (module docstring).
 
     Returns:
         A matplotlib Figure.
@@ -120,7 +120,7 @@ def layer_curves(result: Any) -> Any:
             ax.plot(
                 layers,
                 np.nanmean(others, axis=1),
-                color=LANG_COLORS.get(b, SHARED_COLOR),
+                color=lang_color(b),
                 lw=1.4,
                 marker="o",
                 ms=2,

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from figures.style import LANG_COLORS, PAGE_WIDTH, SHARED_COLOR, use_style
+from figures.style import PAGE_WIDTH, SHARED_COLOR, lang_color, use_style
 
 #: Okabe-Ito colours per position (as in the rest of mlake's figures).
 POSITION_COLORS = {"subject": "#0072B2", "last": "#D55E00"}
@@ -160,7 +160,7 @@ def probe_accuracy_by_layer(result: Any, task: str | None = None, position: str 
     """Cross-lingual probe accuracy by layer, and language identity by layer.
 
     One panel per training language A: a line per test language B (the language's colour,
-    :data:`figures.style.LANG_COLORS`; the within-language line, B = A, drawn thicker), every
+    :func:`figures.style.lang_color`; the within-language line, B = A, drawn thicker), every
     probe scored on held-out facts.  The grey band spans the control task's accuracies over
     the test languages (its mean drawn as a grey line), so the height of a line above the band
     is its selectivity; the dotted line is chance.  The last panel is the language-identity
@@ -223,13 +223,13 @@ def probe_accuracy_by_layer(result: Any, task: str | None = None, position: str 
             ax.plot(
                 layers,
                 acc.to_numpy(dtype=float),
-                color=LANG_COLORS.get(b, SHARED_COLOR),
+                color=lang_color(b),
                 linewidth=2.2 if b == a else 1.1,
                 marker="o",
                 markersize=2.5 if b == a else 2.0,
                 zorder=3 if b == a else 2,
             )
-        ax.set_title(f"trained in {a}", color=LANG_COLORS.get(a, "black"))
+        ax.set_title(f"trained in {a}", color=lang_color(a))
         _style_axis(ax, layers)
     lid_ax = flat[len(langs)]
     lid = result.language_id
@@ -255,10 +255,7 @@ def probe_accuracy_by_layer(result: Any, task: str | None = None, position: str 
     for ax in axes[-1]:
         if ax.axison:
             ax.set_xlabel("layer")
-    handles = [
-        Line2D([], [], color=LANG_COLORS.get(b, SHARED_COLOR), linewidth=1.4, label=f"test {b}")
-        for b in langs
-    ]
+    handles = [Line2D([], [], color=lang_color(b), linewidth=1.4, label=f"test {b}") for b in langs]
     handles += [
         Line2D([], [], color=CONTROL_COLOR, linewidth=3, alpha=0.5, label="control"),
         Line2D([], [], color="#555555", linestyle=":", linewidth=0.8, label="chance"),

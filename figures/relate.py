@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from figures.style import LANG_COLORS, PAGE_WIDTH, SHARED_COLOR, use_style
+from figures.style import LANG_COLORS, PAGE_WIDTH, SHARED_COLOR, lang_color, use_style
 
 OUTCOME_LABELS = {
     "transfer": "transfer rate (%)",
@@ -55,7 +55,7 @@ def sharing_vs_transfer(result: Any) -> Any:
     """Two panels (transfer rate, gain) against the mean overlap per ordered pair.
 
     Each point is one pair A -> B: its fill is A's colour and its edge B's
-    (:data:`figures.style.LANG_COLORS`), labelled ``A→B``.  Pairs without an overlap or an
+    (:func:`figures.style.lang_color`), labelled ``A→B``.  Pairs without an overlap or an
     outcome are left out.
 
     Returns:
@@ -84,8 +84,8 @@ def sharing_vs_transfer(result: Any) -> Any:
                 xi,
                 yi,
                 s=22,
-                color=LANG_COLORS.get(a, SHARED_COLOR),
-                edgecolors=LANG_COLORS.get(b, SHARED_COLOR),
+                color=lang_color(a),
+                edgecolors=lang_color(b),
                 linewidths=1.2,
                 zorder=3,
             )

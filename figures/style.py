@@ -12,6 +12,7 @@ Sizes are for a two-column paper: a single column is 3.3 in wide, the full width
 
 from __future__ import annotations
 
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -31,6 +32,29 @@ LANG_COLORS: dict[str, str] = {
 }
 #: Units or results that belong to several languages at once (Okabe-Ito's black, softened).
 SHARED_COLOR = "#4D4D4D"
+#: Colours of the other languages a data folder may hold (:func:`lang_color`): Okabe-Ito's
+#: sky blue, then distinct colours of Tableau's palette none of the five uses.
+OTHER_LANG_COLORS: tuple[str, ...] = (
+    "#56B4E9",  # sky blue
+    "#8C564B",  # brown
+    "#7F3C8D",  # purple
+    "#17BECF",  # cyan
+    "#BCBD22",  # olive
+    "#2CA02C",  # green
+    "#D62728",  # red
+    "#1F3A93",  # dark blue
+)
+
+
+def lang_color(lang: str) -> str:
+    """The colour of a language: :data:`LANG_COLORS` for MLaKE's five; any other code gets
+    one of :data:`OTHER_LANG_COLORS`, the same in every figure and run (chosen by a CRC-32
+    of the code, so two other languages may share one)."""
+    if lang in LANG_COLORS:
+        return LANG_COLORS[lang]
+    return OTHER_LANG_COLORS[zlib.crc32(lang.encode()) % len(OTHER_LANG_COLORS)]
+
+
 CJK_FONT_FILE = "NotoSansCJKsc-Regular.otf"
 CJK_FAMILY = "Noto Sans CJK SC"
 

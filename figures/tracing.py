@@ -1,5 +1,5 @@
 """Causal-tracing figures: the ROME-style heatmap of one fact in one language, and the average
-effect by position class and layer, the five languages side by side.
+effect by position class and layer, the languages side by side.
 
 A language (or a fact) where tracing has no signal
 (:func:`analysis.tracing.summary.tracing_signal`: the corruption leaves the answer's
@@ -170,7 +170,7 @@ def average_effects(result: Any, kind: str = "mlp", *, langs: Sequence[str] | No
 
 
 def similarity_heatmap(result: Any, kind: str = "all") -> Any:
-    """The 5x5 profile similarity between languages, annotated (``kind``: a traced kind or
+    """The language x language profile similarity between languages, annotated (``kind``: a traced kind or
     ``all``); languages without signal are starred and named in the title (their profiles are
     noise)."""
     import matplotlib.pyplot as plt
@@ -215,7 +215,7 @@ PROFILES = (
 
 def profiles(result: Any) -> Any:
     """Tracing profiles: the average indirect effect by layer, one line per language
-    (:data:`figures.style.LANG_COLORS`), for the MLP at the last subject token, attention at
+    (:func:`figures.style.lang_color`), for the MLP at the last subject token, attention at
     the last token and the residual stream at the last subject token (ROME's three readings),
     one panel each (kinds not traced are left out).  A language without signal is drawn
     dashed and faint, "no signal" in its legend entry.
@@ -226,7 +226,7 @@ def profiles(result: Any) -> Any:
     import matplotlib.pyplot as plt
 
     from analysis.tracing.causal import POSITION_CLASSES
-    from figures.style import LANG_COLORS
+    from figures.style import lang_color
 
     use_style()
     panels = [p for p in PROFILES if p[0] in result.kinds]
@@ -250,7 +250,7 @@ def profiles(result: Any) -> Any:
                 marker="o",
                 ms=2.5,
                 lw=1,
-                color=LANG_COLORS.get(s.lang, "#999999"),
+                color=lang_color(s.lang),
                 label=f"{s.lang} (n={s.n_facts})" + ("" if s.signal else ", no signal"),
                 ls="-" if s.signal else "--",
                 alpha=1.0 if s.signal else 0.45,

@@ -174,9 +174,9 @@ class MethodSummary:
         unit: ``neuron`` or ``head``.
         n_facts: facts attributed per language (LAPE: 0).
         set_size: mean important-set size per language.
-        jaccard: 5x5 mean Jaccard index of the same fact's sets (NaN for LAPE).
-        overlap: 5x5 mean overlap coefficient.
-        n_pairs: 5x5 number of facts entering each mean.
+        jaccard: language x language mean Jaccard index of the same fact's sets (NaN for LAPE).
+        overlap: language x language mean overlap coefficient.
+        n_pairs: language x language number of facts entering each mean.
         counts: per layer, units specific to each language, shared and neither.
         ablation: ``[ablated, measured]`` drop of knowledge accuracy with the specific units
             ablated; ``ablation_random`` with random sets of the same sizes.

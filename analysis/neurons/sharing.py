@@ -4,7 +4,7 @@ Overlap: for one fact, the important sets ``A`` and ``B`` of two languages (flat
 ``layer * n_units + unit``) give the Jaccard index ``|A & B| / |A | B|`` and the overlap
 coefficient ``|A & B| / min(|A|, |B|)``, in total and per layer (units of that layer only).
 Both are undefined (NaN) when a set is empty; averages skip NaN and report how many pairs
-entered.  The 5x5 matrices average over facts the model knows in both languages.
+entered.  The language x language matrices average over facts the model knows in both languages.
 
 Classification: a unit is *used* by a language when it is in the important sets of at least
 ``min_facts`` of that language's attributed facts and of at least ``min_rate`` of them.  A unit

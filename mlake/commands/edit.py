@@ -3,7 +3,7 @@
 For every fact and every edit language A, the method edits the unedited model (question
 form by default) and the edit is measured in every language B: efficacy (B = A), transfer
 (B != A), generalization (A's other form), locality (unrelated facts keep their answers) and
-portability (multi-hop questions).  Prints the 5x5 matrix (rows: edit language, columns: test
+portability (multi-hop questions).  Prints the language x language matrix (rows: edit language, columns: test
 language) of each metric over the facts known before the edit in the test language; per-fact,
 per-pair rows go to the results store, one table per method and edit language (resumable).
 Methods: ft, rome, memit, ike (see ``mlake_core/editing/``, one module per method).
@@ -76,7 +76,7 @@ def register(subparsers: Any) -> None:
     sub.required = True
     tr = sub.add_parser(
         "transfer",
-        help="5x5 edit-transfer matrices of one or more editing methods",
+        help="language x language edit-transfer matrices of one or more editing methods",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -13,7 +13,7 @@ score (or the ``--rule topk`` best), kept when important in at least ``--agreeme
 fact's prompts (question and, where well-posed, cloze form).  Only facts the model knows in a
 language are attributed (knowledge stage; others are counted as skipped).
 
-Prints, per method and unit kind: facts attributed and mean set size per language; the 5x5
+Prints, per method and unit kind: facts attributed and mean set size per language; the language x language
 mean Jaccard overlap of the same fact's sets; the ablation check (answer-probability drop when
 the set is ablated versus random sets of the same sizes and layers, and whether the sets can
 be told from the random ones: a larger mean drop and a one-sided Wilcoxon p < 0.05, else the

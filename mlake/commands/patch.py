@@ -20,7 +20,7 @@ A's prompt is patched into the unedited model's run on B's prompt of the same fa
 edit is carried when B's top token is the new answer's (in B).  The reverse patches the
 unedited state into the edited model's run.  Only edits that succeed in A are counted.
 
-Prints, per position, the 5x5 follow matrix at the best layer, the unpatched baseline, and
+Prints, per position, the language x language follow matrix at the best layer, the unpatched baseline, and
 the edit-carried matrices; then the run folder.  Each pair and edit goes to the results store
 as it finishes (resumable).  The figures (the matrices at the best layer, and the per-layer
 curves) are drawn by the pipeline's ``patching`` stage and ``mlake figures``.
@@ -55,7 +55,7 @@ def register(subparsers: Any) -> None:
 
     parser = subparsers.add_parser(
         "patch",
-        help="cross-lingual activation patching (5x5 follow matrices, edit carried)",
+        help="cross-lingual activation patching (language x language follow matrices, edit carried)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -143,7 +143,7 @@ def run_patch(args: argparse.Namespace) -> int:
 def json_report(result: Any, model: str, n_facts: int, method_config: Any) -> dict[str, Any]:
     """What ``mlake patch --json`` prints: the :class:`~analysis.patching.PatchingResult` (as
     it is saved), the model, the facts asked for, the editing method's resolved config, and
-    per position the 5x5 matrices at the best layer (``null`` where a cell is empty):
+    per position the language x language matrices at the best layer (``null`` where a cell is empty):
     ``follows`` (counterfactual) and ``carried`` (forward edit carried)."""
     import math
 

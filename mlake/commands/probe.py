@@ -6,9 +6,9 @@ Measured per layer (0 = the embeddings, L = after block L) and position:
 * language identity: a probe that tells the prompt's language;
 * cross-lingual answer probe: trained in language A, tested in language B on held-out facts,
   it names the fact's answer (answers shared by at least --min-class-facts facts are the
-  classes): a 5x5 transfer matrix;
+  classes): a language x language transfer matrix;
 * which-fact retrieval: a linear map learned from A to B on training facts retrieves each
-  held-out fact among the others in B: a 5x5 matrix;
+  held-out fact among the others in B: a language x language matrix;
 * representation similarity of the same facts across languages: debiased linear CKA and the
   mean same-fact cosine (each language centred), against the cosine of different facts.
 
@@ -23,8 +23,8 @@ p < 0.05); the tables say which probes have none.
 Prints per layer the language-ID accuracy and selectivity and the mean cross-lingual
 accuracies (layer emb, the token embeddings, is the lexical baseline: a subject written the
 same way in two languages has the same vector there); then, at the layer after the
-embeddings where the answer probe transfers best, the 5x5 transfer,
-selectivity and retrieval matrices and the 5x5 similarity matrices.  --json prints everything
+embeddings where the answer probe transfers best, the language x language transfer,
+selectivity and retrieval matrices and the language x language similarity matrices.  --json prints everything
 (every layer's matrices).  Activations and results go to the results store; reruns load them.
 
 With --executor ray the activations are read as shards on Ray workers, chunks of whole

@@ -13,7 +13,7 @@ and cached) are traced; the others are counted as skipped.  Prints, per language
 traced, the clean and corrupted probabilities, the drop (total effect, as a fraction of the
 clean probability) and whether tracing has signal there, the layer of peak MLP effect at the
 last subject token, the MLP effect at the last subject token and the attention effect at the
-last token by layer, the 5x5 similarity of the languages' effect profiles (Pearson correlation
+last token by layer, the language x language similarity of the languages' effect profiles (Pearson correlation
 of the average maps by position class and layer), and the recommended edit layer, which
 ``mlake edit transfer --layer auto`` then uses for this model.  Per-fact traces go to the
 results store (resumable).
