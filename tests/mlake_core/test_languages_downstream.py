@@ -87,3 +87,13 @@ def test_data_settings_langs_from_the_folder(tmp_path) -> None:
         DataSettings(data_dir=str(tmp_path), langs=("en", "zh"))
     with pytest.raises(ConfigError, match="malformed language code 'Spanish'"):
         DataSettings(data_dir=str(tmp_path), langs=("Spanish",))
+
+
+def test_mlake_tiny_texts_for_spanish_and_a_clear_error_otherwise() -> None:
+    from mlake_core.models.mlake_tiny.corpus import synthetic_name
+
+    name = synthetic_name("es", "BBC")
+    assert name == synthetic_name("es", "BBC") and len(name.split()) == 2
+    assert all(word[0].isupper() for word in name.split())
+    with pytest.raises(ConfigError, match="name_entities: mlake-tiny has no name_entities text"):
+        synthetic_name("eu", "BBC")

@@ -120,6 +120,7 @@ YEAR_SENTENCES: dict[str, str] = {
     "ja": "{s}は{y}年に初めて記録された。",
     "fr": "{s} est mentionné pour la première fois en {y}.",
     "de": "{s} wurde {y} zum ersten Mal erwähnt.",
+    "es": "{s} se registró por primera vez en {y}.",
 }
 
 
@@ -143,7 +144,7 @@ def entity_sentences(view: Any) -> tuple[str, list[str]] | None:
         rec.o_prompt.strip(),
         f"{rec.question.strip()}{sep}{rec.o_answer}",
         f"{subject}: {rec.o_answer}",
-        YEAR_SENTENCES[view.lang].format(s=subject, y=year),
+        _per_language(YEAR_SENTENCES, view.lang, "entity_text").format(s=subject, y=year),
     ]
     return subject, sentences
 
@@ -260,14 +261,26 @@ _SYLLABLES: dict[str, tuple[str, ...]] = {
     "de": ("ka", "lor", "wen", "berg", "dra", "sel", "tor", "bra", "nim", "hau", "sten", "rin"),
     "zh": tuple("安宝辰丹芳高海华佳建凯兰丽明宁平琪荣山涛文祥欣雅耀"),
     "ja": tuple("アイカキクサシタチナニハヒマミヤラリルレロ"),
+    "es": ("ma", "lo", "ver", "di", "dra", "sel", "tor", "bra", "ni", "que", "san", "rin"),
 }
+
+
+def _per_language(table: dict[str, Any], lang: str, option: str) -> Any:
+    """``table[lang]``, or a ConfigError naming the option and the languages it has."""
+    try:
+        return table[lang]
+    except KeyError:
+        raise ConfigError(
+            f"{option}: mlake-tiny has no {option} text for language {lang!r} "
+            f"(it has {', '.join(table)}); train without {option} or without {lang}"
+        ) from None
 
 
 def synthetic_name(lang: str, seed: str) -> str:
     """A made-up entity name in the script of ``lang``, fixed by ``seed``: two words of two
     or three syllables (en, fr, de), or three to four characters (zh, ja)."""
     rng = random.Random(f"{lang}|{seed}")
-    pool = _SYLLABLES[lang]
+    pool = _per_language(_SYLLABLES, lang, "name_entities")
     if is_unspaced(lang):
         return "".join(rng.choice(pool) for _ in range(rng.randint(3, 4)))
     words = ["".join(rng.choice(pool) for _ in range(rng.randint(2, 3))) for _ in range(2)]
