@@ -16,6 +16,19 @@ applied to the unedited model (:meth:`~mlake_core.editing.base.EditResult.applie
 ``portability``
     the multi-hop "new" questions linked to ``f`` in B: greedy alias match of their answer.
 
+On a dataset whose records carry their own prompts (MzsRE, BMIKE-53:
+:func:`~mlake_core.data.external.has_own_measures`), generalization and locality follow
+their papers (ReMaKE, BMIKE-53: each measured in the test language B, for every B):
+generalization asks the record's ``rephrase`` in B (form ``rephrase``: the new answer),
+locality the record's unrelated ``loc`` question in B (form ``locality``: it must still
+give ``loc_ans``) instead of sampled other facts; :func:`own_measures` measures both and
+:func:`own_baseline` the unedited model's answers, every edit's prior
+(``chose_edit_before``).  Where a dataset gives no original answer (MzsRE, BMIKE-53 zsRE)
+nothing is ``known_before`` and ``success_prob`` is NaN; the greedy measures and the
+unedited model's rate of giving the new answer remain.  All rows are scored by greedy
+alias match (the papers score zsRE by teacher-forced token accuracy, ReMaKE through
+EasyEdit, or token F1/EM, BMIKE-53's ``icl.py``; see the README).
+
 Each row has the probability measures (``success_prob``: alias-aware p(new) > p(old);
 ``p_new``: the summed probability of the new answer's forms) and the greedy measure
 (``success_greedy``: greedy alias match gives the new answer), with ``known_before``: whether
@@ -51,6 +64,7 @@ from typing import Any
 
 from mlake_core.configs import coerce_fields
 from mlake_core.data.dataset import MlakeDataset
+from mlake_core.data.external import ExternalView, has_own_measures
 from mlake_core.editing.base import EditResult
 from mlake_core.errors import ConfigError, DataError
 from mlake_core.metrics.knowledge import (
@@ -178,11 +192,12 @@ def evaluate_edit(
         "edit_loss": result.loss,
     }
     mlake = config.protocol == "mlake"
+    own = has_own_measures(dataset)  # the record's rephrase and locality question
     with result.applied(adapter):
         measured = measure_knowledge(
             adapter, [fact.views[b] for b in langs], tpl, kcfg, batch_size=batch_size
         ).table
-        loc_views = [dataset.fact(i).views[b] for b in langs for i in locality_ids]
+        loc_views = [] if own else [dataset.fact(i).views[b] for b in langs for i in locality_ids]
         loc = measure_knowledge(
             adapter,
             loc_views,
@@ -193,6 +208,7 @@ def evaluate_edit(
         ).table
         port = _portability(adapter, fact.multi_hop, langs, tpl, config, batch_size)
         mcqa = mcqa_measures(adapter, [fact], langs, tpl, batch_size) if mlake else []
+        mine = own_measures(adapter, [fact], langs, tpl, config, batch_size) if own else []
     for rec in measured.to_dict(orient="records"):
         b, form = rec["lang"], rec["form"]
         if b == request.lang:
@@ -210,7 +226,7 @@ def evaluate_edit(
                 "kind": kind,
                 "n": 0 if noop else 1,
                 "success_prob": math.nan
-                if noop
+                if noop or math.isnan(rec["target_alias_logp"])  # no original answer
                 else float(rec["edit_alias_logp"] > rec["target_alias_logp"]),
                 "p_new": math.nan if noop else math.exp(rec["edit_alias_logp"]),
                 "success_greedy": math.nan if noop else hit,
@@ -226,7 +242,25 @@ def evaluate_edit(
                 ),
             }
         )
-    for b in langs:
+    for m in mine:
+        key = (request.fact_id, m["test_lang"], m["form"], m["kind"], "")
+        own_prior = before.get(key, (math.nan, math.nan))[0]
+        rows.append(
+            {
+                **base,
+                "test_lang": m["test_lang"],
+                "form": m["form"],
+                "kind": m["kind"],
+                "n": m["n"],
+                "success_prob": m["success_prob"],
+                "p_new": m["p_new"],
+                "success_greedy": m["chose_edit"] / m["n"] if m["n"] else math.nan,
+                "known_before": bool(known_before.get((request.fact_id, m["test_lang"]), False)),
+                "greedy_text": m["greedy_text"],
+                **_counts(m["n"], m["chose_edit"], math.nan, own_prior, math.nan, m["missing"]),
+            }
+        )
+    for b in [] if own else langs:
         sub = loc[loc["lang"] == b]
         kept = [
             float(m == "original")
@@ -306,6 +340,129 @@ def evaluate_edit(
 
 #: ``missing`` of a portability row whose fact has no linked "new" multi-hop question there.
 NO_MULTI_HOP = "no linked multi-hop question"
+
+#: ``missing`` of a generalization row (form ``rephrase``) whose record has no rephrase there.
+NO_REPHRASE = "no rephrase"
+
+#: ``missing`` of a locality row (form ``locality``) whose record has no locality question.
+NO_LOCALITY = "no locality question"
+
+
+def own_measures(
+    adapter: Any,
+    facts: Sequence[Any],
+    langs: Sequence[str],
+    template: PromptTemplate,
+    config: TransferConfig,
+    batch_size: int = 32,
+) -> list[dict[str, Any]]:
+    """Generalization and locality as the other datasets measure them (MzsRE, BMIKE-53:
+    :class:`~mlake_core.data.external.ExternalView`), with the model as it is: per fact and
+    test language, kind ``generalization`` (form ``rephrase``: the record's rephrase, whose
+    greedy answer must give the new answer; ``success_prob`` p(new) > p(old) where the record
+    gives an old answer, ``p_new``) and kind ``locality`` (form ``locality``: the record's
+    unrelated ``loc`` question, whose greedy answer must still give ``loc_ans``).  Each dict
+    has ``n`` (1, or 0 with the reason in ``missing``: :data:`NO_REPHRASE`,
+    :data:`NO_LOCALITY`, or the knowledge measure's skip reason) and ``chose_edit`` (the hits).
+    Scored by mlake's greedy alias match, the measure of every other row (the papers' own
+    scorers, teacher-forced token accuracy in ReMaKE and token F1/EM in BMIKE-53, are not
+    implemented; see the README)."""
+    kcfg = KnowledgeConfig(
+        forms=("question",),
+        max_new_tokens=config.max_new_tokens,
+        mcqa=False,
+        stop_when_decided=config.stop_when_decided,
+    )
+    wanted: list[tuple[int, str, str, str]] = []  # fact, lang, kind, form
+    rephrased, local = [], []
+    for fact in facts:
+        for b in langs:
+            view = fact.views[b]
+            wanted.append((fact.fact_id, b, "generalization", "rephrase"))
+            wanted.append((fact.fact_id, b, "locality", "locality"))
+            if not isinstance(view, ExternalView):
+                continue
+            r = view.rephrased()
+            if r is not None:
+                rephrased.append(r)
+            lv = view.locality_view()
+            if lv is not None:
+                local.append(lv)
+    gen = measure_knowledge(adapter, rephrased, template, kcfg, batch_size=batch_size).table
+    loc = measure_knowledge(
+        adapter, local, template, kcfg, batch_size=batch_size, scored=False
+    ).table
+    got: dict[tuple[int, str, str], dict[str, Any]] = {}
+    for kind, table, hit in (("generalization", gen, "edit"), ("locality", loc, "original")):
+        for rec in table.to_dict(orient="records"):
+            t_logp = rec["target_alias_logp"]
+            got[int(rec["fact_id"]), str(rec["lang"]), kind] = {
+                "chose_edit": float(rec["greedy_match"] == hit),
+                "greedy_text": rec["greedy_text"],
+                "success_prob": math.nan
+                if kind == "locality" or math.isnan(t_logp)
+                else float(rec["edit_alias_logp"] > t_logp),
+                "p_new": math.exp(rec["edit_alias_logp"]) if kind != "locality" else math.nan,
+            }
+    by_id = {f.fact_id: f for f in facts}
+    out = []
+    for fid, b, kind, form in wanted:
+        m = got.get((fid, b, kind))
+        view = by_id[fid].views[b]
+        field = "rephrase" if kind == "generalization" else "locality"
+        absent = getattr(view, field, None) is None
+        missing = (
+            (NO_REPHRASE if kind == "generalization" else NO_LOCALITY)
+            if absent
+            else ("" if m else "not measurable (too long, or no answer tokens)")
+        )
+        out.append(
+            {
+                "fact_id": fid,
+                "test_lang": b,
+                "kind": kind,
+                "form": form,
+                "n": 1 if m else 0,
+                "chose_edit": m["chose_edit"] if m else 0.0,
+                "greedy_text": m["greedy_text"] if m else "",
+                "success_prob": m["success_prob"] if m else math.nan,
+                "p_new": m["p_new"] if m else math.nan,
+                "missing": missing,
+            }
+        )
+    return out
+
+
+def own_baseline(
+    adapter: Any,
+    dataset: MlakeDataset,
+    fact_ids: Sequence[int],
+    langs: Sequence[str],
+    template: PromptTemplate,
+    config: TransferConfig,
+    batch_size: int = 32,
+) -> Any:
+    """The unedited model's :func:`own_measures` (a pandas DataFrame, columns
+    :data:`BASELINE_COLUMNS`): how often the rephrase already gives the new answer, and the
+    locality question ``loc_ans``, before any edit (the prior of every edit's rows)."""
+    import pandas as pd
+
+    facts = [dataset.fact(i) for i in fact_ids]
+    records = [
+        {
+            "fact_id": m["fact_id"],
+            "test_lang": m["test_lang"],
+            "form": m["form"],
+            "kind": m["kind"],
+            "mcqa_by": "",
+            "n": m["n"],
+            "chose_edit": m["chose_edit"],
+            "chose_original": math.nan,
+            "missing": m["missing"],
+        }
+        for m in own_measures(adapter, facts, langs, template, config, batch_size)
+    ]
+    return pd.DataFrame.from_records(records, columns=list(BASELINE_COLUMNS))
 
 
 def _counts(

@@ -86,8 +86,15 @@ def _stage_data(s: PipelineState) -> dict[str, str]:
     usable = {
         lang: sum(v.question.usable for v in s.dataset.views(lang)) for lang in s.dataset.langs
     }
+    from mlake_core.data.external import ExternalDataset
+
+    name = (
+        f"{s.dataset.title} (--dataset {s.dataset.name})"
+        if isinstance(s.dataset, ExternalDataset)
+        else f"MLaKE {s.dataset.version}"
+    )
     s.log(
-        f"data: MLaKE {s.dataset.version}, {len(s.dataset.facts)} facts; question form usable: "
+        f"data: {name}, {len(s.dataset.facts)} facts; question form usable: "
         + ", ".join(f"{k} {v}" for k, v in usable.items())
     )
     if not any(usable.values()):

@@ -24,17 +24,24 @@ def knowledge_stage(
     """Measure knowledge (:func:`~mlake_core.metrics.knowledge.measure_knowledge`) per language,
     saving each language's table as it finishes and reusing saved ones.  With an executor
     (``ctx.executor``) the languages are computed as shards first (:mod:`mlake.executors`);
-    with ``ctx.shard``, only the shard's languages, and the result holds only those.
+    with ``ctx.shard``, only the shard's languages, and the result holds only those.  On a
+    dataset without original answers (MzsRE, BMIKE-53 zsRE) knowledge is not measurable:
+    the stage says so and scores the new answer, every edit's prior.
 
     Returns:
         The combined result and its run folder.
     """
     import pandas as pd
 
-    from mlake_core.data.external import require_original_answers
+    from mlake_core.data.external import dataset_title, has_original_answers
 
-    require_original_answers(ctx.dataset, "the knowledge stage")
     run = ctx.open_run("knowledge", config)
+    if not has_original_answers(ctx.dataset):
+        ctx.say(
+            f"knowledge: {dataset_title(ctx.dataset)} gives no original answer, so what the "
+            "model knows is not measurable; the new answer is scored (the unedited model's "
+            "rate of giving it is the prior of every edit)"
+        )
     # Sharded (mlake.executors): each language's table is a piece.
     ctx.fill_shards("knowledge", run, knowledge_stage, config)
     fact_ids, langs = ctx.fact_ids, ctx.langs

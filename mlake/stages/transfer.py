@@ -60,7 +60,7 @@ def transfer_stage(
     Returns:
         The per-fact, per-pair rows (a pandas DataFrame) and the run folder.
     """
-    from mlake_core.data.external import require_subjects
+    from mlake_core.data.external import has_own_measures, require_subjects
 
     adapter, dataset, fact_ids, langs = ctx.adapter, ctx.dataset, ctx.fact_ids, ctx.langs
     if method in ("rome", "memit"):  # they write at the subject's last token
@@ -80,6 +80,7 @@ def transfer_stage(
         baseline_map,
         evaluate_edit,
         locality_facts,
+        own_baseline,
         protocol_baseline,
         require_mcqa,
     )
@@ -103,6 +104,9 @@ def transfer_stage(
         "corpus": stable_hash(list(corpus)),
         "seed": seed,
     }
+    own_measures = has_own_measures(dataset)
+    if own_measures:  # generalization and locality read the dataset's own prompts
+        extra["own_measures"] = "rephrase,locality"
     if unit_sets:
         extra["unit_sets"] = stable_hash(
             {k: sorted(int(u) for u in v) for k, v in unit_sets.items()}
@@ -131,6 +135,19 @@ def transfer_stage(
         prior = baseline_map(baseline)
         ctx.say(
             f"transfer [{method}]: the unedited model's multiple choice and multi-hop "
+            f"{'measured' if computed else 'loaded'}"
+        )
+    if own_measures:
+        # The dataset's own rephrase and locality questions, before any edit (the prior of
+        # every edit's generalization and locality rows): measured once per run.
+        own, computed = run.load_or_compute_table(
+            "own_baseline",
+            lambda: own_baseline(adapter, dataset, fact_ids, langs, template, config, batch_size),
+            columns=BASELINE_COLUMNS,
+        )
+        prior.update(baseline_map(own))
+        ctx.say(
+            f"transfer [{method}]: the unedited model's rephrase and locality answers "
             f"{'measured' if computed else 'loaded'}"
         )
     # Sharded (mlake.executors): a shard is a chunk of facts in one edit language.

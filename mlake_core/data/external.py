@@ -31,15 +31,22 @@ unchanged.  What the other datasets have and MLaKE has not, and the other way ro
   its question form is not usable (reason ``subject_not_in_prompt``; the subject stages skip
   it and count it) and :attr:`ExternalDataset.subject_not_in_prompt` counts it per language.
 - **No original answer** in zsRE-based data (MzsRE, BMIKE-53's zsRE task): the target is
-  empty and :attr:`ExternalDataset.has_original_answers` is false; the stages that measure
-  the original answer refuse (:func:`require_original_answers`).
+  empty and :attr:`ExternalDataset.has_original_answers` is false.  These are edit
+  benchmarks: the knowledge stage still scores the new answer (the unedited model's rate of
+  giving it is every edit's prior) and reports knowledge as not measurable; edits and their
+  evaluation run; the stages that need the original answer refuse
+  (:func:`require_original_answers`).
+- **The subject is not needed to ask a question**: the knowledge measures ask a question
+  form whose subject was not placed (:func:`~mlake_core.metrics.knowledge.askable`); the
+  subject stages (tracing, ROME/MEMIT edits) skip it, counted.
 - **Generalization, locality and portability** come per view
-  (:class:`ExternalView`: ``rephrase``, ``locality``, ``portability``).  The portability
+  (:class:`ExternalView`: ``rephrase``, ``locality``, ``portability``), in every test
+  language, and the transfer analysis reads them (:func:`analysis.transfer.evaluate_edit`):
+  generalization asks ``rephrase`` (form ``rephrase``), locality asks the record's own
+  ``loc`` question for ``loc_ans`` (instead of sampled other facts), and the portability
   question is also the fact's multi-hop "new" question in that language
   (:attr:`~mlake_core.data.dataset.Fact.multi_hop`, ``link`` ``record``: the record gives
-  it), which is what the transfer analysis scores as portability.  The transfer analysis's
-  generalization (the other prompt form) and locality (other facts of the dataset) do not
-  read ``rephrase`` and ``locality``.
+  it), which the transfer analysis scores as portability.
 - A dataset without subjects would set :attr:`ExternalDataset.has_subjects` false; the
   stages that need the subject refuse it (:func:`require_subjects`).  Both datasets read
   here give a subject in every record.
@@ -50,7 +57,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +115,36 @@ class ExternalView(FactView):
     rephrase: PromptForm | None = None
     locality: tuple[str, str] | None = None
     portability: tuple[str, str] | None = None
+
+    @property
+    def has_original_answer(self) -> bool:
+        """Whether the record gives the original answer (zsRE-based data does not)."""
+        return self.source is None or self.source.old_answer is not None
+
+    def rephrased(self) -> ExternalView | None:
+        """This view with the rephrase as its question form (what generalization asks), or
+        ``None`` when the record has no rephrase."""
+        if self.rephrase is None:
+            return None
+        return replace(self, question=self.rephrase)
+
+    def locality_view(self) -> ExternalView | None:
+        """This view with the record's locality question as its question form, its answer
+        ``loc_ans`` as the target (what the model must keep giving after an edit), or
+        ``None`` when the record has none."""
+        if self.locality is None:
+            return None
+        prompt, answer = self.locality
+        form = PromptForm(
+            kind="question",
+            text=prompt,
+            target=Target(answer),
+            edit_target=Target(""),
+            subject=None,
+            usable=False,
+            reason="locality question: no subject",
+        )
+        return replace(self, question=form, source=None)
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -235,8 +272,21 @@ def require_original_answers(dataset: Any, what: str) -> None:
         raise ConfigError(
             f"{what} scores each fact's original answer, and {dataset.title} gives none "
             "(its records hold only the new answer of the edit); use a dataset with "
-            "original answers (mlake, bmike53-counterfact, bmike53-wfd)"
+            "original answers (mlake, bmike53-counterfact, bmike53-wfd), or run the edits "
+            "(mlake edit transfer), which this dataset measures"
         )
+
+
+def has_original_answers(dataset: Any) -> bool:
+    """Whether ``dataset`` gives original answers (MLaKE does; MzsRE and BMIKE-53's zsRE
+    task do not)."""
+    return not isinstance(dataset, ExternalDataset) or dataset.has_original_answers
+
+
+def has_own_measures(dataset: Any) -> bool:
+    """Whether ``dataset``'s views carry their own generalization and locality prompts
+    (``rephrase``, ``locality``), which edit evaluation then reads."""
+    return isinstance(dataset, ExternalDataset)
 
 
 # --- building facts from records ---------------------------------------------------------

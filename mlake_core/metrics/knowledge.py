@@ -60,6 +60,7 @@ import torch
 
 from mlake_core.configs import coerce_fields
 from mlake_core.data.dataset import FactView, PromptForm
+from mlake_core.data.external import ExternalView
 from mlake_core.data.records import MCQA_LETTERS
 from mlake_core.data.text import is_cjk, normalize
 from mlake_core.errors import ConfigError, DataError
@@ -584,6 +585,28 @@ def _target_ids(adapter: ModelAdapter, prefix: str, forms: Sequence[str]) -> lis
     return [list(ids) for ids in seen]
 
 
+def askable(view: FactView, form: PromptForm) -> bool:
+    """Whether the knowledge measures ask ``view`` in ``form``.
+
+    "Usable" means "subject placed" for a question form, which the subject stages need and
+    the knowledge measures do not.  On MLaKE the knowledge stage keeps that rule (its tables
+    and run keys are unchanged); on other datasets (:class:`~mlake_core.data.external.
+    ExternalView`) a question form is asked whether or not its subject was placed, and the
+    subject stages still refuse it (:func:`~mlake_core.editing.base.locate_prompt`).
+    """
+    if form.usable:
+        return True
+    return isinstance(view, ExternalView) and form.kind == "question" and form.text is not None
+
+
+def no_original_answer(view: FactView) -> bool:
+    """Whether ``view``'s dataset gives no original answer (MzsRE, BMIKE-53 zsRE): its rows
+    are then scored for the new answer alone (the unedited model's rate of giving it is the
+    prior of an edit; ``target_*`` columns are NaN and ``greedy_match`` is never
+    ``original``, so nothing is *known* there)."""
+    return isinstance(view, ExternalView) and not view.has_original_answer
+
+
 def build_rows(
     adapter: ModelAdapter,
     views: Sequence[FactView],
@@ -602,14 +625,14 @@ def build_rows(
     for view in views:
         for kind in config.forms:
             form = view.form(kind)  # type: ignore[arg-type]
-            if not form.usable or form.text is None:
+            if not askable(view, form) or form.text is None:
                 key = f"{kind}:{form.reason or 'unusable'}"
                 skipped[key] = skipped.get(key, 0) + 1
                 continue
             prompt_text, prefix = template.prompt(kind, form.text, view.lang)
             targets = _target_ids(adapter, prefix, form.target.forms)
             edits = _target_ids(adapter, prefix, form.edit_target.forms)
-            if not targets:
+            if not targets and not (edits and no_original_answer(view)):
                 skipped[f"{kind}:empty_target"] = skipped.get(f"{kind}:empty_target", 0) + 1
                 continue
             options: list[list[int]] = []
@@ -971,7 +994,9 @@ def measure_knowledge(
         t_scores = by_row.get((r, "t"), [])
         e_scores = by_row.get((r, "e"), [])
         o_scores = by_row.get((r, "o"), [])
-        unscored = SequenceScore(logp=math.nan, n_tokens=len(row.target_ids[0]))
+        unscored = SequenceScore(
+            logp=math.nan, n_tokens=len(row.target_ids[0]) if row.target_ids else 0
+        )
         main, edit = (t_scores[0] if t_scores else unscored), (e_scores[0] if e_scores else None)
         t_alias = _logsumexp([s.logp for s in t_scores])
         e_alias = _logsumexp([s.logp for s in e_scores])

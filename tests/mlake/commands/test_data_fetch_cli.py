@@ -118,12 +118,17 @@ def test_knowledge_end_to_end_on_bmike(tiny_gpt2: Path, tmp_path: Path, capsys) 
     assert other["results"] != report["results"] and other["n_facts"] == 2
 
 
-def test_knowledge_refused_without_original_answers(
+def test_knowledge_not_measurable_without_original_answers(
     tiny_gpt2: Path, tmp_path: Path, capsys
 ) -> None:
-    args = ["eval", "knowledge", "--model", str(tiny_gpt2), "--template", "qa"]
+    """MzsRE gives no original answer: the knowledge stage says knowledge is not measurable
+    and scores the new answer (the prior of edits) instead of refusing."""
+    args = ["eval", "knowledge", "--model", str(tiny_gpt2), "--template", "qa", "--json"]
     args += ["--dataset", "mzsre", "--data-dir", str(MZSRE), "--langs", "en,zh"]
     args += ["--results-dir", str(tmp_path), "--device", "cpu"]
-    code, _, err = _run(capsys, *args)
-    assert code == 2
-    assert "the knowledge stage scores each fact's original answer, and MzsRE gives none" in err
+    code, out, err = _run(capsys, *args)
+    assert code == 0, err
+    assert "MzsRE gives no original answer, so what the model knows is not measurable" in err
+    report = json.loads(out)
+    assert all(report["languages"][lang]["facts"] == 3 for lang in ("en", "zh"))
+    assert all(report["languages"][lang]["known"] == 0 for lang in ("en", "zh"))
