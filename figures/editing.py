@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from figures.neurons import _heatmap
-from figures.style import PAGE_WIDTH, use_style
+from figures.style import PAGE_WIDTH, matrix_scale, use_style
 
 METRIC_LABELS = {
     "success_greedy": "success (greedy alias match, %)",
@@ -70,7 +70,7 @@ def transfer_matrices(
     use_style()
     langs = list(langs)
     n = len(matrices)
-    panel = 2.05
+    panel = 2.05 * matrix_scale(len(langs))
     columns = n if n <= 3 else (2 if n == 4 else 3)
     rows_n = -(-n // columns)
     fig, axes = plt.subplots(
@@ -147,7 +147,7 @@ def protocol_matrices(cells: Any, langs: Sequence[str], *, title: str = "") -> A
         raise ValueError("no protocol cell has a question to show")
     use_style()
     langs = list(langs)
-    panel = 2.05
+    panel = 2.05 * matrix_scale(len(langs))
     fig, axes = plt.subplots(
         len(hops),
         len(formats),

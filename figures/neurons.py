@@ -21,6 +21,7 @@ from figures.style import (
     SHARED_COLOR,
     lang_color,
     layer_ticks,
+    matrix_scale,
     use_style,
 )
 
@@ -160,7 +161,7 @@ def overlap_matrices(result: Any, unit: str = "neuron", measure: str = "jaccard"
     use_style()
     langs = list(result.langs)
     n = len(summaries)
-    panel = 2.05
+    panel = 2.05 * matrix_scale(len(langs))
     fig, axes = plt.subplots(
         1,
         n,
@@ -298,7 +299,7 @@ def ablation_matrix(result: Any, method: str, unit: str = "neuron") -> Any:
     ]
     finite = np.concatenate([m[np.isfinite(m)] for _, m in panels])
     limit = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
-    panel = 2.05
+    panel = 2.05 * matrix_scale(len(langs))
     fig, axes = plt.subplots(
         1, 2, figsize=(2 * panel + 0.6, panel + 0.35), squeeze=False, layout="constrained"
     )

@@ -46,6 +46,12 @@ OTHER_LANG_COLORS: tuple[str, ...] = (
 )
 
 
+def matrix_scale(n_langs: int) -> float:
+    """How much a languages x languages panel grows with the number of languages: 1 up to
+    MLaKE's five, then with the square root of the count (cells shrink slowly, labels fit)."""
+    return max(1.0, n_langs / 5) ** 0.5
+
+
 def lang_color(lang: str) -> str:
     """The colour of a language: :data:`LANG_COLORS` for MLaKE's five; any other code gets
     one of :data:`OTHER_LANG_COLORS`, the same in every figure and run (chosen by a CRC-32

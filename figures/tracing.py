@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from figures.style import COLUMN_WIDTH, PAGE_WIDTH, layer_ticks, use_style
+from figures.style import COLUMN_WIDTH, PAGE_WIDTH, layer_ticks, matrix_scale, use_style
 
 #: Tokens shown before the subject in a fact's heatmap.  Restoring a token before the subject
 #: changes nothing (its states are the same in the clean and corrupted runs), so the rows
@@ -177,9 +177,10 @@ def similarity_heatmap(result: Any, kind: str = "all") -> Any:
 
     use_style()
     matrix = np.array(result.similarity[kind], dtype=float)
-    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, COLUMN_WIDTH * 0.85))
-    image = ax.imshow(matrix, cmap="viridis", vmin=-1, vmax=1)
     langs = list(result.langs)
+    side = COLUMN_WIDTH * matrix_scale(len(langs))
+    fig, ax = plt.subplots(figsize=(side, side * 0.85))
+    image = ax.imshow(matrix, cmap="viridis", vmin=-1, vmax=1)
     quiet = [s.lang for s in result.summaries if not s.signal]
     ticks = [f"{lang}*" if lang in quiet else lang for lang in langs]
     ax.set_xticks(range(len(langs)), ticks)

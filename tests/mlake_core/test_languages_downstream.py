@@ -97,3 +97,25 @@ def test_mlake_tiny_texts_for_spanish_and_a_clear_error_otherwise() -> None:
     assert all(word[0].isupper() for word in name.split())
     with pytest.raises(ConfigError, match="name_entities: mlake-tiny has no name_entities text"):
         synthetic_name("eu", "BBC")
+
+
+def test_transfer_figure_six_languages() -> None:
+    import matplotlib.pyplot as plt
+
+    from figures.editing import transfer_matrices
+    from figures.style import matrix_scale
+
+    langs = [*LANGUAGES, "es"]
+    values = np.linspace(0, 1, 36).reshape(6, 6)
+    frame = pd.DataFrame(values, index=langs, columns=langs)
+    fig = transfer_matrices({"rome": frame}, langs)
+    try:
+        ax = fig.axes[0]
+        assert [t.get_text() for t in ax.get_xticklabels()] == langs
+        assert [t.get_text() for t in ax.get_yticklabels()] == langs
+        assert ax.images[0].get_array().shape == (6, 6)
+        assert fig.get_size_inches()[0] == pytest.approx(2.05 * matrix_scale(6) + 0.6)
+    finally:
+        plt.close(fig)
+    assert matrix_scale(5) == 1.0 and matrix_scale(3) == 1.0
+    assert matrix_scale(20) == 2.0
