@@ -246,3 +246,68 @@ def sweep_dose_response(points: Sequence[Mapping[str, Any]], *, label: str = "fr
             ax.spines[side].set_visible(False)
     fig.suptitle("sweep: dose-response (bands: 95% intervals)", fontsize=8)
     return fig
+
+
+def predictors_vs_transfer(result: Any, outcome: str = "transfer") -> Any:
+    """One panel per pair-level predictor of the lens and patching runs
+    (:data:`analysis.relate.INTERVENTION_PREDICTORS` the result has), the neuron overlap used
+    at fact level first: each off-diagonal cell A -> B of its matrix against the same cell of
+    the ``outcome`` matrix (fill A's colour, edge B's), titled with the pair-level Spearman rho
+    and Mantel p; a predictor without a cell both define says so in its panel.
+
+    Returns:
+        A matplotlib Figure.
+
+    Raises:
+        ValueError: the result has none of these predictors, or no such outcome.
+    """
+    import matplotlib.pyplot as plt
+
+    from analysis.relate import INTERVENTION_PREDICTORS
+
+    if outcome not in result.outcomes:
+        raise ValueError(f"outcome {outcome!r}: the result has {', '.join(result.outcomes)}")
+    names = [
+        n
+        for n in (f"neuron_jaccard_{result.unit}", *INTERVENTION_PREDICTORS)
+        if n in result.predictors
+    ]
+    if not names:
+        raise ValueError("the relation result has no overlap, lens or patching predictor")
+    use_style()
+    langs = list(result.langs)
+    scale = 100.0 if outcome == "transfer" else 1.0
+    y_all = result.outcomes[outcome].reindex(index=langs, columns=langs).to_numpy(dtype=float)
+    fig, axes = plt.subplots(
+        1, len(names), figsize=(PAGE_WIDTH, 2.2), squeeze=False, layout="constrained"
+    )
+    table = result.pair_level
+    for ax, name in zip(axes[0], names, strict=True):
+        x_all = result.predictors[name].reindex(index=langs, columns=langs).to_numpy(dtype=float)
+        n = 0
+        for i, a in enumerate(langs):
+            for j, b in enumerate(langs):
+                x, y = x_all[i, j], y_all[i, j]
+                if i == j or not (np.isfinite(x) and np.isfinite(y)):
+                    continue
+                n += 1
+                ax.scatter(
+                    x,
+                    y * scale,
+                    s=22,
+                    color=lang_color(a),
+                    edgecolors=lang_color(b),
+                    linewidths=1.4,
+                )
+        sel = table[(table["predictor"] == name) & (table["outcome"] == outcome)]
+        stat = ""
+        if not sel.empty and np.isfinite(float(sel.iloc[0]["rho"])):
+            stat = f"\nρ = {float(sel.iloc[0]['rho']):.2f}, p = {float(sel.iloc[0]['p']):.3f}"
+        elif n:
+            stat = "\nρ undefined (a constant)"
+        ax.set_title(f"{name}{stat}", fontsize=7)
+        if not n:
+            ax.text(0.5, 0.5, "no cells", transform=ax.transAxes, ha="center", va="center")
+        ax.set_xlabel("predictor", fontsize=7)
+    axes[0][0].set_ylabel(OUTCOME_LABELS.get(outcome, outcome))
+    return fig

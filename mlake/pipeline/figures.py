@@ -29,6 +29,8 @@ file (``figures/<name>``)       from
 ``ablation_<method>``          neurons: the ablation matrix (specific vs random units)
 ``sharing_vs_transfer_<m>``    relate: overlap against transfer per language pair
 ``restricted_editing``         relate: restricted minus unrestricted FT, with intervals
+``relate_predictors_<m>``      relate (with lens-edit or patching runs): each lens and
+                               patching predictor against transfer per language pair
 ``probe_accuracy``             probes: accuracy by layer (language identity, cross-lingual)
 ``probe_transfer_by_layer``    probes: per training language, a line per test language
 ``sweep_dose_response``        a sharing sweep's points (``--sweep``), when given
@@ -234,6 +236,10 @@ def figure_makers(
                 )
             if rres.interventions:
                 makers.append(("restricted_editing", partial(relate.restricted_editing, rres)))
+            if rres.predictor_fits:  # the lens and patching runs' predictors
+                makers.append(
+                    (f"relate_predictors_{label}", partial(relate.predictors_vs_transfer, rres))
+                )
     else:
         makers.append(("sharing_vs_transfer", "no relate stage in the run"))
 
