@@ -821,6 +821,70 @@ def protocol_cells(rows: Any, langs: Sequence[str]) -> Any:
     return pd.DataFrame.from_records(records, columns=list(CELL_COLUMNS))
 
 
+#: The other datasets' tables (ReMaKE, BMIKE-53), in order: (measure, kind, form, how each
+#: cell is read); every one edit language x test language.
+OWN_TABLES: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
+    ("reliability", ("efficacy", "transfer"), "question", "the question gives the new answer"),
+    ("generalization", ("generalization",), "rephrase", "the rephrase gives the new answer"),
+    ("locality", ("locality",), "locality", "the loc question still gives loc_ans"),
+    ("portability", ("portability",), "multi_hop", "the portability question's answer"),
+)
+
+#: Columns of :func:`own_cells`.
+OWN_CELL_COLUMNS: tuple[str, ...] = (
+    "measure",
+    "edit_lang",
+    "test_lang",
+    "pct",
+    "before_pct",
+    "n",
+    "hits",
+    "missing",
+    "edits",
+)
+
+
+def own_cells(rows: Any, langs: Sequence[str]) -> Any:
+    """The other datasets' measures (:data:`OWN_TABLES`) as one long table (a pandas
+    DataFrame, columns :data:`OWN_CELL_COLUMNS`), one row per measure and (edit language,
+    test language), counted over every edited fact as the papers do: ``n`` questions
+    measured, ``hits`` of them passed, ``pct`` = 100 ``hits`` / ``n``, ``before_pct`` the
+    unedited model's rate on the same questions where it was measured (NaN where not: the
+    portability prior is measured by ``--protocol mlake`` only), ``missing`` the edited
+    facts with no question there (no rephrase, no locality question, a no-op edit),
+    ``edits`` the facts edited in the edit language.  Values rounded to 0.1."""
+    import pandas as pd
+
+    rows = _with_counts(rows)
+    edits = rows[rows["kind"] == "efficacy"].groupby("edit_lang")["fact_id"].nunique()
+    records = []
+    for measure, kinds, form, _ in OWN_TABLES:
+        sel = rows[rows["kind"].isin(kinds) & (rows["form"] == form)]
+        for a in langs:
+            for b in langs:
+                cell = sel[(sel["edit_lang"] == a) & (sel["test_lang"] == b)]
+                measured = cell[cell["n"] > 0]
+                n = int(measured["n"].sum())
+                hits = float(measured["chose_edit"].sum())
+                prior = measured["chose_edit_before"]
+                records.append(
+                    {
+                        "measure": measure,
+                        "edit_lang": a,
+                        "test_lang": b,
+                        "pct": _pct(hits, n),
+                        "before_pct": _pct(float(prior.sum()), n)
+                        if n and prior.notna().all()
+                        else math.nan,
+                        "n": n,
+                        "hits": round(hits),
+                        "missing": int(edits.get(a, 0)) - int(measured["fact_id"].nunique()),
+                        "edits": int(edits.get(a, 0)),
+                    }
+                )
+    return pd.DataFrame.from_records(records, columns=list(OWN_CELL_COLUMNS))
+
+
 def _pct(hits: float, n: int) -> float:
     return round(100.0 * hits / n, 1) if n else math.nan
 
