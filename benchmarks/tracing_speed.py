@@ -798,7 +798,8 @@ def calibrate_overhead(adapter, item, config, sizes=(1, 2, 4, 8, 16, 32), repeat
     rows from block 0) of ``k`` cells for each ``k`` in ``sizes``, and fit ``seconds = a + b *
     token_blocks`` by least squares on each size's median: ``a / b`` token-blocks is the fixed
     cost of a pass (the fit weighted by ``1 / seconds``), ``a / b`` times a token-block's operations (``2 (4 d^2 + 3 d d_mlp)``) the
-    value of :data:`~analysis.tracing.causal.PASS_OVERHEAD_FLOPS` on this device."""
+    value of :data:`~analysis.tracing.causal.PASS_OVERHEAD_FLOPS` on this device (``a / b``
+    itself: :data:`~analysis.tracing.causal.PASS_OVERHEAD_TOKEN_BLOCKS`)."""
     from analysis.tracing.causal import _prepare, _run_rows
 
     fact_id, lang, ids, subject, answer = item
@@ -980,7 +981,7 @@ def main() -> None:
         "--calibrate",
         action="store_true",
         help="only fit the fixed cost of a pass (pass seconds against rows, one process): "
-        "the value of PASS_OVERHEAD_FLOPS on this device",
+        "PASS_OVERHEAD_TOKEN_BLOCKS (CPU) and PASS_OVERHEAD_FLOPS on this device",
     )
     parser.add_argument(
         "--memory",

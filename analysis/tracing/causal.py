@@ -40,7 +40,7 @@ sample's ``resid_pre.l`` (``final_states(..., start=(l, resid))``: the blocks be
 their input without computing, on both backends and every architecture); the embedding patch
 is then not needed (the noise is in the cached stream).  Rows of one restored token are cut
 into passes by start block (:func:`plan_passes`: a pass starts at its lowest row's block, and
-the fixed cost of a pass, :data:`PASS_OVERHEAD_FLOPS`, decides when rows of neighbouring
+the fixed cost of a pass, :data:`PASS_OVERHEAD_TOKEN_BLOCKS`, decides when rows of neighbouring
 start blocks share one); ``skip_layers=False`` runs every block in every row, with the same
 numbers.
 
@@ -778,21 +778,39 @@ def _start_layer(cell: tuple[str, int, int, list[str]]) -> int:
     return min(int(site.rsplit(".", 1)[1]) for site in cell[3])
 
 
-#: The fixed cost of one forward pass (hooks, masks, cache set-up, kernel launches) in
-#: floating-point operations of block work it is worth, by device type.  It only decides which
-#: rows share a pass (:func:`plan_passes`), never a number.  CPU: a few milliseconds at the
-#: ~10-20 GFLOP/s of one core; CUDA: a few milliseconds of launch latency at tens of TFLOP/s
-#: (an estimate, not measured here).
-PASS_OVERHEAD_FLOPS: dict[str, float] = {"cpu": 1e8, "cuda": 2e11}
+#: The fixed cost of one forward pass on CUDA (launch latency, hooks, masks, cache set-up) in
+#: floating-point operations of block work it is worth: a few milliseconds at tens of TFLOP/s
+#: (an estimate, not measured: no GPU was lent).  It only decides which rows share a pass
+#: (:func:`plan_passes`), never a number.  On CPU the cost is measured in token-blocks
+#: instead (:data:`PASS_OVERHEAD_TOKEN_BLOCKS`), the unit in which it holds across models.
+PASS_OVERHEAD_FLOPS: dict[str, float] = {"cuda": 2e11}
+
+#: The fixed cost of one forward pass on CPU, in token-blocks (one block at one position of
+#: one row), fitted from the tracer's own passes (pass seconds = fixed + per token-block x
+#: rows x tokens x blocks, weighted least squares over passes of 1-32 cells, one process):
+#: ``OMP_NUM_THREADS=1 python benchmarks/tracing_speed.py --models mlake-tiny,gpt2-small-shape
+#: --langs en --calibrate`` (session 15, load average 10-12): mlake-tiny 96 token-blocks
+#: (73 ms fixed, 1.6e8 operations), GPT-2-small shape 120 (0.31 s, 2.3e9 operations: its
+#: TransformerLens passes also copy the fused Q/K/V weights).  In operations the two differ 14
+#: times, in token-blocks by a quarter (the cost grows with the blocks and their width, as
+#: hooks and weight copies do), so the CPU value is in token-blocks: 110, their mean.  The
+#: constant it replaces, 1e8 operations, was 5.3 token-blocks on the GPT-2 shape (59 on
+#: mlake-tiny): passes were cut far too finely there.
+PASS_OVERHEAD_TOKEN_BLOCKS: dict[str, float] = {"cpu": 110.0}
 
 
 def pass_overhead_blocks(adapter: ModelAdapter, n_tokens: int) -> float:
-    """A pass's fixed cost (:data:`PASS_OVERHEAD_FLOPS`) in blocks run by one row of
-    ``n_tokens`` tokens (a block: about ``2 (4 d_model^2 + 3 d_model d_mlp)`` operations per
-    token)."""
+    """A pass's fixed cost in blocks run by one row of ``n_tokens`` tokens: on CPU
+    :data:`PASS_OVERHEAD_TOKEN_BLOCKS` over ``n_tokens``; elsewhere
+    :data:`PASS_OVERHEAD_FLOPS` over the operations of one such block (about ``2 (4
+    d_model^2 + 3 d_model d_mlp)`` per token)."""
+    n_tokens = max(1, n_tokens)
+    device = adapter.device.type
+    if device in PASS_OVERHEAD_TOKEN_BLOCKS:
+        return PASS_OVERHEAD_TOKEN_BLOCKS[device] / n_tokens
     d, d_mlp = adapter.d_model, adapter.d_mlp
-    per_block = 2.0 * (4 * d * d + 3 * d * d_mlp) * max(1, n_tokens)
-    return PASS_OVERHEAD_FLOPS.get(adapter.device.type, PASS_OVERHEAD_FLOPS["cuda"]) / per_block
+    per_block = 2.0 * (4 * d * d + 3 * d * d_mlp) * n_tokens
+    return PASS_OVERHEAD_FLOPS.get(device, PASS_OVERHEAD_FLOPS["cuda"]) / per_block
 
 
 def plan_passes(
