@@ -9,6 +9,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from mlake.stages.context import Settings, StageContext, subject_noise_std
@@ -178,7 +179,8 @@ def neurons_stage(
             neurons_stage,
             config,
             knowledge=knowledge,
-            text_folder=text_folder,
+            # absolute: a worker's working folder is not the caller's (its text keys the run)
+            text_folder=str(Path(text_folder).resolve()) if text_folder is not None else None,
             units={lang: [[f] for f in ordered if f in known[lang]] for lang in langs},
         )
     skipped: dict[str, int] = {}
