@@ -252,6 +252,10 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
         ),
         (
             "code",
+            "from figures.relate import predictors_vs_transfer\npredictors_vs_transfer(related)",
+        ),
+        (
+            "code",
             'import pandas as pd\n\npd.DataFrame(\n    [\n        {"predictor": name, "model": kind, "rows": fit.n_rows, "facts": fit.n_facts,\n         "missing": related.missing.get(name, 0), "not estimated": fit.note,\n         **({} if fit.note else fit.term(name))}\n        for name, fits in {"overlap": related.fits, **related.predictor_fits}.items()\n        for kind, fit in fits.items()\n    ]\n)',
         ),
     ],
