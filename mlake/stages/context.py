@@ -159,6 +159,44 @@ class StageContext:
         else when the shard covers it (:meth:`Shard.covers`)."""
         return self.shard is None or self.shard.covers(lang, fact_id)
 
+    def edit_pieces(
+        self,
+        run: Run,
+        chosen: Mapping[str, Sequence[int]],
+        plan: Callable[[str, int], tuple[Any, ...] | None],
+        compute: Callable[..., Mapping[str, Any] | None],
+        *,
+        keys: Sequence[str] = (),
+        what: str = "an edit",
+    ) -> dict[str, list[tuple[int, dict[str, Any]]]]:
+        """The per-edit loop of the stages that read edited models (the edit lens, patching's
+        edit carried): for each edit language ``a`` and fact ``f`` of ``chosen`` that this
+        process computes (:meth:`mine`), ``plan(a, f)`` (tokenization only, with its skips
+        counted, done whether the edit is computed or read back; ``None``: skipped), then the
+        piece ``edit_<a>_<f>``: read back if saved, else ``compute(a, f, *planned)`` under
+        the piece's claim (:meth:`~mlake_core.results.store.Run.load_or_compute_arrays`;
+        ``None``: a failed edit, not saved).
+
+        Returns:
+            Per edit language, ``(fact, arrays)`` of its edits, in ``chosen``'s order.
+        """
+        from functools import partial
+
+        out: dict[str, list[tuple[int, dict[str, Any]]]] = {a: [] for a in chosen}
+        for a, facts in chosen.items():
+            for f in facts:
+                if not self.mine(a, f):  # another shard's edit
+                    continue
+                planned = plan(a, f)
+                if planned is None:
+                    continue
+                arrays, _ = run.load_or_compute_arrays(
+                    f"edit_{a}_{f}", partial(compute, a, f, *planned), keys=keys, what=what
+                )
+                if arrays is not None:
+                    out[a].append((f, arrays))
+        return out
+
     def identity(self) -> dict[str, Any]:
         """The model's identity in result keys (:func:`model_identity`)."""
         return model_identity(self.adapter, self.model_path)

@@ -404,25 +404,11 @@ def lens_edits_stage(
             on_item({"lang": a, "fact_id": f})
         return lens.to_arrays()
 
-    lenses: dict[str, list[EditLens]] = {a: [] for a in langs}
-    edited_ids: dict[str, list[int]] = {a: [] for a in langs}
-    for a in langs:
-        for f in chosen[a]:
-            if not ctx.mine(a, f):  # another shard's edit
-                continue
-            plan = edit_plan(a, f)
-            if plan is None:
-                continue
-            arrays, _ = run.load_or_compute_arrays(
-                f"edit_{a}_{f}",
-                partial(edit_one, a, f, *plan),
-                keys=EDIT_LENS_KEYS,
-                what="an edit lens",
-            )
-            if arrays is None:
-                continue
-            lenses[a].append(EditLens.from_arrays(arrays))
-            edited_ids[a].append(f)
+    done = ctx.edit_pieces(
+        run, chosen, edit_plan, edit_one, keys=EDIT_LENS_KEYS, what="an edit lens"
+    )
+    lenses = {a: [EditLens.from_arrays(arrays) for _, arrays in done[a]] for a in langs}
+    edited_ids = {a: [f for f, _ in done[a]] for a in langs}
     if ctx.shard is not None:  # a worker: its edits are saved; the summary is the whole run's
         return None, run
     result = EditLensResult(

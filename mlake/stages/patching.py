@@ -292,22 +292,10 @@ def patching_stage(
                 on_item({"kind": "edit", "lang": a, "fact_id": f})
             return carried.to_arrays()
 
-        for a in langs:
-            done_edits = edits.setdefault(a, [])
-            for f in chosen_edits[a]:
-                if not ctx.mine(a, f):  # another shard's edit
-                    continue
-                plan = edit_plan(a, f)
-                if plan is None:
-                    continue
-                arrays, _ = run.load_or_compute_arrays(
-                    f"edit_{a}_{f}",
-                    partial(edit_one, a, f, *plan),
-                    keys=EDIT_KEYS,
-                    what="an edit patch",
-                )
-                if arrays is not None:
-                    done_edits.append(EditPatch.from_arrays(arrays))
+        done = ctx.edit_pieces(
+            run, chosen_edits, edit_plan, edit_one, keys=EDIT_KEYS, what="an edit patch"
+        )
+        edits = {a: [EditPatch.from_arrays(arrays) for _, arrays in done[a]] for a in langs}
     if ctx.shard is not None:  # a worker: its pieces are saved; the summary is the whole run's
         return None, run
     edit_summary = summarize_edits(langs, edits, adapter.n_layers) if edits_on else {}
