@@ -275,3 +275,16 @@ def test_mlake_edits_keep_their_measures(adapter, mlake_v2411) -> None:
     assert not {f for _, f in forms} & {"rephrase", "locality"}
     loc = [r for r in rows if r["kind"] == "locality"]
     assert [r["n"] for r in loc] == [3, 3] and {r["form"] for r in loc} == {"question"}
+
+
+def test_pipeline_data_line_names_the_dataset(tmp_path: Path) -> None:
+    from mlake.pipeline.config import config_from_dict
+    from mlake.pipeline.steps import PipelineState, _stage_data
+
+    data = {"dataset": "mzsre", "data_dir": str(MZSRE), "langs": "en,zh"}
+    lines: list[str] = []
+    state = PipelineState(
+        config_from_dict({"data": data}), tmp_path, tmp_path / "store", lines.append, None, None
+    )
+    _stage_data(state)
+    assert lines == ["data: MzsRE (--dataset mzsre), 3 facts; question form usable: en 3, zh 3"]
