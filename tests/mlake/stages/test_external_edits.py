@@ -280,11 +280,17 @@ def test_mlake_edits_keep_their_measures(adapter, mlake_v2411) -> None:
 def test_pipeline_data_line_names_the_dataset(tmp_path: Path) -> None:
     from mlake.pipeline.config import config_from_dict
     from mlake.pipeline.steps import PipelineState, _stage_data
+    from mlake.progress import Bars
 
     data = {"dataset": "mzsre", "data_dir": str(MZSRE), "langs": "en,zh"}
     lines: list[str] = []
     state = PipelineState(
-        config_from_dict({"data": data}), tmp_path, tmp_path / "store", lines.append, None, None
+        config_from_dict({"data": data}),
+        tmp_path,
+        tmp_path / "store",
+        lines.append,
+        Bars(False, lines.append),
+        None,
     )
     _stage_data(state)
     assert lines == ["data: MzsRE (--dataset mzsre), 3 facts; question form usable: en 3, zh 3"]
