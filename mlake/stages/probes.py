@@ -4,11 +4,15 @@ similarity, bound to the results store.
 Two runs, so that a new probe setting never re-reads the model:
 
 * ``probe_activations/<key>``: the residual stream of every (fact, language) question prompt at
-  every layer and both positions (:mod:`probes.activations`), one array file per language,
-  keyed by the model, data, facts, languages and template (not the probe settings).
+  every layer and both positions (:mod:`probes.activations`), one array file per language
+  (joined from its batches, each saved as it is read: the reading is per fact, and shards with
+  an executor), keyed by the model, data, facts, languages and template (not the probe
+  settings).
 * ``probes/<key>``: the probe tables (``language_id``, ``transfer``, ``similarity``), each saved
   as it finishes, and ``summary.json`` (:class:`~probes.config.ProbeResult`), keyed by the same
   plus the :class:`~probes.config.ProbeConfig`.
+
+The probes are fit on all facts at once, in the calling process: they do not shard.
 
 Views whose question form is not usable are left out and counted per language and reason;
 facts the model does not know (knowledge stage) are counted, and left out only with
@@ -54,7 +58,7 @@ def activations_stage(
 
     A language's prompts are read in batches of ``ctx.batch_size`` sorted by length
     (:func:`~probes.activations.collect_activations`); each batch is saved as it finishes
-    (``acts_<lang>_<start>_<stop>``, rows ``start:stop`` of that order), under its claim
+    (``acts_<lang>_<batch size>x<k>``, the k-th batch of that order), under its claim
     (:meth:`~mlake_core.results.store.Run.claim`), then the language's batches are joined into
     its one array file (``acts_<lang>``) and removed.  With an executor (``ctx.executor``) the
     batches are read first as shards, chunks of whole batches in one language
@@ -87,12 +91,14 @@ def activations_stage(
             with run.claim(name):
                 if not run.has_arrays(name):
                     pieces = [
-                        _read_batch(ctx, run, lang, prompts[lang], rows, progress)
+                        _read_batch(ctx, run, lang, prompts[lang], batches[lang], rows, progress)
                         for rows in batches[lang]
                     ]
                     run.save_arrays(name, _join_batches(ctx, batches[lang], pieces))
                     for rows in batches[lang]:
-                        run.arrays_path(_batch_name(lang, rows)).unlink(missing_ok=True)
+                        run.arrays_path(_batch_name(lang, batches[lang], rows)).unlink(
+                            missing_ok=True
+                        )
                     ctx.say(
                         f"probe activations [{lang}]: {len(prompts[lang])} prompts read; {run.path}"
                     )
@@ -113,7 +119,7 @@ def activations_shard(ctx: StageContext) -> None:
             continue
         for rows in batches[lang]:
             if ctx.mine(lang, prompts[lang][rows[0]].fact_id):
-                _read_batch(ctx, run, lang, prompts[lang], rows, None)
+                _read_batch(ctx, run, lang, prompts[lang], batches[lang], rows, None)
 
 
 def _activation_plan(
@@ -148,9 +154,11 @@ def _activation_plan(
     return run, prompts, batches, usable, skipped
 
 
-def _batch_name(lang: str, rows: list[int]) -> str:
-    """A batch's piece: ``acts_<lang>_<first row>_<rows>`` (rows in the length order)."""
-    return f"acts_{lang}_{min(rows)}_{len(rows)}"
+def _batch_name(lang: str, batches: list[list[int]], rows: list[int]) -> str:
+    """A batch's piece: ``acts_<lang>_<batch size>x<k>``, the k-th batch (of ``batches``, in
+    the length order) of that size: the same batch on every run of the same batch size (the
+    prompts are the run's), another name for another size."""
+    return f"acts_{lang}_{len(batches[0])}x{batches.index(rows)}"
 
 
 def _read_batch(
@@ -158,10 +166,12 @@ def _read_batch(
     run: Run,
     lang: str,
     prompts: list[Any],
+    batches: list[list[int]],
     rows: list[int],
     progress: Callable[[int], None] | None,
 ) -> Activations:
-    """One batch of a language's prompts (indices ``rows``), read and saved, or loaded."""
+    """One batch of a language's prompts (indices ``rows``, one of ``batches``), read and
+    saved, or loaded."""
     sites = probe_sites(ctx.adapter.n_layers)
     chosen = sorted(rows)  # the prompts' own order: collect_activations sorts them as the run
 
@@ -175,7 +185,9 @@ def _read_batch(
         )
         return acts.to_arrays()
 
-    arrays, _ = run.load_or_compute_arrays(_batch_name(lang, rows), read, what="probe activations")
+    arrays, _ = run.load_or_compute_arrays(
+        _batch_name(lang, batches, rows), read, what="probe activations"
+    )
     assert arrays is not None
     return Activations.from_arrays(arrays)
 
