@@ -443,3 +443,50 @@ def test_a_finished_shard_is_not_recomputed_and_the_rest_is_filled(
     result, run = lens_stage_module.lens_edits_stage(ctx, config, **kw)
     assert _plain(result.to_dict()) == local_per_fact["lens_edits"]
     assert len(edited) == sum(len(v) for v in result.edits.values()) - 1  # the saved one read
+
+
+def test_a_ray_worker_killed_in_an_edit_lens_shard_loses_and_duplicates_nothing(
+    world: World, local_per_fact: dict[str, Any], ray_executor: Any, tmp_path: Path
+) -> None:
+    import ray
+
+    from analysis.lens import LensConfig
+    from mlake.stages.knowledge import knowledge_stage
+    from mlake.stages.lens import lens_edits_stage
+    from mlake_core.editing.rome import RomeConfig
+    from mlake_core.metrics.knowledge import KnowledgeConfig
+
+    ctx = dataclasses.replace(world.ctx, results_dir=str(tmp_path), batch_size=BATCH)
+    corpus = [ctx.dataset.fact(f).views[lang].record.o_prompt for f in world.pool for lang in LANGS]
+    knowledge, _ = knowledge_stage(ctx, KnowledgeConfig(mcqa=False))
+    victim = ray.get(ray_executor.actors[1].ready.remote())["pid"]
+    ctx = dataclasses.replace(ctx, executor=ray_executor)
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"], outcome["run"] = lens_edits_stage(
+                ctx,
+                LensConfig(method="rome", edits=2),
+                knowledge=knowledge,
+                method_config=RomeConfig(steps=8, contexts="none"),
+                corpus=corpus,
+            )
+        except BaseException as err:  # reported below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 120
+    pieces: list[Path] = []
+    while time.monotonic() < deadline and not pieces:  # the first edit saved: mid-shard
+        pieces = list(tmp_path.glob("lens_edits/*/arrays/edit_*.npz"))
+        time.sleep(0.02)
+    assert pieces, "no edit was saved"
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=180)
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    assert ray.get(ray_executor.actors[1].ready.remote())["pid"] != victim  # restarted
+    assert _plain(outcome["result"].to_dict()) == local_per_fact["lens_edits"]
+    assert outcome["run"].complete
