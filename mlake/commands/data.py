@@ -29,7 +29,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         DataSettings,
         fields=DATA_FIELDS,
         helps={
-            "langs": "comma-separated languages",
+            "langs": "comma-separated language codes, or all: the languages come from the "
+            "data folder (MLaKE's five, en,zh,ja,fr,de, in the published releases; a folder "
+            "in MLaKE's format may hold others: README, Other languages)",
             "data_dir": f"MLaKE data directory (default: ${ENV_VAR}, else ../shared/mlake "
             "beside the repository, else ./mlake_data); for another --dataset, the folder "
             "holding its files (where mlake data fetch --dataset NAME --dest DIR put them)",
