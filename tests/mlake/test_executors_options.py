@@ -116,3 +116,22 @@ def test_a_saved_piece_takes_no_claim(run: Run) -> None:
     assert not (run.path / "claims").exists()  # nothing written: a read-only store is read
     table, computed = run.load_or_compute_table("knowledge_zh", lambda: pd.DataFrame({"x": [2]}))
     assert computed and run.claim_path("knowledge_zh").is_file()
+
+
+def test_arrays_are_computed_once_under_a_claim_and_a_skip_saves_nothing(run: Run) -> None:
+    import numpy as np
+
+    calls: list[str] = []
+
+    def compute() -> dict[str, object]:
+        calls.append("x")
+        return {"x": np.arange(3)}
+
+    arrays, computed = run.load_or_compute_arrays("lens_en_3", compute, keys=("x",))
+    assert computed and arrays is not None and arrays["x"].tolist() == [0, 1, 2]
+    assert run.claim_path("lens_en_3").is_file()  # computed under its claim
+    arrays, computed = run.load_or_compute_arrays("lens_en_3", compute, keys=("x",))
+    assert not computed and arrays is not None and arrays["x"].tolist() == [0, 1, 2]
+    assert calls == ["x"]  # read back, not recomputed
+    arrays, computed = run.load_or_compute_arrays("edit_en_4", lambda: None)
+    assert arrays is None and computed and not run.has_arrays("edit_en_4")  # a skipped piece
