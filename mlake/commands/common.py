@@ -90,7 +90,8 @@ def add_settings_args(
     for f in dataclasses.fields(cls):
         if fields is not None and f.name not in fields:
             continue
-        default = (defaults or {}).get(f.name, getattr(base, f.name))
+        unresolved = getattr(cls, "UNRESOLVED_DEFAULTS", {})
+        default = (defaults or {}).get(f.name, unresolved.get(f.name, getattr(base, f.name)))
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         text = (helps or {}).get(f.name) or docs.get(f.name, "")
         option = (rename or {}).get(f.name, f.name)
@@ -260,7 +261,7 @@ def add_data_args(
     add_settings_args(
         parser.add_argument_group("data"),
         DataSettings,
-        defaults={"facts": facts_default, "langs": ("all",)},
+        defaults={"facts": facts_default},
         helps={
             "facts": facts_help,
             "langs": "comma-separated language codes, or all: the languages come from the "
