@@ -124,7 +124,8 @@ def build_dataclass(
     key path (and the file ``source``), values are coerced to the fields' types, nested
     dataclasses are built recursively, and errors the dataclass raises on construction are
     prefixed with the path.  Fields not given keep ``base``'s values (default: ``cls``'s
-    defaults).
+    defaults); a field of ``cls.UNRESOLVED_DEFAULTS`` still at its default is given again
+    unresolved (DataSettings' langs "all" then means the languages of the data_dir given).
 
     Raises:
         ConfigError: an unknown key, a value of the wrong type or one the dataclass rejects.
@@ -140,12 +141,19 @@ def build_dataclass(
         raise ConfigError(
             f"{where(source, f'{path}.{unknown[0]}')}: unknown key (known: {', '.join(fields)})"
         )
-    base = base if base is not None else cls()
+    # Defaults resolved on construction against other fields (a class's
+    # ``UNRESOLVED_DEFAULTS``, e.g. DataSettings' langs "all": the data folder's languages)
+    # are given again unresolved where the base still holds the default, so they resolve
+    # against the fields given here.
+    unresolved: Mapping[str, Any] = getattr(cls, "UNRESOLVED_DEFAULTS", {})
+    defaults = cls() if base is None or unresolved else None
+    base = base if base is not None else defaults
     kwargs: dict[str, Any] = {}
     for name in fields:
         current = getattr(base, name)
         if name not in data:
-            kwargs[name] = current
+            default = name in unresolved and current == getattr(defaults, name)
+            kwargs[name] = unresolved[name] if default else current
             continue
         value = data[name]
         at = where(source, f"{path}.{name}")
