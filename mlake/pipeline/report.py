@@ -480,6 +480,9 @@ def build_report(out: str | os.PathLike[str]) -> str:
 
             lines += ["", "### Where transfer fails", ""]
             lines += failure_lines(edit_failures(EditLensResult.load(edits_dir)), markdown=True)
+            png = next((f for f in written.get("lens_failures", []) if f.endswith(".png")), None)
+            if png:
+                lines += ["", f"![lens_failures](figures/{png})"]
 
     # Cross-lingual patching.
     patch_dir = _stage_runs(manifest, "patching").get("patching")

@@ -99,7 +99,7 @@ def test_the_pipeline_report_has_the_failure_table(micro_tiny: Path, tmp_path: P
             {
                 "model": {"name": str(micro_tiny), "device": "cpu"},
                 "data": {"langs": LANGS, "facts": 3},
-                "run": {"stages": ["data", "model", "knowledge", "lens", "report"]},
+                "run": {"stages": ["data", "model", "knowledge", "lens", "figures", "report"]},
                 "lens": {"method": "ft", "edits": 1},
             }
         )
@@ -113,6 +113,7 @@ def test_the_pipeline_report_has_the_failure_table(micro_tiny: Path, tmp_path: P
     lenses = {a: list(edited.lenses(a)) for a in LANGS}
     failures = classify_edits("ft", lenses, LANGS, edited.n_layers, edited.top_k)
     section = (out / "report.md").read_text().split("### Where transfer fails")[1]
+    assert "![lens_failures](figures/lens_failures.png)" in section.split("\n## ")[0]
     total = failures.totals("ft")
     assert f"| ft | all | all | {sum(total.values())} |" in section
     for s in failures.summaries:
