@@ -409,7 +409,8 @@ class TensorPeak:
     """The peak bytes of tensor storage that work inside the block allocates and holds at
     once, counted exactly (not sampled): every tensor an operator returns is recorded by its
     storage (a ``TorchDispatchMode``) and forgotten when the storage is freed.  Storage that
-    existed before the block (weights, caches passed in) is not counted; a view counts once.
+    existed before the block (weights, caches passed in) is not counted, nor are views of it
+    (an output sharing an input's storage); a view counts once.
     For checking a plan's memory against what a pass holds (tests, ``benchmarks``), on any
     device, in the same process.
 
@@ -427,17 +428,27 @@ class TensorPeak:
     def _freed(self, key: tuple[str, int]) -> None:
         self.live -= self._sizes.pop(key, 0)
 
-    def _record(self, out: Any) -> None:
+    def _record(self, out: Any, inputs: Any) -> None:
         import weakref
 
         from torch.utils._pytree import tree_flatten
 
+        def key_of(t: torch.Tensor) -> tuple[str, int]:
+            return (str(t.device), t.untyped_storage().data_ptr())
+
+        # An output sharing an input's storage (a view, such as a weight's transpose, or an
+        # in-place result) allocates nothing.
+        given = {
+            key_of(t)
+            for t in tree_flatten(inputs)[0]
+            if isinstance(t, torch.Tensor) and not t.is_meta
+        }
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor) or t.is_meta:
                 continue
             storage = t.untyped_storage()
-            key = (str(t.device), storage.data_ptr())
-            if key[1] == 0 or key in self._sizes:
+            key = key_of(t)
+            if key[1] == 0 or key in self._sizes or key in given:
                 continue
             self._sizes[key] = storage.nbytes()
             self.live += storage.nbytes()
@@ -452,7 +463,7 @@ class TensorPeak:
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
-                counter._record(out)
+                counter._record(out, (args, kwargs))
                 return out
 
         self._mode = _Mode()

@@ -31,8 +31,9 @@ from mlake_core.models.planner import (
 from mlake_core.models.tiny import TINY_ARCHITECTURES
 
 #: How far over its charge (its rows' and the pass's fixed bytes) a pass's measured peak may
-#: be.  Measured on the tiny architectures: 0.37-1.20 (BLOOM's ALiBi bias is the most over);
-#: on the GPT-2-small and Gemma 3 270M shapes see benchmarks/README.md.
+#: be.  Measured on the tiny architectures (2 blocks, both backends): 0.51-1.07 (BLOOM's
+#: ALiBi bias is the most over); on the GPT-2-small and Gemma 3 270M shapes see
+#: benchmarks/README.md.
 SLACK = 1.5
 
 TEXTS = (
@@ -105,8 +106,8 @@ def test_tracing_passes_hold_what_they_are_charged(get_adapter, arch, backend) -
     assert len(records) >= 3
     ratios = [peak / charge for peak, charge, _, _ in records]
     assert max(ratios) <= SLACK, f"{arch}/{backend}: a pass held {max(ratios):.2f}x its charge"
-    # ... and the charge is not wildly more than what is held (it would waste the device).
-    assert max(ratios) >= 0.3, f"{arch}/{backend}: passes held at most {max(ratios):.2f}x"
+    # ... and no pass is charged wildly more than it holds (it would waste the device).
+    assert min(ratios) >= 0.4, f"{arch}/{backend}: a pass held {min(ratios):.2f}x its charge"
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
