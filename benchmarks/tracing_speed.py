@@ -726,20 +726,13 @@ def measure_memory(adapter, items, config, noise_std):
     """Trace ``items`` together (``trace_prompts``), measuring what each forward pass holds at
     once (:class:`~mlake_core.models.planner.TensorPeak`: the tensor storage it allocates,
     counted exactly) against what the tracer charged it (rows x ``tracing_row_bytes`` at the
-    pass's width, longest cached prefix and start block, plus ``pass_fixed_bytes``) and the
-    pass budget, and the plan's
+    pass's width, longest cached prefix and start block) and the pass budget, and the plan's
     tracing row (``rows_per_pass``'s worst case over the restored tokens, at the longest
     prompt)."""
-    from analysis.tracing.causal import (
-        pass_budget,
-        pass_fixed_bytes,
-        rows_per_pass,
-        tracing_row_bytes,
-    )
+    from analysis.tracing.causal import pass_budget, rows_per_pass, tracing_row_bytes
     from mlake_core.models.planner import TensorPeak
 
     passes, setup = [], []
-    fixed = pass_fixed_bytes(adapter)
     inner = adapter.final_states
 
     def measuring(batch, *args, **kwargs):
@@ -752,7 +745,7 @@ def measure_memory(adapter, items, config, noise_std):
             return out
         layer = int(start[0]) if start is not None else 0
         length = past.length if past is not None else 0
-        charge = rows * tracing_row_bytes(adapter, width, length, layer) + fixed
+        charge = rows * tracing_row_bytes(adapter, width, length, layer)
         passes.append((peak.peak, charge, rows))
         return out
 
@@ -776,7 +769,6 @@ def measure_memory(adapter, items, config, noise_std):
         "tokens": [len(i[2]) for i in items],
         "passes": len(passes),
         "budget_mib": round(pass_budget(adapter) / mib, 2),
-        "fixed_per_pass_mib": round(fixed / mib, 2),
         "plan_rows_per_pass": plan_rows,
         "plan_row_kib": round(plan_row / 1024, 1),
         "plan_pass_mib": round(plan_rows * plan_row / mib, 2),

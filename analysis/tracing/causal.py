@@ -378,43 +378,15 @@ def tracing_row_bytes(
     return bytes_per * (act + kv)
 
 
-#: Fused query/key/value projections (under a block) that the TransformerLens backend splits
-#: into per-head copies in every pass: GPT-2 (and mGPT), BLOOM, GPT-NeoX.  Measured on the
-#: GPT-2-small shape (CPU, float32): a pass holds about 82 MiB more on that backend than on
-#: nnsight whatever its rows, the size of its 12 ``c_attn`` weights and biases.
-FUSED_QKV: tuple[str, ...] = (
-    "attn.c_attn",
-    "self_attention.query_key_value",
-    "attention.query_key_value",
-)
-
-
-def pass_fixed_bytes(adapter: ModelAdapter) -> int:
-    """What a tracing pass holds whatever its rows: on the TransformerLens backend, a copy of
-    every block's fused query/key/value projection (:data:`FUSED_QKV`); else nothing."""
-    if getattr(getattr(adapter, "info", None), "backend", None) != "tlens":
-        return 0
-    layers = adapter.spec.layers
-    total = 0
-    for layer in range(adapter.n_layers):
-        for name in FUSED_QKV:
-            try:
-                module = adapter.hf_module(f"{layers}.{layer}.{name}")  # type: ignore[attr-defined]
-            except KeyError:
-                continue
-            total += sum(p.numel() * p.element_size() for p in module.parameters())
-    return total
-
-
 def pass_budget(adapter: ModelAdapter, fraction: float = 0.25) -> int:
-    """Bytes one tracing pass's rows may hold (each charged :func:`tracing_row_bytes`):
-    ``fraction`` of CUDA's free memory, less what every pass holds (:func:`pass_fixed_bytes`);
-    on CPU the same of the available memory, at most :data:`CPU_PASS_BYTES` (a throughput
-    cap: the fixed bytes are not counted against it)."""
+    """Bytes one tracing pass may hold (its rows, each charged :func:`tracing_row_bytes`):
+    ``fraction`` of CUDA's free memory; on CPU ``fraction`` of the available memory, at most
+    :data:`CPU_PASS_BYTES`.  Nothing else a pass holds grows with it: measured exactly on the
+    GPT-2-small shape (TransformerLens and nnsight alike) a pass of 4 rows holds 6 MiB."""
     free = free_bytes(adapter.device)
     if free is None:  # a device whose free memory is not known: the CPU cap alone
         free = 8 << 30
-    room = max(0.0, fraction * free - pass_fixed_bytes(adapter))
+    room = fraction * free
     if adapter.device.type == "cuda":
         return int(room)
     return int(min(CPU_PASS_BYTES, room))
@@ -790,10 +762,10 @@ PASS_OVERHEAD_FLOPS: dict[str, float] = {"cuda": 2e11}
 #: rows x tokens x blocks, weighted least squares over passes of 1-32 cells, one process):
 #: ``OMP_NUM_THREADS=1 python benchmarks/tracing_speed.py --models mlake-tiny,gpt2-small-shape
 #: --langs en --calibrate`` (session 15, load average 10-12): mlake-tiny 96 token-blocks
-#: (73 ms fixed, 1.6e8 operations), GPT-2-small shape 120 (0.31 s, 2.3e9 operations: its
-#: TransformerLens passes also copy the fused Q/K/V weights).  In operations the two differ 14
-#: times, in token-blocks by a quarter (the cost grows with the blocks and their width, as
-#: hooks and weight copies do), so the CPU value is in token-blocks: 110, their mean.  The
+#: (73 ms fixed, 1.6e8 operations), GPT-2-small shape 120 (0.31 s, 2.3e9 operations).  In
+#: operations the two differ 14 times, in token-blocks by a quarter (the cost grows with the
+#: blocks and their width, as hooks and weight reads do), so the CPU value is in token-blocks:
+#: 110, their mean.  The
 #: constant it replaces, 1e8 operations, was 5.3 token-blocks on the GPT-2 shape (59 on
 #: mlake-tiny): passes were cut far too finely there.
 PASS_OVERHEAD_TOKEN_BLOCKS: dict[str, float] = {"cpu": 110.0}
