@@ -77,13 +77,20 @@ tokens, ``L`` blocks, ``S`` noise samples:
   ``every_block_floor`` = minimum / every block is the old table's floor.
 
 ``--every-block`` also times ``trace_prompt(..., skip_layers=False)`` in the same process
-(``skip gain`` = its seconds / the batched tracer's).
+(``skip gain`` = its seconds / the batched tracer's).  ``--cross-fact`` also times the
+language's facts traced together (``trace_prompts``, their restorations sharing passes, as the
+tracing stage runs a group): facts per minute, the ratio to the loop, passes per fact, the
+gain over one fact at a time, the difference to it and the floor.  ``--memory`` instead
+measures what every pass holds (:class:`~mlake_core.models.planner.TensorPeak`) against its
+charge, the budget and the plan; ``--calibrate`` instead fits a pass's fixed cost
+(:data:`~analysis.tracing.causal.PASS_OVERHEAD_TOKEN_BLOCKS`).  ``--kinds`` narrows the
+restorations traced.
 
 Run (one torch thread; ``OMP_NUM_THREADS=1``)::
 
     python benchmarks/tracing_speed.py [--models mlake-tiny,gpt2-small-shape,gemma3-270m-shape]
         [--langs en,zh,ja,fr,de] [--facts N] [--samples N] [--loop-cells N] [--full-prompt]
-        [--json FILE]
+        [--every-block] [--cross-fact] [--memory] [--calibrate] [--kinds K] [--json FILE]
 
 ``--facts`` (per language and model; default 2 on mlake-tiny, 1 on the bigger shapes),
 ``--samples`` (noise samples; default 10 on mlake-tiny, 4 on the bigger shapes) and
