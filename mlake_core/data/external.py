@@ -131,7 +131,8 @@ class ExternalView(FactView):
     def locality_view(self) -> ExternalView | None:
         """This view with the record's locality question as its question form, its answer
         ``loc_ans`` as the target (what the model must keep giving after an edit), or
-        ``None`` when the record has none."""
+        ``None`` when the record has none.  Its ``source`` is dropped: its target is
+        ``loc_ans``, not an answer of the record (so it has an original answer)."""
         if self.locality is None:
             return None
         prompt, answer = self.locality
