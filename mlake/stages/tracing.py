@@ -57,7 +57,9 @@ def tracing_stage(
     ``layer: auto`` (:func:`register_recommended_layer`).  Each trace is computed under its
     piece's claim (:meth:`~mlake_core.results.store.Run.claim`, a group's claims taken in fact
     order), so concurrent processes never trace the same fact.  With an executor (``ctx.executor``) the traces are computed first as
-    shards, a chunk of facts in one language each (:mod:`mlake.executors`); with ``ctx.shard``
+    shards, a chunk of whole groups in one language each (:mod:`mlake.executors`; the groups
+    are fixed, cut from every traceable fact, so a fact's share of its group's passes is the
+    same in shards, in one process and on resuming, where a group is traced whole again); with ``ctx.shard``
     only the shard's traces are computed and ``(None, run)`` is returned.  With no language showing signal
     there is no recommendation: the entry registered for the model says so (replacing an
     earlier run's), ``layer: auto`` falls back to the documented default, and the log line
@@ -100,13 +102,47 @@ def tracing_stage(
         known_from="knowledge stage, question form, greedy alias match",
         answer_token=ANSWER_TOKEN,
     )
-    # Sharded (mlake.executors): a shard is a chunk of facts in one language.
-    ctx.fill_shards("tracing", run, tracing_stage, config, knowledge=knowledge)
-    shard = ctx.shard
     facts = {f.fact_id: f for f in dataset.facts}
 
     def located(fact_id: int, lang: str) -> Any:
         return locate_prompt(adapter, facts[fact_id].views[lang], template, config.form)
+
+    # The facts to trace per language, with their prompts, in fixed groups of
+    # FACTS_PER_GROUP: a group's restorations share passes (trace_prompts), and a fact's
+    # share of its group's passes (FactTrace.forward_passes) depends on the group, so groups
+    # are cut from every traceable fact (saved or not) and a group is traced whole (its saved
+    # facts kept): a resumed or sharded run gives the tables of a run in one process.
+    ordered = [fid for fid in fact_ids if fid in facts]
+    plans: dict[str, tuple[list[list[tuple[int, Any, tuple[int, ...], int]]], dict[str, int]]]
+    plans = {}
+    for lang in langs:
+        known = knowledge.known(lang)
+        traceable: list[tuple[int, Any, tuple[int, ...], int]] = []
+        lang_skipped: dict[str, int] = {}
+        for fact_id in ordered:
+            if fact_id not in known:
+                lang_skipped["not known before"] = lang_skipped.get("not known before", 0) + 1
+                continue
+            view = facts[fact_id].views[lang]
+            try:
+                loc = located(fact_id, lang)
+            except MlakeError as err:
+                reason = str(err).split(": ", 1)[-1]
+                lang_skipped[reason] = lang_skipped.get(reason, 0) + 1
+                continue
+            lead, answer = loc.answer_start(adapter, view.form(config.form).target.text)
+            if answer is None:
+                lang_skipped["empty answer"] = lang_skipped.get("empty answer", 0) + 1
+                continue
+            traceable.append((fact_id, loc, tuple(lead), int(answer)))
+        groups = [
+            traceable[at : at + FACTS_PER_GROUP] for at in range(0, len(traceable), FACTS_PER_GROUP)
+        ]
+        plans[lang] = (groups, lang_skipped)
+    # Sharded (mlake.executors): a shard is a chunk of whole groups in one language.
+    units = {lang: [[g[0] for g in group] for group in plans[lang][0]] for lang in langs}
+    ctx.fill_shards("tracing", run, tracing_stage, config, knowledge=knowledge, units=units)
+    shard = ctx.shard
 
     noise_std = subject_noise_std(run, adapter, located, fact_ids, langs, config.noise_scale)
     ctx.say(
@@ -118,43 +154,21 @@ def tracing_stage(
     for lang in langs:
         if shard is not None and not shard.covers(lang):
             continue
-        known = knowledge.known(lang)
         profiles: dict[str, list[Any]] = {k: [] for k in config.kinds}
         p_clean, p_corrupt, passes, rows = [], [], [], []
-        lang_skipped: dict[str, int] = {}
-        ordered = [fid for fid in fact_ids if fid in facts]
-        # The facts to trace (not saved yet), with their prompts; traced FACTS_PER_GROUP at a
-        # time, their restorations sharing passes (trace_prompts), each saved as its group
-        # finishes (an interrupted run loses at most the group in progress).
+        groups, lang_skipped = plans[lang]
         mine: list[int] = []
-        todo: list[tuple[int, Any, tuple[int, ...], int]] = []
-        for fact_id in ordered:
-            name = f"trace_{lang}_{fact_id}"
-            if shard is not None and not shard.covers(lang, fact_id):
+        for group in groups:
+            if shard is not None and not shard.covers(lang, group[0][0]):
                 continue
-            if fact_id not in known:
-                lang_skipped["not known before"] = lang_skipped.get("not known before", 0) + 1
+            mine += [g[0] for g in group]
+            if all(run.has_arrays(f"trace_{lang}_{g[0]}") for g in group):
                 continue
-            if not run.has_arrays(name):
-                view = facts[fact_id].views[lang]
-                try:
-                    loc = located(fact_id, lang)
-                except MlakeError as err:
-                    reason = str(err).split(": ", 1)[-1]
-                    lang_skipped[reason] = lang_skipped.get(reason, 0) + 1
-                    continue
-                lead, answer = loc.answer_start(adapter, view.form(config.form).target.text)
-                if answer is None:
-                    lang_skipped["empty answer"] = lang_skipped.get("empty answer", 0) + 1
-                    continue
-                todo.append((fact_id, loc, tuple(lead), int(answer)))
-            mine.append(fact_id)
-        for at in range(0, len(todo), FACTS_PER_GROUP):
-            group = todo[at : at + FACTS_PER_GROUP]
             with ExitStack() as held:
-                for fact_id, *_ in group:  # one process traces a fact; the others read it
+                for fact_id, *_ in group:  # one process traces a group; the others read it
                     held.enter_context(run.claim(f"trace_{lang}_{fact_id}"))
-                group = [g for g in group if not run.has_arrays(f"trace_{lang}_{g[0]}")]
+                if all(run.has_arrays(f"trace_{lang}_{g[0]}") for g in group):
+                    continue
                 prompts = []
                 for fact_id, loc, lead, answer in group:
                     generator = torch.Generator().manual_seed(
@@ -174,11 +188,10 @@ def tracing_stage(
                             swaps,
                         )
                     )
-                traces = (
-                    trace_prompts(adapter, prompts, config, noise_std=noise_std) if prompts else []
-                )
+                traces = trace_prompts(adapter, prompts, config, noise_std=noise_std)
                 for (fact_id, *_), trace in zip(group, traces, strict=True):
-                    run.save_arrays(f"trace_{lang}_{fact_id}", trace.to_arrays())
+                    if not run.has_arrays(f"trace_{lang}_{fact_id}"):
+                        run.save_arrays(f"trace_{lang}_{fact_id}", trace.to_arrays())
         for fact_id in mine:
             trace = FactTrace.from_arrays(
                 run.load_arrays(

@@ -133,12 +133,16 @@ def test_in_process_shards_give_the_local_tables(
     ctx = dataclasses.replace(world.ctx, results_dir=str(tmp_path), executor=executor)
     sharded = _stages(ctx, world.pool)
     _same(local, sharded)
-    assert [stage for stage, _ in executor.done] == ["knowledge"] * 2 + ["tracing"] * 4 + [
+    # Tracing's unit is a group of FACTS_PER_GROUP facts traced together (a fact's share of
+    # the group's passes is in the tables), never split: each language's known facts here
+    # are one group, so one shard each.
+    assert [stage for stage, _ in executor.done] == ["knowledge"] * 2 + ["tracing"] * 2 + [
         "transfer"
     ] * 4
     # Read back complete, nothing is sharded again.
+    n_shards = len(executor.done)
     _stages(ctx, world.pool)
-    assert len(executor.done) == 10
+    assert len(executor.done) == n_shards
 
 
 def test_a_shard_computes_only_its_pieces(world: World, tmp_path: Path) -> None:
@@ -149,15 +153,26 @@ def test_a_shard_computes_only_its_pieces(world: World, tmp_path: Path) -> None:
 
     ctx = dataclasses.replace(world.ctx, results_dir=str(tmp_path))
     knowledge, _ = knowledge_stage(ctx, KnowledgeConfig(mcqa=False))
-    shard = Shard(ctx.fact_ids[:2], ("zh",))
+    # Tracing's unit is a whole group of facts traced together (here every known zh fact is
+    # one group): a zh shard traces it, and nothing in en.
+    shard = Shard(ctx.fact_ids, ("zh",))
     result, run = tracing_stage(
         dataclasses.replace(ctx, shard=shard), TraceConfig(n_samples=2), knowledge=knowledge
     )
     assert result is None and not run.complete and not run.has_json("summary")
     traced = sorted(p.stem for p in (run.path / "arrays").glob("trace_*.npz"))
     known = knowledge.known("zh")
-    assert traced == sorted(f"trace_zh_{f}" for f in ctx.fact_ids[:2] if f in known)
+    assert traced == sorted(f"trace_zh_{f}" for f in ctx.fact_ids if f in known)
     assert traced  # the micro model knows some of them
+    # A shard that holds no group's first fact traces nothing.
+    first = min(known, key=ctx.fact_ids.index)
+    rest = tuple(f for f in ctx.fact_ids if f != first)
+    tracing_stage(
+        dataclasses.replace(ctx, shard=Shard(rest, ("zh",)), results_dir=str(tmp_path / "b")),
+        TraceConfig(n_samples=2),
+        knowledge=knowledge,
+    )
+    assert not list((tmp_path / "b").rglob("trace_*.npz"))
 
 
 # -- Ray ------------------------------------------------------------------------------------
