@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Callable
@@ -28,9 +29,8 @@ def reads_subjects(config: TinyTrainConfig) -> bool:
     (``route_masking``), interchange training at the subject (``interchange``), and context
     dropout, which replaces the question tokens outside the subject (``context_dropout``).
     ``name_entities`` alone does not: its entities' routes are their own synthetic names.
-    (Which facts are trained, ``facts`` N, is drawn among those with a located subject in
-    every language for every config; the trained facts are recorded in the model's
-    metadata.)"""
+    (Which facts are trained is drawn among those with a located subject in every language
+    for every config, so every folder names its trained facts: :func:`trained_facts_sha256`.)"""
     return bool(
         config.subject_prompts
         or config.entity_text
@@ -41,23 +41,40 @@ def reads_subjects(config: TinyTrainConfig) -> bool:
     )
 
 
+def trained_facts_sha256(dataset: MlakeDataset, config: TinyTrainConfig) -> str:
+    """SHA-256 over the ids of the facts ``config`` trains on in ``dataset``
+    (:func:`~mlake_core.models.mlake_tiny.corpus.select_facts`).  The draw is among the facts
+    whose subject is located in every language, so a better subject locator changes which
+    facts are drawn: a folder names them, and a model trained on other facts is never
+    reused (before this, a cache trained before the subject locator changed was)."""
+    from mlake_core.models.mlake_tiny.corpus import select_facts
+
+    ids = select_facts(dataset, config)
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
+
+
 def model_dir(
-    config: TinyTrainConfig, root: Path | None = None, data: str = "", subjects: str = ""
+    config: TinyTrainConfig,
+    root: Path | None = None,
+    data: str = "",
+    subjects: str = "",
+    facts: str = "",
 ) -> Path:
     """Folder of the mlake-tiny trained with ``config`` (on data other than the published
-    release: ``data``, :func:`~mlake_core.data.paths.data_suffix`).  A config that reads
-    subject spans (:func:`reads_subjects`) names the dataset's ``subjects_sha256`` too
-    (``-subj`` and its first 8 hex digits), so a model trained on other spans is never
-    reused; the others keep their name (the default mlake-tiny's cached copies stay valid).
+    release: ``data``, :func:`~mlake_core.data.paths.data_suffix`).  ``facts``
+    (:func:`trained_facts_sha256`) names the trained facts (``-facts`` and its first 8 hex
+    digits; :func:`tiny_dir` always passes it).  A config that reads subject spans
+    (:func:`reads_subjects`) names the dataset's ``subjects_sha256`` too (``-subj`` and its
+    first 8 hex digits), so a model trained on other spans is never reused.
 
     Raises:
         ValueError: a config that reads subject spans without ``subjects``.
     """
-    tag = ""
+    tag = f"-facts{facts[:8]}" if facts else ""
     if reads_subjects(config):
         if not subjects:
             raise ValueError("model_dir: this config reads subject spans; pass subjects")
-        tag = f"-subj{subjects[:8]}"
+        tag += f"-subj{subjects[:8]}"
     return (root or cache_dir()) / "models" / f"{TINY_NAME}-{config.key()}{data}{tag}"
 
 
@@ -67,18 +84,23 @@ def tiny_dir(
     root: Path | None = None,
     dataset: MlakeDataset | None = None,
 ) -> Path:
-    """:func:`model_dir` of ``config`` for the data under ``data_dir``: its content tag,
-    and for a config that reads subject spans the located subjects of the training
-    languages (``dataset``, else loaded)."""
+    """:func:`model_dir` of ``config`` for the data under ``data_dir``: its content tag, the
+    trained facts, and for a config that reads subject spans the located subjects of the
+    training languages (``dataset``, else loaded: from the located-dataset cache, under a
+    second)."""
     from mlake_core.data.dataset import load_mlake
     from mlake_core.data.paths import data_suffix
 
-    subjects = ""
-    if reads_subjects(config):
-        if dataset is None:
-            dataset = load_mlake(data_dir, version=config.data_version, langs=config.langs)
-        subjects = dataset.subjects_sha256
-    return model_dir(config, root, data_suffix(data_dir, config.data_version), subjects)
+    if dataset is None:
+        dataset = load_mlake(data_dir, version=config.data_version, langs=config.langs)
+    subjects = dataset.subjects_sha256 if reads_subjects(config) else ""
+    return model_dir(
+        config,
+        root,
+        data_suffix(data_dir, config.data_version),
+        subjects,
+        trained_facts_sha256(dataset, config),
+    )
 
 
 def is_trained(path: Path) -> bool:
@@ -113,9 +135,8 @@ def ensure_tiny(
     from mlake_core.data.dataset import load_mlake
 
     config = config or TinyTrainConfig()
-    dataset = None
-    if reads_subjects(config):  # its folder names the located subjects
-        dataset = load_mlake(data_dir, version=config.data_version, langs=config.langs)
+    # Its folder names the trained facts (and the located subjects where training reads them).
+    dataset = load_mlake(data_dir, version=config.data_version, langs=config.langs)
     path = tiny_dir(config, data_dir, root, dataset)
     if is_trained(path) and not retrain:
         return path
@@ -135,8 +156,6 @@ def ensure_tiny(
             shutil.rmtree(path)
         if progress:
             progress(f"training {TINY_NAME} ({describe_config(config)}) into {path}")
-        if dataset is None:
-            dataset = load_mlake(data_dir, version=config.data_version, langs=config.langs)
         return train_tiny(config, dataset, path, progress=progress, show_bar=show_bar)
     finally:
         lock.release()

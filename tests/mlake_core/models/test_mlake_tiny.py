@@ -17,7 +17,6 @@ from mlake_core.models.mlake_tiny import (
     build_corpus,
     is_trained,
     measure_learned,
-    model_dir,
     read_metadata,
     select_facts,
     train_tiny,
@@ -169,7 +168,9 @@ def test_default_model_resolves_to_the_cached_default(monkeypatch, tmp_path: Pat
     (cache_dir() / "data").mkdir(parents=True, exist_ok=True)
     (tmp_path / "data").symlink_to(cache_dir() / "data")
     monkeypatch.setenv("MLAKE_CACHE", str(tmp_path))
-    folder = model_dir(TinyTrainConfig())
+    from mlake_core.models.mlake_tiny.cache import tiny_dir
+
+    folder = tiny_dir(TinyTrainConfig())  # names the trained facts, drawn from the data
     assert folder.parent == tmp_path / "models"
     folder.mkdir(parents=True)
     for name in ("config.json", "model.safetensors", "tokenizer.json", METADATA_FILE):
@@ -180,7 +181,6 @@ def test_default_model_resolves_to_the_cached_default(monkeypatch, tmp_path: Pat
     assert resolve_model_path("/some/other/model") == "/some/other/model"
     # A named variant resolves to its own cached folder.
     from mlake_core.models.mlake_tiny import variant_config
-    from mlake_core.models.mlake_tiny.cache import tiny_dir
 
     editable = tiny_dir(variant_config("mlake-tiny-editable"))  # names the located subjects
     assert editable != folder
