@@ -278,11 +278,19 @@ def predictors_vs_transfer(result: Any, outcome: str = "transfer") -> Any:
     langs = list(result.langs)
     scale = 100.0 if outcome == "transfer" else 1.0
     y_all = result.outcomes[outcome].reindex(index=langs, columns=langs).to_numpy(dtype=float)
+    ncols = min(3, len(names))  # long predictor names: three panels a row keep titles apart
+    nrows = -(-len(names) // ncols)
     fig, axes = plt.subplots(
-        1, len(names), figsize=(PAGE_WIDTH, 2.2), squeeze=False, layout="constrained"
+        nrows,
+        ncols,
+        figsize=(PAGE_WIDTH, 2.3 * nrows + 0.4),
+        squeeze=False,
+        layout="constrained",
     )
+    for ax in axes.flat[len(names) :]:
+        ax.set_visible(False)
     table = result.pair_level
-    for ax, name in zip(axes[0], names, strict=True):
+    for ax, name in zip(axes.flat, names, strict=False):
         x_all = result.predictors[name].reindex(index=langs, columns=langs).to_numpy(dtype=float)
         n = 0
         for i, a in enumerate(langs):
@@ -309,5 +317,19 @@ def predictors_vs_transfer(result: Any, outcome: str = "transfer") -> Any:
         if not n:
             ax.text(0.5, 0.5, "no cells", transform=ax.transAxes, ha="center", va="center")
         ax.set_xlabel("predictor", fontsize=7)
-    axes[0][0].set_ylabel(OUTCOME_LABELS.get(outcome, outcome))
+    for row in axes:
+        row[0].set_ylabel(OUTCOME_LABELS.get(outcome, outcome))
+    handles = [
+        plt.Line2D([], [], marker="o", linestyle="", color=lang_color(lang), label=lang)
+        for lang in langs
+    ]
+    fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncols=len(langs),
+        fontsize=7,
+        title="each point a pair A → B: fill, edit language A; edge, test language B",
+        title_fontsize=7,
+        frameon=False,
+    )
     return fig
