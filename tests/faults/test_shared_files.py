@@ -73,6 +73,7 @@ def test_a_second_training_waits_and_uses_the_first(tmp_path: Path, monkeypatch)
 
     monkeypatch.setattr(cache, "train_tiny", fake_train)
     monkeypatch.setattr("mlake_core.data.dataset.load_mlake", lambda *a, **k: None)
+    monkeypatch.setattr(cache, "trained_facts_sha256", lambda dataset, config: "f" * 64)
     logs: dict[int, list[str]] = {0: [], 1: []}
     out: dict[int, Path] = {}
 

@@ -266,13 +266,15 @@ class Stop(Exception):
     """Raised by the test's hook to stop a run mid-stage."""
 
 
-#: The stages an interrupted run is checked on (the figures and the report add nothing).
+#: The stages an interrupted run is checked on (the figures and the report add nothing;
+#: patching stays, as relate reads its run).
 RESUMED = (
     "data",
     "model",
     "knowledge",
     "tracing",
     "lens",
+    "patching",
     "transfer",
     "neurons",
     "restricted",
