@@ -5,20 +5,22 @@ can be checked against an independent reference.  These tests only check that th
 self-consistent and still matches the dataset it was annotated on; they do not check the spans'
 linguistic correctness.
 
-Data directory: ``$MLAKE_DATA`` if set, else ``../shared/mlake`` next to the repository root.
-The dataset comparison is skipped when that directory is absent.
+The fixture stores annotations only; each record's texts are read from the data
+(``$MLAKE_DATA`` if set, else ``../shared/mlake`` next to the repository root;
+tests/fixtures/mlake_texts.py).  The checks that need the texts are skipped when the data is
+absent.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections import defaultdict
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.fixtures.mlake_texts import TEXT_FIELDS, load_fixture, read_annotations
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = REPO_ROOT / "tests" / "fixtures" / "hand_verified.json"
@@ -31,15 +33,13 @@ REASONS = {
     "prefix_ends_at_subject",
     "predicate_after_answer",
 }
+#: The fields a record stores (its MLaKE texts are read from the data: tests/fixtures/mlake_texts.py).
 FIELDS = {
     "fact",
     "lang",
-    "question",
-    "o_prompt",
-    "o_answer",
     "question_subject",
     "cloze_subject",
-    "cloze_prefix",
+    "cloze_prefix_chars",
     "answer_at_end",
     "cloze_well_posed",
     "cloze_reason",
@@ -47,15 +47,18 @@ FIELDS = {
 }
 
 
-def data_dir() -> Path:
-    env = os.environ.get("MLAKE_DATA")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "mlake"
-
-
 @cache
 def fixture() -> dict[str, Any]:
-    with FIXTURE.open(encoding="utf-8") as f:
-        return json.load(f)
+    """The fixture with its records' MLaKE texts read from the data."""
+    try:
+        return load_fixture(FIXTURE)
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+
+
+def stored() -> dict[str, Any]:
+    """The fixture as stored: annotations only."""
+    return read_annotations(FIXTURE)
 
 
 def records() -> list[dict[str, Any]]:
@@ -75,7 +78,7 @@ def test_top_level_shape() -> None:
 
 def test_record_fields() -> None:
     bad = []
-    for rec in records():
+    for rec in stored()["records"]:
         missing = FIELDS - rec.keys()
         extra = rec.keys() - FIELDS - {"note"}
         if missing or extra or rec["lang"] not in LANGS:
@@ -141,22 +144,19 @@ def test_prefix_is_question_start_flag() -> None:
     assert not bad
 
 
-def test_texts_match_dataset() -> None:
-    base = data_dir() / fixture()["version"] / "dataset" / "single_hop"
-    if not base.is_dir():
-        pytest.skip(f"MLaKE data not found at {base} (set MLAKE_DATA)")
-    data = {}
-    for lang in LANGS:
-        with (base / f"{lang}_qa.json").open(encoding="utf-8") as f:
-            data[lang] = json.load(f)
-    bad = []
-    for rec in records():
-        rows = data[rec["lang"]]
-        if not 0 <= rec["fact"] < len(rows):
-            bad.append((record_id(rec), "index out of range"))
-            continue
-        row = rows[rec["fact"]]
-        for field in ("question", "o_prompt", "o_answer"):
-            if rec[field] != row[field]:
-                bad.append((record_id(rec), field))
-    assert not bad, f"fixture no longer matches the dataset: {bad}"
+def test_no_mlake_text_is_stored() -> None:
+    """The fixture stores annotations only; MLaKE's texts stay in ../shared/mlake."""
+    bad = [
+        record_id(rec)
+        for rec in stored()["records"]
+        if set(TEXT_FIELDS) & rec.keys() or "cloze_prefix" in rec
+    ]
+    assert not bad
+
+
+def test_every_record_is_in_the_data() -> None:
+    """Every annotated fact is in the release (load_fixture raises for one that is not) and
+    its texts come from there."""
+    assert [(r["fact"], r["lang"]) for r in records()] == [
+        (r["fact"], r["lang"]) for r in stored()["records"]
+    ]

@@ -8,16 +8,16 @@ subject location worse fails here.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 from mlake_core.languages import LANGUAGES
+from tests.fixtures.mlake_texts import load_fixture
 
 FIXTURE = Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "hand_verified.json"
-RECORDS = json.loads(FIXTURE.read_text(encoding="utf-8"))["records"]
+RECORDS = load_fixture(FIXTURE)["records"]  # the texts read from ../shared/mlake
 
 # Minimum share of hand-verified subjects whose last character position we reproduce
 # (the last subject token is what tracing and ROME use), and exact-span share.
