@@ -2,16 +2,8 @@
 that the readers (:mod:`mlake_core.data.mzsre`, :mod:`mlake_core.data.bmike`) build, and the
 guards of the stages that need what some datasets lack.
 
-The registry (:data:`DATASETS`, :func:`get_source`, :func:`load_dataset`) names every dataset
-mlake reads; ``--dataset NAME`` picks one (default ``mlake``):
-
-========================  =================================================================
-``mlake``                 MLaKE (:func:`~mlake_core.data.dataset.load_mlake`)
-``mzsre``                 MzsRE of ReMaKE (:mod:`mlake_core.data.mzsre`), 12 languages
-``bmike53-zsre``          BMIKE-53's zsRE task (:mod:`mlake_core.data.bmike`), 53 languages
-``bmike53-counterfact``   BMIKE-53's CounterFact task
-``bmike53-wfd``           BMIKE-53's WikiFactDiff task
-========================  =================================================================
+Which datasets there are, and ``--dataset NAME``, is the registry's
+(:mod:`mlake_core.data.sources`).
 
 Every reader returns the same objects as MLaKE's (:class:`~mlake_core.data.dataset.Fact`
 with one :class:`~mlake_core.data.dataset.FactView` per language), so the analyses take them
