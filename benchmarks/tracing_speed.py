@@ -18,7 +18,9 @@ the answer's first token with content measured, any bare space token before it j
 prompt (as the tracing stage does; the numbers below were measured before that change, on the
 first token).  Facts are taken in mlake-tiny's
 training order, the first ``--facts`` that locate in the language (the same facts on every
-model where they locate); the prompts that do not locate are counted, with the reason.
+model where they locate); the prompts that do not locate are counted, with the reason.  With
+``--subject-at end``, the ``--facts`` of the 300 training facts whose subject ends closest to
+the prompt's end instead (the table's ``after`` column: tokens after the subject's last one).
 
 Models (``--models``, all three by default):
 
@@ -90,7 +92,8 @@ Run (one torch thread; ``OMP_NUM_THREADS=1``)::
 
     python benchmarks/tracing_speed.py [--models mlake-tiny,gpt2-small-shape,gemma3-270m-shape]
         [--langs en,zh,ja,fr,de] [--facts N] [--samples N] [--loop-cells N] [--full-prompt]
-        [--every-block] [--cross-fact] [--memory] [--calibrate] [--kinds K] [--json FILE]
+        [--every-block] [--cross-fact] [--memory] [--calibrate] [--kinds K]
+        [--subject-at given|end] [--json FILE]
 
 ``--facts`` (per language and model; default 2 on mlake-tiny, 1 on the bigger shapes),
 ``--samples`` (noise samples; default 10 on mlake-tiny, 4 on the bigger shapes) and
@@ -551,10 +554,15 @@ def bench_language(
     return out
 
 
-def prompts(adapter, dataset, fact_ids, template, lang, n):
+def prompts(adapter, dataset, fact_ids, template, lang, n, subject_at="given"):
     """The first ``n`` facts of ``fact_ids`` whose question prompt locates in ``lang``:
     ``(fact_id, lang, prompt_ids, subject_positions, answer_id)``, and the reasons of the
-    others (counts)."""
+    others (counts).
+
+    ``subject_at="end"`` instead takes, among all of ``fact_ids`` that locate, the ``n`` whose
+    subject ends closest to the prompt's end (fewest tokens after the subject's last token;
+    ties in ``fact_ids`` order): MLaKE's own questions with the subject at the end (issue 25's
+    40x target), rather than a prompt written for it."""
     items, skipped = [], {}
     for fact_id in fact_ids:
         view = dataset.fact(fact_id).views[lang]
@@ -573,9 +581,18 @@ def prompts(adapter, dataset, fact_ids, template, lang, n):
         items.append(
             (fact_id, lang, [*loc.prompt_ids, *lead], sorted(loc.subject_positions), int(answer))
         )
-        if len(items) == n:
+        if len(items) == n and subject_at == "given":
             break
+    if subject_at == "end":
+        order = sorted(range(len(items)), key=lambda i: (tokens_after_subject(items[i]), i))
+        items = [items[i] for i in order[:n]]
     return items, skipped
+
+
+def tokens_after_subject(item) -> int:
+    """Prompt tokens after the subject's last token (0: the subject ends the prompt)."""
+    _, _, ids, subject, _ = item
+    return len(ids) - 1 - max(subject)
 
 
 # -- the models ---------------------------------------------------------------------------------
@@ -667,7 +684,7 @@ def bench_model(name, spec, args, dataset, fact_ids, langs):
         by_lang, skipped = {}, {}
         for lang in langs:
             by_lang[lang], skipped[lang] = prompts(
-                adapter, dataset, fact_ids, template, lang, spec.facts
+                adapter, dataset, fact_ids, template, lang, spec.facts, args.subject_at
             )
         everything = [i for items in by_lang.values() for i in items]
         std = embedding_noise_std(adapter, [(i[2], i[3]) for i in everything])
@@ -681,6 +698,7 @@ def bench_model(name, spec, args, dataset, fact_ids, langs):
             "samples": spec.samples,
             "window": config.resolved_window(adapter.n_layers),
             "loop_cells": spec.loop_cells,
+            "subject_at": args.subject_at,
             "noise_std": std,
             "build_and_load_seconds": round(build_s, 1),
             "languages": {},
@@ -716,6 +734,9 @@ def bench_model(name, spec, args, dataset, fact_ids, langs):
                     )
                 )
                 entry["wall_seconds"] = round(time.perf_counter() - t, 1)
+                entry["tokens_after_subject"] = float(
+                    np.mean([tokens_after_subject(i) for i in items])
+                )
             else:
                 entry["facts"] = 0
             result["languages"][lang] = entry
@@ -857,6 +878,7 @@ def table(result: dict[str, Any]) -> str:
         ("facts", 5),
         ("tokens", 6),
         ("subj@", 5),
+        ("after", 5),
         ("batched f/min", 13),
         ("loop f/min", 10),
         ("speed-up", 8),
@@ -888,6 +910,7 @@ def table(result: dict[str, Any]) -> str:
             str(e["facts"]),
             f"{e['tokens_per_prompt']:.1f}",
             f"{e['subject_start']:.1f}",
+            f"{e['tokens_after_subject']:.1f}" if "tokens_after_subject" in e else "-",
             f"{e['batched']['facts_per_minute']:.3g}",
             f"{e['loop']['facts_per_minute']:.3g}{star}",
             f"{e['speedup']:.2f}x",
@@ -987,6 +1010,14 @@ def main() -> None:
         action="store_true",
         help="only measure what each tracing pass holds (exact tensor bytes) against what it "
         "was charged, the pass budget and the plan (issue 23 section 2)",
+    )
+    parser.add_argument(
+        "--subject-at",
+        choices=("given", "end"),
+        default="given",
+        help="given: the first facts that locate, subjects where MLaKE's questions put them; "
+        "end: among mlake-tiny's training facts, those whose subject ends closest to the "
+        "prompt's end (issue 25's 40x target)",
     )
     parser.add_argument(
         "--kinds",
