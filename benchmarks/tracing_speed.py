@@ -72,6 +72,11 @@ tokens, ``L`` blocks, ``S`` noise samples:
 * *minimum* = the same clean and corrupted runs + for every computed cell at token ``t`` whose
   lowest restored layer is ``l``, ``S (n - t) (L - l)``: the row starts at block ``l``, since
   below it every activation from ``t`` on equals the corrupted run's;
+* *ideal* (:func:`ideal_speedup`) = the loop's work over the minimum's, each position's
+  readout counted as ``d_vocab d_model`` over the first block's weights token-blocks (the
+  loop reads logits at every position of every row, the tracer at the last): the speed-up
+  over the loop if passes had no fixed cost and a token-block cost the same in both; where
+  it is below a target, no exact restoration scheme reaches the target on the same hardware;
 * ``work`` = current / every block (what block skipping left of the old tracer's work) and
   ``floor`` = minimum / current (1 when every row starts at its own block; below 1 where
   :func:`~analysis.tracing.causal.plan_passes` let rows of neighbouring start blocks share a
@@ -241,6 +246,51 @@ def token_blocks(
     }
 
 
+def ideal_speedup(
+    n_tokens: int, n_layers: int, subject: list[int], config: TraceConfig, readout: float
+) -> float:
+    """The loop's work over the floor's, both in token-blocks with each position's readout
+    counted as ``readout`` token-blocks (:func:`readout_blocks`): the speed-up over the loop
+    if a token-block and a readout cost the same in both and a pass had no fixed cost.
+
+    The loop runs every cell (``kinds x n x L``, zero-effect ones too), each pass ``S`` rows of
+    the whole prompt through every block and the logits at every position, after its clean
+    (one row) and corrupted (``S`` rows) passes, logits likewise.  The floor runs the same clean
+    and corrupted passes without logits, every computed cell's rows from its restored token on
+    and from its lowest restored block on (:func:`token_blocks`' ``minimum``), and one readout
+    per row at the last position."""
+    n, big_l, s = n_tokens, n_layers, config.n_samples
+    cells = tracer_cells(n, big_l, subject, config)
+    all_cells = len(config.kinds) * n * big_l
+    loop = (1 + s) * n * (big_l + readout) + all_cells * s * n * (big_l + readout)
+    floor = token_blocks(n, big_l, subject, config, True)["minimum"] + readout * (
+        1 + s + s * len(cells)
+    )
+    return loop / floor
+
+
+def readout_blocks(path: Path, d_model: int, d_vocab: int) -> float:
+    """One position's readout (``d_vocab x d_model`` multiply-adds) in token-blocks: over the
+    weights of the model's first block (its 2-D tensors in the folder's safetensors files, the
+    multiply-adds a block does per token apart from attention scores)."""
+    import re
+
+    from safetensors import safe_open
+
+    first = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.0\.")
+    weights = 0
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                if first.search(key):
+                    shape = st.get_slice(key).get_shape()
+                    if len(shape) == 2:
+                        weights += int(shape[0]) * int(shape[1])
+    if weights == 0:
+        raise AssertionError(f"{path}: no first-block weights found in its safetensors files")
+    return d_vocab * d_model / weights
+
+
 class BlockCounter:
     """Counts the token-blocks an adapter's ``final_states`` passes run (rows x tokens x
     blocks from the pass's start block), by wrapping the method on the instance."""
@@ -359,6 +409,7 @@ def bench_language(
     every_block=False,
     counter=None,
     cross_fact=False,
+    readout=None,
 ):
     """Time both tracers on ``items`` (one language's prompts) and count their work; with
     ``cross_fact``, also the batched tracer on all the items at once (``trace_prompts``: their
@@ -533,6 +584,14 @@ def bench_language(
             "every_block_floor": round(work["minimum"] / work["every_block"], 4),
         },
     }
+    if readout is not None:
+        out["readout_token_blocks"] = round(readout, 2)
+        out["ideal_speedup"] = round(
+            float(
+                np.mean([ideal_speedup(len(i[2]), n_layers, i[3], config, readout) for i in items])
+            ),
+            2,
+        )
     if cross is not None:
         out["batched_cross_fact"] = cross
     if every_block:
@@ -676,6 +735,7 @@ def bench_model(name, spec, args, dataset, fact_ids, langs):
         t = time.perf_counter()
         path, template_name, about = build_model(name, Path(tmp) / name)
         adapter = load_adapter(str(path), "tlens", device=args.device)
+        readout = readout_blocks(path, adapter.d_model, adapter.info.d_vocab)
         build_s = time.perf_counter() - t
         if hasattr(adapter.tokenizer, "model_max_length"):
             adapter.tokenizer.model_max_length = int(1e9)  # the tiny tokenizer says 64
@@ -731,6 +791,7 @@ def bench_model(name, spec, args, dataset, fact_ids, langs):
                         args.every_block,
                         counter,
                         args.cross_fact,
+                        readout,
                     )
                 )
                 entry["wall_seconds"] = round(time.perf_counter() - t, 1)
@@ -882,6 +943,7 @@ def table(result: dict[str, Any]) -> str:
         ("batched f/min", 13),
         ("loop f/min", 10),
         ("speed-up", 8),
+        ("ideal", 6),
         ("passes b/l", 11),
         ("rows/fact", 9),
         ("max |diff|", 10),
@@ -914,6 +976,7 @@ def table(result: dict[str, Any]) -> str:
             f"{e['batched']['facts_per_minute']:.3g}",
             f"{e['loop']['facts_per_minute']:.3g}{star}",
             f"{e['speedup']:.2f}x",
+            f"{e['ideal_speedup']:.1f}x" if "ideal_speedup" in e else "-",
             f"{e['batched']['forward_passes_per_fact']:.0f}/"
             f"{e['loop']['forward_passes_per_fact']:.0f}",
             f"{e['batched']['rows_per_fact']:.0f}",
