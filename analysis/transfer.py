@@ -26,8 +26,10 @@ give ``loc_ans``) instead of sampled other facts; :func:`own_measures` measures 
 (``chose_edit_before``).  Where a dataset gives no original answer (MzsRE, BMIKE-53 zsRE)
 nothing is ``known_before`` and ``success_prob`` is NaN; the greedy measures and the
 unedited model's rate of giving the new answer remain.  All rows are scored by greedy
-alias match (the papers score zsRE by teacher-forced token accuracy, ReMaKE through
-EasyEdit, or token F1/EM, BMIKE-53's ``icl.py``; see the README).
+alias match; the papers' own scorers (teacher-forced token F1, exact match and EasyEdit's
+token accuracy: :mod:`mlake_core.metrics.paper_scores`) are computed beside it on every
+reliability, generalization, locality and portability row (:func:`paper_measures`, columns
+``paper_*``), and :func:`own_cells` gives both.
 
 Each row has the probability measures (``success_prob``: alias-aware p(new) > p(old);
 ``p_new``: the summed probability of the new answer's forms) and the greedy measure
@@ -71,11 +73,13 @@ from mlake_core.metrics.knowledge import (
     KnowledgeConfig,
     McqaItem,
     answer_decided,
+    askable,
     greedy_generate,
     match_answer,
     measure_knowledge,
     score_mcqa,
 )
+from mlake_core.metrics.paper_scores import PAPER_METRICS, paper_scorer, teacher_forced_scores
 from mlake_core.models.prompting import PromptTemplate
 from mlake_core.results.store import read_run
 
@@ -165,6 +169,7 @@ def evaluate_edit(
     batch_size: int = 32,
     new_before: Mapping[tuple[int, str, str], bool] | None = None,
     before: Mapping[tuple[Any, ...], tuple[float, float]] | None = None,
+    paper_before: Mapping[tuple[int, str, str], Mapping[str, float]] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows (one per fact, test language, form and kind) for one edit (see the module
     docstring).  ``known_before`` says whether the unedited model answered each
@@ -172,7 +177,12 @@ def evaluate_edit(
     whether it already gave the new answer, per (fact, language, form); ``before`` the
     unedited model's ``(chose_edit, chose_original)`` counts of the multiple-choice and
     portability rows, per ``(fact_id, test_lang, form, kind, mcqa_by)``
-    (:func:`protocol_baseline`)."""
+    (:func:`protocol_baseline`).  On a dataset with its own scorer
+    (:func:`~mlake_core.metrics.paper_scores.paper_scorer`) every reliability,
+    generalization, locality and portability row also carries the scorer's values
+    (:func:`paper_measures`: ``paper_f1``, ``paper_em``, ``paper_acc``, NaN where not
+    scored) and the unedited model's (``paper_before``, :func:`paper_map` of
+    :func:`own_baseline`; columns ``paper_f1_before``, ...)."""
     (request,) = result.requests[:1]
     fact = dataset.fact(request.fact_id)
     tpl = template.with_context(result.prefix) if result.prefix else template
@@ -209,6 +219,8 @@ def evaluate_edit(
         port = _portability(adapter, fact.multi_hop, langs, tpl, config, batch_size)
         mcqa = mcqa_measures(adapter, [fact], langs, tpl, batch_size) if mlake else []
         mine = own_measures(adapter, [fact], langs, tpl, config, batch_size) if own else []
+        scorer = paper_scorer(dataset) if own else None
+        paper = paper_measures(adapter, [fact], langs, tpl, batch_size) if scorer else None
     for rec in measured.to_dict(orient="records"):
         b, form = rec["lang"], rec["form"]
         if b == request.lang:
@@ -335,7 +347,112 @@ def evaluate_edit(
                 "mcqa_by": m["mcqa_by"],
             }
         )
+    if paper is not None:
+        for row in rows:
+            _add_paper(row, paper, paper_before or {})
     return rows
+
+
+#: The measure of the other datasets' papers each row of an edit is, by ``(kind, form)``
+#: (:data:`OWN_TABLES`).
+PAPER_MEASURE_OF: dict[tuple[str, str], str] = {
+    ("efficacy", "question"): "reliability",
+    ("transfer", "question"): "reliability",
+    ("generalization", "rephrase"): "generalization",
+    ("locality", "locality"): "locality",
+    ("portability", "multi_hop"): "portability",
+}
+
+
+def paper_columns() -> tuple[str, ...]:
+    """The columns of the papers' scorer on an edit's rows: each metric of
+    :data:`~mlake_core.metrics.paper_scores.PAPER_METRICS` after the edit and before it."""
+    return tuple(f"paper_{m}{s}" for m in PAPER_METRICS for s in ("", "_before"))
+
+
+def _add_paper(
+    row: dict[str, Any],
+    paper: Mapping[tuple[int, str, str], Mapping[str, float]],
+    before: Mapping[tuple[int, str, str], Mapping[str, float]],
+) -> None:
+    """Put the scorer's values (after the edit, and the unedited model's) on ``row``."""
+    measure = PAPER_MEASURE_OF.get((str(row["kind"]), str(row["form"])))
+    key = (int(row["fact_id"]), str(row["test_lang"]), measure or "")
+    after, prior = paper.get(key, {}), before.get(key, {})
+    scored = measure is not None and row["n"] > 0
+    for m in PAPER_METRICS:
+        row[f"paper_{m}"] = float(after.get(m, math.nan)) if scored else math.nan
+        row[f"paper_{m}_before"] = float(prior.get(m, math.nan)) if scored else math.nan
+
+
+def paper_measures(
+    adapter: Any,
+    facts: Sequence[Any],
+    langs: Sequence[str],
+    template: PromptTemplate,
+    batch_size: int = 32,
+) -> dict[tuple[int, str, str], dict[str, float]]:
+    """The dataset's own scorer (:mod:`mlake_core.metrics.paper_scores`: teacher-forced
+    token F1, exact match and token accuracy) on every measure of its papers, with the model
+    as it is: per ``(fact_id, test_lang, measure)`` (``reliability``: the question and the
+    new answer; ``generalization``: the record's rephrase and the new answer; ``locality``:
+    the ``loc`` question and ``loc_ans``; ``portability``: the portability question and its
+    answer), ``{metric: value}``.  Each prompt is the template's question prompt and the
+    answer is joined to it by the template's answer prefix, as every scored answer; a
+    question that is not asked (a no-op edit, no such question, an empty answer) has no
+    entry.
+
+    Raises:
+        DataError: a prompt with its answer that the model cannot run, naming it.
+    """
+    tokenizer = adapter.tokenizer
+    keys: list[tuple[int, str, str]] = []
+    items: list[tuple[list[int], list[int], str]] = []
+    for fact in facts:
+        for b in langs:
+            view = fact.views[b]
+            if not isinstance(view, ExternalView):
+                continue
+            asked: list[tuple[str, str | None, str]] = []
+            q = view.question
+            if askable(view, q) and not view.edit_is_noop:
+                asked.append(("reliability", q.text, q.edit_target.text))
+            if view.rephrase is not None and not view.edit_is_noop:
+                asked.append(("generalization", view.rephrase.text, view.rephrase.edit_target.text))
+            if view.locality is not None:
+                asked.append(("locality", *view.locality))
+            if view.portability is not None:
+                asked.append(("portability", *view.portability))
+            for measure, text, answer in asked:
+                if not text or not answer or not answer.strip():
+                    continue
+                prompt, prefix = template.question_prompt(text, b)
+                ids = adapter.encode(prompt)
+                answer_ids = list(
+                    tokenizer(prefix + answer.strip(), add_special_tokens=False)["input_ids"]
+                )
+                if not answer_ids:
+                    continue
+                adapter.check_fits(
+                    len(ids) + len(answer_ids) - 1, f"fact {fact.fact_id} [{b}] {measure} question"
+                )
+                keys.append((fact.fact_id, b, measure))
+                items.append((ids, answer_ids, answer))
+    scores = teacher_forced_scores(adapter, items, batch_size=batch_size) if items else []
+    return {k: s.metrics() for k, s in zip(keys, scores, strict=True)}
+
+
+def paper_map(table: Any) -> dict[tuple[int, str, str], dict[str, float]]:
+    """:func:`own_baseline`'s table's scorer values as :func:`evaluate_edit`'s
+    ``paper_before``: per ``(fact_id, test_lang, measure)`` (its rows' ``kind``)."""
+    if "paper_f1" not in table:
+        return {}
+    out = {}
+    for r in table.to_dict(orient="records"):
+        values = {m: float(r[f"paper_{m}"]) for m in PAPER_METRICS}
+        if not all(math.isnan(v) for v in values.values()):
+            out[int(r["fact_id"]), str(r["test_lang"]), str(r["kind"])] = values
+    return out
 
 
 #: ``missing`` of a portability row whose fact has no linked "new" multi-hop question there.
@@ -365,8 +482,7 @@ def own_measures(
     has ``n`` (1, or 0 with the reason in ``missing``: :data:`NO_REPHRASE`,
     :data:`NO_LOCALITY`, or the knowledge measure's skip reason) and ``chose_edit`` (the hits).
     Scored by mlake's greedy alias match, the measure of every other row (the papers' own
-    scorers, teacher-forced token accuracy in ReMaKE and token F1/EM in BMIKE-53, are not
-    implemented; see the README)."""
+    scorers are :func:`paper_measures`', on the same questions)."""
     kcfg = KnowledgeConfig(
         forms=("question",),
         max_new_tokens=config.max_new_tokens,
@@ -444,7 +560,12 @@ def own_baseline(
 ) -> Any:
     """The unedited model's :func:`own_measures` (a pandas DataFrame, columns
     :data:`BASELINE_COLUMNS`): how often the rephrase already gives the new answer, and the
-    locality question ``loc_ans``, before any edit (the prior of every edit's rows)."""
+    locality question ``loc_ans``, before any edit (the prior of every edit's rows); also
+    how often the portability question already gives its answer (kind ``portability``).
+    Where the dataset has its own scorer, the scorer's values (``paper_f1``, ``paper_em``,
+    ``paper_acc``, :func:`paper_measures`) are on those rows and on rows of kind
+    ``reliability`` (the question, whose greedy prior the knowledge stage measures:
+    ``chose_edit`` NaN there)."""
     import pandas as pd
 
     facts = [dataset.fact(i) for i in fact_ids]
@@ -462,7 +583,46 @@ def own_baseline(
         }
         for m in own_measures(adapter, facts, langs, template, config, batch_size)
     ]
-    return pd.DataFrame.from_records(records, columns=list(BASELINE_COLUMNS))
+    for fact in facts:
+        port = _portability(adapter, fact.multi_hop, langs, template, config, batch_size)
+        for b, (hits, n) in port.items():
+            records.append(
+                {
+                    "fact_id": fact.fact_id,
+                    "test_lang": b,
+                    "form": "multi_hop",
+                    "kind": "portability",
+                    "mcqa_by": "",
+                    "n": n,
+                    "chose_edit": float(hits),
+                    "chose_original": math.nan,
+                    "missing": "",
+                }
+            )
+    columns = list(BASELINE_COLUMNS)
+    if paper_scorer(dataset) is not None:
+        paper = paper_measures(adapter, facts, langs, template, batch_size)
+        for rec in records:
+            got = paper.get((rec["fact_id"], rec["test_lang"], rec["kind"]), {})
+            rec.update({f"paper_{m}": got.get(m, math.nan) for m in PAPER_METRICS})
+        for (fid, b, measure), got in paper.items():
+            if measure == "reliability":
+                records.append(
+                    {
+                        "fact_id": fid,
+                        "test_lang": b,
+                        "form": "question",
+                        "kind": "reliability",
+                        "mcqa_by": "",
+                        "n": 1,
+                        "chose_edit": math.nan,
+                        "chose_original": math.nan,
+                        "missing": "",
+                        **{f"paper_{m}": got[m] for m in PAPER_METRICS},
+                    }
+                )
+        columns += [f"paper_{m}" for m in PAPER_METRICS]
+    return pd.DataFrame.from_records(records, columns=columns)
 
 
 def _counts(
@@ -841,6 +1001,8 @@ OWN_CELL_COLUMNS: tuple[str, ...] = (
     "hits",
     "missing",
     "edits",
+    *(f"paper_{m}{s}" for m in PAPER_METRICS for s in ("_pct", "_before_pct")),
+    "paper_n",
 )
 
 
@@ -852,7 +1014,11 @@ def own_cells(rows: Any, langs: Sequence[str]) -> Any:
     unedited model's rate on the same questions where it was measured (NaN where not: the
     portability prior is measured by ``--protocol mlake`` only), ``missing`` the edited
     facts with no question there (no rephrase, no locality question, a no-op edit),
-    ``edits`` the facts edited in the edit language.  Values rounded to 0.1."""
+    ``edits`` the facts edited in the edit language.  Where the rows carry the dataset's own
+    scorer (:func:`paper_measures`), ``paper_<metric>_pct`` is its mean over the ``paper_n``
+    questions it scored in the cell, in % (F1, EM, token accuracy), and
+    ``paper_<metric>_before_pct`` the unedited model's on the same questions; NaN (and
+    ``paper_n`` 0) otherwise.  Values rounded to 0.1."""
     import pandas as pd
 
     rows = _with_counts(rows)
@@ -880,9 +1046,26 @@ def own_cells(rows: Any, langs: Sequence[str]) -> Any:
                         "hits": round(hits),
                         "missing": int(edits.get(a, 0)) - int(measured["fact_id"].nunique()),
                         "edits": int(edits.get(a, 0)),
+                        **_paper_cell(measured),
                     }
                 )
     return pd.DataFrame.from_records(records, columns=list(OWN_CELL_COLUMNS))
+
+
+def _paper_cell(measured: Any) -> dict[str, Any]:
+    """:func:`own_cells`' scorer columns of one cell's measured rows."""
+    out: dict[str, Any] = {"paper_n": 0}
+    scored = measured[measured["paper_f1"].notna()] if "paper_f1" in measured else measured[:0]
+    n = len(scored)
+    out["paper_n"] = n
+    for m in PAPER_METRICS:
+        after = scored[f"paper_{m}"] if n else None
+        prior = scored[f"paper_{m}_before"] if n and f"paper_{m}_before" in scored else None
+        out[f"paper_{m}_pct"] = _pct(float(after.sum()), n) if after is not None else math.nan
+        out[f"paper_{m}_before_pct"] = (
+            _pct(float(prior.sum()), n) if prior is not None and prior.notna().all() else math.nan
+        )
+    return out
 
 
 def _pct(hits: float, n: int) -> float:

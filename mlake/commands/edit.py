@@ -25,6 +25,20 @@ chose_edit, facts, missing, edits), to ``--csv`` (default
 ``runs/edit_transfer/protocol_mlake_<model>_<N>facts.csv``); ``--json`` prints them as JSON
 (``protocol_mlake`` per method).
 
+On another dataset (``--dataset mzsre``, ``bmike53-*``: README, Other datasets) the edits
+are measured as its papers measure them (reliability, generalization by the record's
+``rephrase``, locality by its ``loc`` question, portability) and the command prints, for
+each method and measure, the same edit language x test language tables: the % passed by
+greedy alias match with the unedited model's % in brackets and each cell's counts (n/facts/
+missing), then the same questions scored by the dataset's paper's own scorer (ReMaKE's,
+BMIKE-53's: teacher-forced token F1, exact match and EasyEdit's token accuracy,
+``mlake_core/metrics/paper_scores.py``; the scorer is named in each table's title, with the
+questions it scored per cell).  The tables are written as CSV, one row per measure and cell
+(method, measure, edit_lang, test_lang, pct, before_pct, n, hits, missing, edits, then
+``paper_<f1|em|acc>_pct``, ``paper_<f1|em|acc>_before_pct``, ``paper_n``), to ``--csv``
+(default ``runs/edit_transfer/own_<dataset>_<model>_<N>facts.csv``); ``--json`` gives them
+as ``own_measures`` per method, with ``paper_scorer``.
+
 Each method's settings are resolved once (:func:`mlake.method_settings.resolve_method`), in
 rising precedence: the method's defaults; for ``--layer auto``, the layer causal tracing
 recommended for this model (``mlake trace``), else the documented default per model size; the
@@ -139,8 +153,9 @@ def register(subparsers: Any) -> None:
         "--csv",
         default=None,
         metavar="PATH",
-        help="with --protocol mlake: where the tables go as CSV (default "
-        "runs/edit_transfer/protocol_mlake_<model>_<N>facts.csv, under the current folder)",
+        help="with --protocol mlake, or another --dataset: where the tables go as CSV "
+        "(default runs/edit_transfer/protocol_mlake_<model>_<N>facts.csv or "
+        "own_<dataset>_<model>_<N>facts.csv, under the current folder)",
     )
     add_data_args(tr, facts_default="20", facts_help="N (the first N), trained or all")
     add_run_args(tr, seed=True)
@@ -167,15 +182,18 @@ def run_transfer(args: argparse.Namespace) -> int:
         TransferConfig,
         locality_facts,
         missing_reasons,
+        own_cells,
         protocol_cells,
         transfer_matrix,
     )
     from mlake.method_settings import resolve_method
     from mlake.progress import progress_bar
     from mlake.stages.transfer import read_unit_sets, transfer_stage
+    from mlake_core.data.external import dataset_title, has_own_measures
     from mlake_core.editing import get_method
     from mlake_core.editing.covariance import mlake_corpus, read_corpus
     from mlake_core.metrics.knowledge import KnowledgeConfig
+    from mlake_core.metrics.paper_scores import paper_scorer
 
     names = [m.strip() for m in (args.methods or args.method or "").split(",") if m.strip()]
     if not names:
@@ -188,8 +206,12 @@ def run_transfer(args: argparse.Namespace) -> int:
         among="--methods",
     )
     config = settings_from_args(args, TransferConfig, fields=TRANSFER_FIELDS)
-    if args.csv and config.protocol != "mlake":
-        raise ConfigError("--csv: the tables written as CSV are --protocol mlake's; add it")
+    own_data = data_settings(args).dataset != "mlake"  # measured as its papers measure
+    if args.csv and config.protocol != "mlake" and not own_data:
+        raise ConfigError(
+            "--csv: the tables written as CSV are --protocol mlake's, or another dataset's "
+            "(--dataset); add one"
+        )
     if config.protocol == "mlake":  # before the model loads
         check_protocol_data(data_settings(args).version)
     given = {e.name: given_method_fields(e, args.layer, overrides) for e in entries}
@@ -205,6 +227,7 @@ def run_transfer(args: argparse.Namespace) -> int:
         raise ConfigError("restricted editing (--set ft.units=...) needs --units-from RUN_DIR")
     session = open_session(args)
     ctx, loaded = session.ctx, session.loaded
+    own = has_own_measures(ctx.dataset)
     # The edited facts and the locality sample the transfer stage draws from the pool.
     knowledge = session.measure_knowledge(
         KnowledgeConfig(mcqa=False, max_new_tokens=config.max_new_tokens),
@@ -277,15 +300,33 @@ def run_transfer(args: argparse.Namespace) -> int:
                 "cells": _records(protocol_cells(rows, langs)),
                 "missing": _records(missing_reasons(rows)),
             }
+        if own:
+            report["methods"][entry.name]["own_measures"] = {
+                "cells": _records(own_cells(rows, langs)),
+            }
+    if own:
+        scorer = paper_scorer(ctx.dataset)
+        report["dataset"] = dataset_title(ctx.dataset)
+        report["paper_scorer"] = dataclasses.asdict(scorer) if scorer else None
+        path = (
+            Path(args.csv)
+            if args.csv
+            else default_csv(loaded.name, len(fact_ids), f"own_{ctx.dataset.version}")
+        )
+        write_csv(own_table(report), path)
+        report["own_csv"] = str(path)
+        log(f"the {report['dataset']} tables: {path}")
     if config.protocol == "mlake":
         path = Path(args.csv) if args.csv else default_csv(loaded.name, len(fact_ids))
-        write_protocol_csv(report, path)
+        write_csv(protocol_table(report), path)
         report["protocol_csv"] = str(path)
         log(f"the MLaKE protocol's tables: {path}")
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
     elif config.protocol == "mlake":
         print(format_protocol(report, langs))
+    elif own:
+        print(format_own(report, langs))
     else:
         print(_format(report, langs))
     return 0
@@ -307,10 +348,11 @@ def check_protocol_data(version: str) -> None:
         )
 
 
-def default_csv(model: str, n_facts: int) -> Path:
-    """Where ``--protocol mlake`` writes its CSV without ``--csv``."""
+def default_csv(model: str, n_facts: int, what: str = "protocol_mlake") -> Path:
+    """Where ``--protocol mlake`` (``what``; another dataset's tables: ``own_<dataset>``)
+    writes its CSV without ``--csv``."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_") or "model"
-    return Path("runs") / "edit_transfer" / f"protocol_mlake_{slug}_{n_facts}facts.csv"
+    return Path("runs") / "edit_transfer" / f"{what}_{slug}_{n_facts}facts.csv"
 
 
 def _records(frame: Any) -> list[dict[str, Any]]:
@@ -346,8 +388,28 @@ def protocol_table(report: dict[str, Any]) -> Any:
     return table[["method", *CELL_COLUMNS]]
 
 
-def write_protocol_csv(report: dict[str, Any], path: Path) -> None:
-    """Write :func:`protocol_table` to ``path`` (its folder made if needed), atomically."""
+def own_table(report: dict[str, Any]) -> Any:
+    """Every method's cells of another dataset's measures as one table (a pandas DataFrame:
+    ``method`` then :data:`analysis.transfer.OWN_CELL_COLUMNS`), in print order: what the
+    CSV holds."""
+    import pandas as pd
+
+    from analysis.transfer import OWN_CELL_COLUMNS
+
+    frames = [
+        pd.DataFrame.from_records(
+            m["own_measures"]["cells"], columns=list(OWN_CELL_COLUMNS)
+        ).assign(method=name)
+        for name, m in report["methods"].items()
+        if "own_measures" in m
+    ]
+    table = pd.concat(frames, ignore_index=True)
+    return table[["method", *OWN_CELL_COLUMNS]]
+
+
+def write_csv(table: Any, path: Path) -> None:
+    """Write ``table`` (:func:`protocol_table`, :func:`own_table`) to ``path`` (its folder
+    made if needed), atomically."""
     import os
     import tempfile
 
@@ -355,10 +417,15 @@ def write_protocol_csv(report: dict[str, Any], path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        protocol_table(report).to_csv(tmp, index=False)
+        table.to_csv(tmp, index=False)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def write_protocol_csv(report: dict[str, Any], path: Path) -> None:
+    """Write :func:`protocol_table` to ``path`` (:func:`write_csv`)."""
+    write_csv(protocol_table(report), path)
 
 
 def _cell(value: Any, before: Any) -> str:
@@ -368,6 +435,36 @@ def _cell(value: Any, before: Any) -> str:
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
 
     return f"{pct(value)} ({pct(before)})"
+
+
+def lang_table(
+    title: str,
+    cells: Any,
+    langs: Any,
+    value: str = "pct",
+    before: str = "before_pct",
+    counts: tuple[str, Any] | None = None,
+    width: int = 14,
+) -> list[str]:
+    """One edit language x test language table as text lines: ``title``, then per edit
+    language (rows) and test language (columns) ``value`` with ``before`` in brackets (%),
+    then, with ``counts`` (``(label, cell -> text)``), each cell's counts under ``label``.
+    ``cells`` maps ``(edit_lang, test_lang)`` to a cell (a dict).  The layout of every
+    ``mlake edit transfer`` table."""
+    lines = ["", title, "      " + "".join(f"{b:>{width}}" for b in langs)]
+    for a in langs:
+        row = "".join(f"{_cell(cells[a, b][value], cells[a, b][before]):>{width}}" for b in langs)
+        lines.append(f"  {a:<4}{row}")
+    if counts is not None:
+        label, text = counts
+        lines.append(f"  {label}")
+        for a in langs:
+            lines.append(f"  {a:<4}" + "".join(f"{text(cells[a, b]):>{width}}" for b in langs))
+    return lines
+
+
+def _n_facts_missing(cell: dict[str, Any]) -> str:
+    return "{n}/{facts}/{missing}".format(**cell)
 
 
 def format_protocol(report: dict[str, Any], langs: Any) -> str:
@@ -384,7 +481,6 @@ def format_protocol(report: dict[str, Any], langs: Any) -> str:
         "the edit, the unedited model's % in brackets; n/facts/missing: questions, edited "
         "facts measured, edited facts with no question there)"
     ]
-    width = 14
     for name, m in report["methods"].items():
         lines += ["", f"== {name}: {m['edits']} edits, {m['seconds']} s; {m['results']}"]
         cells = m["protocol_mlake"]["cells"]
@@ -394,20 +490,12 @@ def format_protocol(report: dict[str, Any], langs: Any) -> str:
                 for c in cells
                 if (c["hop"], c["format"]) == (hop, fmt)
             }
-            lines += ["", f"{name} | {hop} | {fmt}: {what}"]
-            lines.append("      " + "".join(f"{b:>{width}}" for b in langs))
-            for a in langs:
-                row = "".join(
-                    f"{_cell(table[a, b]['pct'], table[a, b]['before_pct']):>{width}}"
-                    for b in langs
-                )
-                lines.append(f"  {a:<4}{row}")
-            lines.append("  n/facts/missing")
-            for a in langs:
-                row = "".join(
-                    f"{'{n}/{facts}/{missing}'.format(**table[a, b]):>{width}}" for b in langs
-                )
-                lines.append(f"  {a:<4}{row}")
+            lines += lang_table(
+                f"{name} | {hop} | {fmt}: {what}",
+                table,
+                langs,
+                counts=("n/facts/missing", _n_facts_missing),
+            )
         missing = m["protocol_mlake"]["missing"]
         if missing:
             lines += ["", f"{name}: facts with no question in a test language, by reason:"]
@@ -416,6 +504,63 @@ def format_protocol(report: dict[str, Any], langs: Any) -> str:
             ]
     if report.get("protocol_csv"):
         lines += ["", f"tables as CSV: {report['protocol_csv']}"]
+    return "\n".join(lines)
+
+
+def format_own(report: dict[str, Any], langs: Any) -> str:
+    """Another dataset's tables as text (:func:`analysis.transfer.own_cells`), in the layout
+    of :func:`format_protocol` (:func:`lang_table`): per method and measure of
+    :data:`analysis.transfer.OWN_TABLES`, the % passed by greedy alias match with the
+    unedited model's % in brackets and the counts per cell (questions n / facts measured /
+    facts missing), then the same questions by the dataset's paper's scorer
+    (:mod:`mlake_core.metrics.paper_scores`: F1, exact match, token accuracy, each named in
+    its table's title, with the questions it scored per cell)."""
+    from analysis.transfer import OWN_TABLES
+    from mlake_core.metrics.paper_scores import PAPER_METRICS, PaperScorer
+
+    given = report.get("paper_scorer")
+    scorer = PaperScorer(**given) if given else None
+    lines = [
+        f"model {report['model']}; {report['dataset']}; {report['n_facts']} facts per edit "
+        "language; its papers' measures (rows: edit language, columns: test language; % "
+        "passed, the unedited model's % in brackets; n/facts/missing: questions, edited facts "
+        "measured, edited facts with no question there)"
+    ]
+    if scorer is not None:
+        lines.append(
+            f"beside greedy alias match: {scorer.title} scorer ({scorer.source}); mean % per "
+            "cell of the questions it scored (n)"
+            + (f"; {scorer.locality_note}" if scorer.locality_note else "")
+        )
+    for name, m in report["methods"].items():
+        lines += ["", f"== {name}: {m['edits']} edits, {m['seconds']} s; {m['results']}"]
+        cells = m["own_measures"]["cells"]
+        for measure, _, _, what in OWN_TABLES:
+            table = {
+                (c["edit_lang"], c["test_lang"]): {**c, "facts": c["edits"] - c["missing"]}
+                for c in cells
+                if c["measure"] == measure
+            }
+            lines += lang_table(
+                f"{name} | {measure} | greedy alias match: {what}",
+                table,
+                langs,
+                counts=("n/facts/missing", _n_facts_missing),
+            )
+            if scorer is None:
+                continue
+            for k, metric in enumerate(PAPER_METRICS):
+                lines += lang_table(
+                    f"{name} | {measure} | {scorer.metric_title(metric)}",
+                    table,
+                    langs,
+                    value=f"paper_{metric}_pct",
+                    before=f"paper_{metric}_before_pct",
+                    counts=("n", lambda c: str(c["paper_n"])) if k == 0 else None,
+                )
+    csv = report.get("own_csv")
+    if csv:
+        lines += ["", f"tables as CSV: {csv}"]
     return "\n".join(lines)
 
 

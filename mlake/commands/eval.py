@@ -6,6 +6,11 @@ greedy generation matched against the answers' aliases, and multiple-choice accu
 v2024-04 (see ``mlake_core/metrics/knowledge.py``).  A fact is *known* in a language when the
 question form is answered correctly by greedy alias match.
 
+On a dataset that gives no original answers (``--dataset mzsre``, BMIKE-53's zsRE task)
+what the model knows is not measurable: ``known``, the greedy and probability columns are
+``-`` (``null`` in the JSON, with ``measurable`` false) and the table says so; the rows
+still score the new answer (the prior of every edit).
+
 Prints one row per language; ``--json`` prints the same as JSON.  Per-fact results go to the
 results store (``--results-dir``, ``$MLAKE_RESULTS`` or ``./runs``), one table per language as
 it finishes, so an interrupted run resumes and a repeated run is read back, not recomputed.
@@ -135,11 +140,15 @@ def format_summary(report: dict[str, Any]) -> str:
         f"{'logp':>9}{'/tok':>8}  |{'cloze':>6}{'greedy%':>9}{'p(o)>p(e)%':>12}  |"
         f"{'mcqa':>5}{'acc%':>7}{'norm%':>7}",
     ]
+    unmeasurable = []
     for lang, row in report["languages"].items():
         logp = row["target_logp"]
         mean = row["target_logp_mean"]
+        known = "-" if row["known"] is None else int(row["known"])
+        if row.get("measurable") is False:
+            unmeasurable.append(lang)
         lines.append(
-            f"{lang:<5}{row['facts']:>6}{row['known']:>7}{_pct(row['greedy']):>9}"
+            f"{lang:<5}{row['facts']:>6}{known:>7}{_pct(row['greedy']):>9}"
             f"{_pct(row['prefers_original']):>12}"
             f"{('-' if logp is None else f'{logp:.3f}'):>9}"
             f"{('-' if mean is None else f'{mean:.3f}'):>8}  |"
@@ -147,6 +156,12 @@ def format_summary(report: dict[str, Any]) -> str:
             f"{_pct(row['cloze_prefers_original']):>12}  |"
             f"{row['mcqa_facts']:>5}{_pct(row['mcqa']):>7}{_pct(row['mcqa_norm']):>7}"
         )
+    if unmeasurable:
+        lines += [
+            "",
+            f"{', '.join(unmeasurable)}: known, greedy%, p(o)>p(e)% and logp not measurable "
+            "(no original answers); the rows score the new answer only",
+        ]
     if report["skipped"]:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(report["skipped"].items()))
         lines += ["", f"not measured (language:form:reason count): {counts}"]

@@ -50,7 +50,11 @@ def transfer_stage(
     ``mlake`` the unedited model's multiple choice and multi-hop answers are measured once
     first (table ``protocol_baseline``, :func:`analysis.transfer.protocol_baseline`) and
     every edit's rows carry them; the protocol is part of the run key, so a run without those
-    measures is never read back for it.  Every row also carries its
+    measures is never read back for it.  On a dataset with its own prompts (MzsRE, BMIKE-53)
+    the unedited model's answers to them are measured once likewise (table
+    ``own_baseline``), with the dataset's own scorer where it has one
+    (:func:`~mlake_core.metrics.paper_scores.paper_scorer`, named in the run key as
+    ``paper_scorer``).  Every row also carries its
     edit's ``edit_seconds`` (the method's own work), ``eval_seconds`` (the evaluation in every
     language) and ``setup_seconds`` (the run's shared statistics, ROME's and MEMIT's key second
     moments and subject means, measured or loaded on first use inside this edit and left out
@@ -61,6 +65,7 @@ def transfer_stage(
         The per-fact, per-pair rows (a pandas DataFrame) and the run folder.
     """
     from mlake_core.data.external import has_own_measures, require_subjects
+    from mlake_core.metrics.paper_scores import paper_scorer
 
     adapter, dataset, fact_ids, langs = ctx.adapter, ctx.dataset, ctx.fact_ids, ctx.langs
     if method in ("rome", "memit"):  # they write at the subject's last token
@@ -81,6 +86,7 @@ def transfer_stage(
         evaluate_edit,
         locality_facts,
         own_baseline,
+        paper_map,
         protocol_baseline,
         require_mcqa,
     )
@@ -107,6 +113,9 @@ def transfer_stage(
     own_measures = has_own_measures(dataset)
     if own_measures:  # generalization and locality read the dataset's own prompts
         extra["own_measures"] = "rephrase,locality"
+        scorer = paper_scorer(dataset)
+        if scorer is not None:  # its paper's scorer beside greedy alias match
+            extra["paper_scorer"] = scorer.name
     if unit_sets:
         extra["unit_sets"] = stable_hash(
             {k: sorted(int(u) for u in v) for k, v in unit_sets.items()}
@@ -122,6 +131,7 @@ def transfer_stage(
         knowledge_run=str(knowledge_run) if knowledge_run else None,
     )
     prior: dict[tuple[Any, ...], tuple[float, float]] = {}
+    paper_prior: dict[tuple[int, str, str], dict[str, float]] = {}
     if config.protocol == "mlake":
         # The unedited model's multiple-choice and multi-hop answers: measured once per run
         # (saved; read back on resume and by every shard), the prior of every edit's counts.
@@ -146,6 +156,7 @@ def transfer_stage(
             columns=BASELINE_COLUMNS,
         )
         prior.update(baseline_map(own))
+        paper_prior = paper_map(own)
         ctx.say(
             f"transfer [{method}]: the unedited model's rephrase and locality answers "
             f"{'measured' if computed else 'loaded'}"
@@ -307,6 +318,7 @@ def transfer_stage(
                 batch_size=batch_size,
                 new_before=new_before,
                 before=prior,
+                paper_before=paper_prior,
             )
             timing = {
                 "edit_seconds": edit_seconds,

@@ -17,6 +17,8 @@ form and (where it is well-posed) the cloze form:
     (answer and aliases, duplicates by token ids removed).  An answer counts through any alias.
 ``prefers_original``
     ``target_alias_logp > edit_alias_logp``: the model prefers the original fact to the edit.
+    ``None`` (not measurable) on a view whose dataset gives no original answer
+    (:func:`no_original_answer`), never a number.
 ``greedy_text`` / ``greedy_match``
     Greedy generation after the prompt, cut at the template's stop strings and EOS, matched
     against both answers' forms after NFKC normalization and case and width folding: the
@@ -843,7 +845,13 @@ class KnowledgeResult:
         ``greedy`` (known / facts), ``prefers_original`` (share with p(original) > p(edit),
         alias-aware), ``target_logp`` and ``target_logp_mean`` (medians), ``cloze_facts``,
         ``cloze_greedy``, ``cloze_prefers_original``, ``mcqa_facts``, ``mcqa``,
-        ``mcqa_norm``.
+        ``mcqa_norm``, ``measurable`` (whether the rows give original answers).
+
+        Rows without an original answer (:func:`no_original_answer`: MzsRE, BMIKE-53 zsRE)
+        are left out of every original-answer column: where a language has no other rows,
+        ``known``, ``greedy``, ``prefers_original``, ``target_logp`` and
+        ``target_logp_mean`` (and their cloze columns) are NaN, "not measurable", never a
+        number, and ``measurable`` is false.
         """
         import pandas as pd
 
@@ -853,23 +861,27 @@ class KnowledgeResult:
             q = t[(t["lang"] == lang) & (t["form"] == "question")]
             c = t[(t["lang"] == lang) & (t["form"] == "cloze")]
             m = q[q["mcqa_correct"].notna()]
+            # Rows that give an original answer (those without have prefers_original None).
+            qo, co = _with_original(q), _with_original(c)
+            known = int((qo["greedy_match"] == "original").sum())
             records.append(
                 {
                     "lang": lang,
                     "facts": len(q),
-                    "known": int((q["greedy_match"] == "original").sum()),
-                    "greedy": _mean(q["greedy_match"] == "original"),
-                    "prefers_original": _mean(q["prefers_original"]),
-                    "target_logp": float(q["target_logp"].median()) if len(q) else math.nan,
-                    "target_logp_mean": float(q["target_logp_mean"].median())
-                    if len(q)
+                    "known": known if len(qo) or not len(q) else math.nan,
+                    "greedy": _mean(qo["greedy_match"] == "original"),
+                    "prefers_original": _mean(qo["prefers_original"].astype(bool)),
+                    "target_logp": float(qo["target_logp"].median()) if len(qo) else math.nan,
+                    "target_logp_mean": float(qo["target_logp_mean"].median())
+                    if len(qo)
                     else math.nan,
                     "cloze_facts": len(c),
-                    "cloze_greedy": _mean(c["greedy_match"] == "original"),
-                    "cloze_prefers_original": _mean(c["prefers_original"]),
+                    "cloze_greedy": _mean(co["greedy_match"] == "original"),
+                    "cloze_prefers_original": _mean(co["prefers_original"].astype(bool)),
                     "mcqa_facts": len(m),
                     "mcqa": _mean(m["mcqa_correct"].astype(bool)),
                     "mcqa_norm": _mean(m["mcqa_correct_norm"].astype(bool)),
+                    "measurable": bool(len(qo)) or not len(q),
                 }
             )
         return pd.DataFrame.from_records(records).set_index("lang")
@@ -877,6 +889,14 @@ class KnowledgeResult:
 
 def _mean(series: Any) -> float:
     return float(series.mean()) if len(series) else math.nan
+
+
+def _with_original(rows: Any) -> Any:
+    """The rows that give an original answer: ``prefers_original`` set and a non-empty
+    ``target`` (tables saved before ``prefers_original`` was left unset there have
+    ``False`` and an empty target)."""
+    target = rows["target"].fillna("").astype(str).str.strip()
+    return rows[rows["prefers_original"].notna() & (target != "")]
 
 
 def measure_knowledge(
@@ -1026,7 +1046,9 @@ def measure_knowledge(
                 "edit_alias_logp": e_alias,
                 "n_target_forms": len(t_scores),
                 "n_edit_forms": len(e_scores),
-                "prefers_original": bool(not e_scores or t_alias > e_alias),
+                "prefers_original": None  # no original answer: not measurable
+                if no_original_answer(row.view)
+                else bool(not e_scores or t_alias > e_alias),
                 "greedy_text": text,
                 "greedy_match": match_answer(
                     text, row.form.target.forms, row.form.edit_target.forms, row.view.lang

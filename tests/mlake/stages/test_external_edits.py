@@ -98,7 +98,12 @@ def test_knowledge_scores_the_new_answer_without_an_original(adapter, mzsre) -> 
     assert t["edit_logp"].notna().all() and (t["edit_logp"] < 0).all()
     # Nothing is "known": there is no original answer to give.
     assert not (t["greedy_match"] == "original").any()
-    assert result.summary()["known"].tolist() == [0, 0, 0]
+    # Not measurable: no number where there is no original answer (issue 22 §3).
+    assert t["prefers_original"].isna().all()
+    summary = result.summary()
+    for col in ("known", "greedy", "prefers_original", "target_logp", "target_logp_mean"):
+        assert summary[col].isna().all(), col
+    assert not summary["measurable"].any() and summary["facts"].tolist() == [3, 3, 3]
 
 
 def test_a_question_without_a_placed_subject_is_asked_but_not_edited(adapter, mzsre) -> None:

@@ -1,0 +1,126 @@
+"""The papers' own scorer in the other datasets' tables: which rows carry it
+(:func:`analysis.transfer._add_paper`), the unedited model's values read back
+(:func:`analysis.transfer.paper_map`) and the cells (:func:`analysis.transfer.own_cells`),
+hand-computed."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from analysis.transfer import (
+    OWN_CELL_COLUMNS,
+    _add_paper,
+    own_cells,
+    paper_columns,
+    paper_map,
+)
+
+
+def _row(fact, a, b, kind, form, n=1, hits=0, f1=math.nan, f1_before=math.nan, em=0.0):
+    return {
+        "fact_id": fact,
+        "edit_lang": a,
+        "test_lang": b,
+        "kind": kind,
+        "form": form,
+        "n": n,
+        "success_greedy": hits / n if n else math.nan,
+        "chose_edit": float(hits),
+        "chose_original": math.nan,
+        "chose_edit_before": 0.0,
+        "chose_original_before": math.nan,
+        "mcqa_by": "",
+        "missing": "",
+        "known_before": False,
+        "paper_f1": f1,
+        "paper_f1_before": f1_before,
+        "paper_em": em if not math.isnan(f1) else math.nan,
+        "paper_em_before": 0.0 if not math.isnan(f1) else math.nan,
+        "paper_acc": 0.5 if not math.isnan(f1) else math.nan,
+        "paper_acc_before": 0.25 if not math.isnan(f1) else math.nan,
+    }
+
+
+def test_rows_get_their_measures_scores() -> None:
+    paper = {
+        (1, "zh", "reliability"): {"f1": 0.5, "em": 0.0, "acc": 0.75},
+        (1, "zh", "locality"): {"f1": 1.0, "em": 1.0, "acc": 1.0},
+    }
+    before = {(1, "zh", "reliability"): {"f1": 0.1, "em": 0.0, "acc": 0.2}}
+    transfer: dict[str, Any] = {
+        "fact_id": 1,
+        "test_lang": "zh",
+        "kind": "transfer",
+        "form": "question",
+        "n": 1,
+    }
+    _add_paper(transfer, paper, before)
+    assert (transfer["paper_f1"], transfer["paper_acc"], transfer["paper_f1_before"]) == (
+        0.5,
+        0.75,
+        0.1,
+    )
+    loc: dict[str, Any] = {
+        "fact_id": 1,
+        "test_lang": "zh",
+        "kind": "locality",
+        "form": "locality",
+        "n": 1,
+    }
+    _add_paper(loc, paper, before)
+    assert loc["paper_em"] == 1.0 and math.isnan(loc["paper_em_before"])  # no prior given
+    # A row that is no measure of the papers' (mcqa) or was not measured (n 0): NaN.
+    others: list[dict[str, Any]] = [
+        {"fact_id": 1, "test_lang": "zh", "kind": "mcqa", "form": "question", "n": 1},
+        {"fact_id": 1, "test_lang": "zh", "kind": "transfer", "form": "question", "n": 0},
+    ]
+    for row in others:
+        _add_paper(row, paper, before)
+        assert all(math.isnan(row[c]) for c in paper_columns())
+
+
+def test_paper_map_reads_the_baseline_by_kind() -> None:
+    table = pd.DataFrame(
+        [
+            {"fact_id": 3, "test_lang": "de", "kind": "reliability", "paper_f1": 0.25,
+             "paper_em": 0.0, "paper_acc": 0.5},
+            {"fact_id": 3, "test_lang": "de", "kind": "locality", "paper_f1": math.nan,
+             "paper_em": math.nan, "paper_acc": math.nan},
+        ]
+    )  # fmt: skip
+    assert paper_map(table) == {(3, "de", "reliability"): {"f1": 0.25, "em": 0.0, "acc": 0.5}}
+    assert paper_map(table.drop(columns=["paper_f1", "paper_em", "paper_acc"])) == {}
+
+
+def test_own_cells_give_the_scorer_beside_greedy() -> None:
+    rows = []
+    for fact, f1 in ((1, 1.0), (2, 0.5), (3, 0.0)):
+        rows.append(_row(fact, "en", "en", "efficacy", "question", hits=int(f1 == 1.0), f1=f1))
+        rows.append(
+            _row(fact, "en", "zh", "transfer", "question", f1=f1 / 2, f1_before=0.1, em=1.0)
+        )
+    # A generalization row not scored by the paper's scorer (e.g. too long): counted by
+    # greedy, not in the scorer's n.
+    rows.append(_row(1, "en", "zh", "generalization", "rephrase", hits=1))
+    cells = own_cells(pd.DataFrame(rows), ["en", "zh"])
+    assert list(cells.columns) == list(OWN_CELL_COLUMNS)
+    at = {(r["measure"], r["edit_lang"], r["test_lang"]): r for r in cells.to_dict("records")}
+    rel = at["reliability", "en", "en"]
+    assert (rel["pct"], rel["n"], rel["paper_n"]) == (33.3, 3, 3)
+    assert rel["paper_f1_pct"] == 50.0  # (1 + 0.5 + 0) / 3
+    assert rel["paper_f1_before_pct"] != rel["paper_f1_before_pct"]  # NaN: no prior given
+    cross = at["reliability", "en", "zh"]
+    assert cross["paper_f1_pct"] == 25.0 and cross["paper_f1_before_pct"] == 10.0
+    assert cross["paper_em_pct"] == 100.0 and cross["paper_em_before_pct"] == 0.0
+    assert cross["paper_acc_pct"] == 50.0 and cross["paper_acc_before_pct"] == 25.0
+    gen = at["generalization", "en", "zh"]
+    assert gen["pct"] == 100.0 and gen["n"] == 1 and gen["paper_n"] == 0
+    assert math.isnan(gen["paper_f1_pct"])
+    # Rows saved without the scorer's columns (MLaKE, older runs): NaN, paper_n 0.
+    plain = own_cells(pd.DataFrame(rows).drop(columns=list(paper_columns())), ["en", "zh"])
+    assert (plain["paper_n"] == 0).all() and plain["paper_f1_pct"].isna().all()
+    assert plain["pct"].tolist() == pytest.approx(cells["pct"].tolist(), nan_ok=True)
