@@ -169,7 +169,7 @@ def evaluate_edit(
     batch_size: int = 32,
     new_before: Mapping[tuple[int, str, str], bool] | None = None,
     before: Mapping[tuple[Any, ...], tuple[float, float]] | None = None,
-    paper_before: Mapping[tuple[int, str, str], Mapping[str, float]] | None = None,
+    paper_before: Mapping[tuple[int, str, str], Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows (one per fact, test language, form and kind) for one edit (see the module
     docstring).  ``known_before`` says whether the unedited model answered each
@@ -182,7 +182,8 @@ def evaluate_edit(
     generalization, locality and portability row also carries the scorer's values
     (:func:`paper_measures`: ``paper_f1``, ``paper_em``, ``paper_acc``, NaN where not
     scored) and the unedited model's (``paper_before``, :func:`paper_map` of
-    :func:`own_baseline`; columns ``paper_f1_before``, ...)."""
+    :func:`own_baseline`; columns ``paper_f1_before``, ...; ReMaKE's locality is scored
+    against the unedited model's tokens there)."""
     (request,) = result.requests[:1]
     fact = dataset.fact(request.fact_id)
     tpl = template.with_context(result.prefix) if result.prefix else template
@@ -220,7 +221,13 @@ def evaluate_edit(
         mcqa = mcqa_measures(adapter, [fact], langs, tpl, batch_size) if mlake else []
         mine = own_measures(adapter, [fact], langs, tpl, config, batch_size) if own else []
         scorer = paper_scorer(dataset) if own else None
-        paper = paper_measures(adapter, [fact], langs, tpl, batch_size) if scorer else None
+        paper = (
+            paper_measures(
+                adapter, [fact], langs, tpl, batch_size, _locality_reference(scorer, paper_before)
+            )
+            if scorer
+            else None
+        )
     for rec in measured.to_dict(orient="records"):
         b, form = rec["lang"], rec["form"]
         if b == request.lang:
@@ -370,10 +377,22 @@ def paper_columns() -> tuple[str, ...]:
     return tuple(f"paper_{m}{s}" for m in PAPER_METRICS for s in ("", "_before"))
 
 
+def _locality_reference(
+    scorer: Any, before: Mapping[tuple[int, str, str], Mapping[str, Any]] | None
+) -> dict[tuple[int, str, str], Sequence[int]] | None:
+    """The unedited model's locality tokens where ``scorer`` scores locality against them
+    (ReMaKE), else ``None`` (against ``loc_ans``)."""
+    if scorer is None or scorer.locality != "unedited":
+        return None
+    return {
+        k: v["tokens"] for k, v in (before or {}).items() if k[2] == "locality" and "tokens" in v
+    }
+
+
 def _add_paper(
     row: dict[str, Any],
-    paper: Mapping[tuple[int, str, str], Mapping[str, float]],
-    before: Mapping[tuple[int, str, str], Mapping[str, float]],
+    paper: Mapping[tuple[int, str, str], Mapping[str, Any]],
+    before: Mapping[tuple[int, str, str], Mapping[str, Any]],
 ) -> None:
     """Put the scorer's values (after the edit, and the unedited model's) on ``row``."""
     measure = PAPER_MEASURE_OF.get((str(row["kind"]), str(row["form"])))
@@ -391,7 +410,8 @@ def paper_measures(
     langs: Sequence[str],
     template: PromptTemplate,
     batch_size: int = 32,
-) -> dict[tuple[int, str, str], dict[str, float]]:
+    reference: Mapping[tuple[int, str, str], Sequence[int]] | None = None,
+) -> dict[tuple[int, str, str], dict[str, Any]]:
     """The dataset's own scorer (:mod:`mlake_core.metrics.paper_scores`: teacher-forced
     token F1, exact match and token accuracy) on every measure of its papers, with the model
     as it is: per ``(fact_id, test_lang, measure)`` (``reliability``: the question and the
@@ -400,7 +420,10 @@ def paper_measures(
     answer), ``{metric: value}``.  Each prompt is the template's question prompt and the
     answer is joined to it by the template's answer prefix, as every scored answer; a
     question that is not asked (a no-op edit, no such question, an empty answer) has no
-    entry.
+    entry.  Each entry also holds the argmax ``tokens``.  With ``reference`` (ReMaKE's
+    locality, :attr:`~mlake_core.metrics.paper_scores.PaperScorer.locality` ``unedited``:
+    the unedited model's locality ``tokens``, by the same key) the locality questions are
+    scored against those instead of ``loc_ans``; one without a reference is not scored.
 
     Raises:
         DataError: a prompt with its answer that the model cannot run, naming it.
@@ -408,6 +431,7 @@ def paper_measures(
     tokenizer = adapter.tokenizer
     keys: list[tuple[int, str, str]] = []
     items: list[tuple[list[int], list[int], str]] = []
+    refs: list[Sequence[int] | None] = []
     for fact in facts:
         for b in langs:
             view = fact.views[b]
@@ -436,22 +460,38 @@ def paper_measures(
                 adapter.check_fits(
                     len(ids) + len(answer_ids) - 1, f"fact {fact.fact_id} [{b}] {measure} question"
                 )
-                keys.append((fact.fact_id, b, measure))
+                key = (fact.fact_id, b, measure)
+                if measure == "locality" and reference is not None:
+                    if key not in reference:
+                        continue  # no prediction of the unedited model to compare with
+                    refs.append(reference[key])
+                else:
+                    refs.append(None)
+                keys.append(key)
                 items.append((ids, answer_ids, answer))
-    scores = teacher_forced_scores(adapter, items, batch_size=batch_size) if items else []
-    return {k: s.metrics() for k, s in zip(keys, scores, strict=True)}
+    scores = (
+        teacher_forced_scores(adapter, items, batch_size=batch_size, references=refs)
+        if items
+        else []
+    )
+    return {k: {**s.metrics(), "tokens": list(s.tokens)} for k, s in zip(keys, scores, strict=True)}
 
 
-def paper_map(table: Any) -> dict[tuple[int, str, str], dict[str, float]]:
+def paper_map(table: Any) -> dict[tuple[int, str, str], dict[str, Any]]:
     """:func:`own_baseline`'s table's scorer values as :func:`evaluate_edit`'s
-    ``paper_before``: per ``(fact_id, test_lang, measure)`` (its rows' ``kind``)."""
+    ``paper_before``: per ``(fact_id, test_lang, measure)`` (its rows' ``kind``), each
+    metric and, where saved, the argmax ``tokens`` (column ``paper_tokens``)."""
     if "paper_f1" not in table:
         return {}
-    out = {}
+    out: dict[tuple[int, str, str], dict[str, Any]] = {}
     for r in table.to_dict(orient="records"):
-        values = {m: float(r[f"paper_{m}"]) for m in PAPER_METRICS}
-        if not all(math.isnan(v) for v in values.values()):
-            out[int(r["fact_id"]), str(r["test_lang"]), str(r["kind"])] = values
+        values: dict[str, Any] = {m: float(r[f"paper_{m}"]) for m in PAPER_METRICS}
+        if all(math.isnan(v) for v in values.values()):
+            continue
+        tokens = r.get("paper_tokens")
+        if tokens is not None:
+            values["tokens"] = [int(t) for t in tokens]
+        out[int(r["fact_id"]), str(r["test_lang"]), str(r["kind"])] = values
     return out
 
 
@@ -565,7 +605,8 @@ def own_baseline(
     Where the dataset has its own scorer, the scorer's values (``paper_f1``, ``paper_em``,
     ``paper_acc``, :func:`paper_measures`) are on those rows and on rows of kind
     ``reliability`` (the question, whose greedy prior the knowledge stage measures:
-    ``chose_edit`` NaN there)."""
+    ``chose_edit`` NaN there), with the argmax tokens (``paper_tokens``: the reference of
+    ReMaKE's locality, against which the unedited model scores 1)."""
     import pandas as pd
 
     facts = [dataset.fact(i) for i in fact_ids]
@@ -600,11 +641,17 @@ def own_baseline(
                 }
             )
     columns = list(BASELINE_COLUMNS)
-    if paper_scorer(dataset) is not None:
+    scorer = paper_scorer(dataset)
+    if scorer is not None:
         paper = paper_measures(adapter, facts, langs, template, batch_size)
+        if scorer.locality == "unedited":  # scored against itself (teacher-forced tokens)
+            for (_, _, measure), got in paper.items():
+                if measure == "locality":
+                    got.update(dict.fromkeys(PAPER_METRICS, 1.0))
         for rec in records:
             got = paper.get((rec["fact_id"], rec["test_lang"], rec["kind"]), {})
             rec.update({f"paper_{m}": got.get(m, math.nan) for m in PAPER_METRICS})
+            rec["paper_tokens"] = got.get("tokens")
         for (fid, b, measure), got in paper.items():
             if measure == "reliability":
                 records.append(
@@ -619,9 +666,10 @@ def own_baseline(
                         "chose_original": math.nan,
                         "missing": "",
                         **{f"paper_{m}": got[m] for m in PAPER_METRICS},
+                        "paper_tokens": got["tokens"],
                     }
                 )
-        columns += [f"paper_{m}" for m in PAPER_METRICS]
+        columns += [*(f"paper_{m}" for m in PAPER_METRICS), "paper_tokens"]
     return pd.DataFrame.from_records(records, columns=columns)
 
 

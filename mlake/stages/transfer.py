@@ -115,7 +115,7 @@ def transfer_stage(
         extra["own_measures"] = "rephrase,locality"
         scorer = paper_scorer(dataset)
         if scorer is not None:  # its paper's scorer beside greedy alias match
-            extra["paper_scorer"] = scorer.name
+            extra["paper_scorer"] = scorer.key
     if unit_sets:
         extra["unit_sets"] = stable_hash(
             {k: sorted(int(u) for u in v) for k, v in unit_sets.items()}
@@ -131,7 +131,7 @@ def transfer_stage(
         knowledge_run=str(knowledge_run) if knowledge_run else None,
     )
     prior: dict[tuple[Any, ...], tuple[float, float]] = {}
-    paper_prior: dict[tuple[int, str, str], dict[str, float]] = {}
+    paper_prior: dict[tuple[int, str, str], dict[str, Any]] = {}
     if config.protocol == "mlake":
         # The unedited model's multiple-choice and multi-hop answers: measured once per run
         # (saved; read back on resume and by every shard), the prior of every edit's counts.

@@ -47,14 +47,22 @@ Where this follows, and where it departs:
   with ``loc_ans`` (``icl_lm_eval_ppls``); that comparison is not computed here, F1/EM is
   given for every measure of every task.
 
+Locality follows each paper (:attr:`PaperScorer.locality`): BMIKE-53's against ``loc_ans``;
+ReMaKE's against the unedited model's teacher-forced prediction on the same ``loc`` question
+with ``loc_ans`` fed (F1/EM of the two decoded texts, as ReMaKE's ``evaluate.py``; token
+accuracy is then the share of positions whose argmax did not change, EasyEdit's locality),
+so the unedited model's own locality is 100% there.
+
 Common departures: the model's own tokenizer replaces LLaMA-2's and Llama-3's (F1 depends on
 the tokenizer); the prompt is mlake's template (``--template``) and the answer is joined to
 it by the template's answer prefix, as every answer mlake scores (not ``Question: ...
 Answer:`` or the in-context demonstrations of IKE, which mlake's ``ike`` method supplies
 itself); both strings are stripped of surrounding whitespace before EM (a decoded answer
-starting with a space token would otherwise never match); ReMaKE's locality is scored
-against ``loc_ans`` like BMIKE-53's (the unedited model's own scores on it are every edit's
-prior).  **Unspaced languages** (zh, ja, th): both papers tokenize with the model's
+starting with a space token would otherwise never match).  Teacher forcing reads only the
+answer's own positions: a model that would go on after the answer ("2006年1" for "2006")
+passes EM here while mlake's greedy alias match, which needs a word boundary after the
+answer in spaced languages and accepts aliases and case and width variants, fails it; so
+neither measure bounds the other.  **Unspaced languages** (zh, ja, th): both papers tokenize with the model's
 tokenizer, not by spaces, so F1 counts shared tokens in every language; so does mlake, with
 the model's tokenizer (no character or word splitting is added).
 """
@@ -78,14 +86,31 @@ class PaperScorer:
         name: short name (``remake``, ``bmike53``), recorded in run keys.
         title: what tables call it.
         source: repository, commit and files followed.
-        locality_note: how the paper's locality reference differs from ``loc_ans``, if it
-            does.
+        locality: what locality is scored against: ``loc_ans`` (the record's answer) or
+            ``unedited`` (the unedited model's teacher-forced prediction; module
+            docstring).
     """
 
     name: str
     title: str
     source: str
-    locality_note: str = ""
+    locality: str = "loc_ans"
+
+    def __post_init__(self) -> None:
+        if self.locality not in ("loc_ans", "unedited"):
+            raise ValueError(f"locality {self.locality!r}: choose loc_ans or unedited")
+
+    @property
+    def locality_note(self) -> str:
+        """How locality is scored, for table headers."""
+        if self.locality == "unedited":
+            return "locality against the unedited model's own teacher-forced answer"
+        return "locality against loc_ans"
+
+    @property
+    def key(self) -> str:
+        """What enters a run key: the scorer and its locality reference."""
+        return f"{self.name};locality={self.locality}"
 
     def metric_title(self, metric: str) -> str:
         """A table title for ``metric`` of :data:`PAPER_METRICS`."""
@@ -102,7 +127,7 @@ REMAKE = PaperScorer(
     "ReMaKE's",
     "Vicky-Wil/ReMaKE@f2f9d5a evaluate.py (obtain_f1_and_em), easyeditor/evaluate/evaluate.py "
     "(icl_lm_eval); zjunlp/EasyEdit easyeditor/evaluate/evaluate_utils.py (test_prediction_acc)",
-    "ReMaKE scores locality against the unedited model's own answer; here against loc_ans",
+    "unedited",
 )
 BMIKE53 = PaperScorer(
     "bmike53",
@@ -145,13 +170,16 @@ class TeacherForced:
 
     Attributes:
         text: the decoded argmax tokens (stripped).
-        acc: token accuracy; f1, em: against the answer (module docstring).
+        acc: token accuracy; f1, em: against the answer, or the reference prediction where
+            one was given (module docstring).
+        tokens: the argmax tokens.
     """
 
     text: str
     acc: float
     f1: float
     em: float
+    tokens: tuple[int, ...] = ()
 
     def metrics(self) -> dict[str, float]:
         """``{metric: value}`` of :data:`PAPER_METRICS`."""
@@ -204,20 +232,38 @@ def teacher_forced_scores(
     adapter: Any,
     items: Sequence[tuple[Sequence[int], Sequence[int], str]],
     batch_size: int = 32,
+    references: Sequence[Sequence[int] | None] | None = None,
 ) -> list[TeacherForced]:
     """Score each ``(prompt ids, answer ids, answer text)`` by teacher forcing
     (module docstring): token accuracy of the argmax tokens, and F1/EM of their decoded text
-    against the answer text, tokenized by the model's tokenizer."""
+    against the answer text, tokenized by the model's tokenizer.  Where ``references`` gives
+    an item a reference prediction (ReMaKE's locality: the unedited model's argmax tokens on
+    the same sequence), they are scored against it instead: the share of positions whose
+    argmax is the reference's, and F1/EM against its decoded text.
+
+    Raises:
+        ValueError: a reference whose length is not its answer's.
+    """
     tok = adapter.tokenizer
 
     def tokenize(text: str) -> list[int]:
         return list(tok(text, add_special_tokens=False)["input_ids"])
 
+    refs = list(references) if references is not None else [None] * len(items)
     predicted = teacher_forced_argmax(adapter, [(p, a) for p, a, _ in items], batch_size=batch_size)
     out = []
-    for (_, answer_ids, answer), pred in zip(items, predicted, strict=True):
-        acc = sum(int(p == t) for p, t in zip(pred, answer_ids, strict=True)) / len(answer_ids)
+    for i, ((_, answer_ids, answer), pred, ref) in enumerate(
+        zip(items, predicted, refs, strict=True)
+    ):
+        gold = list(answer_ids) if ref is None else [int(t) for t in ref]
+        if len(gold) != len(pred):
+            raise ValueError(f"item {i}: a reference of {len(gold)} tokens for {len(pred)}")
+        acc = sum(int(p == t) for p, t in zip(pred, gold, strict=True)) / len(gold)
         text = tok.decode(pred, skip_special_tokens=True).strip()
-        f1, em = f1_em(text, answer.strip(), tokenize)
-        out.append(TeacherForced(text, acc, f1, em))
+        if ref is None:
+            target = answer.strip()
+        else:
+            target = tok.decode(gold, skip_special_tokens=True).strip()
+        f1, em = f1_em(text, target, tokenize)
+        out.append(TeacherForced(text, acc, f1, em, tuple(pred)))
     return out

@@ -62,7 +62,8 @@ def test_mzsre_tables_greedy_and_remake_side_by_side(tiny: Path, tmp_path: Path,
     assert found, text
     run = Path(found.group(1))
     key = json.loads((run / "key.json").read_text())
-    assert key["paper_scorer"] == "remake" and key["own_measures"] == "rephrase,locality"
+    assert key["paper_scorer"] == "remake;locality=unedited"
+    assert key["own_measures"] == "rephrase,locality"
     rows = pd.concat(pd.read_parquet(p) for p in sorted((run / "tables").glob("edits_*.parquet")))
     cells = own_cells(rows, LANGS)
     printed = _parse(text)
@@ -86,6 +87,11 @@ def test_mzsre_tables_greedy_and_remake_side_by_side(tiny: Path, tmp_path: Path,
             assert acc[0] == pytest.approx(c["paper_acc_pct"], nan_ok=True)
     # Every measure scored by the paper's scorer in every cell (each fixture record has all).
     assert (cells["paper_n"] == cells["n"]).all() and (cells["n"] == 3).all()
+    # ReMaKE's locality compares with the unedited model's own prediction: 100% before.
+    loc = cells[cells["measure"] == "locality"]
+    for m in ("f1", "em", "acc"):
+        assert (loc[f"paper_{m}_before_pct"] == 100.0).all()
+    assert "locality against the unedited model's own teacher-forced answer" in text
     # Hand-check one cell from the rows: the mean F1 of the edits in en tested in zh.
     sel = rows[(rows["edit_lang"] == "en") & (rows["test_lang"] == "zh")]
     sel = sel[sel["kind"] == "transfer"]
@@ -115,6 +121,7 @@ def test_bmike53_is_scored_by_its_papers_scorer(tiny: Path, tmp_path: Path, caps
     assert main([*args, "--csv", str(tmp_path / "b.csv"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["paper_scorer"]["name"] == "bmike53"
+    assert report["paper_scorer"]["locality"] == "loc_ans"
     assert "a9b7cac" in report["paper_scorer"]["source"]
     cells = report["methods"]["ft"]["own_measures"]["cells"]
     scored = [c for c in cells if c["paper_n"]]

@@ -48,6 +48,9 @@ def test_scorers_are_registered_per_dataset() -> None:
         assert paper_scorer(Named(f"bmike53-{task}")) is BMIKE53
     assert paper_scorer(Named("v2024-11")) is None  # MLaKE: greedy alias match only
     assert "f2f9d5a" in REMAKE.source and "a9b7cac" in BMIKE53.source
+    # ReMaKE's locality is the unedited model's answer kept; BMIKE-53's is loc_ans.
+    assert (REMAKE.locality, BMIKE53.locality) == ("unedited", "loc_ans")
+    assert REMAKE.key == "remake;locality=unedited"
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +96,26 @@ def test_teacher_forced_argmax_is_the_models_next_token(adapter) -> None:
     hits = 1 + int(expected[2] == forced[2])
     assert half.acc == pytest.approx(hits / 3)
     assert half.em == 0.0 and 0.0 <= half.f1 < 1.0
+
+
+def test_a_reference_prediction_replaces_the_answer(adapter) -> None:
+    """ReMaKE's locality: the prediction is compared with the unedited model's."""
+    prompt = adapter.encode("Who wrote Hamlet?")
+    answer = adapter.encode(" William Shakespeare")
+    (plain,) = teacher_forced_scores(adapter, [(prompt, answer, " William Shakespeare")])
+    pred = list(plain.tokens)
+    assert len(pred) == len(answer)
+    (same,) = teacher_forced_scores(
+        adapter, [(prompt, answer, " William Shakespeare")], references=[pred]
+    )
+    assert (same.acc, same.f1, same.em) == (1.0, 1.0, 1.0)
+    changed = [*pred[:-1], (pred[-1] + 1) % adapter.tokenizer.vocab_size]
+    (moved,) = teacher_forced_scores(
+        adapter, [(prompt, answer, " William Shakespeare")], references=[changed]
+    )
+    assert moved.acc == pytest.approx((len(pred) - 1) / len(pred)) and moved.em == 0.0
+    with pytest.raises(ValueError, match="a reference of 1 tokens"):
+        teacher_forced_scores(adapter, [(prompt, answer, "x")], references=[[1]])
 
 
 def test_empty_pairs_are_refused(adapter) -> None:
