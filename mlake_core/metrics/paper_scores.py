@@ -54,17 +54,19 @@ accuracy is then the share of positions whose argmax did not change, EasyEdit's 
 so the unedited model's own locality is 100% there.
 
 Common departures: the model's own tokenizer replaces LLaMA-2's and Llama-3's (F1 depends on
-the tokenizer); the prompt is mlake's template (``--template``) and the answer is joined to
-it by the template's answer prefix, as every answer mlake scores (not ``Question: ...
-Answer:`` or the in-context demonstrations of IKE, which mlake's ``ike`` method supplies
-itself); both strings are stripped of surrounding whitespace before EM (a decoded answer
-starting with a space token would otherwise never match).  Teacher forcing reads only the
-answer's own positions: a model that would go on after the answer ("2006年1" for "2006")
-passes EM here while mlake's greedy alias match, which needs a word boundary after the
-answer in spaced languages and accepts aliases and case and width variants, fails it; so
-neither measure bounds the other.  **Unspaced languages** (zh, ja, th): both papers tokenize with the model's
-tokenizer, not by spaces, so F1 counts shared tokens in every language; so does mlake, with
-the model's tokenizer (no character or word splitting is added).
+the tokenizer); the prompt is mlake's template (``--template``), not their ``Question: ...
+Answer:`` or IKE's in-context demonstrations (mlake's ``ike`` method supplies its own); the
+answer is joined to the prompt by the template's answer prefix, token ids to token ids as
+every answer mlake scores (the papers join ``prompt + ' ' + target`` as text, which changes
+token ids and is wrong for zh/ja: PITFALLS, "Joining prompt and answer"); both strings are
+stripped of surrounding whitespace before EM (a decoded answer starting with a space token
+would otherwise never match).  Teacher forcing reads only the answer's own positions: a
+model that would go on after the answer ("2006年1" for "2006") passes EM here while mlake's
+greedy alias match, which needs a word boundary after the answer in spaced languages and
+accepts aliases and case and width variants, fails it; so neither measure bounds the other.
+**Unspaced languages** (zh, ja, th): both papers tokenize with the model's tokenizer, not by
+spaces, so F1 counts shared tokens in every language; so does mlake, with the model's
+tokenizer (no character or word splitting is added).
 """
 
 from __future__ import annotations
