@@ -124,3 +124,61 @@ def test_own_cells_give_the_scorer_beside_greedy() -> None:
     plain = own_cells(pd.DataFrame(rows).drop(columns=list(paper_columns())), ["en", "zh"])
     assert (plain["paper_n"] == 0).all() and plain["paper_f1_pct"].isna().all()
     assert plain["pct"].tolist() == pytest.approx(cells["pct"].tolist(), nan_ok=True)
+
+
+# -- end to end on the MzsRE fixture: an edit that changes nothing --------------------------
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    from mlake_core.models import load_adapter
+    from mlake_core.models.tiny import TinySize, build_tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny") / "gpt2"
+    return load_adapter(
+        str(build_tiny_model("gpt2", folder, size=TinySize(n_ctx=256))), device="cpu"
+    )
+
+
+def test_an_edit_that_changes_nothing_scores_as_the_unedited_model(adapter) -> None:
+    """The unedited model's scores (own_baseline, read back through paper_map) are every
+    edit's ``_before`` columns; an edit with no change scores the same after, and ReMaKE's
+    locality (against the unedited model's own prediction) is 1 before and after."""
+    from pathlib import Path
+
+    from analysis.transfer import TransferConfig, evaluate_edit, own_baseline
+    from mlake_core.data.sources import load_dataset
+    from mlake_core.editing import make_request
+    from mlake_core.editing.base import EditResult
+    from mlake_core.models.prompting import get_template
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "mzsre"
+    ds = load_dataset("mzsre", fixtures, "", "en,zh")
+    qa, langs = get_template("qa"), ("en", "zh")
+    base = own_baseline(adapter, ds, [0, 1], langs, qa, TransferConfig())
+    assert {"paper_f1", "paper_tokens"} <= set(base.columns)
+    before = paper_map(base)
+    assert before[0, "zh", "locality"]["f1"] == 1.0 and before[0, "zh", "locality"]["tokens"]
+    request = make_request(adapter, ds.fact(0).views["en"], qa, "question")
+    nothing = EditResult("ft", (request,))
+    rows = evaluate_edit(
+        adapter,
+        nothing,
+        ds,
+        langs,
+        qa,
+        TransferConfig(),
+        locality_ids=[],
+        known_before={},
+        paper_before=before,
+    )
+    scored = [r for r in rows if not math.isnan(r["paper_f1"])]
+    measures = {(r["kind"], r["test_lang"]) for r in scored}
+    assert measures == {
+        (k, b) for k in ("efficacy", "generalization", "locality", "portability") for b in ("en",)
+    } | {(k, "zh") for k in ("transfer", "generalization", "locality", "portability")}
+    for r in scored:
+        for m in ("f1", "em", "acc"):
+            assert r[f"paper_{m}"] == pytest.approx(r[f"paper_{m}_before"]), (r["kind"], m)
+        if r["kind"] == "locality":
+            assert (r["paper_f1"], r["paper_em"], r["paper_acc"]) == (1.0, 1.0, 1.0)
