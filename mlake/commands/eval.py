@@ -72,6 +72,7 @@ def register(subparsers: Any) -> None:
 def run_knowledge(args: argparse.Namespace) -> int:
     """Entry point of ``mlake eval knowledge``."""
     from mlake.stages.knowledge import knowledge_stage
+    from mlake_core.data.external import dataset_title
     from mlake_core.metrics.knowledge import KnowledgeConfig
 
     config = settings_from_args(args, KnowledgeConfig, fields=KNOWLEDGE_FIELDS)
@@ -93,6 +94,7 @@ def run_knowledge(args: argparse.Namespace) -> int:
         "template": loaded.template.to_dict(),
         "bos_policy": loaded.adapter.info.bos.describe(),
         "data_version": ctx.dataset.version,
+        "dataset": dataset_title(ctx.dataset),
         "n_facts": len(ctx.fact_ids),
         "facts": facts,
         "results": str(run.path),
@@ -130,7 +132,13 @@ def format_summary(report: dict[str, Any]) -> str:
     """The per-language table of ``mlake eval knowledge`` as text."""
     lines = [
         f"model {report['model']} ({report['backend']}, {report['dtype']}, {report['device']}); "
-        f"template {report['template']['name']!r}; MLaKE {report['data_version']}; "
+        f"template {report['template']['name']!r}; "
+        + (
+            f"MLaKE {report['data_version']}"
+            if report.get("dataset", "MLaKE") == "MLaKE"
+            else f"{report['dataset']} (--dataset {report['data_version']})"
+        )
+        + "; "
         f"{report['n_facts']} facts ({report['facts']})",
         "",
         "question form: known = greedy alias match; p(o)>p(e) = alias-aware probability of "

@@ -75,6 +75,7 @@ def test_eval_knowledge_text_says_not_measurable() -> None:
         "device": "cpu",
         "template": {"name": "qa"},
         "data_version": "mzsre",
+        "dataset": "MzsRE",
         "n_facts": 1,
         "facts": 1,
         "skipped": {},
@@ -83,6 +84,7 @@ def test_eval_knowledge_text_says_not_measurable() -> None:
         "languages": languages,
     }
     text = format_summary(report)
+    assert "; MzsRE (--dataset mzsre); 1 facts" in text.splitlines()[0]
     zh = next(line for line in text.splitlines() if line.startswith("zh "))
     assert zh.split()[:4] == ["zh", "1", "-", "-"]  # facts, known, greedy%, p(o)>p(e)%
     en = next(line for line in text.splitlines() if line.startswith("en "))
