@@ -79,7 +79,12 @@ from mlake_core.metrics.knowledge import (
     measure_knowledge,
     score_mcqa,
 )
-from mlake_core.metrics.paper_scores import PAPER_METRICS, paper_scorer, teacher_forced_scores
+from mlake_core.metrics.paper_scores import (
+    PAPER_METRICS,
+    TF_METRICS,
+    paper_scorer,
+    teacher_forced_scores,
+)
 from mlake_core.models.prompting import PromptTemplate
 from mlake_core.results.store import read_run
 
@@ -223,7 +228,13 @@ def evaluate_edit(
         scorer = paper_scorer(dataset) if own else None
         paper = (
             paper_measures(
-                adapter, [fact], langs, tpl, batch_size, _locality_reference(scorer, paper_before)
+                adapter,
+                [fact],
+                langs,
+                tpl,
+                batch_size,
+                _locality_reference(scorer, paper_before),
+                ppl=scorer.ppl,
             )
             if scorer
             else None
@@ -411,6 +422,7 @@ def paper_measures(
     template: PromptTemplate,
     batch_size: int = 32,
     reference: Mapping[tuple[int, str, str], Sequence[int]] | None = None,
+    ppl: Sequence[str] = (),
 ) -> dict[tuple[int, str, str], dict[str, Any]]:
     """The dataset's own scorer (:mod:`mlake_core.metrics.paper_scores`: teacher-forced
     token F1, exact match and token accuracy) on every measure of its papers, with the model
@@ -424,14 +436,23 @@ def paper_measures(
     locality, :attr:`~mlake_core.metrics.paper_scores.PaperScorer.locality` ``unedited``:
     the unedited model's locality ``tokens``, by the same key) the locality questions are
     scored against those instead of ``loc_ans``; one without a reference is not scored.
+    The measures in ``ppl`` (BMIKE-53's CounterFact and WikiFactDiff:
+    :attr:`~mlake_core.metrics.paper_scores.PaperScorer.ppl`) also get ``ppl``: 1 where the
+    answer's per-token mean log-probability after the prompt is above the other answer's
+    (reliability, generalization: the new answer against ``loc_ans``; locality: ``loc_ans``
+    against the new answer), else 0; none where the record lacks either answer.
 
     Raises:
         DataError: a prompt with its answer that the model cannot run, naming it.
     """
+    from mlake_core.metrics.knowledge import score_sequences
+
     tokenizer = adapter.tokenizer
     keys: list[tuple[int, str, str]] = []
     items: list[tuple[list[int], list[int], str]] = []
     refs: list[Sequence[int] | None] = []
+    pairs: list[tuple[list[int], list[int]]] = []  # the perplexity comparisons' sequences
+    compared: dict[tuple[int, str, str], tuple[int, int]] = {}  # key -> (answer, other)
     for fact in facts:
         for b in langs:
             view = fact.views[b]
@@ -469,12 +490,29 @@ def paper_measures(
                     refs.append(None)
                 keys.append(key)
                 items.append((ids, answer_ids, answer))
+                if measure in ppl and view.locality is not None:
+                    other = q.edit_target.text if measure == "locality" else view.locality[1]
+                    other_ids = list(
+                        tokenizer(prefix + other.strip(), add_special_tokens=False)["input_ids"]
+                    )
+                    if other.strip() and other_ids:
+                        adapter.check_fits(
+                            len(ids) + len(other_ids) - 1,
+                            f"fact {fact.fact_id} [{b}] {measure} question (perplexity)",
+                        )
+                        compared[key] = (len(pairs), len(pairs) + 1)
+                        pairs += [(ids, answer_ids), (ids, other_ids)]
     scores = (
         teacher_forced_scores(adapter, items, batch_size=batch_size, references=refs)
         if items
         else []
     )
-    return {k: {**s.metrics(), "tokens": list(s.tokens)} for k, s in zip(keys, scores, strict=True)}
+    out = {k: {**s.metrics(), "tokens": list(s.tokens)} for k, s in zip(keys, scores, strict=True)}
+    if pairs:
+        logp = score_sequences(adapter, pairs, batch_size=batch_size)
+        for key, (first, second) in compared.items():
+            out[key]["ppl"] = float(logp[first].mean > logp[second].mean)
+    return out
 
 
 def paper_map(table: Any) -> dict[tuple[int, str, str], dict[str, Any]]:
@@ -485,8 +523,9 @@ def paper_map(table: Any) -> dict[tuple[int, str, str], dict[str, Any]]:
         return {}
     out: dict[tuple[int, str, str], dict[str, Any]] = {}
     for r in table.to_dict(orient="records"):
-        values: dict[str, Any] = {m: float(r[f"paper_{m}"]) for m in PAPER_METRICS}
-        if all(math.isnan(v) for v in values.values()):
+        values: dict[str, Any] = {m: float(r.get(f"paper_{m}", math.nan)) for m in PAPER_METRICS}
+        values = {m: v for m, v in values.items() if not math.isnan(v)}  # not scored
+        if not values:
             continue
         tokens = r.get("paper_tokens")
         if tokens is not None:
@@ -643,11 +682,11 @@ def own_baseline(
     columns = list(BASELINE_COLUMNS)
     scorer = paper_scorer(dataset)
     if scorer is not None:
-        paper = paper_measures(adapter, facts, langs, template, batch_size)
+        paper = paper_measures(adapter, facts, langs, template, batch_size, ppl=scorer.ppl)
         if scorer.locality == "unedited":  # scored against itself (teacher-forced tokens)
             for (_, _, measure), got in paper.items():
                 if measure == "locality":
-                    got.update(dict.fromkeys(PAPER_METRICS, 1.0))
+                    got.update(dict.fromkeys(TF_METRICS, 1.0))
         for rec in records:
             got = paper.get((rec["fact_id"], rec["test_lang"], rec["kind"]), {})
             rec.update({f"paper_{m}": got.get(m, math.nan) for m in PAPER_METRICS})
@@ -665,7 +704,7 @@ def own_baseline(
                         "chose_edit": math.nan,
                         "chose_original": math.nan,
                         "missing": "",
-                        **{f"paper_{m}": got[m] for m in PAPER_METRICS},
+                        **{f"paper_{m}": got.get(m, math.nan) for m in PAPER_METRICS},
                         "paper_tokens": got["tokens"],
                     }
                 )
@@ -1051,6 +1090,7 @@ OWN_CELL_COLUMNS: tuple[str, ...] = (
     "edits",
     *(f"paper_{m}{s}" for m in PAPER_METRICS for s in ("_pct", "_before_pct")),
     "paper_n",
+    "paper_ppl_n",
 )
 
 
@@ -1066,7 +1106,9 @@ def own_cells(rows: Any, langs: Sequence[str]) -> Any:
     scorer (:func:`paper_measures`), ``paper_<metric>_pct`` is its mean over the ``paper_n``
     questions it scored in the cell, in % (F1, EM, token accuracy), and
     ``paper_<metric>_before_pct`` the unedited model's on the same questions; NaN (and
-    ``paper_n`` 0) otherwise.  Values rounded to 0.1."""
+    ``paper_n`` 0) otherwise; the perplexity comparison (``paper_ppl_*``, BMIKE-53's
+    CounterFact and WikiFactDiff) over its own ``paper_ppl_n`` questions.  Values rounded
+    to 0.1."""
     import pandas as pd
 
     rows = _with_counts(rows)
@@ -1101,16 +1143,18 @@ def own_cells(rows: Any, langs: Sequence[str]) -> Any:
 
 
 def _paper_cell(measured: Any) -> dict[str, Any]:
-    """:func:`own_cells`' scorer columns of one cell's measured rows."""
-    out: dict[str, Any] = {"paper_n": 0}
-    scored = measured[measured["paper_f1"].notna()] if "paper_f1" in measured else measured[:0]
-    n = len(scored)
-    out["paper_n"] = n
+    """:func:`own_cells`' scorer columns of one cell's measured rows: each metric's mean
+    over the rows it scored (``paper_n`` those of the teacher-forced metrics,
+    ``paper_ppl_n`` those of the perplexity comparison)."""
+    out: dict[str, Any] = {}
     for m in PAPER_METRICS:
-        after = scored[f"paper_{m}"] if n else None
-        prior = scored[f"paper_{m}_before"] if n and f"paper_{m}_before" in scored else None
-        out[f"paper_{m}_pct"] = _pct(float(after.sum()), n) if after is not None else math.nan
-        out[f"paper_{m}_before_pct"] = (
+        col = f"paper_{m}"
+        scored = measured[measured[col].notna()] if col in measured else measured[:0]
+        n = len(scored)
+        out["paper_ppl_n" if m == "ppl" else "paper_n"] = n
+        prior = scored[f"{col}_before"] if n and f"{col}_before" in scored else None
+        out[f"{col}_pct"] = _pct(float(scored[col].sum()), n) if n else math.nan
+        out[f"{col}_before_pct"] = (
             _pct(float(prior.sum()), n) if prior is not None and prior.notna().all() else math.nan
         )
     return out

@@ -31,11 +31,13 @@ are measured as its papers measure them (reliability, generalization by the reco
 each method and measure, the same edit language x test language tables: the % passed by
 greedy alias match with the unedited model's % in brackets and each cell's counts (n/facts/
 missing), then the same questions scored by the dataset's paper's own scorer (ReMaKE's,
-BMIKE-53's: teacher-forced token F1, exact match and EasyEdit's token accuracy,
+BMIKE-53's: teacher-forced token F1, exact match and EasyEdit's token accuracy, and on
+BMIKE-53's CounterFact and WikiFactDiff its perplexity comparison,
 ``mlake_core/metrics/paper_scores.py``; the scorer is named in each table's title, with the
 questions it scored per cell).  The tables are written as CSV, one row per measure and cell
 (method, measure, edit_lang, test_lang, pct, before_pct, n, hits, missing, edits, then
-``paper_<f1|em|acc>_pct``, ``paper_<f1|em|acc>_before_pct``, ``paper_n``), to ``--csv``
+``paper_<f1|em|acc|ppl>_pct``, ``paper_<f1|em|acc|ppl>_before_pct``, ``paper_n``,
+``paper_ppl_n``), to ``--csv``
 (default ``runs/edit_transfer/own_<dataset>_<model>_<N>facts.csv``); ``--json`` gives them
 as ``own_measures`` per method, with ``paper_scorer``.
 
@@ -513,8 +515,9 @@ def format_own(report: dict[str, Any], langs: Any) -> str:
     :data:`analysis.transfer.OWN_TABLES`, the % passed by greedy alias match with the
     unedited model's % in brackets and the counts per cell (questions n / facts measured /
     facts missing), then the same questions by the dataset's paper's scorer
-    (:mod:`mlake_core.metrics.paper_scores`: F1, exact match, token accuracy, each named in
-    its table's title, with the questions it scored per cell)."""
+    (:mod:`mlake_core.metrics.paper_scores`: F1, exact match, token accuracy, and the
+    perplexity comparison of the measures the paper scores so, each named in its table's
+    title, with the questions it scored per cell)."""
     from analysis.transfer import OWN_TABLES
     from mlake_core.metrics.paper_scores import PAPER_METRICS, PaperScorer
 
@@ -550,13 +553,19 @@ def format_own(report: dict[str, Any], langs: Any) -> str:
             if scorer is None:
                 continue
             for k, metric in enumerate(PAPER_METRICS):
+                if metric == "ppl" and measure not in scorer.ppl:
+                    continue  # the paper has no perplexity comparison of this measure
                 lines += lang_table(
                     f"{name} | {measure} | {scorer.metric_title(metric)}",
                     table,
                     langs,
                     value=f"paper_{metric}_pct",
                     before=f"paper_{metric}_before_pct",
-                    counts=("n", lambda c: str(c["paper_n"])) if k == 0 else None,
+                    counts=("n", lambda c: str(c["paper_n"]))
+                    if k == 0
+                    else ("n", lambda c: str(c["paper_ppl_n"]))
+                    if metric == "ppl"
+                    else None,
                 )
     csv = report.get("own_csv")
     if csv:

@@ -44,8 +44,13 @@ Where this follows, and where it departs:
   tokens); the commit before it (79da36f) teacher-forced the target as ReMaKE does, which
   is what is computed here.  Its CounterFact and WikiFactDiff tasks score reliability and
   generalization (CounterFact also locality) by a perplexity comparison of the new answer
-  with ``loc_ans`` (``icl_lm_eval_ppls``); that comparison is not computed here, F1/EM is
-  given for every measure of every task.
+  with ``loc_ans`` (``icl_lm_eval_ppls``: ``exp`` of the mean loss over the answer's
+  tokens after ``prompt + ' ' + answer``; a success where the first answer's perplexity is
+  lower), computed here as metric ``ppl`` (:attr:`PaperScorer.ppl`; the per-token mean
+  log-probability of each answer after the prompt, the same comparison; their answer length
+  ``len(tokenizer.encode(' ' + target))`` counts Llama-3's BOS, so their loss also takes the
+  prompt's last token, which mlake does not), and F1/EM is given for every measure of every
+  task besides.
 
 Locality follows each paper (:attr:`PaperScorer.locality`): BMIKE-53's against ``loc_ans``;
 ReMaKE's against the unedited model's teacher-forced prediction on the same ``loc`` question
@@ -73,11 +78,16 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-#: The numbers every scorer gives per question, in print order.
-PAPER_METRICS: tuple[str, ...] = ("f1", "em", "acc")
+#: The numbers teacher forcing gives per question (:func:`teacher_forced_scores`).
+TF_METRICS: tuple[str, ...] = ("f1", "em", "acc")
+
+#: Every number a scorer may give per question, in print order: :data:`TF_METRICS`, then
+#: ``ppl``, BMIKE-53's perplexity comparison where its scorer has one
+#: (:attr:`PaperScorer.ppl`).
+PAPER_METRICS: tuple[str, ...] = (*TF_METRICS, "ppl")
 
 
 @dataclass(frozen=True)
@@ -91,12 +101,18 @@ class PaperScorer:
         locality: what locality is scored against: ``loc_ans`` (the record's answer) or
             ``unedited`` (the unedited model's teacher-forced prediction; module
             docstring).
+        ppl: the measures also scored by BMIKE-53's perplexity comparison
+            (``icl_lm_eval_ppls``, ``wrap_ppls_count``): 1 where the answer has a lower
+            perplexity after the prompt than the other one (reliability and
+            generalization: the new answer against ``loc_ans``; locality: ``loc_ans``
+            against the new answer), else 0; metric ``ppl``.
     """
 
     name: str
     title: str
     source: str
     locality: str = "loc_ans"
+    ppl: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.locality not in ("loc_ans", "unedited"):
@@ -111,8 +127,10 @@ class PaperScorer:
 
     @property
     def key(self) -> str:
-        """What enters a run key: the scorer and its locality reference."""
-        return f"{self.name};locality={self.locality}"
+        """What enters a run key: the scorer, its locality reference and its perplexity
+        measures."""
+        ppl = f";ppl={','.join(self.ppl)}" if self.ppl else ""
+        return f"{self.name};locality={self.locality}{ppl}"
 
     def metric_title(self, metric: str) -> str:
         """A table title for ``metric`` of :data:`PAPER_METRICS`."""
@@ -120,6 +138,8 @@ class PaperScorer:
             "f1": "token F1 (precision x recall of tokenizer ids), teacher-forced argmax",
             "em": "exact match, teacher-forced argmax",
             "acc": "token accuracy (EasyEdit), teacher-forced argmax",
+            "ppl": "perplexity comparison (the answer's per-token perplexity below the "
+            "other's: new answer vs loc_ans; for locality loc_ans vs new answer)",
         }[metric]
         return f"{self.title} {what}"
 
@@ -134,15 +154,19 @@ REMAKE = PaperScorer(
 BMIKE53 = PaperScorer(
     "bmike53",
     "BMIKE-53's",
-    "shaobo9856/IKE@a9b7cac search/icl.py (obtain_f1_and_em, icl_lm_eval_f1em as of 79da36f)",
+    "shaobo9856/IKE@a9b7cac search/icl.py (obtain_f1_and_em, icl_lm_eval_f1em as of 79da36f, "
+    "icl_lm_eval_ppls)",
 )
+#: BMIKE-53's CounterFact and WikiFactDiff tasks add the perplexity comparison.
+BMIKE53_COUNTERFACT = replace(BMIKE53, ppl=("reliability", "generalization", "locality"))
+BMIKE53_WFD = replace(BMIKE53, ppl=("reliability", "generalization"))
 
 #: The scorer of each dataset of the registry (:mod:`mlake_core.data.sources`), by name.
 SCORERS: dict[str, PaperScorer] = {
     "mzsre": REMAKE,
     "bmike53-zsre": BMIKE53,
-    "bmike53-counterfact": BMIKE53,
-    "bmike53-wfd": BMIKE53,
+    "bmike53-counterfact": BMIKE53_COUNTERFACT,
+    "bmike53-wfd": BMIKE53_WFD,
 }
 
 
@@ -184,8 +208,8 @@ class TeacherForced:
     tokens: tuple[int, ...] = ()
 
     def metrics(self) -> dict[str, float]:
-        """``{metric: value}`` of :data:`PAPER_METRICS`."""
-        return {m: float(getattr(self, m)) for m in PAPER_METRICS}
+        """``{metric: value}`` of :data:`TF_METRICS`."""
+        return {m: float(getattr(self, m)) for m in TF_METRICS}
 
 
 def teacher_forced_argmax(

@@ -121,7 +121,8 @@ def test_own_cells_give_the_scorer_beside_greedy() -> None:
     assert gen["pct"] == 100.0 and gen["n"] == 1 and gen["paper_n"] == 0
     assert math.isnan(gen["paper_f1_pct"])
     # Rows saved without the scorer's columns (MLaKE, older runs): NaN, paper_n 0.
-    plain = own_cells(pd.DataFrame(rows).drop(columns=list(paper_columns())), ["en", "zh"])
+    frame = pd.DataFrame(rows)
+    plain = own_cells(frame.drop(columns=[c for c in paper_columns() if c in frame]), ["en", "zh"])
     assert (plain["paper_n"] == 0).all() and plain["paper_f1_pct"].isna().all()
     assert plain["pct"].tolist() == pytest.approx(cells["pct"].tolist(), nan_ok=True)
 
@@ -182,3 +183,63 @@ def test_an_edit_that_changes_nothing_scores_as_the_unedited_model(adapter) -> N
             assert r[f"paper_{m}"] == pytest.approx(r[f"paper_{m}_before"]), (r["kind"], m)
         if r["kind"] == "locality":
             assert (r["paper_f1"], r["paper_em"], r["paper_acc"]) == (1.0, 1.0, 1.0)
+
+
+def test_bmike53_perplexity_comparison_hand_checked(adapter) -> None:
+    """BMIKE-53 CounterFact's ``ppl``: the new answer's per-token mean log-probability above
+    ``loc_ans``'s after the question (after the ``loc`` question: ``loc_ans`` above the new
+    answer), recomputed here from the sequence scores."""
+    from pathlib import Path
+
+    from analysis.transfer import paper_measures
+    from mlake_core.data.external import ExternalView
+    from mlake_core.data.sources import load_dataset
+    from mlake_core.metrics.knowledge import score_sequences
+    from mlake_core.models.prompting import get_template
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "bmike53"
+    ds = load_dataset("bmike53-counterfact", fixtures, "", "de")
+    qa = get_template("qa")
+    ppl = ("reliability", "generalization", "locality")
+    got = paper_measures(adapter, ds.facts[:2], ("de",), qa, ppl=ppl)
+    plain = paper_measures(adapter, ds.facts[:2], ("de",), qa)
+    assert not any("ppl" in v for v in plain.values())
+    checked = 0
+    for fact in ds.facts[:2]:
+        view = fact.views["de"]
+        assert isinstance(view, ExternalView)
+        assert view.locality is not None and view.rephrase is not None
+        loc_q, loc_ans = view.locality
+        new = view.question.edit_target.text
+        for measure, text, first, second in (
+            ("reliability", view.question.text, new, loc_ans),
+            ("generalization", view.rephrase.text, new, loc_ans),
+            ("locality", loc_q, loc_ans, new),
+        ):
+            assert text is not None
+            prompt, prefix = qa.question_prompt(text, "de")
+            ids = adapter.encode(prompt)
+            a, b = (
+                adapter.tokenizer(prefix + x.strip(), add_special_tokens=False)["input_ids"]
+                for x in (first, second)
+            )
+            sa, sb = score_sequences(adapter, [(ids, a), (ids, b)])
+            assert got[fact.fact_id, "de", measure]["ppl"] == float(sa.mean > sb.mean)
+            checked += 1
+        assert "ppl" not in got[fact.fact_id, "de", "portability"]
+    assert checked == 6
+
+
+def test_own_cells_count_each_metric_over_its_own_questions() -> None:
+    rows = [_row(1, "en", "en", "efficacy", "question", hits=1, f1=1.0) for _ in range(1)]
+    rows += [_row(2, "en", "en", "efficacy", "question", hits=0, f1=0.0)]
+    rows[0]["paper_ppl"], rows[0]["paper_ppl_before"] = 1.0, 0.0
+    rows[1]["paper_ppl"], rows[1]["paper_ppl_before"] = math.nan, math.nan  # not compared
+    cells = own_cells(pd.DataFrame(rows), ["en"])
+    rel = cells[cells["measure"] == "reliability"].iloc[0]
+    assert (rel["paper_n"], rel["paper_ppl_n"]) == (2, 1)
+    assert (rel["paper_f1_pct"], rel["paper_ppl_pct"], rel["paper_ppl_before_pct"]) == (
+        50.0,
+        100.0,
+        0.0,
+    )

@@ -117,7 +117,13 @@ def test_mzsre_tables_greedy_and_remake_side_by_side(tiny: Path, tmp_path: Path,
 
 
 def test_bmike53_is_scored_by_its_papers_scorer(tiny: Path, tmp_path: Path, capsys) -> None:
-    args = _args(tiny, tmp_path / "runs", "bmike53-zsre", FIXTURES / "bmike53", "en,de")
+    """BMIKE-53 CounterFact: F1/EM everywhere, and the perplexity comparison of reliability,
+    generalization and locality (not portability), as its icl.py scores that task."""
+    args = _args(tiny, tmp_path / "runs", "bmike53-counterfact", FIXTURES / "bmike53", "zh,de")
+    assert main([*args, "--csv", str(tmp_path / "b.csv")]) == 0
+    text = capsys.readouterr().out
+    assert "ft | reliability | BMIKE-53's perplexity comparison" in text
+    assert "ft | portability | BMIKE-53's perplexity comparison" not in text
     assert main([*args, "--csv", str(tmp_path / "b.csv"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["paper_scorer"]["name"] == "bmike53"
@@ -126,6 +132,10 @@ def test_bmike53_is_scored_by_its_papers_scorer(tiny: Path, tmp_path: Path, caps
     cells = report["methods"]["ft"]["own_measures"]["cells"]
     scored = [c for c in cells if c["paper_n"]]
     assert scored and all(0.0 <= c["paper_f1_pct"] <= 100.0 for c in scored)
+    by = {m: [c for c in cells if c["measure"] == m] for m, *_ in OWN_TABLES}
+    for m in ("reliability", "generalization", "locality"):
+        assert all(c["paper_ppl_n"] == c["paper_n"] > 0 for c in by[m]), m
+    assert all(c["paper_ppl_n"] == 0 for c in by["portability"])
 
 
 @pytest.mark.slow

@@ -44,8 +44,13 @@ def test_scorers_are_registered_per_dataset() -> None:
             self.version = version
 
     assert paper_scorer(Named("mzsre")) is REMAKE
-    for task in ("zsre", "counterfact", "wfd"):
-        assert paper_scorer(Named(f"bmike53-{task}")) is BMIKE53
+    assert paper_scorer(Named("bmike53-zsre")) is BMIKE53
+    # CounterFact and WikiFactDiff add BMIKE-53's perplexity comparison (icl.py's branches).
+    cf, wfd = paper_scorer(Named("bmike53-counterfact")), paper_scorer(Named("bmike53-wfd"))
+    assert cf is not None and wfd is not None and cf.name == wfd.name == "bmike53"
+    assert cf.ppl == ("reliability", "generalization", "locality")
+    assert wfd.ppl == ("reliability", "generalization") and BMIKE53.ppl == ()
+    assert cf.key == "bmike53;locality=loc_ans;ppl=reliability,generalization,locality"
     assert paper_scorer(Named("v2024-11")) is None  # MLaKE: greedy alias match only
     assert "f2f9d5a" in REMAKE.source and "a9b7cac" in BMIKE53.source
     # ReMaKE's locality is the unedited model's answer kept; BMIKE-53's is loc_ans.
