@@ -75,8 +75,9 @@ tokens, ``L`` blocks, ``S`` noise samples:
 * *ideal* (:func:`ideal_speedup`) = the loop's work over the minimum's, each position's
   readout counted as ``d_vocab d_model`` over the first block's weights token-blocks (the
   loop reads logits at every position of every row, the tracer at the last): the speed-up
-  over the loop if passes had no fixed cost and a token-block cost the same in both; where
-  it is below a target, no exact restoration scheme reaches the target on the same hardware;
+  over the loop if passes had no fixed cost and a token-block cost the same in both (a model
+  of counted work, not a bound: the loop's big passes cost more per token-block on CPU, so a
+  measured speed-up can exceed it);
 * ``work`` = current / every block (what block skipping left of the old tracer's work) and
   ``floor`` = minimum / current (1 when every row starts at its own block; below 1 where
   :func:`~analysis.tracing.causal.plan_passes` let rows of neighbouring start blocks share a
@@ -251,7 +252,10 @@ def ideal_speedup(
 ) -> float:
     """The loop's work over the floor's, both in token-blocks with each position's readout
     counted as ``readout`` token-blocks (:func:`readout_blocks`): the speed-up over the loop
-    if a token-block and a readout cost the same in both and a pass had no fixed cost.
+    if a token-block and a readout cost the same in both and a pass had no fixed cost.  A
+    model of counted work, not a bound: on CPU the loop's passes (whole prompts, attention
+    over every earlier token, every position's logits in memory) cost more per token-block
+    than the tracer's, so a measured speed-up can exceed it.
 
     The loop runs every cell (``kinds x n x L``, zero-effect ones too), each pass ``S`` rows of
     the whole prompt through every block and the logits at every position, after its clean
