@@ -224,6 +224,22 @@ def _figure_index(out: Path) -> dict[str, Any]:
     return _read(path) if path.is_file() else {}
 
 
+def knowledge_rows(summary: Any) -> list[list[Any]]:
+    """The report's knowledge table rows (lang, facts, known, accuracy %, cloze accuracy %)
+    from a knowledge run's summary; a language whose views have no original answer (another
+    dataset, ``measurable`` false) is "not measurable", never a count."""
+    return [
+        [
+            r["lang"],
+            r["facts"],
+            "not measurable" if r.get("measurable") is False else _f(r["known"], 0),
+            _f(r["greedy"], pct=True),
+            _f(r.get("cloze_greedy"), pct=True),
+        ]
+        for r in summary.to_dict(orient="records")
+    ]
+
+
 def _stage_runs(manifest: dict[str, Any], stage: str) -> dict[str, str]:
     entry = (manifest.get("stages") or {}).get(stage) or {}
     return dict(entry.get("runs") or {}) if entry.get("status") == "complete" else {}
@@ -320,16 +336,7 @@ def build_report(out: str | os.PathLike[str]) -> str:
             "",
             *_table(
                 ["lang", "facts", "known", "accuracy %", "cloze accuracy %"],
-                [
-                    [
-                        r["lang"],
-                        r["facts"],
-                        r["known"],
-                        _f(r["greedy"], pct=True),
-                        _f(r.get("cloze_greedy"), pct=True),
-                    ]
-                    for r in summary.to_dict(orient="records")
-                ],
+                knowledge_rows(summary),
             ),
         ]
 
