@@ -131,4 +131,8 @@ def test_knowledge_not_measurable_without_original_answers(
     assert "MzsRE gives no original answer, so what the model knows is not measurable" in err
     report = json.loads(out)
     assert all(report["languages"][lang]["facts"] == 3 for lang in ("en", "zh"))
-    assert all(report["languages"][lang]["known"] == 0 for lang in ("en", "zh"))
+    # Nothing can be known without an original answer: no count, not zero.
+    for lang in ("en", "zh"):
+        entry = report["languages"][lang]
+        assert entry["known"] is None or entry["known"] != entry["known"], entry  # null or NaN
+        assert entry.get("measurable") is False, entry
