@@ -2,8 +2,8 @@
 mlake's cache folder is.
 
 Results, shared registries and cached models are written through temporary files or folders
-(:func:`tempfile.mkstemp` creates files 0600, :func:`tempfile.mkdtemp` folders 0700, and the
-safetensors writer creates 0600 files).  Left so, a results folder or a model cache shared
+(:func:`atomic_write` creates its temporary files 0600, :func:`tempfile.mkdtemp` folders
+0700, and the safetensors writer creates 0600 files).  Left so, a results folder or a model cache shared
 by a group could be read by its writer alone; the functions here give them the modes the
 process's umask gives to any new file or folder.
 """
@@ -11,7 +11,7 @@ process's umask gives to any new file or folder.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,13 +68,15 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             or the temporary file (a read-only folder) is raised again naming ``path``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    # The name is chosen before the file exists, so that an interrupt (SIGINT, SIGTERM) at any
+    # point after its creation finds it in ``finally`` and removes it (with mkstemp, one
+    # between the file's creation and the name's return left it behind).
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise OSError(err.errno, err.strerror, str(path)) from err
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, str(path)) from err
         write(tmp)
         os.chmod(tmp, file_mode())
         tmp.replace(path)
