@@ -5,6 +5,7 @@ selected through the CLI, and run through knowledge and a 6x6 transfer matrix.""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ from mlake_core.data.paths import RELEASES, content_sha256, data_suffix, release
 from mlake_core.errors import DataError
 from mlake_core.languages import LANGUAGES, UnknownLanguageWarning
 from tests.conftest import real_data_dir
-from tests.fixtures.sixth_language.build import N_FACTS, build_sixth_language
+from tests.fixtures.sixth_language.build import N_FACTS, SPANISH, build_sixth_language, resolve
 
 SIX = (*LANGUAGES, "es")
 VERSION = "v2024-11"
@@ -241,3 +242,42 @@ def test_knowledge_and_transfer_on_six_languages(
         for matrix in groups.values():
             assert list(matrix) == list(SIX)
             assert all(list(row) == list(SIX) for row in matrix.values())
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    if isinstance(value, dict):
+        if set(value) == {"data"}:
+            return []  # a reference into the release, not a stored string
+        return [s for v in value.values() for s in _strings(v)]
+    return []
+
+
+def test_the_fixture_stores_no_mlake_string() -> None:
+    """House rule: nothing of the release is stored in the repository.  Every string of
+    spanish.json that is also a string of the v2024-11 release must be a reference."""
+    data = real_data_dir()
+    if data is None:
+        pytest.skip("real MLaKE data not found")
+    release: set[str] = set()
+    for path in (data / VERSION / "dataset").rglob("*.json"):
+        release.update(_strings(json.loads(path.read_text(encoding="utf-8"))))
+    stored = _strings(json.loads(SPANISH.read_text(encoding="utf-8")))
+    assert stored, "spanish.json holds no text"
+    assert not [s for s in stored if s in release]
+    assert not list(SPANISH.parent.glob("*_qa.json")), "no file in MLaKE's layout is stored"
+
+
+def test_references_resolve_and_a_bad_one_names_itself(tmp_path: Path) -> None:
+    data = real_data_dir()
+    if data is None:
+        pytest.skip("real MLaKE data not found")
+    base = data / VERSION / "dataset"
+    english = json.loads((base / "single_hop" / "en_qa.json").read_text(encoding="utf-8"))
+    ref = {"data": ["single_hop/en_qa.json", 0, "o_answer_aliases", 0]}
+    assert resolve([ref, "x"], base) == [english[0]["o_answer_aliases"][0], "x"]
+    with pytest.raises(IndexError, match=re.escape("no ['single_hop/en_qa.json', 99999")):
+        resolve({"data": ["single_hop/en_qa.json", 99999, "o_answer"]}, base)
