@@ -7,25 +7,13 @@ import math
 import pandas as pd
 
 from analysis.transfer import NO_REPHRASE, OWN_CELL_COLUMNS, own_cells
+from tests.analysis.transfer_rows import transfer_row
 
 
 def _row(fact, a, b, kind, form, n, hits, before=math.nan, missing=""):
-    return {
-        "fact_id": fact,
-        "edit_lang": a,
-        "test_lang": b,
-        "kind": kind,
-        "form": form,
-        "n": n,
-        "success_greedy": hits / n if n else math.nan,
-        "chose_edit": float(hits),
-        "chose_original": math.nan,
-        "chose_edit_before": float(before),
-        "chose_original_before": math.nan,
-        "mcqa_by": "",
-        "missing": missing,
-        "known_before": False,
-    }
+    return transfer_row(
+        fact, a, b, kind, form, n, hits, before=before, missing=missing, known_before=False
+    )
 
 
 def test_own_cells_count_every_edited_fact() -> None:

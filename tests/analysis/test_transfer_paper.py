@@ -18,30 +18,19 @@ from analysis.transfer import (
     paper_columns,
     paper_map,
 )
+from tests.analysis.transfer_rows import transfer_row
 
 
 def _row(fact, a, b, kind, form, n=1, hits=0, f1=math.nan, f1_before=math.nan, em=0.0):
+    scored = not math.isnan(f1)
     return {
-        "fact_id": fact,
-        "edit_lang": a,
-        "test_lang": b,
-        "kind": kind,
-        "form": form,
-        "n": n,
-        "success_greedy": hits / n if n else math.nan,
-        "chose_edit": float(hits),
-        "chose_original": math.nan,
-        "chose_edit_before": 0.0,
-        "chose_original_before": math.nan,
-        "mcqa_by": "",
-        "missing": "",
-        "known_before": False,
+        **transfer_row(fact, a, b, kind, form, n, hits, before=0.0, known_before=False),
         "paper_f1": f1,
         "paper_f1_before": f1_before,
-        "paper_em": em if not math.isnan(f1) else math.nan,
-        "paper_em_before": 0.0 if not math.isnan(f1) else math.nan,
-        "paper_acc": 0.5 if not math.isnan(f1) else math.nan,
-        "paper_acc_before": 0.25 if not math.isnan(f1) else math.nan,
+        "paper_em": em if scored else math.nan,
+        "paper_em_before": 0.0 if scored else math.nan,
+        "paper_acc": 0.5 if scored else math.nan,
+        "paper_acc_before": 0.25 if scored else math.nan,
     }
 
 

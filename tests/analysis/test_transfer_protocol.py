@@ -25,6 +25,7 @@ from mlake_core.metrics.knowledge import McqaItem, lettered_question, score_mcqa
 from mlake_core.models import load_adapter
 from mlake_core.models.mlake_tiny import read_metadata
 from mlake_core.models.prompting import get_template
+from tests.analysis.transfer_rows import transfer_row
 
 QA = get_template("qa")
 LANGS = ("en", "zh")
@@ -50,23 +51,7 @@ def test_lettered_question_layout() -> None:
 # -- the cells ------------------------------------------------------------------------------
 
 
-def _row(fact, a, b, kind, form, n, hits, *, by="", before=math.nan, orig=math.nan, missing=""):
-    return {
-        "fact_id": fact,
-        "edit_lang": a,
-        "test_lang": b,
-        "kind": kind,
-        "form": form,
-        "n": n,
-        "success_greedy": hits / n if n else math.nan,
-        "chose_edit": float(hits),
-        "chose_original": float(orig),
-        "chose_edit_before": float(before),
-        "chose_original_before": math.nan,
-        "mcqa_by": by,
-        "missing": missing,
-        "known_before": True,
-    }
+_row = transfer_row
 
 
 def _rows() -> pd.DataFrame:

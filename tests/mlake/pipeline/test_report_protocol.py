@@ -4,33 +4,17 @@ question with their reasons."""
 
 from __future__ import annotations
 
-import math
-
 import pandas as pd
 
 from analysis.transfer import NO_MULTI_HOP
 from mlake.pipeline.report import _protocol_lines
+from tests.analysis.transfer_rows import transfer_row
 
 LANGS = ("en", "zh")
 
 
 def _row(fact, b, kind, form, n, hits, *, by="", before=0.0, missing=""):
-    return {
-        "fact_id": fact,
-        "edit_lang": "en",
-        "test_lang": b,
-        "kind": kind,
-        "form": form,
-        "n": n,
-        "success_greedy": hits / n if n else math.nan,
-        "chose_edit": float(hits),
-        "chose_original": math.nan,
-        "chose_edit_before": before,
-        "chose_original_before": math.nan,
-        "mcqa_by": by,
-        "missing": missing,
-        "known_before": True,
-    }
+    return transfer_row(fact, "en", b, kind, form, n, hits, by=by, before=before, missing=missing)
 
 
 def _rows(mcqa: bool) -> pd.DataFrame:
