@@ -60,7 +60,7 @@ import math
 import os
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -1216,6 +1216,11 @@ class TransferRun:
     rows: Any  # pandas.DataFrame
     meta: dict[str, Any]
     key: dict[str, Any]
+    #: Edits saved per edit language (:meth:`load` with ``partial``; a complete language
+    #: counts its table's edits), in the run's language order.
+    saved: dict[str, int] = field(default_factory=dict)
+    #: The edit languages whose table is saved (complete); the others are partial.
+    complete: tuple[str, ...] = ()
 
     @property
     def method(self) -> str:
@@ -1228,24 +1233,76 @@ class TransferRun:
         units = (self.meta.get("method_config") or {}).get("units", "all")
         return self.method if units in ("all", None) else f"{self.method}[{units}]"
 
+    @property
+    def n_facts(self) -> int:
+        """Facts per edit language the run was asked for (its key's ``n_facts``)."""
+        return int(self.key.get("n_facts") or 0)
+
+    @property
+    def langs(self) -> list[str]:
+        """The run's languages, in its order (its key's ``langs``)."""
+        return [str(x) for x in self.key.get("langs") or []]
+
+    @property
+    def is_complete(self) -> bool:
+        """Whether every edit language's table is saved."""
+        return bool(self.langs) and set(self.langs) <= set(self.complete)
+
     @classmethod
-    def load(cls, run_dir: str | os.PathLike[str]) -> TransferRun:
+    def load(cls, run_dir: str | os.PathLike[str], *, partial: bool = False) -> TransferRun:
         """A transfer run's per-edit-language tables (``tables/edits_<lang>.parquet``),
         concatenated in file-name order (by language code; the stage returned the same rows
         in the run's language order), with its meta and key.
 
+        With ``partial``, a run that is still going (or was stopped) is read as far as it
+        got: an edit language without its table contributes the edits saved one by one so
+        far (``tables/edit_<lang>_<fact>.parquet``, the pieces a resumed run starts from),
+        in fact order; ``saved`` counts each language's edits and ``complete`` names the
+        languages whose table is saved.  A skipped edit (counted in the run's meta) saves
+        no rows.
+
         Raises:
-            DataError: not a transfer run, or no table saved yet (the message names the
-                folder).
+            DataError: not a transfer run, or no table (``partial``: no edit) saved yet
+                (the message names the folder).
         """
         import pandas as pd
 
         run = read_run(run_dir, "transfer")
-        tables = sorted((run.path / "tables").glob("edits_*.parquet"))
-        if not tables:
-            raise DataError(f"{run.path}: no edits_<lang> table yet (is the run still going?)")
-        rows = pd.concat([run.load_table(t.stem) for t in tables], ignore_index=True)
-        return cls(run.path, rows, run.meta, run.load_json("key"))
+        key = run.load_json("key")
+        folder = run.path / "tables"
+        tables = sorted(folder.glob("edits_*.parquet"))
+        frames = [run.load_table(t.stem) for t in tables]
+        complete = tuple(t.stem.removeprefix("edits_") for t in tables)
+        saved = {
+            t.stem.removeprefix("edits_"): _edits_in(f) for t, f in zip(tables, frames, strict=True)
+        }
+        if partial:
+            langs = [str(x) for x in key.get("langs") or []]
+            for lang in [x for x in langs if x not in complete]:
+                pieces = sorted(
+                    folder.glob(f"edit_{lang}_*.parquet"),
+                    key=lambda t: int(t.stem.rsplit("_", 1)[1]),
+                )
+                done = [run.load_table(t.stem) for t in pieces]
+                frames += [f for f in done if len(f)]
+                saved[lang] = len(done)
+            order = {lang: i for i, lang in enumerate(langs)}
+            saved = dict(sorted(saved.items(), key=lambda kv: order.get(kv[0], len(order))))
+        frames = [f for f in frames if len(f)]
+        if not frames:
+            raise DataError(
+                f"{run.path}: no edits_<lang> table yet (is the run still going? "
+                + ("no edit is saved either)" if partial else "mlake edit report reads it so far)")
+            )
+        rows = pd.concat(frames, ignore_index=True)
+        return cls(run.path, rows, run.meta, key, saved, complete)
+
+
+def _edits_in(rows: Any) -> int:
+    """The edits (fact, edit language) in an edit table's rows."""
+    if rows.empty:
+        return 0
+    return int(rows[["fact_id", "edit_lang"]].drop_duplicates().shape[0])
 
 
 def load_transfer(run_dir: str | os.PathLike[str]) -> TransferRun:

@@ -162,6 +162,129 @@ def register(subparsers: Any) -> None:
     add_data_args(tr, facts_default="20", facts_help="N (the first N), trained or all")
     add_run_args(tr, seed=True)
     tr.set_defaults(func=run_transfer)
+    rp = sub.add_parser(
+        "report",
+        help="the tables of saved transfer runs, complete or as far as they got",
+        description=REPORT_DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rp.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="transfer run folders (runs/transfer/<key>, one per method, as `mlake edit "
+        "transfer` prints them), of the same model, facts and languages",
+    )
+    rp.add_argument(
+        "--same-facts",
+        action="store_true",
+        help="keep only the facts edited in every edit language (and every run) so far, so "
+        "that the rows of a partial run compare the same facts",
+    )
+    rp.add_argument("--csv", default=None, metavar="PATH", help="also write the tables as CSV")
+    rp.add_argument("--json", action="store_true", help="print the report as JSON")
+    rp.set_defaults(func=run_report)
+
+
+REPORT_DOC = """\
+``mlake edit report RUN_DIR [RUN_DIR ...]``: the tables of saved transfer runs, without a model.
+
+Reads each run folder of ``mlake edit transfer`` (one per method) and prints what that command
+prints for it: with ``--protocol mlake`` the paper's tables, on another dataset its papers'
+measures, else the free-form matrices.  A run that is still going, or was stopped before
+every edit language finished, is read as far as it got: the edits saved one by one so far
+(what a resumed run starts from), with the edits saved per edit language stated above the
+tables (``saved``/``asked``).  Such tables are partial: the rows of edit languages that got
+further count more facts; ``--same-facts`` keeps only the facts edited in every edit
+language of every run given, so that every cell is over the same facts (say so when you
+report them).  ``--json`` prints the report as JSON (``partial``, ``saved`` per run), and
+``--csv PATH`` writes the tables as ``mlake edit transfer --csv`` does.  Resume a stopped
+run by running its ``mlake edit transfer`` command again.
+"""
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Entry point of ``mlake edit report``."""
+    from analysis.transfer import TransferRun
+    from mlake_core.metrics.paper_scores import SCORERS
+
+    runs = [TransferRun.load(p, partial=True) for p in args.run_dirs]
+    first = runs[0]
+    for run in runs[1:]:
+        for part in ("model", "data_version", "facts", "langs", "config"):
+            if run.key.get(part) != first.key.get(part):
+                raise ConfigError(
+                    f"{run.path}: its {part} differs from {first.path}'s; give runs of one "
+                    "model, facts, languages and evaluation"
+                )
+    if args.same_facts:
+        runs = _same_facts(runs)
+    langs = first.langs
+    protocol = str((first.key.get("config") or {}).get("protocol", "free-form"))
+    own = "own_measures" in first.key
+    model = first.key.get("model") or {}
+    report: dict[str, Any] = {
+        "model": str(model.get("model_id") or model),
+        "n_facts": first.n_facts,
+        "partial": not all(r.is_complete for r in runs),
+        "same_facts": bool(args.same_facts),
+        "methods": {},
+    }
+    for run in runs:
+        per_edit = run.rows.drop_duplicates(["fact_id", "edit_lang"])
+        timed = [c for c in ("edit_seconds", "eval_seconds") if c in per_edit]
+        report["methods"][run.label] = {
+            "results": str(run.path),
+            "config": run.meta.get("method_config") or run.key.get("method_config"),
+            "seconds": round(float(per_edit[timed].sum().sum()), 1) if timed else None,
+            "saved": dict(run.saved),
+            "complete": list(run.complete),
+            **method_summary(run.rows, langs, protocol=protocol, own=own),
+        }
+    if own:
+        name = str(first.key.get("data_version"))
+        scorer = SCORERS.get(name)
+        report["dataset"] = scorer.title if scorer else name
+        report["paper_scorer"] = dataclasses.asdict(scorer) if scorer else None
+    if args.csv:
+        path = Path(args.csv)
+        write_csv(own_table(report) if own else protocol_table(report), path)
+        report["own_csv" if own else "protocol_csv"] = str(path)
+        log(f"tables: {path}")
+    if not args.json:
+        print(progress_lines(report, langs))
+    print_report(report, langs, as_json=args.json, protocol=protocol, own=own)
+    return 0
+
+
+def _same_facts(runs: list[Any]) -> list[Any]:
+    """``runs`` restricted to the facts edited in every edit language of every run."""
+    common: set[int] | None = None
+    for run in runs:
+        for _, facts in run.rows.groupby("edit_lang")["fact_id"]:
+            common = set(facts) if common is None else common & set(facts)
+    kept = []
+    for run in runs:
+        rows = run.rows[run.rows["fact_id"].isin(common or set())].reset_index(drop=True)
+        saved = {a: len(common or ()) if n else 0 for a, n in run.saved.items()}
+        kept.append(dataclasses.replace(run, rows=rows, saved=saved))
+    return kept
+
+
+def progress_lines(report: dict[str, Any], langs: Any) -> str:
+    """The line(s) saying how far each run got: ``complete``, or the edits saved per edit
+    language out of those asked for (``partial``)."""
+    lines = []
+    for name, m in report["methods"].items():
+        asked = report["n_facts"]
+        counts = ", ".join(f"{a} {m['saved'].get(a, 0)}/{asked}" for a in langs)
+        if not report["partial"]:
+            state = "complete"
+        else:
+            state = "PARTIAL (rerun its mlake edit transfer command to resume)"
+        facts = " (only the facts edited in every edit language)" if report["same_facts"] else ""
+        lines.append(f"{name}: {state}; edits saved per edit language{facts}: {counts}")
+    return "\n".join(lines)
 
 
 def given_method_fields(
@@ -179,15 +302,7 @@ def given_method_fields(
 
 def run_transfer(args: argparse.Namespace) -> int:
     """Entry point of ``mlake edit transfer``."""
-    from analysis.transfer import (
-        KINDS,
-        TransferConfig,
-        locality_facts,
-        missing_reasons,
-        own_cells,
-        protocol_cells,
-        transfer_matrix,
-    )
+    from analysis.transfer import TransferConfig, locality_facts
     from mlake.method_settings import resolve_method
     from mlake.progress import progress_bar
     from mlake.stages.transfer import read_unit_sets, transfer_stage
@@ -277,11 +392,6 @@ def run_transfer(args: argparse.Namespace) -> int:
         )
         bar.close()
         seconds = time.perf_counter() - started
-        matrices = {
-            metric: _matrix_json(transfer_matrix(rows, metric, "question"), langs)
-            for metric in ("success_greedy", "success_prob", "p_new")
-        }
-        by_kind = {kind: _by_lang(rows[rows["kind"] == kind], langs) for kind in KINDS}
         report["methods"][entry.name] = {
             "results": str(run.path),
             "config": {k: str(v) for k, v in dataclasses.asdict(method_config).items()},
@@ -289,23 +399,8 @@ def run_transfer(args: argparse.Namespace) -> int:
             "model_settings": method.model_fields,
             "tracing_run": method.tracing_run,
             "seconds": round(seconds, 1),
-            "edits": int(rows[rows["kind"] == "efficacy"].shape[0]),
-            **_timing(rows),
-            "matrices_question_form_known_before": matrices,
-            "by_kind_greedy": by_kind,
-            "mean_edit_loss": float(
-                rows.drop_duplicates(["fact_id", "edit_lang"])["edit_loss"].mean()
-            ),
+            **method_summary(rows, langs, protocol=config.protocol, own=own),
         }
-        if config.protocol == "mlake":
-            report["methods"][entry.name]["protocol_mlake"] = {
-                "cells": _records(protocol_cells(rows, langs)),
-                "missing": _records(missing_reasons(rows)),
-            }
-        if own:
-            report["methods"][entry.name]["own_measures"] = {
-                "cells": _records(own_cells(rows, langs)),
-            }
     if own:
         scorer = paper_scorer(ctx.dataset)
         report["dataset"] = dataset_title(ctx.dataset)
@@ -323,15 +418,57 @@ def run_transfer(args: argparse.Namespace) -> int:
         write_csv(protocol_table(report), path)
         report["protocol_csv"] = str(path)
         log(f"the MLaKE protocol's tables: {path}")
-    if args.json:
+    print_report(report, langs, as_json=args.json, protocol=config.protocol, own=own)
+    return 0
+
+
+def method_summary(rows: Any, langs: Any, *, protocol: str, own: bool) -> dict[str, Any]:
+    """What the report says of one method's rows (:func:`analysis.transfer.evaluate_edit`'s,
+    of a whole run or, ``mlake edit report``, of the edits saved so far): the edits, their
+    timing, the question-form matrices over facts known before, greedy success by kind, the
+    mean edit loss, and with ``protocol`` ``mlake`` the paper's tables (cells and missing
+    reasons), with ``own`` another dataset's."""
+    from analysis.transfer import (
+        KINDS,
+        missing_reasons,
+        own_cells,
+        protocol_cells,
+        transfer_matrix,
+    )
+
+    out: dict[str, Any] = {
+        "edits": int(rows[rows["kind"] == "efficacy"].shape[0]),
+        **_timing(rows),
+        "matrices_question_form_known_before": {
+            metric: _matrix_json(transfer_matrix(rows, metric, "question"), langs)
+            for metric in ("success_greedy", "success_prob", "p_new")
+        },
+        "by_kind_greedy": {kind: _by_lang(rows[rows["kind"] == kind], langs) for kind in KINDS},
+        "mean_edit_loss": float(rows.drop_duplicates(["fact_id", "edit_lang"])["edit_loss"].mean()),
+    }
+    if protocol == "mlake":
+        out["protocol_mlake"] = {
+            "cells": _records(protocol_cells(rows, langs)),
+            "missing": _records(missing_reasons(rows)),
+        }
+    if own:
+        out["own_measures"] = {"cells": _records(own_cells(rows, langs))}
+    return out
+
+
+def print_report(
+    report: dict[str, Any], langs: Any, *, as_json: bool, protocol: str, own: bool
+) -> None:
+    """Print ``report`` as JSON, or as the tables of its protocol (the paper's layout for
+    ``mlake``, another dataset's own tables, else the free-form matrices)."""
+    if as_json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
-    elif config.protocol == "mlake":
+    elif protocol == "mlake":
         print(format_protocol(report, langs))
     elif own:
         print(format_own(report, langs))
     else:
         print(_format(report, langs))
-    return 0
 
 
 def check_protocol_data(version: str) -> None:
