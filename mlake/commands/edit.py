@@ -179,7 +179,8 @@ def register(subparsers: Any) -> None:
         "--same-facts",
         action="store_true",
         help="keep only the facts edited in every edit language (and every run) so far, so "
-        "that the rows of a partial run compare the same facts",
+        "that the rows of a partial run compare the same facts (a language with no edit yet "
+        "is left out of that)",
     )
     rp.add_argument("--csv", default=None, metavar="PATH", help="also write the tables as CSV")
     rp.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -194,10 +195,12 @@ prints for it: with ``--protocol mlake`` the paper's tables, on another dataset 
 measures, else the free-form matrices.  A run that is still going, or was stopped before
 every edit language finished, is read as far as it got: the edits saved one by one so far
 (what a resumed run starts from), with the edits saved per edit language stated above the
-tables (``saved``/``asked``).  Such tables are partial: the rows of edit languages that got
+tables (``saved``/``asked``; the seconds after a method's edit count are its edits' own
+editing and evaluation time, summed, not the run's wall time).  Such tables are partial: the rows of edit languages that got
 further count more facts; ``--same-facts`` keeps only the facts edited in every edit
 language of every run given, so that every cell is over the same facts (say so when you
-report them).  ``--json`` prints the report as JSON (``partial``, ``saved`` per run), and
+report them; an edit language with no edit saved yet is left out of that, its row empty).
+``--json`` prints the report as JSON (``partial``, ``saved`` per run), and
 ``--csv PATH`` writes the tables as ``mlake edit transfer --csv`` does.  Resume a stopped
 run by running its ``mlake edit transfer`` command again.
 """
