@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -1279,11 +1280,13 @@ class TransferRun:
         if partial:
             langs = [str(x) for x in key.get("langs") or []]
             for lang in [x for x in langs if x not in complete]:
-                pieces = sorted(
-                    folder.glob(f"edit_{lang}_*.parquet"),
-                    key=lambda t: int(t.stem.rsplit("_", 1)[1]),
-                )
-                done = [run.load_table(t.stem) for t in pieces]
+                done = _pieces(run, lang)
+                if done is None:  # finished while being read: its table is saved now
+                    table = run.load_table(f"edits_{lang}")
+                    frames.append(table)
+                    complete += (lang,)
+                    saved[lang] = _edits_in(table)
+                    continue
                 frames += [f for f in done if len(f)]
                 saved[lang] = len(done)
             order = {lang: i for i, lang in enumerate(langs)}
@@ -1296,6 +1299,25 @@ class TransferRun:
             )
         rows = pd.concat(frames, ignore_index=True)
         return cls(run.path, rows, run.meta, key, saved, complete)
+
+
+def _pieces(run: Any, lang: str) -> list[Any] | None:
+    """The edits of ``lang`` saved one by one (``edit_<lang>_<fact>``), in fact order; ``None``
+    when one vanished while being read because the language's table was saved meanwhile (the
+    stage removes the pieces once it is)."""
+    name = re.compile(rf"edit_{re.escape(lang)}_(\d+)")
+    found = [
+        (m, t) for t in run.path.glob("tables/edit_*.parquet") if (m := name.fullmatch(t.stem))
+    ]
+    out = []
+    for _, t in sorted(found, key=lambda mt: int(mt[0].group(1))):
+        try:
+            out.append(run.load_table(t.stem))
+        except DataError:
+            if run.has_table(f"edits_{lang}"):
+                return None
+            raise
+    return out
 
 
 def _edits_in(rows: Any) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -116,15 +117,46 @@ def test_partial_load_reads_the_saved_edits(tmp_path: Path) -> None:
 def test_a_run_without_a_complete_table_points_to_the_report(tmp_path: Path) -> None:
     path = _store(tmp_path)
     (path / "tables" / "edits_en.parquet").unlink()
-    with pytest.raises(DataError, match="no edits_<lang> table yet.*mlake edit report"):
+    with pytest.raises(DataError, match=r"no edits_<lang> table yet.*mlake edit report"):
         TransferRun.load(path)
     assert TransferRun.load(path, partial=True).saved == {"en": 0, "zh": 2}
+
+
+def test_pieces_are_read_by_their_own_language_only(tmp_path: Path) -> None:
+    path = _store(tmp_path)
+    # A piece of another language whose code starts like zh's is not zh's.
+    rows = pd.DataFrame(_edit_rows(7, "zh", 1.0)).assign(edit_lang="zh_x")
+    rows.to_parquet(path / "tables" / "edit_zh_x_7.parquet")
+    run = TransferRun.load(path, partial=True)
+    assert run.saved["zh"] == 2 and 7 not in set(run.rows["fact_id"])
+
+
+def test_a_language_that_finishes_while_it_is_read(tmp_path: Path, monkeypatch) -> None:
+    from mlake_core.results.store import Run
+
+    path = _store(tmp_path)
+    original = Run.load_table
+
+    def finishing(self, name, **kw):
+        if name == "edit_zh_1" and not self.has_table("edits_zh"):
+            # The stage saves the language's table, then removes its pieces.
+            zh = pd.concat([original(self, f"edit_zh_{f}") for f in (1, 2)])
+            self.save_table("edits_zh", zh)
+            for f in (1, 2):
+                self.table_path(f"edit_zh_{f}").unlink()
+        return original(self, name, **kw)
+
+    monkeypatch.setattr(Run, "load_table", finishing)
+    run = TransferRun.load(path, partial=True)
+    assert run.complete == ("en", "zh") and run.is_complete
+    assert run.saved == {"en": 3, "zh": 2}
+    assert sorted(set(run.rows[run.rows["edit_lang"] == "zh"]["fact_id"])) == [1, 2]
 
 
 def test_no_edit_saved_names_the_folder(tmp_path: Path) -> None:
     run = open_run("transfer", {"langs": ["en"], "n_facts": 1}, root=tmp_path)
     run.write_meta(method="ft")
-    with pytest.raises(DataError, match=str(run.path) + ".*no edit is saved"):
+    with pytest.raises(DataError, match=re.escape(str(run.path)) + ".*no edit is saved"):
         TransferRun.load(run.path, partial=True)
 
 
