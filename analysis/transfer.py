@@ -1246,7 +1246,8 @@ class TransferRun:
 
     @property
     def is_complete(self) -> bool:
-        """Whether every edit language's table is saved."""
+        """Whether every edit language's table is saved (a language the run skipped whole,
+        restricted editing with an empty neuron set, counts as done)."""
         return bool(self.langs) and set(self.langs) <= set(self.complete)
 
     @classmethod
@@ -1277,11 +1278,23 @@ class TransferRun:
         saved = {
             t.stem.removeprefix("edits_"): _edits_in(f) for t, f in zip(tables, frames, strict=True)
         }
+        # Languages the stage skipped whole (restricted editing with an empty neuron set)
+        # never get a table: they are done, with no edit.
+        skipped = {
+            str(k).rsplit(":", 1)[0]
+            for k in (run.meta.get("skipped") or {})
+            if str(k).endswith(":EmptyUnitSet")
+        }
+        for lang in sorted(skipped - set(complete)):
+            complete += (lang,)
+            saved[lang] = 0
         if partial:
             langs = [str(x) for x in key.get("langs") or []]
             for lang in [x for x in langs if x not in complete]:
                 done = _pieces(run, lang)
-                if done is None:  # finished while being read: its table is saved now
+                if done is None or (not done and run.has_table(f"edits_{lang}")):
+                    # Finished while being read: its table is saved now (the stage saves
+                    # it before it removes the pieces).
                     table = run.load_table(f"edits_{lang}")
                     frames.append(table)
                     complete += (lang,)
@@ -1306,8 +1319,12 @@ def _pieces(run: Any, lang: str) -> list[Any] | None:
     when one vanished while being read because the language's table was saved meanwhile (the
     stage removes the pieces once it is)."""
     name = re.compile(rf"edit_{re.escape(lang)}_(\d+)")
+    # A piece counts once its generator state is saved too (the stage saves the rows first;
+    # a resumed run redoes an edit without its state).
     found = [
-        (m, t) for t in run.path.glob("tables/edit_*.parquet") if (m := name.fullmatch(t.stem))
+        (m, t)
+        for t in run.path.glob("tables/edit_*.parquet")
+        if (m := name.fullmatch(t.stem)) and run.has_arrays(t.stem)
     ]
     out = []
     for _, t in sorted(found, key=lambda mt: int(mt[0].group(1))):

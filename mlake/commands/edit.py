@@ -209,22 +209,37 @@ run by running its ``mlake edit transfer`` command again.
 def run_report(args: argparse.Namespace) -> int:
     """Entry point of ``mlake edit report``."""
     from analysis.transfer import TransferRun
+    from mlake_core.data.sources import get_source
     from mlake_core.metrics.paper_scores import SCORERS
 
     runs = [TransferRun.load(p, partial=True) for p in args.run_dirs]
     first = runs[0]
+    # What may differ between the runs of one report: the method and its settings.
+    own_parts = ("method", "method_config", "unit_sets")
+    labels: dict[str, Any] = {first.label: first.path}
     for run in runs[1:]:
-        for part in ("model", "data_version", "facts", "langs", "config"):
-            if run.key.get(part) != first.key.get(part):
+        for part in sorted(set(run.key) | set(first.key)):
+            if part not in own_parts and run.key.get(part) != first.key.get(part):
                 raise ConfigError(
                     f"{run.path}: its {part} differs from {first.path}'s; give runs of one "
-                    "model, facts, languages and evaluation"
+                    "model, data, facts, languages, prompts and evaluation"
                 )
+        if run.label in labels:
+            raise ConfigError(
+                f"{run.path} and {labels[run.label]} are both {run.label} runs (other "
+                "settings); report them one at a time"
+            )
+        labels[run.label] = run.path
     if args.same_facts:
         runs = _same_facts(runs)
     langs = first.langs
     protocol = str((first.key.get("config") or {}).get("protocol", "free-form"))
     own = "own_measures" in first.key
+    if args.csv and protocol != "mlake" and not own:
+        raise ConfigError(
+            "--csv: the tables written as CSV are those of --protocol mlake runs, or of "
+            "another dataset's; these runs are of the free-form protocol"
+        )
     model = first.key.get("model") or {}
     report: dict[str, Any] = {
         "model": str(model.get("model_id") or model),
@@ -242,12 +257,13 @@ def run_report(args: argparse.Namespace) -> int:
             "seconds": round(float(per_edit[timed].sum().sum()), 1) if timed else None,
             "saved": dict(run.saved),
             "complete": list(run.complete),
+            "is_complete": run.is_complete,
             **method_summary(run.rows, langs, protocol=protocol, own=own),
         }
     if own:
         name = str(first.key.get("data_version"))
         scorer = SCORERS.get(name)
-        report["dataset"] = scorer.title if scorer else name
+        report["dataset"] = get_source(name).title
         report["paper_scorer"] = dataclasses.asdict(scorer) if scorer else None
     if args.csv:
         path = Path(args.csv)
@@ -269,7 +285,8 @@ def _same_facts(runs: list[Any]) -> list[Any]:
     kept = []
     for run in runs:
         rows = run.rows[run.rows["fact_id"].isin(common or set())].reset_index(drop=True)
-        saved = {a: len(common or ()) if n else 0 for a, n in run.saved.items()}
+        per_lang = rows.groupby("edit_lang")["fact_id"].nunique()
+        saved = {a: int(per_lang.get(a, 0)) for a in run.saved}
         kept.append(dataclasses.replace(run, rows=rows, saved=saved))
     return kept
 
@@ -281,7 +298,7 @@ def progress_lines(report: dict[str, Any], langs: Any) -> str:
     for name, m in report["methods"].items():
         asked = report["n_facts"]
         counts = ", ".join(f"{a} {m['saved'].get(a, 0)}/{asked}" for a in langs)
-        if not report["partial"]:
+        if m["is_complete"]:
             state = "complete"
         else:
             state = "PARTIAL (rerun its mlake edit transfer command to resume)"
@@ -447,7 +464,9 @@ def method_summary(rows: Any, langs: Any, *, protocol: str, own: bool) -> dict[s
             for metric in ("success_greedy", "success_prob", "p_new")
         },
         "by_kind_greedy": {kind: _by_lang(rows[rows["kind"] == kind], langs) for kind in KINDS},
-        "mean_edit_loss": float(rows.drop_duplicates(["fact_id", "edit_lang"])["edit_loss"].mean()),
+        "mean_edit_loss": _finite(
+            float(rows.drop_duplicates(["fact_id", "edit_lang"])["edit_loss"].mean())
+        ),
     }
     if protocol == "mlake":
         out["protocol_mlake"] = {
@@ -457,6 +476,11 @@ def method_summary(rows: Any, langs: Any, *, protocol: str, own: bool) -> dict[s
     if own:
         out["own_measures"] = {"cells": _records(own_cells(rows, langs))}
     return out
+
+
+def _finite(value: float) -> float | None:
+    """``value``, or ``None`` where it is NaN (JSON has no NaN)."""
+    return None if math.isnan(value) else value
 
 
 def print_report(
@@ -755,7 +779,8 @@ def _format(report: dict[str, Any], langs: Any) -> str:
         lines += [
             "",
             f"== {name}: {m['edits']} edits, {m['seconds']} s, mean edit loss "
-            f"{m['mean_edit_loss']:.3f}; {m['results']}",
+            f"{'-' if m['mean_edit_loss'] is None else format(m['mean_edit_loss'], '.3f')}; "
+            f"{m['results']}",
         ]
         if m["timed_edits"]:
             lines.append(

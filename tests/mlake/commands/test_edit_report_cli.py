@@ -9,13 +9,14 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from analysis.transfer import PROTOCOL_TABLES, TransferRun, protocol_cells
 from mlake.cli import main
 from mlake_core.errors import DataError
-from mlake_core.results.store import open_run
+from mlake_core.results.store import open_run, read_run
 
 LANGS = ("en", "zh")
 
@@ -26,12 +27,12 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def _edit_rows(fact: int, a: str, hit_zh: float) -> list[dict]:
+def _edit_rows(fact: int, a: str, hit_zh: float, method: str = "ft") -> list[dict]:
     """One edit's rows: free-form efficacy/transfer and single-hop multiple choice."""
     rows = []
     for b in LANGS:
         base = {
-            "method": "ft",
+            "method": method,
             "fact_id": fact,
             "edit_lang": a,
             "edit_form": "question",
@@ -78,7 +79,21 @@ def _edit_rows(fact: int, a: str, hit_zh: float) -> list[dict]:
     return rows
 
 
-def _store(tmp_path: Path, *, langs=LANGS, protocol="mlake", name="a") -> Path:
+def _save_piece(run, name: str, rows: pd.DataFrame) -> None:
+    """An edit saved as the stage saves it: its rows, then its generator state."""
+    run.save_table(name, rows)
+    run.save_arrays(name, {"generator": np.zeros(4, dtype=np.uint8)})
+
+
+def _store(
+    tmp_path: Path,
+    *,
+    langs=LANGS,
+    protocol="mlake",
+    name="a",
+    method="ft",
+    method_config=None,
+) -> Path:
     """A transfer run with en complete (facts 1-3, its table) and zh partial (facts 1-2,
     saved one by one)."""
     key = {
@@ -88,15 +103,16 @@ def _store(tmp_path: Path, *, langs=LANGS, protocol="mlake", name="a") -> Path:
         "n_facts": 3,
         "langs": list(langs),
         "config": {"protocol": protocol},
-        "method": "ft",
+        "method": method,
+        "method_config": method_config or {"lr": "0.1"},
         "seed": 0,
     }
     run = open_run("transfer", key, root=tmp_path / name)
-    run.write_meta(method="ft", method_config={"lr": "0.1"})
-    en = [r for f in (1, 2, 3) for r in _edit_rows(f, "en", float(f != 3))]
+    run.write_meta(method=method, method_config=key["method_config"])
+    en = [r for f in (1, 2, 3) for r in _edit_rows(f, "en", float(f != 3), method)]
     run.save_table("edits_en", pd.DataFrame(en))
     for f in (1, 2):
-        run.save_table(f"edit_zh_{f}", pd.DataFrame(_edit_rows(f, "zh", 1.0)))
+        _save_piece(run, f"edit_zh_{f}", pd.DataFrame(_edit_rows(f, "zh", 1.0, method)))
     return run.path
 
 
@@ -126,7 +142,7 @@ def test_pieces_are_read_by_their_own_language_only(tmp_path: Path) -> None:
     path = _store(tmp_path)
     # A piece of another language whose code starts like zh's is not zh's.
     rows = pd.DataFrame(_edit_rows(7, "zh", 1.0)).assign(edit_lang="zh_x")
-    rows.to_parquet(path / "tables" / "edit_zh_x_7.parquet")
+    _save_piece(read_run(path, "transfer"), "edit_zh_x_7", rows)
     run = TransferRun.load(path, partial=True)
     assert run.saved["zh"] == 2 and 7 not in set(run.rows["fact_id"])
 
@@ -151,6 +167,24 @@ def test_a_language_that_finishes_while_it_is_read(tmp_path: Path, monkeypatch) 
     assert run.complete == ("en", "zh") and run.is_complete
     assert run.saved == {"en": 3, "zh": 2}
     assert sorted(set(run.rows[run.rows["edit_lang"] == "zh"]["fact_id"])) == [1, 2]
+
+
+def test_an_edit_whose_state_is_not_saved_yet_is_not_counted(tmp_path: Path) -> None:
+    path = _store(tmp_path)
+    store = read_run(path, "transfer")
+    store.save_table("edit_zh_3", pd.DataFrame(_edit_rows(3, "zh", 1.0)))  # rows, no state
+    run = TransferRun.load(path, partial=True)
+    assert run.saved["zh"] == 2 and 3 not in set(run.rows[run.rows["edit_lang"] == "zh"]["fact_id"])
+
+
+def test_a_language_skipped_whole_is_done(tmp_path: Path) -> None:
+    path = _store(tmp_path)
+    store = read_run(path, "transfer")
+    for f in (1, 2):  # zh: restricted editing with an empty neuron set, nothing edited
+        store.table_path(f"edit_zh_{f}").unlink()
+    store.write_meta(skipped={"zh:EmptyUnitSet": 3}, status="complete")
+    run = TransferRun.load(path, partial=True)
+    assert run.is_complete and run.saved == {"en": 3, "zh": 0}
 
 
 def test_no_edit_saved_names_the_folder(tmp_path: Path) -> None:
@@ -216,6 +250,33 @@ def test_complete_run_says_complete(tmp_path: Path, capsys) -> None:
     assert "ft: complete" in out and "PARTIAL" not in out
 
 
+def test_each_run_says_whether_it_is_complete(tmp_path: Path, capsys) -> None:
+    done = _store(tmp_path, name="a")
+    run = TransferRun.load(done, partial=True)
+    read_run(done, "transfer").save_table("edits_zh", run.rows[run.rows["edit_lang"] == "zh"])
+    going = _store(tmp_path, name="b", method="rome")
+    code, out, err = _run(capsys, "edit", "report", str(done), str(going))
+    assert code == 0, err
+    assert "ft: complete;" in out and "rome: PARTIAL" in out
+    assert "== ft:" in out and "== rome:" in out
+
+
+def test_two_runs_of_one_method_are_refused(tmp_path: Path, capsys) -> None:
+    a = _store(tmp_path, name="a")
+    b = _store(tmp_path, name="b", method_config={"lr": "0.5"})
+    code, _, err = _run(capsys, "edit", "report", str(a), str(b))
+    assert code == 2 and "both ft runs" in err and str(a) in err and str(b) in err
+
+
+def test_csv_of_a_free_form_run_is_refused(tmp_path: Path, capsys) -> None:
+    path = _store(tmp_path, protocol="free-form")
+    code, _, err = _run(capsys, "edit", "report", str(path), "--csv", str(tmp_path / "t.csv"))
+    assert code == 2 and "--csv" in err and "free-form" in err
+    assert not (tmp_path / "t.csv").exists()
+    code, out, err = _run(capsys, "edit", "report", str(path))
+    assert code == 0 and "success_greedy" in out  # the free-form matrices
+
+
 def test_runs_of_other_languages_are_refused(tmp_path: Path, capsys) -> None:
     a = _store(tmp_path, name="a")
     b = _store(tmp_path, langs=("en", "zh", "ja"), name="b")
@@ -261,8 +322,9 @@ def test_report_reprints_the_transfer_tables_and_reads_pieces_alike(
     # The same rows saved edit by edit (as a run stopped inside zh leaves them): the same
     # tables, now said to be partial.
     zh = pd.read_parquet(run / "tables" / "edits_zh.parquet")
+    store = read_run(run, "transfer")
     for fact, rows in zh.groupby("fact_id"):
-        rows.reset_index(drop=True).to_parquet(run / "tables" / f"edit_zh_{fact}.parquet")
+        _save_piece(store, f"edit_zh_{fact}", rows.reset_index(drop=True))
     (run / "tables" / "edits_zh.parquet").unlink()
     code, out, err = _run(capsys, "edit", "report", str(run))
     assert code == 0, err
