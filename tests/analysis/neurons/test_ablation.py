@@ -98,7 +98,9 @@ def test_ablation_check_equals_zeroed_weights(adapter, prompt, top_units):
         adapter, prompt, top_units, "neuron", n_random=3, generator=np.random.default_rng(4)
     )
     assert check["n_units"] == 6
-    assert check["p_clean"] == pytest.approx(p_clean, abs=1e-7)
+    # Two float32 paths to one probability (the check's pass, a plain forward): they agree to
+    # float rounding, which differs by CPU (6e-7 on an AVX2-only EPYC), so 1e-6 as below.
+    assert check["p_clean"] == pytest.approx(p_clean, abs=1e-6)
     with _zeroed(adapter, top_units):
         want = _p(adapter, prompt)
     assert check["p_ablated"] == pytest.approx(want, abs=1e-6)
@@ -121,7 +123,7 @@ def test_ablation_check_without_units(adapter, prompt):
                            generator=np.random.default_rng(0))  # fmt: skip
     assert check["n_units"] == 0 and check["p_ablated"] == check["p_clean"]
     assert math.isnan(check["p_random"])
-    assert check["p_clean"] == pytest.approx(_p(adapter, prompt), abs=1e-7)
+    assert check["p_clean"] == pytest.approx(_p(adapter, prompt), abs=1e-6)  # as above
 
 
 def test_mean_ablation_equals_a_patch(adapter, prompt):
