@@ -17,6 +17,7 @@ from analysis.transfer import PROTOCOL_TABLES, TransferRun, protocol_cells
 from mlake.cli import main
 from mlake_core.errors import DataError
 from mlake_core.results.store import open_run, read_run
+from tests.analysis.transfer_rows import transfer_row
 
 LANGS = ("en", "zh")
 
@@ -28,54 +29,27 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def _edit_rows(fact: int, a: str, hit_zh: float, method: str = "ft") -> list[dict]:
-    """One edit's rows: free-form efficacy/transfer and single-hop multiple choice."""
+    """One edit's rows (:func:`transfer_row`): free-form efficacy/transfer and single-hop
+    multiple choice both ways, with the edit's own columns."""
+    edit = {
+        "method": method,
+        "edit_form": "question",
+        "edit_loss": 0.5,
+        "edit_seconds": 1.0,
+        "eval_seconds": 2.0,
+    }
     rows = []
     for b in LANGS:
-        base = {
-            "method": method,
-            "fact_id": fact,
-            "edit_lang": a,
-            "edit_form": "question",
-            "edit_loss": 0.5,
-            "test_lang": b,
-            "known_before": True,
-            "edit_seconds": 1.0,
-            "eval_seconds": 2.0,
-        }
         hit = 1.0 if b == a else hit_zh
+        kind = "efficacy" if b == a else "transfer"
+        probs = {"success_prob": hit, "p_new": 0.5}  # the free-form rows' probability measures
         rows.append(
-            {
-                **base,
-                "kind": "efficacy" if b == a else "transfer",
-                "form": "question",
-                "n": 1,
-                "success_greedy": hit,
-                "success_prob": hit,
-                "p_new": 0.5,
-                "chose_edit": hit,
-                "chose_edit_before": 0.0,
-                "chose_original": math.nan,
-                "mcqa_by": "",
-                "missing": "",
-            }
+            {**edit, **probs, **transfer_row(fact, a, b, kind, "question", 1, hit, before=0.0)}
         )
         for by in ("loglik", "letter"):
-            rows.append(
-                {
-                    **base,
-                    "kind": "mcqa",
-                    "form": "question",
-                    "n": 1,
-                    "success_greedy": hit,
-                    "success_prob": math.nan,
-                    "p_new": math.nan,
-                    "chose_edit": hit,
-                    "chose_edit_before": 0.0,
-                    "chose_original": 1.0 - hit,
-                    "mcqa_by": by,
-                    "missing": "",
-                }
-            )
+            row = transfer_row(fact, a, b, "mcqa", "question", 1, hit, by=by, before=0.0,
+                               orig=1.0 - hit)  # fmt: skip
+            rows.append({**edit, "success_prob": math.nan, "p_new": math.nan, **row})
     return rows
 
 
